@@ -1,0 +1,70 @@
+# One entry point for a developer: `make test` and `make run` set up everything they need.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
+PYTEST_ARGS ?=
+
+.PHONY: install test lint types unit integration run broker bench soak clean check-tools browser
+
+install: $(STAMP) $(VENV)/.jars
+
+$(BIN)/python:
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required, found " + sys.version)'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+# Torch: the CPU build when its index answers, else the plain PyPI wheel (which also runs on CPU).
+$(STAMP): pyproject.toml | $(BIN)/python
+	@if ! $(BIN)/python -c 'import torch' 2>/dev/null; then \
+	  if $(BIN)/python -c 'import urllib.request,sys; urllib.request.urlopen("$(TORCH_CPU_INDEX)/torch/", timeout=5)' 2>/dev/null; then \
+	    echo "installing the CPU build of torch"; $(BIN)/pip install torch --index-url $(TORCH_CPU_INDEX); \
+	  else \
+	    echo "CPU torch index not reachable: installing torch from PyPI"; \
+	  fi; \
+	fi
+	$(BIN)/pip install -e '.[dev]'
+	@touch $(STAMP)
+
+$(VENV)/.jars: services/localbroker/pom.xml | $(STAMP)
+	@command -v java >/dev/null || { echo "java not found: install a JDK 17+ (e.g. apt-get install openjdk-17-jdk-headless)"; exit 1; }
+	@command -v mvn >/dev/null || { echo "mvn not found: install Maven (e.g. apt-get install maven)"; exit 1; }
+	$(BIN)/python -m services.localbroker.runner --resolve-only
+	@touch $@
+
+browser:
+	@command -v chromium >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	  else echo "chromium not found: the browser tests will be skipped (apt-get install chromium)"; fi; }
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+types: install
+	$(BIN)/mypy
+
+test: install browser lint types
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+unit: install
+	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+
+integration: install
+	$(BIN)/python -m pytest -m integration $(PYTEST_ARGS)
+
+run: install
+	$(BIN)/tokenrelay up
+
+broker: install
+	$(BIN)/tokenrelay broker
+
+bench: install
+	$(BIN)/python -m bench
+
+soak: install
+	$(BIN)/python -m bench.soak
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,1 @@
+"""The aiohttp gateway: submit APIs, SSE fan-out hub, replay, playground page."""

@@ -1,0 +1,1 @@
+"""Avro schemas of the topics and their pure encode/decode code."""

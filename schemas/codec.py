@@ -1,0 +1,180 @@
+"""Avro single-object encoding: C3 01, CRC-64-AVRO fingerprint, binary body."""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import fastavro
+from fastavro.schema import to_parsing_canonical_form
+
+from schemas.records import ControlEvent, InferenceRequest, Record, TokenEvent, from_avro, kind_of, to_avro
+from services.errors import DecodeError
+
+MAGIC = b"\xc3\x01"
+HEADER_LEN = 10
+AVRO_DIR = Path(__file__).parent / "avro"
+CONTENT_TYPE = "application/avro; encoding=single-object"
+
+_CRC64_EMPTY = 0xC15D213AA4D7A795
+
+
+def _crc64_table() -> list[int]:
+    table = []
+    for i in range(256):
+        fp = i
+        for _ in range(8):
+            fp = (fp >> 1) ^ (_CRC64_EMPTY & -(fp & 1))
+        table.append(fp)
+    return table
+
+
+_CRC64_TABLE = _crc64_table()
+
+
+def crc64_avro(data: bytes) -> int:
+    """The Rabin CRC-64 the Avro specification names CRC-64-AVRO."""
+    fp = _CRC64_EMPTY
+    for byte in data:
+        fp = (fp >> 8) ^ _CRC64_TABLE[(fp ^ byte) & 0xFF]
+    return fp
+
+
+def fingerprint(schema: dict[str, Any]) -> bytes:
+    """8-byte little-endian CRC-64-AVRO of the schema's parsing canonical form."""
+    canonical = to_parsing_canonical_form(schema)
+    return struct.pack("<Q", crc64_avro(canonical.encode("utf-8")))
+
+
+@dataclass(frozen=True, slots=True)
+class _Version:
+    name: str
+    version: int
+    schema: Any
+    fingerprint: bytes
+
+
+class SchemaRegistry:
+    """Every known writer schema, looked up by fingerprint; the newest version is the reader."""
+
+    def __init__(self, schema_files: Iterable[Path]):
+        self._by_fingerprint: dict[bytes, _Version] = {}
+        self._newest: dict[str, _Version] = {}
+        for path in sorted(schema_files):
+            self.add(json.loads(path.read_text()), version=_version_of(path))
+
+    def add(self, raw_schema: dict[str, Any], version: int) -> bytes:
+        """Register one schema version; returns its fingerprint."""
+        parsed = fastavro.parse_schema(raw_schema, _write_hint=False)
+        name = raw_schema["name"]
+        entry = _Version(name, version, parsed, fingerprint(raw_schema))
+        self._by_fingerprint[entry.fingerprint] = entry
+        current = self._newest.get(name)
+        if current is None or current.version <= version:
+            self._newest[name] = entry
+        return entry.fingerprint
+
+    def newest(self, name: str) -> _Version:
+        try:
+            return self._newest[name]
+        except KeyError:
+            raise DecodeError(f"no schema named {name!r}") from None
+
+    def writer(self, fp: bytes) -> _Version:
+        entry = self._by_fingerprint.get(fp)
+        if entry is None:
+            raise DecodeError(f"unknown schema fingerprint {fp.hex()}")
+        return entry
+
+
+def _version_of(path: Path) -> int:
+    # File names are <Name>.v<N>.avsc.
+    stem = path.name.removesuffix(".avsc")
+    _, _, tag = stem.rpartition(".v")
+    return int(tag) if tag.isdigit() else 1
+
+
+class Codec:
+    """Encodes records with the newest schema and decodes any known version into typed records."""
+
+    def __init__(self, registry: SchemaRegistry | None = None):
+        self.registry = registry or default_registry()
+
+    def encode(self, record: Record) -> bytes:
+        return self.encode_dict(kind_of(record), to_avro(record))
+
+    def encode_dict(self, name: str, data: dict[str, Any]) -> bytes:
+        """Encode a plain dict with the newest schema called ``name``."""
+        entry = self.registry.newest(name)
+        buf = io.BytesIO()
+        buf.write(MAGIC)
+        buf.write(entry.fingerprint)
+        fastavro.schemaless_writer(buf, entry.schema, data)
+        return buf.getvalue()
+
+    def decode_dict(self, data: bytes, expect: str | None = None) -> tuple[str, dict[str, Any]]:
+        """Decode framed bytes into (record name, dict) with the newest reader schema."""
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise DecodeError(f"expected bytes, got {type(data).__name__}")
+        if len(data) < HEADER_LEN or data[:2] != MAGIC:
+            raise DecodeError("not an Avro single-object record (missing C3 01 marker)")
+        writer = self.registry.writer(bytes(data[2:HEADER_LEN]))
+        if expect is not None and writer.name != expect:
+            raise DecodeError(f"expected a {expect} record, got {writer.name}")
+        reader = self.registry.newest(writer.name)
+        buf = io.BytesIO(data)
+        buf.seek(HEADER_LEN)
+        try:
+            value = fastavro.schemaless_reader(
+                buf,
+                writer.schema,
+                reader.schema if reader is not writer else None,
+                return_record_name=True,
+                return_record_name_override=True,
+            )
+        except Exception as exc:  # fastavro raises many types on corrupt bodies
+            raise DecodeError(f"corrupt {writer.name} body: {exc}") from exc
+        if buf.tell() != len(data):
+            raise DecodeError(f"{len(data) - buf.tell()} trailing bytes after the {writer.name} body")
+        if not isinstance(value, dict):
+            raise DecodeError(f"{writer.name} body is not a record")
+        return writer.name, value
+
+    def decode(self, data: bytes, expect: str | None = None) -> Record:
+        name, value = self.decode_dict(data, expect)
+        try:
+            return from_avro(name, value)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DecodeError(f"{name} does not fit the typed record: {exc}") from exc
+
+    def decode_request(self, data: bytes) -> InferenceRequest:
+        record = self.decode(data, "InferenceRequest")
+        assert isinstance(record, InferenceRequest)
+        return record
+
+    def decode_event(self, data: bytes) -> TokenEvent:
+        record = self.decode(data, "TokenEvent")
+        assert isinstance(record, TokenEvent)
+        return record
+
+    def decode_control(self, data: bytes) -> ControlEvent:
+        record = self.decode(data, "ControlEvent")
+        assert isinstance(record, ControlEvent)
+        return record
+
+
+@cache
+def default_registry() -> SchemaRegistry:
+    """Registry of every `.avsc` shipped in `schemas/avro`."""
+    return SchemaRegistry(AVRO_DIR.glob("*.avsc"))
+
+
+@cache
+def default_codec() -> Codec:
+    return Codec(default_registry())

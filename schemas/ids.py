@@ -1,0 +1,45 @@
+"""UUIDv7 request ids: time-ordered, with an unguessable random part."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+
+from services.errors import ValidationError
+
+
+def new_request_id(now_ms: int | None = None) -> str:
+    """A fresh UUIDv7 (RFC 9562): 48-bit Unix ms, version 7, 74 random bits."""
+    ms = int(time.time() * 1000) if now_ms is None else now_ms
+    if not 0 <= ms < 1 << 48:
+        raise ValidationError(f"timestamp {ms} does not fit a UUIDv7")
+    rand = int.from_bytes(os.urandom(10), "big")
+    rand_a = rand >> 68 & 0xFFF
+    rand_b = rand & ((1 << 62) - 1)
+    value = ms << 80 | 0x7 << 76 | rand_a << 64 | 0b10 << 62 | rand_b
+    return str(uuid.UUID(int=value))
+
+
+def parse_request_id(text: str) -> uuid.UUID:
+    """The UUID of a request id; ValidationError unless it is a canonical UUIDv7."""
+    try:
+        value = uuid.UUID(text)
+    except (ValueError, TypeError, AttributeError):
+        raise ValidationError(f"request id {text!r} is not a UUID") from None
+    if value.version != 7 or str(value) != text:
+        raise ValidationError(f"request id {text!r} is not a canonical UUIDv7")
+    return value
+
+
+def request_id_time_ms(text: str) -> int:
+    """Unix ms when the request id was made."""
+    return parse_request_id(text).int >> 80
+
+
+def is_request_id(text: str) -> bool:
+    try:
+        parse_request_id(text)
+    except ValidationError:
+        return False
+    return True

@@ -1,0 +1,196 @@
+"""Typed records of the three topics, mirroring the `.avsc` files."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+FINISH_REASONS = ("stop", "length", "cancelled")
+
+
+@dataclass(slots=True, frozen=True)
+class ChatMessage:
+    role: str
+    content: str
+
+
+@dataclass(slots=True, frozen=True)
+class InferenceRequest:
+    request_id: str
+    prompt: str
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    messages: tuple[ChatMessage, ...] | None = None
+    model: str = ""
+    deadline_ms: int | None = None
+    tenant: str = ""
+    created_ms: int | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class Started:
+    worker: str
+    model: str
+    prompt_tokens: int
+    queue_ms: int
+    tenant: str = ""
+    continues_run_id: str | None = None
+    continued_tokens: int = 0
+
+
+@dataclass(slots=True, frozen=True)
+class Delta:
+    text: str
+    token_ids: tuple[int, ...]
+
+
+@dataclass(slots=True, frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(slots=True, frozen=True)
+class Finished:
+    finish_reason: str
+    usage: Usage
+    ttft_ms: int = 0
+    total_ms: int = 0
+
+
+@dataclass(slots=True, frozen=True)
+class Failed:
+    code: str
+    message: str
+    retriable: bool = False
+
+
+Payload = Started | Delta | Finished | Failed
+
+
+@dataclass(slots=True, frozen=True)
+class TokenEvent:
+    request_id: str
+    run_id: str
+    seq: int
+    ts_ms: int
+    payload: Payload
+
+    @property
+    def is_terminal(self) -> bool:
+        return isinstance(self.payload, Finished | Failed)
+
+
+@dataclass(slots=True, frozen=True)
+class ControlEvent:
+    request_id: str
+    action: str
+    ts_ms: int
+    reason: str = ""
+
+
+Record = InferenceRequest | TokenEvent | ControlEvent
+
+_PAYLOAD_TYPES: dict[str, type] = {
+    "io.tokenrelay.Started": Started,
+    "io.tokenrelay.Delta": Delta,
+    "io.tokenrelay.Finished": Finished,
+    "io.tokenrelay.Failed": Failed,
+}
+_PAYLOAD_NAMES = {cls: name for name, cls in _PAYLOAD_TYPES.items()}
+
+
+def to_avro(record: Record) -> dict[str, Any]:
+    """The dict fastavro writes for a record."""
+    if isinstance(record, TokenEvent):
+        payload = record.payload
+        body: dict[str, Any]
+        if isinstance(payload, Finished):
+            body = {
+                "finish_reason": payload.finish_reason,
+                "usage": {
+                    "prompt_tokens": payload.usage.prompt_tokens,
+                    "completion_tokens": payload.usage.completion_tokens,
+                },
+                "ttft_ms": payload.ttft_ms,
+                "total_ms": payload.total_ms,
+            }
+        elif isinstance(payload, Delta):
+            body = {"text": payload.text, "token_ids": list(payload.token_ids)}
+        else:
+            body = _fields(payload)
+        return {
+            "request_id": record.request_id,
+            "run_id": record.run_id,
+            "seq": record.seq,
+            "ts_ms": record.ts_ms,
+            "payload": (_PAYLOAD_NAMES[type(payload)], body),
+        }
+    if isinstance(record, InferenceRequest):
+        out = _fields(record)
+        out["stop"] = list(record.stop)
+        if record.messages is not None:
+            out["messages"] = [{"role": m.role, "content": m.content} for m in record.messages]
+        return out
+    return _fields(record)
+
+
+def from_avro(kind: str, data: dict[str, Any]) -> Record:
+    """Typed record from the dict fastavro read (unions decoded with record names)."""
+    if kind == "TokenEvent":
+        name, body = data["payload"]
+        cls = _PAYLOAD_TYPES[name]
+        payload: Payload
+        if cls is Finished:
+            payload = Finished(
+                finish_reason=body["finish_reason"],
+                usage=Usage(**body["usage"]),
+                ttft_ms=body["ttft_ms"],
+                total_ms=body["total_ms"],
+            )
+        elif cls is Delta:
+            payload = Delta(text=body["text"], token_ids=tuple(body["token_ids"]))
+        else:
+            payload = cls(**body)
+        return TokenEvent(data["request_id"], data["run_id"], data["seq"], data["ts_ms"], payload)
+    if kind == "InferenceRequest":
+        values = dict(data)
+        values["stop"] = tuple(values["stop"])
+        if values["messages"] is not None:
+            values["messages"] = tuple(ChatMessage(m["role"], m["content"]) for m in values["messages"])
+        return InferenceRequest(**values)
+    if kind == "ControlEvent":
+        return ControlEvent(**data)
+    raise KeyError(kind)
+
+
+def _fields(obj: Any) -> dict[str, Any]:
+    return {name: getattr(obj, name) for name in obj.__slots__}
+
+
+def kind_of(record: Record) -> str:
+    """Avro record name (without namespace) of a record."""
+    return type(record).__name__
+
+
+__all__ = [
+    "FINISH_REASONS",
+    "ChatMessage",
+    "ControlEvent",
+    "Delta",
+    "Failed",
+    "Finished",
+    "InferenceRequest",
+    "Payload",
+    "Record",
+    "Started",
+    "TokenEvent",
+    "Usage",
+    "from_avro",
+    "kind_of",
+    "to_avro",
+]

@@ -1,0 +1,1 @@
+"""Shared settings, Kafka plumbing, local broker, analytics and the command line."""

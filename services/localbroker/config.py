@@ -1,0 +1,202 @@
+"""Pure rendering of the local broker's server.properties, log4j2 config and cluster id."""
+
+from __future__ import annotations
+
+import base64
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from xml.sax.saxutils import escape
+
+NODE_ID = 1
+HOST = "127.0.0.1"
+
+
+def new_cluster_id() -> str:
+    """A Kafka cluster id: a random UUID as 22 characters of unpadded URL-safe base64."""
+    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode("ascii").rstrip("=")
+
+
+def is_valid_cluster_id(text: str) -> bool:
+    """Whether ``text`` is the kind of id StorageTool accepts (16 bytes, URL-safe base64)."""
+    if len(text) != 22:
+        return False
+    try:
+        return len(base64.urlsafe_b64decode(text + "==")) == 16
+    except ValueError:
+        return False
+
+
+def server_properties(
+    *,
+    port: int,
+    controller_port: int,
+    data_dir: Path,
+    num_partitions: int = 1,
+    extra: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """Every key of a single-node KRaft broker+controller listening on 127.0.0.1."""
+    if port == controller_port:
+        raise ValueError("the broker and controller ports must differ")
+    for name, value in (("port", port), ("controller_port", controller_port)):
+        if not 0 < value < 65536:
+            raise ValueError(f"{name} must be in 1..65535, got {value}")
+    if num_partitions < 1:
+        raise ValueError(f"num_partitions must be >= 1, got {num_partitions}")
+    props = {
+        "process.roles": "broker,controller",
+        "node.id": str(NODE_ID),
+        # Static voters (kraft.version 0) keep no endpoints in the metadata log, so the
+        # controller port may change between restarts of one data dir.
+        "controller.quorum.voters": f"{NODE_ID}@{HOST}:{controller_port}",
+        "listeners": f"PLAINTEXT://{HOST}:{port},CONTROLLER://{HOST}:{controller_port}",
+        "advertised.listeners": f"PLAINTEXT://{HOST}:{port}",
+        "inter.broker.listener.name": "PLAINTEXT",
+        "controller.listener.names": "CONTROLLER",
+        "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+        "log.dirs": str(data_dir / "logs"),
+        "num.partitions": str(num_partitions),
+        "default.replication.factor": "1",
+        "min.insync.replicas": "1",
+        "offsets.topic.replication.factor": "1",
+        "offsets.topic.num.partitions": "1",
+        "transaction.state.log.replication.factor": "1",
+        "transaction.state.log.min.isr": "1",
+        "transaction.state.log.num.partitions": "1",
+        "share.coordinator.state.topic.replication.factor": "1",
+        "share.coordinator.state.topic.min.isr": "1",
+        "group.initial.rebalance.delay.ms": "0",
+        # The default (128 MB) is allocated on the heap at start.
+        "log.cleaner.dedupe.buffer.size": str(4 * 1024 * 1024),
+        "auto.create.topics.enable": "false",
+        "num.network.threads": "2",
+        "num.io.threads": "4",
+        "num.recovery.threads.per.data.dir": "1",
+        "background.threads": "4",
+    }
+    props.update(extra or {})
+    return props
+
+
+def render_properties(props: Mapping[str, str]) -> str:
+    """Java .properties text, one ``key=value`` a line, keys in the given order."""
+    lines = ["# Written by tokenrelay's local broker runner at every start; edits are overwritten."]
+    for key, value in props.items():
+        lines.append(f"{_escape_properties(key, is_key=True)}={_escape_properties(value, is_key=False)}")
+    return "\n".join(lines) + "\n"
+
+
+def render_server_properties(
+    *,
+    port: int,
+    controller_port: int,
+    data_dir: Path,
+    num_partitions: int = 1,
+    extra: Mapping[str, str] | None = None,
+) -> str:
+    """server.properties text for a single-node KRaft broker; see ``server_properties``."""
+    return render_properties(
+        server_properties(
+            port=port, controller_port=controller_port, data_dir=data_dir, num_partitions=num_partitions, extra=extra
+        )
+    )
+
+
+def parse_properties(text: str) -> dict[str, str]:
+    """Read back the simple ``key=value`` subset that ``render_properties`` writes."""
+    props: dict[str, str] = {}
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", "!")):
+            continue
+        key, value = _split_key_value(line)
+        props[_unescape_properties(key)] = _unescape_properties(value)
+    return props
+
+
+def render_log4j2_xml(log_file: Path, *, max_file_mb: int = 20, max_files: int = 3) -> str:
+    """log4j2 XML: WARN and above to the console, INFO and above to a rolling file."""
+    path = escape(str(log_file), {'"': "&quot;"})
+    pattern = "[%d] %p %m (%c)%n"
+    return f"""<?xml version="1.0" encoding="UTF-8"?>
+<Configuration status="WARN" shutdownHook="disable">
+  <Appenders>
+    <Console name="console" target="SYSTEM_ERR">
+      <ThresholdFilter level="WARN" onMatch="ACCEPT" onMismatch="DENY"/>
+      <PatternLayout pattern="kafka: {pattern}"/>
+    </Console>
+    <RollingFile name="file" fileName="{path}" filePattern="{path}.%i">
+      <PatternLayout pattern="{pattern}"/>
+      <Policies>
+        <SizeBasedTriggeringPolicy size="{max_file_mb} MB"/>
+      </Policies>
+      <DefaultRolloverStrategy max="{max_files}"/>
+    </RollingFile>
+  </Appenders>
+  <Loggers>
+    <Logger name="kafka.request.logger" level="WARN"/>
+    <Logger name="kafka.authorizer.logger" level="WARN"/>
+    <Logger name="org.apache.kafka.clients" level="WARN"/>
+    <!-- Routine warnings (controller activation at every start, double close at shutdown): file only. -->
+    <Logger name="org.apache.kafka.controller.QuorumController" level="INFO" additivity="false">
+      <AppenderRef ref="file"/>
+    </Logger>
+    <Logger name="org.apache.kafka.clients.NetworkClient" level="WARN" additivity="false">
+      <AppenderRef ref="file"/>
+    </Logger>
+    <Root level="INFO">
+      <AppenderRef ref="console"/>
+      <AppenderRef ref="file"/>
+    </Root>
+  </Loggers>
+</Configuration>
+"""
+
+
+def _escape_properties(text: str, *, is_key: bool) -> str:
+    out = []
+    for ch in text:
+        if ch == "\\":
+            out.append("\\\\")
+        elif ch in "\n\r\t":
+            out.append({"\n": "\\n", "\r": "\\r", "\t": "\\t"}[ch])
+        elif is_key and ch in "=: ":
+            out.append("\\" + ch)
+        elif ord(ch) > 0x7E:
+            # Kafka loads properties as ISO-8859-1; escape UTF-16 code units (surrogate pairs beyond the BMP).
+            units = ch.encode("utf-16-be")
+            out.extend(f"\\u{int.from_bytes(units[j : j + 2], 'big'):04x}" for j in range(0, len(units), 2))
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def _split_key_value(line: str) -> tuple[str, str]:
+    i = 0
+    while i < len(line):
+        if line[i] == "\\":
+            i += 2
+            continue
+        if line[i] in "=:":
+            return line[:i].rstrip(), line[i + 1 :].lstrip()
+        i += 1
+    return line, ""
+
+
+def _unescape_properties(text: str) -> str:
+    out = []
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\" and i + 1 < len(text):
+            nxt = text[i + 1]
+            if nxt == "u" and i + 5 < len(text):
+                out.append(chr(int(text[i + 2 : i + 6], 16)))
+                i += 6
+                continue
+            out.append({"n": "\n", "r": "\r", "t": "\t"}.get(nxt, nxt))
+            i += 2
+            continue
+        out.append(ch)
+        i += 1
+    return "".join(out).encode("utf-16-be", "surrogatepass").decode("utf-16-be")

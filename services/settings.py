@@ -1,0 +1,153 @@
+"""One typed settings object, read from TOKENRELAY_* environment variables."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from services.errors import ConfigError
+
+DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tokenrelay"
+
+
+def _setting(default: Any, env: str, doc: str) -> Any:
+    return field(default=default, metadata={"env": env, "doc": doc})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of tokenrelay; each field names its environment variable."""
+
+    kafka_bootstrap: str = _setting(
+        "127.0.0.1:9092",
+        "TOKENRELAY_KAFKA_BOOTSTRAP",
+        "Kafka bootstrap servers, comma separated.",
+    )
+    topic_prefix: str = _setting("tokenrelay.", "TOKENRELAY_TOPIC_PREFIX", "Prefix of every topic name.")
+    requests_partitions: int = _setting(
+        8, "TOKENRELAY_REQUESTS_PARTITIONS", "Partitions of the requests topic (unit of worker parallelism)."
+    )
+    events_partitions: int = _setting(
+        8, "TOKENRELAY_EVENTS_PARTITIONS", "Partitions of the events topic (unit of gateway read parallelism)."
+    )
+    control_partitions: int = _setting(1, "TOKENRELAY_CONTROL_PARTITIONS", "Partitions of the control topic.")
+    replication_factor: int = _setting(1, "TOKENRELAY_REPLICATION_FACTOR", "Replication factor of created topics.")
+    events_retention_ms: int = _setting(
+        24 * 3600 * 1000,
+        "TOKENRELAY_EVENTS_RETENTION_MS",
+        "Retention of the events topic in ms: the replay window.",
+    )
+    requests_retention_ms: int = _setting(
+        7 * 24 * 3600 * 1000, "TOKENRELAY_REQUESTS_RETENTION_MS", "Retention of the requests and DLQ topics in ms."
+    )
+    model: str = _setting(
+        "default",
+        "TOKENRELAY_MODEL",
+        "Model the worker serves: 'default' (the built-in model), a local transformers directory, or a cached hub id.",
+    )
+    device: str = _setting("auto", "TOKENRELAY_DEVICE", "Torch device: 'auto' (cuda when present, else cpu), 'cpu', 'cuda:0', ...")
+    dtype: str = _setting("auto", "TOKENRELAY_DTYPE", "Torch dtype: 'auto' (bf16 on cuda, fp32 on cpu), 'float32', 'bfloat16', 'float16'.")
+    engine: str = _setting("model", "TOKENRELAY_ENGINE", "'model' for the real engine, 'synthetic' for fixed-rate tokens with no model.")
+    synthetic_tokens_per_s: float = _setting(
+        50.0, "TOKENRELAY_SYNTHETIC_TOKENS_PER_S", "Per-request token rate of the synthetic engine."
+    )
+    max_batch_size: int = _setting(32, "TOKENRELAY_MAX_BATCH_SIZE", "Most requests decoded together in one step.")
+    max_prompt_tokens: int = _setting(1024, "TOKENRELAY_MAX_PROMPT_TOKENS", "Longest prompt a worker accepts, in tokens.")
+    max_tokens_limit: int = _setting(1024, "TOKENRELAY_MAX_TOKENS_LIMIT", "Largest max_tokens a request may ask for.")
+    worker_metrics_port: int = _setting(9400, "TOKENRELAY_WORKER_METRICS_PORT", "Port of the worker's Prometheus endpoint (0 = off).")
+    worker_id: str = _setting("", "TOKENRELAY_WORKER_ID", "Name of this worker in Started events (default: host-pid).")
+    gateway_host: str = _setting("127.0.0.1", "TOKENRELAY_GATEWAY_HOST", "Address the gateway listens on.")
+    gateway_port: int = _setting(8080, "TOKENRELAY_GATEWAY_PORT", "Port the gateway listens on.")
+    api_keys: tuple[str, ...] = _setting(
+        (), "TOKENRELAY_API_KEYS", "Comma-separated Bearer API keys; empty runs the gateway open."
+    )
+    stream_token_secret: str = _setting(
+        "", "TOKENRELAY_STREAM_TOKEN_SECRET", "Secret that signs stream tokens (default: derived from the API keys)."
+    )
+    stream_token_ttl_s: int = _setting(3600, "TOKENRELAY_STREAM_TOKEN_TTL_S", "Lifetime of a signed stream token in seconds.")
+    cors_origins: tuple[str, ...] = _setting((), "TOKENRELAY_CORS_ORIGINS", "Comma-separated origins allowed by CORS ('*' for any).")
+    max_body_bytes: int = _setting(1 << 20, "TOKENRELAY_MAX_BODY_BYTES", "Largest HTTP request body the gateway accepts.")
+    queue_limit: int = _setting(
+        10_000, "TOKENRELAY_QUEUE_LIMIT", "Backlog of unprocessed requests above which submits get 429."
+    )
+    keepalive_s: float = _setting(15.0, "TOKENRELAY_KEEPALIVE_S", "Seconds between keepalive comments on idle SSE streams.")
+    subscriber_buffer: int = _setting(
+        1024, "TOKENRELAY_SUBSCRIBER_BUFFER", "Events buffered per SSE subscriber before it is disconnected as slow."
+    )
+    hub_memory_events: int = _setting(
+        256, "TOKENRELAY_HUB_MEMORY_EVENTS", "Recent events per request kept in gateway memory for fast resume."
+    )
+    broker_port: int = _setting(9092, "TOKENRELAY_BROKER_PORT", "Port of the local broker (`tokenrelay broker`).")
+    broker_data_dir: Path = _setting(
+        DEFAULT_CACHE_DIR / "broker-data", "TOKENRELAY_BROKER_DATA_DIR", "Data directory of the local broker."
+    )
+    broker_heap_mb: int = _setting(384, "TOKENRELAY_BROKER_HEAP_MB", "Java heap of the local broker in MB.")
+    cache_dir: Path = _setting(DEFAULT_CACHE_DIR, "TOKENRELAY_CACHE_DIR", "Where broker jars and built models are cached.")
+    analytics_port: int = _setting(6066, "TOKENRELAY_ANALYTICS_PORT", "Port of the analytics service.")
+    analytics_window_s: int = _setting(60, "TOKENRELAY_ANALYTICS_WINDOW_S", "Width of the analytics tumbling windows in seconds.")
+    log_level: str = _setting("INFO", "TOKENRELAY_LOG_LEVEL", "Python log level.")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Build settings from the environment; keyword overrides (e.g. flags) win."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = environ.get(f.metadata["env"])
+            if raw is not None and raw != "":
+                values[f.name] = _parse(f.name, f.type, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def topic(self, name: str) -> str:
+        """Full topic name for one of the design's topics ('requests', 'events', ...)."""
+        return f"{self.topic_prefix}{name}"
+
+    @property
+    def requests_topic(self) -> str:
+        return self.topic("requests")
+
+    @property
+    def events_topic(self) -> str:
+        return self.topic("events")
+
+    @property
+    def control_topic(self) -> str:
+        return self.topic("control")
+
+    @property
+    def dlq_topic(self) -> str:
+        return self.topic("requests.dlq")
+
+
+def _parse(name: str, type_name: Any, raw: str) -> Any:
+    type_text = str(type_name)
+    try:
+        if type_text == "int":
+            return int(raw)
+        if type_text == "float":
+            return float(raw)
+        if type_text == "Path":
+            return Path(raw).expanduser()
+        if type_text.startswith("tuple"):
+            return tuple(part.strip() for part in raw.split(",") if part.strip())
+        return raw
+    except ValueError as exc:
+        raise ConfigError(f"setting {name}: cannot read {raw!r} as {type_text}") from exc
+
+
+def settings_table() -> str:
+    """Markdown table of every setting, for the README and `tokenrelay settings`."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for f in dataclasses.fields(Settings):
+        default = f.default
+        if isinstance(default, tuple):
+            default = ",".join(default)
+        if isinstance(default, Path):
+            default = str(default).replace(str(Path.home()), "~")
+        rows.append(f"| `{f.metadata['env']}` | `{default}` | {f.metadata['doc']} |")
+    return "\n".join(rows)

@@ -1,0 +1,119 @@
+"""Idempotent creation and description of the design's topics."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
+
+from services.errors import KafkaUnavailable
+from services.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class TopicSpec:
+    name: str
+    partitions: int
+    config: dict[str, str]
+
+
+def topic_specs(settings: Settings) -> list[TopicSpec]:
+    """The four topics of the design with partitions and retention from settings."""
+    requests_retention = str(settings.requests_retention_ms)
+    return [
+        TopicSpec(
+            settings.requests_topic,
+            settings.requests_partitions,
+            {"retention.ms": requests_retention, "cleanup.policy": "delete"},
+        ),
+        TopicSpec(
+            settings.events_topic,
+            settings.events_partitions,
+            # LogAppendTime makes offsets_for_times agree with the broker's clock, not the worker's.
+            {
+                "retention.ms": str(settings.events_retention_ms),
+                "cleanup.policy": "delete",
+                "message.timestamp.type": "LogAppendTime",
+            },
+        ),
+        TopicSpec(
+            settings.control_topic,
+            settings.control_partitions,
+            {"retention.ms": str(3600 * 1000), "cleanup.policy": "delete"},
+        ),
+        TopicSpec(settings.dlq_topic, 1, {"retention.ms": requests_retention, "cleanup.policy": "delete"}),
+    ]
+
+
+async def ensure_topics(settings: Settings, *, timeout_s: float = 60.0) -> list[str]:
+    """Create every missing topic; existing ones are left as they are. Returns the names created."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, client_id="tokenrelay-admin")
+    await _start_admin(admin, timeout_s)
+    try:
+        existing = set(await admin.list_topics())
+        missing = [spec for spec in topic_specs(settings) if spec.name not in existing]
+        created = []
+        for spec in missing:
+            try:
+                response = await admin.create_topics(
+                    [NewTopic(spec.name, spec.partitions, settings.replication_factor, topic_configs=spec.config)]
+                )
+            except TopicAlreadyExistsError:
+                continue  # another process created it between list and create
+            for _name, code, *rest in getattr(response, "topic_errors", ()):
+                if code not in (0, TopicAlreadyExistsError.errno):
+                    message = rest[0] if rest else ""
+                    raise KafkaUnavailable(f"cannot create topic {spec.name}: error {code} {message}", retriable=False)
+            created.append(spec.name)
+            log.info("created topic %s (%d partitions)", spec.name, spec.partitions)
+        await _wait_visible(admin, [s.name for s in topic_specs(settings)], timeout_s)
+        return created
+    finally:
+        await admin.close()
+
+
+async def describe_topics(settings: Settings) -> dict[str, int]:
+    """Partition count of each design topic; 0 for a missing one."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, client_id="tokenrelay-admin")
+    await _start_admin(admin, 30.0)
+    try:
+        names = [spec.name for spec in topic_specs(settings)]
+        existing = set(await admin.list_topics())
+        present = [n for n in names if n in existing]
+        counts = dict.fromkeys(names, 0)
+        if present:
+            for topic in await admin.describe_topics(present):
+                counts[topic["topic"]] = len(topic["partitions"])
+        return counts
+    finally:
+        await admin.close()
+
+
+async def _start_admin(admin: AIOKafkaAdminClient, timeout_s: float) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        try:
+            await admin.start()
+            return
+        except KafkaConnectionError as exc:
+            if asyncio.get_running_loop().time() > deadline:
+                raise KafkaUnavailable(f"Kafka is not reachable: {exc}") from exc
+            await asyncio.sleep(1.0)
+        except KafkaError as exc:
+            raise KafkaUnavailable(f"Kafka admin failed: {exc}") from exc
+
+
+async def _wait_visible(admin: AIOKafkaAdminClient, names: list[str], timeout_s: float) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        existing = set(await admin.list_topics())
+        if all(n in existing for n in names):
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise KafkaUnavailable(f"topics not visible after {timeout_s}s: {sorted(set(names) - existing)}")
+        await asyncio.sleep(0.2)

@@ -1,0 +1,1 @@
+"""The inference worker: Kafka intake, engine with continuous batching, token publishing."""
