@@ -40,6 +40,7 @@ class Started:
     tenant: str = ""
     continues_run_id: str | None = None
     continued_tokens: int = 0
+    continued_text: str = ""
 
 
 @dataclass(slots=True, frozen=True)

@@ -90,3 +90,10 @@ async def producer(settings: Settings, **overrides: Any) -> AsyncIterator[AIOKaf
 def translate(exc: KafkaError) -> KafkaUnavailable:
     """aiokafka error → the project's error, keeping its retriable flag."""
     return KafkaUnavailable(str(exc) or type(exc).__name__, retriable=bool(getattr(exc, "retriable", True)))
+
+
+def partition_for_key(key: str, partitions: int) -> int:
+    """Partition the default (Java-compatible murmur2) partitioner picks for a request id."""
+    from aiokafka.partitioner import murmur2
+
+    return (murmur2(key.encode("utf-8")) & 0x7FFFFFFF) % partitions
