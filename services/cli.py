@@ -20,8 +20,7 @@ def _cmd_broker(args: argparse.Namespace, settings: Settings) -> int:
 
     port = args.port if args.port is not None else settings.broker_port
     data_dir = Path(args.data_dir) if args.data_dir else settings.broker_data_dir
-    LocalBroker(settings, port=port, data_dir=data_dir).run_foreground()
-    return 0
+    return LocalBroker(settings, port=port, data_dir=data_dir).run_foreground()
 
 
 def _cmd_topics(args: argparse.Namespace, settings: Settings) -> int:
@@ -156,7 +155,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = Settings.from_env(**overrides)
         logging.basicConfig(
-            level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+            level=settings.log_level.upper(),
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            stream=sys.stderr,
         )
         return int(args.func(args, settings))
     except TokenRelayError as exc:

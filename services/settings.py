@@ -49,16 +49,26 @@ class Settings:
         "TOKENRELAY_MODEL",
         "Model the worker serves: 'default' (the built-in model), a local transformers directory, or a cached hub id.",
     )
-    device: str = _setting("auto", "TOKENRELAY_DEVICE", "Torch device: 'auto' (cuda when present, else cpu), 'cpu', 'cuda:0', ...")
-    dtype: str = _setting("auto", "TOKENRELAY_DTYPE", "Torch dtype: 'auto' (bf16 on cuda, fp32 on cpu), 'float32', 'bfloat16', 'float16'.")
-    engine: str = _setting("model", "TOKENRELAY_ENGINE", "'model' for the real engine, 'synthetic' for fixed-rate tokens with no model.")
+    device: str = _setting(
+        "auto", "TOKENRELAY_DEVICE", "Torch device: 'auto' (cuda when present, else cpu), 'cpu', 'cuda:0', ..."
+    )
+    dtype: str = _setting(
+        "auto", "TOKENRELAY_DTYPE", "Torch dtype: 'auto' (bf16 on cuda, fp32 on cpu), 'float32', 'bfloat16', 'float16'."
+    )
+    engine: str = _setting(
+        "model", "TOKENRELAY_ENGINE", "'model' for the real engine, 'synthetic' for fixed-rate tokens with no model."
+    )
     synthetic_tokens_per_s: float = _setting(
         50.0, "TOKENRELAY_SYNTHETIC_TOKENS_PER_S", "Per-request token rate of the synthetic engine."
     )
     max_batch_size: int = _setting(32, "TOKENRELAY_MAX_BATCH_SIZE", "Most requests decoded together in one step.")
-    max_prompt_tokens: int = _setting(1024, "TOKENRELAY_MAX_PROMPT_TOKENS", "Longest prompt a worker accepts, in tokens.")
+    max_prompt_tokens: int = _setting(
+        1024, "TOKENRELAY_MAX_PROMPT_TOKENS", "Longest prompt a worker accepts, in tokens."
+    )
     max_tokens_limit: int = _setting(1024, "TOKENRELAY_MAX_TOKENS_LIMIT", "Largest max_tokens a request may ask for.")
-    worker_metrics_port: int = _setting(9400, "TOKENRELAY_WORKER_METRICS_PORT", "Port of the worker's Prometheus endpoint (0 = off).")
+    worker_metrics_port: int = _setting(
+        9400, "TOKENRELAY_WORKER_METRICS_PORT", "Port of the worker's Prometheus endpoint (0 = off)."
+    )
     worker_id: str = _setting("", "TOKENRELAY_WORKER_ID", "Name of this worker in Started events (default: host-pid).")
     gateway_host: str = _setting("127.0.0.1", "TOKENRELAY_GATEWAY_HOST", "Address the gateway listens on.")
     gateway_port: int = _setting(8080, "TOKENRELAY_GATEWAY_PORT", "Port the gateway listens on.")
@@ -68,13 +78,21 @@ class Settings:
     stream_token_secret: str = _setting(
         "", "TOKENRELAY_STREAM_TOKEN_SECRET", "Secret that signs stream tokens (default: derived from the API keys)."
     )
-    stream_token_ttl_s: int = _setting(3600, "TOKENRELAY_STREAM_TOKEN_TTL_S", "Lifetime of a signed stream token in seconds.")
-    cors_origins: tuple[str, ...] = _setting((), "TOKENRELAY_CORS_ORIGINS", "Comma-separated origins allowed by CORS ('*' for any).")
-    max_body_bytes: int = _setting(1 << 20, "TOKENRELAY_MAX_BODY_BYTES", "Largest HTTP request body the gateway accepts.")
+    stream_token_ttl_s: int = _setting(
+        3600, "TOKENRELAY_STREAM_TOKEN_TTL_S", "Lifetime of a signed stream token in seconds."
+    )
+    cors_origins: tuple[str, ...] = _setting(
+        (), "TOKENRELAY_CORS_ORIGINS", "Comma-separated origins allowed by CORS ('*' for any)."
+    )
+    max_body_bytes: int = _setting(
+        1 << 20, "TOKENRELAY_MAX_BODY_BYTES", "Largest HTTP request body the gateway accepts."
+    )
     queue_limit: int = _setting(
         10_000, "TOKENRELAY_QUEUE_LIMIT", "Backlog of unprocessed requests above which submits get 429."
     )
-    keepalive_s: float = _setting(15.0, "TOKENRELAY_KEEPALIVE_S", "Seconds between keepalive comments on idle SSE streams.")
+    keepalive_s: float = _setting(
+        15.0, "TOKENRELAY_KEEPALIVE_S", "Seconds between keepalive comments on idle SSE streams."
+    )
     subscriber_buffer: int = _setting(
         1024, "TOKENRELAY_SUBSCRIBER_BUFFER", "Events buffered per SSE subscriber before it is disconnected as slow."
     )
@@ -86,9 +104,13 @@ class Settings:
         DEFAULT_CACHE_DIR / "broker-data", "TOKENRELAY_BROKER_DATA_DIR", "Data directory of the local broker."
     )
     broker_heap_mb: int = _setting(384, "TOKENRELAY_BROKER_HEAP_MB", "Java heap of the local broker in MB.")
-    cache_dir: Path = _setting(DEFAULT_CACHE_DIR, "TOKENRELAY_CACHE_DIR", "Where broker jars and built models are cached.")
+    cache_dir: Path = _setting(
+        DEFAULT_CACHE_DIR, "TOKENRELAY_CACHE_DIR", "Where broker jars and built models are cached."
+    )
     analytics_port: int = _setting(6066, "TOKENRELAY_ANALYTICS_PORT", "Port of the analytics service.")
-    analytics_window_s: int = _setting(60, "TOKENRELAY_ANALYTICS_WINDOW_S", "Width of the analytics tumbling windows in seconds.")
+    analytics_window_s: int = _setting(
+        60, "TOKENRELAY_ANALYTICS_WINDOW_S", "Width of the analytics tumbling windows in seconds."
+    )
     log_level: str = _setting("INFO", "TOKENRELAY_LOG_LEVEL", "Python log level.")
 
     @classmethod

@@ -69,6 +69,10 @@ def server_properties(
         # The default (128 MB) is allocated on the heap at start.
         "log.cleaner.dedupe.buffer.size": str(4 * 1024 * 1024),
         "auto.create.topics.enable": "false",
+        # After a crash the restarted broker cannot register until the old registration's session expires
+        # (default 9 s); heartbeats stay on loopback, so a shorter session is safe.
+        "broker.session.timeout.ms": "4000",
+        "broker.heartbeat.interval.ms": "1000",
         "num.network.threads": "2",
         "num.io.threads": "4",
         "num.recovery.threads.per.data.dir": "1",

@@ -308,7 +308,9 @@ class LocalBroker:
                 self.port = None
                 raise
             self.start_seconds = time.monotonic() - began
-            log.info("Kafka broker ready on %s in %.1fs (data in %s)", self.bootstrap, self.start_seconds, self.data_dir)
+            log.info(
+                "Kafka broker ready on %s in %.1fs (data in %s)", self.bootstrap, self.start_seconds, self.data_dir
+            )
             return self.bootstrap
 
     def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> int | None:
@@ -382,7 +384,16 @@ class LocalBroker:
         if not config.is_valid_cluster_id(cluster_id):
             cluster_id = config.new_cluster_id()
             id_file.write_text(cluster_id + "\n")
-        argv = [*base, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(properties), "--ignore-formatted"]
+        argv = [
+            *base,
+            "kafka.tools.StorageTool",
+            "format",
+            "-t",
+            cluster_id,
+            "-c",
+            str(properties),
+            "--ignore-formatted",
+        ]
         log.info("formatting Kafka storage in %s (cluster id %s)", self.data_dir, cluster_id)
         result = subprocess.run(
             argv,
@@ -425,7 +436,8 @@ class LocalBroker:
             box.append(proc)
             spawned.set()
             assert proc.stdout is not None
-            self._pump(proc.stdout)
+            with proc.stdout:
+                self._pump(proc.stdout)
             proc.wait()
 
         waiter = threading.Thread(target=run, name="kafka-broker", daemon=True)
@@ -560,8 +572,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.resolve_only:
             classpath = ensure_jars(settings)
-            print(f"Kafka {kafka_version()} jars ready ({len(classpath.split(os.pathsep))} jars, "
-                  f"classpath cached in {classpath_file(settings)})")
+            print(
+                f"Kafka {kafka_version()} jars ready ({len(classpath.split(os.pathsep))} jars, "
+                f"classpath cached in {classpath_file(settings)})"
+            )
             return 0
         return LocalBroker(settings, args.port, args.data_dir).run_foreground()
     except BrokerError as exc:

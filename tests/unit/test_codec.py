@@ -135,7 +135,9 @@ def test_old_reader_reads_new_writer() -> None:
     """A v1 reader that knows the v2 writer schema drops the field it does not know."""
     v2 = _evolved_request_schema()
     writer = Codec(_registry_with(v2, version=2))
-    data = writer.encode_dict("InferenceRequest", {**_defaults(v2), "request_id": RID, "prompt": "y", "max_tokens": 2, "priority": 9})
+    data = writer.encode_dict(
+        "InferenceRequest", {**_defaults(v2), "request_id": RID, "prompt": "y", "max_tokens": 2, "priority": 9}
+    )
     # The old reader ships v2 among its known versions but still reads with v1.
     old_reader_registry = SchemaRegistry(AVRO_DIR.glob("*.avsc"))
     old_reader_registry.add(v2, version=0)

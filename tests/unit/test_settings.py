@@ -42,7 +42,7 @@ def test_overrides_win_and_none_is_ignored() -> None:
 
 
 def test_bad_number_is_a_config_error() -> None:
-    with pytest.raises(ConfigError, match="TOKENRELAY|events_partitions"):
+    with pytest.raises(ConfigError, match="events_partitions"):
         Settings.from_env({"TOKENRELAY_EVENTS_PARTITIONS": "many"})
 
 

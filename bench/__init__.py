@@ -1,0 +1,1 @@
+"""Benchmarks: each module has a `run() -> dict[str, float]` and prints its figures when run alone."""

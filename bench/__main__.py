@@ -1,0 +1,114 @@
+"""`make bench`: run every benchmark against one broker and write bench/results/latest.{json,md}."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import psutil
+
+RESULTS = Path(__file__).parent / "results"
+
+# (module, goal per key: (comparison, target)); a key missing from every module is reported as missing.
+GOALS: dict[str, tuple[str, float]] = {
+    "pipeline_overhead_ratio": (">=", 0.9),
+    "hop_latency_ms_p50": ("info", 0.0),
+    "hop_latency_ms_p99": ("<=", 25.0),
+    "gateway_events_per_s": (">=", 20_000.0),
+    "cb_speedup_32": (">=", 5.0),
+    "resume_ms_p99_memory": ("<=", 50.0),
+    "resume_ms_p99_kafka": ("<=", 300.0),
+    "idle_conn_kb": ("<=", 30.0),
+    "slow_client_p99_ratio": ("<=", 1.1),
+}
+MODULES = ["bench.bench_engine", "bench.bench_pipeline", "bench.bench_gateway"]
+
+
+def _run_module(module: str, env: dict[str, str]) -> dict[str, float]:
+    code = f"import json, {module} as m; print('BENCH-RESULT ' + json.dumps(m.run()))"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, text=True, capture_output=True, check=False)
+    sys.stderr.write(proc.stderr[-4000:])
+    for line in proc.stdout.splitlines():
+        if line.startswith("BENCH-RESULT "):
+            return dict(json.loads(line.removeprefix("BENCH-RESULT ")))
+        print(line)
+    print(f"{module} failed (exit {proc.returncode})", file=sys.stderr)
+    return {}
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _verdict(key: str, value: float | None) -> str:
+    op, target = GOALS.get(key, ("info", 0.0))
+    if value is None:
+        return "not measured"
+    if op == "info":
+        return ""
+    ok = value >= target if op == ">=" else value <= target
+    return ("met" if ok else "not met") + f" (goal {op} {target:g})"
+
+
+def _markdown(meta: dict[str, str], results: dict[str, float]) -> str:
+    lines = [
+        f"Machine: {meta['machine']} · commit {meta['commit']} · {meta['date']}",
+        "",
+        "| key | value | goal |",
+        "|---|---|---|",
+    ]
+    for key in [*GOALS, *sorted(set(results) - set(GOALS))]:
+        value = results.get(key)
+        shown = "—" if value is None else f"{value:,.3g}" if abs(value) < 100 else f"{value:,.0f}"
+        lines.append(f"| `{key}` | {shown} | {_verdict(key, value)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    from services.localbroker.runner import LocalBroker
+    from services.settings import Settings
+
+    env = dict(os.environ)
+    broker = None
+    if not env.get("TOKENRELAY_KAFKA_BOOTSTRAP"):
+        data_dir = Path(tempfile.mkdtemp(prefix="tokenrelay-bench-"))
+        broker = LocalBroker(Settings.from_env(), port=0, data_dir=data_dir)
+        env["TOKENRELAY_KAFKA_BOOTSTRAP"] = broker.start()
+    results: dict[str, float] = {}
+    try:
+        only = sys.argv[1:]
+        for module in MODULES:
+            if only and module.rsplit(".", 1)[-1] not in only and module not in only:
+                continue
+            print(f"== {module}", flush=True)
+            results.update(_run_module(module, env))
+    finally:
+        if broker is not None:
+            broker.stop()
+    meta = {
+        "machine": f"{platform.node()} {platform.machine()} {psutil.cpu_count()} cores "
+        f"{psutil.virtual_memory().total / 2**30:.0f} GiB, Python {platform.python_version()}",
+        "commit": _commit(),
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "latest.json").write_text(json.dumps({**meta, "results": results}, indent=2) + "\n")
+    table = _markdown(meta, results)
+    (RESULTS / "latest.md").write_text(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
