@@ -90,7 +90,8 @@ def encode_corpus(corpus: Corpus, tokenizer: PreTrainedTokenizerFast) -> torch.T
     """One long token stream: each text as bos+text+eos, each chat rendered through the chat template."""
     documents = [f"{BOS}{text}{EOS}" for text in corpus.texts]
     for chat in corpus.chats:
-        rendered = tokenizer.apply_chat_template(chat, tokenize=False)
+        messages = [{"role": m["role"], "content": m["content"]} for m in chat]
+        rendered = tokenizer.apply_chat_template(messages, tokenize=False)
         assert isinstance(rendered, str)
         documents.append(rendered)
     random.Random(0).shuffle(documents)

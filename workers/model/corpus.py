@@ -366,8 +366,7 @@ KAFKA_QA = (
     ),
     (
         "What is a broker?",
-        "A broker is a Kafka server. It stores partitions on disk and answers requests from producers and "
-        "consumers.",
+        "A broker is a Kafka server. It stores partitions on disk and answers requests from producers and consumers.",
     ),
     (
         "How does a producer send messages?",
@@ -386,8 +385,7 @@ KAFKA_QA = (
     ),
     (
         "What are server sent events?",
-        "Server sent events are a simple way for a server to push text to a browser over one long HTTP "
-        "connection.",
+        "Server sent events are a simple way for a server to push text to a browser over one long HTTP connection.",
     ),
     (
         "Why is time to first token important?",
