@@ -1,0 +1,76 @@
+"""Backlog of the requests topic: the worker group's lag, polled in the background."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+
+from services.kafka import make_consumer, start_client
+from services.settings import Settings
+
+log = logging.getLogger(__name__)
+
+WORKER_GROUP = "tokenrelay-workers"
+
+
+class BacklogMonitor:
+    """Requests in the topic that the worker group has not committed yet; -1 until first measured."""
+
+    def __init__(self, settings: Settings, interval_s: float = 2.0):
+        self.settings = settings
+        self.interval_s = interval_s
+        self.backlog = -1
+        self._task: asyncio.Task[None] | None = None
+        self._admin: AIOKafkaAdminClient | None = None
+        self._consumer: AIOKafkaConsumer | None = None
+
+    async def start(self) -> None:
+        self._admin = AIOKafkaAdminClient(bootstrap_servers=self.settings.kafka_bootstrap, client_id="tokenrelay-gw")
+        await self._admin.start()
+        self._consumer = make_consumer(self.settings)
+        await start_client(self._consumer)
+        self._task = asyncio.create_task(self._run(), name="backlog")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._consumer is not None:
+            await self._consumer.stop()
+        if self._admin is not None:
+            await self._admin.close()
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                self.backlog = await self.measure()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("cannot measure the request backlog: %s", exc)
+            await asyncio.sleep(self.interval_s)
+
+    async def measure(self) -> int:
+        assert self._admin is not None and self._consumer is not None
+        topic = self.settings.requests_topic
+        parts = self._consumer.partitions_for_topic(topic)
+        if not parts:
+            await self._consumer.topics()
+            parts = self._consumer.partitions_for_topic(topic) or set()
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        if not tps:
+            return 0
+        ends = await self._consumer.end_offsets(tps)
+        starts = await self._consumer.beginning_offsets(tps)
+        committed = await self._admin.list_consumer_group_offsets(WORKER_GROUP, partitions=tps)
+        lag = 0
+        for tp in tps:
+            meta = committed.get(tp)
+            done = meta.offset if meta is not None and meta.offset >= 0 else starts[tp]
+            lag += max(0, ends[tp] - max(done, starts[tp]))
+        return lag

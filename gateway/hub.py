@@ -1,0 +1,395 @@
+"""Fan-out hub: one read of the events topic serves every subscriber; replay from memory or from Kafka."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from gateway.cursor import Cursor, encode_cursor, event_epoch
+from gateway.metrics import GatewayMetrics
+from gateway.sse import frame
+from gateway.view import View, ViewEvent
+from schemas.codec import Codec, default_codec
+from schemas.ids import request_id_time_ms
+from schemas.records import TokenEvent
+from services.errors import DecodeError, ValidationError
+from services.kafka import partition_for_key
+
+log = logging.getLogger(__name__)
+
+# Clock difference tolerated between whoever made a request id and the broker's LogAppendTime.
+CLOCK_SKEW_MS = 5_000
+
+
+@dataclass(frozen=True, slots=True)
+class SourceRecord:
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes
+    timestamp_ms: int
+
+
+class EventSource(Protocol):
+    """Where the hub reads token events: the Kafka events topic, or a list in unit tests."""
+
+    partitions: int
+
+    async def start(self) -> tuple[dict[int, int], int]:
+        """Start reading; returns the next offset per partition and the broker time reading started at."""
+        ...
+
+    async def poll(self) -> list[SourceRecord]:
+        """Next records in offset order per partition; waits a little when there are none."""
+        ...
+
+    async def replay(self, partition: int, from_time_ms: int, stop_offset: int, key: bytes) -> list[SourceRecord]:
+        """Records with this key from the first with timestamp >= from_time_ms up to stop_offset (excluded)."""
+        ...
+
+    async def log_start(self, partition: int) -> int:
+        """Oldest offset still retained in the partition."""
+        ...
+
+    async def stop(self) -> None: ...
+
+
+@dataclass(slots=True)
+class Out:
+    """A view event, serialised and framed once for every subscriber."""
+
+    event: ViewEvent
+    epoch: int
+    framed: bytes
+
+    @property
+    def offset(self) -> int:
+        return self.event.offset
+
+
+def make_out(partition: int, request_id: str, ev: ViewEvent) -> Out:
+    epoch = event_epoch(request_id, ev.run_id, ev.seq)
+    cursor = encode_cursor(Cursor(epoch, partition, ev.offset))
+    return Out(ev, epoch, frame(ev.event, ev.data_json(), cursor))
+
+
+def reset_frame(reason: str) -> bytes:
+    return frame("reset", json.dumps({"reason": reason}))
+
+
+class Subscription:
+    """One subscriber: a backlog to send first, then a bounded queue of live events."""
+
+    def __init__(self, request_id: str, after_offset: int, maxsize: int):
+        self.request_id = request_id
+        self.after_offset = after_offset
+        self.preamble: list[bytes] = []
+        self.backlog: list[Out] = []
+        self.queue: asyncio.Queue[Out] = asyncio.Queue(maxsize)
+        self.closed: str | None = None
+        self._wake = asyncio.Event()
+
+    def offer(self, out: Out) -> bool:
+        """Queue a live event; False when the subscriber is too slow and must go."""
+        if out.offset <= self.after_offset:
+            return True
+        try:
+            self.queue.put_nowait(out)
+        except asyncio.QueueFull:
+            return False
+        return True
+
+    def close(self, reason: str) -> None:
+        self.closed = reason
+        self._wake.set()
+
+    async def next(self, timeout_s: float) -> Out | None:
+        """Next live event; None on timeout or when closed."""
+        if self.closed is not None:
+            return None
+        if not self.queue.empty():
+            return self.queue.get_nowait()
+        self._wake.clear()
+        getter = asyncio.ensure_future(self.queue.get())
+        waker = asyncio.ensure_future(self._wake.wait())
+        try:
+            done, _ = await asyncio.wait({getter, waker}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waker.cancel()
+            if not getter.done():
+                getter.cancel()
+        if getter in done and not getter.cancelled():
+            return getter.result()
+        return None
+
+
+@dataclass(slots=True)
+class Entry:
+    """What the hub knows about one request."""
+
+    request_id: str
+    partition: int
+    complete: bool
+    view: View
+    outs: deque[Out]
+    trimmed: bool = False
+    subscribers: set[Subscription] = field(default_factory=set)
+    backfill: asyncio.Task[None] | None = None
+    pending: list[tuple[int, TokenEvent]] | None = None
+
+
+class Hub:
+    """Plain asyncio fan-out: dispatches each record of the events topic by request id to bounded queues."""
+
+    def __init__(
+        self,
+        source: EventSource,
+        *,
+        memory_events: int = 256,
+        subscriber_buffer: int = 1024,
+        max_requests: int = 2048,
+        metrics: GatewayMetrics | None = None,
+        codec: Codec | None = None,
+    ):
+        self.source = source
+        self.memory_events = memory_events
+        self.subscriber_buffer = subscriber_buffer
+        self.max_requests = max_requests
+        self.metrics = metrics or GatewayMetrics()
+        self.codec = codec or default_codec()
+        self.positions: dict[int, int] = {}
+        self.start_time_ms = 0
+        self.entries: OrderedDict[str, Entry] = OrderedDict()
+        self._evicted: OrderedDict[str, None] = OrderedDict()
+        self._task: asyncio.Task[None] | None = None
+        self.started = asyncio.Event()
+        self.models: set[str] = set()
+
+    async def start(self) -> None:
+        self.positions, self.start_time_ms = await self.source.start()
+        self._task = asyncio.create_task(self._run(), name="hub")
+        self.started.set()
+        log.info("hub reading %d partitions from %s", len(self.positions), self.positions)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for entry in self.entries.values():
+            for sub in list(entry.subscribers):
+                sub.close("shutdown")
+        await self.source.stop()
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                records = await self.source.poll()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("hub poll failed; retrying")
+                await asyncio.sleep(1.0)
+                continue
+            for record in records:
+                self.dispatch(record)
+
+    def dispatch(self, record: SourceRecord) -> None:
+        """Take one record of the events topic (synchronous: positions and fan-out move together)."""
+        self.positions[record.partition] = record.offset + 1
+        self.metrics.hub_events.inc()
+        if record.key is None:
+            return
+        try:
+            request_id = record.key.decode("utf-8")
+        except UnicodeDecodeError:
+            return
+        entry = self.entries.get(request_id)
+        if entry is None:
+            if not self._complete_from_start(request_id):
+                return  # the hub cannot vouch for its start; a subscriber will backfill it from Kafka
+            entry = self._new_entry(request_id, complete=True)
+        try:
+            ev = self.codec.decode_event(record.value)
+        except DecodeError as exc:
+            self.metrics.undecodable.inc()
+            log.warning("request %s: undecodable event at %d/%d: %s", request_id, record.partition, record.offset, exc)
+            return
+        if not entry.complete:
+            if entry.pending is not None:
+                entry.pending.append((record.offset, ev))
+            return
+        self._apply(entry, record.offset, ev, live=True)
+
+    def _apply(self, entry: Entry, offset: int, ev: TokenEvent, *, live: bool) -> None:
+        had_token = entry.view.first_token_ts_ms is not None
+        view_event = entry.view.feed(offset, ev)
+        if view_event is None:
+            return
+        if live and not had_token and view_event.event == "token":
+            with contextlib.suppress(ValidationError):
+                self.metrics.ttft.observe(max(0.0, time.time() - request_id_time_ms(entry.request_id) / 1000))
+        if view_event.event == "started" and entry.view.model and len(self.models) < 64:
+            self.models.add(entry.view.model)
+        out = make_out(entry.partition, entry.request_id, view_event)
+        if len(entry.outs) == entry.outs.maxlen:
+            entry.trimmed = True
+        entry.outs.append(out)
+        for sub in list(entry.subscribers):
+            if not sub.offer(out):
+                entry.subscribers.discard(sub)
+                sub.close("slow")
+                self.metrics.slow_disconnects.inc()
+                log.info("request %s: slow subscriber disconnected", entry.request_id)
+
+    def _complete_from_start(self, request_id: str) -> bool:
+        if request_id in self._evicted:
+            return False
+        try:
+            created = request_id_time_ms(request_id)
+        except ValidationError:
+            return False
+        return created - CLOCK_SKEW_MS >= self.start_time_ms
+
+    def _new_entry(self, request_id: str, *, complete: bool) -> Entry:
+        entry = Entry(
+            request_id,
+            partition_for_key(request_id, self.source.partitions),
+            complete,
+            View(request_id),
+            deque(maxlen=self.memory_events),
+        )
+        self.entries[request_id] = entry
+        self._evict()
+        return entry
+
+    def _evict(self) -> None:
+        if len(self.entries) <= self.max_requests:
+            return
+        for request_id in list(self.entries):
+            entry = self.entries[request_id]
+            if entry.subscribers or entry.backfill is not None:
+                continue
+            del self.entries[request_id]
+            if entry.view.terminal is None:
+                self._evicted[request_id] = None
+                while len(self._evicted) > 16 * self.max_requests:
+                    self._evicted.popitem(last=False)
+            if len(self.entries) <= self.max_requests:
+                return
+
+    def entry(self, request_id: str) -> Entry:
+        entry = self.entries.get(request_id)
+        if entry is None:
+            entry = self._new_entry(request_id, complete=self._complete_from_start(request_id))
+        else:
+            self.entries.move_to_end(request_id)
+        return entry
+
+    async def ensure_complete(self, entry: Entry) -> bool:
+        """Backfill a request's history from Kafka once; True when that happened now."""
+        if entry.complete:
+            return False
+        if entry.backfill is None:
+            entry.backfill = asyncio.create_task(self._backfill(entry))
+        try:
+            await asyncio.shield(entry.backfill)
+        finally:
+            if entry.backfill is not None and entry.backfill.done():
+                entry.backfill = None
+        return True
+
+    async def _backfill(self, entry: Entry) -> None:
+        stop = self.positions[entry.partition]
+        entry.pending = []
+        try:
+            records = await self.source.replay(
+                entry.partition, self._start_time(entry.request_id), stop, entry.request_id.encode()
+            )
+            view = View(entry.request_id)
+            entry.view = view
+            entry.outs.clear()
+            for record in records:
+                with contextlib.suppress(DecodeError):
+                    self._apply(entry, record.offset, self.codec.decode_event(record.value), live=False)
+            for offset, ev in entry.pending:
+                self._apply(entry, offset, ev, live=False)
+            entry.complete = True
+        finally:
+            entry.pending = None
+
+    def _start_time(self, request_id: str) -> int:
+        return max(0, request_id_time_ms(request_id) - CLOCK_SKEW_MS)
+
+    async def subscribe(self, request_id: str, after: Cursor | None) -> Subscription | None:
+        """A subscription continuing strictly after ``after``; None when that is at or after the terminal event.
+
+        The subscription is registered in the same step that snapshots memory, so live events and the
+        replayed backlog meet with no gap; anything older than memory is read from Kafka and put in front.
+        """
+        await self.started.wait()
+        entry = self.entry(request_id)
+        from_kafka = await self.ensure_complete(entry)
+        terminal = entry.view.terminal
+        if after is not None and terminal is not None and after.offset >= terminal.offset:
+            return None
+        after_offset = after.offset if after is not None else -1
+        sub = Subscription(request_id, after_offset, self.subscriber_buffer)
+        memory = list(entry.outs)
+        entry.subscribers.add(sub)
+        first_in_memory = memory[0].offset if memory else self.positions[entry.partition]
+        history = memory
+        if entry.trimmed and after_offset < first_in_memory:
+            from_kafka = True
+            try:
+                records = await self.source.replay(
+                    entry.partition, self._start_time(request_id), first_in_memory, request_id.encode()
+                )
+            except BaseException:
+                entry.subscribers.discard(sub)
+                raise
+            view = View(request_id)
+            prefix = []
+            for record in records:
+                with contextlib.suppress(DecodeError):
+                    if (ev := view.feed(record.offset, self.codec.decode_event(record.value))) is not None:
+                        prefix.append(make_out(entry.partition, request_id, ev))
+            history = prefix + memory
+        self.metrics.replays.labels("kafka" if from_kafka else "memory").inc()
+        if after is None:
+            sub.backlog = history
+            return sub
+        if after.partition != entry.partition:
+            sub.preamble.append(reset_frame("cursor_not_in_this_stream"))
+            sub.backlog, sub.after_offset = history, -1
+            return sub
+        if after.offset < self.positions[entry.partition]:
+            # The hub has read past the cursor, so the cursor must name one of this request's events.
+            match = next((o for o in history if o.offset == after.offset), None)
+            if match is None or match.epoch != after.epoch:
+                log_start = await self.source.log_start(entry.partition)
+                reason = "retention" if after.offset < log_start else "unknown_cursor"
+                log.info("request %s: cursor %s does not resume (%s)", request_id, after, reason)
+                sub.preamble.append(reset_frame(reason))
+                sub.backlog, sub.after_offset = history, -1
+                return sub
+        sub.backlog = [o for o in history if o.offset > after_offset]
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        entry = self.entries.get(sub.request_id)
+        if entry is not None:
+            entry.subscribers.discard(sub)
+
+    async def snapshot(self, request_id: str) -> View:
+        """The request's view as of now (backfilled from Kafka when needed)."""
+        await self.started.wait()
+        entry = self.entry(request_id)
+        await self.ensure_complete(entry)
+        return entry.view

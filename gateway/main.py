@@ -1,0 +1,99 @@
+"""Run the gateway: Kafka clients, hub, HTTP server; clean stop on SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+
+from aiohttp import web
+
+from gateway.app import Gateway, build_app
+from gateway.auth import Auth
+from gateway.backlog import BacklogMonitor
+from gateway.hub import Hub
+from gateway.kafka_source import KafkaEventSource
+from gateway.metrics import GatewayMetrics
+from services.errors import TokenRelayError
+from services.kafka import make_producer, start_client
+from services.settings import Settings
+from services.topics import ensure_topics
+
+log = logging.getLogger(__name__)
+
+MAX_HUB_REQUESTS = 2048
+
+
+async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
+    """Serve until ``stop`` is set (or a signal arrives when none is given)."""
+    stop = stop or _signal_event()
+    await ensure_topics(settings)
+    metrics = GatewayMetrics()
+    producer = make_producer(settings)
+    await start_client(producer)
+    hub = Hub(
+        KafkaEventSource(settings),
+        memory_events=settings.hub_memory_events,
+        subscriber_buffer=settings.subscriber_buffer,
+        max_requests=MAX_HUB_REQUESTS,
+        metrics=metrics,
+    )
+    backlog = BacklogMonitor(settings)
+    runner: web.AppRunner | None = None
+    try:
+        await hub.start()
+        await backlog.start()
+
+        async def ready() -> bool:
+            assert backlog._admin is not None
+            topics = set(await backlog._admin.list_topics())
+            return {settings.requests_topic, settings.events_topic, settings.control_topic} <= topics
+
+        auth = Auth(settings)
+        gateway = Gateway(settings, hub, producer, metrics, auth, backlog=backlog, ready_check=ready)
+        if not auth.enabled:
+            log.warning("no API keys configured (TOKENRELAY_API_KEYS): the gateway is open to anyone who reaches it")
+        runner = web.AppRunner(build_app(gateway), handle_signals=False, shutdown_timeout=2.0, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, settings.gateway_host, settings.gateway_port, backlog=2048)
+        await site.start()
+        log.info("gateway listening on http://%s:%d/", settings.gateway_host, settings.gateway_port)
+        await stop.wait()
+        log.info("gateway stopping")
+    finally:
+        await hub.stop()  # closes every subscription, so streaming handlers return
+        if runner is not None:
+            await runner.cleanup()
+        await backlog.stop()
+        await producer.stop()
+
+
+def _signal_event() -> asyncio.Event:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+def run_gateway(settings: Settings) -> int:
+    try:
+        asyncio.run(serve(settings))
+    except TokenRelayError as exc:
+        log.error("gateway failed: %s", exc)
+        return 1
+    return 0
+
+
+def main() -> int:
+    settings = Settings.from_env()
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("aiokafka").setLevel(logging.WARNING)
+    return run_gateway(settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""Hub fan-out, replay handover and slow subscribers, with an in-memory event source."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from gateway.cursor import decode_cursor
+from gateway.hub import Hub, SourceRecord, Subscription
+from gateway.sse import parse
+from schemas.codec import default_codec
+from schemas.ids import new_request_id
+from schemas.records import Delta, Finished, Started, TokenEvent, Usage
+from services.kafka import partition_for_key
+
+
+class MemorySource:
+    """Partitions as Python lists; poll hands out what was appended since the last poll."""
+
+    def __init__(self, partitions: int = 4):
+        self.partitions = partitions
+        self.log: dict[int, list[SourceRecord]] = {p: [] for p in range(partitions)}
+        self.read: dict[int, int] = {}
+        self.new = asyncio.Event()
+        self.replays = 0
+
+    def append(self, ev: TokenEvent) -> None:
+        p = partition_for_key(ev.request_id, self.partitions)
+        self.log[p].append(
+            SourceRecord(p, len(self.log[p]), ev.request_id.encode(), default_codec().encode(ev), ev.ts_ms)
+        )
+        self.new.set()
+
+    async def start(self) -> tuple[dict[int, int], int]:
+        self.read = {p: len(r) for p, r in self.log.items()}
+        return dict(self.read), 0
+
+    async def poll(self) -> list[SourceRecord]:
+        self.new.clear()
+        out = []
+        for p, records in self.log.items():
+            out += records[self.read[p] :]
+            self.read[p] = len(records)
+        if not out:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.new.wait(), 0.05)
+        return out
+
+    async def replay(self, partition: int, from_time_ms: int, stop_offset: int, key: bytes) -> list[SourceRecord]:
+        self.replays += 1
+        await asyncio.sleep(0.01)
+        return [r for r in self.log[partition][:stop_offset] if r.key == key]
+
+    async def log_start(self, partition: int) -> int:
+        return 0
+
+    async def stop(self) -> None:
+        pass
+
+
+def stream(rid: str, n: int, run: str = "r1") -> list[TokenEvent]:
+    evs = [TokenEvent(rid, run, 0, 1, Started("w", "m", 2, 0))]
+    evs += [TokenEvent(rid, run, i, 1, Delta(f"t{i}", (i,))) for i in range(1, n + 1)]
+    evs.append(TokenEvent(rid, run, n + 1, 1, Finished("length", Usage(2, n))))
+    return evs
+
+
+async def drain(hub: Hub, sub: Subscription) -> bytes:
+    out = b"".join(sub.preamble) + b"".join(o.framed for o in sub.backlog)
+    if any(o.event.terminal for o in sub.backlog):
+        return out
+    while True:
+        item = await sub.next(2.0)
+        assert item is not None, sub.closed
+        out += item.framed
+        if item.event.terminal:
+            hub.unsubscribe(sub)
+            return out
+
+
+async def settle(source: MemorySource, hub: Hub) -> None:
+    for _ in range(100):
+        if all(hub.positions[p] == len(source.log[p]) for p in source.log):
+            return
+        await asyncio.sleep(0.01)
+
+
+async def test_fan_out_identical_and_resume_everywhere() -> None:
+    source = MemorySource()
+    hub = Hub(source, memory_events=8)
+    await hub.start()
+    rid = new_request_id()
+    subs = [await hub.subscribe(rid, None) for _ in range(20)]
+    for e in stream(rid, 12):
+        source.append(e)
+    outs = [await drain(hub, s) for s in subs if s is not None]
+    assert len(set(outs)) == 1
+    events = parse(outs[0].decode())
+    assert [e["event"] for e in events][:2] == ["started", "token"] and events[-1]["event"] == "done"
+    # Resume after every event (memory holds only 8, older positions replay from the source): pieces == whole.
+    for k, e in enumerate(events):
+        sub = await hub.subscribe(rid, decode_cursor(e["id"]))
+        if e["event"] == "done":
+            assert sub is None
+            continue
+        assert sub is not None
+        rest = parse((await drain(hub, sub)).decode())
+        assert events[: k + 1] + rest == events
+    await hub.stop()
+
+
+async def test_late_subscriber_backfills_once_and_hands_over() -> None:
+    source = MemorySource()
+    rid = new_request_id(now_ms=1)  # older than the hub's start: the hub cannot vouch for its beginning
+    evs = stream(rid, 6)
+    for e in evs[:3]:
+        source.append(e)
+    hub = Hub(source)
+    source.read = {}
+    await hub.start()
+    for e in evs[3:5]:
+        source.append(e)
+    await settle(source, hub)
+    sub_a, sub_b = await asyncio.gather(hub.subscribe(rid, None), hub.subscribe(rid, None))
+    assert source.replays == 1
+    for e in evs[5:]:
+        source.append(e)
+    a = await drain(hub, sub_a)  # type: ignore[arg-type]
+    b = await drain(hub, sub_b)  # type: ignore[arg-type]
+    assert a == b
+    assert [x["data"] for x in parse(a.decode()) if x["event"] == "token"] == [
+        f'{{"seq":{i},"text":"t{i}","token_ids":[{i}]}}' for i in range(1, 7)
+    ]
+    await hub.stop()
+
+
+async def test_slow_subscriber_is_dropped_without_blocking_others() -> None:
+    source = MemorySource()
+    hub = Hub(source, subscriber_buffer=4)
+    await hub.start()
+    rid = new_request_id()
+    slow = await hub.subscribe(rid, None)
+    fast = await hub.subscribe(rid, None)
+    assert slow is not None and fast is not None
+    reader = asyncio.create_task(drain(hub, fast))
+    for e in stream(rid, 30):
+        source.append(e)
+        await asyncio.sleep(0)
+        await asyncio.sleep(0.001)
+    whole = await reader
+    assert slow.closed == "slow" and hub.metrics.slow_disconnects._value.get() == 1
+    assert parse(whole.decode())[-1]["event"] == "done"
+    await hub.stop()
+
+
+async def test_unknown_cursor_gets_reset() -> None:
+    source = MemorySource(partitions=1)
+    hub = Hub(source)
+    await hub.start()
+    rid = new_request_id()
+    for e in stream(rid, 2):
+        source.append(e)
+    await settle(source, hub)
+    first = parse((await drain(hub, await hub.subscribe(rid, None))).decode())  # type: ignore[arg-type]
+    cursor = decode_cursor(first[1]["id"])
+    forged = type(cursor)((cursor.epoch + 1) % 65536, cursor.partition, cursor.offset)
+    sub = await hub.subscribe(rid, forged)
+    assert sub is not None
+    again = parse((await drain(hub, sub)).decode())
+    assert again[0] == {"event": "reset", "data": '{"reason": "unknown_cursor"}'} and again[1:] == first
+    await hub.stop()
