@@ -66,7 +66,7 @@ def _cmd_up(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
-    from services.tools import submit
+    from services.submit import submit
 
     return asyncio.run(
         submit(settings, args.prompt, max_tokens=args.max_tokens, temperature=args.temperature, follow=args.follow)
@@ -74,13 +74,13 @@ def _cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_tail(args: argparse.Namespace, settings: Settings) -> int:
-    from services.tools import tail
+    from services.logtools import tail
 
     return asyncio.run(tail(settings, request_id=args.request_id, since=args.since, follow=not args.no_follow))
 
 
 def _cmd_export(args: argparse.Namespace, settings: Settings) -> int:
-    from services.tools import export
+    from services.logtools import export
 
     return asyncio.run(export(settings, since=args.since, until=args.until, out=args.out))
 

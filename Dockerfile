@@ -1,0 +1,26 @@
+# One image for the Python services (worker, gateway, analytics, topic set-up); the broker is apache/kafka.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    TOKENRELAY_CACHE_DIR=/var/cache/tokenrelay \
+    TOKENRELAY_GATEWAY_HOST=0.0.0.0
+
+WORKDIR /app
+# CPU torch first, from its own index: the default PyPI wheel pulls in several GB of CUDA libraries.
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+RUN pip install torch --index-url "${TORCH_INDEX}"
+
+COPY pyproject.toml README.md ./
+COPY schemas ./schemas
+COPY services ./services
+COPY workers ./workers
+COPY gateway ./gateway
+RUN pip install . && useradd --create-home --uid 10001 tokenrelay \
+    && mkdir -p /var/cache/tokenrelay && chown tokenrelay /var/cache/tokenrelay
+USER tokenrelay
+
+EXPOSE 8080 6066 9400
+ENTRYPOINT ["tokenrelay"]
+CMD ["--help"]

@@ -1,0 +1,1 @@
+"""Usage and latency analytics on the token log (faust-streaming)."""

@@ -1,0 +1,29 @@
+"""`tokenrelay analytics`: the faust worker in the foreground."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from services.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def run_analytics(settings: Settings) -> int:
+    """Ensure the topics, then run the faust worker until SIGINT/SIGTERM; returns an exit code."""
+    import faust
+
+    from services.analytics.app import create_app
+    from services.topics import ensure_topics
+
+    asyncio.run(ensure_topics(settings))
+    app = create_app(settings)
+    (settings.cache_dir / "analytics").mkdir(parents=True, exist_ok=True)
+    worker = faust.Worker(app, loglevel=settings.log_level.upper(), quiet=True)
+    log.info("analytics on http://%s:%d/", settings.gateway_host, settings.analytics_port)
+    try:
+        worker.execute_from_commandline()
+    except SystemExit as exc:
+        return int(exc.code or 0) if isinstance(exc.code, int | None) else 1
+    return 0
