@@ -1,0 +1,82 @@
+"""A backend producer's view: put a request straight onto the requests topic and follow its events in the log."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from aiokafka import TopicPartition
+
+from schemas.codec import default_codec
+from schemas.ids import new_request_id, request_id_time_ms
+from schemas.records import Delta, Failed, Finished, InferenceRequest, Started
+from services.kafka import make_consumer, make_producer, partition_for_key, record_headers, start_client
+from services.settings import Settings
+
+LOOKBACK_MS = 5_000
+
+
+async def submit(settings: Settings, prompt: str, max_tokens: int, temperature: float, follow: bool) -> int:
+    """Produce one request, print its id; with ``follow`` print its text as it arrives. Exit code 0 on success."""
+    request_id = new_request_id()
+    request = InferenceRequest(
+        request_id, prompt, max_tokens, temperature=temperature, created_ms=int(time.time() * 1000)
+    )
+    producer = make_producer(settings)
+    await start_client(producer)
+    try:
+        await producer.send_and_wait(
+            settings.requests_topic,
+            value=default_codec().encode(request),
+            key=request_id.encode(),
+            headers=record_headers("InferenceRequest"),
+        )
+        partitions = len(await producer.partitions_for(settings.events_topic))
+    finally:
+        await producer.stop()
+    print(request_id, flush=True)
+    if not follow:
+        return 0
+    return await follow_events(settings, request_id, partitions)
+
+
+async def follow_events(settings: Settings, request_id: str, partitions: int) -> int:
+    """Print a request's text from the events log until its terminal event; a restarted run is announced."""
+    consumer = make_consumer(settings)
+    await start_client(consumer)
+    try:
+        tp = TopicPartition(settings.events_topic, partition_for_key(request_id, partitions))
+        consumer.assign([tp])
+        found = (await consumer.offsets_for_times({tp: request_id_time_ms(request_id) - LOOKBACK_MS}))[tp]
+        if found is not None:
+            consumer.seek(tp, found.offset)
+        else:
+            await consumer.seek_to_end(tp)
+        codec = default_codec()
+        key = request_id.encode()
+        shown = 0
+        while True:
+            batches = await consumer.getmany(tp, timeout_ms=1000)
+            for record in batches.get(tp, []):
+                if record.key != key:
+                    continue
+                event = codec.decode_event(record.value)
+                payload = event.payload
+                if isinstance(payload, Started):
+                    if payload.continued_tokens != shown or (shown and not payload.continues_run_id):
+                        # Not a seamless continuation of what was printed: start over with the new run's text.
+                        print("\n[restarted]", flush=True)
+                        sys.stdout.write(payload.continued_text)
+                    shown = payload.continued_tokens
+                elif isinstance(payload, Delta):
+                    shown += len(payload.token_ids)
+                    sys.stdout.write(payload.text)
+                    sys.stdout.flush()
+                elif isinstance(payload, Finished):
+                    print(f"\n[{payload.finish_reason}: {payload.usage.completion_tokens} tokens]", flush=True)
+                    return 0
+                elif isinstance(payload, Failed):
+                    print(f"\n[failed: {payload.code}: {payload.message}]", file=sys.stderr, flush=True)
+                    return 1
+    finally:
+        await consumer.stop()

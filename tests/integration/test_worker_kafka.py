@@ -1,0 +1,152 @@
+"""The worker against a real broker: streaming, usage, greedy text, cancellation, limits, DLQ, plain-Avro producers."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from pathlib import Path
+
+import fastavro
+import pytest
+
+from schemas.codec import AVRO_DIR, MAGIC, fingerprint
+from schemas.ids import new_request_id
+from schemas.records import Delta, Failed, Finished, InferenceRequest, Started, TokenEvent
+from services.settings import Settings
+from tests.integration.worker_helpers import cancel, collect, dlq_records, produce, produce_raw, running_worker
+from tests.tinymodel import build_tiny_model
+from workers.engine.engine import Engine, EngineRequest
+from workers.engine.sampling import SamplingParams
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory: pytest.TempPathFactory) -> Engine:
+    return Engine.load(str(build_tiny_model(tmp_path_factory.mktemp("tiny"))), device="cpu", max_batch_size=8)
+
+
+@pytest.fixture
+def settings(kafka_bootstrap: str, topic_prefix: str) -> Settings:
+    return Settings.from_env(
+        {},
+        kafka_bootstrap=kafka_bootstrap,
+        topic_prefix=topic_prefix,
+        requests_partitions=2,
+        events_partitions=2,
+        worker_metrics_port=0,
+        max_batch_size=8,
+        max_tokens_limit=64,
+    )
+
+
+def check_run(events: list[TokenEvent]) -> tuple[list[int], str, Finished | Failed]:
+    """One clean run: seq gap-free from 0, Started first, exactly one terminal event last; returns tokens and text."""
+    assert [e.seq for e in events] == list(range(len(events)))
+    assert len({e.run_id for e in events}) == 1
+    assert isinstance(events[0].payload, Started)
+    assert sum(e.is_terminal for e in events) == 1 and events[-1].is_terminal
+    deltas = [e.payload for e in events if isinstance(e.payload, Delta)]
+    terminal = events[-1].payload
+    assert isinstance(terminal, Finished | Failed)
+    return [t for d in deltas for t in d.token_ids], "".join(d.text for d in deltas), terminal
+
+
+async def test_many_concurrent_requests_stream_with_exact_usage(settings: Settings, engine: Engine) -> None:
+    prompts = [f"Hello {i} the quick brown fox" for i in range(16)]
+    requests = [InferenceRequest(new_request_id(), p, 6 + i % 5, temperature=0.0) for i, p in enumerate(prompts)]
+    async with running_worker(settings, engine):
+        await produce(settings, requests)
+        events = await collect(settings, [r.request_id for r in requests])
+    direct = engine.generate(
+        [
+            EngineRequest(r.request_id, engine.encode_prompt(r.prompt), SamplingParams(r.max_tokens, temperature=0))
+            for r in requests
+        ]
+    )
+    for r in requests:
+        ids, text, terminal = check_run(events[r.request_id])
+        assert isinstance(terminal, Finished)
+        assert terminal.usage.completion_tokens == len(ids)
+        assert (ids, text) == tuple(direct[r.request_id][:2])
+
+
+async def test_cancel_stops_generation(settings: Settings, engine: Engine) -> None:
+    request = InferenceRequest(new_request_id(), "Hello", 64, temperature=0.0)
+    async with running_worker(settings, engine):
+        await produce(settings, [request])
+        await collect_first_delta(settings, request.request_id)
+        await cancel(settings, request.request_id)
+        events = await collect(settings, [request.request_id])
+    ids, _, terminal = check_run(events[request.request_id])
+    assert isinstance(terminal, Finished) and terminal.finish_reason == "cancelled"
+    assert terminal.usage.completion_tokens == len(ids) < 64
+
+
+async def collect_first_delta(settings: Settings, request_id: str) -> None:
+    from aiokafka import TopicPartition
+
+    from schemas.codec import default_codec
+    from services.kafka import make_consumer, start_client
+
+    consumer = make_consumer(settings)
+    await start_client(consumer)
+    try:
+        parts = range(settings.events_partitions)
+        consumer.assign([TopicPartition(settings.events_topic, p) for p in parts])
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            for records in (await consumer.getmany(timeout_ms=100)).values():
+                for record in records:
+                    event = default_codec().decode_event(record.value)
+                    if event.request_id == request_id and isinstance(event.payload, Delta):
+                        return
+        raise AssertionError("no Delta")
+    finally:
+        await consumer.stop()
+
+
+async def test_limits_dlq_and_plain_avro_producer(settings: Settings, engine: Engine) -> None:
+    late = InferenceRequest(new_request_id(), "Hello", 4, deadline_ms=int(time.time() * 1000) - 1000)
+    zero = InferenceRequest(new_request_id(), "Hello", 0)
+    huge = InferenceRequest(new_request_id(), "Hello", 10_000)
+    long_prompt = InferenceRequest(new_request_id(), "word " * 2000, 4)
+    plain_id = new_request_id()
+    async with running_worker(settings, engine):
+        await produce_raw(settings, settings.requests_topic, b"garbage-key", b"\x00not avro at all")
+        await produce(settings, [late, zero, huge, long_prompt])
+        await produce_raw(settings, settings.requests_topic, plain_id.encode(), plain_avro_request(plain_id))
+        events = await collect(
+            settings, [late.request_id, zero.request_id, huge.request_id, long_prompt.request_id, plain_id]
+        )
+        dlq = await dlq_records(settings, 1)
+    codes = {}
+    for rid in (late.request_id, zero.request_id, huge.request_id, long_prompt.request_id):
+        terminal = events[rid][-1].payload
+        assert isinstance(terminal, Failed) and events[rid][-1].seq == len(events[rid]) - 1
+        codes[rid] = terminal.code
+    assert codes == {
+        late.request_id: "deadline_exceeded",
+        zero.request_id: "max_tokens_invalid",
+        huge.request_id: "max_tokens_invalid",
+        long_prompt.request_id: "prompt_too_long",
+    }
+    ids, _, terminal = check_run(events[plain_id])
+    assert isinstance(terminal, Finished) and terminal.usage.completion_tokens == len(ids) > 0
+    key, value, headers = dlq[0]
+    assert (key, value) == (b"garbage-key", b"\x00not avro at all")
+    assert headers["error-code"] == b"undecodable" and headers["error"]
+    assert headers["original-topic"] == settings.requests_topic.encode() and "original-offset" in headers
+
+
+def plain_avro_request(request_id: str) -> bytes:
+    """What a producer that knows only the .avsc and the framing writes: three fields, defaults for the rest."""
+    raw = json.loads(Path(AVRO_DIR, "InferenceRequest.v1.avsc").read_text())
+    schema = fastavro.parse_schema(raw)
+    buf = io.BytesIO()
+    record = {"request_id": request_id, "prompt": "The quick brown fox", "max_tokens": 5}
+    for f in raw["fields"]:
+        record.setdefault(f["name"], f.get("default"))
+    fastavro.schemaless_writer(buf, schema, record)
+    return MAGIC + fingerprint(raw) + buf.getvalue()

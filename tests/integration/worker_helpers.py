@@ -1,0 +1,107 @@
+"""Helpers for the worker integration tests: run a worker in-process, produce requests, collect events."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Iterable
+
+from aiokafka import TopicPartition
+
+from schemas.codec import default_codec
+from schemas.records import ControlEvent, InferenceRequest, TokenEvent
+from services.kafka import make_consumer, make_producer, record_headers, start_client
+from services.settings import Settings
+from services.topics import ensure_topics
+from workers.main import EngineLike, Worker
+
+
+@contextlib.asynccontextmanager
+async def running_worker(settings: Settings, engine: EngineLike) -> AsyncIterator[Worker]:
+    await ensure_topics(settings)
+    worker = Worker(settings, engine)
+    task = asyncio.create_task(worker.run())
+    deadline = time.monotonic() + 60
+    while not worker.trackers:
+        if task.done():
+            task.result()
+        assert time.monotonic() < deadline, "worker got no partitions"
+        await asyncio.sleep(0.05)
+    try:
+        yield worker
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 60)
+
+
+async def produce(settings: Settings, requests: Iterable[InferenceRequest]) -> None:
+    producer = make_producer(settings)
+    await start_client(producer)
+    try:
+        for r in requests:
+            await producer.send(
+                settings.requests_topic,
+                default_codec().encode(r),
+                key=r.request_id.encode(),
+                headers=record_headers("InferenceRequest"),
+            )
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+
+async def produce_raw(settings: Settings, topic: str, key: bytes, value: bytes) -> None:
+    producer = make_producer(settings)
+    await start_client(producer)
+    try:
+        await producer.send_and_wait(topic, value, key=key)
+    finally:
+        await producer.stop()
+
+
+async def cancel(settings: Settings, request_id: str) -> None:
+    event = ControlEvent(request_id, "cancel", int(time.time() * 1000))
+    await produce_raw(settings, settings.control_topic, request_id.encode(), default_codec().encode(event))
+
+
+async def collect(
+    settings: Settings, ids: Iterable[str], timeout_s: float = 40.0, until_terminal: bool = True
+) -> dict[str, list[TokenEvent]]:
+    """Every event of ``ids`` from the start of the events topic, until each has a terminal event."""
+    wanted = set(ids)
+    events: dict[str, list[TokenEvent]] = {i: [] for i in wanted}
+    consumer = make_consumer(settings)
+    await start_client(consumer)
+    try:
+        parts = range(settings.events_partitions)
+        consumer.assign([TopicPartition(settings.events_topic, p) for p in parts])
+        deadline = time.monotonic() + timeout_s
+        while any(not (e and e[-1].is_terminal) for e in events.values()):
+            assert time.monotonic() < deadline, {k: len(v) for k, v in events.items()}
+            for records in (await consumer.getmany(timeout_ms=200)).values():
+                for record in records:
+                    event = default_codec().decode_event(record.value)
+                    if event.request_id in wanted:
+                        events[event.request_id].append(event)
+    finally:
+        await consumer.stop()
+    return events
+
+
+async def dlq_records(
+    settings: Settings, count: int, timeout_s: float = 30.0
+) -> list[tuple[bytes, bytes, dict[str, bytes]]]:
+    consumer = make_consumer(settings)
+    await start_client(consumer)
+    try:
+        consumer.assign([TopicPartition(settings.dlq_topic, 0)])
+        out: list[tuple[bytes, bytes, dict[str, bytes]]] = []
+        deadline = time.monotonic() + timeout_s
+        while len(out) < count:
+            assert time.monotonic() < deadline
+            for records in (await consumer.getmany(timeout_ms=200)).values():
+                out += [(r.key, r.value, dict(r.headers)) for r in records]
+        return out
+    finally:
+        await consumer.stop()

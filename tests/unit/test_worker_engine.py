@@ -1,0 +1,155 @@
+"""Engine: scheduler join/leave, greedy == generate(), seeded sampling, detokenizer, stop strings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests.tinymodel import build_tiny_model
+from workers.engine.detokenizer import IncrementalDetokenizer
+from workers.engine.engine import Engine, EngineRequest
+from workers.engine.sampling import SamplingParams
+from workers.engine.scheduler import Scheduler
+from workers.engine.stops import StopMatcher
+
+
+class _Req:
+    def __init__(self, request_id: str):
+        self.request_id = request_id
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory: pytest.TempPathFactory) -> Engine:
+    directory = build_tiny_model(tmp_path_factory.mktemp("tiny"))
+    return Engine.load(str(directory), device="cpu", max_batch_size=4)
+
+
+def _greedy_reference(engine: Engine, prompt_ids: list[int], max_tokens: int) -> list[int]:
+    out = engine.model.generate(torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=max_tokens)
+    ids = out[0, len(prompt_ids) :].tolist()
+    return [t for t in ids if t not in engine.eos_ids]
+
+
+def test_scheduler_admits_up_to_capacity_and_refills_each_step() -> None:
+    sched: Scheduler[Any] = Scheduler(2)
+    a, b, c = _Req("a"), _Req("b"), _Req("c")
+    for r in (a, b, c):
+        sched.add(r)
+    first = sched.schedule()
+    assert [r.request_id for r in first.admitted] == ["a", "b"] and not first.running
+    second = sched.schedule()
+    assert [r.request_id for r in second.running] == ["a", "b"] and not second.admitted
+    sched.finish(a)
+    third = sched.schedule()
+    assert [r.request_id for r in third.running] == ["b"] and [r.request_id for r in third.admitted] == ["c"]
+
+
+def test_scheduler_abort_waiting_and_running() -> None:
+    sched: Scheduler[Any] = Scheduler(1)
+    a, b = _Req("a"), _Req("b")
+    sched.add(a)
+    sched.add(b)
+    sched.schedule()
+    assert sched.abort("b") and sched.abort("a") and not sched.abort("zzz")
+    plan = sched.schedule()
+    assert {r.request_id for r in plan.aborted} == {"a", "b"} and plan.running == [] and plan.admitted == []
+    assert not sched.has_work()
+
+
+def test_greedy_equals_generate_with_requests_joining_and_leaving(engine: Engine) -> None:
+    prompts = ["Hello", "The quick brown fox jumps over", "Café 日本", "x", "Kafka is a distributed log", "🚀"]
+    requests = [
+        EngineRequest(f"r{i}", engine.encode_prompt(p), SamplingParams(max_tokens=5 + 4 * i, temperature=0))
+        for i, p in enumerate(prompts)
+    ]
+    # Six requests through a batch of four: rows leave at different lengths and waiting ones join mid-flight.
+    results = engine.generate(requests)
+    for request in requests:
+        ids, text, reason = results[request.request_id]
+        assert ids == _greedy_reference(engine, request.prompt_ids, request.params.max_tokens)
+        assert text == engine.decode(ids)
+        assert reason in ("length", "stop")
+
+
+def test_seeded_sampling_is_reproducible(engine: Engine) -> None:
+    params = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.9, top_k=50, seed=1234)
+    prompt = engine.encode_prompt("Hello world")
+    alone = engine.generate([EngineRequest("a", prompt, params)])["a"][0]
+    again = engine.generate([EngineRequest("b", prompt, params)])["b"][0]
+    other = engine.generate([EngineRequest("c", prompt, SamplingParams(max_tokens=12, temperature=0.9, seed=99))])
+    assert alone == again
+    assert other["c"][0] != alone
+
+
+def test_cancel_stops_within_one_step(engine: Engine) -> None:
+    engine.add(EngineRequest("x", engine.encode_prompt("Hello"), SamplingParams(max_tokens=50, temperature=0)))
+    first = engine.step()
+    assert [o.request_id for o in first] == ["x"] and first[0].finish_reason is None
+    engine.abort("x")
+    out = engine.step()
+    assert [(o.request_id, o.finish_reason, o.token_ids) for o in out] == [("x", "aborted", ())]
+    assert not engine.has_work()
+
+
+def test_continuation_equals_uninterrupted_greedy(engine: Engine) -> None:
+    prompt = engine.encode_prompt("The quick brown fox")
+    full = engine.generate([EngineRequest("f", prompt, SamplingParams(max_tokens=20, temperature=0))])["f"]
+    head_ids = full[0][:7]
+    head_text = engine.decode(head_ids)
+    params = SamplingParams(max_tokens=20, temperature=0)
+    rest = engine.generate([EngineRequest("g", prompt, params, head_ids, head_text)])["g"]
+    assert head_ids + rest[0] == full[0]
+    assert head_text + rest[1] == full[1]
+
+
+def _byte_tokens() -> tuple[list[int], Any]:
+    data = "aé日🚀b".encode()
+    return list(data), lambda ids: bytes(ids).decode("utf-8", "replace")
+
+
+def test_detokenizer_never_emits_a_broken_character() -> None:
+    ids, decode = _byte_tokens()
+    detok = IncrementalDetokenizer(decode)
+    pieces = [detok.push([i]) for i in ids]
+    assert "".join(pieces) == "aé日🚀b"
+    assert all("\ufffd" not in p for p in pieces)
+    assert pieces[:3] == ["a", "", "é"]
+
+
+def test_detokenizer_resumes_after_a_partial_character() -> None:
+    ids, decode = _byte_tokens()
+    # The earlier run sent "aé" and the first byte of 日 (no text for it yet).
+    detok = IncrementalDetokenizer(decode, ids[:4], "aé")
+    rest = "".join(detok.push([i]) for i in ids[4:]) + detok.flush()
+    assert rest == "日🚀b"
+
+
+def test_stop_strings_are_cut_and_prefixes_held_back() -> None:
+    stops = StopMatcher(("END", "\n\n"))
+    assert stops.feed("hello E") == ("hello ", False)
+    assert stops.feed("N") == ("", False)
+    assert stops.feed("X more") == ("ENX more", False)
+    assert stops.feed(" then\n") == (" then", False)
+    assert stops.feed("\nrest") == ("", True)
+    assert StopMatcher(("END",)).feed("abcENDdef") == ("abc", True)
+    held = StopMatcher(("END",))
+    assert held.feed("xE") == ("x", False) and held.flush() == "E"
+
+
+def test_engine_stop_string_not_emitted(engine: Engine) -> None:
+    prompt = engine.encode_prompt("Hello")
+    _, text, _ = engine.generate([EngineRequest("s", prompt, SamplingParams(max_tokens=30, temperature=0))])["s"]
+    stop = text[5:8]
+    if len(stop) < 3 or "\ufffd" in stop:
+        pytest.skip("tiny model output too short for a stop string")
+    params = SamplingParams(max_tokens=30, temperature=0, stop=(stop,))
+    _, cut, reason = engine.generate([EngineRequest("t", prompt, params)])["t"]
+    assert reason == "stop"
+    assert cut == text[: text.index(stop)]
+
+
+def test_tiny_model_dir_loads(tmp_path: Path) -> None:
+    assert (build_tiny_model(tmp_path) / "tokenizer.json").is_file()

@@ -1,0 +1,71 @@
+"""Offset tracking, Delta coalescing, log history folding, synthetic engine."""
+
+from __future__ import annotations
+
+from schemas.records import Delta, Finished, Started, TokenEvent, Usage
+from workers.engine.engine import EngineRequest
+from workers.engine.sampling import SamplingParams
+from workers.history import Prior, summarize
+from workers.intake import OffsetTracker
+from workers.publisher import DeltaCoalescer
+from workers.synthetic import SyntheticEngine
+
+
+def test_offset_tracker_commits_only_contiguous_finished_offsets() -> None:
+    tracker = OffsetTracker()
+    assert tracker.committable() is None
+    for offset in (10, 11, 12):
+        tracker.take(offset)
+    assert tracker.committable() == 10
+    tracker.done(11)
+    assert tracker.committable() == 10
+    tracker.done(10)
+    assert tracker.committable() == 12
+    tracker.done(12)
+    assert tracker.committable() == 13
+
+
+def test_coalescer_sends_first_token_at_once_and_piles_up_while_behind() -> None:
+    c = DeltaCoalescer()
+    assert c.add((1,), "a") == Delta("a", (1,))
+    assert c.add((2,), "b") is None
+    assert c.add((3,), "c") is None
+    assert c.acked() == Delta("bc", (2, 3))
+    assert c.acked() is None
+    assert c.add((4,), "d") == Delta("d", (4,))
+    assert c.add((5,), "") is None
+    assert c.flush() == Delta("", (5,))
+
+
+def _ev(run: str, seq: int, payload: object) -> TokenEvent:
+    return TokenEvent("r", run, seq, 0, payload)  # type: ignore[arg-type]
+
+
+def test_history_continues_the_last_run_with_inherited_tokens() -> None:
+    events = [
+        _ev("a", 0, Started("w1", "m", 3, 0)),
+        _ev("a", 1, Delta("he", (1, 2))),
+        _ev("a", 2, Delta("l", (3,))),
+        _ev("b", 0, Started("w2", "m", 3, 0, continues_run_id="a", continued_tokens=3, continued_text="hel")),
+        _ev("b", 1, Delta("lo", (4,))),
+    ]
+    assert summarize(events) == Prior(run_id="b", token_ids=(1, 2, 3, 4), text="hello")
+    assert summarize([*events, _ev("b", 2, Finished("length", Usage(3, 4)))]) == Prior(terminal=True)
+    assert summarize([_ev("a", 0, Started("w", "m", 3, 0))]) == Prior()
+    assert summarize([]) == Prior()
+
+
+def test_synthetic_engine_streams_and_aborts() -> None:
+    engine = SyntheticEngine(tokens_per_s=1000.0, max_batch_size=4)
+    engine.add(EngineRequest("a", [1], SamplingParams(max_tokens=3)))
+    engine.add(EngineRequest("b", [1], SamplingParams(max_tokens=50)))
+    seen: dict[str, list[int]] = {"a": [], "b": []}
+    reasons: dict[str, str] = {}
+    while engine.has_work():
+        for out in engine.step():
+            seen[out.request_id].extend(out.token_ids)
+            if out.finish_reason:
+                reasons[out.request_id] = out.finish_reason
+        if len(seen["b"]) >= 5:
+            engine.abort("b")
+    assert seen["a"] == [0, 1, 2] and reasons == {"a": "length", "b": "aborted"}

@@ -1,0 +1,1 @@
+"""Inference engine: iteration-level scheduler, model runner, sampling and incremental detokenization."""

@@ -1,0 +1,87 @@
+"""What earlier runs of a request left in the events log: finished, or tokens to continue from."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from schemas.codec import default_codec
+from schemas.records import Delta, Started, TokenEvent
+from services.errors import DecodeError
+from services.kafka import partition_for_key
+
+log = logging.getLogger(__name__)
+
+LOOKBACK_MS = 5_000
+
+
+@dataclass(slots=True, frozen=True)
+class Prior:
+    """The log's view of a request: ``terminal`` when done; else the run to continue and its tokens (may be none)."""
+
+    terminal: bool = False
+    run_id: str | None = None
+    token_ids: tuple[int, ...] = ()
+    text: str = ""
+
+
+@dataclass(slots=True)
+class _Run:
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+
+
+def summarize(events: Sequence[TokenEvent]) -> Prior:
+    """Fold a request's events (log order) into what a new run must know; a continued run inherits its base."""
+    runs: dict[str, _Run] = {}
+    last: str | None = None
+    for event in events:
+        payload = event.payload
+        if event.is_terminal:
+            return Prior(terminal=True)
+        if isinstance(payload, Started):
+            run = _Run()
+            base = runs.get(payload.continues_run_id or "")
+            if base is not None and payload.continued_tokens:
+                run.token_ids = base.token_ids[: payload.continued_tokens]
+                run.text = payload.continued_text
+            runs[event.run_id] = run
+            last = event.run_id
+        elif isinstance(payload, Delta) and event.run_id in runs:
+            runs[event.run_id].token_ids.extend(payload.token_ids)
+            runs[event.run_id].text += payload.text
+    if last is None or not runs[last].token_ids:
+        return Prior()
+    return Prior(run_id=last, token_ids=tuple(runs[last].token_ids), text=runs[last].text)
+
+
+async def read_prior(consumer: AIOKafkaConsumer, topic: str, partitions: int, request_id: str, since_ms: int) -> Prior:
+    """Read the request's events from its partition (from ``since_ms`` minus a margin to the high-water mark)."""
+    tp = TopicPartition(topic, partition_for_key(request_id, partitions))
+    consumer.assign([tp])
+    end = (await consumer.end_offsets([tp]))[tp]
+    found = (await consumer.offsets_for_times({tp: max(0, since_ms - LOOKBACK_MS)}))[tp]
+    start = found.offset if found is not None else end
+    if start >= end:
+        return Prior()
+    consumer.seek(tp, start)
+    codec = default_codec()
+    key = request_id.encode()
+    events: list[TokenEvent] = []
+    position = start
+    while position < end:
+        batches = await consumer.getmany(tp, timeout_ms=1000)
+        for record in batches.get(tp, []):
+            position = record.offset + 1
+            if record.key != key or record.offset >= end:
+                continue
+            try:
+                events.append(codec.decode_event(record.value))
+            except DecodeError as exc:
+                log.warning("request %s: undecodable event at offset %d: %s", request_id, record.offset, exc)
+        if not batches:
+            position = max(position, await consumer.position(tp))
+    return summarize(events)

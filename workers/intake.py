@@ -1,0 +1,54 @@
+"""Request intake: per-partition commit tracking and the dead-letter path for unusable requests."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.structs import ConsumerRecord
+
+from services.errors import TokenRelayError
+from services.settings import Settings
+
+log = logging.getLogger(__name__)
+
+GROUP_ID = "tokenrelay-workers"
+
+
+@dataclass(slots=True)
+class OffsetTracker:
+    """Offsets of one partition taken but not finished; the committable offset is the lowest one still open."""
+
+    next_offset: int | None = None
+    open: set[int] = field(default_factory=set)
+
+    def take(self, offset: int) -> None:
+        self.open.add(offset)
+        self.next_offset = max(offset + 1, self.next_offset or 0)
+
+    def done(self, offset: int) -> None:
+        self.open.discard(offset)
+
+    def committable(self) -> int | None:
+        """Offset to commit (the next record to read after a restart), or None when nothing was taken."""
+        if self.open:
+            return min(self.open)
+        return self.next_offset
+
+
+async def dead_letter(
+    producer: AIOKafkaProducer, settings: Settings, record: ConsumerRecord, error: TokenRelayError
+) -> None:
+    """Copy an unusable request, byte for byte, to the DLQ with why; returns once the broker has it."""
+    headers = [
+        ("error", error.message.encode("utf-8", "replace")[:1000]),
+        ("error-code", error.code.encode()),
+        ("original-topic", record.topic.encode()),
+        ("original-partition", str(record.partition).encode()),
+        ("original-offset", str(record.offset).encode()),
+    ]
+    await producer.send_and_wait(settings.dlq_topic, value=record.value, key=record.key, headers=headers)
+    log.warning(
+        "request at %s[%d]@%d sent to the DLQ: %s", record.topic, record.partition, record.offset, error.message
+    )

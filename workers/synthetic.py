@@ -1,0 +1,92 @@
+"""Synthetic engine: fixed-rate tokens and no model, for measuring the pipeline alone."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from workers.engine.engine import EngineRequest, StepOutput
+
+SYNTHETIC_MODEL = "synthetic"
+_WORDS = ("lorem", "ipsum", "dolor", "sit", "amet", "consectetur", "adipiscing", "elit")
+
+
+@dataclass(slots=True)
+class _Stream:
+    request: EngineRequest
+    produced: int
+    due: float
+    aborted: bool = False
+
+
+class SyntheticEngine:
+    """Same interface as the model engine; every request gets one token per 1/rate seconds."""
+
+    name = SYNTHETIC_MODEL
+    max_positions = 1 << 30
+
+    def __init__(self, tokens_per_s: float, max_batch_size: int):
+        self.interval = 1.0 / max(tokens_per_s, 1e-3)
+        self.max_batch_size = max_batch_size
+        self._streams: dict[str, _Stream] = {}
+        self._waiting: list[EngineRequest] = []
+
+    def encode_prompt(self, prompt: str, messages: Sequence[tuple[str, str]] | None = None) -> list[int]:
+        text = " ".join(content for _, content in messages) if messages else prompt
+        return [len(word) for word in text.split()] or [0]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return "".join(f" {_WORDS[i % len(_WORDS)]}" for i in ids)
+
+    def add(self, request: EngineRequest) -> None:
+        self._waiting.append(request)
+
+    def abort(self, request_id: str) -> bool:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.aborted = True
+            return True
+        for request in self._waiting:
+            if request.request_id == request_id:
+                self._streams[request_id] = _Stream(request, 0, 0.0, aborted=True)
+                self._waiting.remove(request)
+                return True
+        return False
+
+    def has_work(self) -> bool:
+        return bool(self._streams or self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._streams)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    def step(self) -> list[StepOutput]:
+        now = time.monotonic()
+        while self._waiting and len(self._streams) < self.max_batch_size:
+            request = self._waiting.pop(0)
+            self._streams[request.request_id] = _Stream(request, len(request.resume_ids), now)
+        due = min((s.due for s in self._streams.values()), default=now)
+        if due > now:
+            time.sleep(min(due - now, 0.05))
+            now = time.monotonic()
+        outputs = []
+        for request_id, stream in list(self._streams.items()):
+            if stream.aborted:
+                outputs.append(StepOutput(request_id, (), "", "aborted"))
+                del self._streams[request_id]
+                continue
+            if stream.due > now:
+                continue
+            token = stream.produced
+            stream.produced += 1
+            stream.due += self.interval
+            done = stream.produced >= stream.request.params.max_tokens
+            outputs.append(StepOutput(request_id, (token,), self.decode([token]), "length" if done else None))
+            if done:
+                del self._streams[request_id]
+        return outputs
