@@ -80,7 +80,9 @@ async def errors_middleware(
         return error_response(413, "body_too_large", "request body is too large")
     except web.HTTPException as exc:
         if exc.status >= 400 and exc.content_type != "application/json":
-            return error_response(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason, dict(exc.headers))
+            # Keep headers such as Allow; the body's own Content-Type/Length would clash with the JSON body.
+            headers = {k: v for k, v in exc.headers.items() if k.lower() not in ("content-type", "content-length")}
+            return error_response(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason, headers)
         raise
     except BodyError as exc:
         return error_response(400, exc.code, exc.message)

@@ -337,9 +337,17 @@ class Hub:
         entry = self.entry(request_id)
         from_kafka = await self.ensure_complete(entry)
         terminal = entry.view.terminal
-        if after is not None and terminal is not None and after.offset >= terminal.offset:
-            return None
-        after_offset = after.offset if after is not None else -1
+        if after is not None and terminal is not None and after.partition == entry.partition:
+            # At the terminal event only when the cursor names it (its check matches); a forged or stale cursor at
+            # that offset, or one from another partition, falls through to a `reset` instead of a silent 204.
+            at_terminal = after.offset == terminal.offset and after.epoch == event_epoch(
+                request_id, terminal.run_id, terminal.seq
+            )
+            if at_terminal or after.offset > terminal.offset:
+                return None
+        # A cursor of another partition cannot name an event of this stream: the client starts over (see below),
+        # so live events are not filtered by its offset meanwhile.
+        after_offset = after.offset if after is not None and after.partition == entry.partition else -1
         sub = Subscription(request_id, after_offset, self.subscriber_buffer)
         memory = list(entry.outs)
         entry.subscribers.add(sub)
@@ -347,40 +355,48 @@ class Hub:
         history = memory
         if entry.trimmed and after_offset < first_in_memory:
             from_kafka = True
-            try:
-                records = await self.source.replay(
-                    entry.partition, self._start_time(request_id), first_in_memory, request_id.encode()
-                )
-            except BaseException:
-                entry.subscribers.discard(sub)
-                raise
-            view = View(request_id)
-            prefix = []
-            for record in records:
-                with contextlib.suppress(DecodeError):
-                    if (ev := view.feed(record.offset, self.codec.decode_event(record.value))) is not None:
-                        prefix.append(make_out(entry.partition, request_id, ev))
-            history = prefix + memory
+            history = await self._with_prefix(entry, sub, memory, first_in_memory)
         self.metrics.replays.labels("kafka" if from_kafka else "memory").inc()
         if after is None:
             sub.backlog = history
             return sub
+        reason = ""
         if after.partition != entry.partition:
-            sub.preamble.append(reset_frame("cursor_not_in_this_stream"))
-            sub.backlog, sub.after_offset = history, -1
-            return sub
-        if after.offset < self.positions[entry.partition]:
+            reason = "cursor_not_in_this_stream"
+        elif after.offset < self.positions[entry.partition]:
             # The hub has read past the cursor, so the cursor must name one of this request's events.
             match = next((o for o in history if o.offset == after.offset), None)
             if match is None or match.epoch != after.epoch:
                 log_start = await self.source.log_start(entry.partition)
                 reason = "retention" if after.offset < log_start else "unknown_cursor"
                 log.info("request %s: cursor %s does not resume (%s)", request_id, after, reason)
-                sub.preamble.append(reset_frame(reason))
-                sub.backlog, sub.after_offset = history, -1
-                return sub
+        if reason:
+            # A reset restarts the client from the stream's first event: the whole history, not memory's tail.
+            if entry.trimmed and history is memory:
+                history = await self._with_prefix(entry, sub, memory, first_in_memory)
+            sub.preamble.append(reset_frame(reason))
+            sub.backlog, sub.after_offset = history, -1
+            return sub
         sub.backlog = [o for o in history if o.offset > after_offset]
         return sub
+
+    async def _with_prefix(self, entry: Entry, sub: Subscription, memory: list[Out], first_in_memory: int) -> list[Out]:
+        """The events older than memory, read from Kafka, followed by memory."""
+        request_id = entry.request_id
+        try:
+            records = await self.source.replay(
+                entry.partition, self._start_time(request_id), first_in_memory, request_id.encode()
+            )
+        except BaseException:
+            entry.subscribers.discard(sub)
+            raise
+        view = View(request_id)
+        prefix = []
+        for record in records:
+            with contextlib.suppress(DecodeError):
+                if (ev := view.feed(record.offset, self.codec.decode_event(record.value))) is not None:
+                    prefix.append(make_out(entry.partition, request_id, ev))
+        return prefix + memory
 
     def unsubscribe(self, sub: Subscription) -> None:
         entry = self.entries.get(sub.request_id)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
@@ -16,7 +20,8 @@ import aiohttp
 from gateway.sse import parse
 from schemas.codec import default_codec
 from schemas.records import Delta, Finished, Started, TokenEvent, Usage
-from services.kafka import make_producer, record_headers, start_client
+from services.errors import DecodeError
+from services.kafka import make_consumer, make_producer, record_headers, start_client
 from services.localbroker.runner import free_port
 from services.settings import Settings
 
@@ -187,3 +192,195 @@ async def read_sse(
                 ):
                     return 200, events[:limit] if limit is not None else events
     return 200, events
+
+
+# --- fault-test helpers: an EventSource-like follower, the log as the truth, loss/duplicate tallies ---------------
+
+TERMINAL_EVENTS = ("done", "error")
+
+
+@dataclass
+class Followed:
+    """What one EventSource-like client saw of a stream, over all its connections."""
+
+    events: list[dict[str, str]] = field(default_factory=list)
+    connections: int = 0
+    cuts: int = 0
+    errors: int = 0
+    statuses: list[int] = field(default_factory=list)
+    ended_204: bool = False
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.events) and self.events[-1].get("event") in TERMINAL_EVENTS
+
+
+async def follow_sse(
+    session: aiohttp.ClientSession,
+    url: str,
+    *,
+    cut_bytes: Sequence[int] = (),
+    cursor: str | None = None,
+    retry_s: float = 0.1,
+    deadline_s: float = 120.0,
+    headers: dict[str, str] | None = None,
+) -> Followed:
+    """Read a stream to its terminal event as a browser's EventSource would, reconnecting with Last-Event-ID.
+
+    ``cut_bytes[i]`` cuts connection i after exactly that many body bytes (possibly mid-event: a partial event
+    is dropped, as EventSource drops it). Connection errors, bodies that end early and non-200 answers are
+    retried with the last id until ``deadline_s``; a 204 ends the stream (the cursor was at its terminal event).
+    """
+    out = Followed()
+    last_id = cursor
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        hdrs = dict(headers or {})
+        if last_id is not None:
+            hdrs["Last-Event-ID"] = last_id
+        budget = cut_bytes[out.connections] if out.connections < len(cut_bytes) else None
+        out.connections += 1
+        try:
+            async with session.get(url, headers=hdrs, timeout=aiohttp.ClientTimeout(total=60, sock_read=30)) as resp:
+                out.statuses.append(resp.status)
+                if resp.status == 204:
+                    out.ended_204 = True
+                    return out
+                if resp.status != 200:
+                    await resp.read()
+                    await asyncio.sleep(retry_s)
+                    continue
+                buffer = b""
+                received = 0
+                async for chunk in resp.content.iter_any():
+                    if budget is not None and received + len(chunk) >= budget:
+                        chunk = chunk[: budget - received]
+                    received += len(chunk)
+                    buffer += chunk
+                    end = buffer.rfind(b"\n\n")
+                    if end >= 0:
+                        complete, buffer = buffer[: end + 2], buffer[end + 2 :]
+                        for ev in parse(complete.decode()):
+                            if "id" in ev:
+                                last_id = ev["id"]
+                            if "event" in ev:
+                                out.events.append(ev)
+                                if ev["event"] in TERMINAL_EVENTS:
+                                    return out
+                    if budget is not None and received >= budget:
+                        out.cuts += 1
+                        resp.close()  # drop the connection mid-stream, maybe mid-event
+                        break
+        except (aiohttp.ClientError, ConnectionError, TimeoutError):
+            out.errors += 1
+            await asyncio.sleep(retry_s)
+    return out
+
+
+async def read_log_streams(settings: Settings, request_ids: Iterable[str]) -> dict[str, list[dict[str, str]]]:
+    """The SSE events each request's log implies, built straight from the events topic (not through a gateway)."""
+    from aiokafka import TopicPartition
+
+    from gateway.hub import make_out
+    from gateway.view import View
+
+    wanted = set(request_ids)
+    consumer = make_consumer(settings)
+    await start_client(consumer)
+    views: dict[str, View] = {rid: View(rid) for rid in wanted}
+    streams: dict[str, list[dict[str, str]]] = {rid: [] for rid in wanted}
+    try:
+        tps = [TopicPartition(settings.events_topic, p) for p in range(settings.events_partitions)]
+        consumer.assign(tps)
+        ends = await consumer.end_offsets(tps)
+        await consumer.seek_to_beginning(*tps)
+        remaining = {tp for tp in tps if ends[tp] > 0}
+        while remaining:
+            batches = await consumer.getmany(*remaining, timeout_ms=500, max_records=20_000)
+            for tp, records in batches.items():
+                for r in records:
+                    if r.offset >= ends[tp]:
+                        continue
+                    rid = r.key.decode("utf-8", "replace") if r.key else ""
+                    if rid in wanted and r.value is not None:
+                        try:
+                            ev = default_codec().decode_event(r.value)
+                        except DecodeError:
+                            continue
+                        view_event = views[rid].feed(r.offset, ev)
+                        if view_event is not None:
+                            framed = make_out(tp.partition, rid, view_event).framed.decode()
+                            streams[rid] += [e for e in parse(framed) if "event" in e]
+            for tp in list(remaining):
+                if await consumer.position(tp) >= ends[tp]:
+                    remaining.discard(tp)
+    finally:
+        await consumer.stop()
+    return streams
+
+
+@dataclass
+class Tally:
+    """Lost and duplicated tokens of a stream, counted by (run_id, seq) and by text, against an expected stream."""
+
+    lost: int = 0
+    duplicated: int = 0
+    lost_events: int = 0
+    duplicated_events: int = 0
+    text_mismatch: int = 0
+    usage_mismatch: int = 0
+    incomplete: int = 0
+    tokens: int = 0
+    streams: int = 0
+
+    def add(self, other: Tally) -> None:
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    @property
+    def clean(self) -> bool:
+        return not (
+            self.lost
+            or self.duplicated
+            or self.lost_events
+            or self.duplicated_events
+            or self.text_mismatch
+            or self.usage_mismatch
+            or self.incomplete
+        )
+
+
+def token_keys(events: Sequence[dict[str, str]]) -> list[tuple[str, int, str, int]]:
+    """(run_id, seq, text, token count) of every token event, following started/restart for the run."""
+    run = ""
+    keys = []
+    for ev in events:
+        data = json.loads(ev.get("data", "null"))
+        if ev.get("event") in ("started", "restart"):
+            run = data["run_id"]
+        elif ev.get("event") == "token":
+            keys.append((run, int(data["seq"]), data["text"], len(data["token_ids"])))
+    return keys
+
+
+def stream_text(events: Sequence[dict[str, str]]) -> str:
+    return "".join(text for _, _, text, _ in token_keys(events))
+
+
+def tally(received: Sequence[dict[str, str]], expected: Sequence[dict[str, str]]) -> Tally:
+    """Compare what a client received with the expected stream (the log's, or an uninterrupted read)."""
+    got = Counter((run, seq) for run, seq, _, _ in token_keys(received))
+    want = Counter((run, seq) for run, seq, _, _ in token_keys(expected))
+    got_ids = Counter(ev.get("id") for ev in received)
+    want_ids = Counter(ev.get("id") for ev in expected)
+    result = Tally(streams=1, tokens=sum(n for _, _, _, n in token_keys(received)))
+    result.lost = sum((want - got).values())
+    result.duplicated = sum((got - want).values())
+    result.lost_events = sum((want_ids - got_ids).values())
+    result.duplicated_events = sum((got_ids - want_ids).values())
+    result.text_mismatch = int(stream_text(received) != stream_text(expected))
+    result.incomplete = int(not received or received[-1].get("event") not in TERMINAL_EVENTS)
+    if received and received[-1].get("event") == "done":
+        usage = json.loads(received[-1]["data"])["usage"]
+        result.usage_mismatch = int(usage["completion_tokens"] != result.tokens)
+    return result
