@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import dataclasses
 import logging
 import os
@@ -15,15 +14,16 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from types import FrameType
 
+from services.process import die_with_parent
 from services.settings import Settings
 
 log = logging.getLogger(__name__)
 
-_PR_SET_PDEATHSIG = 1
+
 READY_TIMEOUT_S = 600.0  # the first start builds the default model
 STOP_TIMEOUT_S = 20.0
 
@@ -93,23 +93,6 @@ def banner(settings: Settings, *, local_broker: bool) -> str:
     )
 
 
-def _pdeathsig() -> Callable[[], None]:
-    """preexec_fn: the child gets SIGTERM when this process dies, so nothing is left orphaned."""
-    parent = os.getpid()
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        prctl = None
-
-    def preexec() -> None:
-        if prctl is not None:
-            prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-        if os.getppid() != parent:
-            os._exit(1)
-
-    return preexec
-
-
 def http_ok(url: str, timeout_s: float = 2.0) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=timeout_s) as response:
@@ -129,7 +112,9 @@ class Stack:
     def start(self, child: Child) -> subprocess.Popen[bytes]:
         print(f"starting {child.name}…", file=sys.stderr, flush=True)
         # Own process group: a terminal's Ctrl-C reaches only us, and we stop the children in order.
-        proc = subprocess.Popen(list(child.argv), env=dict(child.env), preexec_fn=_pdeathsig(), start_new_session=True)
+        proc = subprocess.Popen(
+            list(child.argv), env=dict(child.env), preexec_fn=die_with_parent(), start_new_session=True
+        )
         self.procs.append((child, proc))
         return proc
 

@@ -6,7 +6,6 @@ import argparse
 import atexit
 import collections
 import contextlib
-import ctypes
 import fcntl
 import hashlib
 import logging
@@ -22,7 +21,7 @@ import tempfile
 import threading
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from functools import lru_cache
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -30,6 +29,7 @@ from typing import IO
 
 from services.errors import BrokerError, MissingToolError
 from services.localbroker import config
+from services.process import die_with_parent
 from services.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,6 @@ POM = Path(__file__).with_name("pom.xml")
 MIN_JAVA = 17
 READY_TIMEOUT_S = 90.0
 STOP_TIMEOUT_S = 30.0
-_PR_SET_PDEATHSIG = 1
 
 
 # ---------------------------------------------------------------------------------------------- tools
@@ -202,24 +201,6 @@ def jvm_options(heap_mb: int) -> list[str]:
         "-Djava.awt.headless=true",
         "-Dfile.encoding=UTF-8",
     ]
-
-
-def _pdeathsig_preexec() -> Callable[[], None]:
-    """A preexec_fn making the child get SIGTERM when the thread that forked it dies (Linux only)."""
-    parent = os.getpid()
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        prctl = None
-
-    def preexec() -> None:
-        if prctl is not None:
-            prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-        # The parent may have died before prctl took effect.
-        if os.getppid() != parent:
-            os._exit(1)
-
-    return preexec
 
 
 class LocalBroker:
@@ -402,7 +383,7 @@ class LocalBroker:
             stdin=subprocess.DEVNULL,
             text=True,
             check=False,
-            preexec_fn=_pdeathsig_preexec(),
+            preexec_fn=die_with_parent(),
         )
         if result.returncode != 0:
             raise BrokerError(f"formatting Kafka storage in {self.data_dir} failed:\n{result.stdout.strip()}")
@@ -425,7 +406,7 @@ class LocalBroker:
                     text=True,
                     errors="replace",
                     bufsize=1,
-                    preexec_fn=_pdeathsig_preexec(),
+                    preexec_fn=die_with_parent(),
                     # Own process group: a terminal's Ctrl-C reaches only us, and we stop the broker last.
                     process_group=0,
                 )
