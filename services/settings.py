@@ -70,6 +70,13 @@ class Settings:
         9400, "TOKENRELAY_WORKER_METRICS_PORT", "Port of the worker's Prometheus endpoint (0 = off)."
     )
     worker_id: str = _setting("", "TOKENRELAY_WORKER_ID", "Name of this worker in Started events (default: host-pid).")
+    worker_session_timeout_ms: int = _setting(
+        10_000,
+        "TOKENRELAY_WORKER_SESSION_TIMEOUT_MS",
+        "Consumer-group session timeout of a worker: a worker silent this long is declared dead and its requests move "
+        "to the others (heartbeats every third of it; the broker's group.min.session.timeout.ms, 6 s by default, is "
+        "the lower bound).",
+    )
     gateway_host: str = _setting("127.0.0.1", "TOKENRELAY_GATEWAY_HOST", "Address the gateway listens on.")
     gateway_port: int = _setting(8080, "TOKENRELAY_GATEWAY_PORT", "Port the gateway listens on.")
     api_keys: tuple[str, ...] = _setting(
@@ -125,6 +132,14 @@ class Settings:
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
+    def to_env(self) -> dict[str, str]:
+        """Every field as its TOKENRELAY_* variable: what a child process needs to see these settings."""
+        env = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            env[f.metadata["env"]] = ",".join(value) if isinstance(value, tuple) else str(value)
+        return env
+
     def topic(self, name: str) -> str:
         """Full topic name for one of the design's topics ('requests', 'events', ...)."""
         return f"{self.topic_prefix}{name}"
@@ -144,6 +159,11 @@ class Settings:
     @property
     def dlq_topic(self) -> str:
         return self.topic("requests.dlq")
+
+    @property
+    def worker_group(self) -> str:
+        """Consumer group of the workers; scoped by the topic prefix so that stacks sharing a broker stay apart."""
+        return f"{self.topic_prefix}workers"
 
 
 def _parse(name: str, type_name: Any, raw: str) -> Any:

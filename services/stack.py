@@ -46,19 +46,7 @@ def _host(settings: Settings) -> str:
 def child_plan(settings: Settings, base_env: Mapping[str, str] | None = None) -> list[Child]:
     """The processes of the stack in start order (stopped in reverse), each told the same cluster and prefix."""
     env = dict(os.environ if base_env is None else base_env)
-    env.update(
-        {
-            "TOKENRELAY_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-            "TOKENRELAY_TOPIC_PREFIX": settings.topic_prefix,
-            "TOKENRELAY_GATEWAY_PORT": str(settings.gateway_port),
-            "TOKENRELAY_GATEWAY_HOST": settings.gateway_host,
-            "TOKENRELAY_ANALYTICS_PORT": str(settings.analytics_port),
-            "TOKENRELAY_MODEL": settings.model,
-            "TOKENRELAY_ENGINE": settings.engine,
-            "TOKENRELAY_CACHE_DIR": str(settings.cache_dir),
-            "TOKENRELAY_LOG_LEVEL": settings.log_level,
-        }
-    )
+    env.update(settings.to_env())
     cli = (sys.executable, "-m", "services.cli")
     host = _host(settings)
     return [

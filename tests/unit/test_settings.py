@@ -59,3 +59,8 @@ def test_readme_has_the_settings_table() -> None:
     text = readme.read_text()
     for f in dataclasses.fields(Settings):
         assert f"`{f.metadata['env']}`" in text, f"README lacks {f.metadata['env']}"
+
+
+def test_to_env_round_trips() -> None:
+    s = Settings.from_env({}, api_keys=("a", "b"), events_partitions=3, keepalive_s=0.5, cache_dir=Path("/tmp/c"))
+    assert Settings.from_env(s.to_env()) == s
