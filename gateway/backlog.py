@@ -14,8 +14,6 @@ from services.settings import Settings
 
 log = logging.getLogger(__name__)
 
-WORKER_GROUP = "tokenrelay-workers"
-
 
 class BacklogMonitor:
     """Requests in the topic that the worker group has not committed yet; -1 until first measured."""
@@ -58,16 +56,17 @@ class BacklogMonitor:
     async def measure(self) -> int:
         assert self._admin is not None and self._consumer is not None
         topic = self.settings.requests_topic
-        parts = self._consumer.partitions_for_topic(topic)
-        if not parts:
-            await self._consumer.topics()
-            parts = self._consumer.partitions_for_topic(topic) or set()
-        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        # The admin client asks the broker: a consumer's cached metadata knows only topics it has assigned, so it
+        # would see no partitions here and report an empty backlog forever.
+        (described,) = await self._admin.describe_topics([topic])
+        tps = [
+            TopicPartition(topic, p["partition"]) for p in sorted(described["partitions"], key=lambda p: p["partition"])
+        ]
         if not tps:
             return 0
         ends = await self._consumer.end_offsets(tps)
         starts = await self._consumer.beginning_offsets(tps)
-        committed = await self._admin.list_consumer_group_offsets(WORKER_GROUP, partitions=tps)
+        committed = await self._admin.list_consumer_group_offsets(self.settings.worker_group, partitions=tps)
         lag = 0
         for tp in tps:
             meta = committed.get(tp)

@@ -53,8 +53,9 @@ def summarize(events: Sequence[TokenEvent]) -> Prior:
         elif isinstance(payload, Delta) and event.run_id in runs:
             runs[event.run_id].token_ids.extend(payload.token_ids)
             runs[event.run_id].text += payload.text
-    if last is None or not runs[last].token_ids:
+    if last is None:
         return Prior()
+    # Continued even with no tokens yet: the new run names its predecessor, so a client sees no restart.
     return Prior(run_id=last, token_ids=tuple(runs[last].token_ids), text=runs[last].text)
 
 

@@ -13,8 +13,6 @@ from services.settings import Settings
 
 log = logging.getLogger(__name__)
 
-GROUP_ID = "tokenrelay-workers"
-
 
 @dataclass(slots=True)
 class OffsetTracker:

@@ -31,7 +31,7 @@ from workers.control import CancelledIds, ControlReader
 from workers.engine.engine import EngineRequest, StepOutput
 from workers.engine.sampling import SamplingParams
 from workers.history import Prior, read_prior
-from workers.intake import GROUP_ID, OffsetTracker, dead_letter
+from workers.intake import OffsetTracker, dead_letter
 from workers.publisher import Publisher, RunStream
 
 log = logging.getLogger(__name__)
@@ -95,12 +95,20 @@ class Worker:
         self.producer = make_producer(settings)
         self.publisher = Publisher(self.producer, settings.events_topic)
         self.consumer = make_consumer(
-            settings, group_id=GROUP_ID, auto_offset_reset="earliest", max_poll_interval_ms=300_000
+            settings,
+            group_id=settings.worker_group,
+            auto_offset_reset="earliest",
+            max_poll_interval_ms=300_000,
+            session_timeout_ms=settings.worker_session_timeout_ms,
+            heartbeat_interval_ms=max(100, settings.worker_session_timeout_ms // 3),
         )
         self.history = make_consumer(settings, auto_offset_reset="earliest")
         self.cancelled = CancelledIds()
         self.control = ControlReader(settings, self._on_cancel)
         self.active: dict[str, Active] = {}
+        # The engine knows a run by its run id, not its request id: after a rebalance the same request can be
+        # taken again while the engine still winds down the abandoned run, and the two must never be confused.
+        self.runs: dict[str, Active] = {}
         self.trackers: dict[TopicPartition, OffsetTracker] = {}
         self.assigned_end: dict[TopicPartition, int] = {}
         self._committed: dict[TopicPartition, int] = {}
@@ -205,7 +213,7 @@ class Worker:
                 failure = Failed("prompt_too_long", f"prompt has {len(prompt_ids)} tokens; the limit is {limit}")
         if failure is not None:
             log.info("request %s: failed: %s", rid, failure.message)
-            self._finish_later(tp, record.offset, stream.finish(failure), rid, failure.code)
+            self._finish_later(tp, record.offset, stream.finish(failure), rid, None)
             return
         now = _now_ms()
         stream.emit(
@@ -237,7 +245,8 @@ class Worker:
             seed=request.seed,
             stop=request.stop,
         )
-        self._adds.append(EngineRequest(rid, prompt_ids, params, list(prior.token_ids), prior.text))
+        self.runs[stream.run_id] = active
+        self._adds.append(EngineRequest(stream.run_id, prompt_ids, params, list(prior.token_ids), prior.text))
         self._wake.set()
 
     def _limits(self, request: InferenceRequest) -> Failed | None:
@@ -269,8 +278,12 @@ class Worker:
             metrics.WAITING.set(self.engine.num_waiting)
 
     def _on_output(self, out: StepOutput) -> None:
-        active = self.active.get(out.request_id)
-        if active is None or active.stream.abandoned:
+        active = self.runs.get(out.request_id)  # the engine's request id is the run id
+        if active is None:
+            return
+        if out.finish_reason is not None:
+            del self.runs[out.request_id]
+        if active.stream.abandoned:
             return
         if out.token_ids:
             now = time.monotonic()
@@ -299,8 +312,10 @@ class Worker:
         self._finish_later(active.tp, active.offset, active.stream.finish(finished), rid, reason)
 
     def _finish_later(
-        self, tp: TopicPartition, offset: int, ack: asyncio.Future[None], request_id: str, reason: str
+        self, tp: TopicPartition, offset: int, ack: asyncio.Future[None], request_id: str, reason: str | None
     ) -> None:
+        """Close the request's offset once its terminal event is acknowledged; ``reason`` None for a Failed."""
+
         def acked(fut: asyncio.Future[None]) -> None:
             active = self.active.get(request_id)
             if active is not None and active.offset == offset and active.tp == tp:
@@ -308,15 +323,17 @@ class Worker:
             if fut.cancelled() or fut.exception() is not None:
                 log.error("request %s: terminal event not acknowledged; leaving its offset open", request_id)
                 return
-            metrics.SUCCESS.labels(finished_reason=reason).inc()
+            if reason is not None:  # request_success_total counts Finished requests only, as vLLM's does
+                metrics.SUCCESS.labels(finished_reason=reason).inc()
             self._done(tp, offset)
 
         ack.add_done_callback(acked)
 
     def _on_cancel(self, request_id: str) -> None:
         self.cancelled.add(request_id)
-        if request_id in self.active:
-            self._aborts.append(request_id)
+        active = self.active.get(request_id)
+        if active is not None and active.stream.run_id in self.runs:
+            self._aborts.append(active.stream.run_id)
             self._wake.set()
 
     # Offsets -----------------------------------------------------------------------------------------------
@@ -354,7 +371,8 @@ class Worker:
             if active.tp in revoked and not active.stream.abandoned:
                 log.info("request %s: partition revoked; abandoning run %s", rid, active.stream.run_id)
                 active.stream.abandoned = True
-                self._aborts.append(rid)
+                if active.stream.run_id in self.runs:
+                    self._aborts.append(active.stream.run_id)
         self._wake.set()
         await self.publisher.drain()
         await self._commit(only=revoked)

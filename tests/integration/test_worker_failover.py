@@ -1,21 +1,29 @@
-"""Two worker processes, one SIGKILLed mid-generation: every request completes; count what a client sees."""
+"""Two worker processes, one SIGKILLed with many requests mid-generation: every request completes once, and a
+client following the log loses and repeats no token."""
 
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
 import sys
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from aiokafka import TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 
+from gateway.view import View
+from schemas.codec import default_codec
 from schemas.ids import new_request_id
 from schemas.records import Delta, Finished, InferenceRequest, Started, TokenEvent
+from services.kafka import make_consumer, partition_for_key, start_client
 from services.settings import Settings
 from services.topics import ensure_topics
-from tests.integration.worker_helpers import collect, produce
+from tests.integration.gateway_support import env_of
+from tests.integration.worker_helpers import collect_records, produce
 from tests.tinymodel import build_tiny_model
 from workers.engine.engine import Engine, EngineRequest
 from workers.engine.sampling import SamplingParams
@@ -23,103 +31,201 @@ from workers.engine.sampling import SamplingParams
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
+REQUEST_PARTITIONS = 4
+PER_PARTITION = 6  # 24 requests, 12 per worker
+BATCH = 8  # each worker runs 8 at once: the victim has 8 in flight when it dies
+MAX_TOKENS = 120
+STEP_DELAY_S = "0.025"  # ≥ 3 s per generation, so the kill lands mid-generation on any machine
+SESSION_TIMEOUT_MS = "6000"  # the broker's default group.min.session.timeout.ms: the fastest legal detection
+MIN_CAUGHT = 5
 
 
-def client_view(events: list[TokenEvent]) -> tuple[list[int], int, int]:
-    """Token ids a client following the log ends up with, seamless continuations, restarts."""
-    shown: list[int] = []
-    seamless = restarts = 0
-    for event in events:
-        payload = event.payload
+@dataclass
+class ClientView:
+    """What a client following the request's log (through the gateway's view) ends up showing."""
+
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    seamless: int = 0
+    restarts: int = 0
+    terminals: list[str] = field(default_factory=list)
+
+
+def client_view(request_id: str, records: list[tuple[int, TokenEvent]]) -> ClientView:
+    """Replay the log through the gateway's View: seamless continuations keep the tokens, a restart replaces them."""
+    view = View(request_id)
+    run_tokens: dict[str, list[int]] = {}  # tokens each run stands for (inherited + its own), from the log
+    out = ClientView()
+    for offset, ev in records:
+        payload = ev.payload
         if isinstance(payload, Started):
-            if payload.continues_run_id and payload.continued_tokens == len(shown):
-                seamless += 1
-            elif shown:
-                restarts += 1
-                shown = []
+            inherited = run_tokens.get(payload.continues_run_id or "", [])
+            run_tokens[ev.run_id] = inherited[: payload.continued_tokens]
         elif isinstance(payload, Delta):
-            shown.extend(payload.token_ids)
-    return shown, seamless, restarts
+            run_tokens.setdefault(ev.run_id, []).extend(payload.token_ids)
+        previous_run = view.run_id
+        shown = view.feed(offset, ev)
+        if shown is None:
+            if isinstance(payload, Started) and previous_run not in (None, ev.run_id) and view.run_id == ev.run_id:
+                out.seamless += 1
+            continue
+        if shown.event in ("started", "restart"):
+            out.restarts += shown.event == "restart"
+            out.token_ids = list(run_tokens[ev.run_id])
+            out.text = shown.data.get("text", "")
+        elif shown.event == "token":
+            out.token_ids += shown.data["token_ids"]
+            out.text += shown.data["text"]
+        elif shown.terminal:
+            out.terminals.append(shown.event)
+    return out
 
 
-async def _first_delta_of(settings: Settings, worker: str) -> None:
-    """Return as soon as a run of ``worker`` has sent a Delta: the moment to kill it mid-generation."""
-    from aiokafka import TopicPartition
+def describe(ev: TokenEvent) -> str:
+    """One line per event, for a failure message."""
+    p = ev.payload
+    if isinstance(p, Started):
+        base = (p.continues_run_id or "-")[:6]
+        return f"{ev.run_id[:6]} {ev.seq} Started by {p.worker}, continues {base} at {p.continued_tokens}"
+    if isinstance(p, Delta):
+        return f"{ev.run_id[:6]} {ev.seq} Delta {len(p.token_ids)}"
+    return f"{ev.run_id[:6]} {ev.seq} {p}"
 
-    from schemas.codec import default_codec
-    from services.kafka import make_consumer, start_client
 
+def balanced_requests() -> list[InferenceRequest]:
+    """PER_PARTITION requests on every requests partition, so each worker surely gets a full batch."""
+    per: dict[int, list[InferenceRequest]] = {p: [] for p in range(REQUEST_PARTITIONS)}
+    i = 0
+    while any(len(v) < PER_PARTITION for v in per.values()):
+        rid = new_request_id()
+        bucket = per[partition_for_key(rid, REQUEST_PARTITIONS)]
+        if len(bucket) < PER_PARTITION:
+            bucket.append(InferenceRequest(rid, f"The quick brown fox {i}", MAX_TOKENS, temperature=0.0))
+            i += 1
+    return [r for v in per.values() for r in v]
+
+
+async def wait_group_members(settings: Settings, count: int, timeout_s: float = 90.0) -> None:
+    """Until the worker group is Stable with ``count`` members that all hold partitions."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    await admin.start()
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            (response,) = await admin.describe_consumer_groups([settings.worker_group])
+            group = response.groups[0]
+            state, members = group[2], group[5]
+            if state == "Stable" and len(members) == count and all(len(m[-1]) > 8 for m in members):
+                return
+            assert time.monotonic() < deadline, f"group {state} with {len(members)} members"
+            await asyncio.sleep(0.2)
+    finally:
+        await admin.close()
+
+
+async def kill_when_mid_generation(settings: Settings, victim: subprocess.Popen[bytes], worker: str) -> int:
+    """SIGKILL ``victim`` once MIN_CAUGHT of its runs have streamed tokens and none of them has finished."""
     consumer = make_consumer(settings)
     await start_client(consumer)
-    runs: set[str] = set()
+    streaming: dict[str, bool] = {}  # run id of the victim → has sent a Delta
     try:
         consumer.assign([TopicPartition(settings.events_topic, p) for p in range(settings.events_partitions)])
-        while True:
-            for records in (await consumer.getmany(timeout_ms=50)).values():
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            for records in (await consumer.getmany(timeout_ms=20)).values():
                 for record in records:
                     event = default_codec().decode_event(record.value)
                     if isinstance(event.payload, Started) and event.payload.worker == worker:
-                        runs.add(event.run_id)
-                    elif isinstance(event.payload, Delta) and event.run_id in runs:
-                        return
+                        streaming[event.run_id] = False
+                    elif event.run_id in streaming:
+                        if event.is_terminal:
+                            del streaming[event.run_id]
+                        else:
+                            streaming[event.run_id] = True
+            in_flight = sum(streaming.values())
+            if in_flight >= MIN_CAUGHT:
+                victim.send_signal(signal.SIGKILL)
+                victim.wait()
+                return in_flight
+        raise AssertionError(f"{worker} never had {MIN_CAUGHT} requests streaming: {streaming}")
     finally:
         await consumer.stop()
 
 
-def _spawn(settings: Settings, model_dir: Path, name: str) -> subprocess.Popen[bytes]:
-    env = {
-        **os.environ,
-        "TOKENRELAY_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-        "TOKENRELAY_TOPIC_PREFIX": settings.topic_prefix,
-        "TOKENRELAY_REQUESTS_PARTITIONS": "4",
-        "TOKENRELAY_EVENTS_PARTITIONS": "2",
-        "TOKENRELAY_MODEL": str(model_dir),
-        "TOKENRELAY_DEVICE": "cpu",
-        "TOKENRELAY_MAX_BATCH_SIZE": "4",
-        "TOKENRELAY_WORKER_METRICS_PORT": "0",
-        "TOKENRELAY_WORKER_ID": name,
-        "TOKENRELAY_LOG_LEVEL": "WARNING",
-    }
-    return subprocess.Popen([sys.executable, "-m", "workers.main"], cwd=ROOT, env=env)
+def spawn(settings: Settings, model_dir: Path, name: str) -> subprocess.Popen[bytes]:
+    env = env_of(
+        settings,
+        TOKENRELAY_MODEL=str(model_dir),
+        TOKENRELAY_DEVICE="cpu",
+        TOKENRELAY_MAX_BATCH_SIZE=str(BATCH),
+        TOKENRELAY_WORKER_METRICS_PORT="0",
+        TOKENRELAY_WORKER_ID=name,
+        TOKENRELAY_WORKER_SESSION_TIMEOUT_MS=SESSION_TIMEOUT_MS,
+        TOKENRELAY_TEST_STEP_DELAY_S=STEP_DELAY_S,
+    )
+    return subprocess.Popen([sys.executable, "-m", "tests.integration.slow_worker"], cwd=ROOT, env=env)
 
 
-async def test_sigkill_one_of_two_workers(kafka_bootstrap: str, topic_prefix: str, tmp_path: Path) -> None:
+async def test_sigkill_one_of_two_workers_mid_generation(
+    kafka_bootstrap: str, topic_prefix: str, tmp_path: Path
+) -> None:
     settings = Settings.from_env(
-        {}, kafka_bootstrap=kafka_bootstrap, topic_prefix=topic_prefix, requests_partitions=4, events_partitions=2
+        {},
+        kafka_bootstrap=kafka_bootstrap,
+        topic_prefix=topic_prefix,
+        requests_partitions=REQUEST_PARTITIONS,
+        events_partitions=2,
     )
     await ensure_topics(settings)
     model_dir = build_tiny_model(tmp_path / "tiny")
-    requests = [InferenceRequest(new_request_id(), f"The quick brown fox {i}", 200, temperature=0.0) for i in range(20)]
-    workers = [_spawn(settings, model_dir, "w1"), _spawn(settings, model_dir, "w2")]
+    requests = balanced_requests()
+    ids = [r.request_id for r in requests]
+    workers = [spawn(settings, model_dir, "w1"), spawn(settings, model_dir, "w2")]
+    started = time.monotonic()
     try:
-        await asyncio.sleep(6)  # both join the group before the work arrives, so both get partitions
+        await wait_group_members(settings, 2)  # both hold partitions before the work arrives
         await produce(settings, requests)
-        await _first_delta_of(settings, "w1")
-        workers[0].send_signal(signal.SIGKILL)
-        workers[0].wait()
-        events = await collect(settings, [r.request_id for r in requests], timeout_s=150)
+        in_flight = await kill_when_mid_generation(settings, workers[0], "w1")
+        killed_at = time.monotonic()
+        records = await collect_records(settings, ids, timeout_s=120)
+        recovered_s = time.monotonic() - killed_at
     finally:
         for w in workers:
             if w.poll() is None:
                 w.send_signal(signal.SIGTERM)
         for w in workers:
             w.wait(30)
-    engine = Engine.load(str(model_dir), device="cpu", max_batch_size=20)
+    engine = Engine.load(str(model_dir), device="cpu", max_batch_size=len(requests))
     direct = engine.generate(
-        [EngineRequest(r.request_id, engine.encode_prompt(r.prompt), SamplingParams(200, 0.0)) for r in requests]
+        [EngineRequest(r.request_id, engine.encode_prompt(r.prompt), SamplingParams(MAX_TOKENS, 0.0)) for r in requests]
     )
-    lost = duplicated = seamless_total = restarts_total = 0
+
+    caught = lost = duplicated = seamless = restarts = 0
     for r in requests:
-        evs = events[r.request_id]
-        terminals = [e for e in evs if e.is_terminal]
-        assert len(terminals) == 1 and isinstance(terminals[0].payload, Finished)
-        shown, seamless, restarts = client_view(evs)
-        expected = direct[r.request_id][0]
-        lost += max(0, len(expected) - len(shown))
-        duplicated += max(0, len(shown) - len(expected))
-        seamless_total += seamless
-        restarts_total += restarts
-        assert shown == expected
-        assert terminals[0].payload.usage.completion_tokens == len(expected)
-    print(f"\nfailover: lost={lost} duplicated={duplicated} seamless={seamless_total} restarts={restarts_total}")
+        log = records[r.request_id]
+        events = [ev for _, ev in log]
+        victim_runs = {ev.run_id for ev in events if isinstance(ev.payload, Started) and ev.payload.worker == "w1"}
+        victim_terminal = any(ev.is_terminal and ev.run_id in victim_runs for ev in events)
+        victim_tokens = any(isinstance(ev.payload, Delta) and ev.run_id in victim_runs for ev in events)
+        caught += victim_tokens and not victim_terminal
+        assert sum(ev.is_terminal for ev in events) == 1, "\n".join(f"{o} {describe(ev)}" for o, ev in log)
+        view = client_view(r.request_id, log)
+        assert view.terminals == ["done"], r.request_id
+        expected_ids, expected_text, _ = direct[r.request_id]
+        common = 0
+        while common < min(len(expected_ids), len(view.token_ids)) and expected_ids[common] == view.token_ids[common]:
+            common += 1
+        lost += len(expected_ids) - common
+        duplicated += len(view.token_ids) - common
+        seamless += view.seamless
+        restarts += view.restarts
+        finished = events[-1].payload
+        assert isinstance(finished, Finished) and finished.usage.completion_tokens == len(expected_ids)
+        assert view.text == expected_text
+    print(
+        f"\nfailover: {len(requests)} requests, {in_flight} streaming on the victim at the kill, {caught} caught "
+        f"mid-generation; lost={lost} duplicated={duplicated} seamless={seamless} restarts={restarts}; "
+        f"all done {recovered_s:.1f}s after the kill, {time.monotonic() - started:.1f}s in all"
+    )
+    assert caught >= MIN_CAUGHT
     assert lost == duplicated == 0

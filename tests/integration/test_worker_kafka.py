@@ -16,7 +16,7 @@ from schemas.records import Delta, Failed, Finished, InferenceRequest, Started, 
 from services.settings import Settings
 from tests.integration.worker_helpers import cancel, collect, dlq_records, produce, produce_raw, running_worker
 from tests.tinymodel import build_tiny_model
-from workers.engine.engine import Engine, EngineRequest
+from workers.engine.engine import Engine, EngineRequest, StepOutput
 from workers.engine.sampling import SamplingParams
 
 pytestmark = pytest.mark.integration
@@ -72,7 +72,17 @@ async def test_many_concurrent_requests_stream_with_exact_usage(settings: Settin
         assert (ids, text) == tuple(direct[r.request_id][:2])
 
 
-async def test_cancel_stops_generation(settings: Settings, engine: Engine) -> None:
+async def test_cancel_stops_generation(settings: Settings, engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The random tiny model may end a greedy generation early (its tokenizer is trained afresh in every session),
+    # and 64 tokens take milliseconds: no end-of-sequence, and a few ms per step, keep the request running.
+    monkeypatch.setattr(engine, "eos_ids", frozenset())
+    step = engine.step
+
+    def slow_step() -> list[StepOutput]:
+        time.sleep(0.01)
+        return step()
+
+    monkeypatch.setattr(engine, "step", slow_step)
     request = InferenceRequest(new_request_id(), "Hello", 64, temperature=0.0)
     async with running_worker(settings, engine):
         await produce(settings, [request])

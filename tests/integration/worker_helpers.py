@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
+import subprocess
+import sys
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Iterator
+from pathlib import Path
 
 from aiokafka import TopicPartition
 
@@ -15,6 +19,26 @@ from services.kafka import make_consumer, make_producer, record_headers, start_c
 from services.settings import Settings
 from services.topics import ensure_topics
 from workers.main import EngineLike, Worker
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@contextlib.contextmanager
+def worker_process(settings: Settings, module: str = "workers.main", **env: str) -> Iterator[subprocess.Popen[bytes]]:
+    """A worker subprocess (``python -m module``) on the broker and topics of ``settings``, plus ``env``."""
+    from tests.integration.gateway_support import env_of
+
+    proc = subprocess.Popen([sys.executable, "-m", module], cwd=ROOT, env=env_of(settings, **env))
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 @contextlib.asynccontextmanager
@@ -87,6 +111,29 @@ async def collect(
     finally:
         await consumer.stop()
     return events
+
+
+async def collect_records(
+    settings: Settings, ids: Iterable[str], timeout_s: float = 40.0
+) -> dict[str, list[tuple[int, TokenEvent]]]:
+    """(offset, event) of every event of ``ids`` in log order, until each request's log holds a terminal event."""
+    wanted = set(ids)
+    records: dict[str, list[tuple[int, TokenEvent]]] = {i: [] for i in wanted}
+    consumer = make_consumer(settings)
+    await start_client(consumer)
+    try:
+        consumer.assign([TopicPartition(settings.events_topic, p) for p in range(settings.events_partitions)])
+        deadline = time.monotonic() + timeout_s
+        while any(not any(ev.is_terminal for _, ev in r) for r in records.values()):
+            assert time.monotonic() < deadline, {k: len(v) for k, v in records.items()}
+            for batch in (await consumer.getmany(timeout_ms=200)).values():
+                for record in batch:
+                    event = default_codec().decode_event(record.value)
+                    if event.request_id in wanted:
+                        records[event.request_id].append((record.offset, event))
+    finally:
+        await consumer.stop()
+    return records
 
 
 async def dlq_records(

@@ -51,7 +51,7 @@ def test_history_continues_the_last_run_with_inherited_tokens() -> None:
     ]
     assert summarize(events) == Prior(run_id="b", token_ids=(1, 2, 3, 4), text="hello")
     assert summarize([*events, _ev("b", 2, Finished("length", Usage(3, 4)))]) == Prior(terminal=True)
-    assert summarize([_ev("a", 0, Started("w", "m", 3, 0))]) == Prior()
+    assert summarize([_ev("a", 0, Started("w", "m", 3, 0))]) == Prior(run_id="a")  # continued at 0 tokens
     assert summarize([]) == Prior()
 
 
