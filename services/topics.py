@@ -50,13 +50,19 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
     ]
 
 
-async def ensure_topics(settings: Settings, *, timeout_s: float = 60.0) -> list[str]:
-    """Create every missing topic; existing ones are left as they are. Returns the names created."""
+async def ensure_topics(
+    settings: Settings, *, specs: list[TopicSpec] | None = None, timeout_s: float = 60.0
+) -> list[str]:
+    """Create every missing topic (the design's four unless specs are given); existing ones are left as they are.
+
+    Returns the names created.
+    """
+    wanted = topic_specs(settings) if specs is None else specs
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, client_id="tokenrelay-admin")
     await _start_admin(admin, timeout_s)
     try:
         existing = set(await admin.list_topics())
-        missing = [spec for spec in topic_specs(settings) if spec.name not in existing]
+        missing = [spec for spec in wanted if spec.name not in existing]
         created = []
         for spec in missing:
             try:
@@ -71,7 +77,7 @@ async def ensure_topics(settings: Settings, *, timeout_s: float = 60.0) -> list[
                     raise KafkaUnavailable(f"cannot create topic {spec.name}: error {code} {message}", retriable=False)
             created.append(spec.name)
             log.info("created topic %s (%d partitions)", spec.name, spec.partitions)
-        await _wait_visible(admin, [s.name for s in topic_specs(settings)], timeout_s)
+        await _wait_visible(admin, [s.name for s in wanted], timeout_s)
         return created
     finally:
         await admin.close()

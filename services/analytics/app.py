@@ -15,6 +15,7 @@ from schemas.records import TokenEvent
 from services.analytics import aggregate, page
 from services.errors import DecodeError
 from services.settings import Settings
+from services.topics import TopicSpec
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,18 @@ OPEN_TTL_MS = 24 * 3600 * 1000
 def app_id(settings: Settings) -> str:
     """Faust app id: the consumer group and the prefix of the changelog topics."""
     return f"{settings.topic_prefix}analytics"
+
+
+TABLES = ("requests", "partitions")
+
+
+def changelog_specs(settings: Settings) -> list[TopicSpec]:
+    """The tables' changelog topics, made before faust starts: faust's own creation races its metadata
+    refresh on a fresh cluster and crashes the agent with a partition-count mismatch."""
+    return [
+        TopicSpec(f"{app_id(settings)}-{table}-changelog", settings.events_partitions, {"cleanup.policy": "compact"})
+        for table in TABLES
+    ]
 
 
 def faust_broker(bootstrap: str) -> list[str]:
@@ -106,8 +119,8 @@ def create_app(settings: Settings) -> faust.App:
     )
     # Both tables are written only with the partition of the event being processed, so every key lives in one
     # changelog partition and recovery replays it in order.
-    requests = app.Table("requests", partitions=settings.events_partitions)
-    partitions = app.Table("partitions", partitions=settings.events_partitions)
+    requests = app.Table(TABLES[0], partitions=settings.events_partitions)
+    partitions = app.Table(TABLES[1], partitions=settings.events_partitions)
     expiry = Expiry()
 
     @app.agent(events)

@@ -14,10 +14,11 @@ def run_analytics(settings: Settings) -> int:
     """Ensure the topics, then run the faust worker until SIGINT/SIGTERM; returns an exit code."""
     import faust
 
-    from services.analytics.app import create_app
+    from services.analytics.app import changelog_specs, create_app
     from services.topics import ensure_topics
 
     asyncio.run(ensure_topics(settings))
+    asyncio.run(ensure_topics(settings, specs=changelog_specs(settings)))
     app = create_app(settings)
     (settings.cache_dir / "analytics").mkdir(parents=True, exist_ok=True)
     worker = faust.Worker(app, loglevel=settings.log_level.upper(), quiet=True)
