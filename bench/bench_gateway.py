@@ -13,11 +13,11 @@ import time
 import urllib.request
 import uuid
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import psutil
 
+from bench.support import ClientResult, StreamSpec, gather_results, load, pct, spawn_clients
 from schemas.codec import default_codec
 from schemas.ids import new_request_id
 from schemas.records import Delta, Finished, Started, TokenEvent, Usage
@@ -31,6 +31,12 @@ FANOUT_CLIENTS = int(os.environ.get("BENCH_GATEWAY_CLIENTS", "1000"))
 FANOUT_EVENTS = int(os.environ.get("BENCH_GATEWAY_EVENTS", "300"))
 IDLE_CONNECTIONS = int(os.environ.get("BENCH_GATEWAY_IDLE", "10000"))
 RESUMES = 50
+CLIENT_PROCESSES = int(os.environ.get("BENCH_GATEWAY_CLIENT_PROCESSES", "4"))
+LATENCY_REQUESTS = 100  # the 1,000 clients of the latency runs watch 100 requests, 10 each
+CAPACITY_START = 5_000.0  # delivered events/s of the first paced step; doubled while the gateway keeps up
+CAPACITY_STEP_S = 3.0
+CAPACITY_P50_MS = 100.0
+LATENCY_S = 10.0
 
 
 def _raise_fd_limit() -> None:
@@ -38,72 +44,35 @@ def _raise_fd_limit() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def _pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+# --- the idle-connection client process ---------------------------------------------------------------------------
 
 
-# --- the client process -------------------------------------------------------------------------------------
-
-
-async def _clients(url: str, n: int, idle: bool) -> dict[str, Any]:
+async def _idle_clients(url: str, n: int) -> None:
     connector = aiohttp.TCPConnector(limit=0)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=60)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         connected = 0
         all_connected = asyncio.Event()
-        first: list[float] = []
-        last: list[float] = []
-        latencies: list[float] = []
-        count = 0
 
-        async def one(i: int) -> None:
-            nonlocal connected, count
-            async with session.get(url) as response:
+        async def one() -> None:
+            nonlocal connected
+            async with session.get(url):
                 connected += 1
                 if connected == n:
                     all_connected.set()
-                if idle:
-                    await asyncio.sleep(3600)
-                buffer = b""
-                async for chunk in response.content.iter_any():
-                    now = time.time()
-                    buffer += chunk
-                    *blocks, buffer = buffer.split(b"\n\n")
-                    for block in blocks:
-                        if b"event: token" in block:
-                            count += 1
-                            if not first or now < first[0]:
-                                first[:] = [now]
-                            last[:] = [max(last[0], now) if last else now]
-                            if i % 50 == 0:
-                                data = json.loads(block.split(b"data: ", 1)[1])
-                                latencies.append((now - float(data["text"])) * 1000)
-                        elif b"event: done" in block:
-                            return
+                await asyncio.sleep(3600)
 
-        tasks = [asyncio.create_task(one(i)) for i in range(n)]
+        tasks = [asyncio.create_task(one()) for _ in range(n)]
         await all_connected.wait()
         print("READY", flush=True)
-        if idle:
-            await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
-            for t in tasks:
-                t.cancel()
-            return {}
-        await asyncio.gather(*tasks)
-        return {"count": count, "first": first[0], "last": last[0], "latencies": latencies}
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+        for t in tasks:
+            t.cancel()
 
 
-def _client_main(url: str, n: int, idle: bool) -> None:
-    _raise_fd_limit()
-    print("RESULT " + json.dumps(asyncio.run(_clients(url, n, idle))), flush=True)
-
-
-def _spawn_clients(url: str, n: int, idle: bool = False) -> subprocess.Popen[str]:
+def _spawn_idle(url: str, n: int) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bench.bench_gateway", "--clients", url, str(n), "idle" if idle else "read"],
+        [sys.executable, "-m", "bench.bench_gateway", "--idle", url, str(n)],
         cwd=ROOT,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -116,40 +85,57 @@ def _spawn_clients(url: str, n: int, idle: bool = False) -> subprocess.Popen[str
     return proc
 
 
-def _result(proc: subprocess.Popen[str]) -> dict[str, Any]:
-    out, _ = proc.communicate(timeout=600)
-    for line in out.splitlines():
-        if line.startswith("RESULT "):
-            return dict(json.loads(line.removeprefix("RESULT ")))
-    raise RuntimeError("client process gave no result")
-
-
 # --- the benchmark ------------------------------------------------------------------------------------------
 
 
-async def _publish(settings: Settings, rid: str, n: int, rate: float | None = None) -> None:
-    producer = make_producer(settings, linger_ms=2)
+async def _publish(settings: Settings, rid: str, n: int) -> None:
+    """One request's events, as fast as the producer goes."""
+    await _publish_paced(settings, [rid], n, None)
+
+
+async def _publish_paced(settings: Settings, rids: list[str], n: int, rate: float | None) -> None:
+    """n Deltas for each request, round robin, at `rate` events/s in total (None: as fast as possible).
+
+    Each event's ts_ms is its produce time, and its text carries the same time in microseconds, so a client
+    measures produce-to-receipt itself (one machine, one clock).
+    """
+    producer = make_producer(settings, linger_ms=1)
     await start_client(producer)
     codec = default_codec()
+    headers = record_headers("TokenEvent")
 
     async def send(ev: TokenEvent) -> None:
-        await producer.send(
-            settings.events_topic, codec.encode(ev), key=rid.encode(), headers=record_headers("TokenEvent")
-        )
+        await producer.send(settings.events_topic, codec.encode(ev), key=ev.request_id.encode(), headers=headers)
 
     try:
-        await send(TokenEvent(rid, "run", 0, int(time.time() * 1000), Started("bench", "synthetic", 1, 0)))
+        for rid in rids:
+            await send(TokenEvent(rid, "run", 0, int(time.time() * 1000), Started("bench", "synthetic", 1, 0)))
+        await producer.flush()
         start = time.monotonic()
-        for i in range(1, n + 1):
-            if rate is not None:
-                await asyncio.sleep(max(0.0, start + i / rate - time.monotonic()))
+        total = n * len(rids)
+        for k in range(total):
+            if rate is not None and k % 8 == 0:
+                await asyncio.sleep(max(0.0, start + k / rate - time.monotonic()))
+            i, j = divmod(k, len(rids))
             now = time.time()
-            # The text carries the publish time, so the client measures produce-to-deliver itself.
-            await send(TokenEvent(rid, "run", i, int(now * 1000), Delta(f"{now:.6f}", (i,))))
-        await send(TokenEvent(rid, "run", n + 1, int(time.time() * 1000), Finished("length", Usage(1, n))))
+            await send(TokenEvent(rids[j], "run", i + 1, int(now * 1000), Delta(f"{now:.6f}", (i,))))
+        for rid in rids:
+            await send(TokenEvent(rid, "run", n + 1, int(time.time() * 1000), Finished("length", Usage(1, n))))
         await producer.flush()
     finally:
         await producer.stop()
+
+
+def _paced_run(settings: Settings, base: str, delivered_per_s: float, duration_s: float) -> ClientResult:
+    """LATENCY_REQUESTS requests x their subscribers (1,000 clients in CLIENT_PROCESSES processes), paced."""
+    rids = [new_request_id() for _ in range(LATENCY_REQUESTS)]
+    per = FANOUT_CLIENTS // LATENCY_REQUESTS
+    specs = [StreamSpec(f"{base}/v1/requests/{rid}/events", "read", 3) for rid in rids for _ in range(per)]
+    clients = spawn_clients(specs, CLIENT_PROCESSES, latency="text")
+    produce_rate = delivered_per_s / per
+    n = max(5, int(produce_rate * duration_s / len(rids)))
+    asyncio.run(_publish_paced(settings, rids, n, produce_rate))
+    return gather_results(clients)
 
 
 async def _resume_ms(url: str, cursors: list[str]) -> list[float]:
@@ -211,27 +197,51 @@ def run() -> dict[str, float]:
                     raise
                 time.sleep(0.2)
 
-        # 1. fan-out throughput: one request, FANOUT_CLIENTS subscribers, events published as fast as possible
+        # 1. fan-out throughput: one request, FANOUT_CLIENTS subscribers in several client processes, events
+        #    published as fast as possible (the gateway writes them in batches: its saturation figure)
         rid = new_request_id()
-        clients = _spawn_clients(f"{base}/v1/requests/{rid}/events", FANOUT_CLIENTS)
+        url = f"{base}/v1/requests/{rid}/events"
+        clients = spawn_clients([StreamSpec(url) for _ in range(FANOUT_CLIENTS)], CLIENT_PROCESSES)
         asyncio.run(_publish(settings, rid, FANOUT_EVENTS))
-        r = _result(clients)
-        rate = r["count"] / max(1e-6, r["last"] - r["first"])
-        results["gateway_events_per_s"] = rate
-        print(f"fan-out: {r['count']} events to {FANOUT_CLIENTS} clients: {rate:,.0f} events/s", flush=True)
-
-        # 2. hop latency at half that rate
-        rid = new_request_id()
-        per_request_rate = rate / 2 / FANOUT_CLIENTS
-        n = max(20, int(per_request_rate * 10))
-        clients = _spawn_clients(f"{base}/v1/requests/{rid}/events", FANOUT_CLIENTS)
-        asyncio.run(_publish(settings, rid, n, rate=per_request_rate))
-        lat = _result(clients)["latencies"]
-        results["hop_latency_ms_p50"] = statistics.median(lat)
-        results["hop_latency_ms_p99"] = _pct(lat, 0.99)
+        r = gather_results(clients)
+        results["gateway_events_per_s"] = r.events_per_s
         print(
-            f"produce-to-deliver at {rate / 2:,.0f} events/s: p50 {results['hop_latency_ms_p50']:.1f} ms, "
-            f"p99 {results['hop_latency_ms_p99']:.1f} ms",
+            f"fan-out: {r.events:,} events to {FANOUT_CLIENTS} clients in {CLIENT_PROCESSES} processes: "
+            f"{r.events_per_s:,.0f} events/s; {load()}",
+            flush=True,
+        )
+
+        # 2. capacity with a paced producer (every event written on its own, the costly case), then latency at half
+        per = FANOUT_CLIENTS // LATENCY_REQUESTS
+        print(f"paced: {LATENCY_REQUESTS} requests x {per} subscribers, clients in {CLIENT_PROCESSES} processes")
+        capacity = 0.0
+        offered = CAPACITY_START
+        while offered <= r.events_per_s:
+            paced = _paced_run(settings, base, offered, CAPACITY_STEP_S)
+            delivered = paced.events_per_s
+            p50 = pct(paced.latencies_ms, 0.5)
+            # Keeping up: (nearly) the offered rate arrives and latency has not started to queue up.
+            kept_up = delivered >= 0.95 * offered and p50 <= CAPACITY_P50_MS and paced.ended_early == 0
+            print(
+                f"  offered {offered:,.0f} events/s: delivered {delivered:,.0f}/s, p50 {p50:.1f} ms, p99 "
+                f"{pct(paced.latencies_ms, 0.99):.1f} ms -> {'keeps up' if kept_up else 'saturated'}; {load()}",
+                flush=True,
+            )
+            capacity = max(capacity, delivered if kept_up else 0.0)
+            if not kept_up:
+                capacity = capacity or delivered
+                break
+            offered *= 2
+        results["paced_capacity_events_per_s"] = capacity
+        half = capacity / 2
+        paced = _paced_run(settings, base, half, LATENCY_S)
+        lat = paced.latencies_ms
+        results["hop_latency_ms_p50"] = pct(lat, 0.5)
+        results["hop_latency_ms_p99"] = pct(lat, 0.99)
+        print(
+            f"produce-to-receipt at half of capacity ({half:,.0f} events/s delivered, {paced.events_per_s:,.0f} "
+            f"measured): p50 {results['hop_latency_ms_p50']:.1f} ms, p99 {results['hop_latency_ms_p99']:.1f} ms "
+            f"({len(lat):,} samples); {load()}",
             flush=True,
         )
 
@@ -243,12 +253,12 @@ def run() -> dict[str, float]:
         mem = asyncio.run(_resume_ms(url, [ids[-10 - i % 5] for i in range(RESUMES)]))
         kafka = asyncio.run(_resume_ms(url, [ids[2 + i % 5] for i in range(RESUMES)]))
         results["resume_ms_p50_memory"] = statistics.median(mem)
-        results["resume_ms_p99_memory"] = _pct(mem, 0.99)
+        results["resume_ms_p99_memory"] = pct(mem, 0.99)
         results["resume_ms_p50_kafka"] = statistics.median(kafka)
-        results["resume_ms_p99_kafka"] = _pct(kafka, 0.99)
+        results["resume_ms_p99_kafka"] = pct(kafka, 0.99)
         print(
-            f"resume first event: memory p50 {statistics.median(mem):.1f} / p99 {_pct(mem, 0.99):.1f} ms; "
-            f"kafka p50 {statistics.median(kafka):.1f} / p99 {_pct(kafka, 0.99):.1f} ms",
+            f"resume first event: memory p50 {statistics.median(mem):.1f} / p99 {pct(mem, 0.99):.1f} ms; "
+            f"kafka p50 {statistics.median(kafka):.1f} / p99 {pct(kafka, 0.99):.1f} ms",
             flush=True,
         )
 
@@ -256,13 +266,13 @@ def run() -> dict[str, float]:
         gw_proc = psutil.Process(gateway.pid)
         before = gw_proc.memory_info().rss
         rid = new_request_id()
-        clients = _spawn_clients(f"{base}/v1/requests/{rid}/events", IDLE_CONNECTIONS, idle=True)
+        idle = _spawn_idle(f"{base}/v1/requests/{rid}/events", IDLE_CONNECTIONS)
         time.sleep(2)
         after = gw_proc.memory_info().rss
-        assert clients.stdin is not None
-        clients.stdin.write("\n")
-        clients.stdin.flush()
-        clients.communicate(timeout=120)
+        assert idle.stdin is not None
+        idle.stdin.write("\n")
+        idle.stdin.flush()
+        idle.communicate(timeout=120)
         results["idle_conn_kb"] = (after - before) / IDLE_CONNECTIONS / 1024
         print(f"idle connections: {IDLE_CONNECTIONS}: {results['idle_conn_kb']:.1f} KB each (gateway RSS delta)")
     finally:
@@ -272,7 +282,8 @@ def run() -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--clients":
-        _client_main(sys.argv[2], int(sys.argv[3]), sys.argv[4] == "idle")
+    if len(sys.argv) > 1 and sys.argv[1] == "--idle":
+        _raise_fd_limit()
+        asyncio.run(_idle_clients(sys.argv[2], int(sys.argv[3])))
     else:
         print(json.dumps(run(), indent=2))

@@ -93,7 +93,7 @@ class Subscription:
         self.backlog: list[Out] = []
         self.queue: asyncio.Queue[Out] = asyncio.Queue(maxsize)
         self.closed: str | None = None
-        self._wake = asyncio.Event()
+        self._waiter: asyncio.Future[None] | None = None
 
     def offer(self, out: Out) -> bool:
         """Queue a live event; False when the subscriber is too slow and must go."""
@@ -103,30 +103,39 @@ class Subscription:
             self.queue.put_nowait(out)
         except asyncio.QueueFull:
             return False
+        self._wake()
         return True
 
     def close(self, reason: str) -> None:
         self.closed = reason
-        self._wake.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
     async def next(self, timeout_s: float) -> Out | None:
         """Next live event; None on timeout or when closed."""
         if self.closed is not None:
             return None
-        if not self.queue.empty():
-            return self.queue.get_nowait()
-        self._wake.clear()
-        getter = asyncio.ensure_future(self.queue.get())
-        waker = asyncio.ensure_future(self._wake.wait())
-        try:
-            done, _ = await asyncio.wait({getter, waker}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            waker.cancel()
-            if not getter.done():
-                getter.cancel()
-        if getter in done and not getter.cancelled():
-            return getter.result()
-        return None
+        if self.queue.empty():
+            # One future and one timer per wait (not two tasks and asyncio.wait): this is every subscriber's hot path.
+            loop = asyncio.get_running_loop()
+            self._waiter = waiter = loop.create_future()
+            timer = loop.call_later(timeout_s, _resolve, waiter)
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+                self._waiter = None
+            if self.closed is not None or self.queue.empty():
+                return None
+        return self.queue.get_nowait()
+
+
+def _resolve(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 @dataclass(slots=True)
