@@ -28,6 +28,7 @@ from schemas.codec import default_codec
 from schemas.records import InferenceRequest
 from services.kafka import make_consumer, make_producer, record_headers, start_client
 from services.localbroker.runner import free_port
+from services.process import child_env
 from services.settings import Settings
 from services.topics import ensure_topics
 
@@ -75,20 +76,7 @@ def bench_settings(bootstrap: str, **overrides: Any) -> Settings:
 
 
 def env_of(settings: Settings, **extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        TOKENRELAY_KAFKA_BOOTSTRAP=settings.kafka_bootstrap,
-        TOKENRELAY_TOPIC_PREFIX=settings.topic_prefix,
-        TOKENRELAY_EVENTS_PARTITIONS=str(settings.events_partitions),
-        TOKENRELAY_REQUESTS_PARTITIONS=str(settings.requests_partitions),
-        TOKENRELAY_GATEWAY_PORT=str(settings.gateway_port),
-        TOKENRELAY_SUBSCRIBER_BUFFER=str(settings.subscriber_buffer),
-        TOKENRELAY_HUB_MEMORY_EVENTS=str(settings.hub_memory_events),
-        TOKENRELAY_WORKER_METRICS_PORT="0",
-        TOKENRELAY_LOG_LEVEL="WARNING",
-    )
-    env.update(extra)
-    return env
+    return child_env(settings, **{"TOKENRELAY_WORKER_METRICS_PORT": "0", "TOKENRELAY_LOG_LEVEL": "WARNING", **extra})
 
 
 # --- services in subprocesses --------------------------------------------------------------------------------------

@@ -5,7 +5,9 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+
+from services.settings import Settings
 
 _PR_SET_PDEATHSIG = 1
 
@@ -26,3 +28,11 @@ def die_with_parent() -> Callable[[], None]:
             os._exit(1)
 
     return preexec
+
+
+def child_env(settings: Settings, base: Mapping[str, str] | None = None, **extra: str) -> dict[str, str]:
+    """Environment of a child process that must see exactly these settings (plus ``extra``)."""
+    env = dict(os.environ if base is None else base)
+    env.update(settings.to_env())
+    env.update(extra)
+    return env

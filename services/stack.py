@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import os
 import signal
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from types import FrameType
 
-from services.process import die_with_parent
+from services.process import child_env, die_with_parent
 from services.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -45,8 +44,7 @@ def _host(settings: Settings) -> str:
 
 def child_plan(settings: Settings, base_env: Mapping[str, str] | None = None) -> list[Child]:
     """The processes of the stack in start order (stopped in reverse), each told the same cluster and prefix."""
-    env = dict(os.environ if base_env is None else base_env)
-    env.update(settings.to_env())
+    env = child_env(settings, base_env)
     cli = (sys.executable, "-m", "services.cli")
     host = _host(settings)
     return [

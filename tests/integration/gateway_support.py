@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -23,27 +22,14 @@ from schemas.records import Delta, Finished, Started, TokenEvent, Usage
 from services.errors import DecodeError
 from services.kafka import make_consumer, make_producer, record_headers, start_client
 from services.localbroker.runner import free_port
+from services.process import child_env
 from services.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def env_of(settings: Settings, **extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        TOKENRELAY_KAFKA_BOOTSTRAP=settings.kafka_bootstrap,
-        TOKENRELAY_TOPIC_PREFIX=settings.topic_prefix,
-        TOKENRELAY_EVENTS_PARTITIONS=str(settings.events_partitions),
-        TOKENRELAY_REQUESTS_PARTITIONS=str(settings.requests_partitions),
-        TOKENRELAY_GATEWAY_PORT=str(settings.gateway_port),
-        TOKENRELAY_HUB_MEMORY_EVENTS=str(settings.hub_memory_events),
-        TOKENRELAY_KEEPALIVE_S=str(settings.keepalive_s),
-        TOKENRELAY_MAX_BODY_BYTES=str(settings.max_body_bytes),
-        TOKENRELAY_API_KEYS=",".join(settings.api_keys),
-        TOKENRELAY_LOG_LEVEL="WARNING",
-    )
-    env.update(extra)
-    return env
+    return child_env(settings, **{"TOKENRELAY_LOG_LEVEL": "WARNING", **extra})
 
 
 def gateway_settings(bootstrap: str, prefix: str, **overrides: object) -> Settings:
@@ -115,7 +101,7 @@ def running_worker(settings: Settings, **env: str) -> Iterator[subprocess.Popen[
     proc = subprocess.Popen(
         [sys.executable, "-m", "workers.main"],
         cwd=ROOT,
-        env=env_of(settings, TOKENRELAY_WORKER_METRICS_PORT="0", **env),
+        env=env_of(settings, **{"TOKENRELAY_WORKER_METRICS_PORT": "0", **env}),
     )
     try:
         yield proc

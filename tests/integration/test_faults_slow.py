@@ -87,10 +87,11 @@ async def slow_disconnects(session: aiohttp.ClientSession, base: str) -> float:
 
 
 async def test_slow_subscribers_are_cut_with_a_resumable_cursor_and_memory_stays_bounded(
-    kafka_bootstrap: str, topic_prefix: str, monkeypatch: pytest.MonkeyPatch
+    kafka_bootstrap: str, topic_prefix: str
 ) -> None:
-    monkeypatch.setenv("TOKENRELAY_SUBSCRIBER_BUFFER", str(SUBSCRIBER_BUFFER))
-    settings = gateway_settings(kafka_bootstrap, topic_prefix, hub_memory_events=64)
+    settings = gateway_settings(
+        kafka_bootstrap, topic_prefix, hub_memory_events=64, subscriber_buffer=SUBSCRIBER_BUFFER
+    )
     await ensure_topics(settings)
     rid = new_request_id()
     run = "run-slow"

@@ -37,9 +37,8 @@ async def test_idle_stream_gets_keepalive_comments(kafka_bootstrap: str, topic_p
     assert body.replace(b"retry: 1000\n\n", b"", 1).replace(b": keepalive\n\n", b"") == b""  # nothing else
 
 
-async def test_cors_allowlist(kafka_bootstrap: str, topic_prefix: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TOKENRELAY_CORS_ORIGINS", ALLOWED)
-    settings = gateway_settings(kafka_bootstrap, topic_prefix)
+async def test_cors_allowlist(kafka_bootstrap: str, topic_prefix: str) -> None:
+    settings = gateway_settings(kafka_bootstrap, topic_prefix, cors_origins=(ALLOWED,))
     await ensure_topics(settings)
     with running_gateway(settings) as gw:
         async with aiohttp.ClientSession() as session:
@@ -75,11 +74,8 @@ async def test_cors_allowlist(kafka_bootstrap: str, topic_prefix: str, monkeypat
                 assert r.status == 200 and "Access-Control-Allow-Origin" not in r.headers
 
 
-async def test_429_with_retry_after_when_backlog_passes_the_limit(
-    kafka_bootstrap: str, topic_prefix: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("TOKENRELAY_QUEUE_LIMIT", "1")
-    settings = gateway_settings(kafka_bootstrap, topic_prefix)
+async def test_429_with_retry_after_when_backlog_passes_the_limit(kafka_bootstrap: str, topic_prefix: str) -> None:
+    settings = gateway_settings(kafka_bootstrap, topic_prefix, queue_limit=1)
     await ensure_topics(settings)
     body = {"prompt": "nobody is serving", "max_tokens": 4}
     with running_gateway(settings) as gw:  # and no worker: the backlog only grows
