@@ -76,7 +76,7 @@ def bench_settings(bootstrap: str, **overrides: Any) -> Settings:
 
 
 def env_of(settings: Settings, **extra: str) -> dict[str, str]:
-    return child_env(settings, **{"TOKENRELAY_WORKER_METRICS_PORT": "0", "TOKENRELAY_LOG_LEVEL": "WARNING", **extra})
+    return child_env(settings, {"TOKENRELAY_WORKER_METRICS_PORT": "0", "TOKENRELAY_LOG_LEVEL": "WARNING", **extra})
 
 
 # --- services in subprocesses --------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -320,9 +321,22 @@ async def stream_sse(request: web.Request, gw: Gateway, sub: Subscription) -> we
             **_cors_headers(request),
         }
     )
+    transport = request.transport
+    if transport is not None and gw.settings.sse_send_buffer > 0:
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, gw.settings.sse_send_buffer)
     gw.metrics.active_streams.inc()
     try:
         await response.prepare(request)
+        if transport is not None:
+            # Dropped as slow: the handler may be blocked in a write to a peer that stopped reading, so close the
+            # connection under it (memory and the fd are released now; the client resumes with its cursor).
+            if sub.closed == "slow":
+                transport.abort()
+                return response
+            sub.on_slow = transport.abort
         chunk = [PREAMBLE, *sub.preamble, *(o.framed for o in sub.backlog)]
         await response.write(b"".join(chunk))
         gw.metrics.events_delivered.inc(len(sub.backlog))

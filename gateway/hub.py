@@ -8,6 +8,7 @@ import json
 import logging
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -93,6 +94,9 @@ class Subscription:
         self.backlog: list[Out] = []
         self.queue: asyncio.Queue[Out] = asyncio.Queue(maxsize)
         self.closed: str | None = None
+        # Called when the hub drops this subscriber as slow: the handler aborts its connection there, since it may be
+        # blocked writing to a peer that stopped reading (a dead peer would otherwise hold memory and an fd forever).
+        self.on_slow: Callable[[], None] | None = None
         self._waiter: asyncio.Future[None] | None = None
 
     def offer(self, out: Out) -> bool:
@@ -109,6 +113,12 @@ class Subscription:
     def close(self, reason: str) -> None:
         self.closed = reason
         self._wake()
+        if reason == "slow" and self.on_slow is not None:
+            on_slow, self.on_slow = self.on_slow, None
+            try:
+                on_slow()
+            except Exception:
+                log.exception("request %s: aborting a slow subscriber failed", self.request_id)
 
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
@@ -154,13 +164,20 @@ class Entry:
 
 
 class Hub:
-    """Plain asyncio fan-out: dispatches each record of the events topic by request id to bounded queues."""
+    """Plain asyncio fan-out: dispatches each record of the events topic by request id to bounded queues.
+
+    Memory: each request keeps at most ``memory_events`` recent events, and all requests together at most
+    ``memory_total_events`` (and ``max_requests`` entries). Over either limit the hub forgets the least recently used
+    finished requests first, then unfinished ones nobody watches, and only then trims the oldest events of watched
+    ones. Forgetting never changes what a client sees: a forgotten request or event is replayed from Kafka.
+    """
 
     def __init__(
         self,
         source: EventSource,
         *,
         memory_events: int = 256,
+        memory_total_events: int = 65_536,
         subscriber_buffer: int = 1024,
         max_requests: int = 2048,
         metrics: GatewayMetrics | None = None,
@@ -168,8 +185,15 @@ class Hub:
     ):
         self.source = source
         self.memory_events = memory_events
+        self.memory_total_events = memory_total_events
         self.subscriber_buffer = subscriber_buffer
         self.max_requests = max_requests
+        # Records dispatched between two yields to the event loop: subscribers' writers drain their queues in between,
+        # so one large poll cannot overflow a reader that keeps up.
+        self.dispatch_slice = max(1, subscriber_buffer // 2)
+        self.memory_count = 0  # events held in all entries' `outs`
+        self._finished: OrderedDict[str, None] = OrderedDict()  # finished requests, least recently used first
+        self._vouch_floor_ms = -1  # requests created at or before this may have been forgotten: backfill them
         self.metrics = metrics or GatewayMetrics()
         self.codec = codec or default_codec()
         self.positions: dict[int, int] = {}
@@ -206,8 +230,10 @@ class Hub:
                 log.exception("hub poll failed; retrying")
                 await asyncio.sleep(1.0)
                 continue
-            for record in records:
+            for i, record in enumerate(records, 1):
                 self.dispatch(record)
+                if i % self.dispatch_slice == 0 and i < len(records):
+                    await asyncio.sleep(0)
 
     def dispatch(self, record: SourceRecord) -> None:
         """Take one record of the events topic (synchronous: positions and fan-out move together)."""
@@ -249,13 +275,20 @@ class Hub:
         out = make_out(entry.partition, entry.request_id, view_event)
         if len(entry.outs) == entry.outs.maxlen:
             entry.trimmed = True
+        else:
+            self.memory_count += 1
         entry.outs.append(out)
+        if view_event.terminal:
+            self._finished[entry.request_id] = None
+            self._finished.move_to_end(entry.request_id)
         for sub in list(entry.subscribers):
             if not sub.offer(out):
                 entry.subscribers.discard(sub)
                 sub.close("slow")
                 self.metrics.slow_disconnects.inc()
                 log.info("request %s: slow subscriber disconnected", entry.request_id)
+        if self.memory_count > self.memory_total_events:
+            self._shrink(entry)
 
     def _complete_from_start(self, request_id: str) -> bool:
         if request_id in self._evicted:
@@ -264,7 +297,7 @@ class Hub:
             created = request_id_time_ms(request_id)
         except ValidationError:
             return False
-        return created - CLOCK_SKEW_MS >= self.start_time_ms
+        return created - CLOCK_SKEW_MS >= self.start_time_ms and created > self._vouch_floor_ms
 
     def _new_entry(self, request_id: str, *, complete: bool) -> Entry:
         entry = Entry(
@@ -275,23 +308,54 @@ class Hub:
             deque(maxlen=self.memory_events),
         )
         self.entries[request_id] = entry
-        self._evict()
+        if len(self.entries) > self.max_requests:
+            self._shrink(entry)
         return entry
 
-    def _evict(self) -> None:
-        if len(self.entries) <= self.max_requests:
+    def _over(self, events_low: int, entries_low: int) -> bool:
+        return self.memory_count > events_low or len(self.entries) > entries_low
+
+    def _shrink(self, keep: Entry) -> None:
+        """Back under the memory limits, with some slack so this runs once per many events, not per event.
+
+        Least recently used finished requests go first, then unwatched unfinished ones; watched requests only lose
+        their oldest events (their subscribers hold their own queues; older cursors replay from Kafka).
+        """
+        events_low = self.memory_total_events - self.memory_total_events // 8
+        entries_low = self.max_requests - self.max_requests // 16
+        while self._finished and self._over(events_low, entries_low):
+            request_id, _ = self._finished.popitem(last=False)
+            entry = self.entries.get(request_id)
+            if entry is not None and entry is not keep and not entry.subscribers and entry.backfill is None:
+                self._forget(entry)
+            # A finished entry with subscribers rejoins the list when its last subscriber leaves.
+        if not self._over(events_low, entries_low):
             return
-        for request_id in list(self.entries):
-            entry = self.entries[request_id]
-            if entry.subscribers or entry.backfill is not None:
-                continue
-            del self.entries[request_id]
-            if entry.view.terminal is None:
-                self._evicted[request_id] = None
-                while len(self._evicted) > 16 * self.max_requests:
-                    self._evicted.popitem(last=False)
-            if len(self.entries) <= self.max_requests:
+        for entry in list(self.entries.values()):
+            if entry is not keep and not entry.subscribers and entry.backfill is None:
+                self._forget(entry)
+                if not self._over(events_low, entries_low):
+                    return
+        for entry in list(self.entries.values()):
+            if self.memory_count <= events_low:
                 return
+            drop = min(len(entry.outs), self.memory_count - events_low)
+            if drop:
+                entry.trimmed = True
+                self.memory_count -= drop
+                for _ in range(drop):
+                    entry.outs.popleft()
+
+    def _forget(self, entry: Entry) -> None:
+        """Drop a request from memory; from now on it is backfilled from Kafka when someone asks for it."""
+        del self.entries[entry.request_id]
+        self._finished.pop(entry.request_id, None)
+        self.memory_count -= len(entry.outs)
+        self._evicted[entry.request_id] = None
+        while len(self._evicted) > 16 * self.max_requests:
+            old, _ = self._evicted.popitem(last=False)
+            with contextlib.suppress(ValidationError):
+                self._vouch_floor_ms = max(self._vouch_floor_ms, request_id_time_ms(old))
 
     def entry(self, request_id: str) -> Entry:
         entry = self.entries.get(request_id)
@@ -299,6 +363,8 @@ class Hub:
             entry = self._new_entry(request_id, complete=self._complete_from_start(request_id))
         else:
             self.entries.move_to_end(request_id)
+            if request_id in self._finished:
+                self._finished.move_to_end(request_id)
         return entry
 
     async def ensure_complete(self, entry: Entry) -> bool:
@@ -323,6 +389,7 @@ class Hub:
             )
             view = View(entry.request_id)
             entry.view = view
+            self.memory_count -= len(entry.outs)
             entry.outs.clear()
             for record in records:
                 with contextlib.suppress(DecodeError):
@@ -408,9 +475,13 @@ class Hub:
         return prefix + memory
 
     def unsubscribe(self, sub: Subscription) -> None:
+        sub.on_slow = None
         entry = self.entries.get(sub.request_id)
         if entry is not None:
             entry.subscribers.discard(sub)
+            if not entry.subscribers and entry.view.terminal is not None:
+                self._finished[sub.request_id] = None
+                self._finished.move_to_end(sub.request_id)
 
     async def snapshot(self, request_id: str) -> View:
         """The request's view as of now (backfilled from Kafka when needed)."""

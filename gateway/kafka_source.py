@@ -95,7 +95,8 @@ class KafkaEventSource:
     async def _replay(
         self, consumer: AIOKafkaConsumer, tp: TopicPartition, from_time_ms: int, stop_offset: int, key: bytes
     ) -> list[SourceRecord]:
-        consumer.assign([tp])
+        if consumer.assignment() != {tp}:
+            consumer.assign([tp])  # reassigning resets the fetcher and its metadata: only when the partition changes
         found = await consumer.offsets_for_times({tp: from_time_ms})
         start = found[tp].offset if found.get(tp) is not None else stop_offset
         out: list[SourceRecord] = []

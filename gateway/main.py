@@ -23,8 +23,6 @@ from services.topics import ensure_topics
 
 log = logging.getLogger(__name__)
 
-MAX_HUB_REQUESTS = 2048
-
 
 async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     """Serve until ``stop`` is set (or a signal arrives when none is given)."""
@@ -36,8 +34,9 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     hub = Hub(
         KafkaEventSource(settings),
         memory_events=settings.hub_memory_events,
+        memory_total_events=settings.hub_memory_total_events,
         subscriber_buffer=settings.subscriber_buffer,
-        max_requests=MAX_HUB_REQUESTS,
+        max_requests=settings.hub_max_requests,
         metrics=metrics,
     )
     backlog = BacklogMonitor(settings)

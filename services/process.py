@@ -30,9 +30,11 @@ def die_with_parent() -> Callable[[], None]:
     return preexec
 
 
-def child_env(settings: Settings, base: Mapping[str, str] | None = None, **extra: str) -> dict[str, str]:
+def child_env(
+    settings: Settings, extra: Mapping[str, str] | None = None, *, base: Mapping[str, str] | None = None
+) -> dict[str, str]:
     """Environment of a child process that must see exactly these settings (plus ``extra``)."""
     env = dict(os.environ if base is None else base)
     env.update(settings.to_env())
-    env.update(extra)
+    env.update(extra or {})
     return env

@@ -106,6 +106,21 @@ class Settings:
     hub_memory_events: int = _setting(
         256, "TOKENRELAY_HUB_MEMORY_EVENTS", "Recent events per request kept in gateway memory for fast resume."
     )
+    hub_memory_total_events: int = _setting(
+        50_000,
+        "TOKENRELAY_HUB_MEMORY_TOTAL_EVENTS",
+        "Recent events kept in gateway memory over all requests (about 1 KB each); past it the least recently used "
+        "finished requests are forgotten first and replay from Kafka.",
+    )
+    hub_max_requests: int = _setting(
+        2048, "TOKENRELAY_HUB_MAX_REQUESTS", "Requests the gateway keeps in memory at most (watched ones always stay)."
+    )
+    sse_send_buffer: int = _setting(
+        0,
+        "TOKENRELAY_SSE_SEND_BUFFER",
+        "Kernel send buffer (SO_SNDBUF, bytes) of each SSE connection; 0 keeps the kernel's autotuning (up to a few MB "
+        "per connection). Smaller bounds kernel memory per slow client and detects a stalled reader sooner.",
+    )
     broker_port: int = _setting(9092, "TOKENRELAY_BROKER_PORT", "Port of the local broker (`tokenrelay broker`).")
     broker_data_dir: Path = _setting(
         DEFAULT_CACHE_DIR / "broker-data", "TOKENRELAY_BROKER_DATA_DIR", "Data directory of the local broker."

@@ -44,7 +44,7 @@ def _host(settings: Settings) -> str:
 
 def child_plan(settings: Settings, base_env: Mapping[str, str] | None = None) -> list[Child]:
     """The processes of the stack in start order (stopped in reverse), each told the same cluster and prefix."""
-    env = child_env(settings, base_env)
+    env = child_env(settings, base=base_env)
     cli = (sys.executable, "-m", "services.cli")
     host = _host(settings)
     return [

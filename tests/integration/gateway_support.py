@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def env_of(settings: Settings, **extra: str) -> dict[str, str]:
-    return child_env(settings, **{"TOKENRELAY_LOG_LEVEL": "WARNING", **extra})
+    return child_env(settings, {"TOKENRELAY_LOG_LEVEL": "WARNING", **extra})
 
 
 def gateway_settings(bootstrap: str, prefix: str, **overrides: object) -> Settings:

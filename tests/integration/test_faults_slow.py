@@ -168,3 +168,57 @@ async def test_slow_subscribers_are_cut_with_a_resumable_cursor_and_memory_stays
     per_client_bound = 2 * SUBSCRIBER_BUFFER * TEXT_BYTES + 256 * 1024
     assert peak - baseline < N_SLOW * per_client_bound + 32 * MB
     assert samples[-1] - samples[1] < 20 * MB, "memory kept growing with the stream after the slow clients were cut"
+
+
+def _gateway_has_peer(pid: int, client_port: int) -> bool:
+    return any(
+        c.raddr and c.raddr.port == client_port and c.status == psutil.CONN_ESTABLISHED
+        for c in psutil.Process(pid).net_connections(kind="tcp")
+    )
+
+
+async def test_a_slow_subscriber_blocked_in_a_write_is_aborted_and_resumes(
+    kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    """A peer that stops reading blocks its handler in a write; dropping it as slow must close the connection then."""
+    settings = gateway_settings(kafka_bootstrap, topic_prefix, subscriber_buffer=16, sse_send_buffer=65536)
+    await ensure_topics(settings)
+    rid = new_request_id()
+    run = "run-stalled"
+    n_tokens = 300
+    with running_gateway(settings) as gw:
+        assert gw.proc is not None
+        pid = gw.proc.pid
+        path = f"/v1/requests/{rid}/events"
+        async with (
+            EventWriter(settings) as writer,
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session,
+        ):
+            now = int(time.time() * 1000)
+            await writer.publish(TokenEvent(rid, run, 0, now, Started("scripted", "scripted-model", 4, 0)))
+            stalled = await SlowClient.connect(settings.gateway_port, path)
+            client_port = stalled.writer.get_extra_info("sockname")[1]
+            assert _gateway_has_peer(pid, client_port)
+            events = [
+                TokenEvent(rid, run, seq, now, Delta(f" {seq:06d}" + "x" * (TEXT_BYTES - 7), (seq,)))
+                for seq in range(1, n_tokens + 1)
+            ]
+            for i in range(0, len(events), CHUNK):
+                await writer.publish(*events[i : i + CHUNK])
+                await asyncio.sleep(0.02)
+            await writer.publish(TokenEvent(rid, run, n_tokens + 1, now, Finished("length", Usage(4, n_tokens))))
+            # The client still reads nothing: the gateway must drop it and let go of the connection by itself.
+            for _ in range(100):
+                if not _gateway_has_peer(pid, client_port):
+                    break
+                await asyncio.sleep(0.2)
+            still_connected = _gateway_has_peer(pid, client_port)
+            disconnects = await slow_disconnects(session, gw.url)
+            part = await stalled.read_rest()
+            rest = await follow_sse(session, gw.url + path, cursor=part[-1]["id"])
+            log_stream = (await read_log_streams(settings, [rid]))[rid]
+    assert disconnects >= 1
+    assert not still_connected, "the gateway kept a dropped subscriber's connection open"
+    assert len(part) < len(log_stream)
+    result = tally(part + rest.events, log_stream)
+    assert result.clean, result

@@ -98,9 +98,9 @@ async def test_fan_out_identical_and_resume_everywhere() -> None:
     events = parse(outs[0].decode())
     assert [e["event"] for e in events][:2] == ["started", "token"] and events[-1]["event"] == "done"
     # Resume after every event (memory holds only 8, older positions replay from the source): pieces == whole.
-    for k, e in enumerate(events):
-        sub = await hub.subscribe(rid, decode_cursor(e["id"]))
-        if e["event"] == "done":
+    for k, sse in enumerate(events):
+        sub = await hub.subscribe(rid, decode_cursor(sse["id"]))
+        if sse["event"] == "done":
             assert sub is None
             continue
         assert sub is not None
@@ -168,4 +168,97 @@ async def test_unknown_cursor_gets_reset() -> None:
     assert sub is not None
     again = parse((await drain(hub, sub)).decode())
     assert again[0] == {"event": "reset", "data": '{"reason": "unknown_cursor"}'} and again[1:] == first
+    await hub.stop()
+
+
+async def test_memory_budget_forgets_least_recently_used_finished_requests_and_replays_them() -> None:
+    source = MemorySource()
+    hub = Hub(source, memory_events=8, memory_total_events=40, max_requests=100)
+    await hub.start()
+    watched = new_request_id()
+    sub = await hub.subscribe(watched, None)
+    assert sub is not None
+    for e in stream(watched, 3)[:-1]:  # unfinished, with a subscriber: never forgotten
+        source.append(e)
+    finished = [new_request_id() for _ in range(12)]
+    for i, rid in enumerate(finished):
+        for e in stream(rid, 10):
+            source.append(e)
+        await settle(source, hub)
+        if i == 3:  # 3 + 4 x 8 events: all still in memory
+            assert all(r in hub.entries for r in finished[:4])
+            await hub.snapshot(finished[0])  # used recently: outlives the other early ones
+        if i == 4:
+            assert finished[0] in hub.entries and finished[1] not in hub.entries
+        assert hub.memory_count <= 40
+        assert hub.memory_count == sum(len(e.outs) for e in hub.entries.values())
+    assert watched in hub.entries and sub.closed is None and finished[-1] in hub.entries
+    # Forgotten or not, every request replays exactly, from its start and from every cursor.
+    for rid in finished:
+        whole = await drain(hub, await hub.subscribe(rid, None))  # type: ignore[arg-type]
+        events = parse(whole.decode())
+        assert [e["event"] for e in events] == ["started"] + ["token"] * 10 + ["done"]
+    events = parse((await drain(hub, await hub.subscribe(finished[2], None))).decode())  # type: ignore[arg-type]
+    for k, sse in enumerate(events[:-1]):
+        rest = await hub.subscribe(finished[2], decode_cursor(sse["id"]))
+        assert rest is not None
+        assert events[: k + 1] + parse((await drain(hub, rest)).decode()) == events
+    source.append(stream(watched, 3)[-1])
+    assert parse((await drain(hub, sub)).decode())[-1]["event"] == "done"
+    await hub.stop()
+
+
+async def test_request_limit_forgets_finished_requests_which_then_replay_from_the_source() -> None:
+    source = MemorySource(partitions=1)  # dispatched in submission order: ids[0] is the least recently used
+    hub = Hub(source, max_requests=4)
+    await hub.start()
+    ids = [new_request_id() for _ in range(10)]
+    for rid in ids:
+        for e in stream(rid, 3):
+            source.append(e)
+    await settle(source, hub)
+    assert len(hub.entries) <= 4
+    replays = source.replays
+    sub = await hub.subscribe(ids[0], None)  # forgotten: must come back whole, not as an empty stream
+    assert sub is not None
+    events = parse((await drain(hub, sub)).decode())
+    assert [e["event"] for e in events] == ["started", "token", "token", "token", "done"]
+    assert source.replays == replays + 1
+    await hub.stop()
+
+
+async def test_a_burst_larger_than_the_buffer_in_one_poll_keeps_fast_readers() -> None:
+    source = MemorySource()
+    hub = Hub(source, subscriber_buffer=64)
+    await hub.start()
+    rid = new_request_id()
+    fast = await hub.subscribe(rid, None)
+    slow = await hub.subscribe(rid, None)
+    assert fast is not None and slow is not None
+    reader = asyncio.create_task(drain(hub, fast))
+    await asyncio.sleep(0)
+    for e in stream(rid, 2000):  # one poll hands out all 2,002 records
+        source.append(e)
+    whole = await asyncio.wait_for(reader, 10)
+    assert fast.closed is None and len(parse(whole.decode())) == 2002
+    assert slow.closed == "slow" and hub.metrics.slow_disconnects._value.get() == 1
+    await hub.stop()
+
+
+async def test_a_subscriber_dropped_as_slow_has_its_connection_aborted() -> None:
+    source = MemorySource()
+    hub = Hub(source, subscriber_buffer=4)
+    await hub.start()
+    rid = new_request_id()
+    slow = await hub.subscribe(rid, None)
+    gone = await hub.subscribe(rid, None)
+    assert slow is not None and gone is not None
+    aborted: list[str] = []
+    slow.on_slow = lambda: aborted.append("slow")
+    gone.on_slow = lambda: aborted.append("gone")
+    hub.unsubscribe(gone)  # a handler that left no longer gets callbacks
+    for e in stream(rid, 20):
+        source.append(e)
+    await settle(source, hub)
+    assert slow.closed == "slow" and aborted == ["slow"]
     await hub.stop()
