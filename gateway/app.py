@@ -24,6 +24,7 @@ from gateway.sse import KEEPALIVE, PREAMBLE
 from gateway.validation import (
     BodyError,
     FieldError,
+    Sampling,
     parse_json_object,
     parse_messages,
     parse_n,
@@ -253,19 +254,12 @@ def check_backlog(gw: Gateway) -> None:
         )
 
 
-# --- native API ---------------------------------------------------------------------------------------------
-
-
-async def submit(request: web.Request) -> web.Response:
-    gw = _gw(request)
-    tenant = require_key(request)
-    body = await read_json(request)
-    prompt = parse_prompt(body)
-    sampling = parse_sampling(body, gw.settings.max_tokens_limit)
-    check_backlog(gw)
-    request_id = new_request_id()
-    req = InferenceRequest(
-        request_id=request_id,
+def new_inference_request(
+    prompt: str, sampling: Sampling, tenant: str, messages: tuple[ChatMessage, ...] | None = None
+) -> InferenceRequest:
+    """The record a validated submit becomes, with a fresh UUIDv7 id."""
+    return InferenceRequest(
+        request_id=new_request_id(),
         prompt=prompt,
         max_tokens=sampling.max_tokens,
         temperature=sampling.temperature,
@@ -273,9 +267,26 @@ async def submit(request: web.Request) -> web.Response:
         top_k=sampling.top_k,
         stop=sampling.stop,
         seed=sampling.seed,
+        messages=messages,
         tenant=tenant,
         created_ms=int(time.time() * 1000),
     )
+
+
+# --- native API ---------------------------------------------------------------------------------------------
+
+
+async def submit(request: web.Request) -> web.Response:
+    gw = _gw(request)
+    tenant = require_key(request)
+    body = await read_json(request)
+    # `messages` (chat turns, rendered with the model's chat template) is an optional alternative to `prompt`.
+    messages = parse_messages(body) if "messages" in body else None
+    prompt = "\n".join(m.content for m in messages) if messages is not None else parse_prompt(body)
+    sampling = parse_sampling(body, gw.settings.max_tokens_limit)
+    check_backlog(gw)
+    req = new_inference_request(prompt, sampling, tenant, messages)
+    request_id = req.request_id
     await produce_request(gw, req)
     events_url = f"/v1/requests/{request_id}/events"
     answer: dict[str, Any] = {"id": request_id}
@@ -416,20 +427,8 @@ async def _openai(request: web.Request, *, chat: bool) -> web.StreamResponse:
     if not isinstance(model, str) or len(model) > 256:
         raise FieldError("model", "must be a string")
     check_backlog(gw)
-    request_id = new_request_id()
-    req = InferenceRequest(
-        request_id=request_id,
-        prompt=prompt,
-        max_tokens=sampling.max_tokens,
-        temperature=sampling.temperature,
-        top_p=sampling.top_p,
-        top_k=sampling.top_k,
-        stop=sampling.stop,
-        seed=sampling.seed,
-        messages=messages,
-        tenant=tenant,
-        created_ms=int(time.time() * 1000),
-    )
+    req = new_inference_request(prompt, sampling, tenant, messages)
+    request_id = req.request_id
     sub = await gw.hub.subscribe(request_id, None)
     assert sub is not None
     try:

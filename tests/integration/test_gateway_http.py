@@ -128,3 +128,40 @@ async def test_openai_client_that_goes_away_cancels_generation(kafka_bootstrap: 
         assert isinstance(finished, Finished) and finished.finish_reason == "cancelled"
         assert 3 <= finished.usage.completion_tokens < 200
         assert time.monotonic() - started < 10
+
+
+async def test_native_submit_takes_chat_messages(kafka_bootstrap: str, topic_prefix: str) -> None:
+    from schemas.codec import default_codec
+    from schemas.records import ChatMessage
+    from services.kafka import make_consumer, start_client
+
+    settings = gateway_settings(kafka_bootstrap, topic_prefix)
+    await ensure_topics(settings)
+    turns = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "héllo?"}]
+    with running_gateway(settings) as gw:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(gw.url + "/v1/requests", json={"messages": turns, "max_tokens": 5}) as r:
+                assert r.status == 202
+                rid = (await r.json())["id"]
+            bad = {"messages": [{"role": "robot", "content": "x"}], "max_tokens": 5}
+            async with session.post(gw.url + "/v1/requests", json=bad) as r:
+                assert r.status == 422
+                assert (await r.json())["error"]["field"] == "messages[0].role"
+    consumer = make_consumer(settings, settings.requests_topic, group_id=None)
+    await start_client(consumer)
+    try:
+        async with asyncio.timeout(30):
+            while True:
+                batch = await consumer.getmany(timeout_ms=500)
+                found = [
+                    req
+                    for records in batch.values()
+                    for req in (default_codec().decode_request(rec.value) for rec in records)
+                    if req.request_id == rid
+                ]
+                if found:
+                    break
+    finally:
+        await consumer.stop()
+    assert found[0].messages == (ChatMessage("system", "be brief"), ChatMessage("user", "héllo?"))
+    assert found[0].max_tokens == 5
