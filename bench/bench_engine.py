@@ -51,9 +51,12 @@ def _sequential_generate(engine: Engine, n: int, max_tokens: int) -> float:
     for r in _requests(engine, n, max_tokens, "gen"):
         with torch.inference_mode():
             out = engine.model.generate(
-                torch.tensor([r.prompt_ids], device=engine.device), do_sample=False, max_new_tokens=max_tokens
+                torch.tensor([r.prompt_ids], device=engine.device),
+                do_sample=False,
+                max_new_tokens=max_tokens,
+                min_new_tokens=max_tokens,
             )
-        tokens += sum(1 for t in out[0, len(r.prompt_ids) :].tolist() if t not in engine.eos_ids)
+        tokens += out.shape[1] - len(r.prompt_ids)
     return tokens / (time.perf_counter() - start)
 
 
@@ -64,6 +67,9 @@ def _pct(values: list[float], q: float) -> float:
 
 def run(model: str = "default", max_tokens: int = 64) -> dict[str, float]:
     engine = Engine.load(resolve_model(model), max_batch_size=32)
+    # Fixed-length generations on both sides (vLLM's benchmarks call it ignore_eos): otherwise a model that
+    # ends its answers early turns the comparison into one of prefill costs.
+    engine.eos_ids = frozenset()
     _continuous(engine, 2, 4)  # warm-up
     results: dict[str, float] = {"generate_tokens_per_s": _sequential_generate(engine, 4, max_tokens)}
     for n in (1, 8, 32):
