@@ -98,21 +98,10 @@ def running_gateway(settings: Settings) -> Iterator[GatewayProcess]:
 
 @contextlib.contextmanager
 def running_worker(settings: Settings, **env: str) -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "workers.main"],
-        cwd=ROOT,
-        env=env_of(settings, **{"TOKENRELAY_WORKER_METRICS_PORT": "0", **env}),
-    )
-    try:
+    from tests.integration.worker_helpers import worker_process
+
+    with worker_process(settings, **{"TOKENRELAY_WORKER_METRICS_PORT": "0", **env}) as proc:
         yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 def scripted_stream(rid: str, n: int, run: str = "run-1") -> list[TokenEvent]:
