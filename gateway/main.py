@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import sys
@@ -78,7 +79,20 @@ def _signal_event() -> asyncio.Event:
     return stop
 
 
+# The hub keeps tens of thousands of live objects (recent events, subscriptions); with the default thresholds the
+# collector walks all of them often, and those pauses were the whole produce-to-deliver tail (bench: p99 58 ms ->
+# 14 ms at 5,000 events/s to 1,000 clients). Almost everything here is freed by reference counting anyway.
+GC_THRESHOLDS = (100_000, 50, 1000)
+
+
+def tune_gc() -> None:
+    """Fewer, later cyclic collections: latency over the last few MB of cyclic garbage."""
+    gc.freeze()  # objects from imports and start-up are never garbage; keep them out of every collection
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 def run_gateway(settings: Settings) -> int:
+    tune_gc()
     try:
         asyncio.run(serve(settings))
     except TokenRelayError as exc:
