@@ -8,8 +8,9 @@ import time
 
 import torch
 
-from workers.engine.engine import Engine, EngineRequest
-from workers.engine.sampling import SamplingParams
+from schemas.sampling import SamplingParams
+from workers.engine.engine import Engine
+from workers.engine.types import EngineRequest
 from workers.model.registry import resolve_model
 
 PROMPTS = [

@@ -37,8 +37,8 @@ from bench.support import (
 from gateway.cursor import Cursor, encode_cursor
 from gateway.sse import PREAMBLE, frame
 from schemas.ids import new_request_id
-from workers.engine.engine import EngineRequest
-from workers.engine.sampling import SamplingParams
+from schemas.sampling import SamplingParams
+from workers.engine.types import EngineRequest
 from workers.synthetic import SyntheticEngine
 
 STREAMS = int(os.environ.get("BENCH_PIPELINE_STREAMS", "256"))

@@ -23,8 +23,6 @@ from gateway.metrics import GatewayMetrics
 from gateway.sse import KEEPALIVE, PREAMBLE
 from gateway.validation import (
     BodyError,
-    FieldError,
-    Sampling,
     parse_json_object,
     parse_messages,
     parse_n,
@@ -33,9 +31,10 @@ from gateway.validation import (
     parse_stream_flags,
 )
 from schemas.codec import default_codec
+from schemas.errors import CursorError, FieldError, KafkaUnavailable, TokenRelayError, ValidationError
 from schemas.ids import new_request_id, parse_request_id, request_id_time_ms
 from schemas.records import ChatMessage, ControlEvent, InferenceRequest
-from services.errors import CursorError, KafkaUnavailable, TokenRelayError, ValidationError
+from schemas.sampling import SamplingParams
 from services.kafka import record_headers
 from services.settings import Settings
 
@@ -255,7 +254,7 @@ def check_backlog(gw: Gateway) -> None:
 
 
 def new_inference_request(
-    prompt: str, sampling: Sampling, tenant: str, messages: tuple[ChatMessage, ...] | None = None
+    prompt: str, sampling: SamplingParams, tenant: str, messages: tuple[ChatMessage, ...] | None = None
 ) -> InferenceRequest:
     """The record a validated submit becomes, with a fresh UUIDv7 id."""
     return InferenceRequest(

@@ -7,7 +7,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 
-from services.errors import CursorError
+from schemas.errors import CursorError
 
 VERSION = 1
 MAX_CURSOR_CHARS = 40

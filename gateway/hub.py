@@ -17,9 +17,9 @@ from gateway.metrics import GatewayMetrics
 from gateway.sse import frame
 from gateway.view import View, ViewEvent
 from schemas.codec import Codec, default_codec
+from schemas.errors import DecodeError, ValidationError
 from schemas.ids import request_id_time_ms
 from schemas.records import TokenEvent
-from services.errors import DecodeError, ValidationError
 from services.kafka import partition_for_key
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from gateway.hub import SourceRecord
-from services.errors import KafkaUnavailable
+from schemas.errors import KafkaUnavailable
 from services.kafka import make_consumer, start_client, translate
 from services.settings import Settings
 

@@ -17,7 +17,7 @@ from gateway.backlog import BacklogMonitor
 from gateway.hub import Hub
 from gateway.kafka_source import KafkaEventSource
 from gateway.metrics import GatewayMetrics
-from services.errors import TokenRelayError
+from schemas.errors import TokenRelayError
 from services.kafka import make_producer, start_client
 from services.settings import Settings
 from services.topics import ensure_topics

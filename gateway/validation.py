@@ -4,43 +4,20 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from typing import Any
 
+from schemas.errors import FieldError, ValidationError
 from schemas.records import ChatMessage
-from services.errors import ValidationError
+from schemas.sampling import INT64, MAX_STOP, MAX_STOP_CHARS, MAX_TOP_K, SamplingParams
 
-MAX_STOP = 8
-MAX_STOP_CHARS = 256
 MAX_PROMPT_CHARS = 200_000
 CHAT_ROLES = ("system", "user", "assistant")
-INT64 = 1 << 63
 
 
 class BodyError(ValidationError):
     """Body is not a JSON object (400)."""
 
     code = "invalid_json"
-
-
-class FieldError(ValidationError):
-    """A field breaks a rule (422)."""
-
-    code = "invalid_field"
-
-    def __init__(self, field_name: str, message: str):
-        super().__init__(f"{field_name}: {message}")
-        self.field = field_name
-
-
-@dataclass(frozen=True, slots=True)
-class Sampling:
-    max_tokens: int
-    temperature: float
-    top_p: float
-    top_k: int
-    stop: tuple[str, ...]
-    seed: int | None
 
 
 def parse_json_object(body: bytes) -> dict[str, Any]:
@@ -94,7 +71,7 @@ def _text(value: Any, name: str, limit: int = MAX_PROMPT_CHARS) -> str:
     return value
 
 
-def parse_sampling(body: dict[str, Any], max_tokens_limit: int, default_max_tokens: int = 16) -> Sampling:
+def parse_sampling(body: dict[str, Any], max_tokens_limit: int, default_max_tokens: int = 16) -> SamplingParams:
     max_tokens = _int(body, "max_tokens", default_max_tokens, 1, max_tokens_limit)
     assert max_tokens is not None
     stop_raw = body.get("stop")
@@ -110,11 +87,11 @@ def parse_sampling(body: dict[str, Any], max_tokens_limit: int, default_max_toke
         raise FieldError("stop", "must be a string or a list of strings")
     if any(s == "" for s in stop):
         raise FieldError("stop", "must not contain empty strings")
-    return Sampling(
+    return SamplingParams(
         max_tokens=max_tokens,
         temperature=_float(body, "temperature", 1.0, 0.0, 2.0),
         top_p=_float(body, "top_p", 1.0, 0.0, 1.0) or 1.0,
-        top_k=_int(body, "top_k", 0, 0, 1_000_000) or 0,
+        top_k=_int(body, "top_k", 0, 0, MAX_TOP_K) or 0,
         stop=stop,
         seed=_int(body, "seed", None, -(INT64), INT64 - 1),
     )

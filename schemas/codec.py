@@ -14,8 +14,8 @@ from typing import Any
 import fastavro
 from fastavro.schema import to_parsing_canonical_form
 
+from schemas.errors import DecodeError
 from schemas.records import ControlEvent, InferenceRequest, Record, TokenEvent, from_avro, kind_of, to_avro
-from services.errors import DecodeError
 
 MAGIC = b"\xc3\x01"
 HEADER_LEN = 10

@@ -6,7 +6,7 @@ import os
 import time
 import uuid
 
-from services.errors import ValidationError
+from schemas.errors import ValidationError
 
 
 def new_request_id(now_ms: int | None = None) -> str:

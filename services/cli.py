@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from services.errors import TokenRelayError
+from schemas.errors import TokenRelayError
 from services.settings import Settings, settings_table
 
 Command = Callable[[argparse.Namespace, Settings], int]

@@ -12,7 +12,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError
 
 from schemas.codec import CONTENT_TYPE
-from services.errors import KafkaUnavailable
+from schemas.errors import KafkaUnavailable
 from services.settings import Settings
 
 log = logging.getLogger(__name__)

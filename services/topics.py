@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
 
-from services.errors import KafkaUnavailable
+from schemas.errors import KafkaUnavailable
 from services.settings import Settings
 
 log = logging.getLogger(__name__)

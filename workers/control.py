@@ -10,7 +10,7 @@ from collections.abc import Callable
 from aiokafka import TopicPartition
 
 from schemas.codec import default_codec
-from services.errors import DecodeError
+from schemas.errors import DecodeError
 from services.kafka import make_consumer, start_client
 from services.settings import Settings
 

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from schemas.codec import default_codec
+from schemas.errors import DecodeError
 from schemas.records import Delta, Started, TokenEvent
-from services.errors import DecodeError
 from services.kafka import partition_for_key
 
 log = logging.getLogger(__name__)

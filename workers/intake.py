@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from aiokafka import AIOKafkaProducer
 from aiokafka.structs import ConsumerRecord
 
-from services.errors import TokenRelayError
+from schemas.errors import TokenRelayError
 from services.settings import Settings
 
 log = logging.getLogger(__name__)

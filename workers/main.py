@@ -13,23 +13,22 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Protocol
 
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord, OffsetAndMetadata
 
 from schemas.codec import default_codec
+from schemas.errors import DecodeError, TokenRelayError, ValidationError
 from schemas.ids import is_request_id, request_id_time_ms
 from schemas.records import Failed, Finished, InferenceRequest, Started, Usage
-from services.errors import DecodeError, TokenRelayError, ValidationError
+from schemas.sampling import SamplingParams
 from services.kafka import make_consumer, make_producer, start_client
 from services.settings import Settings
 from services.topics import ensure_topics
 from workers import metrics
 from workers.control import CancelledIds, ControlReader
-from workers.engine.engine import EngineRequest, StepOutput
-from workers.engine.sampling import SamplingParams
+from workers.engine.types import EngineLike, EngineRequest, StepOutput
 from workers.history import Prior, read_prior
 from workers.intake import OffsetTracker, dead_letter
 from workers.publisher import Publisher, RunStream
@@ -38,21 +37,6 @@ log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE_S = 5.0
 COMMIT_INTERVAL_S = 0.2
-
-
-class EngineLike(Protocol):
-    name: str
-    max_positions: int
-
-    def encode_prompt(self, prompt: str, messages: Any = None) -> list[int]: ...
-    def add(self, request: EngineRequest) -> None: ...
-    def abort(self, request_id: str) -> bool: ...
-    def has_work(self) -> bool: ...
-    def step(self) -> list[StepOutput]: ...
-    @property
-    def num_running(self) -> int: ...
-    @property
-    def num_waiting(self) -> int: ...
 
 
 @dataclass(slots=True)

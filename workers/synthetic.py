@@ -6,7 +6,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from workers.engine.engine import EngineRequest, StepOutput
+from workers.engine.types import EngineRequest, StepOutput
 
 SYNTHETIC_MODEL = "synthetic"
 _WORDS = ("lorem", "ipsum", "dolor", "sit", "amet", "consectetur", "adipiscing", "elit")

@@ -11,9 +11,9 @@ from faust.web import Request, Response, View
 from faust.web.drivers.aiohttp import Web as AiohttpWeb
 
 from schemas.codec import default_codec
+from schemas.errors import DecodeError
 from schemas.records import TokenEvent
 from services.analytics import aggregate, page
-from services.errors import DecodeError
 from services.settings import Settings
 from services.topics import TopicSpec
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import IO
 
-from services.errors import BrokerError, MissingToolError
+from schemas.errors import BrokerError, MissingToolError
 from services.localbroker import config
 from services.process import die_with_parent
 from services.settings import Settings

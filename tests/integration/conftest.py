@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from services.errors import BrokerError
+from schemas.errors import BrokerError
 from services.localbroker.runner import LocalBroker, free_port, metadata_ready
 from services.settings import Settings
 

@@ -18,8 +18,8 @@ import aiohttp
 
 from gateway.sse import parse
 from schemas.codec import default_codec
+from schemas.errors import DecodeError
 from schemas.records import Delta, Finished, Started, TokenEvent, Usage
-from services.errors import DecodeError
 from services.kafka import make_consumer, make_producer, record_headers, start_client
 from services.localbroker.runner import free_port
 from services.process import child_env

@@ -13,7 +13,8 @@ import sys
 import time
 
 from services.settings import Settings
-from workers.engine.engine import Engine, StepOutput
+from workers.engine.engine import Engine
+from workers.engine.types import StepOutput
 from workers.main import run_worker
 
 _DELAY_S = float(os.environ.get("TOKENRELAY_TEST_STEP_DELAY_S", "0.02"))

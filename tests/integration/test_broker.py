@@ -16,7 +16,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from services.errors import BrokerError
+from schemas.errors import BrokerError
 from services.localbroker.runner import free_port, metadata_ready
 from tests.integration.conftest import LocalBrokerFactory
 

@@ -19,14 +19,15 @@ from gateway.view import View
 from schemas.codec import default_codec
 from schemas.ids import new_request_id
 from schemas.records import Delta, Finished, InferenceRequest, Started, TokenEvent
+from schemas.sampling import SamplingParams
 from services.kafka import make_consumer, partition_for_key, start_client
 from services.settings import Settings
 from services.topics import ensure_topics
 from tests.integration.gateway_support import env_of
 from tests.integration.worker_helpers import collect_records, produce
 from tests.tinymodel import build_tiny_model
-from workers.engine.engine import Engine, EngineRequest
-from workers.engine.sampling import SamplingParams
+from workers.engine.engine import Engine
+from workers.engine.types import EngineRequest
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -13,11 +13,12 @@ import pytest
 from schemas.codec import AVRO_DIR, MAGIC, fingerprint
 from schemas.ids import new_request_id
 from schemas.records import Delta, Failed, Finished, InferenceRequest, Started, TokenEvent
+from schemas.sampling import SamplingParams
 from services.settings import Settings
 from tests.integration.worker_helpers import cancel, collect, dlq_records, produce, produce_raw, running_worker
 from tests.tinymodel import build_tiny_model
-from workers.engine.engine import Engine, EngineRequest, StepOutput
-from workers.engine.sampling import SamplingParams
+from workers.engine.engine import Engine
+from workers.engine.types import EngineRequest, StepOutput
 
 pytestmark = pytest.mark.integration
 

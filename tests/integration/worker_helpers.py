@@ -18,7 +18,8 @@ from schemas.records import ControlEvent, InferenceRequest, TokenEvent
 from services.kafka import make_consumer, make_producer, record_headers, start_client
 from services.settings import Settings
 from services.topics import ensure_topics
-from workers.main import EngineLike, Worker
+from workers.engine.types import EngineLike
+from workers.main import Worker
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.errors import MissingToolError
+from schemas.errors import MissingToolError
 from services.localbroker.runner import java_binary, mvn_binary
 
 

@@ -13,6 +13,7 @@ from fastavro.schema import fingerprint as fastavro_fingerprint
 from fastavro.schema import to_parsing_canonical_form
 
 from schemas.codec import AVRO_DIR, HEADER_LEN, MAGIC, Codec, SchemaRegistry, crc64_avro, default_codec, fingerprint
+from schemas.errors import DecodeError, TokenRelayError
 from schemas.ids import new_request_id
 from schemas.records import (
     ChatMessage,
@@ -25,7 +26,6 @@ from schemas.records import (
     TokenEvent,
     Usage,
 )
-from services.errors import DecodeError, TokenRelayError
 
 RID = "01890a5d-ac96-774b-bcce-b302099a8057"
 

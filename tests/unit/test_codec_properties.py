@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from schemas.codec import MAGIC, default_codec
+from schemas.errors import DecodeError
 from schemas.records import (
     ChatMessage,
     ControlEvent,
@@ -19,7 +20,6 @@ from schemas.records import (
     TokenEvent,
     Usage,
 )
-from services.errors import DecodeError
 
 text = st.text(max_size=40)
 i32 = st.integers(min_value=-(2**31), max_value=2**31 - 1)

@@ -8,7 +8,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from gateway.cursor import MAX_CURSOR_CHARS, VERSION, Cursor, decode_cursor, encode_cursor, event_epoch
-from services.errors import CursorError
+from schemas.errors import CursorError
 
 cursors = st.builds(
     Cursor,

@@ -11,8 +11,8 @@ from gateway.cursor import Cursor, decode_cursor, encode_cursor, event_epoch
 from gateway.sse import KEEPALIVE, PREAMBLE, frame, parse
 from gateway.validation import BodyError, FieldError, parse_json_object, parse_sampling, parse_stream_flags
 from gateway.view import View, replay
+from schemas.errors import CursorError
 from schemas.records import Delta, Failed, Finished, Started, TokenEvent, Usage
-from services.errors import CursorError
 from services.settings import Settings
 
 RID = "01890000-0000-7000-8000-000000000000"

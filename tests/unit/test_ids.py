@@ -7,8 +7,8 @@ import uuid
 
 import pytest
 
+from schemas.errors import ValidationError
 from schemas.ids import is_request_id, new_request_id, parse_request_id, request_id_time_ms
-from services.errors import ValidationError
 
 
 def test_version_and_variant() -> None:

@@ -9,8 +9,8 @@ import pytest
 from aiokafka.structs import ConsumerRecord
 
 from schemas.codec import default_codec
+from schemas.errors import ConfigError
 from schemas.records import Delta, TokenEvent
-from services.errors import ConfigError
 from services.logtools import export_line, parse_time, tail_line
 
 NOW = 1_700_000_000_000

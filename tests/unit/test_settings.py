@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from services.errors import ConfigError
+from schemas.errors import ConfigError
 from services.settings import Settings, settings_table
 
 

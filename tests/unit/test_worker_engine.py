@@ -8,12 +8,13 @@ from typing import Any
 import pytest
 import torch
 
+from schemas.sampling import SamplingParams
 from tests.tinymodel import build_tiny_model
 from workers.engine.detokenizer import IncrementalDetokenizer
-from workers.engine.engine import Engine, EngineRequest
-from workers.engine.sampling import SamplingParams
+from workers.engine.engine import Engine
 from workers.engine.scheduler import Scheduler
 from workers.engine.stops import StopMatcher
+from workers.engine.types import EngineRequest
 
 
 class _Req:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from schemas.records import Delta, Finished, Started, TokenEvent, Usage
-from workers.engine.engine import EngineRequest
-from workers.engine.sampling import SamplingParams
+from schemas.sampling import SamplingParams
+from workers.engine.types import EngineRequest
 from workers.history import Prior, summarize
 from workers.intake import OffsetTracker
 from workers.publisher import DeltaCoalescer

@@ -10,10 +10,11 @@ from aiokafka.structs import ConsumerRecord
 
 from schemas.codec import default_codec
 from schemas.records import Delta, Finished, InferenceRequest, TokenEvent
+from schemas.sampling import SamplingParams
 from services.settings import Settings
 from tests.tinymodel import build_tiny_model
-from workers.engine.engine import Engine, EngineRequest
-from workers.engine.sampling import SamplingParams
+from workers.engine.engine import Engine
+from workers.engine.types import EngineRequest
 from workers.intake import OffsetTracker
 from workers.main import Worker
 

@@ -5,39 +5,19 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from workers.engine.detokenizer import IncrementalDetokenizer
 from workers.engine.runner import ModelRunner, pick_device
-from workers.engine.sampling import RowSampler, SamplingParams, sample
+from workers.engine.sampling import RowSampler, sample
 from workers.engine.scheduler import Scheduler
 from workers.engine.stops import StopMatcher
+from workers.engine.types import EngineRequest, StepOutput
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class EngineRequest:
-    """What the engine needs of a request; ``resume_ids``/``resume_text`` continue an earlier run."""
-
-    request_id: str
-    prompt_ids: list[int]
-    params: SamplingParams
-    resume_ids: list[int] = field(default_factory=list)
-    resume_text: str = ""
-
-
-@dataclass(slots=True, frozen=True)
-class StepOutput:
-    """New tokens of one request in one step; ``finish_reason`` (stop, length, aborted) set on its last output."""
-
-    request_id: str
-    token_ids: tuple[int, ...]
-    text: str
-    finish_reason: str | None = None
 
 
 @dataclass(slots=True)

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from services.errors import EngineError
+from schemas.errors import EngineError
 
 log = logging.getLogger(__name__)
 

@@ -7,19 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-
-@dataclass(frozen=True, slots=True)
-class SamplingParams:
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature <= 0.0
+from schemas.sampling import SamplingParams
 
 
 @dataclass(slots=True)

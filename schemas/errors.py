@@ -4,6 +4,7 @@ TokenRelayError                 root; every error raised on purpose by tokenrela
 ├── ConfigError                 a setting or command-line value is unusable
 ├── DecodeError                 bytes that are not a valid framed Avro record
 ├── ValidationError             a decoded record or HTTP body breaks a rule
+│   └── FieldError              one named field breaks a rule
 ├── CursorError                 an SSE cursor that cannot be parsed
 ├── BrokerError                 the local broker cannot be set up or started
 │   └── MissingToolError        java or mvn is not installed
@@ -42,6 +43,16 @@ class DecodeError(TokenRelayError):
 
 class ValidationError(TokenRelayError):
     code = "invalid"
+
+
+class FieldError(ValidationError):
+    """One named field of a body or record breaks a rule."""
+
+    code = "invalid_field"
+
+    def __init__(self, field_name: str, message: str):
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
 
 
 class CursorError(TokenRelayError):

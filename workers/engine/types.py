@@ -1,0 +1,46 @@
+"""Messages between the worker and an engine, and the engine interface; no torch, so any engine can use them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from schemas.sampling import SamplingParams
+
+
+@dataclass(slots=True)
+class EngineRequest:
+    """What the engine needs of a request; ``resume_ids``/``resume_text`` continue an earlier run."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    resume_ids: list[int] = field(default_factory=list)
+    resume_text: str = ""
+
+
+@dataclass(slots=True, frozen=True)
+class StepOutput:
+    """New tokens of one request in one step; ``finish_reason`` (stop, length, aborted) set on its last output."""
+
+    request_id: str
+    token_ids: tuple[int, ...]
+    text: str
+    finish_reason: str | None = None
+
+
+class EngineLike(Protocol):
+    """What a worker drives: the model engine, the synthetic one, or a test double of either."""
+
+    name: str
+    max_positions: int
+
+    def encode_prompt(self, prompt: str, messages: Any = None) -> list[int]: ...
+    def add(self, request: EngineRequest) -> None: ...
+    def abort(self, request_id: str) -> bool: ...
+    def has_work(self) -> bool: ...
+    def step(self) -> list[StepOutput]: ...
+    @property
+    def num_running(self) -> int: ...
+    @property
+    def num_waiting(self) -> int: ...
