@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from schemas.records import Delta, Failed, Finished, Started, TokenEvent
+from schemas.runlog import Change, RunLog
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,87 +37,97 @@ class ViewEvent:
 class View:
     """Folds (offset, TokenEvent) records of one request, in log order, into the events a client sees.
 
-    Run fencing: a Started with a new run_id makes that run current and older runs are ignored from then on.
-    A new run that continues the current one at exactly the tokens delivered so far is seamless (no event);
-    any other new run is a ``restart`` carrying the text the new run keeps. Exactly one terminal event.
+    The run rules are ``schemas.runlog.RunLog``'s: a seamless continuation is invisible, any other new run is a
+    ``restart`` carrying the text the new run keeps, a seq gap is a fault (nothing past it is forwarded), a refusal
+    before any Started is an ``error``; exactly one terminal event.
     """
 
     request_id: str
-    run_id: str | None = None
-    last_seq: int = -1
-    tokens: int = 0
-    text: str = ""
-    model: str = ""
-    tenant: str = ""
-    prompt_tokens: int = 0
+    log: RunLog = field(init=False)
     terminal: ViewEvent | None = None
     last_offset: int = -1
-    old_runs: set[str] = field(default_factory=set)
     first_token_ts_ms: int | None = None
+
+    def __post_init__(self) -> None:
+        self.log = RunLog(self.request_id)
 
     def feed(self, offset: int, ev: TokenEvent) -> ViewEvent | None:
         if offset <= self.last_offset:
             return None  # a record seen twice (overlapping reads) changes nothing
         self.last_offset = offset
-        if self.terminal is not None or ev.request_id != self.request_id:
+        change = self.log.feed(ev)
+        if change is None or change in (Change.ACCEPTED, Change.CONTINUED):
             return None
         payload = ev.payload
-        if isinstance(payload, Started):
-            return self._started(offset, ev, payload)
-        if ev.run_id != self.run_id or ev.seq <= self.last_seq:
-            return None  # fenced run, run not started yet, or an at-least-once duplicate
-        self.last_seq = ev.seq
+        if change is Change.GAP:
+            log.warning(
+                "request %s: run %s skipped to seq %d; waiting for a new run", self.request_id, ev.run_id, ev.seq
+            )
+            return None
+        if change is Change.STARTED:
+            assert isinstance(payload, Started)
+            data: dict[str, Any] = {
+                "run_id": ev.run_id,
+                "model": payload.model,
+                "prompt_tokens": payload.prompt_tokens,
+                "queue_ms": payload.queue_ms,
+            }
+            if payload.continued_tokens:
+                data["text"] = payload.continued_text
+            return self._out(offset, ev, "started", data)
+        if change is Change.RESTARTED:
+            assert isinstance(payload, Started)
+            return self._out(offset, ev, "restart", {"run_id": ev.run_id, "text": self.text})
         if isinstance(payload, Delta):
-            self.tokens += len(payload.token_ids)
-            self.text += payload.text
             if self.first_token_ts_ms is None:
                 self.first_token_ts_ms = ev.ts_ms
-            data: dict[str, Any] = {"seq": ev.seq, "text": payload.text, "token_ids": list(payload.token_ids)}
+            data = {"seq": ev.seq, "text": payload.text, "token_ids": list(payload.token_ids)}
             return self._out(offset, ev, "token", data)
         if isinstance(payload, Finished):
             usage = {"prompt_tokens": payload.usage.prompt_tokens, "completion_tokens": payload.usage.completion_tokens}
-            out = self._out(offset, ev, "done", {"finish_reason": payload.finish_reason, "usage": usage})
-            self.terminal = out
-            return out
+            self.terminal = self._out(offset, ev, "done", {"finish_reason": payload.finish_reason, "usage": usage})
+            return self.terminal
         if isinstance(payload, Failed):
             data = {"code": payload.code, "message": payload.message, "retriable": payload.retriable}
-            out = self._out(offset, ev, "error", data)
-            self.terminal = out
-            return out
+            self.terminal = self._out(offset, ev, "error", data)
+            return self.terminal
         return None
-
-    def _started(self, offset: int, ev: TokenEvent, started: Started) -> ViewEvent | None:
-        if ev.run_id == self.run_id or ev.run_id in self.old_runs or ev.seq != 0:
-            return None
-        previous = self.run_id
-        seamless = (
-            previous is not None and started.continues_run_id == previous and started.continued_tokens == self.tokens
-        )
-        if previous is not None:
-            self.old_runs.add(previous)
-        self.run_id = ev.run_id
-        self.last_seq = 0
-        self.model = started.model or self.model
-        self.tenant = started.tenant or self.tenant
-        self.prompt_tokens = started.prompt_tokens
-        if seamless:
-            return None
-        self.tokens = started.continued_tokens
-        self.text = started.continued_text
-        if previous is None:
-            data: dict[str, Any] = {
-                "run_id": ev.run_id,
-                "model": started.model,
-                "prompt_tokens": started.prompt_tokens,
-                "queue_ms": started.queue_ms,
-            }
-            if started.continued_tokens:
-                data["text"] = started.continued_text
-            return self._out(offset, ev, "started", data)
-        return self._out(offset, ev, "restart", {"run_id": ev.run_id, "text": started.continued_text})
 
     def _out(self, offset: int, ev: TokenEvent, name: str, data: dict[str, Any]) -> ViewEvent:
         return ViewEvent(offset, name, data, ev.run_id, ev.seq, ev.ts_ms)
+
+    @property
+    def run_id(self) -> str | None:
+        return self.log.current.run_id if self.log.current is not None else None
+
+    @property
+    def text(self) -> str:
+        return self.log.current.text if self.log.current is not None else ""
+
+    @property
+    def tokens(self) -> int:
+        return self.log.current.tokens if self.log.current is not None else 0
+
+    @property
+    def model(self) -> str:
+        if self.log.started is not None and self.log.started.model:
+            return self.log.started.model
+        return self.log.accepted.model if self.log.accepted is not None else ""
+
+    @property
+    def tenant(self) -> str:
+        if self.log.accepted is not None and self.log.accepted.tenant:
+            return self.log.accepted.tenant
+        return self.log.started.tenant if self.log.started is not None else ""
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.log.started.prompt_tokens if self.log.started is not None else 0
+
+    @property
+    def known(self) -> bool:
+        """Whether any record of the request has been seen (accepted, started or ended)."""
+        return self.log.known
 
     @property
     def status(self) -> str:

@@ -15,7 +15,7 @@ import fastavro
 from fastavro.schema import to_parsing_canonical_form
 
 from schemas.errors import DecodeError
-from schemas.records import ControlEvent, InferenceRequest, Record, TokenEvent, from_avro, kind_of, to_avro
+from schemas.records import ControlEvent, InferenceRequest, ModelInfo, Record, TokenEvent, from_avro, kind_of, to_avro
 
 MAGIC = b"\xc3\x01"
 HEADER_LEN = 10
@@ -166,6 +166,11 @@ class Codec:
     def decode_control(self, data: bytes) -> ControlEvent:
         record = self.decode(data, "ControlEvent")
         assert isinstance(record, ControlEvent)
+        return record
+
+    def decode_model_info(self, data: bytes) -> ModelInfo:
+        record = self.decode(data, "ModelInfo")
+        assert isinstance(record, ModelInfo)
         return record
 
 

@@ -1,4 +1,4 @@
-"""Typed records of the three topics, mirroring the `.avsc` files."""
+"""Typed records of the topics, mirroring the `.avsc` files."""
 
 from __future__ import annotations
 
@@ -70,7 +70,16 @@ class Failed:
     retriable: bool = False
 
 
-Payload = Started | Delta | Finished | Failed
+@dataclass(slots=True, frozen=True)
+class Accepted:
+    """Written by the gateway at submit time (empty run id), so that every gateway knows the request at once."""
+
+    model: str
+    tenant: str = ""
+    deadline_ms: int | None = None
+
+
+Payload = Started | Delta | Finished | Failed | Accepted
 
 
 @dataclass(slots=True, frozen=True)
@@ -94,13 +103,34 @@ class ControlEvent:
     reason: str = ""
 
 
-Record = InferenceRequest | TokenEvent | ControlEvent
+@dataclass(slots=True, frozen=True)
+class ModelInfo:
+    """A worker's announcement of a model it serves; holds until ``ts_ms + ttl_ms`` (0: stopped)."""
+
+    name: str
+    worker: str
+    context_length: int
+    ts_ms: int
+    has_chat_template: bool = False
+    max_batch_size: int = 0
+    max_tokens_limit: int = 0
+    engine: str = "model"
+    device: str = ""
+    source: str = ""
+    ttl_ms: int = 15_000
+
+    def live(self, now_ms: int) -> bool:
+        return self.ttl_ms > 0 and now_ms < self.ts_ms + self.ttl_ms
+
+
+Record = InferenceRequest | TokenEvent | ControlEvent | ModelInfo
 
 _PAYLOAD_TYPES: dict[str, type] = {
     "io.tokenrelay.Started": Started,
     "io.tokenrelay.Delta": Delta,
     "io.tokenrelay.Finished": Finished,
     "io.tokenrelay.Failed": Failed,
+    "io.tokenrelay.Accepted": Accepted,
 }
 _PAYLOAD_NAMES = {cls: name for name, cls in _PAYLOAD_TYPES.items()}
 
@@ -166,6 +196,8 @@ def from_avro(kind: str, data: dict[str, Any]) -> Record:
         return InferenceRequest(**values)
     if kind == "ControlEvent":
         return ControlEvent(**data)
+    if kind == "ModelInfo":
+        return ModelInfo(**data)
     raise KeyError(kind)
 
 
@@ -180,12 +212,14 @@ def kind_of(record: Record) -> str:
 
 __all__ = [
     "FINISH_REASONS",
+    "Accepted",
     "ChatMessage",
     "ControlEvent",
     "Delta",
     "Failed",
     "Finished",
     "InferenceRequest",
+    "ModelInfo",
     "Payload",
     "Record",
     "Started",

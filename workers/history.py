@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from schemas.codec import default_codec
 from schemas.errors import DecodeError
-from schemas.records import Delta, Started, TokenEvent
+from schemas.records import TokenEvent
+from schemas.runlog import RunLog
 from services.kafka import partition_for_key
 
 log = logging.getLogger(__name__)
@@ -20,43 +21,31 @@ LOOKBACK_MS = 5_000
 
 @dataclass(slots=True, frozen=True)
 class Prior:
-    """The log's view of a request: ``terminal`` when done; else the run to continue and its tokens (may be none)."""
+    """The log's view of a request: ``terminal`` when done; else the run to continue and its tokens (may be none).
+
+    ``stalled_runs`` counts the runs in a row, up to the last, that stopped without a new token: a request that
+    keeps killing its worker before its first token shows up here.
+    """
 
     terminal: bool = False
     run_id: str | None = None
     token_ids: tuple[int, ...] = ()
     text: str = ""
+    stalled_runs: int = 0
 
 
-@dataclass(slots=True)
-class _Run:
-    token_ids: list[int] = field(default_factory=list)
-    text: str = ""
-
-
-def summarize(events: Sequence[TokenEvent]) -> Prior:
-    """Fold a request's events (log order) into what a new run must know; a continued run inherits its base."""
-    runs: dict[str, _Run] = {}
-    last: str | None = None
+def summarize(request_id: str, events: Sequence[TokenEvent]) -> Prior:
+    """Fold a request's events (log order) into what a new run must know, by the rules of ``RunLog``."""
+    fold = RunLog(request_id, keep_ids=True)
     for event in events:
-        payload = event.payload
-        if event.is_terminal:
-            return Prior(terminal=True)
-        if isinstance(payload, Started):
-            run = _Run()
-            base = runs.get(payload.continues_run_id or "")
-            if base is not None and payload.continued_tokens:
-                run.token_ids = base.token_ids[: payload.continued_tokens]
-                run.text = payload.continued_text
-            runs[event.run_id] = run
-            last = event.run_id
-        elif isinstance(payload, Delta) and event.run_id in runs:
-            runs[event.run_id].token_ids.extend(payload.token_ids)
-            runs[event.run_id].text += payload.text
-    if last is None:
+        fold.feed(event)
+    if fold.terminal is not None:
+        return Prior(terminal=True)
+    run = fold.current
+    if run is None:
         return Prior()
     # Continued even with no tokens yet: the new run names its predecessor, so a client sees no restart.
-    return Prior(run_id=last, token_ids=tuple(runs[last].token_ids), text=runs[last].text)
+    return Prior(run_id=run.run_id, token_ids=tuple(run.token_ids or ()), text=run.text, stalled_runs=fold.stalled_runs)
 
 
 async def read_prior(consumer: AIOKafkaConsumer, topic: str, partitions: int, request_id: str, since_ms: int) -> Prior:
@@ -85,4 +74,4 @@ async def read_prior(consumer: AIOKafkaConsumer, topic: str, partitions: int, re
                 log.warning("request %s: undecodable event at offset %d: %s", request_id, record.offset, exc)
         if not batches:
             position = max(position, await consumer.position(tp))
-    return summarize(events)
+    return summarize(request_id, events)

@@ -49,10 +49,21 @@ def test_history_continues_the_last_run_with_inherited_tokens() -> None:
         _ev("b", 0, Started("w2", "m", 3, 0, continues_run_id="a", continued_tokens=3, continued_text="hel")),
         _ev("b", 1, Delta("lo", (4,))),
     ]
-    assert summarize(events) == Prior(run_id="b", token_ids=(1, 2, 3, 4), text="hello")
-    assert summarize([*events, _ev("b", 2, Finished("length", Usage(3, 4)))]) == Prior(terminal=True)
-    assert summarize([_ev("a", 0, Started("w", "m", 3, 0))]) == Prior(run_id="a")  # continued at 0 tokens
-    assert summarize([]) == Prior()
+    assert summarize("r", events) == Prior(run_id="b", token_ids=(1, 2, 3, 4), text="hello")
+    assert summarize("r", [*events, _ev("b", 2, Finished("length", Usage(3, 4)))]) == Prior(terminal=True)
+    # continued at 0 tokens; a run without a token counts as stalled
+    assert summarize("r", [_ev("a", 0, Started("w", "m", 3, 0))]) == Prior(run_id="a", stalled_runs=1)
+    assert summarize("r", []) == Prior()
+
+
+def test_history_stops_at_a_gap_and_ignores_the_broken_runs_terminal() -> None:
+    events = [
+        _ev("a", 0, Started("w1", "m", 3, 0)),
+        _ev("a", 1, Delta("he", (1, 2))),
+        _ev("a", 3, Delta("lo", (4,))),  # seq 2 never reached the log
+        _ev("a", 4, Finished("length", Usage(3, 4))),
+    ]
+    assert summarize("r", events) == Prior(run_id="a", token_ids=(1, 2), text="he")
 
 
 def test_synthetic_engine_streams_and_aborts() -> None:
