@@ -1,12 +1,21 @@
-"""UUIDv7 request ids: time-ordered, with an unguessable random part."""
+"""Names in the log: UUIDv7 request ids (time-ordered, unguessable random part) and served model names."""
 
 from __future__ import annotations
 
 import os
+import re
 import time
 import uuid
 
 from schemas.errors import ValidationError
+
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+RESERVED_MODEL_NAMES = frozenset({"dlq"})  # requests.dlq is the dead-letter topic
+
+
+def is_model_name(name: str) -> bool:
+    """A served model name: short, and legal inside a Kafka topic name (requests.<name>)."""
+    return MODEL_NAME.fullmatch(name) is not None and name not in RESERVED_MODEL_NAMES
 
 
 def new_request_id(now_ms: int | None = None) -> str:

@@ -49,6 +49,34 @@ class Settings:
         "TOKENRELAY_MODEL",
         "Model the worker serves: 'default' (the built-in model), a local transformers directory, or a cached hub id.",
     )
+    served_name: str = _setting(
+        "",
+        "TOKENRELAY_SERVED_NAME",
+        "Name the worker serves its model under (the `model` of requests; its requests topic is requests.<name>); "
+        "default: 'default' for the built-in model and the synthetic engine, else the model directory's last part.",
+    )
+    default_model: str = _setting(
+        "default",
+        "TOKENRELAY_DEFAULT_MODEL",
+        "Model of requests that name none (if no worker serves it and exactly one model is live: that one).",
+    )
+    model_heartbeat_ms: int = _setting(
+        5_000,
+        "TOKENRELAY_MODEL_HEARTBEAT_MS",
+        "How often a worker announces its models on the models topic; a model unheard of for 3 heartbeats is gone.",
+    )
+    max_stalled_runs: int = _setting(
+        3,
+        "TOKENRELAY_MAX_STALLED_RUNS",
+        "Runs in a row that may end without a token (the worker died under them) before the request goes to the DLQ "
+        "with an error; a request with one such run is retried alone.",
+    )
+    producer_timeout_ms: int = _setting(
+        30_000,
+        "TOKENRELAY_PRODUCER_TIMEOUT_MS",
+        "How long a produced record may wait for the broker's acknowledgement before the send fails (the run "
+        "that sent it stops and is taken up again; a submit answers 503).",
+    )
     device: str = _setting(
         "auto", "TOKENRELAY_DEVICE", "Torch device: 'auto' (cuda when present, else cpu), 'cpu', 'cuda:0', ..."
     )
@@ -159,9 +187,27 @@ class Settings:
         """Full topic name for one of the design's topics ('requests', 'events', ...)."""
         return f"{self.topic_prefix}{name}"
 
+    def requests_topic_for(self, model: str) -> str:
+        """Requests topic of one served model name."""
+        return self.topic(f"requests.{model}")
+
+    @property
+    def served_model(self) -> str:
+        """The name this worker's model is served under."""
+        if self.served_name:
+            return self.served_name
+        if self.engine == "synthetic" or self.model == "default":
+            return "default"
+        return self.model.rstrip("/").rsplit("/", 1)[-1] or "default"
+
     @property
     def requests_topic(self) -> str:
-        return self.topic("requests")
+        """Requests topic of the served model (a worker's intake; for a producer, that of the default model)."""
+        return self.requests_topic_for(self.served_model)
+
+    @property
+    def models_topic(self) -> str:
+        return self.topic("models")
 
     @property
     def events_topic(self) -> str:
@@ -175,10 +221,13 @@ class Settings:
     def dlq_topic(self) -> str:
         return self.topic("requests.dlq")
 
+    def worker_group_for(self, model: str) -> str:
+        """Consumer group of the workers of one model; scoped by the topic prefix so stacks sharing a broker differ."""
+        return f"{self.topic_prefix}workers.{model}"
+
     @property
     def worker_group(self) -> str:
-        """Consumer group of the workers; scoped by the topic prefix so that stacks sharing a broker stay apart."""
-        return f"{self.topic_prefix}workers"
+        return self.worker_group_for(self.served_model)
 
 
 def _parse(name: str, type_name: Any, raw: str) -> Any:

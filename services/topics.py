@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -22,15 +23,24 @@ class TopicSpec:
     config: dict[str, str]
 
 
-def topic_specs(settings: Settings) -> list[TopicSpec]:
-    """The four topics of the design with partitions and retention from settings."""
+def requests_topic_spec(settings: Settings, model: str) -> TopicSpec:
+    """The requests topic of one served model."""
+    return TopicSpec(
+        settings.requests_topic_for(model),
+        settings.requests_partitions,
+        {"retention.ms": str(settings.requests_retention_ms), "cleanup.policy": "delete"},
+    )
+
+
+def topic_specs(settings: Settings, models: Sequence[str] | None = None) -> list[TopicSpec]:
+    """The design's topics with partitions and retention from settings; requests topics of ``models``.
+
+    ``models`` defaults to the settings' served model, so a stack of one model needs no list.
+    """
     requests_retention = str(settings.requests_retention_ms)
+    names = [settings.served_model] if models is None else list(models)
     return [
-        TopicSpec(
-            settings.requests_topic,
-            settings.requests_partitions,
-            {"retention.ms": requests_retention, "cleanup.policy": "delete"},
-        ),
+        *(requests_topic_spec(settings, name) for name in names),
         TopicSpec(
             settings.events_topic,
             settings.events_partitions,
@@ -47,6 +57,12 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
             {"retention.ms": str(3600 * 1000), "cleanup.policy": "delete"},
         ),
         TopicSpec(settings.dlq_topic, 1, {"retention.ms": requests_retention, "cleanup.policy": "delete"}),
+        # Compacted: the last announcement of each model stays, so a gateway that starts knows the models at once.
+        TopicSpec(
+            settings.models_topic,
+            1,
+            {"cleanup.policy": "compact", "min.compaction.lag.ms": "0", "segment.ms": str(3600 * 1000)},
+        ),
     ]
 
 
