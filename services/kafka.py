@@ -43,7 +43,7 @@ def make_producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:
         "enable_idempotence": True,
         "linger_ms": 1,
         "max_batch_size": 256 * 1024,
-        "request_timeout_ms": 30_000,
+        "request_timeout_ms": settings.producer_timeout_ms,
         "client_id": "tokenrelay",
     }
     options.update(overrides)
@@ -63,17 +63,21 @@ def make_consumer(settings: Settings, *topics: str, **overrides: Any) -> AIOKafk
     return AIOKafkaConsumer(*topics, **options)
 
 
-async def start_client(client: AIOKafkaProducer | AIOKafkaConsumer, *, timeout_s: float = 60.0) -> None:
-    """Start an aiokafka client, retrying while the cluster is not reachable yet."""
-    deadline = asyncio.get_running_loop().time() + timeout_s
+async def start_client(client: AIOKafkaProducer | AIOKafkaConsumer, *, timeout_s: float | None = 60.0) -> None:
+    """Start an aiokafka client, retrying while the cluster is not reachable; ``timeout_s`` None retries forever."""
+    loop = asyncio.get_running_loop()
+    deadline = None if timeout_s is None else loop.time() + timeout_s
+    attempt = 0
     while True:
         try:
             await client.start()
             return
         except (KafkaConnectionError, KafkaTimeoutError) as exc:
-            if asyncio.get_running_loop().time() > deadline:
+            if deadline is not None and loop.time() > deadline:
                 raise KafkaUnavailable(f"Kafka is not reachable: {exc}") from exc
-            log.warning("Kafka not reachable yet (%s); retrying", exc)
+            attempt += 1
+            if attempt & (attempt - 1) == 0:  # 1, 2, 4, 8, ...: an outage of any length logs a few lines, not a flood
+                log.warning("Kafka not reachable yet (%s); retrying (attempt %d)", exc, attempt)
             await asyncio.sleep(1.0)
 
 

@@ -67,13 +67,16 @@ def topic_specs(settings: Settings, models: Sequence[str] | None = None) -> list
 
 
 async def ensure_topics(
-    settings: Settings, *, specs: list[TopicSpec] | None = None, timeout_s: float = 60.0
+    settings: Settings,
+    *,
+    specs: list[TopicSpec] | None = None,
+    models: Sequence[str] | None = None,
+    timeout_s: float = 60.0,
 ) -> list[str]:
-    """Create every missing topic (the design's four unless specs are given); existing ones are left as they are.
-
-    Returns the names created.
+    """Create every missing topic (the design's, with the requests topics of ``models``, unless specs are given);
+    existing ones are left as they are. Returns the names created.
     """
-    wanted = topic_specs(settings) if specs is None else specs
+    wanted = topic_specs(settings, models) if specs is None else specs
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, client_id="tokenrelay-admin")
     await _start_admin(admin, timeout_s)
     try:
@@ -99,12 +102,12 @@ async def ensure_topics(
         await admin.close()
 
 
-async def describe_topics(settings: Settings) -> dict[str, int]:
-    """Partition count of each design topic; 0 for a missing one."""
+async def describe_topics(settings: Settings, names: Sequence[str] | None = None) -> dict[str, int]:
+    """Partition count of each topic (the design's unless ``names`` are given); 0 for a missing one."""
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, client_id="tokenrelay-admin")
     await _start_admin(admin, 30.0)
     try:
-        names = [spec.name for spec in topic_specs(settings)]
+        names = [spec.name for spec in topic_specs(settings)] if names is None else list(names)
         existing = set(await admin.list_topics())
         present = [n for n in names if n in existing]
         counts = dict.fromkeys(names, 0)

@@ -1,4 +1,4 @@
-"""Control topic reader: every worker reads all of it, without a group, from the end at start."""
+"""Control topic reader: every worker reads all of it, from the start of its retention, so no cancel is missed."""
 
 from __future__ import annotations
 
@@ -7,14 +7,16 @@ import logging
 from collections import OrderedDict
 from collections.abc import Callable
 
-from aiokafka import TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
 
-from schemas.codec import default_codec
+from schemas.codec import Codec, default_codec
 from schemas.errors import DecodeError
-from services.kafka import make_consumer, start_client
-from services.settings import Settings
+from services.kafka import start_client
 
 log = logging.getLogger(__name__)
+
+RETRY_S = 1.0
 
 
 class CancelledIds:
@@ -35,36 +37,55 @@ class CancelledIds:
 
 
 class ControlReader:
-    """Calls ``on_cancel(request_id)`` for every cancel that arrives after start."""
+    """Calls ``on_cancel(request_id)`` for every cancel in the control topic; ``ready`` once caught up.
 
-    def __init__(self, settings: Settings, on_cancel: Callable[[str], None]):
-        self._settings = settings
+    Reading from the oldest retained record (not the end) means a worker that starts after a cancel was sent still
+    honours it: cancels sent while no worker was alive are not lost.
+    """
+
+    def __init__(
+        self, consumer: AIOKafkaConsumer, topic: str, on_cancel: Callable[[str], None], codec: Codec | None = None
+    ):
+        self._consumer = consumer
+        self._topic = topic
         self._on_cancel = on_cancel
-        self._consumer = make_consumer(settings, auto_offset_reset="latest")
+        self._codec = codec or default_codec()
         self.ready = asyncio.Event()
 
     async def run(self, partitions: int) -> None:
         consumer = self._consumer
-        await start_client(consumer)
+        await start_client(consumer, timeout_s=None)
         try:
-            tps = [TopicPartition(self._settings.control_topic, p) for p in range(max(1, partitions))]
+            tps = [TopicPartition(self._topic, p) for p in range(max(1, partitions))]
             consumer.assign(tps)
-            await consumer.seek_to_end(*tps)
-            for tp in tps:
-                await consumer.position(tp)
-            self.ready.set()
-            codec = default_codec()
+            await consumer.seek_to_beginning(*tps)
+            ends = await consumer.end_offsets(tps)
+            behind = {tp for tp in tps if ends[tp] > 0}
+            if not behind:
+                self.ready.set()
             while True:
-                batches = await consumer.getmany(timeout_ms=500)
+                try:
+                    batches = await consumer.getmany(timeout_ms=500)
+                    if behind:
+                        behind = {tp for tp in behind if await consumer.position(tp) < ends[tp]}
+                except KafkaError as exc:
+                    log.warning("reading the control topic failed (will retry): %s", exc)
+                    await asyncio.sleep(RETRY_S)
+                    continue
                 for records in batches.values():
                     for record in records:
-                        try:
-                            event = codec.decode_control(record.value)
-                        except DecodeError as exc:
-                            log.warning("undecodable control record at offset %d: %s", record.offset, exc)
-                            continue
-                        if event.action == "cancel":
-                            log.info("request %s: cancel received", event.request_id)
-                            self._on_cancel(event.request_id)
+                        self._take(record.offset, record.value)
+                if not behind:
+                    self.ready.set()
         finally:
             await consumer.stop()
+
+    def _take(self, offset: int, value: bytes | None) -> None:
+        try:
+            event = self._codec.decode_control(value or b"")
+        except DecodeError as exc:
+            log.warning("undecodable control record at offset %d: %s", offset, exc)
+            return
+        if event.action == "cancel":
+            log.info("request %s: cancel received", event.request_id)
+            self._on_cancel(event.request_id)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from aiokafka import AIOKafkaProducer
 from aiokafka.structs import ConsumerRecord
 
 from schemas.errors import TokenRelayError
 from services.settings import Settings
+from workers.publisher import Publisher
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ class OffsetTracker:
 
 
 async def dead_letter(
-    producer: AIOKafkaProducer, settings: Settings, record: ConsumerRecord, error: TokenRelayError
+    publisher: Publisher, settings: Settings, record: ConsumerRecord[bytes, bytes], error: TokenRelayError
 ) -> None:
     """Copy an unusable request, byte for byte, to the DLQ with why; returns once the broker has it."""
     headers = [
@@ -46,7 +46,7 @@ async def dead_letter(
         ("original-partition", str(record.partition).encode()),
         ("original-offset", str(record.offset).encode()),
     ]
-    await producer.send_and_wait(settings.dlq_topic, value=record.value, key=record.key, headers=headers)
+    await publisher.send(settings.dlq_topic, record.key or b"", record.value or b"", headers)
     log.warning(
         "request at %s[%d]@%d sent to the DLQ: %s", record.topic, record.partition, record.offset, error.message
     )

@@ -1,17 +1,22 @@
-"""Token event publishing: one ordered send path, and per-request coalescing of Deltas while the producer is behind."""
+"""Publishing: one ordered send path that survives producer failures, and runs that stop at their first lost event."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from aiokafka import AIOKafkaProducer
 
-from schemas.codec import default_codec
+from schemas.codec import Codec, default_codec
+from schemas.errors import TokenRelayError
 from schemas.records import Delta, Payload, TokenEvent
-from services.kafka import record_headers
+from services.kafka import record_headers, start_client
 
 log = logging.getLogger(__name__)
 
@@ -47,83 +52,174 @@ class DeltaCoalescer:
         return delta
 
 
-class Publisher:
-    """Serialises every event through one task so that events of a request reach the producer in seq order."""
+class EventSink(Protocol):
+    """Where runs publish their events: the Publisher, or a recorder in unit tests."""
 
-    def __init__(self, producer: AIOKafkaProducer, topic: str):
-        self._producer = producer
+    def publish(self, event: TokenEvent) -> asyncio.Future[None]: ...
+
+
+class RunBroken(TokenRelayError):
+    """An event of this run was not acknowledged, so nothing after it may be published."""
+
+    code = "run_broken"
+    retriable = True
+
+
+@dataclass(slots=True)
+class _Item:
+    topic: str
+    key: bytes
+    value: bytes
+    headers: list[tuple[str, bytes]]
+    run_id: str | None
+    done: asyncio.Future[None]
+
+
+class Publisher:
+    """Every record the worker writes goes through one task, so the events of a request reach Kafka in seq order.
+
+    A failed send breaks its run: the run's later records are refused rather than sent across the gap. After any
+    failure the producer is replaced (an idempotent producer whose batches expired is left with sequence numbers
+    the broker rejects for good), and ``healthy`` is set again once the new one has started.
+    """
+
+    def __init__(self, make_producer: Callable[[], AIOKafkaProducer], topic: str, codec: Codec | None = None):
+        self._make_producer = make_producer
+        self._producer: AIOKafkaProducer | None = None
         self._topic = topic
-        self._queue: asyncio.Queue[tuple[TokenEvent, asyncio.Future[None]]] = asyncio.Queue()
+        self._codec = codec or default_codec()
+        self._queue: asyncio.Queue[_Item] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._pending: set[asyncio.Future[None]] = set()
+        self._broken_runs: OrderedDict[str, None] = OrderedDict()
+        self._replace = False
+        self.healthy = asyncio.Event()
 
-    def start(self) -> None:
+    async def start(self) -> None:
+        self._producer = await self._started_producer()
+        self.healthy.set()
         self._task = asyncio.create_task(self._run(), name="publisher")
 
     def publish(self, event: TokenEvent) -> asyncio.Future[None]:
-        """Queue an event; the future resolves when the broker has acknowledged it."""
+        """Queue an event; the future resolves when the broker has acknowledged it (RunBroken once its run broke)."""
+        value = self._codec.encode(event)
+        return self._put(_Item(self._topic, event.request_id.encode(), value, _HEADERS, event.run_id, self._future()))
+
+    def send(self, topic: str, key: bytes, value: bytes, headers: list[tuple[str, bytes]]) -> asyncio.Future[None]:
+        """Queue any other record (DLQ copies, model announcements) on the same ordered path."""
+        return self._put(_Item(topic, key, value, headers, None, self._future()))
+
+    def _future(self) -> asyncio.Future[None]:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.add(done)
         done.add_done_callback(self._pending.discard)
-        self._queue.put_nowait((event, done))
         return done
 
+    def _put(self, item: _Item) -> asyncio.Future[None]:
+        self._queue.put_nowait(item)
+        return item.done
+
     async def drain(self) -> None:
-        """Wait until every event published so far is acknowledged (or failed)."""
+        """Wait until every record published so far is acknowledged (or failed)."""
         if self._pending:
             await asyncio.gather(*list(self._pending), return_exceptions=True)
 
-    async def stop(self) -> None:
-        await self.drain()
+    async def stop(self, grace_s: float = 10.0) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.drain(), grace_s)
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        if self._producer is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._producer.stop(), grace_s)
 
     async def _run(self) -> None:
-        codec = default_codec()
         while True:
-            event, done = await self._queue.get()
-            try:
-                ack = await self._producer.send(
-                    self._topic, value=codec.encode(event), key=event.request_id.encode(), headers=_HEADERS
-                )
-            except Exception as exc:
-                log.error("request %s: cannot publish seq %d: %s", event.request_id, event.seq, exc)
-                if not done.done():
-                    done.set_exception(exc)
+            item = await self._queue.get()
+            if item.done.done():
                 continue
-            ack.add_done_callback(lambda f, d=done: _settle(f, d))
+            if item.run_id is not None and item.run_id in self._broken_runs:
+                item.done.set_exception(RunBroken(f"run {item.run_id} lost an earlier event"))
+                continue
+            if self._replace:
+                await self._replace_producer()
+            assert self._producer is not None
+            try:
+                ack = await self._producer.send(item.topic, value=item.value, key=item.key, headers=item.headers)
+            except Exception as exc:
+                self._failed(item, exc)
+                continue
+            ack.add_done_callback(lambda f, i=item: self._settle(f, i))
 
+    def _settle(self, ack: asyncio.Future[object], item: _Item) -> None:
+        if item.done.done():
+            return
+        if ack.cancelled():
+            self._failed(item, RunBroken("send cancelled"))
+        elif (exc := ack.exception()) is not None:
+            self._failed(item, exc)
+        else:
+            item.done.set_result(None)
 
-def _settle(ack: asyncio.Future[object], done: asyncio.Future[None]) -> None:
-    if done.done():
-        return
-    if ack.cancelled():
-        done.cancel()
-    elif ack.exception() is not None:
-        done.set_exception(ack.exception())  # type: ignore[arg-type]
-    else:
-        done.set_result(None)
+    def _failed(self, item: _Item, exc: BaseException) -> None:
+        log.warning("cannot publish to %s (key %s): %s", item.topic, item.key.decode("utf-8", "replace"), exc)
+        if item.run_id is not None:
+            self._broken_runs[item.run_id] = None
+            while len(self._broken_runs) > 100_000:
+                self._broken_runs.popitem(last=False)
+        self._replace = True
+        self.healthy.clear()
+        if not item.done.done():
+            item.done.set_exception(RunBroken(str(exc) or type(exc).__name__))
+
+    async def _replace_producer(self) -> None:
+        old, self._producer = self._producer, None
+        if old is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(old.stop(), 5.0)
+        self._producer = await self._started_producer()
+        self._replace = False
+        self.healthy.set()
+        log.info("publisher: producer replaced after a failed send")
+
+    async def _started_producer(self) -> AIOKafkaProducer:
+        producer = self._make_producer()
+        await start_client(producer, timeout_s=None)
+        return producer
 
 
 @dataclass(slots=True)
 class RunStream:
-    """Events of one processing attempt: gap-free seq, coalesced Deltas; ignores everything once abandoned."""
+    """Events of one processing attempt: gap-free seq, coalesced Deltas; nothing more once abandoned or broken.
 
-    publisher: Publisher
+    ``on_broken`` is called once when an event of the run is not acknowledged: the run must stop, and the request
+    be taken up again from what the log holds.
+    """
+
+    publisher: EventSink
     request_id: str
     run_id: str
     seq: int = 0
     coalescer: DeltaCoalescer = field(default_factory=DeltaCoalescer)
     abandoned: bool = False
+    broken: bool = False
+    on_broken: Callable[[RunStream], None] | None = None
 
     def emit(self, payload: Payload) -> asyncio.Future[None]:
+        if self.broken:
+            refused: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            refused.set_exception(RunBroken(f"run {self.run_id} is broken"))
+            refused.exception()  # retrieved: the caller learns of it from `broken`
+            return refused
         event = TokenEvent(self.request_id, self.run_id, self.seq, int(time.time() * 1000), payload)
         self.seq += 1
-        return self.publisher.publish(event)
+        done = self.publisher.publish(event)
+        done.add_done_callback(self._watch)
+        return done
 
     def tokens(self, token_ids: tuple[int, ...], text: str) -> None:
-        if self.abandoned:
+        if self.abandoned or self.broken:
             return
         delta = self.coalescer.add(token_ids, text)
         if delta is not None:
@@ -137,11 +233,16 @@ class RunStream:
         return self.emit(payload)
 
     def _send_delta(self, delta: Delta) -> None:
-        ack = self.emit(delta)
-        ack.add_done_callback(self._on_ack)
+        self.emit(delta).add_done_callback(self._on_ack)
 
-    def _on_ack(self, _: asyncio.Future[None]) -> None:
-        if self.abandoned:
+    def _watch(self, done: asyncio.Future[None]) -> None:
+        if (done.cancelled() or done.exception() is not None) and not self.broken:
+            self.broken = True
+            if self.on_broken is not None and not self.abandoned:
+                self.on_broken(self)
+
+    def _on_ack(self, done: asyncio.Future[None]) -> None:
+        if self.abandoned or self.broken or done.cancelled() or done.exception() is not None:
             return
         delta = self.coalescer.acked()
         if delta is not None:

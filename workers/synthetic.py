@@ -25,6 +25,7 @@ class SyntheticEngine:
 
     name = SYNTHETIC_MODEL
     max_positions = 1 << 30
+    has_chat_template = True  # it joins the turns' text: chat requests are as good as prompts here
 
     def __init__(self, tokens_per_s: float, max_batch_size: int):
         self.interval = 1.0 / max(tokens_per_s, 1e-3)

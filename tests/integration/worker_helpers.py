@@ -47,12 +47,12 @@ async def running_worker(settings: Settings, engine: EngineLike) -> AsyncIterato
     await ensure_topics(settings)
     worker = Worker(settings, engine)
     task = asyncio.create_task(worker.run())
-    deadline = time.monotonic() + 60
-    while not worker.trackers:
-        if task.done():
-            task.result()
-        assert time.monotonic() < deadline, "worker got no partitions"
-        await asyncio.sleep(0.05)
+    ready = asyncio.create_task(worker.ready.wait())
+    await asyncio.wait({task, ready}, timeout=60, return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        ready.cancel()
+        task.result()
+    assert ready.done(), "worker got no partitions within 60 s"
     try:
         yield worker
     finally:

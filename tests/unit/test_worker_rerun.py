@@ -1,24 +1,41 @@
-"""A request taken again after a rebalance while the engine still winds down its abandoned run (no broker)."""
+"""The worker's core without Kafka: a re-taken request never mixes with its abandoned run; refusals end requests."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import asyncio
 
 import pytest
-from aiokafka import TopicPartition
-from aiokafka.structs import ConsumerRecord
 
-from schemas.codec import default_codec
-from schemas.records import Delta, Finished, InferenceRequest, TokenEvent
+from schemas.ids import new_request_id
+from schemas.records import ChatMessage, Delta, Failed, Finished, InferenceRequest, Started, TokenEvent
 from schemas.sampling import SamplingParams
-from services.settings import Settings
 from tests.tinymodel import build_tiny_model
+from workers.admission import Admission, Limits, Refusal
+from workers.control import CancelledIds
+from workers.core import ModelCore
 from workers.engine.engine import Engine
 from workers.engine.types import EngineRequest
-from workers.intake import OffsetTracker
-from workers.main import Worker
+from workers.history import Prior
+from workers.ledger import Ticket
 
 MAX_TOKENS = 12
+
+
+class Recorder:
+    """An event sink that acknowledges everything at once, or fails the runs it is told to."""
+
+    def __init__(self) -> None:
+        self.events: list[TokenEvent] = []
+        self.fail_seq: dict[str, int] = {}
+
+    def publish(self, event: TokenEvent) -> asyncio.Future[None]:
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self.fail_seq.get(event.request_id) == event.seq:
+            done.set_exception(ConnectionError("broker gone"))
+        else:
+            self.events.append(event)
+            done.set_result(None)
+        return done
 
 
 @pytest.fixture(scope="module")
@@ -26,70 +43,150 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Engine:
     return Engine.load(str(build_tiny_model(tmp_path_factory.mktemp("tiny"))), device="cpu", max_batch_size=4)
 
 
-def _record(tp: TopicPartition, request: InferenceRequest) -> ConsumerRecord[bytes, bytes]:
-    value = default_codec().encode(request)
-    key = request.request_id.encode()
-    return ConsumerRecord(tp.topic, tp.partition, 7, 0, 0, key, value, None, len(key), len(value), ())
+def _core(engine: Engine, sink: Recorder, **limits: object) -> ModelCore:
+    values: dict[str, object] = {
+        "model": "default",
+        "context_length": engine.max_positions,
+        "max_prompt_tokens": 1024,
+        "max_tokens_limit": 1024,
+        "has_chat_template": engine.has_chat_template,
+        "max_stalled_runs": 3,
+    }
+    values.update(limits)
+    return ModelCore(engine, Limits(**values), sink, "w-1", CancelledIds())  # type: ignore[arg-type]
 
 
-def _published(worker: Worker) -> list[TokenEvent]:
-    queue = worker.publisher._queue
-    events = []
-    while not queue.empty():
-        event, done = queue.get_nowait()
-        done.set_result(None)  # as if acknowledged
-        events.append(event)
-    return events
+async def _settle() -> None:
+    """Let done-callbacks of already-resolved futures run (they are scheduled for the next loop iteration)."""
+    for _ in range(3):
+        await asyncio.sleep(0)
 
 
-async def test_abandoned_run_never_feeds_or_cancels_the_new_run_of_the_same_request(
-    engine: Engine, tmp_path: Path
-) -> None:
-    worker = Worker(Settings(worker_metrics_port=0, max_batch_size=4), engine)
-    try:
-        await _rerun(worker, engine)
-    finally:  # never started: closing only keeps the unused clients from warning
-        await worker.producer.stop()
-        await worker.consumer.stop()
-        await worker.history.stop()
-        await worker.control._consumer.stop()
-        worker._executor.shutdown()
+async def _take(core: ModelCore, request: InferenceRequest, prior: Prior | None = None) -> Refusal | Admission:
+    ticket = Ticket(request, request.request_id, 0)
+    decision, prompt_ids = core.decide(ticket, prior or Prior())
+    if isinstance(decision, Refusal):
+        core.refuse(ticket, decision.failed)
+    else:
+        core.run(ticket, decision, prompt_ids, prior or Prior())
+    await _settle()
+    return decision
 
 
-async def _rerun(worker: Worker, engine: Engine) -> None:
-    tp = TopicPartition(worker.settings.requests_topic, 0)
-    request = InferenceRequest("r-1", "The quick brown fox", MAX_TOKENS, temperature=0.0)
+def _drive(core: ModelCore, engine: Engine) -> None:
+    adds, core._adds = core._adds, []
+    aborts, core._aborts = core._aborts, []
+    for add in adds:
+        engine.add(add)
+    for run_id in aborts:
+        engine.abort(run_id)
+
+
+async def test_abandoned_run_never_feeds_or_cancels_the_new_run_of_the_same_request(engine: Engine) -> None:
+    sink = Recorder()
+    core = _core(engine, sink)
+    closed: list[str] = []
+    core.on_closed = lambda ticket: closed.append(ticket.request.request_id)
+    request = InferenceRequest(new_request_id(), "The quick brown fox", MAX_TOKENS, temperature=0.0)
     (expected, expected_text, _) = engine.generate(
         [EngineRequest("direct", engine.encode_prompt(request.prompt), SamplingParams(MAX_TOKENS, 0.0))]
     )["direct"]
-    worker.trackers[tp] = OffsetTracker()
 
-    await worker._take(tp, _record(tp, request))
-    old = worker.active["r-1"]
-    engine.add(worker._adds.pop())
+    await _take(core, request)
+    old = core.ledger.get(request.request_id)
+    assert old is not None and old.in_engine
+    _drive(core, engine)
     for _ in range(3):  # the old run streams a few tokens
         for out in engine.step():
-            worker._on_output(out)
+            core.on_output(out)
     # Its partition is revoked (the run is abandoned, its abort queued) and assigned back: the record is taken
     # again, with nothing in the log to continue from, before the engine has processed the abort.
-    old.stream.abandoned = True
-    worker._aborts.append(old.stream.run_id)
-    await worker._take(tp, _record(tp, request))
-    new = worker.active["r-1"]
-    assert new.stream.run_id != old.stream.run_id
-    for add in worker._adds:
-        engine.add(add)
-    for run_id in worker._aborts:
-        engine.abort(run_id)
+    core.abandon(lambda ticket: True)
+    await _take(core, request)
+    new = core.ledger.get(request.request_id)
+    assert new is not None and new.run_id != old.run_id
+    _drive(core, engine)
     while engine.has_work():
         for out in engine.step():
-            worker._on_output(out)
+            core.on_output(out)
+    await _settle()
 
-    events = [e for e in _published(worker) if e.run_id == new.stream.run_id]
+    events = [e for e in sink.events if e.run_id == new.run_id]
     terminal = [e.payload for e in events if e.is_terminal]
     assert len(terminal) == 1 and isinstance(terminal[0], Finished), terminal
     assert terminal[0].usage.completion_tokens == len(expected)
     deltas = [e.payload for e in events if isinstance(e.payload, Delta)]
     assert [t for d in deltas for t in d.token_ids] == expected
     assert "".join(d.text for d in deltas) == expected_text
-    assert worker.runs == {}
+    assert core.ledger.runs == 0 and len(core.ledger) == 0
+    assert closed == [request.request_id]
+
+
+@pytest.mark.parametrize(
+    ("request_fields", "limits", "code"),
+    [
+        ({"max_tokens": 0}, {}, "max_tokens_invalid"),
+        ({"temperature": 9.0}, {}, "temperature_invalid"),
+        ({"deadline_ms": 1}, {}, "deadline_exceeded"),
+        ({"messages": (ChatMessage("user", "hi"),)}, {"has_chat_template": False}, "chat_template_missing"),
+        ({"prompt": "a b c d e f g h"}, {"max_prompt_tokens": 3}, "prompt_too_long"),
+        ({"max_tokens": 100}, {"context_length": 50}, "context_length_exceeded"),
+    ],
+)
+async def test_refusals_end_the_request_with_one_failed_and_no_started(
+    engine: Engine, request_fields: dict[str, object], limits: dict[str, object], code: str
+) -> None:
+    sink = Recorder()
+    core = _core(engine, sink, **limits)
+    closed: list[str] = []
+    core.on_closed = lambda ticket: closed.append(ticket.request.request_id)
+    fields: dict[str, object] = {"request_id": new_request_id(), "prompt": "hello", "max_tokens": 8}
+    fields.update(request_fields)
+    request = InferenceRequest(**fields)  # type: ignore[arg-type]
+    decision = await _take(core, request)
+    assert isinstance(decision, Refusal)
+    assert [type(e.payload) for e in sink.events] == [Failed]
+    payload = sink.events[0].payload
+    assert isinstance(payload, Failed) and payload.code == code and sink.events[0].seq == 0
+    assert closed == [request.request_id]
+
+
+async def test_a_prompt_that_breaks_the_tokenizer_fails_the_request_not_the_worker(engine: Engine) -> None:
+    sink = Recorder()
+    core = _core(engine, sink, has_chat_template=True)  # claims a template the tokenizer does not have
+    request = InferenceRequest(new_request_id(), "", 8, messages=(ChatMessage("user", "hi"),))
+    decision = await _take(core, request)
+    assert isinstance(decision, Refusal) and decision.failed.code == "internal"
+    assert "Traceback" not in decision.failed.message and "template" not in decision.failed.message
+
+
+async def test_a_request_that_stalled_its_workers_goes_to_the_dlq_and_one_that_stalled_once_runs_alone(
+    engine: Engine,
+) -> None:
+    core = _core(engine, Recorder())
+    request = InferenceRequest(new_request_id(), "hello", 4, temperature=0.0)
+    dead = await _take(core, request, Prior(run_id="r3", stalled_runs=3))
+    assert isinstance(dead, Refusal) and dead.dead_letter and dead.failed.code == "worker_crashed"
+    suspect = await _take(core, InferenceRequest(new_request_id(), "hello", 4), Prior(run_id="r1", stalled_runs=1))
+    assert isinstance(suspect, Admission) and suspect.solo and core.solo is not None
+
+
+async def test_a_lost_event_stops_the_run_and_asks_for_a_retake_without_a_terminal(engine: Engine) -> None:
+    sink = Recorder()
+    core = _core(engine, sink)
+    retaken: list[str] = []
+    core.on_retake = lambda ticket: retaken.append(ticket.request.request_id)
+    request = InferenceRequest(new_request_id(), "The quick brown fox", 30, temperature=0.0)
+    sink.fail_seq[request.request_id] = 2  # the second Delta never reaches the log
+    await _take(core, request)
+    _drive(core, engine)
+    while engine.has_work():
+        for out in engine.step():
+            core.on_output(out)
+        await _settle()
+        _drive(core, engine)
+    assert retaken == [request.request_id]
+    seqs = [e.seq for e in sink.events if e.request_id == request.request_id]
+    assert seqs == [0, 1], seqs  # nothing published past the lost event, and no terminal
+    assert isinstance(sink.events[0].payload, Started)
+    assert len(core.ledger) == 0

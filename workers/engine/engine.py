@@ -47,6 +47,7 @@ class Engine:
         self.eos_ids = _eos_ids(model, tokenizer)
         self.max_positions = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
         self._rust = getattr(tokenizer, "_tokenizer", None)
+        self.has_chat_template = getattr(tokenizer, "chat_template", None) is not None
 
     @classmethod
     def load(cls, model_path: str, device: str = "auto", dtype: str = "auto", max_batch_size: int = 32) -> Engine:

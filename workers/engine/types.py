@@ -34,6 +34,7 @@ class EngineLike(Protocol):
 
     name: str
     max_positions: int
+    has_chat_template: bool
 
     def encode_prompt(self, prompt: str, messages: Any = None) -> list[int]: ...
     def add(self, request: EngineRequest) -> None: ...

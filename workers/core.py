@@ -1,0 +1,288 @@
+"""One served model's requests between intake and engine: admission, runs, engine loop, terminal events; no Kafka."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from schemas.records import Failed, Finished, Usage
+from workers import metrics
+from workers.admission import Admission, Limits, Refusal, admit, precheck
+from workers.control import CancelledIds
+from workers.engine.types import EngineLike, EngineRequest, StepOutput
+from workers.history import Prior
+from workers.ledger import Active, Ledger, Ticket
+from workers.publisher import EventSink, RunStream
+
+log = logging.getLogger(__name__)
+
+INTERNAL = "the worker failed while {} this request"
+
+
+class ModelCore:
+    """Runs the requests of one engine and ends each with exactly one terminal event.
+
+    The intake hands it tickets (a request and where it came from) with what the log already holds; the core calls
+    ``on_closed(ticket)`` once the request's terminal event is acknowledged, and ``on_retake(ticket)`` when a run
+    broke (an event was lost): the request must then be taken up again from the log. An exception while preparing
+    or running a request fails that request, never the worker.
+    """
+
+    def __init__(
+        self,
+        engine: EngineLike,
+        limits: Limits,
+        publisher: EventSink,
+        worker_id: str,
+        cancelled: CancelledIds,
+    ):
+        self.engine = engine
+        self.limits = limits
+        self.publisher = publisher
+        self.worker_id = worker_id
+        self.cancelled = cancelled
+        # Installed by the intake (ServedModel): a request ended, or must be taken up again from the log.
+        self.on_closed: Callable[[Ticket], None] = _ignore
+        self.on_retake: Callable[[Ticket], None] = _ignore
+        self.ledger = Ledger()
+        self.solo: Active | None = None  # a suspect request running alone until its first token
+        self.changed = asyncio.Event()  # set whenever a request leaves the ledger or the solo one makes progress
+        self._adds: list[EngineRequest] = []
+        self._aborts: list[str] = []
+        self._wake = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{limits.model}")
+
+    # Admission ---------------------------------------------------------------------------------------------
+
+    def decide(self, ticket: Ticket, prior: Prior) -> tuple[Refusal | Admission, list[int]]:
+        """Refuse the request, or admit it with its prompt's token ids."""
+        request = ticket.request
+        refusal = precheck(request, prior, self.limits, _now_ms())
+        if refusal is not None:
+            return refusal, []
+        try:
+            messages = [(m.role, m.content) for m in request.messages] if request.messages else None
+            prompt_ids = self.engine.encode_prompt(request.prompt, messages)
+        except Exception:
+            log.exception("request %s: preparing the prompt failed", request.request_id)
+            return Refusal(Failed("internal", INTERNAL.format("preparing"))), []
+        decision = admit(
+            request,
+            len(prompt_ids),
+            prior,
+            self.limits,
+            worker=self.worker_id,
+            created_ms=ticket.created_ms,
+            now_ms=_now_ms(),
+        )
+        return decision, prompt_ids
+
+    def refuse(self, ticket: Ticket, failed: Failed) -> None:
+        """End the request with ``failed`` before any Started."""
+        log.info("request %s: refused: %s (%s)", ticket.request.request_id, failed.code, failed.message)
+        stream = self._stream(ticket)
+        self._close_when_acked(ticket, stream.finish(failed), None, None)
+
+    def run(self, ticket: Ticket, admission: Admission, prompt_ids: list[int], prior: Prior) -> None:
+        """Start a run; the engine gets it once its Started is acknowledged (a crash then counts against it)."""
+        request = ticket.request
+        rid = request.request_id
+        stream = self._stream(ticket)
+        active = Active(ticket, stream, len(prompt_ids), len(prior.token_ids), solo=admission.solo)
+        self.ledger.add(active)
+        ack = stream.emit(admission.started)
+        metrics.QUEUE_TIME.observe(admission.started.queue_ms / 1000)
+        metrics.PROMPT_TOKENS.inc(len(prompt_ids))
+        if prior.run_id:
+            log.info("request %s: continuing run %s after %d tokens", rid, prior.run_id, len(prior.token_ids))
+        if rid in self.cancelled or admission.finish_now is not None:
+            self._finish(active, "cancelled" if rid in self.cancelled else admission.finish_now or "length")
+            return
+        if admission.solo:
+            log.warning("request %s: %d earlier runs ended without a token; running it alone", rid, prior.stalled_runs)
+            self.solo = active
+        engine_request = EngineRequest(stream.run_id, prompt_ids, admission.params, list(prior.token_ids), prior.text)
+        ack.add_done_callback(lambda done: self._to_engine(active, engine_request, done))
+
+    def _to_engine(self, active: Active, request: EngineRequest, started: asyncio.Future[None]) -> None:
+        if started.cancelled() or started.exception() is not None:
+            return  # the run broke on its Started: on_broken takes the request up again
+        if self.ledger.get(active.request_id) is not active or active.stream.abandoned:
+            return
+        if active.request_id in self.cancelled:
+            self._finish(active, "cancelled")
+            return
+        self.ledger.running(active)
+        self._adds.append(request)
+        self._wake.set()
+
+    def _stream(self, ticket: Ticket) -> RunStream:
+        stream = RunStream(self.publisher, ticket.request.request_id, uuid.uuid4().hex)
+        stream.on_broken = lambda s: self._broken(ticket, s)
+        return stream
+
+    # Engine ------------------------------------------------------------------------------------------------
+
+    async def run_engine(self) -> None:
+        """Feed the engine what was admitted or aborted, step it, and publish what it produced; forever."""
+        loop = asyncio.get_running_loop()
+        while True:
+            adds, self._adds = self._adds, []
+            aborts, self._aborts = self._aborts, []
+            for request in adds:
+                self._engine_call(request.request_id, self.engine.add, request)
+            for run_id in aborts:
+                self._engine_call(run_id, self.engine.abort, run_id)
+            if not self.engine.has_work():
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            try:
+                outputs = await loop.run_in_executor(self._executor, self.engine.step)
+            except Exception:
+                log.exception("engine step failed; failing the requests it was running")
+                self._fail_running()
+                continue
+            for out in outputs:
+                self.on_output(out)
+            metrics.RUNNING.set(self.engine.num_running)
+            metrics.WAITING.set(self.engine.num_waiting)
+
+    def _engine_call(self, run_id: str, call: Callable[..., object], arg: object) -> None:
+        try:
+            call(arg)
+        except Exception:
+            log.exception("engine refused run %s", run_id)
+            active = self.ledger.run(run_id)
+            self.ledger.run_ended(run_id)
+            if active is not None and not active.stream.abandoned:
+                self._fail(active, Failed("internal", INTERNAL.format("running")))
+
+    def _fail_running(self) -> None:
+        for active in self.ledger.select(lambda a: a.in_engine):
+            self.ledger.run_ended(active.run_id)
+            try:
+                self.engine.abort(active.run_id)
+            except Exception:
+                log.exception("engine could not abort run %s", active.run_id)
+            if not active.stream.abandoned:
+                self._fail(active, Failed("internal", INTERNAL.format("running")))
+
+    def on_output(self, out: StepOutput) -> None:
+        active = self.ledger.run(out.request_id)  # the engine's request id is the run id
+        if active is None:
+            return
+        if out.finish_reason is not None:
+            self.ledger.run_ended(out.request_id)
+        if active.stream.abandoned or active.stream.broken:
+            return
+        if out.token_ids:
+            now = time.monotonic()
+            if active.last_token is None:
+                metrics.TTFT.observe(now - active.started)
+                active.first_token_ms = int((now - active.started) * 1000)
+            else:
+                metrics.ITL.observe(now - active.last_token)
+            active.last_token = now
+            active.completion += len(out.token_ids)
+            metrics.GENERATION_TOKENS.inc(len(out.token_ids))
+            if self.solo is active:
+                self._clear_solo()
+        active.stream.tokens(out.token_ids, out.text)
+        if out.finish_reason is not None:
+            self._finish(active, "cancelled" if out.finish_reason == "aborted" else out.finish_reason)
+
+    # Endings -----------------------------------------------------------------------------------------------
+
+    def _finish(self, active: Active, reason: str) -> None:
+        finished = Finished(
+            finish_reason=reason,
+            usage=Usage(active.prompt_tokens, active.completion),
+            ttft_ms=active.first_token_ms,
+            total_ms=int((time.monotonic() - active.started) * 1000),
+        )
+        log.info("request %s: finished (%s, %d tokens)", active.request_id, reason, active.completion)
+        metrics.E2E.observe(max(0.0, _now_ms() - active.ticket.created_ms) / 1000)
+        self._close_when_acked(active.ticket, active.stream.finish(finished), reason, active)
+
+    def _fail(self, active: Active, failed: Failed) -> None:
+        log.warning("request %s: failed: %s", active.request_id, failed.message)
+        self._close_when_acked(active.ticket, active.stream.finish(failed), None, active)
+
+    def _close_when_acked(
+        self, ticket: Ticket, ack: asyncio.Future[None], reason: str | None, active: Active | None
+    ) -> None:
+        """Close the ticket once the terminal event is in the log; ``reason`` None for a Failed."""
+
+        def acked(done: asyncio.Future[None]) -> None:
+            if active is not None:
+                self._forget(active)
+            if done.cancelled() or done.exception() is not None:
+                return  # the run broke: on_broken has the request taken up again
+            if reason is not None:  # request_success_total counts Finished requests only, as vLLM's does
+                metrics.SUCCESS.labels(finished_reason=reason).inc()
+            self.on_closed(ticket)
+
+        ack.add_done_callback(acked)
+
+    def _broken(self, ticket: Ticket, stream: RunStream) -> None:
+        """An event of ``stream`` was lost: stop the run and have the request taken up again from the log."""
+        rid = ticket.request.request_id
+        active = self.ledger.get(rid)
+        if active is not None and active.stream is stream:
+            if active.in_engine:
+                self._aborts.append(active.run_id)
+                self._wake.set()
+            self._forget(active)
+        log.warning("request %s: run %s lost an event; taking the request up again", rid, stream.run_id)
+        self.on_retake(ticket)
+
+    def _forget(self, active: Active) -> None:
+        self.ledger.remove(active)
+        if self.solo is active:
+            self._clear_solo()
+        self.changed.set()
+
+    def _clear_solo(self) -> None:
+        self.solo = None
+        self.changed.set()
+
+    # Cancellation and rebalancing --------------------------------------------------------------------------
+
+    def cancel(self, request_id: str) -> None:
+        self.cancelled.add(request_id)
+        active = self.ledger.get(request_id)
+        if active is not None and active.in_engine:
+            self._aborts.append(active.run_id)
+            self._wake.set()
+
+    def abandon(self, which: Callable[[Ticket], bool]) -> list[Active]:
+        """Stop these runs without a terminal event (another worker continues them from the log)."""
+        gone = self.ledger.select(lambda a: which(a.ticket))
+        for active in gone:
+            log.info("request %s: abandoning run %s", active.request_id, active.run_id)
+            active.stream.abandoned = True
+            if active.in_engine:
+                self._aborts.append(active.run_id)
+            self._forget(active)
+        self._wake.set()
+        return gone
+
+    async def wait_changed(self) -> None:
+        self.changed.clear()
+        await self.changed.wait()
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+
+
+def _ignore(_: Ticket) -> None:
+    pass
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
