@@ -25,7 +25,13 @@ async def test_topic_creation_is_idempotent(kafka_bootstrap: str, topic_prefix: 
     first = await ensure_topics(settings)
     second = await ensure_topics(settings)
     assert sorted(first) == sorted(
-        [settings.requests_topic, settings.events_topic, settings.control_topic, settings.dlq_topic]
+        [
+            settings.requests_topic,
+            settings.events_topic,
+            settings.control_topic,
+            settings.dlq_topic,
+            settings.models_topic,
+        ]
     )
     assert second == []
     counts = await describe_topics(settings)

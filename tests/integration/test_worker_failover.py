@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import GroupCoordinatorNotAvailableError
 
 from gateway.view import View
 from schemas.codec import default_codec
@@ -113,7 +114,12 @@ async def wait_group_members(settings: Settings, count: int, timeout_s: float = 
     try:
         deadline = time.monotonic() + timeout_s
         while True:
-            (response,) = await admin.describe_consumer_groups([settings.worker_group])
+            try:
+                (response,) = await admin.describe_consumer_groups([settings.worker_group])
+            except GroupCoordinatorNotAvailableError:  # a fresh broker creates its offsets topic on first use
+                assert time.monotonic() < deadline, "no group coordinator"
+                await asyncio.sleep(0.2)
+                continue
             group = response.groups[0]
             state, members = group[2], group[5]
             if state == "Stable" and len(members) == count and all(len(m[-1]) > 8 for m in members):
@@ -157,6 +163,7 @@ def spawn(settings: Settings, model_dir: Path, name: str) -> subprocess.Popen[by
     env = env_of(
         settings,
         TOKENRELAY_MODEL=str(model_dir),
+        TOKENRELAY_SERVED_NAME=settings.served_model,
         TOKENRELAY_DEVICE="cpu",
         TOKENRELAY_MAX_BATCH_SIZE=str(BATCH),
         TOKENRELAY_WORKER_METRICS_PORT="0",

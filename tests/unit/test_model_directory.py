@@ -1,0 +1,55 @@
+"""The gateway's directory of live models, from announcements alone."""
+
+from __future__ import annotations
+
+from gateway.models import ModelDirectory
+from schemas.records import ModelInfo
+
+
+def _info(name: str, worker: str, ts: int, **kw: object) -> ModelInfo:
+    fields: dict[str, object] = {"context_length": 2048, "has_chat_template": True, "ttl_ms": 1000}
+    fields.update(kw)
+    return ModelInfo(name=name, worker=worker, ts_ms=ts, **fields)  # type: ignore[arg-type]
+
+
+def test_a_model_lives_while_a_worker_of_it_heartbeats() -> None:
+    d = ModelDirectory()
+    d.feed(_info("a", "w1", 1000))
+    assert list(d.live(1500)) == ["a"]
+    assert d.live(2500) == {}  # its ttl passed
+    d.feed(_info("a", "w1", 2400))
+    assert list(d.live(2500)) == ["a"]
+
+
+def test_workers_of_one_model_promise_only_what_all_accept() -> None:
+    d = ModelDirectory()
+    d.feed(_info("a", "w1", 1000, context_length=4096, max_tokens_limit=512))
+    d.feed(_info("a", "w2", 1000, context_length=2048, has_chat_template=False, max_tokens_limit=1024))
+    model = d.get("a", 1100)
+    assert model is not None
+    assert (model.context_length, model.has_chat_template, model.max_tokens_limit, model.workers) == (
+        2048,
+        False,
+        512,
+        2,
+    )
+
+
+def test_a_withdrawn_worker_is_gone_at_once_and_old_records_do_not_revive_it() -> None:
+    d = ModelDirectory()
+    d.feed(_info("a", "w1", 1000))
+    d.feed(_info("a", "w1", 1100, ttl_ms=0))
+    assert d.live(1200) == {}
+    d.feed(_info("a", "w1", 900))  # an older heartbeat read late
+    assert d.live(1200) == {}
+
+
+def test_resolve_names_default_and_the_only_model() -> None:
+    d = ModelDirectory()
+    d.feed(_info("small", "w1", 1000))
+    assert d.resolve(None, "default", 1100) is not None  # the only live model
+    assert d.resolve("other", "default", 1100) is None
+    d.feed(_info("default", "w2", 1000))
+    resolved = d.resolve(None, "default", 1100)
+    assert resolved is not None and resolved.name == "default"
+    assert d.resolve("small", "default", 1100) is not None
