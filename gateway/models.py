@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 from schemas.records import ModelInfo
 
-
 FORGET_AFTER_MS = 3_600_000
 
 
