@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import time
@@ -10,11 +11,12 @@ from pathlib import Path
 import fastavro
 import pytest
 
-from schemas.codec import AVRO_DIR, MAGIC, fingerprint
+from schemas.codec import AVRO_DIR, MAGIC, default_codec, fingerprint
 from schemas.ids import new_request_id
-from schemas.records import Delta, Failed, Finished, InferenceRequest, Started, TokenEvent
+from schemas.records import ChatMessage, Delta, Failed, Finished, InferenceRequest, Started, TokenEvent
 from schemas.sampling import SamplingParams
 from services.settings import Settings
+from services.topics import ensure_topics
 from tests.integration.worker_helpers import cancel, collect, dlq_records, produce, produce_raw, running_worker
 from tests.tinymodel import build_tiny_model
 from workers.engine.engine import Engine
@@ -161,3 +163,42 @@ def plain_avro_request(request_id: str) -> bytes:
         record.setdefault(f["name"], f.get("default"))
     fastavro.schemaless_writer(buf, schema, record)
     return MAGIC + fingerprint(raw) + buf.getvalue()
+
+
+async def test_misuse_ends_each_request_and_cancels_sent_before_the_worker_started_are_honoured(
+    settings: Settings, engine: Engine
+) -> None:
+    assert not engine.has_chat_template  # the tiny test model has none
+    chat = InferenceRequest(new_request_id(), "", 4, messages=(ChatMessage("user", "hi"),))
+    words = 1
+    while len(engine.encode_prompt("word " * words)) < engine.max_positions - 20:
+        words += 1
+    overflow = InferenceRequest(new_request_id(), "word " * words, 60)  # fits alone, not with 60 more tokens
+    cancelled = [InferenceRequest(new_request_id(), f"never run {i}", 60, temperature=0.0) for i in range(5)]
+    fine = InferenceRequest(new_request_id(), "The quick brown fox", 5, temperature=0.0)
+    await ensure_topics(settings)
+    # Sent while no worker is alive: the requests, then their cancels.
+    await produce(settings, cancelled)
+    for request in cancelled:
+        await cancel(settings, request.request_id)
+    async with running_worker(settings, engine):
+        await produce_raw(settings, settings.requests_topic, b"x", default_codec().encode(_with_id(fine, "x")))
+        await produce(settings, [chat, overflow, fine])
+        ids = [chat.request_id, overflow.request_id, fine.request_id, *(r.request_id for r in cancelled)]
+        events = await collect(settings, ids)
+        dlq = await dlq_records(settings, 1)
+    chat_end, overflow_end = events[chat.request_id][-1].payload, events[overflow.request_id][-1].payload
+    assert isinstance(chat_end, Failed) and chat_end.code == "chat_template_missing"
+    assert isinstance(overflow_end, Failed) and overflow_end.code == "context_length_exceeded"
+    assert str(engine.max_positions) in overflow_end.message
+    for request in cancelled:
+        ids_, _, terminal = check_run(events[request.request_id])
+        assert isinstance(terminal, Finished) and terminal.finish_reason == "cancelled" and ids_ == []
+    _, _, fine_end = check_run(events[fine.request_id])
+    assert isinstance(fine_end, Finished) and fine_end.finish_reason == "length"  # the worker kept serving
+    key, _, headers = dlq[0]
+    assert key == b"x" and headers["error-code"] == b"invalid"  # a request id that is not a UUIDv7
+
+
+def _with_id(request: InferenceRequest, request_id: str) -> InferenceRequest:
+    return dataclasses.replace(request, request_id=request_id)
