@@ -177,7 +177,7 @@ class Hub:
         source: EventSource,
         *,
         memory_events: int = 256,
-        memory_total_events: int = 65_536,
+        memory_total_events: int = 50_000,
         subscriber_buffer: int = 1024,
         max_requests: int = 2048,
         metrics: GatewayMetrics | None = None,

@@ -4,15 +4,31 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import errno
+import importlib.metadata
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from schemas.errors import TokenRelayError
-from services.settings import Settings, settings_table
+from services.settings import Settings, effective_table, settings_table, sources, unknown_variables
 
 Command = Callable[[argparse.Namespace, Settings], int]
+
+# Commands whose output is the point: library INFO lines (aiokafka's, ours) would land in the middle of it.
+QUIET_COMMANDS = frozenset({"submit", "tail", "export", "topics", "settings", "up"})
+# Commands that follow a running `tokenrelay up` (its Kafka address and topic prefix) unless told otherwise.
+CLIENT_COMMANDS = frozenset({"submit", "tail", "export", "topics", "settings", "worker", "gateway", "analytics"})
+
+
+def version() -> str:
+    try:
+        return importlib.metadata.version("tokenrelay")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def _cmd_broker(args: argparse.Namespace, settings: Settings) -> int:
@@ -26,6 +42,8 @@ def _cmd_broker(args: argparse.Namespace, settings: Settings) -> int:
 def _cmd_topics(args: argparse.Namespace, settings: Settings) -> int:
     from services.topics import describe_topics, ensure_topics
 
+    _require_kafka(settings, args)
+
     async def run() -> None:
         created = await ensure_topics(settings)
         for name, partitions in (await describe_topics(settings)).items():
@@ -37,82 +55,139 @@ def _cmd_topics(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_settings(args: argparse.Namespace, settings: Settings) -> int:
-    print(settings_table())
+    if args.markdown:
+        print(settings_table())
+    else:
+        print(effective_table(settings, args.sources))
     return 0
 
 
 def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    from services.ports import check_ports, listens
     from workers.main import run_worker
 
+    check_ports(listens(settings, ["worker"], standalone=True))
     return run_worker(settings)
 
 
 def _cmd_gateway(args: argparse.Namespace, settings: Settings) -> int:
     from gateway.main import run_gateway
+    from services.ports import check_ports, listens
 
+    check_ports(listens(settings, ["gateway"], standalone=True))
     return run_gateway(settings)
 
 
 def _cmd_analytics(args: argparse.Namespace, settings: Settings) -> int:
     from services.analytics.main import run_analytics
+    from services.ports import check_ports, listens
 
+    check_ports(listens(settings, ["analytics"], standalone=True))
     return run_analytics(settings)
 
 
 def _cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     from services.stack import run_stack
 
-    return run_stack(settings, local_broker=args.bootstrap is None and not _bootstrap_from_env())
+    source = args.sources["kafka_bootstrap"]
+    existing = source in ("environment", "flag --bootstrap")
+    return run_stack(settings, local_broker=not existing, bootstrap_source=source, verbose=args.verbose)
 
 
 def _cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
+    from schemas.sampling import SamplingParams
     from services.submit import submit
 
+    SamplingParams(args.max_tokens, args.temperature, args.top_p).check(settings.max_tokens_limit)
+    _require_kafka(settings, args)
     return asyncio.run(
-        submit(settings, args.prompt, max_tokens=args.max_tokens, temperature=args.temperature, follow=args.follow)
+        submit(
+            settings,
+            args.prompt,
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            chat=args.chat,
+            model=args.request_model or "",
+            follow=args.follow,
+        )
     )
 
 
 def _cmd_tail(args: argparse.Namespace, settings: Settings) -> int:
-    from services.logtools import tail
+    from services.logtools import parse_time, tail
 
+    if args.since is not None:
+        parse_time(args.since)
+    _require_kafka(settings, args)
     return asyncio.run(tail(settings, request_id=args.request_id, since=args.since, follow=not args.no_follow))
 
 
 def _cmd_export(args: argparse.Namespace, settings: Settings) -> int:
-    from services.logtools import export
+    from services.logtools import export, parse_time
 
+    parse_time(args.since)
+    if args.until is not None:
+        parse_time(args.until)
+    _require_kafka(settings, args)
     return asyncio.run(export(settings, since=args.since, until=args.until, out=args.out))
 
 
-def _bootstrap_from_env() -> bool:
-    import os
+def _require_kafka(settings: Settings, args: argparse.Namespace) -> None:
+    """A one-line error at once when no broker answers, instead of a minute of retries."""
+    from services.readiness import kafka_answers
 
-    return bool(os.environ.get("TOKENRELAY_KAFKA_BOOTSTRAP"))
+    if not kafka_answers(settings.kafka_bootstrap):
+        source = args.sources.get("kafka_bootstrap", "default")
+        hint = (
+            "start the stack with `tokenrelay up` (or a broker with `tokenrelay broker`), "
+            "or point --bootstrap / TOKENRELAY_KAFKA_BOOTSTRAP at your cluster"
+            if source == "default"
+            else "check the address"
+        )
+        raise TokenRelayError(f"no Kafka broker answers at {settings.kafka_bootstrap} (from {source}): {hint}")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenrelay", description="Streaming LLM inference on Apache Kafka.")
+    parser.add_argument("--version", action="version", version=f"tokenrelay {version()}")
     parser.add_argument("--bootstrap", help="Kafka bootstrap servers (default: TOKENRELAY_KAFKA_BOOTSTRAP)")
     parser.add_argument("--log-level", help="Python log level (default: TOKENRELAY_LOG_LEVEL or INFO)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(name: str, func: Command, help_text: str) -> argparse.ArgumentParser:
+    def add(name: str, func: Command, help_text: str, *, kafka: bool = True) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(func=func)
+        if kafka:
+            # SUPPRESS: given after the command it wins, absent it leaves the global flag's value alone.
+            p.add_argument(
+                "--bootstrap", default=argparse.SUPPRESS, help="Kafka bootstrap servers (TOKENRELAY_KAFKA_BOOTSTRAP)"
+            )
         return p
 
-    up = add("up", _cmd_up, "Run the whole stack on this machine: broker, topics, worker, gateway, analytics.")
-    up.add_argument("--port", type=int, dest="gateway_port", help="gateway port (default 8080)")
+    up = add(
+        "up",
+        _cmd_up,
+        "Run the whole stack on this machine: a local Kafka broker (unless --bootstrap names a cluster), topics, "
+        "a worker, the gateway and analytics.",
+    )
+    up.add_argument("--broker-port", type=int, help="port of the local broker (default 9092)")
+    up.add_argument("--gateway-port", "--port", type=int, dest="gateway_port", help="gateway port (default 8080)")
+    up.add_argument("--analytics-port", type=int, help="analytics port (default 6066)")
+    up.add_argument("--metrics-port", type=int, dest="worker_metrics_port", help="worker metrics port (0 = off)")
     up.add_argument("--model", help="model for the worker (default: the built-in model)")
     up.add_argument("--engine", choices=["model", "synthetic"], help="engine of the worker")
+    up.add_argument("--verbose", action="store_true", help="show the components' logs here instead of in files")
 
-    broker = add("broker", _cmd_broker, "Run a local single-node Apache Kafka broker (KRaft) in the foreground.")
+    broker = add(
+        "broker", _cmd_broker, "Run a local single-node Apache Kafka broker (KRaft) in the foreground.", kafka=False
+    )
     broker.add_argument("--port", type=int, help="listener port (default 9092)")
     broker.add_argument("--data-dir", help="data directory (default ~/.cache/tokenrelay/broker-data)")
 
     add("topics", _cmd_topics, "Create the topics if missing and describe them.")
-    add("settings", _cmd_settings, "Print every setting with its environment variable.")
+    settings_cmd = add("settings", _cmd_settings, "Print every setting in effect and where its value came from.")
+    settings_cmd.add_argument("--markdown", action="store_true", help="the documented table with defaults instead")
 
     worker = add("worker", _cmd_worker, "Run an inference worker in the foreground.")
     worker.add_argument("--model", help="model directory or cached hub id (default: the built-in model)")
@@ -128,9 +203,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     submit = add("submit", _cmd_submit, "Submit a prompt straight to the requests topic; print the id.")
     submit.add_argument("prompt")
+    submit.add_argument(
+        "--chat",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="send the prompt as a chat message rendered with the model's chat template (default); "
+        "--no-chat continues the raw text instead",
+    )
+    submit.add_argument("--model", dest="request_model", help="served model name (default: the worker's model)")
     submit.add_argument("--max-tokens", type=int, default=64)
-    submit.add_argument("--temperature", type=float, default=0.0)
-    submit.add_argument("--follow", action="store_true", help="print the tokens as they arrive")
+    submit.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    submit.add_argument("--top-p", type=float, default=1.0)
+    submit.add_argument("--follow", "-f", action="store_true", help="print the answer as it arrives")
 
     tail = add("tail", _cmd_tail, "Decode and print the token log.")
     tail.add_argument("--request-id", help="only this request")
@@ -144,27 +228,82 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_FLAG_SETTINGS = ("gateway_port", "gateway_host", "worker_metrics_port", "analytics_port", "model", "engine")
+# Flags that set a setting of the same name, and how `tokenrelay settings` names them.
+_FLAG_SETTINGS = {
+    "gateway_port": "--gateway-port",
+    "gateway_host": "--host",
+    "worker_metrics_port": "--metrics-port",
+    "analytics_port": "--analytics-port",
+    "broker_port": "--broker-port",
+    "model": "--model",
+    "engine": "--engine",
+    "bootstrap": "--bootstrap",
+    "log_level": "--log-level",
+}
+
+
+def _settings(args: argparse.Namespace) -> tuple[Settings, dict[str, str]]:
+    """The settings in effect: flags, then the environment, then a running `tokenrelay up`, then defaults."""
+    overrides = {name: getattr(args, name, None) for name in _FLAG_SETTINGS}
+    overrides["kafka_bootstrap"] = overrides.pop("bootstrap")
+    given = {k: v for k, v in overrides.items() if v is not None}
+    where = {k: f"flag {_FLAG_SETTINGS['bootstrap' if k == 'kafka_bootstrap' else k]}" for k in given}
+    settings = Settings.from_env(**given)
+    where = sources(os.environ, where)
+    if args.command in CLIENT_COMMANDS and where["kafka_bootstrap"] == "default":
+        from services.runstate import read_state
+
+        state = read_state(settings)
+        if state is not None:
+            running = f"the running `tokenrelay up` (pid {state.pid})"
+            given["kafka_bootstrap"] = state.kafka_bootstrap
+            where["kafka_bootstrap"] = running
+            if where["topic_prefix"] == "default":
+                given["topic_prefix"] = state.topic_prefix
+                where["topic_prefix"] = running
+            settings = Settings.from_env(**given)
+    if where["kafka_bootstrap"] == "default" and where["broker_port"] != "default":
+        # The clients' default broker is the local one, wherever its port was moved.
+        settings = dataclasses.replace(settings, kafka_bootstrap=f"127.0.0.1:{settings.broker_port}")
+        where["kafka_bootstrap"] = f"the local broker's port, TOKENRELAY_BROKER_PORT ({where['broker_port']})"
+    return settings, where
+
+
+def _verbose(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "verbose", False))
+
+
+def _quiet_broken_pipe() -> int:
+    # The reader went away (`tokenrelay tail | head`): stop quietly, and keep the interpreter's final flush of
+    # stdout from failing again.
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), sys.stdout.fileno())
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    overrides = {name: getattr(args, name, None) for name in _FLAG_SETTINGS}
-    overrides["kafka_bootstrap"] = args.bootstrap
-    overrides["log_level"] = args.log_level
+    for warning in unknown_variables():
+        print(f"tokenrelay: warning: {warning}", file=sys.stderr)
     try:
-        settings = Settings.from_env(**overrides)
-        logging.basicConfig(
-            level=settings.log_level.upper(),
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-            stream=sys.stderr,
-        )
+        settings, args.sources = _settings(args)
+        level = settings.log_level.upper()
+        if args.command in QUIET_COMMANDS and args.sources["log_level"] == "default" and not _verbose(args):
+            level = "WARNING"
+        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
         return int(args.func(args, settings))
     except TokenRelayError as exc:
         print(f"tokenrelay: {exc.message}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        return _quiet_broken_pipe()
     except KeyboardInterrupt:
         return 130
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            print(f"tokenrelay: {exc.strerror}: {exc}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

@@ -176,6 +176,7 @@ async def tail(
     settings: Settings, *, request_id: str | None = None, since: str | None = None, follow: bool = True
 ) -> int:
     """Print one line per event: all partitions, or the one partition of ``request_id`` filtered to that request."""
+    since_ms = parse_time(since) if since is not None else None  # a bad time is an error before any I/O
     only = None
     if request_id is not None:
         if not is_request_id(request_id):
@@ -183,8 +184,8 @@ async def tail(
         only = [partition_for_key(request_id, await _partition_count(settings))]
     consumer, tps = await _assign(settings, only)
     try:
-        if since is not None:
-            starts = await _offsets_at(consumer, tps, parse_time(since))
+        if since_ms is not None:
+            starts = await _offsets_at(consumer, tps, since_ms)
         elif request_id is not None:
             starts = await _offsets_at(consumer, tps, request_id_time_ms(request_id) - _REQUEST_START_SLACK_MS)
         elif follow:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,8 +16,16 @@ from schemas.errors import ConfigError
 DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tokenrelay"
 
 
-def _setting(default: Any, env: str, doc: str) -> Any:
-    return field(default=default, metadata={"env": env, "doc": doc})
+ENGINES = ("model", "synthetic")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# Variables with the prefix that are not settings: the test suite's own knobs.
+NON_SETTING_PREFIXES = ("TOKENRELAY_TEST_",)
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def _setting(default: Any, env: str, doc: str, choices: tuple[str, ...] = ()) -> Any:
+    return field(default=default, metadata={"env": env, "doc": doc, "choices": choices})
 
 
 @dataclass(frozen=True)
@@ -81,10 +91,16 @@ class Settings:
         "auto", "TOKENRELAY_DEVICE", "Torch device: 'auto' (cuda when present, else cpu), 'cpu', 'cuda:0', ..."
     )
     dtype: str = _setting(
-        "auto", "TOKENRELAY_DTYPE", "Torch dtype: 'auto' (bf16 on cuda, fp32 on cpu), 'float32', 'bfloat16', 'float16'."
+        "auto",
+        "TOKENRELAY_DTYPE",
+        "Torch dtype: 'auto' (bf16 on cuda, fp32 on cpu), 'float32', 'bfloat16', 'float16'.",
+        DTYPES,
     )
     engine: str = _setting(
-        "model", "TOKENRELAY_ENGINE", "'model' for the real engine, 'synthetic' for fixed-rate tokens with no model."
+        "model",
+        "TOKENRELAY_ENGINE",
+        "'model' for the real engine, 'synthetic' for fixed-rate tokens with no model.",
+        ENGINES,
     )
     synthetic_tokens_per_s: float = _setting(
         50.0, "TOKENRELAY_SYNTHETIC_TOKENS_PER_S", "Per-request token rate of the synthetic engine."
@@ -161,7 +177,14 @@ class Settings:
     analytics_window_s: int = _setting(
         60, "TOKENRELAY_ANALYTICS_WINDOW_S", "Width of the analytics tumbling windows in seconds."
     )
-    log_level: str = _setting("INFO", "TOKENRELAY_LOG_LEVEL", "Python log level.")
+    log_level: str = _setting(
+        "INFO", "TOKENRELAY_LOG_LEVEL", "Python log level: DEBUG, INFO, WARNING, ERROR or CRITICAL.", LOG_LEVELS
+    )
+
+    def __post_init__(self) -> None:
+        problems = _problems(self)
+        if problems:
+            raise ConfigError("; ".join(problems))
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -171,7 +194,7 @@ class Settings:
         for f in dataclasses.fields(cls):
             raw = environ.get(f.metadata["env"])
             if raw is not None and raw != "":
-                values[f.name] = _parse(f.name, f.type, raw)
+                values[f.name] = _parse(f.name, f.type, raw, f.metadata["env"])
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
@@ -230,7 +253,7 @@ class Settings:
         return self.worker_group_for(self.served_model)
 
 
-def _parse(name: str, type_name: Any, raw: str) -> Any:
+def _parse(name: str, type_name: Any, raw: str, env: str = "") -> Any:
     type_text = str(type_name)
     try:
         if type_text == "int":
@@ -243,7 +266,7 @@ def _parse(name: str, type_name: Any, raw: str) -> Any:
             return tuple(part.strip() for part in raw.split(",") if part.strip())
         return raw
     except ValueError as exc:
-        raise ConfigError(f"setting {name}: cannot read {raw!r} as {type_text}") from exc
+        raise ConfigError(f"{env or name}={raw!r}: not a valid {type_text} (setting {name})") from exc
 
 
 def settings_table() -> str:
@@ -257,3 +280,78 @@ def settings_table() -> str:
             default = str(default).replace(str(Path.home()), "~")
         rows.append(f"| `{f.metadata['env']}` | `{default}` | {f.metadata['doc']} |")
     return "\n".join(rows)
+
+
+def _suggest(word: str, choices: Sequence[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _problems(settings: Settings) -> list[str]:
+    """What is wrong with these values, one sentence each naming the variable; empty when all is well."""
+    problems = []
+    for f in dataclasses.fields(settings):
+        value, env, choices = getattr(settings, f.name), f.metadata["env"], f.metadata["choices"]
+        if choices and str(value).upper() not in {c.upper() for c in choices}:
+            problems.append(f"{env}={value!r} is not one of {', '.join(choices)}{_suggest(str(value), choices)}")
+        if f.name.endswith("_port") and not 0 <= value <= 65535:
+            problems.append(f"{env}={value} is not a port number (0-65535)")
+        if f.name.endswith("_partitions") and value < 1:
+            problems.append(f"{env}={value}: a topic needs at least one partition")
+    if not _DEVICE.match(settings.device):
+        problems.append(f"TOKENRELAY_DEVICE={settings.device!r} is not 'auto', 'cpu', 'mps', 'cuda' or 'cuda:N'")
+    return problems
+
+
+def variables() -> dict[str, str]:
+    """Every TOKENRELAY_* variable, mapped to its field name."""
+    return {f.metadata["env"]: f.name for f in dataclasses.fields(Settings)}
+
+
+def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
+    """One warning per TOKENRELAY_* variable that is not a setting (a typo would otherwise pass silently)."""
+    environ = os.environ if environ is None else environ
+    known = variables()
+    return [
+        f"{name} is not a tokenrelay setting and is ignored{_suggest(name, list(known))}"
+        for name in sorted(environ)
+        if name.startswith("TOKENRELAY_") and name not in known and not name.startswith(NON_SETTING_PREFIXES)
+    ]
+
+
+def sources(environ: Mapping[str, str] | None = None, overrides: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Where each field's value comes from: ``overrides`` (field → how it was given, e.g. a flag), the
+    environment, or the default."""
+    environ = os.environ if environ is None else environ
+    overrides = overrides or {}
+    found = {}
+    for f in dataclasses.fields(Settings):
+        if f.name in overrides:
+            found[f.name] = overrides[f.name]
+        elif environ.get(f.metadata["env"]):
+            found[f.name] = "environment"
+        else:
+            found[f.name] = "default"
+    return found
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, tuple):
+        return ",".join(value)
+    if isinstance(value, Path):
+        return str(value).replace(str(Path.home()), "~", 1)
+    return str(value)
+
+
+def effective_table(settings: Settings, where: Mapping[str, str]) -> str:
+    """The values in effect and where each came from, as aligned text for `tokenrelay settings`."""
+    secret = {"api_keys", "stream_token_secret"}
+    rows = []
+    for f in dataclasses.fields(settings):
+        value = _shown(getattr(settings, f.name))
+        if f.name in secret and value:
+            value = "(set, hidden)"
+        rows.append((f.metadata["env"], value or "(empty)", where.get(f.name, "default")))
+    width = [max(len(r[i]) for r in rows) for i in range(2)]
+    head = f"{'variable':{width[0]}}  {'value':{width[1]}}  from"
+    return "\n".join([head] + [f"{a:{width[0]}}  {b:{width[1]}}  {c}" for a, b, c in rows])

@@ -9,18 +9,40 @@ from aiokafka import TopicPartition
 
 from schemas.codec import default_codec
 from schemas.ids import new_request_id, request_id_time_ms
-from schemas.records import Delta, Failed, Finished, InferenceRequest, Started
+from schemas.records import ChatMessage, Delta, Failed, Finished, InferenceRequest, Started
+from schemas.sampling import SamplingParams
 from services.kafka import make_consumer, make_producer, partition_for_key, record_headers, start_client
 from services.settings import Settings
 
 LOOKBACK_MS = 5_000
 
 
-async def submit(settings: Settings, prompt: str, max_tokens: int, temperature: float, follow: bool) -> int:
-    """Produce one request, print its id; with ``follow`` print its text as it arrives. Exit code 0 on success."""
+async def submit(
+    settings: Settings,
+    prompt: str,
+    max_tokens: int,
+    temperature: float,
+    follow: bool,
+    *,
+    top_p: float = 1.0,
+    chat: bool = False,
+    model: str = "",
+) -> int:
+    """Produce one request, print its id; with ``follow`` print its text as it arrives. Exit code 0 on success.
+
+    ``chat`` sends the prompt as one user turn, which the worker renders with the model's chat template.
+    """
+    sampling = SamplingParams(max_tokens, temperature, top_p).check(settings.max_tokens_limit)
     request_id = new_request_id()
     request = InferenceRequest(
-        request_id, prompt, max_tokens, temperature=temperature, created_ms=int(time.time() * 1000)
+        request_id,
+        prompt,
+        sampling.max_tokens,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        messages=(ChatMessage("user", prompt),) if chat else None,
+        model=model,
+        created_ms=int(time.time() * 1000),
     )
     producer = make_producer(settings)
     await start_client(producer)

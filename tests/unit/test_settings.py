@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from schemas.errors import ConfigError
-from services.settings import Settings, settings_table
+from services.settings import Settings, effective_table, settings_table, sources, unknown_variables
 
 
 def test_defaults() -> None:
@@ -64,3 +64,52 @@ def test_readme_has_the_settings_table() -> None:
 def test_to_env_round_trips() -> None:
     s = Settings.from_env({}, api_keys=("a", "b"), events_partitions=3, keepalive_s=0.5, cache_dir=Path("/tmp/c"))
     assert Settings.from_env(s.to_env()) == s
+
+
+def test_an_unknown_choice_is_an_error_naming_the_variable_and_the_likely_value() -> None:
+    with pytest.raises(
+        ConfigError, match=r"TOKENRELAY_ENGINE='synthtic' is not one of model, synthetic \(did you mean synthetic\?\)"
+    ):
+        Settings.from_env({"TOKENRELAY_ENGINE": "synthtic"})
+    with pytest.raises(ConfigError, match="TOKENRELAY_DTYPE"):
+        Settings(dtype="fp8")
+    with pytest.raises(ConfigError, match="TOKENRELAY_DEVICE"):
+        Settings(device="gpu")
+    with pytest.raises(ConfigError, match="TOKENRELAY_GATEWAY_PORT=70000"):
+        Settings(gateway_port=70000)
+    assert Settings(log_level="debug", device="cuda:1").log_level == "debug"
+
+
+def test_unknown_variables_are_reported_with_a_suggestion() -> None:
+    env = {"TOKENRELAY_MODLE": "x", "TOKENRELAY_MODEL": "y", "TOKENRELAY_TEST_KAFKA": "k:1", "OTHER": "z"}
+    assert unknown_variables(env) == [
+        "TOKENRELAY_MODLE is not a tokenrelay setting and is ignored (did you mean TOKENRELAY_MODEL?)"
+    ]
+
+
+def test_sources_say_where_each_value_came_from() -> None:
+    where = sources({"TOKENRELAY_MODEL": "m", "TOKENRELAY_ENGINE": ""}, {"gateway_port": "flag --gateway-port"})
+    assert where["model"] == "environment"
+    assert where["engine"] == "default"  # an empty variable is unset
+    assert where["gateway_port"] == "flag --gateway-port"
+    table = effective_table(Settings(model="m", api_keys=("secret",)), where)
+    assert "TOKENRELAY_MODEL" in table and " m " in table and "secret" not in table
+
+
+def test_hub_defaults_are_the_settings_defaults() -> None:
+    import inspect
+
+    from gateway.hub import Hub
+
+    params = inspect.signature(Hub).parameters
+    defaults = Settings()
+    assert params["memory_events"].default == defaults.hub_memory_events
+    assert params["memory_total_events"].default == defaults.hub_memory_total_events
+    assert params["subscriber_buffer"].default == defaults.subscriber_buffer
+    assert params["max_requests"].default == defaults.hub_max_requests
+
+
+def test_the_default_model_cache_follows_the_cache_dir_setting(tmp_path: Path) -> None:
+    from workers.model.registry import DEFAULT_MODEL_NAME, _cache_dir
+
+    assert _cache_dir(tmp_path) == tmp_path / "models" / DEFAULT_MODEL_NAME

@@ -1,30 +1,57 @@
-"""`tokenrelay up`: the child-process plan and the banner, without starting anything."""
+"""`tokenrelay up`: the child-process plan, the banner and the progress lines, without starting anything."""
 
 from __future__ import annotations
 
+import io
 import sys
+from pathlib import Path
 
+from services.readiness import sse_events
 from services.settings import Settings
-from services.stack import banner, child_plan
+from services.stack import Progress, banner, child_plan, curl_line
 
 
 def test_children_share_the_cluster_and_start_in_order() -> None:
     settings = Settings(kafka_bootstrap="127.0.0.1:19999", topic_prefix="x.", gateway_port=8181, analytics_port=6161)
-    plan = child_plan(settings, base_env={"PATH": "/bin"})
+    plan = child_plan(settings, base_env={"PATH": "/bin", "TOKENRELAY_MODLE": "typo", "TOKENRELAY_TEST_KAFKA": "k"})
     assert [c.name for c in plan] == ["worker", "gateway", "analytics"]
     for child in plan:
         assert child.argv[:3] == (sys.executable, "-m", "services.cli")
         assert child.env["TOKENRELAY_KAFKA_BOOTSTRAP"] == "127.0.0.1:19999"
         assert child.env["TOKENRELAY_TOPIC_PREFIX"] == "x."
         assert child.env["PATH"] == "/bin"
+        # `up` reported the unknown variable once; the children do not repeat it.
+        assert "TOKENRELAY_MODLE" not in child.env and child.env["TOKENRELAY_TEST_KAFKA"] == "k"
     assert plan[1].ready_url == "http://127.0.0.1:8181/readyz"
     assert plan[2].ready_url == "http://127.0.0.1:6161/usage"
 
 
-def test_banner_has_the_urls_and_a_curl_example() -> None:
+def test_banner_has_the_urls_a_curl_line_and_the_logs() -> None:
     settings = Settings(gateway_host="0.0.0.0", gateway_port=8080, analytics_port=6066, engine="synthetic")
-    text = banner(settings, local_broker=True)
-    assert "http://127.0.0.1:8080/" in text
+    text = banner(settings, local_broker=True, logs=Path.home() / ".cache/tokenrelay/logs")
+    assert "tokenrelay is ready: synthetic engine" in text
+    assert "http://127.0.0.1:8080/" in text and "http://127.0.0.1:8080/examples/" in text
     assert "http://127.0.0.1:6066/" in text
-    assert "curl -s http://127.0.0.1:8080/v1/requests" in text
-    assert "synthetic" in text and "local broker" in text
+    assert curl_line(settings) in text and curl_line(settings).startswith("curl -s http://127.0.0.1:8080/v1/chat/")
+    assert "local broker" in text and "~/.cache/tokenrelay/logs/" in text
+    assert "existing cluster" in banner(settings, local_broker=False, logs=None)
+
+
+def test_curl_line_carries_the_first_api_key() -> None:
+    assert "authorization: Bearer k1" in curl_line(Settings(api_keys=("k1", "k2")))
+
+
+def test_progress_without_a_terminal_prints_one_line_per_step() -> None:
+    out = io.StringIO()
+    progress = Progress(out)
+    progress.begin("gateway", "http://127.0.0.1:8080")
+    progress.tick("starting")  # too soon after begin: nothing
+    progress.end("ready")
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("  gateway    http://127.0.0.1:8080: ready (")
+
+
+def test_sse_events_parse_what_the_probe_reads() -> None:
+    raw = [b"retry: 1000\n", b"\n", b": keepalive\n", b"\n", b"id: A\n", b"event: started\n", b'data: {"a": 1}\n']
+    raw += [b"\n", b"event: done\n", b'data: {"finish_reason": "length"}\n', b"\n"]
+    assert list(sse_events(iter(raw))) == [("started", {"a": 1}), ("done", {"finish_reason": "length"})]
