@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
+from gateway import pages
 from gateway.auth import Auth
 from gateway.backlog import BacklogMonitor
 from gateway.cursor import Cursor, decode_cursor
@@ -671,4 +672,5 @@ def build_app(gateway: Gateway) -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/", playground)
+    pages.add_routes(app)
     return app
