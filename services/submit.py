@@ -8,11 +8,13 @@ import time
 from aiokafka import TopicPartition
 
 from schemas.codec import default_codec
+from schemas.errors import ConfigError
 from schemas.ids import new_request_id, request_id_time_ms
 from schemas.records import ChatMessage, Delta, Failed, Finished, InferenceRequest, Started
 from schemas.sampling import SamplingParams
 from services.kafka import make_consumer, make_producer, partition_for_key, record_headers, start_client
 from services.settings import Settings
+from services.topics import describe_topics
 
 LOOKBACK_MS = 5_000
 
@@ -44,11 +46,17 @@ async def submit(
         model=model,
         created_ms=int(time.time() * 1000),
     )
+    topic = settings.requests_topic_for(model or settings.default_model)
+    if not (await describe_topics(settings, [topic]))[topic]:
+        raise ConfigError(
+            f"no worker has served model {model or settings.default_model!r} here (topic {topic} does not exist); "
+            "`curl <gateway>/v1/models` lists the served names"
+        )
     producer = make_producer(settings)
     await start_client(producer)
     try:
         await producer.send_and_wait(
-            settings.requests_topic,
+            topic,
             value=default_codec().encode(request),
             key=request_id.encode(),
             headers=record_headers("InferenceRequest"),
