@@ -149,11 +149,14 @@ class Progress:
             self.stream.write(text)
             self.stream.flush()
 
-    def begin(self, label: str, what: str) -> None:
+    def begin(self, label: str, what: str, *, others_print: bool = False) -> None:
+        """Start a step; ``others_print``: a tool writes to the terminal meanwhile, so no line is left open."""
         self.began = self._shown = time.monotonic()
         self.head = f"  {label:<10} {what}"
-        if self.tty:
+        if self.tty and not others_print:
             self._write(f"{self.head} …")
+        elif others_print:
+            self._write(f"{self.head} …\n")
 
     def tick(self, doing: str) -> None:
         now = time.monotonic()
@@ -323,7 +326,8 @@ def run_stack(
     def on_signal(signum: int, frame: FrameType | None) -> None:
         stop.set()
 
-    logs = None if verbose else settings.cache_dir / "logs"
+    # One directory per gateway port: stacks side by side on one machine keep their logs apart.
+    logs = None if verbose else settings.cache_dir / "logs" / f"up-{settings.gateway_port}"
     if logs is not None:
         logs.mkdir(parents=True, exist_ok=True)
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -334,8 +338,12 @@ def run_stack(
     print(f"starting tokenrelay on this machine ({where})", flush=True)
     try:
         if local_broker:
-            from services.localbroker.runner import LocalBroker
+            from services.localbroker.runner import LocalBroker, classpath_file, ensure_jars
 
+            if not classpath_file(settings).exists():
+                progress.begin("kafka", "the broker's jars from Maven Central (first time only)", others_print=True)
+                ensure_jars(settings)
+                progress.end("resolved")
             progress.begin("kafka", f"local broker on 127.0.0.1:{settings.broker_port}")
             broker = LocalBroker(settings, settings.broker_port, settings.broker_data_dir, console=verbose)
             settings = dataclasses.replace(settings, kafka_bootstrap=broker.start())

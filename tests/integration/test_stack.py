@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,6 +19,8 @@ import psutil
 import pytest
 
 from services.localbroker.runner import free_port
+from services.runstate import read_state
+from services.settings import Settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -56,6 +61,10 @@ def _sse_events(url: str) -> list[tuple[str, dict[str, Any]]]:
     return events
 
 
+def _tokens(events: list[tuple[str, dict[str, Any]]]) -> int:
+    return sum(len(data["token_ids"]) for name, data in events if name == "token")
+
+
 def _wait_for_banner(proc: subprocess.Popen[str], deadline: float) -> str:
     assert proc.stdout is not None
     seen = []
@@ -72,47 +81,75 @@ def _wait_for_banner(proc: subprocess.Popen[str], deadline: float) -> str:
 def test_up_runs_the_whole_stack_and_stops_cleanly(tmp_path: Path, topic_prefix: str) -> None:
     gateway_port, analytics_port, broker_port = free_port(), free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENRELAY_") or k == "TOKENRELAY_CACHE_DIR"} | {
-        "TOKENRELAY_BROKER_PORT": str(broker_port),
         "TOKENRELAY_BROKER_DATA_DIR": str(tmp_path / "broker"),
-        "TOKENRELAY_GATEWAY_PORT": str(gateway_port),
-        "TOKENRELAY_ANALYTICS_PORT": str(analytics_port),
-        "TOKENRELAY_WORKER_METRICS_PORT": "0",
         "TOKENRELAY_TOPIC_PREFIX": topic_prefix,
         "TOKENRELAY_ANALYTICS_WINDOW_S": "5",
     }
+    ports = ["--broker-port", str(broker_port), "--gateway-port", str(gateway_port)]
+    ports += ["--analytics-port", str(analytics_port), "--metrics-port", "0"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "services.cli", "up"], env=env, stdout=subprocess.PIPE, text=True, bufsize=1
+        [sys.executable, "-m", "services.cli", "up", *ports], env=env, stdout=subprocess.PIPE, text=True, bufsize=1
     )
+    cache_dir = Settings.from_env(env).cache_dir
     try:
         banner = _wait_for_banner(proc, time.monotonic() + READY_S)
         gateway = f"http://127.0.0.1:{gateway_port}"
-        assert f"{gateway}/" in banner and f"http://127.0.0.1:{analytics_port}/" in banner and "curl" in banner
+        assert f"{gateway}/" in banner and f"http://127.0.0.1:{analytics_port}/" in banner
+        assert f"127.0.0.1:{broker_port} (local broker, topics {topic_prefix}*)" in banner
         descendants = psutil.Process(proc.pid).children(recursive=True)
         assert any("java" in p.name() for p in descendants), "the local broker JVM is a child of `up`"
+        # Ready means a worker answered: the probe request's id is on the worker's line, and it finished.
+        probe_id = re.search(r"worker .*answered a first request \(([0-9a-f-]{36})\)", banner)
+        assert probe_id is not None, banner
+        probe_events = _sse_events(f"{gateway}/v1/requests/{probe_id.group(1)}/events")
+        assert probe_events[-1][0] == "done"
+        # Component logs went to files, not to this output.
+        assert "INFO" not in banner and (cache_dir / "logs" / f"up-{gateway_port}" / "worker.log").exists()
+
+        # The banner's curl line works as printed.
+        curl = next(line.strip() for line in banner.splitlines() if line.strip().startswith("curl "))
+        if shutil.which("curl"):
+            answer = json.loads(subprocess.run(curl, shell=True, capture_output=True, text=True, timeout=120).stdout)
+            assert answer["choices"][0]["message"]["content"] and answer["usage"]["completion_tokens"] > 0
+
+        # A client command in another shell (no bootstrap, no prefix) finds the running stack.
+        client_env = {k: v for k, v in env.items() if k not in ("TOKENRELAY_TOPIC_PREFIX",)}
+        submitted_cli = subprocess.run(
+            [sys.executable, "-m", "services.cli", "submit", "What is a Kafka topic?", "--follow"],
+            env=client_env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert submitted_cli.returncode == 0, submitted_cli.stderr
+        cli_id, cli_text = submitted_cli.stdout.split("\n", 1)
+        assert cli_text.strip() and "INFO" not in submitted_cli.stdout + submitted_cli.stderr
 
         # The README's curl example: submit, then follow the SSE stream to its end.
         submitted = [
             _post(f"{gateway}/v1/requests", {"prompt": f"The weather today {i}", "max_tokens": 12}) for i in range(3)
         ]
-        completion_tokens = 0
+        completion_tokens = _tokens(probe_events) + _tokens(_sse_events(f"{gateway}/v1/requests/{cli_id}/events"))
+        if shutil.which("curl"):
+            completion_tokens += answer["usage"]["completion_tokens"]
         for item in submitted:
             events = _sse_events(f"{gateway}{item['events_url']}")
             names = [name for name, _ in events]
             assert names[0] == "started" and names[-1] == "done" and "token" in names
-            tokens = sum(len(data["token_ids"]) for name, data in events if name == "token")
             usage = events[-1][1]["usage"]
-            assert usage["completion_tokens"] == tokens
-            completion_tokens += tokens
+            assert usage["completion_tokens"] == _tokens(events)
+            completion_tokens += _tokens(events)
 
-        # Analytics counts exactly the completion tokens of the finished requests.
+        # Analytics counts exactly the completion tokens of the finished requests (the probe's too).
+        expected_requests = 5 + (1 if shutil.which("curl") else 0)
         deadline = time.monotonic() + 150
         usage_seen: Any = None
         while time.monotonic() < deadline:
             usage_seen = _get(f"http://127.0.0.1:{analytics_port}/usage")
-            if usage_seen["totals"]["requests"] >= 3:
+            if usage_seen["totals"]["requests"] >= expected_requests:
                 break
             time.sleep(1)
-        assert usage_seen["totals"]["requests"] == 3, usage_seen
+        assert usage_seen["totals"]["requests"] == expected_requests, usage_seen
         assert usage_seen["totals"]["completion_tokens"] == completion_tokens, usage_seen
     finally:
         pids = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)] if proc.poll() is None else []
@@ -123,3 +160,24 @@ def test_up_runs_the_whole_stack_and_stops_cleanly(tmp_path: Path, topic_prefix:
     assert proc.returncode == 0
     leftovers = [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
     assert leftovers == [], f"processes left running after `up` stopped: {leftovers}"
+    state = read_state(Settings.from_env(env))
+    assert state is None or state.pid != proc.pid, "the state file of a stopped `up` is removed"
+
+
+def test_up_refuses_a_busy_port_before_any_slow_work(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENRELAY_")}
+        env |= {"TOKENRELAY_CACHE_DIR": str(tmp_path), "TOKENRELAY_BROKER_DATA_DIR": str(tmp_path / "broker")}
+        argv = ["up", "--gateway-port", str(port), "--broker-port", str(free_port()), "--metrics-port", "0"]
+        done = subprocess.run(
+            [sys.executable, "-m", "services.cli", *argv], env=env, capture_output=True, text=True, timeout=60
+        )
+    assert done.returncode == 2
+    assert done.stderr == (
+        f"tokenrelay: port {port} (gateway) is already in use: stop what listens there, "
+        "or pick another port with --gateway-port or TOKENRELAY_GATEWAY_PORT\n"
+    )
+    assert not (tmp_path / "broker").exists(), "the check comes before the broker starts"
