@@ -47,6 +47,7 @@ class Child:
     env: Mapping[str, str]
     ready_url: str | None = None  # answers 2xx once the component serves; None: ready when started
     what: str = ""  # how the progress line describes it
+    before_others: bool = False  # must be ready before the next child starts
 
 
 def _host(settings: Settings) -> str:
@@ -269,6 +270,13 @@ def _check_cluster(settings: Settings, source: str) -> None:
     )
 
 
+def _wait_ready(stack: Stack, child: Child, progress: Progress) -> None:
+    assert child.ready_url is not None
+    progress.begin(child.name, child.what)
+    stack.wait_for(_answers(child.ready_url), progress, "starting", READY_TIMEOUT_S)
+    progress.end("ready")
+
+
 def _answers(url: str) -> Callable[[], bool | None]:
     return lambda: True if http_ok(url) else None
 
@@ -356,13 +364,17 @@ def run_stack(
         created = asyncio.run(ensure_topics(settings))
         progress.end(f"created {len(created)}" if created else "present")
         stack.children = child_plan(settings)
+        # Children start in order; one marked `before_others` must answer before the next starts (e.g. a schema
+        # registry the others register with), the rest start together and are awaited afterwards.
+        waiting: list[Child] = []
         for child in stack.children:
             stack.start(child)
-        for child in stack.children:
-            if child.ready_url is not None:
-                progress.begin(child.name, child.what)
-                stack.wait_for(_answers(child.ready_url), progress, "starting", READY_TIMEOUT_S)
-                progress.end("ready")
+            if child.before_others and child.ready_url is not None:
+                _wait_ready(stack, child, progress)
+            elif child.ready_url is not None:
+                waiting.append(child)
+        for child in waiting:
+            _wait_ready(stack, child, progress)
         progress.begin("worker", model_label(settings))
         result = _serving(settings, stack, progress)
         if not result.ok:

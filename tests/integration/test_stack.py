@@ -181,3 +181,42 @@ def test_up_refuses_a_busy_port_before_any_slow_work(tmp_path: Path) -> None:
         "or pick another port with --gateway-port or TOKENRELAY_GATEWAY_PORT\n"
     )
     assert not (tmp_path / "broker").exists(), "the check comes before the broker starts"
+
+
+def test_up_on_an_existing_cluster_says_so_and_starts_no_broker(kafka_bootstrap: str, topic_prefix: str) -> None:
+    gateway_port, analytics_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENRELAY_") or k == "TOKENRELAY_CACHE_DIR"}
+    env |= {"TOKENRELAY_TOPIC_PREFIX": topic_prefix, "TOKENRELAY_ANALYTICS_WINDOW_S": "5"}
+    argv = ["up", "--bootstrap", kafka_bootstrap, "--engine", "synthetic", "--metrics-port", "0"]
+    argv += ["--gateway-port", str(gateway_port), "--analytics-port", str(analytics_port)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.cli", *argv], env=env, stdout=subprocess.PIPE, text=True, bufsize=1
+    )
+    try:
+        banner = _wait_for_banner(proc, time.monotonic() + READY_S)
+        assert f"existing cluster at {kafka_bootstrap} (from flag --bootstrap)" in banner
+        assert f"{kafka_bootstrap} (existing cluster, topics {topic_prefix}*)" in banner
+        assert "synthetic engine" in banner
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert not any("java" in p.name() for p in children), "no local broker when --bootstrap names a cluster"
+        item = _post(f"http://127.0.0.1:{gateway_port}/v1/requests", {"prompt": "one two", "max_tokens": 5})
+        events = _sse_events(f"http://127.0.0.1:{gateway_port}{item['events_url']}")
+        assert events[-1][0] == "done" and _tokens(events) == 5
+    finally:
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        proc.wait(90)
+        assert proc.stdout is not None
+        proc.stdout.close()
+    assert proc.returncode == 0
+
+
+def test_up_with_an_unreachable_cluster_is_one_line(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENRELAY_")}
+    env |= {"TOKENRELAY_CACHE_DIR": str(tmp_path), "TOKENRELAY_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}"}
+    argv = ["up", "--gateway-port", str(free_port()), "--analytics-port", str(free_port()), "--metrics-port", "0"]
+    done = subprocess.run(
+        [sys.executable, "-m", "services.cli", *argv], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2
+    assert done.stderr.startswith("tokenrelay: no Kafka broker answers at 127.0.0.1:") and done.stderr.count("\n") == 1
+    assert "(from TOKENRELAY_KAFKA_BOOTSTRAP)" in done.stderr and "Traceback" not in done.stderr

@@ -55,3 +55,25 @@ def test_sse_events_parse_what_the_probe_reads() -> None:
     raw = [b"retry: 1000\n", b"\n", b": keepalive\n", b"\n", b"id: A\n", b"event: started\n", b'data: {"a": 1}\n']
     raw += [b"\n", b"event: done\n", b'data: {"finish_reason": "length"}\n', b"\n"]
     assert list(sse_events(iter(raw))) == [("started", {"a": 1}), ("done", {"finish_reason": "length"})]
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_on_a_terminal_rewrites_one_line() -> None:
+    out = _Terminal()
+    progress = Progress(out)
+    progress.begin("worker", "the built-in model")
+    progress.end("answered a first request")
+    text = out.getvalue()
+    assert text.startswith("  worker     the built-in model …\r\x1b[K  worker     the built-in model: answered")
+    assert text.count("\n") == 1
+
+
+def test_progress_leaves_no_open_line_when_a_tool_prints_meanwhile() -> None:
+    out = _Terminal()
+    progress = Progress(out)
+    progress.begin("kafka", "jars", others_print=True)
+    assert out.getvalue().endswith("…\n")
