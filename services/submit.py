@@ -106,7 +106,8 @@ async def follow_events(settings: Settings, request_id: str, partitions: int) ->
                     print(f"\n[{payload.finish_reason}: {payload.usage.completion_tokens} tokens]", flush=True)
                     return 0
                 elif isinstance(payload, Failed):
-                    print(f"\n[failed: {payload.code}: {payload.message}]", file=sys.stderr, flush=True)
+                    hint = " (send it as raw text with --no-chat)" if payload.code == "chat_template_missing" else ""
+                    print(f"\n[failed: {payload.code}: {payload.message}{hint}]", file=sys.stderr, flush=True)
                     return 1
     finally:
         await consumer.stop()
