@@ -206,9 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument(
         "--chat",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="send the prompt as a chat message rendered with the model's chat template (default); "
-        "--no-chat continues the raw text instead",
+        default=None,
+        help="send the prompt as a chat message rendered with the model's chat template (the default when the "
+        "model announces one, as the built-in model does); --no-chat continues the raw text instead",
     )
     submit.add_argument("--model", dest="request_model", help="served model name (default: the worker's model)")
     submit.add_argument("--max-tokens", type=int, default=64)

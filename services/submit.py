@@ -13,6 +13,7 @@ from schemas.ids import new_request_id, request_id_time_ms
 from schemas.records import ChatMessage, Delta, Failed, Finished, InferenceRequest, Started
 from schemas.sampling import SamplingParams
 from services.kafka import make_consumer, make_producer, partition_for_key, record_headers, start_client
+from services.models import read_models
 from services.settings import Settings
 from services.topics import describe_topics
 
@@ -27,14 +28,29 @@ async def submit(
     follow: bool,
     *,
     top_p: float = 1.0,
-    chat: bool = False,
+    chat: bool | None = None,
     model: str = "",
 ) -> int:
     """Produce one request, print its id; with ``follow`` print its text as it arrives. Exit code 0 on success.
 
-    ``chat`` sends the prompt as one user turn, which the worker renders with the model's chat template.
+    ``chat`` sends the prompt as one user turn, which the worker renders with the model's chat template; None: chat
+    when the model announces a chat template.
     """
     sampling = SamplingParams(max_tokens, temperature, top_p).check(settings.max_tokens_limit)
+    name = model or settings.default_model
+    served = await read_models(settings)
+    info = served.get(name)
+    if info is None and not model and len(served) == 1:
+        info = next(iter(served.values()))  # as at the gateway: the one live model serves requests that name none
+        name = info.name
+    topic = settings.requests_topic_for(name)
+    if info is None:
+        if not (await describe_topics(settings, [topic]))[topic]:
+            live = f"; live now: {', '.join(sorted(served))}" if served else ""
+            raise ConfigError(f"no worker has served model {name!r} here (topic {topic} does not exist){live}")
+        print(f"no worker announces {name!r} right now; the request waits on {topic}", file=sys.stderr)
+    # Chat unless told otherwise, when the model has a chat template (or is not announced to say it has none).
+    as_chat = (info is None or info.has_chat_template) if chat is None else chat
     request_id = new_request_id()
     request = InferenceRequest(
         request_id,
@@ -42,16 +58,10 @@ async def submit(
         sampling.max_tokens,
         temperature=sampling.temperature,
         top_p=sampling.top_p,
-        messages=(ChatMessage("user", prompt),) if chat else None,
-        model=model,
+        messages=(ChatMessage("user", prompt),) if as_chat else None,
+        model=name,
         created_ms=int(time.time() * 1000),
     )
-    topic = settings.requests_topic_for(model or settings.default_model)
-    if not (await describe_topics(settings, [topic]))[topic]:
-        raise ConfigError(
-            f"no worker has served model {model or settings.default_model!r} here (topic {topic} does not exist); "
-            "`curl <gateway>/v1/models` lists the served names"
-        )
     producer = make_producer(settings)
     await start_client(producer)
     try:
