@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import time
 
 from aiokafka import TopicPartition
 
+from gateway.models import LiveModel, ModelDirectory
+from gateway.models_source import ModelsFollower
 from schemas.codec import default_codec
 from schemas.errors import ConfigError
 from schemas.ids import new_request_id, request_id_time_ms
 from schemas.records import ChatMessage, Delta, Failed, Finished, InferenceRequest, Started
 from schemas.sampling import SamplingParams
 from services.kafka import make_consumer, make_producer, partition_for_key, record_headers, start_client
-from services.models import read_models
 from services.settings import Settings
 from services.topics import describe_topics
 
 LOOKBACK_MS = 5_000
+MODELS_WAIT_S = 10.0
 
 
 async def submit(
@@ -37,17 +40,14 @@ async def submit(
     when the model announces a chat template.
     """
     sampling = SamplingParams(max_tokens, temperature, top_p).check(settings.max_tokens_limit)
-    name = model or settings.default_model
-    served = await read_models(settings)
-    info = served.get(name)
-    if info is None and not model and len(served) == 1:
-        info = next(iter(served.values()))  # as at the gateway: the one live model serves requests that name none
-        name = info.name
+    info = await _live_model(settings, model)
+    name = info.name if info is not None else model or settings.default_model
     topic = settings.requests_topic_for(name)
     if info is None:
         if not (await describe_topics(settings, [topic]))[topic]:
-            live = f"; live now: {', '.join(sorted(served))}" if served else ""
-            raise ConfigError(f"no worker has served model {name!r} here (topic {topic} does not exist){live}")
+            raise ConfigError(
+                f"no worker serves model {name!r} (topic {topic} does not exist); `/v1/models` lists the live ones"
+            )
         print(f"no worker announces {name!r} right now; the request waits on {topic}", file=sys.stderr)
     # Chat unless told otherwise, when the model has a chat template (or is not announced to say it has none).
     as_chat = (info is None or info.has_chat_template) if chat is None else chat
@@ -78,6 +78,20 @@ async def submit(
     if not follow:
         return 0
     return await follow_events(settings, request_id, partitions)
+
+
+async def _live_model(settings: Settings, requested: str) -> LiveModel | None:
+    """The live model a request goes to, as the gateway resolves it; None when none is announced."""
+    follower = ModelsFollower(make_consumer(settings), settings.models_topic, ModelDirectory())
+    task = asyncio.create_task(follower.run())
+    try:
+        await asyncio.wait_for(follower.caught_up.wait(), MODELS_WAIT_S)
+    except TimeoutError:
+        return None
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    return follower.directory.resolve(requested, settings.default_model, int(time.time() * 1000))
 
 
 async def follow_events(settings: Settings, request_id: str, partitions: int) -> int:
