@@ -161,7 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
         if kafka:
             # SUPPRESS: given after the command it wins, absent it leaves the global flag's value alone.
             p.add_argument(
-                "--bootstrap", default=argparse.SUPPRESS, help="Kafka bootstrap servers (TOKENRELAY_KAFKA_BOOTSTRAP)"
+                "--bootstrap",
+                default=argparse.SUPPRESS,
+                metavar="HOST:PORT",
+                help="Kafka bootstrap servers (TOKENRELAY_KAFKA_BOOTSTRAP)"
+                + ("; an existing cluster, so no local broker" if name == "up" else ""),
             )
         return p
 
@@ -171,10 +175,14 @@ def build_parser() -> argparse.ArgumentParser:
         "Run the whole stack on this machine: a local Kafka broker (unless --bootstrap names a cluster), topics, "
         "a worker, the gateway and analytics.",
     )
-    up.add_argument("--broker-port", type=int, help="port of the local broker (default 9092)")
-    up.add_argument("--gateway-port", "--port", type=int, dest="gateway_port", help="gateway port (default 8080)")
-    up.add_argument("--analytics-port", type=int, help="analytics port (default 6066)")
-    up.add_argument("--metrics-port", type=int, dest="worker_metrics_port", help="worker metrics port (0 = off)")
+    up.add_argument("--broker-port", type=int, metavar="PORT", help="port of the local broker (default 9092)")
+    up.add_argument(
+        "--gateway-port", "--port", type=int, dest="gateway_port", metavar="PORT", help="gateway port (default 8080)"
+    )
+    up.add_argument("--analytics-port", type=int, metavar="PORT", help="analytics port (default 6066)")
+    up.add_argument(
+        "--metrics-port", type=int, dest="worker_metrics_port", metavar="PORT", help="worker metrics port (0 = off)"
+    )
     up.add_argument("--model", help="model for the worker (default: the built-in model)")
     up.add_argument("--engine", choices=["model", "synthetic"], help="engine of the worker")
     up.add_argument("--verbose", action="store_true", help="show the components' logs here instead of in files")
@@ -210,7 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="send the prompt as a chat message rendered with the model's chat template (the default when the "
         "model announces one, as the built-in model does); --no-chat continues the raw text instead",
     )
-    submit.add_argument("--model", dest="request_model", help="served model name (default: the worker's model)")
+    submit.add_argument(
+        "--model", dest="request_model", metavar="NAME", help="served model name (default: TOKENRELAY_DEFAULT_MODEL)"
+    )
     submit.add_argument("--max-tokens", type=int, default=64)
     submit.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
     submit.add_argument("--top-p", type=float, default=1.0)
