@@ -18,14 +18,11 @@ from gateway.sse import frame
 from gateway.view import View, ViewEvent
 from schemas.codec import Codec, default_codec
 from schemas.errors import DecodeError, ValidationError
-from schemas.ids import request_id_time_ms
+from schemas.ids import CLOCK_SKEW_MS, request_id_time_ms
+from schemas.partitioning import partition_for_key
 from schemas.records import TokenEvent
-from services.kafka import partition_for_key
 
 log = logging.getLogger(__name__)
-
-# Clock difference tolerated between whoever made a request id and the broker's LogAppendTime.
-CLOCK_SKEW_MS = 5_000
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,14 +5,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka.structs import ConsumerRecord
 
 from gateway.hub import SourceRecord
 from schemas.errors import KafkaUnavailable
-from services.kafka import make_consumer, start_client, translate
+from services.kafka import make_consumer, map_kafka_errors, read_key, start_client
 from services.settings import Settings
+from services.topics import describe_topics
 
 log = logging.getLogger(__name__)
 
@@ -36,25 +38,25 @@ class KafkaEventSource:
         consumer = make_consumer(self.settings, max_partition_fetch_bytes=4 << 20, fetch_max_wait_ms=20)
         await start_client(consumer)
         self._consumer = consumer
-        partitions = await self._partitions(consumer)
+        partitions = await self._partitions()
         self.partitions = len(partitions)
         tps = [TopicPartition(self.topic, p) for p in partitions]
         consumer.assign(tps)
         started_ms = int(time.time() * 1000)
-        ends = await consumer.end_offsets(tps)
+        with map_kafka_errors("cannot read the events topic's end"):
+            ends = await consumer.end_offsets(tps)
         for tp in tps:
             consumer.seek(tp, ends[tp])
         return {tp.partition: ends[tp] for tp in tps}, started_ms
 
-    async def _partitions(self, consumer: AIOKafkaConsumer) -> list[int]:
+    async def _partitions(self) -> list[int]:
         deadline = time.monotonic() + 60
         while True:
-            parts = consumer.partitions_for_topic(self.topic)
-            if parts:
-                return sorted(parts)
+            count = (await describe_topics(self.settings)).get(self.topic, 0)
+            if count:
+                return list(range(count))
             if time.monotonic() > deadline:
                 raise KafkaUnavailable(f"topic {self.topic} not found")
-            await consumer._client.force_metadata_update()
             await asyncio.sleep(0.2)
 
     async def poll(self) -> list[SourceRecord]:
@@ -84,46 +86,24 @@ class KafkaEventSource:
         consumer = await self._borrow()
         tp = TopicPartition(self.topic, partition)
         try:
-            return await asyncio.wait_for(self._replay(consumer, tp, from_time_ms, stop_offset, key), REPLAY_TIMEOUT_S)
-        except KafkaError as exc:
-            raise translate(exc) from exc
-        except TimeoutError as exc:
-            raise KafkaUnavailable("replay from Kafka timed out") from exc
+            with map_kafka_errors("cannot replay from Kafka"):
+                if consumer.assignment() != {tp}:
+                    consumer.assign([tp])  # reassigning resets the fetcher and its metadata: only on a change
+                records = read_key(consumer, tp, key, from_time_ms, stop_offset)
+                return await asyncio.wait_for(self._collect(records), REPLAY_TIMEOUT_S)
         finally:
             self._pool.put_nowait(consumer)
 
-    async def _replay(
-        self, consumer: AIOKafkaConsumer, tp: TopicPartition, from_time_ms: int, stop_offset: int, key: bytes
-    ) -> list[SourceRecord]:
-        if consumer.assignment() != {tp}:
-            consumer.assign([tp])  # reassigning resets the fetcher and its metadata: only when the partition changes
-        found = await consumer.offsets_for_times({tp: from_time_ms})
-        start = found[tp].offset if found.get(tp) is not None else stop_offset
-        out: list[SourceRecord] = []
-        if start >= stop_offset:
-            return out
-        consumer.seek(tp, start)
-        position = start
-        while position < stop_offset:
-            batches = await consumer.getmany(tp, timeout_ms=200, max_records=10_000)
-            for r in batches.get(tp, ()):
-                position = r.offset + 1
-                if r.offset >= stop_offset:
-                    break
-                if r.key == key and r.value is not None:
-                    out.append(SourceRecord(tp.partition, r.offset, r.key, r.value, r.timestamp))
-            if not batches:
-                # Transaction markers or compaction gaps: trust the consumer's position.
-                position = max(position, await consumer.position(tp))
-        return out
+    @staticmethod
+    async def _collect(records: AsyncIterator[ConsumerRecord[bytes, bytes]]) -> list[SourceRecord]:
+        return [SourceRecord(r.partition, r.offset, r.key, r.value or b"", r.timestamp) async for r in records]
 
     async def log_start(self, partition: int) -> int:
         consumer = await self._borrow()
         try:
             tp = TopicPartition(self.topic, partition)
-            return int((await consumer.beginning_offsets([tp]))[tp])
-        except KafkaError as exc:
-            raise translate(exc) from exc
+            with map_kafka_errors("cannot read the log start"):
+                return int((await consumer.beginning_offsets([tp]))[tp])
         finally:
             self._pool.put_nowait(consumer)
 

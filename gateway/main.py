@@ -40,16 +40,16 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         max_requests=settings.hub_max_requests,
         metrics=metrics,
     )
-    backlog = BacklogMonitor(settings)
+    backlog = BacklogMonitor(settings, metrics.backlog)
     runner: web.AppRunner | None = None
     try:
         await hub.start()
         await backlog.start()
 
         async def ready() -> bool:
-            assert backlog._admin is not None
-            topics = set(await backlog._admin.list_topics())
-            return {settings.requests_topic, settings.events_topic, settings.control_topic} <= topics
+            return await backlog.topics_present(
+                {settings.requests_topic, settings.events_topic, settings.control_topic}
+            )
 
         auth = Auth(settings)
         gateway = Gateway(settings, hub, producer, metrics, auth, backlog=backlog, ready_check=ready)

@@ -9,6 +9,10 @@ import uuid
 
 from schemas.errors import ValidationError
 
+# Clock difference tolerated between whoever made a request id and the broker's LogAppendTime: a request's events
+# are looked for from its id's time less this margin.
+CLOCK_SKEW_MS = 5_000
+
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 RESERVED_MODEL_NAMES = frozenset({"dlq"})  # requests.dlq is the dead-letter topic
 

@@ -1,15 +1,17 @@
-"""Kafka plumbing: producer and consumer factories, headers, error translation."""
+"""Kafka plumbing: producer and consumer factories, headers, the one boundary for aiokafka errors, key replay."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any, Protocol
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError
+from aiokafka.structs import ConsumerRecord
 
 from schemas.codec import CONTENT_TYPE
 from schemas.errors import KafkaUnavailable
@@ -63,22 +65,61 @@ def make_consumer(settings: Settings, *topics: str, **overrides: Any) -> AIOKafk
     return AIOKafkaConsumer(*topics, **options)
 
 
-async def start_client(client: AIOKafkaProducer | AIOKafkaConsumer, *, timeout_s: float | None = 60.0) -> None:
+@contextmanager
+def map_kafka_errors(doing: str) -> Iterator[None]:
+    """The boundary where aiokafka's errors, and a cluster that does not answer in time, become KafkaUnavailable.
+
+    ``doing`` names the operation for the message ("cannot produce the request"); aiokafka's ``retriable`` is kept.
+    """
+    try:
+        yield
+    except KafkaError as exc:
+        retriable = bool(exc.retriable) or isinstance(exc, KafkaTimeoutError)
+        raise KafkaUnavailable(f"{doing}: {str(exc) or type(exc).__name__}", retriable=retriable) from exc
+    except TimeoutError as exc:
+        raise KafkaUnavailable(f"{doing}: timed out") from exc
+
+
+class Startable(Protocol):
+    """An aiokafka producer, consumer or admin client."""
+
+    async def start(self) -> None: ...
+
+
+async def start_client(client: Startable, *, timeout_s: float | None = 60.0) -> None:
     """Start an aiokafka client, retrying while the cluster is not reachable; ``timeout_s`` None retries forever."""
     loop = asyncio.get_running_loop()
     deadline = None if timeout_s is None else loop.time() + timeout_s
     attempt = 0
     while True:
         try:
-            await client.start()
+            with map_kafka_errors("Kafka is not reachable"):
+                await client.start()
             return
-        except (KafkaConnectionError, KafkaTimeoutError) as exc:
-            if deadline is not None and loop.time() > deadline:
-                raise KafkaUnavailable(f"Kafka is not reachable: {exc}") from exc
+        except KafkaUnavailable as exc:
+            unreachable = isinstance(exc.__cause__, KafkaConnectionError | KafkaTimeoutError)
+            if not unreachable or (deadline is not None and loop.time() > deadline):
+                raise
             attempt += 1
             if attempt & (attempt - 1) == 0:  # 1, 2, 4, 8, ...: an outage of any length logs a few lines, not a flood
-                log.warning("Kafka not reachable yet (%s); retrying (attempt %d)", exc, attempt)
+                log.warning("Kafka not reachable yet (%s); retrying (attempt %d)", exc.__cause__, attempt)
             await asyncio.sleep(1.0)
+
+
+def make_admin(settings: Settings, client_id: str = "tokenrelay-admin") -> AIOKafkaAdminClient:
+    return AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, client_id=client_id)
+
+
+@asynccontextmanager
+async def admin(settings: Settings, *, timeout_s: float = 30.0) -> AsyncIterator[AIOKafkaAdminClient]:
+    """A started admin client; its aiokafka errors come out as KafkaUnavailable."""
+    client = make_admin(settings)
+    await start_client(client, timeout_s=timeout_s)
+    try:
+        with map_kafka_errors("Kafka admin failed"):
+            yield client
+    finally:
+        await client.close()
 
 
 @asynccontextmanager
@@ -91,13 +132,32 @@ async def producer(settings: Settings, **overrides: Any) -> AsyncIterator[AIOKaf
         await client.stop()
 
 
-def translate(exc: KafkaError) -> KafkaUnavailable:
-    """aiokafka error → the project's error, keeping its retriable flag."""
-    return KafkaUnavailable(str(exc) or type(exc).__name__, retriable=bool(getattr(exc, "retriable", True)))
+async def read_key(
+    consumer: AIOKafkaConsumer, tp: TopicPartition, key: bytes, from_ms: int, stop_offset: int | None = None
+) -> AsyncGenerator[ConsumerRecord[bytes, bytes], None]:
+    """Records of one key in one partition, from the first with a timestamp at or after ``from_ms``.
 
-
-def partition_for_key(key: str, partitions: int) -> int:
-    """Partition the default (Java-compatible murmur2) partitioner picks for a request id."""
-    from aiokafka.partitioner import murmur2
-
-    return (murmur2(key.encode("utf-8")) & 0x7FFFFFFF) % partitions
+    Ends before ``stop_offset``; with None it follows the partition's new records until the caller stops. The
+    consumer must have ``tp`` assigned. Records without a value (tombstones) are skipped.
+    """
+    found = (await consumer.offsets_for_times({tp: max(0, from_ms)})).get(tp)
+    if found is None:
+        if stop_offset is not None:
+            return
+        await consumer.seek_to_end(tp)
+        position = await consumer.position(tp)
+    else:
+        position = found.offset
+        consumer.seek(tp, position)
+    while stop_offset is None or position < stop_offset:
+        batches = await consumer.getmany(tp, timeout_ms=200, max_records=10_000)
+        records = batches.get(tp, [])
+        for record in records:
+            position = record.offset + 1
+            if stop_offset is not None and record.offset >= stop_offset:
+                return
+            if record.key == key and record.value is not None:
+                yield record
+        if not records and stop_offset is not None:
+            # Transaction markers or compaction gaps: trust the consumer's position.
+            position = max(position, await consumer.position(tp))

@@ -20,8 +20,9 @@ from aiokafka.structs import ConsumerRecord
 from schemas.codec import default_codec
 from schemas.errors import ConfigError, DecodeError, KafkaUnavailable
 from schemas.ids import is_request_id, request_id_time_ms
+from schemas.partitioning import partition_for_key
 from schemas.records import Delta, Failed, Finished, Started, TokenEvent
-from services.kafka import make_consumer, partition_for_key, start_client
+from services.kafka import make_consumer, start_client
 from services.settings import Settings
 from services.topics import describe_topics
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import time
 
@@ -12,14 +13,14 @@ from gateway.models import LiveModel, ModelDirectory
 from gateway.models_source import ModelsFollower
 from schemas.codec import default_codec
 from schemas.errors import ConfigError
-from schemas.ids import new_request_id, request_id_time_ms
+from schemas.ids import CLOCK_SKEW_MS, new_request_id, request_id_time_ms
+from schemas.partitioning import partition_for_key
 from schemas.records import ChatMessage, Delta, Failed, Finished, InferenceRequest, Started
 from schemas.sampling import SamplingParams
-from services.kafka import make_consumer, make_producer, partition_for_key, record_headers, start_client
+from services.kafka import make_consumer, make_producer, read_key, record_headers, start_client
 from services.settings import Settings
 from services.topics import describe_topics
 
-LOOKBACK_MS = 5_000
 MODELS_WAIT_S = 10.0
 
 
@@ -101,20 +102,12 @@ async def follow_events(settings: Settings, request_id: str, partitions: int) ->
     try:
         tp = TopicPartition(settings.events_topic, partition_for_key(request_id, partitions))
         consumer.assign([tp])
-        found = (await consumer.offsets_for_times({tp: request_id_time_ms(request_id) - LOOKBACK_MS}))[tp]
-        if found is not None:
-            consumer.seek(tp, found.offset)
-        else:
-            await consumer.seek_to_end(tp)
         codec = default_codec()
-        key = request_id.encode()
         shown = 0
-        while True:
-            batches = await consumer.getmany(tp, timeout_ms=1000)
-            for record in batches.get(tp, []):
-                if record.key != key:
-                    continue
-                event = codec.decode_event(record.value)
+        records = read_key(consumer, tp, request_id.encode(), request_id_time_ms(request_id) - CLOCK_SKEW_MS)
+        async with contextlib.aclosing(records):
+            async for record in records:
+                event = codec.decode_event(record.value or b"")
                 payload = event.payload
                 if isinstance(payload, Started):
                     if payload.continued_tokens != shown or (shown and not payload.continues_run_id):
@@ -133,5 +126,6 @@ async def follow_events(settings: Settings, request_id: str, partitions: int) ->
                     hint = " (send it as raw text with --no-chat)" if payload.code == "chat_template_missing" else ""
                     print(f"\n[failed: {payload.code}: {payload.message}{hint}]", file=sys.stderr, flush=True)
                     return 1
+        return 1  # not reached: the follow ends only at a terminal event
     finally:
         await consumer.stop()

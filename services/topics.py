@@ -8,9 +8,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
+from aiokafka.errors import TopicAlreadyExistsError
 
 from schemas.errors import KafkaUnavailable
+from services.kafka import admin as admin_client
 from services.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -77,9 +78,7 @@ async def ensure_topics(
     existing ones are left as they are. Returns the names created.
     """
     wanted = topic_specs(settings, models) if specs is None else specs
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, client_id="tokenrelay-admin")
-    await _start_admin(admin, timeout_s)
-    try:
+    async with admin_client(settings, timeout_s=timeout_s) as admin:
         existing = set(await admin.list_topics())
         missing = [spec for spec in wanted if spec.name not in existing]
         created = []
@@ -98,15 +97,11 @@ async def ensure_topics(
             log.info("created topic %s (%d partitions)", spec.name, spec.partitions)
         await _wait_visible(admin, [s.name for s in wanted], timeout_s)
         return created
-    finally:
-        await admin.close()
 
 
 async def describe_topics(settings: Settings, names: Sequence[str] | None = None) -> dict[str, int]:
     """Partition count of each topic (the design's unless ``names`` are given); 0 for a missing one."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, client_id="tokenrelay-admin")
-    await _start_admin(admin, 30.0)
-    try:
+    async with admin_client(settings) as admin:
         names = [spec.name for spec in topic_specs(settings)] if names is None else list(names)
         existing = set(await admin.list_topics())
         present = [n for n in names if n in existing]
@@ -115,22 +110,6 @@ async def describe_topics(settings: Settings, names: Sequence[str] | None = None
             for topic in await admin.describe_topics(present):
                 counts[topic["topic"]] = len(topic["partitions"])
         return counts
-    finally:
-        await admin.close()
-
-
-async def _start_admin(admin: AIOKafkaAdminClient, timeout_s: float) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while True:
-        try:
-            await admin.start()
-            return
-        except KafkaConnectionError as exc:
-            if asyncio.get_running_loop().time() > deadline:
-                raise KafkaUnavailable(f"Kafka is not reachable: {exc}") from exc
-            await asyncio.sleep(1.0)
-        except KafkaError as exc:
-            raise KafkaUnavailable(f"Kafka admin failed: {exc}") from exc
 
 
 async def _wait_visible(admin: AIOKafkaAdminClient, names: list[str], timeout_s: float) -> None:

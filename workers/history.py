@@ -10,13 +10,13 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from schemas.codec import default_codec
 from schemas.errors import DecodeError
+from schemas.ids import CLOCK_SKEW_MS
+from schemas.partitioning import partition_for_key
 from schemas.records import TokenEvent
 from schemas.runlog import RunLog
-from services.kafka import partition_for_key
+from services.kafka import read_key
 
 log = logging.getLogger(__name__)
-
-LOOKBACK_MS = 5_000
 
 
 @dataclass(slots=True, frozen=True)
@@ -49,29 +49,15 @@ def summarize(request_id: str, events: Sequence[TokenEvent]) -> Prior:
 
 
 async def read_prior(consumer: AIOKafkaConsumer, topic: str, partitions: int, request_id: str, since_ms: int) -> Prior:
-    """Read the request's events from its partition (from ``since_ms`` minus a margin to the high-water mark)."""
+    """Read the request's events from its partition (from ``since_ms`` less the clock skew to the high-water mark)."""
     tp = TopicPartition(topic, partition_for_key(request_id, partitions))
     consumer.assign([tp])
     end = (await consumer.end_offsets([tp]))[tp]
-    found = (await consumer.offsets_for_times({tp: max(0, since_ms - LOOKBACK_MS)}))[tp]
-    start = found.offset if found is not None else end
-    if start >= end:
-        return Prior()
-    consumer.seek(tp, start)
     codec = default_codec()
-    key = request_id.encode()
     events: list[TokenEvent] = []
-    position = start
-    while position < end:
-        batches = await consumer.getmany(tp, timeout_ms=1000)
-        for record in batches.get(tp, []):
-            position = record.offset + 1
-            if record.key != key or record.offset >= end:
-                continue
-            try:
-                events.append(codec.decode_event(record.value))
-            except DecodeError as exc:
-                log.warning("request %s: undecodable event at offset %d: %s", request_id, record.offset, exc)
-        if not batches:
-            position = max(position, await consumer.position(tp))
+    async for record in read_key(consumer, tp, request_id.encode(), since_ms - CLOCK_SKEW_MS, end):
+        try:
+            events.append(codec.decode_event(record.value or b""))
+        except DecodeError as exc:
+            log.warning("request %s: undecodable event at offset %d: %s", request_id, record.offset, exc)
     return summarize(request_id, events)

@@ -185,7 +185,6 @@ class Outcome:
     """What applying one event changes: the request entry (None: unchanged) and whether the partition state moved."""
 
     request: JSON | None = None
-    delete_request: bool = False
     state_changed: bool = False
 
 

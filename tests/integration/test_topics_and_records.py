@@ -8,8 +8,9 @@ import pytest
 
 from schemas.codec import default_codec
 from schemas.ids import new_request_id
+from schemas.partitioning import partition_for_key
 from schemas.records import Delta, Finished, InferenceRequest, Started, TokenEvent, Usage
-from services.kafka import header_value, make_consumer, make_producer, partition_for_key, record_headers, start_client
+from services.kafka import header_value, make_consumer, make_producer, record_headers, start_client
 from services.settings import Settings
 from services.topics import describe_topics, ensure_topics
 

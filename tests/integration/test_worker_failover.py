@@ -19,9 +19,10 @@ from aiokafka.errors import GroupCoordinatorNotAvailableError
 from gateway.view import View
 from schemas.codec import default_codec
 from schemas.ids import new_request_id
+from schemas.partitioning import partition_for_key
 from schemas.records import Delta, Finished, InferenceRequest, Started, TokenEvent
 from schemas.sampling import SamplingParams
-from services.kafka import make_consumer, partition_for_key, start_client
+from services.kafka import make_consumer, start_client
 from services.settings import Settings
 from services.topics import ensure_topics
 from tests.integration.gateway_support import env_of

@@ -10,8 +10,8 @@ from gateway.hub import Hub, SourceRecord, Subscription
 from gateway.sse import parse
 from schemas.codec import default_codec
 from schemas.ids import new_request_id
+from schemas.partitioning import partition_for_key
 from schemas.records import Delta, Finished, Started, TokenEvent, Usage
-from services.kafka import partition_for_key
 
 
 class MemorySource:
