@@ -23,6 +23,7 @@ from schemas.ids import new_request_id
 from schemas.records import Delta, Finished, Started, TokenEvent, Usage
 from services.kafka import make_producer, record_headers, start_client
 from services.localbroker.runner import free_port
+from services.process import quiet_env
 from services.settings import Settings
 from services.topics import ensure_topics
 
@@ -177,15 +178,7 @@ def run() -> dict[str, float]:
         subscriber_buffer=4096,
     )
     asyncio.run(ensure_topics(settings))
-    env = dict(os.environ)
-    env.update(
-        TOKENRELAY_KAFKA_BOOTSTRAP=bootstrap,
-        TOKENRELAY_TOPIC_PREFIX=settings.topic_prefix,
-        TOKENRELAY_GATEWAY_PORT=str(port),
-        TOKENRELAY_SUBSCRIBER_BUFFER="4096",
-        TOKENRELAY_LOG_LEVEL="WARNING",
-    )
-    gateway = subprocess.Popen([sys.executable, "-m", "gateway.main"], cwd=ROOT, env=env)
+    gateway = subprocess.Popen([sys.executable, "-m", "gateway.main"], cwd=ROOT, env=quiet_env(settings))
     base = f"http://127.0.0.1:{port}"
     results: dict[str, float] = {}
     try:

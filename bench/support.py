@@ -28,7 +28,7 @@ from schemas.codec import default_codec
 from schemas.records import InferenceRequest
 from services.kafka import make_consumer, make_producer, record_headers, start_client
 from services.localbroker.runner import free_port
-from services.process import child_env
+from services.process import quiet_env
 from services.settings import Settings
 from services.topics import ensure_topics
 
@@ -68,15 +68,12 @@ def bench_settings(bootstrap: str, **overrides: Any) -> Settings:
         "kafka_bootstrap": bootstrap,
         "topic_prefix": f"bench{uuid.uuid4().hex[:8]}.",
         "gateway_port": free_port(),
+        "worker_metrics_port": 0,
     }
     values.update(overrides)
     settings = Settings(**values)
     asyncio.run(ensure_topics(settings))
     return settings
-
-
-def env_of(settings: Settings, **extra: str) -> dict[str, str]:
-    return child_env(settings, {"TOKENRELAY_WORKER_METRICS_PORT": "0", "TOKENRELAY_LOG_LEVEL": "WARNING", **extra})
 
 
 # --- services in subprocesses --------------------------------------------------------------------------------------
@@ -95,7 +92,7 @@ def stop_process(proc: subprocess.Popen[Any] | None, timeout_s: float = 20.0) ->
 
 def start_gateway(settings: Settings, timeout_s: float = 60.0, **env: str) -> subprocess.Popen[bytes]:
     """`python -m gateway.main` for these settings; returns once /readyz answers 200."""
-    proc = subprocess.Popen([sys.executable, "-m", "gateway.main"], cwd=ROOT, env=env_of(settings, **env))
+    proc = subprocess.Popen([sys.executable, "-m", "gateway.main"], cwd=ROOT, env=quiet_env(settings, **env))
     url = f"http://127.0.0.1:{settings.gateway_port}/readyz"
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -111,7 +108,7 @@ def start_gateway(settings: Settings, timeout_s: float = 60.0, **env: str) -> su
 
 def start_worker(settings: Settings, **env: str) -> subprocess.Popen[bytes]:
     """`python -m workers.main` for these settings (e.g. TOKENRELAY_ENGINE=synthetic)."""
-    return subprocess.Popen([sys.executable, "-m", "workers.main"], cwd=ROOT, env=env_of(settings, **env))
+    return subprocess.Popen([sys.executable, "-m", "workers.main"], cwd=ROOT, env=quiet_env(settings, **env))
 
 
 @contextlib.contextmanager

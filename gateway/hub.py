@@ -15,7 +15,7 @@ from typing import Protocol
 from gateway.cursor import Cursor, encode_cursor, event_epoch
 from gateway.metrics import GatewayMetrics
 from gateway.sse import frame
-from gateway.view import View, ViewEvent
+from gateway.view import EventName, View, ViewEvent
 from schemas.codec import Codec, default_codec
 from schemas.errors import DecodeError, ValidationError
 from schemas.ids import CLOCK_SKEW_MS, request_id_time_ms
@@ -78,7 +78,7 @@ def make_out(partition: int, request_id: str, ev: ViewEvent) -> Out:
 
 
 def reset_frame(reason: str) -> bytes:
-    return frame("reset", json.dumps({"reason": reason}))
+    return frame(EventName.RESET, json.dumps({"reason": reason}))
 
 
 class Subscription:
@@ -264,10 +264,10 @@ class Hub:
         view_event = entry.view.feed(offset, ev)
         if view_event is None:
             return
-        if live and not had_token and view_event.event == "token":
+        if live and not had_token and view_event.event == EventName.TOKEN:
             with contextlib.suppress(ValidationError):
                 self.metrics.ttft.observe(max(0.0, time.time() - request_id_time_ms(entry.request_id) / 1000))
-        if view_event.event == "started" and entry.view.model and len(self.models) < 64:
+        if view_event.event == EventName.STARTED and entry.view.model and len(self.models) < 64:
             self.models.add(entry.view.model)
         out = make_out(entry.partition, entry.request_id, view_event)
         if len(entry.outs) == entry.outs.maxlen:
@@ -280,7 +280,7 @@ class Hub:
             self._finished.move_to_end(entry.request_id)
         for sub in list(entry.subscribers):
             if not sub.offer(out):
-                entry.subscribers.discard(sub)
+                self._detach(entry, sub)
                 sub.close("slow")
                 self.metrics.slow_disconnects.inc()
                 log.info("request %s: slow subscriber disconnected", entry.request_id)
@@ -423,7 +423,7 @@ class Hub:
         after_offset = after.offset if after is not None and after.partition == entry.partition else -1
         sub = Subscription(request_id, after_offset, self.subscriber_buffer)
         memory = list(entry.outs)
-        entry.subscribers.add(sub)
+        self._attach(entry, sub)
         first_in_memory = memory[0].offset if memory else self.positions[entry.partition]
         history = memory
         if entry.trimmed and after_offset < first_in_memory:
@@ -461,7 +461,7 @@ class Hub:
                 entry.partition, self._start_time(request_id), first_in_memory, request_id.encode()
             )
         except BaseException:
-            entry.subscribers.discard(sub)
+            self._detach(entry, sub)
             raise
         view = View(request_id)
         prefix = []
@@ -475,10 +475,24 @@ class Hub:
         sub.on_slow = None
         entry = self.entries.get(sub.request_id)
         if entry is not None:
-            entry.subscribers.discard(sub)
+            self._detach(entry, sub)
             if not entry.subscribers and entry.view.terminal is not None:
                 self._finished[sub.request_id] = None
                 self._finished.move_to_end(sub.request_id)
+
+    def _attach(self, entry: Entry, sub: Subscription) -> None:
+        entry.subscribers.add(sub)
+        self.metrics.subscribers.inc()
+
+    def _detach(self, entry: Entry, sub: Subscription) -> None:
+        if sub in entry.subscribers:
+            entry.subscribers.remove(sub)
+            self.metrics.subscribers.dec()
+
+    def subscriber_count(self, request_id: str) -> int:
+        """Subscriptions attached to the request now: from then on each gets every live event."""
+        entry = self.entries.get(request_id)
+        return len(entry.subscribers) if entry is not None else 0
 
     async def snapshot(self, request_id: str) -> View:
         """The request's view as of now (backfilled from Kafka when needed)."""

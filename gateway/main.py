@@ -11,9 +11,10 @@ import sys
 
 from aiohttp import web
 
-from gateway.app import Gateway, build_app
+from gateway.app import build_app
 from gateway.auth import Auth
 from gateway.backlog import BacklogMonitor
+from gateway.context import Gateway
 from gateway.hub import Hub
 from gateway.kafka_source import KafkaEventSource
 from gateway.metrics import GatewayMetrics

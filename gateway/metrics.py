@@ -17,6 +17,11 @@ class GatewayMetrics:
         self.active_streams = Gauge(
             "tokenrelay_gateway_active_streams", "Open SSE and streaming responses.", registry=r
         )
+        self.subscribers = Gauge(
+            "tokenrelay_gateway_subscribers",
+            "Subscriptions attached to the hub (each gets every live event of its request from then on).",
+            registry=r,
+        )
         self.events_delivered = Counter(
             "tokenrelay_gateway_events_delivered", "SSE events written to subscribers.", registry=r
         )

@@ -22,10 +22,6 @@ def frame(event: str | None, data: str, event_id: str | None = None) -> bytes:
     return "".join(parts).encode("utf-8")
 
 
-def comment(text: str) -> bytes:
-    return "".join(f": {line}\n" for line in text.replace("\r", "\n").split("\n")).encode() + b"\n"
-
-
 def _check_field(value: str) -> None:
     if "\n" in value or "\r" in value or "\0" in value:
         raise ValueError(f"SSE field may not contain line breaks: {value!r}")

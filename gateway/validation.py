@@ -6,18 +6,12 @@ import json
 import math
 from typing import Any
 
-from schemas.errors import FieldError, ValidationError
+from schemas.errors import BodyError, FieldError
 from schemas.records import ChatMessage
 from schemas.sampling import INT64, MAX_STOP, MAX_STOP_CHARS, MAX_TOP_K, SamplingParams
 
 MAX_PROMPT_CHARS = 200_000
 CHAT_ROLES = ("system", "user", "assistant")
-
-
-class BodyError(ValidationError):
-    """Body is not a JSON object (400)."""
-
-    code = "invalid_json"
 
 
 def parse_json_object(body: bytes) -> dict[str, Any]:

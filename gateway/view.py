@@ -6,6 +6,7 @@ import json
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from schemas.records import Delta, Failed, Finished, Started, TokenEvent
@@ -14,12 +15,26 @@ from schemas.runlog import Change, RunLog
 log = logging.getLogger(__name__)
 
 
+class EventName(StrEnum):
+    """The event names of the native SSE stream (the design's SSE contract); the page mirrors them as constants."""
+
+    STARTED = "started"
+    TOKEN = "token"
+    DONE = "done"
+    ERROR = "error"
+    RESTART = "restart"
+    RESET = "reset"  # sent by the hub, not the view: a cursor that cannot resume restarts the stream
+
+
+TERMINAL_EVENTS = frozenset({EventName.DONE, EventName.ERROR})
+
+
 @dataclass(frozen=True, slots=True)
 class ViewEvent:
     """One SSE event of the view, at the Kafka offset of the record it came from."""
 
     offset: int
-    event: str
+    event: EventName
     data: dict[str, Any]
     run_id: str
     seq: int
@@ -27,7 +42,7 @@ class ViewEvent:
 
     @property
     def terminal(self) -> bool:
-        return self.event in ("done", "error")
+        return self.event in TERMINAL_EVENTS
 
     def data_json(self) -> str:
         return json.dumps(self.data, ensure_ascii=False, separators=(",", ":"))
@@ -74,26 +89,27 @@ class View:
             }
             if payload.continued_tokens:
                 data["text"] = payload.continued_text
-            return self._out(offset, ev, "started", data)
+            return self._out(offset, ev, EventName.STARTED, data)
         if change is Change.RESTARTED:
             assert isinstance(payload, Started)
-            return self._out(offset, ev, "restart", {"run_id": ev.run_id, "text": self.text})
+            return self._out(offset, ev, EventName.RESTART, {"run_id": ev.run_id, "text": self.text})
         if isinstance(payload, Delta):
             if self.first_token_ts_ms is None:
                 self.first_token_ts_ms = ev.ts_ms
             data = {"seq": ev.seq, "text": payload.text, "token_ids": list(payload.token_ids)}
-            return self._out(offset, ev, "token", data)
+            return self._out(offset, ev, EventName.TOKEN, data)
         if isinstance(payload, Finished):
             usage = {"prompt_tokens": payload.usage.prompt_tokens, "completion_tokens": payload.usage.completion_tokens}
-            self.terminal = self._out(offset, ev, "done", {"finish_reason": payload.finish_reason, "usage": usage})
+            done = {"finish_reason": payload.finish_reason, "usage": usage}
+            self.terminal = self._out(offset, ev, EventName.DONE, done)
             return self.terminal
         if isinstance(payload, Failed):
             data = {"code": payload.code, "message": payload.message, "retriable": payload.retriable}
-            self.terminal = self._out(offset, ev, "error", data)
+            self.terminal = self._out(offset, ev, EventName.ERROR, data)
             return self.terminal
         return None
 
-    def _out(self, offset: int, ev: TokenEvent, name: str, data: dict[str, Any]) -> ViewEvent:
+    def _out(self, offset: int, ev: TokenEvent, name: EventName, data: dict[str, Any]) -> ViewEvent:
         return ViewEvent(offset, name, data, ev.run_id, ev.seq, ev.ts_ms)
 
     @property
@@ -132,7 +148,7 @@ class View:
     @property
     def status(self) -> str:
         if self.terminal is not None:
-            return "done" if self.terminal.event == "done" else "failed"
+            return "done" if self.terminal.event == EventName.DONE else "failed"
         return "running" if self.run_id is not None else "queued"
 
 

@@ -1,18 +1,29 @@
-"""The project's error hierarchy.
+"""The project's error hierarchy, with the HTTP answer of each error the gateway can return.
 
-TokenRelayError                 root; every error raised on purpose by tokenrelay
+TokenRelayError                 root; every error raised on purpose by tokenrelay   500 internal_error
 ├── ConfigError                 a setting or command-line value is unusable
 ├── DecodeError                 bytes that are not a valid framed Avro record
-├── ValidationError             a decoded record or HTTP body breaks a rule
-│   └── FieldError              one named field breaks a rule
-├── CursorError                 an SSE cursor that cannot be parsed
+├── ValidationError             a decoded record or HTTP body breaks a rule         422 invalid
+│   ├── FieldError              one named field breaks a rule                       422 invalid_field (+ field)
+│   └── BodyError               an HTTP body that is not a JSON object              400 invalid_json
+├── BodyTooLarge                an HTTP body over the size limit                    413 body_too_large
+├── CursorError                 an SSE cursor that cannot be parsed                 400 bad_cursor
+├── Unauthorized                no valid API key (or stream token)                  401 unauthorized
+├── NotFound                    no such request, or not the caller's to see         404 not_found
+├── Conflict                    the request's state does not allow this             409 conflict
+├── QueueFull                   too many requests wait for a worker                 429 queue_full, Retry-After
+├── GenerationFailed            the request ended in an error (whole answers)       502 (the error's code)
+├── ClientClosed                the client went away before its answer              499 client_closed
 ├── BrokerError                 the local broker cannot be set up or started
 │   └── MissingToolError        java or mvn is not installed
-├── KafkaUnavailable            the cluster cannot be reached (retriable)
+├── KafkaUnavailable            the cluster cannot be reached (retriable)           503 kafka_unavailable, Retry-After
 └── EngineError                 the model or scheduler failed
 
 Lower-level errors (aiokafka, torch, OS) are translated where they enter the
-project; ``retriable`` tells callers whether trying again can help.
+project (aiokafka's at ``services.kafka.map_kafka_errors``); ``retriable`` tells
+callers whether trying again can help. The gateway's error middleware is the one
+place that turns these into HTTP answers: ``http_status``, ``retry_after_s`` and
+``headers`` say how; a handler only raises.
 """
 
 from __future__ import annotations
@@ -23,6 +34,10 @@ class TokenRelayError(Exception):
 
     code: str = "internal_error"
     retriable: bool = False
+    http_status: int = 500
+    retry_after_s: int | None = None
+    # What an HTTP client is told instead of the message (which may name internals); None: the message itself.
+    public_message: str | None = None
 
     def __init__(self, message: str, *, code: str | None = None, retriable: bool | None = None):
         super().__init__(message)
@@ -31,6 +46,10 @@ class TokenRelayError(Exception):
             self.code = code
         if retriable is not None:
             self.retriable = retriable
+
+    def headers(self) -> dict[str, str]:
+        """HTTP headers the answer carries besides its JSON body."""
+        return {"Retry-After": str(self.retry_after_s)} if self.retry_after_s is not None else {}
 
 
 class ConfigError(TokenRelayError):
@@ -43,6 +62,7 @@ class DecodeError(TokenRelayError):
 
 class ValidationError(TokenRelayError):
     code = "invalid"
+    http_status = 422
 
 
 class FieldError(ValidationError):
@@ -55,8 +75,58 @@ class FieldError(ValidationError):
         self.field = field_name
 
 
+class BodyError(ValidationError):
+    """An HTTP body that is not a JSON object, or not one this endpoint takes as a whole."""
+
+    code = "invalid_json"
+    http_status = 400
+
+
+class BodyTooLarge(TokenRelayError):
+    code = "body_too_large"
+    http_status = 413
+
+
 class CursorError(TokenRelayError):
     code = "bad_cursor"
+    http_status = 400
+
+
+class Unauthorized(TokenRelayError):
+    code = "unauthorized"
+    http_status = 401
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"}
+
+
+class NotFound(TokenRelayError):
+    code = "not_found"
+    http_status = 404
+
+
+class Conflict(TokenRelayError):
+    code = "conflict"
+    http_status = 409
+
+
+class QueueFull(TokenRelayError):
+    code = "queue_full"
+    http_status = 429
+    retriable = True
+    retry_after_s = 2
+
+
+class GenerationFailed(TokenRelayError):
+    """A request's terminal error, answered as a whole (non-streaming) response; ``code`` is the worker's."""
+
+    code = "failed"
+    http_status = 502
+
+
+class ClientClosed(TokenRelayError):
+    code = "client_closed"
+    http_status = 499
 
 
 class BrokerError(TokenRelayError):
@@ -70,6 +140,9 @@ class MissingToolError(BrokerError):
 class KafkaUnavailable(TokenRelayError):
     code = "kafka_unavailable"
     retriable = True
+    http_status = 503
+    retry_after_s = 1
+    public_message = "the broker is not reachable; try again"
 
 
 class EngineError(TokenRelayError):

@@ -38,3 +38,8 @@ def child_env(
     env.update(settings.to_env())
     env.update(extra or {})
     return env
+
+
+def quiet_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """``child_env`` of a service that tests and benchmarks start: it logs warnings and errors only."""
+    return child_env(settings, {"TOKENRELAY_LOG_LEVEL": "WARNING", **extra})

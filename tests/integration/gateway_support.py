@@ -22,14 +22,10 @@ from schemas.errors import DecodeError
 from schemas.records import Delta, Finished, Started, TokenEvent, Usage
 from services.kafka import make_consumer, make_producer, record_headers, start_client
 from services.localbroker.runner import free_port
-from services.process import child_env
+from services.process import quiet_env
 from services.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def env_of(settings: Settings, **extra: str) -> dict[str, str]:
-    return child_env(settings, {"TOKENRELAY_LOG_LEVEL": "WARNING", **extra})
 
 
 def gateway_settings(bootstrap: str, prefix: str, **overrides: object) -> Settings:
@@ -55,7 +51,7 @@ class GatewayProcess:
         self.url = f"http://127.0.0.1:{settings.gateway_port}"
 
     def start(self, timeout_s: float = 60.0) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "gateway.main"], cwd=ROOT, env=env_of(self.settings))
+        self.proc = subprocess.Popen([sys.executable, "-m", "gateway.main"], cwd=ROOT, env=quiet_env(self.settings))
         deadline = time.monotonic() + timeout_s
         import urllib.request
 

@@ -21,9 +21,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from schemas.ids import is_request_id, new_request_id
 from schemas.records import Delta, Failed, Finished, InferenceRequest, Started
 from services.localbroker.runner import free_port
+from services.process import quiet_env
 from services.settings import Settings
 from services.topics import ensure_topics
-from tests.integration.gateway_support import env_of
 from tests.integration.worker_helpers import collect, produce, worker_process
 
 pytestmark = pytest.mark.integration
@@ -126,7 +126,7 @@ async def run_cli(settings: Settings, *args: str) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
         *_cli(),
         *args,
-        env=env_of(settings),
+        env=quiet_env(settings),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )

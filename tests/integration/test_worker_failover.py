@@ -23,9 +23,9 @@ from schemas.partitioning import partition_for_key
 from schemas.records import Delta, Finished, InferenceRequest, Started, TokenEvent
 from schemas.sampling import SamplingParams
 from services.kafka import make_consumer, start_client
+from services.process import quiet_env
 from services.settings import Settings
 from services.topics import ensure_topics
-from tests.integration.gateway_support import env_of
 from tests.integration.worker_helpers import collect_records, produce
 from tests.tinymodel import build_tiny_model
 from workers.engine.engine import Engine
@@ -161,7 +161,7 @@ async def kill_when_mid_generation(settings: Settings, victim: subprocess.Popen[
 
 
 def spawn(settings: Settings, model_dir: Path, name: str) -> subprocess.Popen[bytes]:
-    env = env_of(
+    env = quiet_env(
         settings,
         TOKENRELAY_MODEL=str(model_dir),
         TOKENRELAY_SERVED_NAME=settings.served_model,

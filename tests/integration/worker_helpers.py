@@ -16,6 +16,7 @@ from aiokafka import TopicPartition
 from schemas.codec import default_codec
 from schemas.records import ControlEvent, InferenceRequest, TokenEvent
 from services.kafka import make_consumer, make_producer, record_headers, start_client
+from services.process import quiet_env
 from services.settings import Settings
 from services.topics import ensure_topics
 from workers.engine.types import EngineLike
@@ -27,9 +28,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @contextlib.contextmanager
 def worker_process(settings: Settings, module: str = "workers.main", **env: str) -> Iterator[subprocess.Popen[bytes]]:
     """A worker subprocess (``python -m module``) on the broker and topics of ``settings``, plus ``env``."""
-    from tests.integration.gateway_support import env_of
-
-    proc = subprocess.Popen([sys.executable, "-m", module], cwd=ROOT, env=env_of(settings, **env))
+    proc = subprocess.Popen([sys.executable, "-m", module], cwd=ROOT, env=quiet_env(settings, **env))
     try:
         yield proc
     finally:

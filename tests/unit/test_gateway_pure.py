@@ -36,11 +36,14 @@ def test_cursor_epoch_is_event_bound() -> None:
     assert len({event_epoch(RID, "r1", s) for s in range(50)}) > 40
 
 
-def test_sse_frame_multiline_and_comment() -> None:
+def test_sse_frame_multiline_and_keepalive_comment() -> None:
     data = frame("token", "a\nb\r\nc", "X1")
     assert data == b"id: X1\nevent: token\ndata: a\ndata: b\ndata: c\n\n"
     assert parse(data.decode()) == [{"id": "X1", "event": "token", "data": "a\nb\nc"}]
     assert PREAMBLE == b"retry: 1000\n\n" and KEEPALIVE == b": keepalive\n\n"
+    # A keepalive is a comment line: a reader sees no event in it, and the events around it unchanged.
+    assert parse(KEEPALIVE.decode()) == []
+    assert parse((KEEPALIVE + data + KEEPALIVE).decode()) == parse(data.decode())
     with pytest.raises(ValueError):
         frame("to\nken", "x")
 

@@ -1,0 +1,174 @@
+"""What every HTTP handler shares: the Gateway, the edge checks (body, key, id, backlog) and producing to Kafka."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from aiohttp import web
+
+from gateway.auth import Auth
+from gateway.backlog import BacklogMonitor
+from gateway.hub import Hub
+from gateway.metrics import GatewayMetrics
+from gateway.validation import parse_json_object
+from schemas.codec import default_codec
+from schemas.errors import BodyTooLarge, NotFound, QueueFull, Unauthorized, ValidationError
+from schemas.ids import new_request_id, parse_request_id, request_id_time_ms
+from schemas.records import ChatMessage, ControlEvent, InferenceRequest
+from schemas.sampling import SamplingParams
+from services.kafka import map_kafka_errors, record_headers
+from services.settings import Settings
+
+log = logging.getLogger(__name__)
+
+FUTURE_ID_MS = 60_000
+MAX_REMEMBERED_TENANTS = 100_000
+
+
+class Producer(Protocol):
+    async def send_and_wait(self, topic: str, value: bytes, key: bytes, headers: Any = None) -> Any: ...
+
+
+@dataclass
+class Gateway:
+    """What the handlers share."""
+
+    settings: Settings
+    hub: Hub
+    producer: Producer
+    metrics: GatewayMetrics
+    auth: Auth
+    backlog: BacklogMonitor | None = None
+    ready_check: Callable[[], Awaitable[bool]] | None = None
+    tenants: dict[str, str] = field(default_factory=dict)
+    codec: Any = field(default_factory=default_codec)
+
+
+GATEWAY = web.AppKey("gateway", Gateway)
+
+
+def gateway_of(request: web.Request) -> Gateway:
+    return request.app[GATEWAY]
+
+
+def cors_headers(request: web.Request) -> dict[str, str]:
+    """CORS headers of a response the handler prepares itself (the CORS middleware cannot add them afterwards)."""
+    origin = request.get("cors_origin")
+    return {"Access-Control-Allow-Origin": origin, "Vary": "Origin"} if origin else {}
+
+
+async def read_json(request: web.Request) -> dict[str, Any]:
+    limit = gateway_of(request).settings.max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise BodyTooLarge(f"request body is over {limit} bytes")
+    body = await request.read()
+    if len(body) > limit:
+        raise BodyTooLarge(f"request body is over {limit} bytes")
+    return parse_json_object(body)
+
+
+def require_key(request: web.Request) -> str:
+    """Tenant of the caller's API key ('' when the gateway runs open); 401 otherwise."""
+    auth = gateway_of(request).auth
+    if not auth.enabled:
+        return ""
+    tenant = auth.tenant_of(request.headers.get("Authorization"))
+    if tenant is None:
+        raise Unauthorized("a valid Bearer API key is required")
+    return tenant
+
+
+def request_id_of(request: web.Request) -> str:
+    """The request id in the path; 404 unless it is a UUIDv7 that is not from the future."""
+    request_id = request.match_info["id"]
+    try:
+        parse_request_id(request_id)
+    except ValidationError:
+        raise _not_found(request_id) from None
+    if request_id_time_ms(request_id) > time.time() * 1000 + FUTURE_ID_MS:
+        raise _not_found(request_id)
+    return request_id
+
+
+def _not_found(request_id: str) -> NotFound:
+    return NotFound(f"no request {request_id[:64]!r}")
+
+
+async def authorize_read(request: web.Request, request_id: str) -> None:
+    """A stream or status is readable with a valid stream token, or with the key that submitted it."""
+    gw = gateway_of(request)
+    if not gw.auth.enabled:
+        return
+    token = request.query.get("token")
+    if token is not None and gw.auth.verify(request_id, token):
+        return
+    tenant = gw.auth.tenant_of(request.headers.get("Authorization"))
+    if tenant is None:
+        raise Unauthorized("an API key or a valid stream token is required")
+    owner = gw.tenants.get(request_id) or (await gw.hub.snapshot(request_id)).tenant
+    if owner != tenant:
+        # Same answer as an unknown id: a key must not learn which ids exist for other tenants.
+        raise _not_found(request_id)
+
+
+def require_known(gw: Gateway, request_id: str, known: bool) -> None:
+    """404 for a request the log does not know (``known`` False) whose id is older than the retention window."""
+    if not known and request_id_time_ms(request_id) < time.time() * 1000 - gw.settings.events_retention_ms:
+        raise _not_found(request_id)
+
+
+def check_backlog(gw: Gateway) -> None:
+    backlog = gw.backlog.backlog if gw.backlog is not None else -1
+    if backlog > gw.settings.queue_limit:
+        raise QueueFull(f"{backlog} requests are waiting")
+
+
+def new_inference_request(
+    prompt: str, sampling: SamplingParams, tenant: str, messages: tuple[ChatMessage, ...] | None = None
+) -> InferenceRequest:
+    """The record a validated submit becomes, with a fresh UUIDv7 id."""
+    return InferenceRequest(
+        request_id=new_request_id(),
+        prompt=prompt,
+        max_tokens=sampling.max_tokens,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        top_k=sampling.top_k,
+        stop=sampling.stop,
+        seed=sampling.seed,
+        messages=messages,
+        tenant=tenant,
+        created_ms=int(time.time() * 1000),
+    )
+
+
+async def produce_request(gw: Gateway, req: InferenceRequest) -> None:
+    with map_kafka_errors("cannot produce the request"):
+        await gw.producer.send_and_wait(
+            gw.settings.requests_topic,
+            gw.codec.encode(req),
+            key=req.request_id.encode(),
+            headers=record_headers("InferenceRequest"),
+        )
+    gw.metrics.requests_submitted.inc()
+    if req.tenant:
+        gw.tenants[req.request_id] = req.tenant
+        if len(gw.tenants) > MAX_REMEMBERED_TENANTS:
+            gw.tenants.pop(next(iter(gw.tenants)))
+    log.info("request %s submitted (tenant %s)", req.request_id, req.tenant or "-")
+
+
+async def produce_cancel(gw: Gateway, request_id: str, reason: str) -> None:
+    event = ControlEvent(request_id, "cancel", int(time.time() * 1000), reason)
+    with map_kafka_errors("cannot send the cancel"):
+        await gw.producer.send_and_wait(
+            gw.settings.control_topic,
+            gw.codec.encode(event),
+            key=request_id.encode(),
+            headers=record_headers("ControlEvent"),
+        )
+    log.info("request %s: cancel sent (%s)", request_id, reason)
