@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -130,19 +131,14 @@ def check_backlog(gw: Gateway) -> None:
 def new_inference_request(
     prompt: str, sampling: SamplingParams, tenant: str, messages: tuple[ChatMessage, ...] | None = None
 ) -> InferenceRequest:
-    """The record a validated submit becomes, with a fresh UUIDv7 id."""
+    """The record a validated submit becomes, with a fresh UUIDv7 id (the record has a field per sampling one)."""
     return InferenceRequest(
         request_id=new_request_id(),
         prompt=prompt,
-        max_tokens=sampling.max_tokens,
-        temperature=sampling.temperature,
-        top_p=sampling.top_p,
-        top_k=sampling.top_k,
-        stop=sampling.stop,
-        seed=sampling.seed,
         messages=messages,
         tenant=tenant,
         created_ms=int(time.time() * 1000),
+        **{f.name: getattr(sampling, f.name) for f in dataclasses.fields(sampling)},
     )
 
 

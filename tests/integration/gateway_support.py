@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.sse import parse
 from schemas.codec import default_codec
@@ -98,6 +99,22 @@ def running_worker(settings: Settings, **env: str) -> Iterator[subprocess.Popen[
 
     with worker_process(settings, **{"TOKENRELAY_WORKER_METRICS_PORT": "0", **env}) as proc:
         yield proc
+
+
+async def wait_subscribers(session: aiohttp.ClientSession, base_url: str, count: int, timeout_s: float = 60.0) -> None:
+    """Until the gateway's hub has ``count`` subscriptions attached: from then on each gets every live event."""
+    deadline = time.monotonic() + timeout_s
+    attached = 0.0
+    while time.monotonic() < deadline:
+        async with session.get(f"{base_url}/metrics") as response:
+            text = await response.text()
+        for family in text_string_to_metric_families(text):
+            if family.name == "tokenrelay_gateway_subscribers":
+                attached = family.samples[0].value
+        if attached >= count:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{attached:.0f} of {count} subscribers attached after {timeout_s} s")
 
 
 def scripted_stream(rid: str, n: int, run: str = "run-1") -> list[TokenEvent]:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from schemas.codec import default_codec
 from schemas.ids import new_request_id
+from schemas.partitioning import partition_for_key
 from schemas.records import Delta, Failed, Finished, Started, TokenEvent, Usage
 from services.kafka import producer, record_headers
 from services.settings import Settings
@@ -48,6 +49,31 @@ def script(
         prompt += 5
         by_model[model] = by_model.get(model, 0) + tokens
     return events, Scripted(len(events), n, completion, prompt, by_model)
+
+
+def barrier(partitions: int, tag: str) -> tuple[list[TokenEvent], Scripted, set[str]]:
+    """One finished request in every partition, each of its own tenant (``barrier-<tag>-<partition>``).
+
+    Produced after other events, it is a signal: once every barrier tenant is counted, a consumer that reads each
+    partition in order has applied everything produced before it, so its totals can be compared exactly.
+    """
+    events: list[TokenEvent] = []
+    tenants: set[str] = set()
+    now = int(time.time() * 1000)
+    covered: set[int] = set()
+    while len(covered) < partitions:
+        rid = new_request_id()
+        p = partition_for_key(rid, partitions)
+        if p in covered:
+            continue
+        covered.add(p)
+        tenant = f"barrier-{tag}-{p}"
+        tenants.add(tenant)
+        run = uuid.uuid4().hex
+        events.append(TokenEvent(rid, run, 0, now, Started("w", "barrier", 5, 1, tenant=tenant)))
+        events.append(TokenEvent(rid, run, 1, now + 1, Delta("ab", (1,))))
+        events.append(TokenEvent(rid, run, 2, now + 2, Finished("length", Usage(5, 1), ttft_ms=1, total_ms=2)))
+    return events, Scripted(len(events), partitions, partitions, 5 * partitions, {"barrier": partitions}), tenants
 
 
 async def produce(settings: Settings, events: list[TokenEvent], extra_raw: list[bytes] | None = None) -> None:

@@ -19,7 +19,7 @@ import pytest
 from services.localbroker.runner import free_port
 from services.settings import Settings
 from services.topics import ensure_topics
-from tests.integration.scripted_events import produce, script
+from tests.integration.scripted_events import barrier, produce, script
 
 pytestmark = pytest.mark.integration
 
@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def _get(url: str) -> dict[str, Any] | None:
     try:
         with urllib.request.urlopen(url, timeout=2) as response:
-            return json.loads(response.read())  # type: ignore[no-any-return]
+            return json.loads(response.read())
     except OSError:
         return None
 
@@ -48,16 +48,17 @@ class Analytics:
     def usage(self) -> dict[str, Any] | None:
         return _get(f"http://127.0.0.1:{self.port}/usage")
 
-    def wait_totals(self, completion: int, timeout_s: float = 90.0) -> dict[str, Any]:
+    def wait_tenants(self, tenants: set[str], timeout_s: float = 90.0) -> dict[str, Any]:
+        """Usage once every one of these tenants is counted (see scripted_events.barrier)."""
         deadline = time.monotonic() + timeout_s
         last = None
         while time.monotonic() < deadline:
             assert self.proc is not None and self.proc.poll() is None, self.log.read_text()[-3000:]
             last = self.usage()
-            if last is not None and last["totals"]["completion_tokens"] >= completion:
+            if last is not None and tenants <= set(last["by_tenant"]):
                 return last
             time.sleep(0.3)
-        raise AssertionError(f"usage never reached {completion}: {last}\n{self.log.read_text()[-3000:]}")
+        raise AssertionError(f"tenants {sorted(tenants)} never counted: {last}\n{self.log.read_text()[-3000:]}")
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
         assert self.proc is not None
@@ -90,42 +91,44 @@ def analytics(kafka_bootstrap: str, topic_prefix: str, tmp_path: Path) -> Iterat
 def test_usage_counts_exactly_and_survives_restarts(analytics: tuple[Settings, Analytics]) -> None:
     settings, service = analytics
     asyncio.run(ensure_topics(settings))
+    partitions = settings.events_partitions
     events, expected = script(40, duplicate_finished=3, failed=2)
-    asyncio.run(produce(settings, events, extra_raw=[b"not avro at all"]))
+    # A barrier request behind them in every partition: once it is counted, so is everything before it.
+    fence, fenced, tenants = barrier(partitions, "a")
+    asyncio.run(produce(settings, events + fence, extra_raw=[b"not avro at all"]))
     service.start()
-    usage = service.wait_totals(expected.completion_tokens)
-    time.sleep(1.0)  # anything counted twice would show up now
-    usage = service.usage()
-    assert usage is not None
+    usage = service.wait_tenants(tenants)
     totals = usage["totals"]
-    assert totals["completion_tokens"] == expected.completion_tokens
-    assert totals["prompt_tokens"] == expected.prompt_tokens
-    assert totals["requests"] == expected.finished
+    assert totals["completion_tokens"] == expected.completion_tokens + fenced.completion_tokens
+    assert totals["prompt_tokens"] == expected.prompt_tokens + fenced.prompt_tokens
+    assert totals["requests"] == expected.finished + fenced.finished
     assert totals["failed"] == 2
-    assert {m: row["completion_tokens"] for m, row in usage["by_model"].items()} == expected.by_model
-    assert sum(row["completion_tokens"] for row in usage["by_tenant"].values()) == expected.completion_tokens
+    by_model = {m: row["completion_tokens"] for m, row in usage["by_model"].items()}
+    assert by_model == {**expected.by_model, **fenced.by_model}
+    assert sum(row["completion_tokens"] for row in usage["by_tenant"].values()) == totals["completion_tokens"]
     latency = _get(f"http://127.0.0.1:{service.port}/latency")
-    assert latency is not None and latency["recent"]["ttft"]["count"] == expected.finished
+    assert latency is not None and latency["recent"]["ttft"]["count"] == expected.finished + fenced.finished
     with urllib.request.urlopen(f"http://127.0.0.1:{service.port}/", timeout=5) as page:
         assert b"<svg" in page.read()
 
     # Killed right after counting: offsets are likely not committed yet, so the restart replays events.
     assert service.stop(signal.SIGKILL) != 0
     service.start()
-    again = service.wait_totals(expected.completion_tokens)
     more, more_expected = script(5)
-    asyncio.run(produce(settings, more))
-    total = expected.completion_tokens + more_expected.completion_tokens
-    again = service.wait_totals(total)
-    time.sleep(1.0)
-    again = service.usage()
-    assert again is not None and again["totals"]["completion_tokens"] == total
-    assert again["totals"]["requests"] == expected.finished + more_expected.finished
+    fence, fenced_b, tenants = barrier(partitions, "b")
+    asyncio.run(produce(settings, more + fence))
+    again = service.wait_tenants(tenants)["totals"]
+    added = more_expected.completion_tokens + fenced_b.completion_tokens
+    assert again["completion_tokens"] == totals["completion_tokens"] + added
+    assert again["requests"] == totals["requests"] + more_expected.finished + fenced_b.finished
 
     # A clean stop and start: state comes back from the changelog topics, nothing counted twice.
     assert service.stop() == 0
     service.start()
-    final = service.wait_totals(total)
-    time.sleep(1.0)
-    final = service.usage()
-    assert final is not None and final["totals"] == again["totals"]
+    fence, fenced_c, tenants = barrier(partitions, "c")
+    asyncio.run(produce(settings, fence))
+    final = service.wait_tenants(tenants)["totals"]
+    assert final["completion_tokens"] == again["completion_tokens"] + fenced_c.completion_tokens
+    assert final["prompt_tokens"] == again["prompt_tokens"] + fenced_c.prompt_tokens
+    assert final["requests"] == again["requests"] + fenced_c.finished
+    assert final["failed"] == again["failed"] == 2

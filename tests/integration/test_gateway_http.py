@@ -29,10 +29,8 @@ async def test_idle_stream_gets_keepalive_comments(kafka_bootstrap: str, topic_p
             assert response.status == 200
             assert response.headers["Content-Type"].startswith("text/event-stream")
             body = b""
-            started = time.monotonic()
             while body.count(b": keepalive\n\n") < 2:
                 body += await asyncio.wait_for(response.content.readany(), 10)
-            assert time.monotonic() - started < 5
     assert body.startswith(b"retry: 1000\n\n")
     assert body.replace(b"retry: 1000\n\n", b"", 1).replace(b": keepalive\n\n", b"") == b""  # nothing else
 
@@ -122,12 +120,11 @@ async def test_openai_client_that_goes_away_cancels_generation(kafka_bootstrap: 
                     delta = json.loads(line[6:])["choices"][0]["delta"]
                     contents += bool(delta.get("content"))
             response.close()  # the client goes away mid-stream
-        started = time.monotonic()
         log = (await collect(settings, [request_id], timeout_s=30))[request_id]
         finished = log[-1].payload
+        # Cancelled rather than run to its length: at 10 tokens/s the whole 200 would take 20 s.
         assert isinstance(finished, Finished) and finished.finish_reason == "cancelled"
         assert 3 <= finished.usage.completion_tokens < 200
-        assert time.monotonic() - started < 10
 
 
 async def test_native_submit_takes_chat_messages(kafka_bootstrap: str, topic_prefix: str) -> None:

@@ -17,6 +17,7 @@ from tests.integration.gateway_support import (
     read_sse,
     running_gateway,
     scripted_stream,
+    wait_subscribers,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
@@ -30,7 +31,7 @@ async def test_resume_after_k_events_equals_whole_stream(kafka_bootstrap: str, t
         url = f"{gw.url}/v1/requests/{rid}/events"
         async with EventWriter(settings) as writer, aiohttp.ClientSession() as session:
             whole_task = asyncio.create_task(read_sse(session, url))
-            await asyncio.sleep(0.3)
+            await wait_subscribers(session, gw.url, 1)  # live fan-out, not a late read from the log
             await writer.publish(*scripted_stream(rid, 10))
             status, whole = await whole_task
             assert status == 200 and len(whole) == 12 and whole[-1]["event"] == "done"
@@ -61,14 +62,14 @@ async def test_resume_across_gateway_sigkill(kafka_bootstrap: str, topic_prefix:
         url = f"{gw.url}/v1/requests/{rid}/events"
         async with EventWriter(settings) as writer, aiohttp.ClientSession() as session:
             first_task = asyncio.create_task(read_sse(session, url, limit=5))
-            await asyncio.sleep(0.3)
+            await wait_subscribers(session, gw.url, 1)
             await writer.publish(*events[:7])
             _, first = await first_task
             gw.kill()
             await writer.publish(*events[7:10])
             gw.start()
             second_task = asyncio.create_task(read_sse(session, url, cursor=first[-1]["id"]))
-            await asyncio.sleep(0.3)
+            await wait_subscribers(session, gw.url, 1)
             await writer.publish(*events[10:])
             _, second = await second_task
             _, whole = await read_sse(session, url)
@@ -86,7 +87,7 @@ async def test_hundred_subscribers_identical(kafka_bootstrap: str, topic_prefix:
         connector = aiohttp.TCPConnector(limit=0)
         async with EventWriter(settings) as writer, aiohttp.ClientSession(connector=connector) as session:
             readers = [asyncio.create_task(read_sse(session, url)) for _ in range(100)]
-            await asyncio.sleep(1.0)
+            await wait_subscribers(session, gw.url, 100)
             for ev in scripted_stream(rid, 40):
                 await writer.publish(ev)
             results = await asyncio.gather(*readers)

@@ -78,6 +78,14 @@ async def drain(hub: Hub, sub: Subscription) -> bytes:
             return out
 
 
+def slow_disconnects(hub: Hub) -> float | None:
+    return hub.metrics.registry.get_sample_value("tokenrelay_gateway_slow_subscriber_disconnects_total")
+
+
+def attached(hub: Hub) -> float | None:
+    return hub.metrics.registry.get_sample_value("tokenrelay_gateway_subscribers")
+
+
 async def settle(source: MemorySource, hub: Hub) -> None:
     for _ in range(100):
         if all(hub.positions[p] == len(source.log[p]) for p in source.log):
@@ -142,13 +150,15 @@ async def test_slow_subscriber_is_dropped_without_blocking_others() -> None:
     slow = await hub.subscribe(rid, None)
     fast = await hub.subscribe(rid, None)
     assert slow is not None and fast is not None
+    assert hub.subscriber_count(rid) == 2 and attached(hub) == 2
     reader = asyncio.create_task(drain(hub, fast))
     for e in stream(rid, 30):
         source.append(e)
         await asyncio.sleep(0)
         await asyncio.sleep(0.001)
     whole = await reader
-    assert slow.closed == "slow" and hub.metrics.slow_disconnects._value.get() == 1
+    assert slow.closed == "slow" and slow_disconnects(hub) == 1
+    assert hub.subscriber_count(rid) == 0 and attached(hub) == 0  # one dropped, one unsubscribed at its end
     assert parse(whole.decode())[-1]["event"] == "done"
     await hub.stop()
 
@@ -241,7 +251,7 @@ async def test_a_burst_larger_than_the_buffer_in_one_poll_keeps_fast_readers() -
         source.append(e)
     whole = await asyncio.wait_for(reader, 10)
     assert fast.closed is None and len(parse(whole.decode())) == 2002
-    assert slow.closed == "slow" and hub.metrics.slow_disconnects._value.get() == 1
+    assert slow.closed == "slow" and slow_disconnects(hub) == 1
     await hub.stop()
 
 

@@ -75,12 +75,13 @@ def test_stream_and_whole_say_the_same() -> None:
         opening = frames(surface.opening())  # chat: the role chunk, sent before the worker names its model
         streamed: list[Any] = []
         end = None
-        for name, data in [
+        script: list[tuple[EventName, dict[str, Any]]] = [
             (EventName.STARTED, {"model": "worker-model"}),
             (EventName.TOKEN, {"text": "Hi"}),
             (EventName.TOKEN, {"text": "!"}),
             (EventName.DONE, {"finish_reason": "stop", "usage": {"prompt_tokens": 1, "completion_tokens": 2}}),
-        ]:
+        ]
+        for name, data in script:
             step = fold.feed(name, data)
             if isinstance(step, TextDelta):
                 streamed += frames(surface.delta(step.text))
