@@ -78,7 +78,7 @@ async def test_avro_framed_records_round_trip_through_kafka(kafka_bootstrap: str
     consumer = make_consumer(settings, settings.events_topic, group_id=None)
     await start_client(consumer)
     try:
-        got = []
+        got: list[TokenEvent] = []
         async with asyncio.timeout(30):
             while len(got) < len(events):
                 batch = await consumer.getmany(timeout_ms=500)

@@ -95,7 +95,8 @@ def test_crash_between_the_two_table_writes_counts_once() -> None:
     state, table = _run(events[:-1])
     # The request entry was written for the Finished event, the partition state was not.
     outcome = apply_event(copy.deepcopy(state), table[RID], events[-1], 0, finished_offset, 60)
-    table[RID] = outcome.request  # type: ignore[assignment]
+    assert outcome.request is not None
+    table[RID] = outcome.request
     lost_state = state  # the state write never happened
     replayed, _ = _run(events, lost_state, table)
     assert replayed["by_model"]["m1"]["completion_tokens"] == 4

@@ -6,6 +6,7 @@ import copy
 import io
 import json
 import struct
+from typing import Any
 
 import fastavro
 import pytest
@@ -84,12 +85,14 @@ def test_crc64_of_spec_examples() -> None:
 
 def test_plain_fastavro_reads_codec_output_with_avsc_alone() -> None:
     record = RECORDS[1]
+    assert isinstance(record, InferenceRequest)
     data = default_codec().encode(record)
     schema = json.loads((AVRO_DIR / "InferenceRequest.v1.avsc").read_text())
     # The spec's framing: 2-byte marker, 8-byte little-endian CRC-64-AVRO, then the body.
     assert data[:2] == b"\xc3\x01"
     assert data[2:10].hex() == fastavro_fingerprint(to_parsing_canonical_form(schema), "CRC-64-AVRO")
     body = fastavro.schemaless_reader(io.BytesIO(data[10:]), fastavro.parse_schema(schema))
+    assert isinstance(body, dict)
     assert body["prompt"] == ""
     assert body["messages"][1]["content"] == "héllo 世界 🙂"
     assert body["stop"] == ["\n", "END"]
@@ -105,17 +108,17 @@ def test_record_written_by_plain_fastavro_is_decoded() -> None:
     assert default_codec().decode_request(buf.getvalue()) == InferenceRequest(RID, "hi", 3)
 
 
-def _defaults(schema: dict) -> dict:  # type: ignore[type-arg]
+def _defaults(schema: dict[str, Any]) -> dict[str, Any]:
     return {f["name"]: f["default"] for f in schema["fields"] if "default" in f}
 
 
-def _evolved_request_schema() -> dict:  # type: ignore[type-arg]
+def _evolved_request_schema() -> dict[str, Any]:
     schema = copy.deepcopy(json.loads((AVRO_DIR / "InferenceRequest.v1.avsc").read_text()))
     schema["fields"].append({"name": "priority", "type": "int", "default": 0, "doc": "added in v2"})
     return schema
 
 
-def _registry_with(schema: dict, version: int) -> SchemaRegistry:  # type: ignore[type-arg]
+def _registry_with(schema: dict[str, Any], version: int) -> SchemaRegistry:
     registry = SchemaRegistry(AVRO_DIR.glob("*.avsc"))
     registry.add(schema, version=version)
     return registry
