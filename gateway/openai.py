@@ -8,7 +8,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from aiohttp import web
@@ -65,6 +65,8 @@ class Failed:
 
 
 Step = TextDelta | Rewritten | Completed | Failed
+
+TOO_SLOW = Failed("too_slow", "the client did not keep up with the stream")
 
 TOO_SLOW = Failed("too_slow", "the client did not keep up with the stream")
 
@@ -143,10 +145,7 @@ class Completions:
     request_id: str
     chat: bool
     include_usage: bool = False
-    created: int = 0
-
-    def __post_init__(self) -> None:
-        self.created = self.created or int(time.time())
+    created: int = field(default_factory=lambda: int(time.time()))
 
     @property
     def id(self) -> str:
@@ -191,7 +190,6 @@ class Completions:
         else:
             choice["text"] = self.fold.text
         body = self._object("chat.completion" if self.chat else "text_completion", [choice])
-        body["created"] = int(time.time())
         body["usage"] = end.usage
         return body
 
@@ -252,10 +250,10 @@ async def _stream(
         headers={
             "Content-Type": "text/event-stream; charset=utf-8",
             "Cache-Control": "no-cache",
+            "X-Request-Id": request_id,
             **cors_headers(request),
         }
     )
-    response.headers["X-Request-Id"] = request_id
     gw.metrics.active_streams.inc()
     ended = False
     try:
@@ -263,11 +261,7 @@ async def _stream(
         if opening := surface.opening():
             await response.write(opening)
         async for ev in events:
-            step = (
-                fold.feed(ev.event, ev.data)
-                if ev is not None
-                else Failed("too_slow", "the client did not keep up with the stream")
-            )
+            step = fold.feed(ev.event, ev.data) if ev is not None else TOO_SLOW
             if isinstance(step, TextDelta):
                 await response.write(surface.delta(step.text))
                 continue
@@ -278,7 +272,7 @@ async def _stream(
                 await response.write(surface.completed(step))
             elif isinstance(step, Failed):
                 await response.write(surface.failed(step.code, step.message))
-            else:
+            elif isinstance(step, Rewritten):  # a stream cannot take back what it sent
                 await response.write(surface.failed("restarted", "generation restarted and cannot be continued"))
             break
     except (ConnectionResetError, asyncio.CancelledError):
