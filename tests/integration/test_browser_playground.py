@@ -10,6 +10,7 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -180,7 +181,7 @@ async def test_stop_button_cancels_and_the_example_page_runs_as_given(
 async def test_playground_multi_turn_chat_with_the_built_in_model(
     kafka_bootstrap: str, topic_prefix: str, tmp_path: Path
 ) -> None:
-    from playwright.async_api import async_playwright
+    from playwright.async_api import Request, async_playwright
 
     settings = gateway_settings(kafka_bootstrap, topic_prefix)
     await ensure_topics(settings)
@@ -188,11 +189,14 @@ async def test_playground_multi_turn_chat_with_the_built_in_model(
         async with async_playwright() as pw:
             browser = await pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
             page = await browser.new_page(viewport={"width": 900, "height": 900})
-            sent: list[dict[str, object]] = []
-            page.on(
-                "request",
-                lambda r: sent.append(r.post_data_json) if r.url.endswith("/v1/requests") else None,
-            )
+            sent: list[dict[str, Any]] = []
+
+            def record(request: Request) -> None:
+                body = request.post_data_json
+                if request.url.endswith("/v1/requests") and body is not None:
+                    sent.append(body)
+
+            page.on("request", record)
             await page.goto(f"{gw.url}/")
             await page.wait_for_function("document.querySelector('#model').options[0].value === 'default'")
             await page.eval_on_selector(

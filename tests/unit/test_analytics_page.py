@@ -34,7 +34,7 @@ def test_time_axis_is_even_in_time_so_gaps_show() -> None:
 
 
 def test_percentile_lines_break_at_gaps_and_differ_in_dash() -> None:
-    series = {
+    series: dict[str, list[tuple[int, float | None]]] = {
         "p50": [(0, 10.0), (MIN, 11.0), (5 * MIN, 12.0), (6 * MIN, 13.0)],
         "p95": [(0, 20.0), (MIN, 21.0), (5 * MIN, 22.0), (6 * MIN, 23.0)],
         "p99": [(0, 20.0), (MIN, 2000.0), (5 * MIN, 22.0), (6 * MIN, None)],
