@@ -369,8 +369,7 @@ class LocalBroker:
             *base,
             "kafka.tools.StorageTool",
             "format",
-            "-t",
-            cluster_id,
+            f"--cluster-id={cluster_id}",  # one argument: a random id may begin with '-', which argparse takes for a flag
             "-c",
             str(properties),
             "--ignore-formatted",
