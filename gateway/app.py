@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -100,7 +101,13 @@ async def readyz(request: web.Request) -> web.Response:
         except Exception as exc:
             log.info("not ready: %s", exc)
             ok = False
-    return web.json_response({"status": "ready" if ok else "not_ready"}, status=200 if ok else 503)
+    now = int(time.time() * 1000)
+    body = {
+        "status": "ready" if ok else "not_ready",
+        "models": {name: model.workers for name, model in gw.models.live(now).items()},
+        "unavailable_models": gw.models.unavailable(now),
+    }
+    return web.json_response(body, status=200 if ok else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:

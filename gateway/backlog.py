@@ -1,10 +1,11 @@
-"""Backlog of the requests topic: the worker group's lag, polled in the background."""
+"""Backlog of each model's requests topic: its worker group's lag, polled in the background."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable, Iterable
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
@@ -17,13 +18,20 @@ log = logging.getLogger(__name__)
 
 
 class BacklogMonitor:
-    """Requests in the topic that the worker group has not committed yet; -1 until first measured."""
+    """Requests of each model that its worker group has not committed yet; -1 until first measured."""
 
-    def __init__(self, settings: Settings, gauge: Gauge | None = None, interval_s: float = 2.0):
+    def __init__(
+        self,
+        settings: Settings,
+        gauge: Gauge | None = None,
+        interval_s: float = 2.0,
+        models: Callable[[], Iterable[str]] | None = None,
+    ):
         self.settings = settings
         self.gauge = gauge
         self.interval_s = interval_s
-        self.backlog = -1
+        self.models = models or (lambda: [settings.default_model])
+        self.backlogs: dict[str, int] = {}
         self._task: asyncio.Task[None] | None = None
         self._admin: AIOKafkaAdminClient | None = None
         self._consumer: AIOKafkaConsumer | None = None
@@ -45,16 +53,25 @@ class BacklogMonitor:
         if self._admin is not None:
             await self._admin.close()
 
+    @property
+    def backlog(self) -> int:
+        """All models' backlogs together; -1 until one was measured."""
+        return sum(self.backlogs.values()) if self.backlogs else -1
+
+    def backlog_of(self, model: str) -> int:
+        return self.backlogs.get(model, -1)
+
     async def _run(self) -> None:
         while True:
-            try:
-                self.backlog = await self.measure()
-                if self.gauge is not None:
-                    self.gauge.set(self.backlog)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("cannot measure the request backlog: %s", exc)
+            for model in list(self.models()):
+                try:
+                    self.backlogs[model] = await self.measure(model)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    log.warning("cannot measure the request backlog of model %s: %s", model, exc)
+            if self.gauge is not None and self.backlogs:
+                self.gauge.set(self.backlog)
             await asyncio.sleep(self.interval_s)
 
     async def topics_present(self, names: set[str]) -> bool:
@@ -63,13 +80,13 @@ class BacklogMonitor:
         with map_kafka_errors("cannot list topics"):
             return names <= set(await self._admin.list_topics())
 
-    async def measure(self) -> int:
+    async def measure(self, model: str) -> int:
         assert self._admin is not None and self._consumer is not None
         with map_kafka_errors("cannot measure the request backlog"):
-            return await self._measure(self._admin, self._consumer)
+            return await self._measure(self._admin, self._consumer, model)
 
-    async def _measure(self, admin: AIOKafkaAdminClient, consumer: AIOKafkaConsumer) -> int:
-        topic = self.settings.requests_topic
+    async def _measure(self, admin: AIOKafkaAdminClient, consumer: AIOKafkaConsumer, model: str) -> int:
+        topic = self.settings.requests_topic_for(model)
         # The admin client asks the broker: a consumer's cached metadata knows only topics it has assigned, so it
         # would see no partitions here and report an empty backlog forever.
         (described,) = await admin.describe_topics([topic])
@@ -80,7 +97,7 @@ class BacklogMonitor:
             return 0
         ends = await consumer.end_offsets(tps)
         starts = await consumer.beginning_offsets(tps)
-        committed = await admin.list_consumer_group_offsets(self.settings.worker_group, partitions=tps)
+        committed = await admin.list_consumer_group_offsets(self.settings.worker_group_for(model), partitions=tps)
         lag = 0
         for tp in tps:
             meta = committed.get(tp)

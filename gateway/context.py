@@ -15,13 +15,24 @@ from gateway.auth import Auth
 from gateway.backlog import BacklogMonitor
 from gateway.hub import Hub
 from gateway.metrics import GatewayMetrics
+from gateway.models import LiveModel, ModelDirectory
 from gateway.validation import parse_json_object
 from schemas.codec import default_codec
-from schemas.errors import BodyTooLarge, NotFound, QueueFull, Unauthorized, ValidationError
+from schemas.errors import (
+    BodyTooLarge,
+    FieldError,
+    ModelNotFound,
+    NotFound,
+    QueueFull,
+    RequestRefused,
+    Unauthorized,
+    ValidationError,
+)
 from schemas.ids import new_request_id, parse_request_id, request_id_time_ms
 from schemas.records import ChatMessage, ControlEvent, InferenceRequest
 from schemas.sampling import SamplingParams
 from services.kafka import map_kafka_errors, record_headers
+from services.requests import submit_request
 from services.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -47,6 +58,7 @@ class Gateway:
     ready_check: Callable[[], Awaitable[bool]] | None = None
     tenants: dict[str, str] = field(default_factory=dict)
     codec: Any = field(default_factory=default_codec)
+    models: ModelDirectory = field(default_factory=ModelDirectory)
 
 
 GATEWAY = web.AppKey("gateway", Gateway)
@@ -89,13 +101,13 @@ def request_id_of(request: web.Request) -> str:
     try:
         parse_request_id(request_id)
     except ValidationError:
-        raise _not_found(request_id) from None
+        raise not_found(request_id) from None
     if request_id_time_ms(request_id) > time.time() * 1000 + FUTURE_ID_MS:
-        raise _not_found(request_id)
+        raise not_found(request_id)
     return request_id
 
 
-def _not_found(request_id: str) -> NotFound:
+def not_found(request_id: str) -> NotFound:
     return NotFound(f"no request {request_id[:64]!r}")
 
 
@@ -113,29 +125,71 @@ async def authorize_read(request: web.Request, request_id: str) -> None:
     owner = gw.tenants.get(request_id) or (await gw.hub.snapshot(request_id)).tenant
     if owner != tenant:
         # Same answer as an unknown id: a key must not learn which ids exist for other tenants.
-        raise _not_found(request_id)
+        raise not_found(request_id)
 
 
 def require_known(gw: Gateway, request_id: str, known: bool) -> None:
     """404 for a request the log does not know (``known`` False) whose id is older than the retention window."""
     if not known and request_id_time_ms(request_id) < time.time() * 1000 - gw.settings.events_retention_ms:
-        raise _not_found(request_id)
+        raise not_found(request_id)
 
 
-def check_backlog(gw: Gateway) -> None:
-    backlog = gw.backlog.backlog if gw.backlog is not None else -1
+def check_backlog(gw: Gateway, model: str) -> None:
+    backlog = gw.backlog.backlog_of(model) if gw.backlog is not None else -1
     if backlog > gw.settings.queue_limit:
-        raise QueueFull(f"{backlog} requests are waiting")
+        raise QueueFull(f"{backlog} requests are waiting for model {model!r}")
+
+
+def parse_model(body: dict[str, Any]) -> str | None:
+    """The `model` a body names, if any (a short served name, as /v1/models lists them)."""
+    model = body.get("model")
+    if model is None or model == "":
+        return None
+    if not isinstance(model, str) or len(model) > 256:
+        raise FieldError("model", "must be a string")
+    return model
+
+
+def resolve_model(gw: Gateway, requested: str | None) -> LiveModel:
+    """The live model a request goes to; 404 model_not_found for a name no live worker serves."""
+    model = gw.models.resolve(requested, gw.settings.default_model, int(time.time() * 1000))
+    if model is None:
+        name = requested or gw.settings.default_model
+        raise ModelNotFound(f"the model {name!r} does not exist or no worker serves it; GET /v1/models lists them")
+    return model
+
+
+def check_limits(model: LiveModel, sampling: SamplingParams, messages: tuple[ChatMessage, ...] | None) -> None:
+    """Refuse at the edge what the model announced it cannot take (the prompt's length is checked by the worker)."""
+    if messages is not None and not model.has_chat_template:
+        raise RequestRefused(
+            f"model {model.name!r} has no chat template: send a prompt instead of messages",
+            code="chat_template_missing",
+        )
+    if model.max_tokens_limit and sampling.max_tokens > model.max_tokens_limit:
+        raise FieldError("max_tokens", f"must be at most {model.max_tokens_limit} for model {model.name!r}")
+    if sampling.max_tokens >= model.context_length:
+        raise RequestRefused(
+            f"this model's maximum context length is {model.context_length} tokens; max_tokens "
+            f"{sampling.max_tokens} leaves no room for the prompt",
+            code="context_length_exceeded",
+        )
 
 
 def new_inference_request(
-    prompt: str, sampling: SamplingParams, tenant: str, messages: tuple[ChatMessage, ...] | None = None
+    prompt: str,
+    sampling: SamplingParams,
+    tenant: str,
+    messages: tuple[ChatMessage, ...] | None = None,
+    *,
+    model: str,
 ) -> InferenceRequest:
     """The record a validated submit becomes, with a fresh UUIDv7 id (the record has a field per sampling one)."""
     return InferenceRequest(
         request_id=new_request_id(),
         prompt=prompt,
         messages=messages,
+        model=model,
         tenant=tenant,
         created_ms=int(time.time() * 1000),
         **{f.name: getattr(sampling, f.name) for f in dataclasses.fields(sampling)},
@@ -144,12 +198,7 @@ def new_inference_request(
 
 async def produce_request(gw: Gateway, req: InferenceRequest) -> None:
     with map_kafka_errors("cannot produce the request"):
-        await gw.producer.send_and_wait(
-            gw.settings.requests_topic,
-            gw.codec.encode(req),
-            key=req.request_id.encode(),
-            headers=record_headers("InferenceRequest"),
-        )
+        await submit_request(gw.producer, gw.settings, gw.codec, req)
     gw.metrics.requests_submitted.inc()
     if req.tenant:
         gw.tenants[req.request_id] = req.tenant

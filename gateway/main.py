@@ -8,6 +8,7 @@ import gc
 import logging
 import signal
 import sys
+import time
 
 from aiohttp import web
 
@@ -18,8 +19,10 @@ from gateway.context import Gateway
 from gateway.hub import Hub
 from gateway.kafka_source import KafkaEventSource
 from gateway.metrics import GatewayMetrics
+from gateway.models import ModelDirectory
+from gateway.models_source import ModelsFollower
 from schemas.errors import TokenRelayError
-from services.kafka import make_producer, start_client
+from services.kafka import make_consumer, make_producer, start_client
 from services.settings import Settings
 from services.topics import ensure_topics
 
@@ -41,19 +44,22 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         max_requests=settings.hub_max_requests,
         metrics=metrics,
     )
-    backlog = BacklogMonitor(settings, metrics.backlog)
+    directory = ModelDirectory()
+    follower = ModelsFollower(make_consumer(settings), settings.models_topic, directory)
+    backlog = BacklogMonitor(settings, metrics.backlog, models=lambda: directory.live(_now_ms()))
     runner: web.AppRunner | None = None
+    following = asyncio.create_task(follower.run(), name="models")
     try:
         await hub.start()
         await backlog.start()
 
         async def ready() -> bool:
-            return await backlog.topics_present(
-                {settings.requests_topic, settings.events_topic, settings.control_topic}
-            )
+            """Broker and topics there, and a live worker for every model the workers announced."""
+            topics = await backlog.topics_present({settings.events_topic, settings.control_topic})
+            return topics and not directory.unavailable(_now_ms())
 
         auth = Auth(settings)
-        gateway = Gateway(settings, hub, producer, metrics, auth, backlog=backlog, ready_check=ready)
+        gateway = Gateway(settings, hub, producer, metrics, auth, backlog=backlog, ready_check=ready, models=directory)
         if not auth.enabled:
             log.warning("no API keys configured (TOKENRELAY_API_KEYS): the gateway is open to anyone who reaches it")
         runner = web.AppRunner(build_app(gateway), handle_signals=False, shutdown_timeout=2.0, access_log=None)
@@ -64,11 +70,17 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         await stop.wait()
         log.info("gateway stopping")
     finally:
+        following.cancel()
+        await asyncio.gather(following, return_exceptions=True)
         await hub.stop()  # closes every subscription, so streaming handlers return
         if runner is not None:
             await runner.cleanup()
         await backlog.stop()
         await producer.stop()
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 def _signal_event() -> asyncio.Event:

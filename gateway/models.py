@@ -58,6 +58,11 @@ class ModelDirectory:
                 del self._latest[key]  # long dead (a withdrawal is kept a while, so a late old heartbeat stays dead)
         return {name: _merge(name, infos) for name, infos in sorted(by_name.items())}
 
+    def unavailable(self, now_ms: int) -> list[str]:
+        """Models announced recently whose workers all went silent without withdrawing (died): not servable now."""
+        live = self.live(now_ms)
+        return sorted({info.name for info in self._latest.values() if info.ttl_ms > 0} - set(live))
+
     def get(self, name: str, now_ms: int) -> LiveModel | None:
         return self.live(now_ms).get(name)
 

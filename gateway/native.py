@@ -15,15 +15,19 @@ from gateway.context import (
     Gateway,
     authorize_read,
     check_backlog,
+    check_limits,
     cors_headers,
     gateway_of,
     new_inference_request,
+    not_found,
+    parse_model,
     produce_cancel,
     produce_request,
     read_json,
     request_id_of,
     require_key,
     require_known,
+    resolve_model,
 )
 from gateway.cursor import Cursor, decode_cursor
 from gateway.hub import Subscription
@@ -42,8 +46,10 @@ async def submit(request: web.Request) -> web.Response:
     messages = parse_messages(body) if "messages" in body else None
     prompt = "\n".join(m.content for m in messages) if messages is not None else parse_prompt(body)
     sampling = parse_sampling(body, gw.settings.max_tokens_limit)
-    check_backlog(gw)
-    req = new_inference_request(prompt, sampling, tenant, messages)
+    model = resolve_model(gw, parse_model(body))
+    check_limits(model, sampling, messages)
+    check_backlog(gw, model.name)
+    req = new_inference_request(prompt, sampling, tenant, messages, model=model.name)
     request_id = req.request_id
     await produce_request(gw, req)
     events_url = f"/v1/requests/{request_id}/events"
@@ -74,7 +80,7 @@ async def events(request: web.Request) -> web.StreamResponse:
     if sub is None:
         return web.Response(status=204, headers=cors_headers(request))
     try:
-        require_known(gw, request_id, bool(sub.backlog) or gw.hub.entry(request_id).view.run_id is not None)
+        require_known(gw, request_id, bool(sub.backlog) or gw.hub.entry(request_id).view.known)
         return await stream_sse(request, gw, sub)
     finally:
         gw.hub.unsubscribe(sub)
@@ -139,18 +145,28 @@ async def status(request: web.Request) -> web.Response:
     gw = gateway_of(request)
     request_id = request_id_of(request)
     await authorize_read(request, request_id)
+    return web.json_response(await _state(gw, request_id))
+
+
+async def _state(gw: Gateway, request_id: str) -> dict[str, Any]:
+    """The request as the log has it; 404 when the log holds nothing of it (no Accepted, no run)."""
     view = await gw.hub.snapshot(request_id)
-    require_known(gw, request_id, view.run_id is not None or request_id in gw.tenants)
+    if not view.known and request_id not in gw.tenants:
+        raise not_found(request_id)
     answer: dict[str, Any] = {"id": request_id, "status": view.status, "text": view.text, "model": view.model}
     if view.terminal is not None:
         done = view.terminal.event == EventName.DONE
         answer.update(view.terminal.data if done else {"error": view.terminal.data})
-    return web.json_response(answer)
+    return answer
 
 
 async def cancel(request: web.Request) -> web.Response:
+    """202 while the cancel is on its way; 200 with the final state when the request has already ended; 404."""
     gw = gateway_of(request)
     request_id = request_id_of(request)
     await authorize_read(request, request_id)
+    state = await _state(gw, request_id)
+    if state["status"] in ("done", "failed"):
+        return web.json_response(state)
     await produce_cancel(gw, request_id, "client_request")
     return web.json_response({"id": request_id, "status": "cancelling"}, status=202)

@@ -16,18 +16,21 @@ from aiohttp import web
 from gateway.context import (
     Gateway,
     check_backlog,
+    check_limits,
     cors_headers,
     gateway_of,
     new_inference_request,
+    parse_model,
     produce_cancel,
     produce_request,
     read_json,
     require_key,
+    resolve_model,
 )
 from gateway.hub import Subscription
 from gateway.validation import parse_messages, parse_n, parse_prompt, parse_sampling, parse_stream_flags
 from gateway.view import EventName, ViewEvent
-from schemas.errors import ClientClosed, FieldError, GenerationFailed
+from schemas.errors import ClientClosed, ended_with
 from schemas.records import ChatMessage, InferenceRequest
 
 log = logging.getLogger(__name__)
@@ -257,10 +260,16 @@ async def _stream(
     gw.metrics.active_streams.inc()
     ended = False
     try:
+        # Headers wait for the first event: a request the worker refuses (its prompt is too long for the model, say)
+        # is then an HTTP error with its status, as OpenAI clients expect, rather than an error inside a 200 stream.
+        first = await anext(events, None)
+        if first is not None and first.event == EventName.ERROR:
+            ended = True
+            raise ended_with(first.data.get("code", "failed"), first.data.get("message", ""))
         await response.prepare(request)
         if opening := surface.opening():
             await response.write(opening)
-        async for ev in events:
+        async for ev in _chain(first, events):
             step = fold.feed(ev.event, ev.data) if ev is not None else TOO_SLOW
             if isinstance(step, TextDelta):
                 await response.write(surface.delta(step.text))
@@ -296,13 +305,20 @@ async def _whole(
                 return web.json_response(surface.whole(step), headers={"X-Request-Id": request_id})
             if isinstance(step, Failed):
                 ended = True
-                raise GenerationFailed(step.message, code=step.code)
+                raise ended_with(step.code, step.message)
             if ev is None:
                 break  # dropped as too slow: like a client that went away
     finally:
         if not ended:
             await _cancel_quietly(gw, request_id)
     raise ClientClosed("client went away")
+
+
+async def _chain(first: ViewEvent | None, rest: AsyncIterator[ViewEvent | None]) -> AsyncIterator[ViewEvent | None]:
+    if first is not None:
+        yield first
+    async for ev in rest:
+        yield ev
 
 
 async def _cancel_quietly(gw: Gateway, request_id: str) -> None:
@@ -335,24 +351,17 @@ async def _completions(request: web.Request, *, chat: bool) -> web.StreamRespons
     else:
         prompt = parse_prompt(body)
     sampling = parse_sampling(body, gw.settings.max_tokens_limit, default_max_tokens=256 if chat else 16)
-    model = parse_model(body, gw.settings.model)
-    check_backlog(gw)
-    req = new_inference_request(prompt, sampling, tenant, messages)
-    fold = AnswerFold(model)
+    model = resolve_model(gw, parse_model(body))
+    check_limits(model, sampling, messages)
+    check_backlog(gw, model.name)
+    req = new_inference_request(prompt, sampling, tenant, messages, model=model.name)
+    fold = AnswerFold(model.name)
     surface = Completions(fold, req.request_id, chat, include_usage)
     return await answer(request, req, fold, surface, stream=stream)
-
-
-def parse_model(body: dict[str, Any], default: str) -> str:
-    model = body.get("model") or default
-    if not isinstance(model, str) or len(model) > 256:
-        raise FieldError("model", "must be a string")
-    return model
 
 
 async def models(request: web.Request) -> web.Response:
     gw = gateway_of(request)
     require_key(request)
-    names = sorted({gw.settings.model, *gw.hub.models})
-    data = [{"id": name, "object": "model", "created": 0, "owned_by": "tokenrelay"} for name in names]
-    return web.json_response({"object": "list", "data": data})
+    live = gw.models.live(int(time.time() * 1000))
+    return web.json_response({"object": "list", "data": [model.as_openai() for model in live.values()]})

@@ -5,11 +5,13 @@ TokenRelayError                 root; every error raised on purpose by tokenrela
 ├── DecodeError                 bytes that are not a valid framed Avro record
 ├── ValidationError             a decoded record or HTTP body breaks a rule         422 invalid
 │   ├── FieldError              one named field breaks a rule                       422 invalid_field (+ field)
-│   └── BodyError               an HTTP body that is not a JSON object              400 invalid_json
+│   ├── BodyError               an HTTP body that is not a JSON object              400 invalid_json
+│   └── RequestRefused          the model cannot take this request (its limits)     400 (a code per reason)
 ├── BodyTooLarge                an HTTP body over the size limit                    413 body_too_large
 ├── CursorError                 an SSE cursor that cannot be parsed                 400 bad_cursor
 ├── Unauthorized                no valid API key (or stream token)                  401 unauthorized
 ├── NotFound                    no such request, or not the caller's to see         404 not_found
+│   └── ModelNotFound           no live worker serves the model asked for           404 model_not_found
 ├── Conflict                    the request's state does not allow this             409 conflict
 ├── QueueFull                   too many requests wait for a worker                 429 queue_full, Retry-After
 ├── GenerationFailed            the request ended in an error (whole answers)       502 (the error's code)
@@ -82,6 +84,13 @@ class BodyError(ValidationError):
     http_status = 400
 
 
+class RequestRefused(ValidationError):
+    """The model cannot take the request (context, chat template): 400, with the reason as the code."""
+
+    code = "invalid_request"
+    http_status = 400
+
+
 class BodyTooLarge(TokenRelayError):
     code = "body_too_large"
     http_status = 413
@@ -103,6 +112,10 @@ class Unauthorized(TokenRelayError):
 class NotFound(TokenRelayError):
     code = "not_found"
     http_status = 404
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
 
 
 class Conflict(TokenRelayError):
@@ -147,3 +160,14 @@ class KafkaUnavailable(TokenRelayError):
 
 class EngineError(TokenRelayError):
     code = "engine_error"
+
+
+# Codes of a worker's Failed that say the request itself was wrong (answered 4xx where an HTTP answer is still open).
+REFUSAL_CODES = frozenset({"prompt_too_long", "context_length_exceeded", "chat_template_missing", "deadline_exceeded"})
+
+
+def ended_with(code: str, message: str) -> TokenRelayError:
+    """The HTTP error of a request that ended in ``Failed(code)``: the request's fault (400) or the service's (502)."""
+    if code in REFUSAL_CODES or code.endswith("_invalid"):
+        return RequestRefused(message, code=code)
+    return GenerationFailed(message, code=code)

@@ -26,6 +26,9 @@ class ProbeResult:
     total_s: float
 
 
+MODEL_POLL_S = 0.5
+
+
 def _headers(api_key: str | None) -> dict[str, str]:
     headers = {"content-type": "application/json"}
     if api_key:
@@ -48,6 +51,23 @@ def sse_events(lines: Iterator[bytes]) -> Iterator[tuple[str, dict[str, Any]]]:
             name, data = "message", ""
 
 
+def _submit_when_served(gateway_url: str, api_key: str | None, deadline: float) -> dict[str, Any]:
+    """Submit the probe request once a worker has announced the default model (404 model_not_found until then)."""
+    body = json.dumps({"prompt": PROBE_PROMPT, "max_tokens": 1, "temperature": 0}).encode()
+    while True:
+        request = urllib.request.Request(
+            f"{gateway_url}/v1/requests", data=body, headers=_headers(api_key), method="POST"
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                answer: dict[str, Any] = json.loads(response.read())
+                return answer
+        except urllib.error.HTTPError as exc:
+            if exc.code != 404 or time.monotonic() > deadline:
+                raise
+        time.sleep(MODEL_POLL_S)
+
+
 def probe(gateway_url: str, api_key: str | None = None, deadline_s: float = 600.0) -> ProbeResult:
     """Submit one greedy 1-token request and wait for its ``done`` or ``error``; raises OSError if the gateway
     cannot be reached, TimeoutError past ``deadline_s``.
@@ -56,10 +76,7 @@ def probe(gateway_url: str, api_key: str | None = None, deadline_s: float = 600.
     readiness includes a live worker per model (the `models` topic), polling /readyz can replace it.
     """
     began = time.monotonic()
-    body = json.dumps({"prompt": PROBE_PROMPT, "max_tokens": 1, "temperature": 0}).encode()
-    request = urllib.request.Request(f"{gateway_url}/v1/requests", data=body, headers=_headers(api_key), method="POST")
-    with urllib.request.urlopen(request, timeout=30) as response:
-        submitted = json.loads(response.read())
+    submitted = _submit_when_served(gateway_url, api_key, began + deadline_s)
     request_id, events_url = submitted["id"], gateway_url + submitted["events_url"]
     first: float | None = None
     while time.monotonic() - began < deadline_s:

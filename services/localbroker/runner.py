@@ -369,7 +369,7 @@ class LocalBroker:
             *base,
             "kafka.tools.StorageTool",
             "format",
-            f"--cluster-id={cluster_id}",  # one argument: a random id may begin with '-', which argparse takes for a flag
+            f"--cluster-id={cluster_id}",  # one argument: a random id may begin with '-', which is not a flag
             "-c",
             str(properties),
             "--ignore-formatted",

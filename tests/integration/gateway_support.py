@@ -8,11 +8,13 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Coroutine, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
@@ -95,10 +97,30 @@ def running_gateway(settings: Settings) -> Iterator[GatewayProcess]:
 
 @contextlib.contextmanager
 def running_worker(settings: Settings, **env: str) -> Iterator[subprocess.Popen[bytes]]:
-    from tests.integration.worker_helpers import worker_process
+    """A worker subprocess, yielded once it has announced its model (so that gateways route to it)."""
+    from tests.integration.worker_helpers import wait_announced, worker_process
 
     with worker_process(settings, **{"TOKENRELAY_WORKER_METRICS_PORT": "0", **env}) as proc:
+        served = Settings.from_env(quiet_env(settings, **env)).served_model
+        _in_thread(wait_announced(settings, served, proc=proc))
         yield proc
+
+
+def _in_thread(coro: Coroutine[Any, Any, None]) -> None:
+    """Run ``coro`` to its end on a loop of its own (the caller may be a sync context manager inside a loop)."""
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            asyncio.run(coro)
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]
 
 
 async def wait_subscribers(session: aiohttp.ClientSession, base_url: str, count: int, timeout_s: float = 60.0) -> None:

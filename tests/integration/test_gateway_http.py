@@ -13,7 +13,7 @@ from schemas.ids import new_request_id
 from schemas.records import Finished
 from services.topics import ensure_topics
 from tests.integration.gateway_support import gateway_settings, running_gateway, running_worker
-from tests.integration.worker_helpers import collect
+from tests.integration.worker_helpers import announce, collect
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -75,6 +75,7 @@ async def test_cors_allowlist(kafka_bootstrap: str, topic_prefix: str) -> None:
 async def test_429_with_retry_after_when_backlog_passes_the_limit(kafka_bootstrap: str, topic_prefix: str) -> None:
     settings = gateway_settings(kafka_bootstrap, topic_prefix, queue_limit=1)
     await ensure_topics(settings)
+    await announce(settings)  # a model the gateway routes to, served by no worker
     body = {"prompt": "nobody is serving", "max_tokens": 4}
     with running_gateway(settings) as gw:  # and no worker: the backlog only grows
         async with aiohttp.ClientSession() as session:
@@ -134,6 +135,7 @@ async def test_native_submit_takes_chat_messages(kafka_bootstrap: str, topic_pre
 
     settings = gateway_settings(kafka_bootstrap, topic_prefix)
     await ensure_topics(settings)
+    await announce(settings)  # a model the gateway routes to, served by no worker
     turns = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "héllo?"}]
     with running_gateway(settings) as gw:
         async with aiohttp.ClientSession() as session:

@@ -19,6 +19,7 @@ from tests.integration.gateway_support import (
     scripted_stream,
     wait_subscribers,
 )
+from tests.integration.worker_helpers import announce
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -98,6 +99,7 @@ async def test_hundred_subscribers_identical(kafka_bootstrap: str, topic_prefix:
 async def test_bad_input_never_crashes(kafka_bootstrap: str, topic_prefix: str) -> None:
     settings = gateway_settings(kafka_bootstrap, topic_prefix, max_body_bytes=4096)
     await ensure_topics(settings)
+    await announce(settings)  # a model the gateway routes to, served by no worker
     with running_gateway(settings) as gw:
         async with aiohttp.ClientSession() as session:
             cases: list[tuple[str, bytes, int]] = [

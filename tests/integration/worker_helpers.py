@@ -10,11 +10,12 @@ import sys
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 from aiokafka import TopicPartition
 
 from schemas.codec import default_codec
-from schemas.records import ControlEvent, InferenceRequest, TokenEvent
+from schemas.records import ControlEvent, InferenceRequest, ModelInfo, TokenEvent
 from services.kafka import make_consumer, make_producer, record_headers, start_client
 from services.process import quiet_env
 from services.settings import Settings
@@ -150,5 +151,35 @@ async def dlq_records(
             for records in (await consumer.getmany(timeout_ms=200)).values():
                 out += [(r.key, r.value, dict(r.headers)) for r in records]
         return out
+    finally:
+        await consumer.stop()
+
+
+async def announce(settings: Settings, name: str = "default", ttl_ms: int = 600_000, **fields: Any) -> None:
+    """Announce a model on the models topic as a worker would, for gateway tests that need no worker to run."""
+    values: dict[str, Any] = {"context_length": 1 << 20, "has_chat_template": True, "worker": "test-announcer"}
+    values.update(fields)
+    info = ModelInfo(name=name, ts_ms=int(time.time() * 1000), ttl_ms=ttl_ms, **values)
+    await produce_raw(settings, settings.models_topic, name.encode(), default_codec().encode(info))
+
+
+async def wait_announced(
+    settings: Settings, name: str, timeout_s: float = 120.0, proc: subprocess.Popen[bytes] | None = None
+) -> None:
+    """Until a live announcement of model ``name`` is on the models topic (a worker subprocess has started)."""
+    consumer = make_consumer(settings)
+    await start_client(consumer)
+    try:
+        tp = TopicPartition(settings.models_topic, 0)
+        consumer.assign([tp])
+        await consumer.seek_to_beginning(tp)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            assert proc is None or proc.poll() is None, f"the worker exited with {proc.returncode}"
+            assert time.monotonic() < deadline, f"model {name!r} was not announced within {timeout_s} s"
+            for record in (await consumer.getmany(tp, timeout_ms=200)).get(tp, []):
+                info = default_codec().decode_model_info(record.value)
+                if info.name == name and info.live(int(time.time() * 1000)):
+                    return
     finally:
         await consumer.stop()
