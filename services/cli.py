@@ -130,7 +130,7 @@ def _cmd_export(args: argparse.Namespace, settings: Settings) -> int:
     if args.until is not None:
         parse_time(args.until)
     _require_kafka(settings, args)
-    return asyncio.run(export(settings, since=args.since, until=args.until, out=args.out))
+    return asyncio.run(export(settings, since=args.since, until=args.until, out=args.out, fmt=args.format))
 
 
 def _require_kafka(settings: Settings, args: argparse.Namespace) -> None:
@@ -231,10 +231,13 @@ def build_parser() -> argparse.ArgumentParser:
     tail.add_argument("--since", help="start time: ISO 8601, or a duration ago like 10m, 2h")
     tail.add_argument("--no-follow", action="store_true", help="stop at the end of the log")
 
-    export = add("export", _cmd_export, "Export the token log of a time range as JSON Lines.")
+    export = add("export", _cmd_export, "Export the token log of a time range as JSON Lines or Parquet.")
     export.add_argument("--since", required=True, help="ISO 8601 time or a duration ago like 1h")
     export.add_argument("--until", help="ISO 8601 time (default: now)")
     export.add_argument("--out", help="output file (default: standard output)")
+    export.add_argument(
+        "--format", choices=["jsonl", "parquet"], default="jsonl", help="JSON Lines (default) or Parquet (needs --out)"
+    )
     return parser
 
 

@@ -119,7 +119,10 @@ class Subjects:
         try:
             if self.settings.schema_registry_auto_register:
                 return int(await self.client.register_schema(subject, schema))
-            return int((await self.client.lookup_schema(subject, schema)).schema_id)
+            found = await self.client.lookup_schema(subject, schema)
+            if found.schema_id is None:
+                raise RegistryError(f"the schema registry gave no id for {record} under {subject}")
+            return int(found.schema_id)
         except SchemaRegistryError as exc:
             if not self.settings.schema_registry_auto_register and exc.http_status_code == 404:
                 raise RegistryError(
@@ -231,3 +234,10 @@ class _Resolver:
 def registry_resolver(settings: Settings) -> SchemaResolver:
     """A SchemaResolver for the Codec that asks the configured registry (blocking; each id once)."""
     return _Resolver(settings)
+
+
+def reading_codec(settings: Settings) -> Codec:
+    """A codec for a reader that writes nothing: resolves Confluent ids through the registry when one is set."""
+    if not settings.schema_registry_url:
+        return Codec(default_registry())
+    return Codec(default_registry(), resolve=registry_resolver(settings))
