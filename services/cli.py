@@ -39,6 +39,12 @@ def _cmd_broker(args: argparse.Namespace, settings: Settings) -> int:
     return LocalBroker(settings, port=port, data_dir=data_dir).run_foreground()
 
 
+def _cmd_registry(args: argparse.Namespace, settings: Settings) -> int:
+    from services.registry.runner import LocalRegistry
+
+    return LocalRegistry(settings, port=args.port).run_foreground()
+
+
 def _cmd_topics(args: argparse.Namespace, settings: Settings) -> int:
     from services.topics import describe_topics, ensure_topics
 
@@ -192,6 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     broker.add_argument("--port", type=int, help="listener port (default 9092)")
     broker.add_argument("--data-dir", help="data directory (default ~/.cache/tokenrelay/broker-data)")
+
+    registry = add(
+        "registry", _cmd_registry, "Run the embedded schema registry (Apicurio, storage on Kafka) in the foreground."
+    )
+    registry.add_argument("--port", type=int, help="listen port (default 8081; 0 = any free port)")
 
     add("topics", _cmd_topics, "Create the topics if missing and describe them.")
     settings_cmd = add("settings", _cmd_settings, "Print every setting in effect and where its value came from.")

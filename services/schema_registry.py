@@ -111,6 +111,13 @@ class Subjects:
         log.info("schema %s.%s is id %d under subject %s", NAMESPACE, record, schema_id, subject)
         return schema_id
 
+    async def ensure_record(self, record: str) -> int:
+        """Id of the newest schema of ``record`` under its record-name subject (``io.tokenrelay.<Name>``)."""
+        subject = subject_name("record", "", record)
+        if subject not in self.ids:
+            self.ids[subject] = await self._register(subject, record)
+        return self.ids[subject]
+
     async def _register(self, subject: str, record: str) -> int:
         from confluent_kafka.schema_registry import Schema
         from confluent_kafka.schema_registry.error import SchemaRegistryError
@@ -160,6 +167,11 @@ async def prepare_codec(
             if record is None or record not in subjects.schemas.names():
                 continue
             by_record[record] = await _retry_until(deadline, lambda t=topic, r=record: subjects.ensure(t, r))
+        if settings.schema_registry_auto_register:
+            # Every `.avsc` record gets an id, also one whose topic was not named: under its record-name subject.
+            for record in subjects.schemas.names():
+                if record not in by_record:
+                    by_record[record] = await _retry_until(deadline, lambda r=record: subjects.ensure_record(r))
     finally:
         await subjects.close()
     return Codec(default_registry(), schema_ids=by_record, resolve=registry_resolver(settings))
