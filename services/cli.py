@@ -186,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--gateway-port", "--port", type=int, dest="gateway_port", metavar="PORT", help="gateway port (default 8080)"
     )
     up.add_argument("--analytics-port", type=int, metavar="PORT", help="analytics port (default 6066)")
+    up.add_argument("--registry-port", type=int, metavar="PORT", help="embedded schema registry port (default 8081)")
     up.add_argument(
         "--metrics-port", type=int, dest="worker_metrics_port", metavar="PORT", help="worker metrics port (0 = off)"
     )
@@ -259,6 +260,7 @@ _FLAG_SETTINGS = {
     "worker_metrics_port": "--metrics-port",
     "analytics_port": "--analytics-port",
     "broker_port": "--broker-port",
+    "registry_port": "--registry-port",
     "model": "--model",
     "engine": "--engine",
     "bootstrap": "--bootstrap",
