@@ -208,7 +208,6 @@ class _Resolver:
 
     def __init__(self, settings: Settings):
         self._conf = client_config(settings)
-        self._client: Any = None
         self._lock = threading.Lock()
         self._unknown: dict[int, str] = {}
         self._down_until = 0.0
@@ -222,10 +221,10 @@ class _Resolver:
                 raise DecodeError(self._unknown[schema_id])
             if time.monotonic() < self._down_until:
                 raise SchemaUnavailable(f"schema id {schema_id}: the schema registry did not answer just now")
-            if self._client is None:
-                self._client = SchemaRegistryClient({**self._conf, "timeout": 5, "max.retries": 1})
             try:
-                schema = self._client.get_schema(schema_id)
+                # A client per lookup: lookups are rare (each id once per process) and nothing stays open.
+                with SchemaRegistryClient({**self._conf, "timeout": 5, "max.retries": 1}) as client:
+                    schema = client.get_schema(schema_id)
             except SchemaRegistryError as exc:
                 if exc.http_status_code == 404 or 400 <= exc.http_status_code < 500:
                     message = f"schema id {schema_id} is not in the schema registry"

@@ -68,7 +68,8 @@ class RegistryOnlyReader:
         self.consumer = Consumer(
             {"bootstrap.servers": bootstrap, "group.id": f"reader-{new_request_id()}", "enable.auto.commit": False}
         )
-        self.deserialize = AvroDeserializer(SchemaRegistryClient({"url": registry}))
+        self.registry = SchemaRegistryClient({"url": registry})
+        self.deserialize = AvroDeserializer(self.registry)
 
     def read_topic(self, topic: str, partitions: int) -> list[tuple[bytes, Any]]:
         """Every (raw value, decoded value) of ``topic`` from the beginning to its current end."""
@@ -112,6 +113,7 @@ class RegistryOnlyReader:
 
     def close(self) -> None:
         self.consumer.close()
+        self.registry.close()
 
 
 def _serializer_producer(settings: Settings, registry: str, request_ids: list[str]) -> None:
@@ -121,16 +123,17 @@ def _serializer_producer(settings: Settings, registry: str, request_ids: list[st
     from confluent_kafka.schema_registry.avro import AvroSerializer
     from confluent_kafka.serialization import MessageField, SerializationContext
 
-    serialize = AvroSerializer(SchemaRegistryClient({"url": registry}), MINIMAL_REQUEST_SCHEMA)
-    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, "enable.idempotence": True})
-    for rid in request_ids:
-        value = {"request_id": rid, "prompt": "Once upon a time", "max_tokens": MAX_TOKENS}
-        producer.produce(
-            settings.requests_topic,
-            key=rid.encode(),
-            value=serialize(value, SerializationContext(settings.requests_topic, MessageField.VALUE)),
-        )
-    assert producer.flush(30) == 0
+    with SchemaRegistryClient({"url": registry}) as client:
+        serialize = AvroSerializer(client, MINIMAL_REQUEST_SCHEMA)
+        producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, "enable.idempotence": True})
+        for rid in request_ids:
+            value = {"request_id": rid, "prompt": "Once upon a time", "max_tokens": MAX_TOKENS}
+            producer.produce(
+                settings.requests_topic,
+                key=rid.encode(),
+                value=serialize(value, SerializationContext(settings.requests_topic, MessageField.VALUE)),
+            )
+        assert producer.flush(30) == 0
 
 
 def _terminal(events: list[dict[str, Any]], rid: str) -> dict[str, Any] | None:
