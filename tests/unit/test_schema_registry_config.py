@@ -67,11 +67,17 @@ def test_auto_register_reads_as_a_boolean() -> None:
 
 def test_embedded_registry_command() -> None:
     argv = jvm_command(
-        "/jdk/bin/java", Path("/app/quarkus-run.jar"), port=18081, bootstrap="k:9092", topic_prefix="p.", heap_mb=200
+        "/jdk/bin/java",
+        Path("/app/quarkus-run.jar"),
+        port=18081,
+        management_port=18082,
+        bootstrap="k:9092",
+        topic_prefix="p.",
+        heap_mb=200,
     )
     assert argv[0] == "/jdk/bin/java" and argv[-2:] == ["-jar", "/app/quarkus-run.jar"]
     assert "-Dquarkus.http.port=18081" in argv and "-Dapicurio.kafkasql.bootstrap.servers=k:9092" in argv
     assert "-Dapicurio.storage.kind=kafkasql" in argv and "-Dapicurio.kafkasql.topic=p.schemas" in argv
-    assert "-Dquarkus.management.enabled=false" in argv and "-Xmx200m" in argv
+    assert "-Dquarkus.management.port=18082" in argv and "-Xmx200m" in argv
     assert ccompat_url(18081) == "http://127.0.0.1:18081/apis/ccompat/v7"
     assert apicurio_version() == "3.3.3"
