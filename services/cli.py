@@ -287,6 +287,9 @@ def _settings(args: argparse.Namespace) -> tuple[Settings, dict[str, str]]:
             if where["topic_prefix"] == "default":
                 given["topic_prefix"] = state.topic_prefix
                 where["topic_prefix"] = running
+            if where["schema_registry_url"] == "default" and state.schema_registry_url:
+                given["schema_registry_url"] = state.schema_registry_url
+                where["schema_registry_url"] = running
             settings = Settings.from_env(**given)
     if where["kafka_bootstrap"] == "default" and where["broker_port"] != "default":
         # The clients' default broker is the local one, wherever its port was moved.

@@ -408,6 +408,7 @@ def run_stack(
                 local_broker,
                 gateway_url(settings),
                 analytics_url(settings),
+                settings.schema_registry_url,
             ),
         )
         print(banner(settings, local_broker=local_broker, logs=logs), flush=True)
