@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 PYTEST_ARGS ?=
 
-.PHONY: install test lint types unit integration run broker registry bench soak clean check-tools browser
+.PHONY: install test lint types unit integration run broker registry bench soak clean check-tools browser quix-venv
 
 install: $(STAMP) $(VENV)/.jars $(VENV)/.registry
 
@@ -37,6 +37,12 @@ $(VENV)/.jars: services/localbroker/pom.xml | $(STAMP)
 $(VENV)/.registry: services/registry/pom.xml | $(STAMP)
 	$(BIN)/python -m services.registry.runner --resolve-only
 	@touch $@
+
+# quixstreams pins confluent-kafka<2.13: its integration test runs it from a venv of its own.
+QUIX_VENV := $(HOME)/.cache/tokenrelay/quix-venv
+quix-venv:
+	@test -x $(QUIX_VENV)/bin/python || $(PYTHON) -m venv $(QUIX_VENV)
+	$(QUIX_VENV)/bin/pip install --quiet 'quixstreams[avro]==3.28.1'
 
 browser:
 	@command -v chromium >/dev/null || { \

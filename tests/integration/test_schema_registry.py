@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +25,12 @@ from services.topics import ensure_topics
 from tests.integration.worker_helpers import worker_process
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+# quixstreams pins confluent-kafka<2.13, so it lives in a venv of its own (`make quix-venv`).
+QUIX_PYTHON = Path(
+    os.environ.get("TOKENRELAY_TEST_QUIX_PYTHON") or Settings().cache_dir / "quix-venv" / "bin" / "python"
+)
+QUIX_APP = Path(__file__).with_name("quix_app.py")
 
 # A backend producer's own copy of the request schema: the three fields it needs, nothing of tokenrelay's code.
 MINIMAL_REQUEST_SCHEMA = """{
@@ -251,3 +260,40 @@ async def test_single_object_records_still_work(
         reader.close()
     finished = _terminal(events, rid)
     assert finished is not None and finished["payload"]["usage"]["completion_tokens"] == MAX_TOKENS
+
+
+@pytest.mark.skipif(
+    not QUIX_PYTHON.exists(),
+    reason=f"no quixstreams venv at {QUIX_PYTHON} (quixstreams pins confluent-kafka<2.13: `make quix-venv` makes one, "
+    "or set TOKENRELAY_TEST_QUIX_PYTHON)",
+)
+async def test_quixstreams_counts_the_tokens_of_each_request(
+    kafka_bootstrap: str, topic_prefix: str, schema_registry_url: str
+) -> None:
+    settings = _settings(kafka_bootstrap, topic_prefix, schema_registry_url)
+    await ensure_topics(settings)
+    codec = await prepare_codec(settings)
+    ids = [new_request_id() for _ in range(3)]
+    reader = RegistryOnlyReader(kafka_bootstrap, schema_registry_url)
+    try:
+        with worker_process(settings):
+            for n, rid in enumerate(ids):
+                request = codec.encode(InferenceRequest(rid, f"story {n}", MAX_TOKENS + n))
+                await _send(settings, settings.requests_topic, rid, request, "InferenceRequest")
+            await asyncio.to_thread(
+                reader.events_until,
+                settings.events_topic,
+                2,
+                lambda evs: all(_terminal(evs, rid) is not None for rid in ids),
+            )
+    finally:
+        reader.close()
+    argv = [str(QUIX_PYTHON), str(QUIX_APP), kafka_bootstrap, schema_registry_url, settings.events_topic, *ids]
+    # Its own environment: nothing of this venv or of tokenrelay leaks into the quixstreams process.
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp")}
+    result = await asyncio.to_thread(subprocess.run, argv, capture_output=True, text=True, timeout=240, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    counts = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(counts) == set(ids)
+    for n, rid in enumerate(ids):
+        assert counts[rid]["delta_tokens"] == counts[rid]["usage"] == MAX_TOKENS + n, counts
