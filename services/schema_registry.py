@@ -198,9 +198,15 @@ async def _retry_until(deadline: float, call: Any) -> int:
 
 
 def _http_errors() -> type[Exception]:
-    import httpx
+    # confluent-kafka's client runs on httpx2 when it is installed, else on httpx (its _httpx_compat).
+    import importlib
 
-    return httpx.TransportError
+    try:
+        module = importlib.import_module("httpx2")
+    except ImportError:
+        module = importlib.import_module("httpx")
+    error: type[Exception] = module.TransportError
+    return error
 
 
 class _Resolver:

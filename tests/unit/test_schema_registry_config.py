@@ -81,3 +81,19 @@ def test_embedded_registry_command() -> None:
     assert "-Dquarkus.management.port=18082" in argv and "-Xmx200m" in argv
     assert ccompat_url(18081) == "http://127.0.0.1:18081/apis/ccompat/v7"
     assert apicurio_version() == "3.3.3"
+
+
+async def test_prepare_codec_waits_for_a_registry_then_gives_up_clearly() -> None:
+    """A registry that is not up yet (connection refused) is retried until the deadline, then a retriable error."""
+    import socket
+
+    from schemas.errors import RegistryError
+    from services.schema_registry import prepare_codec
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    settings = Settings(schema_registry_url=f"http://127.0.0.1:{port}/apis/ccompat/v7")
+    with pytest.raises(RegistryError) as info:
+        await prepare_codec(settings, [settings.events_topic], wait_s=1.5)
+    assert info.value.retriable and "did not answer" in info.value.message
