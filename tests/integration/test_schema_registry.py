@@ -297,3 +297,20 @@ async def test_quixstreams_counts_the_tokens_of_each_request(
     assert set(counts) == set(ids)
     for n, rid in enumerate(ids):
         assert counts[rid]["delta_tokens"] == counts[rid]["usage"] == MAX_TOKENS + n, counts
+
+
+async def test_auto_register_off_looks_up_the_registered_ids(topic_prefix: str, schema_registry_url: str) -> None:
+    """Production mode: nothing is registered by the services; missing subjects are named in the error."""
+    import dataclasses
+
+    from schemas.errors import RegistryError
+
+    settings = Settings(topic_prefix=topic_prefix, schema_registry_url=schema_registry_url)
+    lookup_only = dataclasses.replace(settings, schema_registry_auto_register=False)
+    with pytest.raises(RegistryError, match=f"{topic_prefix}events-value"):
+        await prepare_codec(lookup_only, [settings.events_topic])
+    registered = await prepare_codec(settings)
+    looked_up = await prepare_codec(lookup_only)
+    assert looked_up.schema_ids == {
+        name: registered.schema_ids[name] for name in ("InferenceRequest", "TokenEvent", "ControlEvent", "ModelInfo")
+    }
