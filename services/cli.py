@@ -21,7 +21,9 @@ Command = Callable[[argparse.Namespace, Settings], int]
 # Commands whose output is the point: library INFO lines (aiokafka's, ours) would land in the middle of it.
 QUIET_COMMANDS = frozenset({"submit", "tail", "export", "topics", "settings", "up"})
 # Commands that follow a running `tokenrelay up` (its Kafka address and topic prefix) unless told otherwise.
-CLIENT_COMMANDS = frozenset({"submit", "tail", "export", "topics", "settings", "worker", "gateway", "analytics"})
+CLIENT_COMMANDS = frozenset(
+    {"submit", "tail", "export", "topics", "settings", "worker", "gateway", "analytics", "registry"}
+)
 
 
 def version() -> str:
@@ -42,6 +44,7 @@ def _cmd_broker(args: argparse.Namespace, settings: Settings) -> int:
 def _cmd_registry(args: argparse.Namespace, settings: Settings) -> int:
     from services.registry.runner import LocalRegistry
 
+    _require_kafka(settings, args)  # its schemas live in a Kafka topic
     return LocalRegistry(settings, port=args.port).run_foreground()
 
 
