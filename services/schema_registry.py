@@ -149,7 +149,7 @@ async def prepare_codec(
 
     Registers the newest `.avsc` schema of each record under the subject of each topic in ``topics`` (default:
     the design's topics), waiting up to ``wait_s`` for a registry that is still starting. Without a registry the
-    codec writes single-object encoding (and says so once).
+    codec writes single-object encoding (with a warning).
     """
     if not settings.schema_registry_url:
         log.warning(
@@ -167,8 +167,8 @@ async def prepare_codec(
             if record is None or record not in subjects.schemas.names():
                 continue
             by_record[record] = await _retry_until(deadline, lambda t=topic, r=record: subjects.ensure(t, r))
-        if settings.schema_registry_auto_register:
-            # Every `.avsc` record gets an id, also one whose topic was not named: under its record-name subject.
+        if settings.schema_registry_auto_register and topics is None:
+            # Every `.avsc` record gets an id, also one no design topic carries: under its record-name subject.
             for record in subjects.schemas.names():
                 if record not in by_record:
                     by_record[record] = await _retry_until(deadline, lambda r=record: subjects.ensure_record(r))
