@@ -31,7 +31,7 @@ MIN_JAVA = 21
 HOST = "127.0.0.1"
 CCOMPAT_PATH = "/apis/ccompat/v7"
 READY_TIMEOUT_S = 300.0  # ~50 s on a quiet 2-core machine; much more when it is shared
-STOP_TIMEOUT_S = 20.0
+STOP_TIMEOUT_S = 15.0  # within the 20 s `tokenrelay up` gives each child to stop
 PORT_ATTEMPTS = 3
 
 
