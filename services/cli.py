@@ -21,7 +21,9 @@ Command = Callable[[argparse.Namespace, Settings], int]
 # Commands whose output is the point: library INFO lines (aiokafka's, ours) would land in the middle of it.
 QUIET_COMMANDS = frozenset({"submit", "tail", "export", "topics", "settings", "up"})
 # Commands that follow a running `tokenrelay up` (its Kafka address and topic prefix) unless told otherwise.
-CLIENT_COMMANDS = frozenset({"submit", "tail", "export", "topics", "settings", "worker", "gateway", "analytics"})
+CLIENT_COMMANDS = frozenset(
+    {"submit", "tail", "export", "topics", "settings", "worker", "gateway", "analytics", "registry"}
+)
 
 
 def version() -> str:
@@ -37,6 +39,13 @@ def _cmd_broker(args: argparse.Namespace, settings: Settings) -> int:
     port = args.port if args.port is not None else settings.broker_port
     data_dir = Path(args.data_dir) if args.data_dir else settings.broker_data_dir
     return LocalBroker(settings, port=port, data_dir=data_dir).run_foreground()
+
+
+def _cmd_registry(args: argparse.Namespace, settings: Settings) -> int:
+    from services.registry.runner import LocalRegistry
+
+    _require_kafka(settings, args)  # its schemas live in a Kafka topic
+    return LocalRegistry(settings, port=args.port).run_foreground()
 
 
 def _cmd_topics(args: argparse.Namespace, settings: Settings) -> int:
@@ -130,7 +139,7 @@ def _cmd_export(args: argparse.Namespace, settings: Settings) -> int:
     if args.until is not None:
         parse_time(args.until)
     _require_kafka(settings, args)
-    return asyncio.run(export(settings, since=args.since, until=args.until, out=args.out))
+    return asyncio.run(export(settings, since=args.since, until=args.until, out=args.out, fmt=args.format))
 
 
 def _require_kafka(settings: Settings, args: argparse.Namespace) -> None:
@@ -180,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--gateway-port", "--port", type=int, dest="gateway_port", metavar="PORT", help="gateway port (default 8080)"
     )
     up.add_argument("--analytics-port", type=int, metavar="PORT", help="analytics port (default 6066)")
+    up.add_argument("--registry-port", type=int, metavar="PORT", help="embedded schema registry port (default 8081)")
     up.add_argument(
         "--metrics-port", type=int, dest="worker_metrics_port", metavar="PORT", help="worker metrics port (0 = off)"
     )
@@ -192,6 +202,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     broker.add_argument("--port", type=int, help="listener port (default 9092)")
     broker.add_argument("--data-dir", help="data directory (default ~/.cache/tokenrelay/broker-data)")
+
+    registry = add(
+        "registry", _cmd_registry, "Run the embedded schema registry (Apicurio, storage on Kafka) in the foreground."
+    )
+    registry.add_argument("--port", type=int, help="listen port (default 8081; 0 = any free port)")
 
     add("topics", _cmd_topics, "Create the topics if missing and describe them.")
     settings_cmd = add("settings", _cmd_settings, "Print every setting in effect and where its value came from.")
@@ -231,10 +246,13 @@ def build_parser() -> argparse.ArgumentParser:
     tail.add_argument("--since", help="start time: ISO 8601, or a duration ago like 10m, 2h")
     tail.add_argument("--no-follow", action="store_true", help="stop at the end of the log")
 
-    export = add("export", _cmd_export, "Export the token log of a time range as JSON Lines.")
+    export = add("export", _cmd_export, "Export the token log of a time range as JSON Lines or Parquet.")
     export.add_argument("--since", required=True, help="ISO 8601 time or a duration ago like 1h")
     export.add_argument("--until", help="ISO 8601 time (default: now)")
     export.add_argument("--out", help="output file (default: standard output)")
+    export.add_argument(
+        "--format", choices=["jsonl", "parquet"], default="jsonl", help="JSON Lines (default) or Parquet (needs --out)"
+    )
     return parser
 
 
@@ -245,6 +263,7 @@ _FLAG_SETTINGS = {
     "worker_metrics_port": "--metrics-port",
     "analytics_port": "--analytics-port",
     "broker_port": "--broker-port",
+    "registry_port": "--registry-port",
     "model": "--model",
     "engine": "--engine",
     "bootstrap": "--bootstrap",
@@ -271,6 +290,9 @@ def _settings(args: argparse.Namespace) -> tuple[Settings, dict[str, str]]:
             if where["topic_prefix"] == "default":
                 given["topic_prefix"] = state.topic_prefix
                 where["topic_prefix"] = running
+            if where["schema_registry_url"] == "default" and state.schema_registry_url:
+                given["schema_registry_url"] = state.schema_registry_url
+                where["schema_registry_url"] = running
             settings = Settings.from_env(**given)
     if where["kafka_bootstrap"] == "default" and where["broker_port"] != "default":
         # The clients' default broker is the local one, wherever its port was moved.

@@ -17,12 +17,13 @@ from typing import IO, Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
-from schemas.codec import default_codec
+from schemas.codec import Codec, default_codec
 from schemas.errors import ConfigError, DecodeError, KafkaUnavailable
 from schemas.ids import is_request_id, request_id_time_ms
 from schemas.partitioning import partition_for_key
 from schemas.records import Delta, Failed, Finished, Started, TokenEvent
 from services.kafka import make_consumer, start_client
+from services.schema_registry import reading_codec
 from services.settings import Settings
 from services.topics import describe_topics
 
@@ -72,7 +73,7 @@ def event_json(event: TokenEvent) -> dict[str, Any]:
     }
 
 
-def export_line(record: ConsumerRecord[bytes, bytes]) -> dict[str, Any]:
+def export_line(record: ConsumerRecord[bytes, bytes], codec: Codec | None = None) -> dict[str, Any]:
     """One JSON Lines object for a Kafka record; an undecodable value gives an ``error`` field, not an exception."""
     line: dict[str, Any] = {
         "partition": record.partition,
@@ -81,19 +82,19 @@ def export_line(record: ConsumerRecord[bytes, bytes]) -> dict[str, Any]:
         "key": record.key.decode("utf-8", "replace") if record.key is not None else None,
     }
     try:
-        line["event"] = event_json(default_codec().decode_event(record.value or b""))
+        line["event"] = event_json((codec or default_codec()).decode_event(record.value or b""))
     except DecodeError as exc:
         line["error"] = exc.message
         line["value_b64"] = base64.b64encode(record.value or b"").decode("ascii")
     return line
 
 
-def tail_line(record: ConsumerRecord[bytes, bytes]) -> str:
+def tail_line(record: ConsumerRecord[bytes, bytes], codec: Codec | None = None) -> str:
     """One human line for a Kafka record of the events topic."""
     when = datetime.fromtimestamp(record.timestamp / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
     where = f"{when} p{record.partition}@{record.offset}"
     try:
-        event = default_codec().decode_event(record.value or b"")
+        event = (codec or default_codec()).decode_event(record.value or b"")
     except DecodeError as exc:
         return f"{where} undecodable: {exc.message}"
     p = event.payload
@@ -134,14 +135,102 @@ async def _offsets_at(consumer: AIOKafkaConsumer, tps: list[TopicPartition], ts_
     return {tp: (found[tp].offset if found.get(tp) is not None else ends[tp]) for tp in tps}
 
 
-async def export(settings: Settings, *, since: str, until: str | None = None, out: str | None = None) -> int:
-    """Write every event of [since, until) as JSON Lines; stops at the end of the range."""
+EXPORT_FORMATS = ("jsonl", "parquet")
+# Columns of the Parquet export: the Kafka position, the envelope and the payload flattened for SQL.
+PARQUET_COLUMNS = (
+    "partition", "offset", "timestamp", "key", "request_id", "run_id", "seq", "ts_ms", "type",
+    "text", "token_count", "worker", "model", "finish_reason", "prompt_tokens", "completion_tokens",
+    "ttft_ms", "total_ms", "error_code", "payload_json", "undecodable",
+)  # fmt: skip
+
+
+def parquet_row(line: dict[str, Any]) -> dict[str, Any]:
+    """One export line (see ``export_line``) as a flat row of PARQUET_COLUMNS; absent values are None."""
+    row: dict[str, Any] = dict.fromkeys(PARQUET_COLUMNS)
+    row.update(partition=line["partition"], offset=line["offset"], timestamp=line["timestamp"], key=line["key"])
+    event = line.get("event")
+    if event is None:
+        row["undecodable"] = line.get("error", "")
+        return row
+    payload = event["payload"]
+    row.update({k: event[k] for k in ("request_id", "run_id", "seq", "ts_ms", "type")})
+    row["payload_json"] = json.dumps(payload, ensure_ascii=False)
+    if event["type"] == "Delta":
+        row["text"], row["token_count"] = payload["text"], len(payload["token_ids"])
+    elif event["type"] == "Started":
+        row.update(worker=payload["worker"], model=payload["model"], prompt_tokens=payload["prompt_tokens"])
+    elif event["type"] == "Finished":
+        usage = payload["usage"]
+        row.update(finish_reason=payload["finish_reason"], ttft_ms=payload["ttft_ms"], total_ms=payload["total_ms"])
+        row.update(prompt_tokens=usage["prompt_tokens"], completion_tokens=usage["completion_tokens"])
+    elif event["type"] == "Failed":
+        row["error_code"] = payload["code"]
+    return row
+
+
+class _JsonlSink:
+    def __init__(self, out: str | None):
+        self._out = out
+        self._stream: IO[str] = Path(out).open("w", encoding="utf-8") if out else sys.stdout  # noqa: SIM115 - closed in close()
+
+    def write(self, line: dict[str, Any]) -> None:
+        self._stream.write(json.dumps(line, ensure_ascii=False) + "\n")
+
+    def close(self) -> None:
+        self._stream.flush()
+        if self._out:
+            self._stream.close()
+
+
+class _ParquetSink:
+    """Rows buffered and written as row groups of a Parquet file (pyarrow)."""
+
+    ROW_GROUP = 50_000
+
+    def __init__(self, out: str):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        text, i64, i32 = pa.string(), pa.int64(), pa.int32()
+        types = {"partition": i32, "offset": i64, "timestamp": pa.timestamp("ms", tz="UTC"), "seq": i64}
+        types |= {"ts_ms": i64, "token_count": i32, "prompt_tokens": i32, "completion_tokens": i32}
+        types |= {"ttft_ms": i64, "total_ms": i64}
+        self._schema = pa.schema([(name, types.get(name, text)) for name in PARQUET_COLUMNS])
+        self._writer = pq.ParquetWriter(out, self._schema, compression="zstd")
+        self._rows: list[dict[str, Any]] = []
+
+    def write(self, line: dict[str, Any]) -> None:
+        self._rows.append(parquet_row(line))
+        if len(self._rows) >= self.ROW_GROUP:
+            self._flush()
+
+    def _flush(self) -> None:
+        import pyarrow as pa
+
+        if self._rows:
+            self._writer.write_table(pa.Table.from_pylist(self._rows, schema=self._schema))
+            self._rows = []
+
+    def close(self) -> None:
+        self._flush()
+        self._writer.close()
+
+
+async def export(
+    settings: Settings, *, since: str, until: str | None = None, out: str | None = None, fmt: str = "jsonl"
+) -> int:
+    """Write every event of [since, until) as JSON Lines or Parquet; stops at the end of the range."""
+    if fmt not in EXPORT_FORMATS:
+        raise ConfigError(f"unknown export format {fmt!r}: use one of {', '.join(EXPORT_FORMATS)}")
+    if fmt == "parquet" and not out:
+        raise ConfigError("--format parquet needs --out FILE")
     start_ms = parse_time(since)
     end_ms = parse_time(until) if until else int(time.time() * 1000)
     if end_ms < start_ms:
         raise ConfigError("--until is before --since")
+    codec = reading_codec(settings)
     consumer, tps = await _assign(settings)
-    stream: IO[str] = Path(out).open("w", encoding="utf-8") if out else sys.stdout  # noqa: SIM115, ASYNC230 - a local file, written by a one-off command
+    sink: _JsonlSink | _ParquetSink = _ParquetSink(out) if fmt == "parquet" and out else _JsonlSink(out)
     count = 0
     try:
         starts = await _offsets_at(consumer, tps, start_ms)
@@ -157,16 +246,14 @@ async def export(settings: Settings, *, since: str, until: str | None = None, ou
                 for record in records:
                     if record.offset >= stops[tp]:
                         break
-                    stream.write(json.dumps(export_line(record), ensure_ascii=False) + "\n")
+                    sink.write(export_line(record, codec))
                     count += 1
                 if await consumer.position(tp) >= stops[tp]:
                     pending.discard(tp)
                     consumer.pause(tp)
-        stream.flush()
     finally:
         await consumer.stop()
-        if out:
-            stream.close()
+        sink.close()
     log.info("exported %d events", count)
     if out:
         print(f"exported {count} events to {out}", file=sys.stderr)
@@ -183,6 +270,7 @@ async def tail(
         if not is_request_id(request_id):
             raise ConfigError(f"{request_id!r} is not a request id (UUIDv7)")
         only = [partition_for_key(request_id, await _partition_count(settings))]
+    codec = reading_codec(settings)
     consumer, tps = await _assign(settings, only)
     try:
         if since_ms is not None:
@@ -202,8 +290,8 @@ async def tail(
                 for record in records:
                     if request_id is not None and (record.key or b"").decode("utf-8", "replace") != request_id:
                         continue
-                    print(tail_line(record), flush=True)
-                    if request_id is not None and _ends_request(record):
+                    print(tail_line(record, codec), flush=True)
+                    if request_id is not None and _ends_request(record, codec):
                         return 0
             if not follow and all([await consumer.position(tp) >= stops[tp] for tp in tps]):
                 return 0
@@ -215,9 +303,9 @@ async def _partition_count(settings: Settings) -> int:
     return (await describe_topics(settings)).get(settings.events_topic, 0) or settings.events_partitions
 
 
-def _ends_request(record: ConsumerRecord[bytes, bytes]) -> bool:
+def _ends_request(record: ConsumerRecord[bytes, bytes], codec: Codec) -> bool:
     try:
-        event = default_codec().decode_event(record.value or b"")
+        event = codec.decode_event(record.value or b"")
     except DecodeError:
         return False
     p = event.payload

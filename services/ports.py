@@ -45,6 +45,9 @@ def listens(settings: Settings, components: Iterable[str], *, standalone: bool =
         "analytics": Listen(
             "analytics", "0.0.0.0", settings.analytics_port, "--analytics-port", "TOKENRELAY_ANALYTICS_PORT"
         ),
+        "registry": Listen(
+            "schema registry", "127.0.0.1", settings.registry_port, "--registry-port", "TOKENRELAY_REGISTRY_PORT"
+        ),
     }
     chosen = [known[c] for c in components if known[c].port != 0]
     return [dataclasses.replace(c, flag="--port") for c in chosen] if standalone else chosen

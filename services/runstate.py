@@ -23,6 +23,7 @@ class UpState:
     local_broker: bool
     gateway_url: str
     analytics_url: str
+    schema_registry_url: str = ""  # the registry the stack writes with, so that clients decode the log
 
 
 def state_path(settings: Settings) -> Path:

@@ -19,6 +19,7 @@ DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"
 ENGINES = ("model", "synthetic")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+SUBJECT_STRATEGIES = ("topic", "record", "topic_record")
 # Variables with the prefix that are not settings: the test suite's own knobs.
 NON_SETTING_PREFIXES = ("TOKENRELAY_TEST_",)
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -180,6 +181,40 @@ class Settings:
     log_level: str = _setting(
         "INFO", "TOKENRELAY_LOG_LEVEL", "Python log level: DEBUG, INFO, WARNING, ERROR or CRITICAL.", LOG_LEVELS
     )
+    schema_registry_url: str = _setting(
+        "",
+        "TOKENRELAY_SCHEMA_REGISTRY_URL",
+        "Schema registry speaking the Confluent REST API (e.g. http://host:8081, or Apicurio's "
+        "http://host:8081/apis/ccompat/v7). Empty: `tokenrelay up` starts the embedded one; a component started "
+        "alone then writes Avro single-object encoding, which most Kafka tools cannot read.",
+    )
+    schema_registry_basic_auth: str = _setting(
+        "", "TOKENRELAY_SCHEMA_REGISTRY_BASIC_AUTH", "user:password for HTTP basic auth to the schema registry."
+    )
+    schema_registry_bearer_token: str = _setting(
+        "", "TOKENRELAY_SCHEMA_REGISTRY_BEARER_TOKEN", "Static bearer token for the schema registry."
+    )
+    schema_registry_ca_file: str = _setting(
+        "", "TOKENRELAY_SCHEMA_REGISTRY_CA_FILE", "CA certificate (PEM) that verifies the registry's TLS certificate."
+    )
+    schema_registry_auto_register: bool = _setting(
+        True,
+        "TOKENRELAY_SCHEMA_REGISTRY_AUTO_REGISTER",
+        "Register the .avsc schemas at start; false only looks up their ids (they must be registered already).",
+    )
+    schema_registry_subject_strategy: str = _setting(
+        "topic",
+        "TOKENRELAY_SCHEMA_REGISTRY_SUBJECT_STRATEGY",
+        "Subject of a topic's values: 'topic' (<topic>-value), 'record' (io.tokenrelay.<Name>) or 'topic_record' "
+        "(<topic>-io.tokenrelay.<Name>).",
+        SUBJECT_STRATEGIES,
+    )
+    registry_port: int = _setting(
+        8081, "TOKENRELAY_REGISTRY_PORT", "Port of the embedded schema registry (`tokenrelay registry`)."
+    )
+    registry_heap_mb: int = _setting(
+        256, "TOKENRELAY_REGISTRY_HEAP_MB", "Java heap of the embedded schema registry in MB."
+    )
 
     def __post_init__(self) -> None:
         problems = _problems(self)
@@ -260,6 +295,8 @@ def _parse(name: str, type_name: Any, raw: str, env: str = "") -> Any:
             return int(raw)
         if type_text == "float":
             return float(raw)
+        if type_text == "bool":
+            return _parse_bool(raw)
         if type_text == "Path":
             return Path(raw).expanduser()
         if type_text.startswith("tuple"):
@@ -267,6 +304,15 @@ def _parse(name: str, type_name: Any, raw: str, env: str = "") -> Any:
         return raw
     except ValueError as exc:
         raise ConfigError(f"{env or name}={raw!r}: not a valid {type_text} (setting {name})") from exc
+
+
+def _parse_bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not a boolean: {raw!r}")
 
 
 def settings_table() -> str:

@@ -79,11 +79,20 @@ def _stack_env(settings: Settings, base_env: Mapping[str, str] | None) -> dict[s
     }
 
 
-def child_plan(settings: Settings, base_env: Mapping[str, str] | None = None) -> list[Child]:
-    """The processes of the stack in start order (stopped in reverse), each told the same cluster and prefix."""
+def child_plan(settings: Settings, base_env: Mapping[str, str] | None = None, *, registry: bool = False) -> list[Child]:
+    """The processes of the stack in start order (stopped in reverse), each told the same cluster and prefix.
+
+    ``registry``: the embedded schema registry comes first, at ``settings.schema_registry_url``; it is not awaited
+    before the others (it takes ~30 s, while the worker loads its model), which wait for it when they register.
+    """
     env = _stack_env(settings, base_env)
     cli = (sys.executable, "-m", "services.cli")
+    url = settings.schema_registry_url
+    embedded = [
+        Child("registry", (*cli, "registry", "--port", str(settings.registry_port)), env, f"{url}/subjects", url)
+    ]
     return [
+        *(embedded if registry else []),
         Child("worker", (*cli, "worker"), env, None, model_label(settings)),
         Child("gateway", (*cli, "gateway"), env, f"{gateway_url(settings)}/readyz", gateway_url(settings)),
         Child("analytics", (*cli, "analytics"), env, f"{analytics_url(settings)}/usage", analytics_url(settings)),
@@ -112,6 +121,7 @@ def banner(settings: Settings, *, local_broker: bool, logs: Path | None) -> str:
         f"  example      {gateway}/examples/",
         f"  analytics    {analytics_url(settings)}/",
         f"  kafka        {settings.kafka_bootstrap} ({kafka}, topics {settings.topic_prefix}*)",
+        f"  schemas      {settings.schema_registry_url or 'no registry: Avro single-object encoding'}",
     ]
     if logs is not None:
         lines.append(f"  logs         {_home(logs)}/  (run with --verbose to see them here)")
@@ -324,7 +334,8 @@ def run_stack(
     """Run the whole stack in the foreground until SIGINT/SIGTERM or a component dies; returns an exit code."""
     from services.topics import ensure_topics
 
-    components = ["worker", "gateway", "analytics"]
+    embedded_registry = not settings.schema_registry_url
+    components = ["worker", "gateway", "analytics", *(["registry"] if embedded_registry else [])]
     check_ports(listens(settings, ["broker", *components] if local_broker else components))
     if not local_broker:
         _check_cluster(settings, bootstrap_source)
@@ -363,7 +374,15 @@ def run_stack(
         progress.begin("topics", f"{settings.topic_prefix}* on {settings.kafka_bootstrap}")
         created = asyncio.run(ensure_topics(settings))
         progress.end(f"created {len(created)}" if created else "present")
-        stack.children = child_plan(settings)
+        if embedded_registry:
+            from services.registry.runner import app_dir, ccompat_url, ensure_app
+
+            if not app_dir(settings).exists():
+                progress.begin("registry", "Apicurio Registry from Maven Central (~160 MB, first time only)")
+                ensure_app(settings, quiet=True)
+                progress.end("resolved")
+            settings = dataclasses.replace(settings, schema_registry_url=ccompat_url(settings.registry_port))
+        stack.children = child_plan(settings, registry=embedded_registry)
         # Children start in order; one marked `before_others` must answer before the next starts (e.g. a schema
         # registry the others register with), the rest start together and are awaited afterwards.
         waiting: list[Child] = []
@@ -389,6 +408,7 @@ def run_stack(
                 local_broker,
                 gateway_url(settings),
                 analytics_url(settings),
+                settings.schema_registry_url,
             ),
         )
         print(banner(settings, local_broker=local_broker, logs=logs), flush=True)

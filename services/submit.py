@@ -11,13 +11,13 @@ from aiokafka import TopicPartition
 
 from gateway.models import LiveModel, ModelDirectory
 from gateway.models_source import ModelsFollower
-from schemas.codec import default_codec
 from schemas.errors import ConfigError
 from schemas.ids import CLOCK_SKEW_MS, new_request_id, request_id_time_ms
 from schemas.partitioning import partition_for_key
 from schemas.records import ChatMessage, Delta, Failed, Finished, InferenceRequest, Started
 from schemas.sampling import SamplingParams
 from services.kafka import make_consumer, make_producer, read_key, record_headers, start_client
+from services.schema_registry import prepare_codec, reading_codec
 from services.settings import Settings
 from services.topics import describe_topics
 
@@ -63,12 +63,13 @@ async def submit(
         model=name,
         created_ms=int(time.time() * 1000),
     )
+    codec = await prepare_codec(settings, [topic])
     producer = make_producer(settings)
     await start_client(producer)
     try:
         await producer.send_and_wait(
             topic,
-            value=default_codec().encode(request),
+            value=codec.encode(request),
             key=request_id.encode(),
             headers=record_headers("InferenceRequest"),
         )
@@ -83,7 +84,7 @@ async def submit(
 
 async def _live_model(settings: Settings, requested: str) -> LiveModel | None:
     """The live model a request goes to, as the gateway resolves it; None when none is announced."""
-    follower = ModelsFollower(make_consumer(settings), settings.models_topic, ModelDirectory())
+    follower = ModelsFollower(make_consumer(settings), settings.models_topic, ModelDirectory(), reading_codec(settings))
     task = asyncio.create_task(follower.run())
     try:
         await asyncio.wait_for(follower.caught_up.wait(), MODELS_WAIT_S)
@@ -102,7 +103,7 @@ async def follow_events(settings: Settings, request_id: str, partitions: int) ->
     try:
         tp = TopicPartition(settings.events_topic, partition_for_key(request_id, partitions))
         consumer.assign([tp])
-        codec = default_codec()
+        codec = reading_codec(settings)
         shown = 0
         records = read_key(consumer, tp, request_id.encode(), request_id_time_ms(request_id) - CLOCK_SKEW_MS)
         async with contextlib.aclosing(records):

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from schemas.codec import default_codec
+from schemas.codec import Codec, default_codec
 from schemas.errors import DecodeError
 from schemas.ids import CLOCK_SKEW_MS
 from schemas.partitioning import partition_for_key
@@ -48,12 +48,19 @@ def summarize(request_id: str, events: Sequence[TokenEvent]) -> Prior:
     return Prior(run_id=run.run_id, token_ids=tuple(run.token_ids or ()), text=run.text, stalled_runs=fold.stalled_runs)
 
 
-async def read_prior(consumer: AIOKafkaConsumer, topic: str, partitions: int, request_id: str, since_ms: int) -> Prior:
+async def read_prior(
+    consumer: AIOKafkaConsumer,
+    topic: str,
+    partitions: int,
+    request_id: str,
+    since_ms: int,
+    codec: Codec | None = None,
+) -> Prior:
     """Read the request's events from its partition (from ``since_ms`` less the clock skew to the high-water mark)."""
     tp = TopicPartition(topic, partition_for_key(request_id, partitions))
     consumer.assign([tp])
     end = (await consumer.end_offsets([tp]))[tp]
-    codec = default_codec()
+    codec = codec or default_codec()
     events: list[TokenEvent] = []
     async for record in read_key(consumer, tp, request_id.encode(), since_ms - CLOCK_SKEW_MS, end):
         try:

@@ -15,10 +15,12 @@ from dataclasses import dataclass
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from schemas.codec import Codec, default_codec
 from schemas.errors import ConfigError, KafkaUnavailable, TokenRelayError
 from schemas.ids import is_model_name
 from schemas.records import ModelInfo
 from services.kafka import make_consumer, make_producer
+from services.schema_registry import prepare_codec
 from services.settings import Settings
 from services.topics import describe_topics, ensure_topics
 from workers import metrics
@@ -112,23 +114,32 @@ class Worker:
         settings: Settings,
         engines: Mapping[str, EngineLike] | EngineLike,
         clients: KafkaClients | None = None,
+        codec: Codec | None = None,
     ):
         if not isinstance(engines, Mapping):
             engines = {settings.served_model: engines}
         self.settings = settings
         self.clients = clients or KafkaClients(settings)
         self.worker_id = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}"
-        self.publisher = Publisher(self.clients.producer, settings.events_topic)
+        self.codec = codec or default_codec()
+        self.publisher = Publisher(self.clients.producer, settings.events_topic, self.codec)
         self.cancelled = CancelledIds()
-        self.control = ControlReader(self.clients.consumer(), settings.control_topic, self._on_cancel)
+        self.control = ControlReader(self.clients.consumer(), settings.control_topic, self._on_cancel, self.codec)
         self.models: dict[str, ServedModel] = {}
         for name, engine in engines.items():
             core = ModelCore(engine, limits_of(settings, name, engine), self.publisher, self.worker_id, self.cancelled)
             self.models[name] = ServedModel(
-                settings, core, self.clients.requests_consumer(name), self.clients.consumer(), self.publisher
+                settings,
+                core,
+                self.clients.requests_consumer(name),
+                self.clients.consumer(),
+                self.publisher,
+                self.codec,
             )
         infos = [model_info(settings, n, e, self.worker_id) for n, e in engines.items()]
-        self.announcer = Announcer(self.publisher, settings.models_topic, infos, settings.model_heartbeat_ms)
+        self.announcer = Announcer(
+            self.publisher, settings.models_topic, infos, settings.model_heartbeat_ms, self.codec
+        )
         self.ready = asyncio.Event()
         self._stopping = asyncio.Event()
 
@@ -198,10 +209,16 @@ class Worker:
 
 async def serve(settings: Settings, engines: Mapping[str, EngineLike] | None = None) -> None:
     """Run a worker until SIGINT/SIGTERM (or cancellation)."""
-    if engines is None:
-        engines = await asyncio.to_thread(load_engines, settings)
+    # Schema registration runs while the model loads (the embedded registry may still be starting).
+    codec_task = asyncio.create_task(prepare_codec(settings))
+    try:
+        if engines is None:
+            engines = await asyncio.to_thread(load_engines, settings)
+        codec = await codec_task
+    finally:
+        codec_task.cancel()
     metrics.serve(settings.worker_metrics_port)
-    worker = Worker(settings, engines)
+    worker = Worker(settings, engines, codec=codec)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):

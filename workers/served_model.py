@@ -154,7 +154,12 @@ class ServedModel:
                 async with self._history_lock:
                     return await asyncio.wait_for(
                         read_prior(
-                            self.history, self.settings.events_topic, self._n_event_partitions, rid, ticket.created_ms
+                            self.history,
+                            self.settings.events_topic,
+                            self._n_event_partitions,
+                            rid,
+                            ticket.created_ms,
+                            self.codec,
                         ),
                         PRIOR_TIMEOUT_S,
                     )

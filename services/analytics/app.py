@@ -10,10 +10,10 @@ import faust
 from faust.web import Request, Response, View
 from faust.web.drivers.aiohttp import Web as AiohttpWeb
 
-from schemas.codec import default_codec
 from schemas.errors import DecodeError
 from schemas.records import TokenEvent
 from services.analytics import aggregate, page
+from services.schema_registry import reading_codec
 from services.settings import Settings
 from services.topics import TopicSpec
 
@@ -109,7 +109,7 @@ def create_app(settings: Settings) -> faust.App:
         autodiscover=False,
     )
     window_s = settings.analytics_window_s
-    codec = default_codec()
+    codec = reading_codec(settings)
     events = app.topic(
         settings.events_topic,
         key_serializer="raw",

@@ -130,3 +130,26 @@ def local_broker_factory(tmp_path: Path) -> Iterator[LocalBrokerFactory]:
 def topic_prefix() -> str:
     """A prefix that makes this test's topic names unique on a shared broker."""
     return f"t{uuid.uuid4().hex[:8]}."
+
+
+@pytest.fixture(scope="session")
+def schema_registry_url(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Confluent-compatible URL of a schema registry shared by the session: TOKENRELAY_TEST_SCHEMA_REGISTRY, else the
+    embedded Apicurio started once on the test broker (about a minute; only sessions that ask for it pay)."""
+    address = os.environ.get("TOKENRELAY_TEST_SCHEMA_REGISTRY", "").strip()
+    if address:
+        yield address
+        return
+    from schemas.errors import MissingToolError
+    from services.registry.runner import LocalRegistry, java_binary
+
+    try:
+        java_binary()
+    except MissingToolError as exc:
+        pytest.skip(f"no Java 21+ for the embedded schema registry: {exc.message}")
+    settings = Settings.from_env(kafka_bootstrap=kafka_bootstrap, topic_prefix=f"t{uuid.uuid4().hex[:8]}.registry.")
+    registry = LocalRegistry(settings, 0, log_dir=tmp_path_factory.mktemp("registry"))
+    try:
+        yield registry.start()
+    finally:
+        registry.stop()

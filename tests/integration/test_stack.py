@@ -78,12 +78,14 @@ def _wait_for_banner(proc: subprocess.Popen[str], deadline: float) -> str:
     raise AssertionError(f"no banner from `tokenrelay up` (exit {proc.poll()}):\n{''.join(seen)}")
 
 
-def test_up_runs_the_whole_stack_and_stops_cleanly(tmp_path: Path, topic_prefix: str) -> None:
+def test_up_runs_the_whole_stack_and_stops_cleanly(tmp_path: Path, topic_prefix: str, schema_registry_url: str) -> None:
     gateway_port, analytics_port, broker_port = free_port(), free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENRELAY_") or k == "TOKENRELAY_CACHE_DIR"} | {
         "TOKENRELAY_BROKER_DATA_DIR": str(tmp_path / "broker"),
         "TOKENRELAY_TOPIC_PREFIX": topic_prefix,
         "TOKENRELAY_ANALYTICS_WINDOW_S": "5",
+        # The session's registry: `up` starts its own only when none is configured (one Apicurio per test session).
+        "TOKENRELAY_SCHEMA_REGISTRY_URL": schema_registry_url,
     }
     ports = ["--broker-port", str(broker_port), "--gateway-port", str(gateway_port)]
     ports += ["--analytics-port", str(analytics_port), "--metrics-port", "0"]
@@ -96,6 +98,7 @@ def test_up_runs_the_whole_stack_and_stops_cleanly(tmp_path: Path, topic_prefix:
         gateway = f"http://127.0.0.1:{gateway_port}"
         assert f"{gateway}/" in banner and f"http://127.0.0.1:{analytics_port}/" in banner
         assert f"127.0.0.1:{broker_port} (local broker, topics {topic_prefix}*)" in banner
+        assert schema_registry_url in banner
         descendants = psutil.Process(proc.pid).children(recursive=True)
         assert any("java" in p.name() for p in descendants), "the local broker JVM is a child of `up`"
         # Ready means a worker answered: the probe request's id is on the worker's line, and it finished.
@@ -183,10 +186,14 @@ def test_up_refuses_a_busy_port_before_any_slow_work(tmp_path: Path) -> None:
     assert not (tmp_path / "broker").exists(), "the check comes before the broker starts"
 
 
-def test_up_on_an_existing_cluster_says_so_and_starts_no_broker(kafka_bootstrap: str, topic_prefix: str) -> None:
+def test_up_on_an_existing_cluster_says_so_and_starts_no_broker(
+    kafka_bootstrap: str, topic_prefix: str, schema_registry_url: str
+) -> None:
     gateway_port, analytics_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENRELAY_") or k == "TOKENRELAY_CACHE_DIR"}
     env |= {"TOKENRELAY_TOPIC_PREFIX": topic_prefix, "TOKENRELAY_ANALYTICS_WINDOW_S": "5"}
+    # An existing registry too: then `up` starts no JVM at all.
+    env |= {"TOKENRELAY_SCHEMA_REGISTRY_URL": schema_registry_url}
     argv = ["up", "--bootstrap", kafka_bootstrap, "--engine", "synthetic", "--metrics-port", "0"]
     argv += ["--gateway-port", str(gateway_port), "--analytics-port", str(analytics_port)]
     proc = subprocess.Popen(
@@ -198,7 +205,7 @@ def test_up_on_an_existing_cluster_says_so_and_starts_no_broker(kafka_bootstrap:
         assert f"{kafka_bootstrap} (existing cluster, topics {topic_prefix}*)" in banner
         assert "synthetic engine" in banner
         children = psutil.Process(proc.pid).children(recursive=True)
-        assert not any("java" in p.name() for p in children), "no local broker when --bootstrap names a cluster"
+        assert not any("java" in p.name() for p in children), "no local broker or registry when both are given"
         item = _post(f"http://127.0.0.1:{gateway_port}/v1/requests", {"prompt": "one two", "max_tokens": 5})
         events = _sse_events(f"http://127.0.0.1:{gateway_port}{item['events_url']}")
         assert events[-1][0] == "done" and _tokens(events) == 5

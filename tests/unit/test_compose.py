@@ -94,3 +94,14 @@ def test_stack_shape(compose: dict[str, Any]) -> None:
 def test_default_profile_runs_the_cpu_worker() -> None:
     env = (ROOT / ".env").read_text()
     assert re.search(r"^COMPOSE_PROFILES=cpu$", env, re.M)
+
+
+def test_schema_registry_serves_every_component(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    registry = services["registry"]
+    assert registry["image"].startswith("apicurio/apicurio-registry:")
+    assert registry["environment"]["APICURIO_STORAGE_KIND"] == "kafkasql"
+    assert registry["environment"]["APICURIO_KAFKASQL_BOOTSTRAP_SERVERS"] == "kafka:9092"
+    for name in ("worker", "worker-gpu", "gateway", "analytics", "topics"):
+        url = services[name]["environment"]["TOKENRELAY_SCHEMA_REGISTRY_URL"]
+        assert url == "http://registry:8080/apis/ccompat/v7"

@@ -59,3 +59,17 @@ def test_export_and_tail_lines() -> None:
     bad = export_line(_record(b"\x00garbage"))
     assert "error" in bad and "event" not in bad
     assert "undecodable" in tail_line(_record(b"\x00garbage"))
+
+
+def test_parquet_rows_flatten_the_payload() -> None:
+    from schemas.records import Finished, Usage
+    from services.logtools import PARQUET_COLUMNS, parquet_row
+
+    delta = parquet_row(export_line(_record(default_codec().encode(TokenEvent(RID, "r", 1, NOW, Delta("ab", (1, 2)))))))
+    assert set(delta) == set(PARQUET_COLUMNS)
+    assert (delta["type"], delta["text"], delta["token_count"], delta["offset"]) == ("Delta", "ab", 2, 42)
+    done = TokenEvent(RID, "r", 2, NOW, Finished("stop", Usage(3, 2), 5, 9))
+    row = parquet_row(export_line(_record(default_codec().encode(done))))
+    assert (row["finish_reason"], row["prompt_tokens"], row["completion_tokens"], row["total_ms"]) == ("stop", 3, 2, 9)
+    bad = parquet_row(export_line(_record(b"\x00garbage")))
+    assert bad["undecodable"] and bad["type"] is None

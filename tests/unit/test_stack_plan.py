@@ -77,3 +77,14 @@ def test_progress_leaves_no_open_line_when_a_tool_prints_meanwhile() -> None:
     progress = Progress(out)
     progress.begin("kafka", "jars", others_print=True)
     assert out.getvalue().endswith("…\n")
+
+
+def test_the_embedded_registry_starts_first_and_everyone_is_told_its_url() -> None:
+    url = "http://127.0.0.1:18081/apis/ccompat/v7"
+    settings = Settings(schema_registry_url=url, registry_port=18081)
+    plan = child_plan(settings, base_env={"PATH": "/bin"}, registry=True)
+    assert [c.name for c in plan] == ["registry", "worker", "gateway", "analytics"]
+    assert plan[0].argv[-3:] == ("registry", "--port", "18081") and plan[0].ready_url == f"{url}/subjects"
+    assert not plan[0].before_others  # it starts while the worker loads its model
+    assert all(c.env["TOKENRELAY_SCHEMA_REGISTRY_URL"] == url for c in plan)
+    assert [c.name for c in child_plan(settings, base_env={})] == ["worker", "gateway", "analytics"]
