@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import time
@@ -11,7 +12,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from gateway.auth import Auth
+from gateway.auth import WATCH, Auth
 from gateway.backlog import BacklogMonitor
 from gateway.hub import Hub
 from gateway.metrics import GatewayMetrics
@@ -21,10 +22,12 @@ from schemas.codec import default_codec
 from schemas.errors import (
     BodyTooLarge,
     FieldError,
+    Forbidden,
     ModelNotFound,
     NotFound,
     QueueFull,
     RequestRefused,
+    RequestTimeout,
     Unauthorized,
     ValidationError,
 )
@@ -78,7 +81,12 @@ async def read_json(request: web.Request) -> dict[str, Any]:
     limit = gateway_of(request).settings.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise BodyTooLarge(f"request body is over {limit} bytes")
-    body = await request.read()
+    timeout_s = gateway_of(request).settings.http_body_timeout_s
+    try:
+        async with asyncio.timeout(timeout_s):
+            body = await request.read()
+    except TimeoutError:
+        raise RequestTimeout(f"the request body did not arrive within {timeout_s:g} s") from None
     if len(body) > limit:
         raise BodyTooLarge(f"request body is over {limit} bytes")
     return parse_json_object(body)
@@ -93,6 +101,12 @@ def require_key(request: web.Request) -> str:
     if tenant is None:
         raise Unauthorized("a valid Bearer API key is required")
     return tenant
+
+
+def client_of(request: web.Request) -> str:
+    """Whose share a Kafka backfill counts against: the caller's API key, else its address."""
+    tenant = gateway_of(request).auth.tenant_of(request.headers.get("Authorization"))
+    return tenant or request.remote or ""
 
 
 def request_id_of(request: web.Request) -> str:
@@ -111,18 +125,22 @@ def not_found(request_id: str) -> NotFound:
     return NotFound(f"no request {request_id[:64]!r}")
 
 
-async def authorize_read(request: web.Request, request_id: str) -> None:
-    """A stream or status is readable with a valid stream token, or with the key that submitted it."""
+async def authorize_read(request: web.Request, request_id: str, scope: int = WATCH) -> None:
+    """Allowed with the key that submitted the request, or with a stream token of that scope (cancel: cancel_token)."""
     gw = gateway_of(request)
     if not gw.auth.enabled:
         return
     token = request.query.get("token")
-    if token is not None and gw.auth.verify(request_id, token):
+    allowed = gw.auth.scope_of(request_id, token) if token is not None else 0
+    if allowed and allowed & scope == scope:
         return
     tenant = gw.auth.tenant_of(request.headers.get("Authorization"))
+    if tenant is None and allowed:
+        raise Forbidden("this token may only watch; cancel needs the API key or the request's cancel_token")
     if tenant is None:
         raise Unauthorized("an API key or a valid stream token is required")
-    owner = gw.tenants.get(request_id) or (await gw.hub.snapshot(request_id)).tenant
+    # The ownership check may read the request back from Kafka: on the caller's share of such scans.
+    owner = gw.tenants.get(request_id) or (await gw.hub.snapshot(request_id, tenant)).tenant
     if owner != tenant:
         # Same answer as an unknown id: a key must not learn which ids exist for other tenants.
         raise not_found(request_id)

@@ -12,17 +12,21 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from gateway.backfills import BackfillLimit
 from gateway.cursor import Cursor, encode_cursor, event_epoch
 from gateway.metrics import GatewayMetrics
 from gateway.sse import frame
 from gateway.view import EventName, View, ViewEvent
 from schemas.codec import Codec, default_codec
-from schemas.errors import DecodeError, ValidationError
+from schemas.errors import CursorError, DecodeError, KafkaUnavailable, ValidationError
 from schemas.ids import CLOCK_SKEW_MS, request_id_time_ms
 from schemas.partitioning import partition_for_key
 from schemas.records import TokenEvent
 
 log = logging.getLogger(__name__)
+
+# How long a resume waits for this gateway to read up to a cursor that another (further ahead) gateway handed out.
+CATCH_UP_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +57,10 @@ class EventSource(Protocol):
 
     async def log_start(self, partition: int) -> int:
         """Oldest offset still retained in the partition."""
+        ...
+
+    async def log_end(self, partition: int) -> int:
+        """Offset the next record written to the partition will get."""
         ...
 
     async def stop(self) -> None: ...
@@ -179,6 +187,7 @@ class Hub:
         max_requests: int = 2048,
         metrics: GatewayMetrics | None = None,
         codec: Codec | None = None,
+        backfills: BackfillLimit | None = None,
     ):
         self.source = source
         self.memory_events = memory_events
@@ -200,6 +209,8 @@ class Hub:
         self._task: asyncio.Task[None] | None = None
         self.started = asyncio.Event()
         self.models: set[str] = set()
+        self._catch_up: list[tuple[int, int, asyncio.Future[None]]] = []  # (partition, offset, until read past it)
+        self.backfills = backfills or BackfillLimit(per_client=2, total=3)
 
     async def start(self) -> None:
         self.positions, self.start_time_ms = await self.source.start()
@@ -231,6 +242,35 @@ class Hub:
                 self.dispatch(record)
                 if i % self.dispatch_slice == 0 and i < len(records):
                     await asyncio.sleep(0)
+            if self._catch_up:
+                self._wake_caught_up()
+
+    def _wake_caught_up(self) -> None:
+        waiting = []
+        for partition, offset, future in self._catch_up:
+            if future.done():
+                continue
+            if self.positions.get(partition, 0) > offset:
+                future.set_result(None)
+            else:
+                waiting.append((partition, offset, future))
+        self._catch_up = waiting
+
+    async def _read_past(self, partition: int, offset: int) -> None:
+        """Wait until the hub has read the record at ``offset``; CursorError when the log does not reach that far.
+
+        A cursor beyond this gateway's read position is either from a gateway further ahead (it is reached within
+        moments) or forged / from the future (beyond the partition's end): the latter would otherwise wait forever.
+        """
+        if offset >= await self.source.log_end(partition):
+            raise CursorError("cursor is beyond the end of the stream")
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._catch_up.append((partition, offset, future))
+        self._wake_caught_up()
+        try:
+            await asyncio.wait_for(future, CATCH_UP_S)
+        except TimeoutError:
+            raise KafkaUnavailable("the gateway is behind the events topic; try again") from None
 
     def dispatch(self, record: SourceRecord) -> None:
         """Take one record of the events topic (synchronous: positions and fan-out move together)."""
@@ -364,18 +404,25 @@ class Hub:
                 self._finished.move_to_end(request_id)
         return entry
 
-    async def ensure_complete(self, entry: Entry) -> bool:
-        """Backfill a request's history from Kafka once; True when that happened now."""
+    async def ensure_complete(self, entry: Entry, client: str = "") -> bool:
+        """Backfill a request's history from Kafka once; True when that happened now.
+
+        A new backfill waits for ``client``'s turn (see BackfillLimit); joining one in flight costs nothing.
+        """
         if entry.complete:
             return False
         if entry.backfill is None:
-            entry.backfill = asyncio.create_task(self._backfill(entry))
+            entry.backfill = asyncio.create_task(self._bounded_backfill(entry, client))
         try:
             await asyncio.shield(entry.backfill)
         finally:
             if entry.backfill is not None and entry.backfill.done():
                 entry.backfill = None
         return True
+
+    async def _bounded_backfill(self, entry: Entry, client: str) -> None:
+        async with self.backfills.turn(client):
+            await self._backfill(entry)
 
     async def _backfill(self, entry: Entry) -> None:
         stop = self.positions[entry.partition]
@@ -400,7 +447,7 @@ class Hub:
     def _start_time(self, request_id: str) -> int:
         return max(0, request_id_time_ms(request_id) - CLOCK_SKEW_MS)
 
-    async def subscribe(self, request_id: str, after: Cursor | None) -> Subscription | None:
+    async def subscribe(self, request_id: str, after: Cursor | None, client: str = "") -> Subscription | None:
         """A subscription continuing strictly after ``after``; None when that is at or after the terminal event.
 
         The subscription is registered in the same step that snapshots memory, so live events and the
@@ -408,15 +455,24 @@ class Hub:
         """
         await self.started.wait()
         entry = self.entry(request_id)
-        from_kafka = await self.ensure_complete(entry)
+        from_kafka = await self.ensure_complete(entry, client)
+        if (
+            after is not None
+            and after.partition == entry.partition
+            and entry.view.terminal is None
+            and after.offset >= self.positions[entry.partition]
+        ):
+            await self._read_past(entry.partition, after.offset)
         terminal = entry.view.terminal
         if after is not None and terminal is not None and after.partition == entry.partition:
+            if after.offset > terminal.offset:
+                # Nothing of this request is there: a forged or future offset, answered like a malformed cursor.
+                raise CursorError("cursor is beyond the end of the stream")
             # At the terminal event only when the cursor names it (its check matches); a forged or stale cursor at
-            # that offset, or one from another partition, falls through to a `reset` instead of a silent 204.
-            at_terminal = after.offset == terminal.offset and after.epoch == event_epoch(
+            # that offset falls through to a `reset` instead of a silent 204.
+            if after.offset == terminal.offset and after.epoch == event_epoch(
                 request_id, terminal.run_id, terminal.seq
-            )
-            if at_terminal or after.offset > terminal.offset:
+            ):
                 return None
         # A cursor of another partition cannot name an event of this stream: the client starts over (see below),
         # so live events are not filtered by its offset meanwhile.
@@ -494,9 +550,9 @@ class Hub:
         entry = self.entries.get(request_id)
         return len(entry.subscribers) if entry is not None else 0
 
-    async def snapshot(self, request_id: str) -> View:
-        """The request's view as of now (backfilled from Kafka when needed)."""
+    async def snapshot(self, request_id: str, client: str = "") -> View:
+        """The request's view as of now (backfilled from Kafka when needed, on ``client``'s share)."""
         await self.started.wait()
         entry = self.entry(request_id)
-        await self.ensure_complete(entry)
+        await self.ensure_complete(entry, client)
         return entry.view

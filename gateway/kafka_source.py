@@ -107,6 +107,15 @@ class KafkaEventSource:
         finally:
             self._pool.put_nowait(consumer)
 
+    async def log_end(self, partition: int) -> int:
+        consumer = await self._borrow()
+        try:
+            tp = TopicPartition(self.topic, partition)
+            with map_kafka_errors("cannot read the log end"):
+                return int((await consumer.end_offsets([tp]))[tp])
+        finally:
+            self._pool.put_nowait(consumer)
+
     async def stop(self) -> None:
         clients = [c for c in (self._consumer, *self._all) if c is not None]
         await asyncio.gather(*(c.stop() for c in clients), return_exceptions=True)

@@ -14,13 +14,15 @@ from aiohttp import web
 
 from gateway.app import build_app
 from gateway.auth import Auth
+from gateway.backfills import BackfillLimit
 from gateway.backlog import BacklogMonitor
 from gateway.context import Gateway
 from gateway.hub import Hub
-from gateway.kafka_source import KafkaEventSource
+from gateway.kafka_source import REPLAY_POOL_SIZE, KafkaEventSource
 from gateway.metrics import GatewayMetrics
 from gateway.models import ModelDirectory
 from gateway.models_source import ModelsFollower
+from gateway.server import AcceptErrorLog, Listener, raise_fd_limit
 from schemas.errors import TokenRelayError
 from services.kafka import make_consumer, make_producer, start_client
 from services.schema_registry import prepare_codec
@@ -33,6 +35,7 @@ log = logging.getLogger(__name__)
 async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     """Serve until ``stop`` is set (or a signal arrives when none is given)."""
     stop = stop or _signal_event()
+    AcceptErrorLog().install(asyncio.get_running_loop())
     await ensure_topics(settings)
     codec = await prepare_codec(settings)
     metrics = GatewayMetrics()
@@ -46,12 +49,18 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         max_requests=settings.hub_max_requests,
         metrics=metrics,
         codec=codec,
+        backfills=BackfillLimit(
+            settings.backfill_per_client,
+            min(settings.backfill_concurrency, REPLAY_POOL_SIZE - 1),
+            on_event=lambda event: metrics.backfills.labels(event).inc(),
+        ),
     )
     directory = ModelDirectory()
     follower = ModelsFollower(make_consumer(settings), settings.models_topic, directory, codec)
     backlog = BacklogMonitor(settings, metrics.backlog, models=lambda: directory.live(_now_ms()))
     runner: web.AppRunner | None = None
     following = asyncio.create_task(follower.run(), name="models")
+    listener: Listener | None = None
     try:
         await hub.start()
         await backlog.start()
@@ -69,14 +78,16 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
             log.warning("no API keys configured (TOKENRELAY_API_KEYS): the gateway is open to anyone who reaches it")
         runner = web.AppRunner(build_app(gateway), handle_signals=False, shutdown_timeout=2.0, access_log=None)
         await runner.setup()
-        site = web.TCPSite(runner, settings.gateway_host, settings.gateway_port, backlog=2048)
-        await site.start()
+        listener = Listener(runner, settings)
+        await listener.start(backlog=2048)
         log.info("gateway listening on http://%s:%d/", settings.gateway_host, settings.gateway_port)
         await stop.wait()
         log.info("gateway stopping")
     finally:
         following.cancel()
         await asyncio.gather(following, return_exceptions=True)
+        if listener is not None:
+            listener.close()
         await hub.stop()  # closes every subscription, so streaming handlers return
         if runner is not None:
             await runner.cleanup()
@@ -111,6 +122,7 @@ def tune_gc() -> None:
 
 def run_gateway(settings: Settings) -> int:
     tune_gc()
+    raise_fd_limit()
     try:
         asyncio.run(serve(settings))
     except TokenRelayError as exc:

@@ -50,6 +50,13 @@ class GatewayMetrics:
         self.requests_submitted = Counter(
             "tokenrelay_gateway_requests_submitted", "Requests produced to the requests topic.", registry=r
         )
+        self.backfills = Counter(
+            "tokenrelay_gateway_backfills",
+            "Kafka scans for requests not in memory, by event: started, waited_for_client (its client had its share "
+            "running), waited_for_slot (every slot was taken), refused (its client had too many waiting).",
+            ["event"],
+            registry=r,
+        )
         self.backlog = Gauge("tokenrelay_gateway_request_backlog", "Lag of the worker group on requests.", registry=r)
 
     def render(self) -> bytes:

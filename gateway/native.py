@@ -11,11 +11,13 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway.auth import CANCEL, WATCH
 from gateway.context import (
     Gateway,
     authorize_read,
     check_backlog,
     check_limits,
+    client_of,
     cors_headers,
     gateway_of,
     new_inference_request,
@@ -55,9 +57,10 @@ async def submit(request: web.Request) -> web.Response:
     events_url = f"/v1/requests/{request_id}/events"
     answer: dict[str, Any] = {"id": request_id}
     if gw.auth.enabled:
-        token = gw.auth.sign(request_id)
+        token = gw.auth.sign(request_id, tenant)
         events_url += f"?token={token}"
         answer["stream_token"] = token
+        answer["cancel_token"] = gw.auth.sign(request_id, tenant, WATCH | CANCEL)
     answer["events_url"] = events_url
     return web.json_response(answer, status=202, headers={"Location": f"/v1/requests/{request_id}"})
 
@@ -76,7 +79,7 @@ async def events(request: web.Request) -> web.StreamResponse:
     request_id = request_id_of(request)
     cursor = _cursor_of(request)
     await authorize_read(request, request_id)
-    sub = await gw.hub.subscribe(request_id, cursor)
+    sub = await gw.hub.subscribe(request_id, cursor, client_of(request))
     if sub is None:
         return web.Response(status=204, headers=cors_headers(request))
     try:
@@ -145,12 +148,12 @@ async def status(request: web.Request) -> web.Response:
     gw = gateway_of(request)
     request_id = request_id_of(request)
     await authorize_read(request, request_id)
-    return web.json_response(await _state(gw, request_id))
+    return web.json_response(await _state(gw, request_id, client_of(request)))
 
 
-async def _state(gw: Gateway, request_id: str) -> dict[str, Any]:
+async def _state(gw: Gateway, request_id: str, client: str) -> dict[str, Any]:
     """The request as the log has it; 404 when the log holds nothing of it (no Accepted, no run)."""
-    view = await gw.hub.snapshot(request_id)
+    view = await gw.hub.snapshot(request_id, client)
     if not view.known and request_id not in gw.tenants:
         raise not_found(request_id)
     answer: dict[str, Any] = {"id": request_id, "status": view.status, "text": view.text, "model": view.model}
@@ -164,8 +167,8 @@ async def cancel(request: web.Request) -> web.Response:
     """202 while the cancel is on its way; 200 with the final state when the request has already ended; 404."""
     gw = gateway_of(request)
     request_id = request_id_of(request)
-    await authorize_read(request, request_id)
-    state = await _state(gw, request_id)
+    await authorize_read(request, request_id, CANCEL)
+    state = await _state(gw, request_id, client_of(request))
     if state["status"] in ("done", "failed"):
         return web.json_response(state)
     await produce_cancel(gw, request_id, "client_request")

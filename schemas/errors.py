@@ -11,23 +11,30 @@ TokenRelayError                 root; every error raised on purpose by tokenrela
 ├── BodyTooLarge                an HTTP body over the size limit                    413 body_too_large
 ├── CursorError                 an SSE cursor that cannot be parsed                 400 bad_cursor
 ├── Unauthorized                no valid API key (or stream token)                  401 unauthorized
+├── Forbidden                   a valid stream token that does not allow this       403 forbidden
 ├── NotFound                    no such request, or not the caller's to see         404 not_found
 │   └── ModelNotFound           no live worker serves the model asked for           404 model_not_found
 ├── Conflict                    the request's state does not allow this             409 conflict
+├── MalformedRequest            HTTP the parser refuses (framing, bytes, sizes)     400 malformed_request
+├── RequestTimeout              a request head or body did not arrive in time       408 request_timeout
 ├── QueueFull                   too many requests wait for a worker                 429 queue_full, Retry-After
+├── TooManyBackfills            one client has too many Kafka scans waiting         429 too_many_backfills, Retry-After
 ├── GenerationFailed            the request ended in an error (whole answers)       502 (the error's code)
 ├── ClientClosed                the client went away before its answer              499 client_closed
 ├── BrokerError                 the local broker cannot be set up or started
 │   └── MissingToolError        java or mvn is not installed
 ├── KafkaUnavailable            the cluster cannot be reached (retriable)           503 kafka_unavailable, Retry-After
 ├── RegistryError               the schema registry refuses a schema or the embedded one cannot start
+├── TooManyConnections          at the connection cap (retriable, Retry-After)      503 too_many_connections
 └── EngineError                 the model or scheduler failed
 
 Lower-level errors (aiokafka, torch, OS) are translated where they enter the
 project (aiokafka's at ``services.kafka.map_kafka_errors``); ``retriable`` tells
 callers whether trying again can help. The gateway's error middleware is the one
 place that turns these into HTTP answers: ``http_status``, ``retry_after_s`` and
-``headers`` say how; a handler only raises.
+``headers`` say how; a handler only raises. (Its HTTP listener renders the same way
+what never reaches the application: malformed HTTP, a refusal at the connection cap,
+a request head that does not arrive.)
 """
 
 from __future__ import annotations
@@ -118,6 +125,22 @@ class Unauthorized(TokenRelayError):
         return {"WWW-Authenticate": "Bearer"}
 
 
+class Forbidden(TokenRelayError):
+    code = "forbidden"
+    http_status = 403
+
+
+class MalformedRequest(TokenRelayError):
+    code = "malformed_request"
+    http_status = 400
+    public_message = "the HTTP request is malformed"
+
+
+class RequestTimeout(TokenRelayError):
+    code = "request_timeout"
+    http_status = 408
+
+
 class NotFound(TokenRelayError):
     code = "not_found"
     http_status = 404
@@ -159,6 +182,14 @@ class MissingToolError(BrokerError):
     code = "missing_tool"
 
 
+class TooManyBackfills(TokenRelayError):
+    code = "too_many_backfills"
+    http_status = 429
+    retriable = True
+    retry_after_s = 1
+    public_message = "too many look-ups of older requests are waiting; try again"
+
+
 class KafkaUnavailable(TokenRelayError):
     code = "kafka_unavailable"
     retriable = True
@@ -169,6 +200,14 @@ class KafkaUnavailable(TokenRelayError):
 
 class RegistryError(TokenRelayError):
     code = "schema_registry_error"
+
+
+class TooManyConnections(TokenRelayError):
+    code = "too_many_connections"
+    http_status = 503
+    retriable = True
+    retry_after_s = 1
+    public_message = "the gateway is at its connection limit"
 
 
 class EngineError(TokenRelayError):

@@ -128,7 +128,11 @@ class Settings:
         (), "TOKENRELAY_API_KEYS", "Comma-separated Bearer API keys; empty runs the gateway open."
     )
     stream_token_secret: str = _setting(
-        "", "TOKENRELAY_STREAM_TOKEN_SECRET", "Secret that signs stream tokens (default: derived from the API keys)."
+        "",
+        "TOKENRELAY_STREAM_TOKEN_SECRET",
+        "Secret that signs stream tokens; independent of the API keys, so rotating keys leaves other keys' tokens "
+        "valid. Empty: a random secret kept in <cache dir>/stream-token-secret, shared by the gateways of one machine. "
+        "Set the same value on every gateway when they run on several machines.",
     )
     stream_token_ttl_s: int = _setting(
         3600, "TOKENRELAY_STREAM_TOKEN_TTL_S", "Lifetime of a signed stream token in seconds."
@@ -138,6 +142,28 @@ class Settings:
     )
     max_body_bytes: int = _setting(
         1 << 20, "TOKENRELAY_MAX_BODY_BYTES", "Largest HTTP request body the gateway accepts."
+    )
+    http_max_connections: int = _setting(
+        16_384,
+        "TOKENRELAY_HTTP_MAX_CONNECTIONS",
+        "Open HTTP connections (SSE streams included) the gateway serves at once; past it a new connection gets a 503 "
+        "JSON error and is closed before anything is read. Always kept below the open-file limit (which the gateway "
+        "raises to its hard limit at start) minus a reserve of an eighth of it.",
+    )
+    http_header_timeout_s: float = _setting(
+        10.0,
+        "TOKENRELAY_HTTP_HEADER_TIMEOUT_S",
+        "Seconds a client has to send a complete request head (request line and headers), from connecting or from the "
+        "first byte of a further request on a kept-alive connection; then it gets a 408 and the connection is closed.",
+    )
+    http_body_timeout_s: float = _setting(
+        30.0, "TOKENRELAY_HTTP_BODY_TIMEOUT_S", "Seconds a client has to send a request body; then it gets a 408."
+    )
+    http_idle_timeout_s: float = _setting(
+        75.0,
+        "TOKENRELAY_HTTP_IDLE_TIMEOUT_S",
+        "Seconds an idle kept-alive connection stays open between requests (keep it above a reverse proxy's own "
+        "upstream idle timeout).",
     )
     queue_limit: int = _setting(
         10_000, "TOKENRELAY_QUEUE_LIMIT", "Backlog of unprocessed requests above which submits get 429."
@@ -159,6 +185,18 @@ class Settings:
     )
     hub_max_requests: int = _setting(
         2048, "TOKENRELAY_HUB_MAX_REQUESTS", "Requests the gateway keeps in memory at most (watched ones always stay)."
+    )
+    backfill_per_client: int = _setting(
+        2,
+        "TOKENRELAY_BACKFILL_PER_CLIENT",
+        "Kafka scans one client (API key, else address) may have running for requests the gateway does not hold in "
+        "memory; its further look-ups wait their turn (past 256 waiting: 429 with Retry-After).",
+    )
+    backfill_concurrency: int = _setting(
+        3,
+        "TOKENRELAY_BACKFILL_CONCURRENCY",
+        "Kafka scans for requests not in memory that run at once over all clients (others wait their turn); at most "
+        "one less than the gateway's 4 replay readers, so resumes of requests it holds never wait behind them.",
     )
     sse_send_buffer: int = _setting(
         0,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import resource
 import signal
 import subprocess
 import sys
@@ -48,13 +49,31 @@ def gateway_settings(bootstrap: str, prefix: str, **overrides: object) -> Settin
 class GatewayProcess:
     """`python -m gateway.main` in a subprocess; kill -9 and start again on the same port."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, *, nofile: int | None = None, log_path: Path | None = None, **env: str):
         self.settings = settings
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = f"http://127.0.0.1:{settings.gateway_port}"
+        self.nofile = nofile  # open-file limit (soft and hard) of the gateway process
+        self.log_path = log_path  # where its stderr goes (inherited when None)
+        self.env = env
+
+    def _limit_files(self) -> None:
+        assert self.nofile is not None
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
 
     def start(self, timeout_s: float = 60.0) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "gateway.main"], cwd=ROOT, env=quiet_env(self.settings))
+        stderr = open(self.log_path, "ab") if self.log_path is not None else None  # noqa: SIM115 - the child keeps it
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "gateway.main"],
+                cwd=ROOT,
+                env=quiet_env(self.settings, **self.env),
+                stderr=stderr,
+                preexec_fn=self._limit_files if self.nofile is not None else None,
+            )
+        finally:
+            if stderr is not None:
+                stderr.close()
         deadline = time.monotonic() + timeout_s
         import urllib.request
 
@@ -202,6 +221,21 @@ async def read_sse(
                 ):
                     return 200, events[:limit] if limit is not None else events
     return 200, events
+
+
+async def raw_request(port: int, head: bytes, body: bytes = b"") -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.0 exchange with raw bytes (headers that no client library would send)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(head + body)
+        await writer.drain()
+        data = await asyncio.wait_for(reader.read(), 30)
+    finally:
+        writer.close()
+    header_block, _, payload = data.partition(b"\r\n\r\n")
+    lines = header_block.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    return int(lines[0].split()[1]), headers, payload
 
 
 # --- fault-test helpers: an EventSource-like follower, the log as the truth, loss/duplicate tallies ---------------

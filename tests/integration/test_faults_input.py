@@ -22,6 +22,7 @@ import pytest
 from gateway.cursor import decode_cursor, encode_cursor
 from schemas.codec import MAGIC, default_codec
 from schemas.ids import new_request_id
+from schemas.partitioning import partition_for_key
 from services.kafka import make_producer, start_client
 from services.settings import Settings
 from services.topics import ensure_topics
@@ -30,6 +31,7 @@ from tests.integration.gateway_support import (
     Tally,
     follow_sse,
     gateway_settings,
+    raw_request,
     read_log_streams,
     read_sse,
     running_gateway,
@@ -137,21 +139,6 @@ def assert_json_error(status: int, body: bytes, expected: int, what: str) -> Non
     assert isinstance(error["message"], str), what
 
 
-async def raw_request(port: int, head: bytes, body: bytes = b"") -> tuple[int, dict[str, str], bytes]:
-    """One HTTP/1.0 exchange with raw bytes (headers that no client library would send)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(head + body)
-        await writer.drain()
-        data = await asyncio.wait_for(reader.read(), 30)
-    finally:
-        writer.close()
-    header_block, _, payload = data.partition(b"\r\n\r\n")
-    lines = header_block.decode("latin-1").split("\r\n")
-    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
-    return int(lines[0].split()[1]), headers, payload
-
-
 async def test_bad_cursors_headers_queries_ids_and_bodies(kafka_bootstrap: str, topic_prefix: str) -> None:
     settings = gateway_settings(kafka_bootstrap, topic_prefix, max_body_bytes=64 * 1024)
     await ensure_topics(settings)
@@ -182,18 +169,15 @@ async def test_bad_cursors_headers_queries_ids_and_bodies(kafka_bootstrap: str, 
                         assert_json_error(response.status, await response.read(), 400, f"{how} cursor {text[:20]!r}")
                         checked += 1
 
-            # Random bytes in the Last-Event-ID header, sent raw. Bytes 0x80-0xFF are legal in a header value and
-            # reach the app (JSON 400); control bytes are refused by aiohttp's HTTP parser (plain-text 400).
+            # Random bytes in the Last-Event-ID header, sent raw.
             rng = random.Random(5)
             high = bytes(rng.randrange(0x80, 0x100) for _ in range(24))
             for junk in (high, b"\x80\x81\xfe\xff", bytes(range(0x21, 0x7F)), b"A" * 200, b"\x00\x01\x7f"):
                 raw_path = f"/v1/requests/{rid}/events".encode()
                 head = b"GET " + raw_path + b" HTTP/1.0\r\nHost: x\r\nLast-Event-ID: " + junk + b"\r\n\r\n"
                 status, _, body = await raw_request(settings.gateway_port, head)
-                if any(b < 0x20 or b == 0x7F for b in junk):
-                    assert status == 400, (junk, status)
-                else:
-                    assert_json_error(status, body, 400, f"raw cursor bytes {junk[:12]!r}")
+                # 0x80-0xFF reach the app; control bytes are refused by aiohttp's HTTP parser: JSON 400 either way.
+                assert_json_error(status, body, 400, f"raw cursor bytes {junk[:12]!r}")
                 checked += 1
 
             # Well-formed but forged cursors: never a silent jump, never a misread position.
@@ -215,6 +199,25 @@ async def test_bad_cursors_headers_queries_ids_and_bodies(kafka_bootstrap: str, 
             status, _ = await read_sse(session, url, cursor=whole[-1]["id"])
             assert status == 204
             checked += 5
+            # Past the terminal event (a wrong check, or a future offset): nothing of this stream is there. A 400, not
+            # a 204 that silently "ends" the stream, and on an unfinished request not keepalives forever.
+            unfinished = new_request_id()
+            await writer.publish(*scripted_stream(unfinished, 3)[:2])
+            for target, beyond in [
+                (url, replace(terminal, offset=terminal.offset + 1, epoch=(terminal.epoch + 1) % (1 << 16))),
+                (url, replace(terminal, offset=terminal.offset + 1)),
+                (url, replace(terminal, offset=10**12)),
+                (
+                    f"{gw.url}/v1/requests/{unfinished}/events",
+                    replace(
+                        terminal, partition=partition_for_key(unfinished, settings.events_partitions), offset=10**12
+                    ),
+                ),
+            ]:
+                headers = {"Last-Event-ID": encode_cursor(beyond)}
+                async with session.get(target, headers=headers, timeout=aiohttp.ClientTimeout(total=20)) as response:
+                    assert_json_error(response.status, await response.read(), 400, f"cursor beyond the end {beyond}")
+                    checked += 1
 
             # Huge query strings and headers: an error with a status, not a crash or a hang.
             for target in (f"/v1/requests/{rid}/events?x=" + "a" * 100_000, "/v1/requests?" + "a=b&" * 20_000):
@@ -223,10 +226,12 @@ async def test_bad_cursors_headers_queries_ids_and_bodies(kafka_bootstrap: str, 
                     settings.gateway_port, verb + target.encode() + b" HTTP/1.0\r\nHost: x\r\n\r\n"
                 )
                 assert 400 <= status < 500, (target[:40], status)
+                assert_json_error(status, body, status, f"huge target {target[:40]}")
                 checked += 1
             huge_header = b"GET /healthz HTTP/1.0\r\nHost: x\r\nX-Big: " + b"h" * 100_000 + b"\r\n\r\n"
-            status, _, _ = await raw_request(settings.gateway_port, huge_header)
+            status, _, body = await raw_request(settings.gateway_port, huge_header)
             assert 400 <= status < 500
+            assert_json_error(status, body, status, "huge header")
             checked += 1
 
             # Unknown and malformed ids on every route that takes one.

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from dataclasses import replace
 
-from gateway.cursor import decode_cursor
+import pytest
+
+from gateway.backfills import BackfillLimit
+from gateway.cursor import Cursor, decode_cursor, event_epoch
 from gateway.hub import Hub, SourceRecord, Subscription
 from gateway.sse import parse
 from schemas.codec import default_codec
+from schemas.errors import CursorError, TooManyBackfills
 from schemas.ids import new_request_id
 from schemas.partitioning import partition_for_key
 from schemas.records import Delta, Finished, Started, TokenEvent, Usage
@@ -53,6 +58,9 @@ class MemorySource:
 
     async def log_start(self, partition: int) -> int:
         return 0
+
+    async def log_end(self, partition: int) -> int:
+        return len(self.log[partition])
 
     async def stop(self) -> None:
         pass
@@ -271,4 +279,137 @@ async def test_a_subscriber_dropped_as_slow_has_its_connection_aborted() -> None
         source.append(e)
     await settle(source, hub)
     assert slow.closed == "slow" and aborted == ["slow"]
+    await hub.stop()
+
+
+async def test_cursors_beyond_the_end_of_a_stream_are_refused_not_204_or_waiting() -> None:
+    source = MemorySource(partitions=1)
+    hub = Hub(source)
+    await hub.start()
+    done, live = new_request_id(), new_request_id()
+    for e in stream(done, 3):
+        source.append(e)
+    source.append(stream(live, 3)[0])  # only started
+    await settle(source, hub)
+    whole = parse((await drain(hub, await hub.subscribe(done, None))).decode())  # type: ignore[arg-type]
+    terminal = decode_cursor(whole[-1]["id"])
+    assert await hub.subscribe(done, terminal) is None  # the real terminal cursor: 204
+    # Past the terminal event, with its check or any other: nothing of this request is there.
+    for offset, epoch in [(terminal.offset + 1, terminal.epoch), (terminal.offset + 1, 7), (10**6, terminal.epoch)]:
+        with pytest.raises(CursorError):
+            await hub.subscribe(done, replace(terminal, offset=offset, epoch=epoch))
+    # At the terminal's offset with a wrong check: a reset and the whole stream, not a silent end.
+    sub = await hub.subscribe(done, replace(terminal, epoch=(terminal.epoch + 1) % 65536))
+    assert sub is not None
+    assert parse((await drain(hub, sub)).decode())[1:] == whole
+    # An unfinished request and an offset the log has not reached: refused at once, not keepalives forever.
+    with pytest.raises(CursorError):
+        await asyncio.wait_for(hub.subscribe(live, replace(terminal, offset=10**6)), 5)
+    await hub.stop()
+
+
+class LaggingSource(MemorySource):
+    """A source whose reader is held back: the log has records the hub has not read yet (a gateway behind another)."""
+
+    def __init__(self) -> None:
+        super().__init__(partitions=1)
+        self.gate = asyncio.Event()
+        self.parked = asyncio.Event()
+
+    async def poll(self) -> list[SourceRecord]:
+        if not self.gate.is_set():
+            self.parked.set()
+            await self.gate.wait()
+        return await super().poll()
+
+
+async def test_a_cursor_ahead_of_this_gateway_waits_until_it_is_read_then_resumes() -> None:
+    source = LaggingSource()
+    source.gate.set()
+    hub = Hub(source)
+    await hub.start()
+    rid = new_request_id()
+    events = stream(rid, 4)
+    source.append(events[0])
+    await settle(source, hub)
+    source.gate.clear()
+    await source.parked.wait()
+    for e in events[1:]:
+        source.append(e)
+    # Another gateway handed out a cursor for the second token (offset 2); this one has read only offset 0.
+    ahead = Cursor(event_epoch(rid, "r1", 2), 0, 2)
+    pending = asyncio.create_task(hub.subscribe(rid, ahead))
+    finished, _ = await asyncio.wait({pending}, timeout=0.2)
+    assert not finished  # it cannot answer before the hub has read offset 2
+    source.gate.set()
+    sub = await asyncio.wait_for(pending, 5)
+    assert sub is not None and not sub.preamble
+    rest = parse((await drain(hub, sub)).decode())
+    assert [e["event"] for e in rest] == ["token", "token", "done"]
+    await hub.stop()
+
+
+class GatedReplaySource(MemorySource):
+    """Replays (backfills) wait at a gate, so that several are in flight at once; counts the most at a time."""
+
+    def __init__(self) -> None:
+        super().__init__(partitions=1)
+        self.gate = asyncio.Event()
+        self.in_flight = 0
+        self.most = 0
+        self.entered = asyncio.Event()
+
+    async def replay(self, partition: int, from_time_ms: int, stop_offset: int, key: bytes) -> list[SourceRecord]:
+        self.in_flight += 1
+        self.most = max(self.most, self.in_flight)
+        self.entered.set()
+        try:
+            await self.gate.wait()
+            return await super().replay(partition, from_time_ms, stop_offset, key)
+        finally:
+            self.in_flight -= 1
+
+
+class Recorder:
+    """Collects a BackfillLimit's events; lets a test wait until one has happened n times."""
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+        self.changed = asyncio.Event()
+
+    def __call__(self, event: str) -> None:
+        self.events.append(event)
+        self.changed.set()
+
+    async def until(self, event: str, n: int) -> None:
+        while self.events.count(event) < n:
+            self.changed.clear()
+            await self.changed.wait()
+
+
+async def test_backfills_wait_their_turn_per_client_and_overall() -> None:
+    source = GatedReplaySource()
+    seen = Recorder()
+    hub = Hub(source, backfills=BackfillLimit(per_client=1, total=2, queue_per_client=2, on_event=seen))
+    await hub.start()
+    old = [new_request_id(now_ms=1000 + i) for i in range(6)]  # older than the hub: unknown, so each is a scan
+    first = asyncio.create_task(hub.snapshot(old[0], "client-a"))
+    await seen.until("started", 1)
+    # Client a has its one scan running: its next look-ups wait their turn (the same id joins the running scan).
+    queued = [asyncio.create_task(hub.snapshot(rid, "client-a")) for rid in old[1:3]]
+    again = asyncio.create_task(hub.snapshot(old[0], "client-a"))
+    await seen.until("waited_for_client", 2)
+    with pytest.raises(TooManyBackfills):  # and past its queue, it is refused before any read
+        await hub.snapshot(old[3], "client-a")
+    # Client b does not wait behind client a: it takes the second slot at once.
+    other = asyncio.create_task(hub.snapshot(old[4], "client-b"))
+    await seen.until("started", 2)
+    assert source.in_flight == 2 and hub.backfills.waiting("client-a") == 3
+    source.gate.set()
+    views = await asyncio.gather(first, again, other, *queued)
+    assert [v.status for v in views] == ["queued"] * 5
+    assert source.most == 2 and source.replays == 4  # never two of client a's at once
+    assert seen.events.count("refused") == 1 and seen.events.count("started") == 4
+    assert hub.backfills.waiting("client-a") == 0 and hub.backfills.running == 0
+    await hub.snapshot(old[5], "client-a")
     await hub.stop()

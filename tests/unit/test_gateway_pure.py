@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
-from gateway.auth import Auth, key_id
+from gateway.auth import CANCEL, SECRET_FILE, WATCH, Auth, key_id
 from gateway.cursor import Cursor, decode_cursor, encode_cursor, event_epoch
 from gateway.sse import KEEPALIVE, PREAMBLE, frame, parse
 from gateway.validation import BodyError, FieldError, parse_json_object, parse_sampling, parse_stream_flags
@@ -140,12 +142,38 @@ def test_validation() -> None:
     assert parse_stream_flags({"stream": True, "stream_options": {"include_usage": True}}) == (True, True)
 
 
-def test_auth_tokens_and_keys() -> None:
-    auth = Auth(Settings(api_keys=("sekret",), stream_token_ttl_s=60))
-    assert auth.tenant_of("Bearer sekret") == key_id("sekret") and "sekret" not in key_id("sekret")
+def test_auth_tokens_and_keys(tmp_path: Path) -> None:
+    settings = Settings(api_keys=("sekret",), stream_token_ttl_s=60, cache_dir=tmp_path)
+    auth = Auth(settings)
+    tenant = key_id("sekret")
+    assert auth.tenant_of("Bearer sekret") == tenant and "sekret" not in tenant
     assert auth.tenant_of("Bearer nope") is None and auth.tenant_of(None) is None
-    token = auth.sign(RID, now=1000)
+    token = auth.sign(RID, tenant, now=1000)
     assert auth.verify(RID, token, now=1000)
     assert not auth.verify(RID, token, now=1061)
     assert not auth.verify(RID.replace("0000-7", "0001-7"), token, now=1000)
     assert not auth.verify(RID, token[:-2] + "AA", now=1000)
+
+
+def test_stream_tokens_watch_only_unless_minted_for_cancel(tmp_path: Path) -> None:
+    auth = Auth(Settings(api_keys=("sekret",), cache_dir=tmp_path))
+    watch = auth.sign(RID, key_id("sekret"))
+    cancel = auth.sign(RID, key_id("sekret"), WATCH | CANCEL)
+    assert auth.verify(RID, watch) and not auth.verify(RID, watch, CANCEL)
+    assert auth.verify(RID, cancel) and auth.verify(RID, cancel, CANCEL)
+    assert auth.scope_of(RID, watch) == WATCH and auth.scope_of(RID, "x" * 43) == 0
+
+
+def test_stream_tokens_survive_key_rotation_and_die_with_their_key(tmp_path: Path) -> None:
+    before = Auth(Settings(api_keys=("key-a", "key-b"), cache_dir=tmp_path))
+    of_a, of_b = before.sign(RID, key_id("key-a")), before.sign(RID, key_id("key-b"))
+    added = Auth(Settings(api_keys=("key-c", "key-b", "key-a"), cache_dir=tmp_path))  # another gateway, same dir
+    assert added.verify(RID, of_a) and added.verify(RID, of_b)
+    revoked = Auth(Settings(api_keys=("key-b", "key-c"), cache_dir=tmp_path))
+    assert not revoked.verify(RID, of_a) and revoked.verify(RID, of_b)
+    assert (tmp_path / SECRET_FILE).stat().st_mode & 0o777 == 0o600
+    # An explicit secret is what gateways on several machines share; a token of another secret is refused.
+    shared = Settings(api_keys=("key-a",), stream_token_secret="s3cret", cache_dir=tmp_path / "one")
+    elsewhere = Auth(replace(shared, cache_dir=tmp_path / "two"))
+    assert elsewhere.verify(RID, Auth(shared).sign(RID, key_id("key-a")))
+    assert not elsewhere.verify(RID, of_a)
