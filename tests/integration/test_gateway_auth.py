@@ -11,6 +11,7 @@ import pytest
 
 from services.topics import ensure_topics
 from tests.integration.gateway_support import gateway_settings, running_gateway
+from tests.integration.worker_helpers import announce
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -20,6 +21,7 @@ async def test_stream_tokens_scope_rotation_and_revocation(
 ) -> None:
     settings = gateway_settings(kafka_bootstrap, topic_prefix, api_keys=("key-a", "key-b"), cache_dir=tmp_path)
     await ensure_topics(settings)
+    await announce(settings)  # a model the gateway routes to, served by no worker
     answers = {}
     async with aiohttp.ClientSession() as session:
 
