@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 MIN_FD_RESERVE = 64
 REFUSAL_LINGER_S = 1.0
 ACCEPT_ERROR_LOG_INTERVAL_S = 10.0
+UNLIMITED_FILES = 1 << 20
 
 
 def raw_error(exc: TokenRelayError) -> bytes:
@@ -43,17 +44,22 @@ REFUSED = raw_error(TooManyConnections("connection cap reached"))
 HEAD_TIMEOUT = raw_error(RequestTimeout("the request head was not received in time", code="header_timeout"))
 
 
+def open_file_limit() -> int:
+    """The soft open-file limit of this process (an unlimited one counts as 2**20)."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return UNLIMITED_FILES if soft == resource.RLIM_INFINITY else soft
+
+
 def raise_fd_limit() -> int:
     """Raise the soft open-file limit to the hard one (as Go's runtime does); returns the soft limit now in force."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or soft < hard:
-        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, UNLIMITED_FILES)
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            soft = target
         except (ValueError, OSError) as exc:
             log.info("cannot raise the open-file limit from %d to %d: %s", soft, target, exc)
-    return soft
+    return open_file_limit()
 
 
 def connection_cap(configured: int, fd_limit: int) -> int:
@@ -209,7 +215,7 @@ class Listener:
         assert server is not None, "runner.setup() first"
         self.server = server
         self.settings = settings
-        limit = fd_limit if fd_limit is not None else resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        limit = fd_limit if fd_limit is not None else open_file_limit()
         self.max_connections = connection_cap(settings.http_max_connections, limit)
         if self.max_connections < settings.http_max_connections:
             log.warning(
