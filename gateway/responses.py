@@ -34,8 +34,9 @@ from gateway.validation import CHAT_ROLES, parse_sampling
 from gateway.view import EventName, View, ViewEvent
 from schemas.errors import ClientClosed, Conflict, FieldError, NotFound, Unsupported, ValidationError
 from schemas.ids import parse_request_id, request_id_time_ms
-from schemas.records import ChatMessage, InferenceRequest
+from schemas.records import Accepted, ChatMessage, InferenceRequest, TokenEvent
 from schemas.sampling import SamplingParams
+from services.kafka import map_kafka_errors, record_headers
 
 log = logging.getLogger(__name__)
 
@@ -94,12 +95,7 @@ class ResponseOptions:
         accepted = view.log.accepted
         if accepted is None:  # submitted another way (native API, straight onto Kafka): the defaults
             return cls(view.model or default_model)
-        return cls(
-            accepted.model or default_model,
-            getattr(accepted, "background", False),
-            getattr(accepted, "store", True),
-            dict(getattr(accepted, "metadata", {}) or {}),
-        )
+        return cls(accepted.model or default_model, accepted.background, accepted.store, dict(accepted.metadata))
 
 
 # --- the surface: view events -> numbered Responses events and the response object (pure) -------------------------
@@ -443,6 +439,16 @@ async def create(request: web.Request) -> web.StreamResponse:
 
 
 async def _submit(gw: Gateway, req: InferenceRequest, options: ResponseOptions) -> None:
+    """The Accepted record first (it carries the options every gateway answers with), then the request."""
+    accepted = Accepted(req.model, req.tenant, req.deadline_ms, options.background, options.store, options.metadata)
+    event = TokenEvent(req.request_id, "", 0, int(time.time() * 1000), accepted)
+    with map_kafka_errors("cannot record the response"):
+        await gw.producer.send_and_wait(
+            gw.settings.events_topic,
+            gw.codec.encode(event),
+            key=req.request_id.encode(),
+            headers=record_headers("TokenEvent"),
+        )
     await produce_request(gw, req)
 
 
