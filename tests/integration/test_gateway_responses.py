@@ -186,7 +186,7 @@ async def test_create_retrieve_cancel_keys_and_refusals(kafka_bootstrap: str, to
 
         # store=false: answered once, not kept for reading back.
         unstored = await api.responses.create(model="default", input="x", store=False, max_output_tokens=2)
-        assert unstored.status == "incomplete" and unstored.store is False
+        assert unstored.status == "incomplete" and unstored.to_dict()["store"] is False
         with pytest.raises(openai.NotFoundError):
             await api.responses.retrieve(unstored.id)
 
