@@ -28,7 +28,7 @@ from gateway.context import (
     read_json,
     require_key,
 )
-from gateway.openai import AnswerFold, Completed, Failed, Rewritten, TextDelta, follow
+from gateway.openai import TOO_SLOW, AnswerFold, Completed, Failed, Rewritten, TextDelta, follow
 from gateway.sse import frame
 from gateway.validation import CHAT_ROLES, parse_sampling
 from gateway.view import EventName, View, ViewEvent
@@ -166,6 +166,14 @@ class ResponseEvents:
         elif isinstance(step, Rewritten):  # a stream cannot take back what it sent; the object agrees with it
             out += self.failed("restarted", "generation restarted and cannot be continued")
         return out
+
+    def connection_error(self, code: str, message: str) -> bytes:
+        """An ``error`` event that ends this connection, not the response: the log does not number it.
+
+        It takes the next number without consuming it, so a resume (with that number or the one before) loses nothing.
+        """
+        body = {"type": "error", "sequence_number": self.seq, "code": code, "message": message, "param": None}
+        return frame("error", json.dumps(body, ensure_ascii=False, separators=(",", ":")))
 
     def object(self) -> dict[str, Any]:
         """The response object as of the events folded so far."""
@@ -474,8 +482,10 @@ async def _stream(
         if opening := surface.opening():
             await response.write(opening)
         async for ev in events:
-            if ev is None:
-                break  # dropped as too slow: the client resumes with starting_after
+            if ev is None:  # dropped as too slow: a background client resumes with starting_after
+                if cancel_on_leave:
+                    await response.write(surface.connection_error(TOO_SLOW.code, TOO_SLOW.message))
+                break
             if frames := surface.feed(ev):
                 await response.write(frames)
             if surface.ended:

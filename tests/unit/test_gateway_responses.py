@@ -196,3 +196,12 @@ def test_create_bodies_in_and_refused() -> None:
     for body in ({}, {"input": []}, {"input": "x", "stream": "yes"}, {"input": "x", "metadata": {"k": 1}}):
         with pytest.raises(FieldError):
             parse_create(body, "d", 64)
+
+
+def test_a_connection_error_takes_the_next_number_without_consuming_it() -> None:
+    surface = ResponseEvents(AnswerFold("asked"), RID, ResponseOptions("asked"))
+    surface.opening()
+    (event,) = parse(surface.connection_error("too_slow", "the client did not keep up").decode())
+    body = json.loads(event["data"])
+    assert event["event"] == "error" and "id" not in event
+    assert (body["type"], body["sequence_number"], body["code"]) == ("error", 1, "too_slow") and surface.seq == 1
