@@ -88,7 +88,7 @@ async def test_background_stream_resumes_after_the_gateway_is_killed(kafka_boots
         await other_api.close()
         assert [e.sequence_number for e in replayed] == list(range(len(replayed)))
         assert [e.model_dump() for e in replayed[last_seq + 1 :]] == [e.model_dump() for e in after]
-        assert [e.type for e in replayed[: last_seq + 1]] == [e.type for e in before]
+        assert [e.model_dump() for e in replayed[: last_seq + 1]] == [e.model_dump() for e in before]
         assert deltas(replayed) == whole.output_text
 
         # Usage is the worker's Finished event, as the log holds it.
