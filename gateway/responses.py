@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import dataclasses
 import json
 import logging
 import time
@@ -20,23 +18,25 @@ from gateway.context import (
     Gateway,
     authorize_read,
     check_backlog,
+    check_limits,
     cors_headers,
     gateway_of,
     new_inference_request,
+    parse_model,
     produce_cancel,
     produce_request,
     read_json,
     require_key,
+    resolve_model,
 )
-from gateway.openai import TOO_SLOW, AnswerFold, Completed, Failed, Rewritten, TextDelta, follow
+from gateway.openai import TOO_SLOW, AnswerFold, Completed, Failed, Rewritten, TextDelta, cancel_quietly, follow
 from gateway.sse import frame
 from gateway.validation import CHAT_ROLES, parse_sampling
 from gateway.view import EventName, View, ViewEvent
-from schemas.errors import ClientClosed, Conflict, FieldError, NotFound, Unsupported, ValidationError
+from schemas.errors import ClientClosed, Conflict, FieldError, NotFound, Unsupported, ValidationError, ended_with
 from schemas.ids import parse_request_id, request_id_time_ms
-from schemas.records import Accepted, ChatMessage, InferenceRequest, TokenEvent
+from schemas.records import Accepted, ChatMessage
 from schemas.sampling import SamplingParams
-from services.kafka import map_kafka_errors, record_headers
 
 log = logging.getLogger(__name__)
 
@@ -290,9 +290,8 @@ REFUSED = {
 
 @dataclass(frozen=True, slots=True)
 class CreateSpec:
-    """A validated ``POST /v1/responses`` body."""
+    """A validated ``POST /v1/responses`` body (its ``model`` is resolved like every endpoint's)."""
 
-    model: str
     messages: tuple[ChatMessage, ...]
     sampling: SamplingParams
     stream: bool
@@ -323,7 +322,7 @@ def _bool(body: dict[str, Any], name: str, default: bool) -> bool:
     return value
 
 
-def parse_create(body: dict[str, Any], default_model: str, max_tokens_limit: int) -> CreateSpec:
+def parse_create(body: dict[str, Any], max_tokens_limit: int) -> CreateSpec:
     """Validate a create body: what is implemented is parsed, what is not is refused with a code (400)."""
     for name, value in body.items():
         if name in SUPPORTED or name in IGNORED:
@@ -334,9 +333,6 @@ def parse_create(body: dict[str, Any], default_model: str, max_tokens_limit: int
             continue
         if value is not None:
             raise Unsupported(name, "unknown or unsupported parameter")
-    model = body.get("model") or default_model
-    if not isinstance(model, str) or len(model) > 256:
-        raise FieldError("model", "must be a string")
     messages = parse_input(body.get("input"), body.get("instructions"))
     sampling_body = {"max_tokens": body.get("max_output_tokens"), "temperature": body.get("temperature")}
     sampling_body["top_p"] = body.get("top_p")
@@ -351,7 +347,6 @@ def parse_create(body: dict[str, Any], default_model: str, max_tokens_limit: int
     if background and not store:
         raise Unsupported("store", "a background response must be stored (store=true)")
     return CreateSpec(
-        model,
         messages,
         sampling,
         stream,
@@ -424,40 +419,30 @@ def parse_input(raw: Any, instructions: Any) -> tuple[ChatMessage, ...]:
 async def create(request: web.Request) -> web.StreamResponse:
     gw = gateway_of(request)
     tenant = require_key(request)
-    spec = parse_create(await read_json(request), gw.settings.model, gw.settings.max_tokens_limit)
-    check_backlog(gw)
+    body = await read_json(request)
+    spec = parse_create(body, gw.settings.max_tokens_limit)
+    model = resolve_model(gw, parse_model(body))
+    check_limits(model, spec.sampling, spec.messages)
+    check_backlog(gw, model.name)
     prompt = "\n".join(m.content for m in spec.messages)
-    req = dataclasses.replace(new_inference_request(prompt, spec.sampling, tenant, spec.messages), model=spec.model)
-    options = ResponseOptions(spec.model, spec.background, spec.store, spec.metadata)
-    surface = ResponseEvents(AnswerFold(spec.model), req.request_id, options)
+    req = new_inference_request(prompt, spec.sampling, tenant, spec.messages, model=model.name)
+    options = ResponseOptions(model.name, spec.background, spec.store, spec.metadata)
+    accepted = Accepted(model.name, tenant, req.deadline_ms, spec.background, spec.store, spec.metadata)
+    surface = ResponseEvents(AnswerFold(model.name), req.request_id, options)
     if spec.background and not spec.stream:
-        await _submit(gw, req, options)
+        await produce_request(gw, req, accepted)
         return web.json_response(surface.object(), headers={"X-Request-Id": req.request_id})
     sub = await gw.hub.subscribe(req.request_id, None)
     assert sub is not None  # no cursor: a subscription always starts
     try:
-        await _submit(gw, req, options)
+        await produce_request(gw, req, accepted)
         events = follow(request, sub)
         if spec.stream:
             # A foreground stream's client that leaves cancels the response; a background one keeps running.
-            return await _stream(request, gw, surface, events, cancel_on_leave=not spec.background)
+            return await _stream(request, gw, surface, events, foreground=not spec.background)
         return await _whole(gw, surface, events)
     finally:
         gw.hub.unsubscribe(sub)
-
-
-async def _submit(gw: Gateway, req: InferenceRequest, options: ResponseOptions) -> None:
-    """The Accepted record first (it carries the options every gateway answers with), then the request."""
-    accepted = Accepted(req.model, req.tenant, req.deadline_ms, options.background, options.store, options.metadata)
-    event = TokenEvent(req.request_id, "", 0, int(time.time() * 1000), accepted)
-    with map_kafka_errors("cannot record the response"):
-        await gw.producer.send_and_wait(
-            gw.settings.events_topic,
-            gw.codec.encode(event),
-            key=req.request_id.encode(),
-            headers=record_headers("TokenEvent"),
-        )
-    await produce_request(gw, req)
 
 
 async def _stream(
@@ -466,8 +451,13 @@ async def _stream(
     surface: ResponseEvents,
     events: AsyncIterator[ViewEvent | None],
     *,
-    cancel_on_leave: bool,
+    foreground: bool = False,
 ) -> web.StreamResponse:
+    """Stream the surface's frames; a foreground stream's client that leaves cancels the response.
+
+    A foreground stream sends its headers with the first event, so that a request the worker refuses is an HTTP
+    error, as for the other OpenAI endpoints; a background one at once, so that its client has the id to resume with.
+    """
     response = web.StreamResponse(
         headers={
             "Content-Type": "text/event-stream; charset=utf-8",
@@ -478,12 +468,14 @@ async def _stream(
     )
     gw.metrics.active_streams.inc()
     try:
-        await response.prepare(request)
-        if opening := surface.opening():
-            await response.write(opening)
+        if not foreground:
+            await _open(request, response, surface)
         async for ev in events:
+            if not response.prepared:
+                _refuse_early(surface, ev)
+                await _open(request, response, surface)
             if ev is None:  # dropped as too slow: a background client resumes with starting_after
-                if cancel_on_leave:
+                if foreground:
                     await response.write(surface.connection_error(TOO_SLOW.code, TOO_SLOW.message))
                 break
             if frames := surface.feed(ev):
@@ -494,9 +486,22 @@ async def _stream(
         pass
     finally:
         gw.metrics.active_streams.dec()
-        if not surface.ended and cancel_on_leave:
+        if not surface.ended and foreground:
             await cancel_quietly(gw, surface.request_id)
     return response
+
+
+async def _open(request: web.Request, response: web.StreamResponse, surface: ResponseEvents) -> None:
+    await response.prepare(request)
+    if opening := surface.opening():
+        await response.write(opening)
+
+
+def _refuse_early(surface: ResponseEvents, ev: ViewEvent | None) -> None:
+    """An error before anything was answered is the HTTP answer (400 for the request's fault, else 502)."""
+    if ev is not None and ev.event == EventName.ERROR:
+        surface.feed(ev)
+        raise ended_with(ev.data.get("code", "failed"), ev.data.get("message", ""))
 
 
 async def _whole(gw: Gateway, surface: ResponseEvents, events: AsyncIterator[ViewEvent | None]) -> web.Response:
@@ -504,6 +509,7 @@ async def _whole(gw: Gateway, surface: ResponseEvents, events: AsyncIterator[Vie
         async for ev in events:
             if ev is None:
                 break
+            _refuse_early(surface, ev)
             surface.feed(ev)
             if surface.ended:
                 return web.json_response(surface.object(), headers={"X-Request-Id": surface.request_id})
@@ -511,12 +517,6 @@ async def _whole(gw: Gateway, surface: ResponseEvents, events: AsyncIterator[Vie
         if not surface.ended:
             await cancel_quietly(gw, surface.request_id)
     raise ClientClosed("client went away")
-
-
-async def cancel_quietly(gw: Gateway, request_id: str) -> None:
-    # The client is gone: nobody can be told that the cancel failed; the request then runs to its end.
-    with contextlib.suppress(Exception):
-        await asyncio.shield(produce_cancel(gw, request_id, "client_disconnected"))
 
 
 async def _known_view(request: web.Request, request_id: str) -> View:
@@ -532,7 +532,7 @@ async def _known_view(request: web.Request, request_id: str) -> View:
             raise NotFound(f"no response {response_id(request_id)}")
         await asyncio.sleep(ACCEPT_POLL_S)
     await authorize_read(request, request_id)
-    if not ResponseOptions.of_view(view, gw.settings.model).store:
+    if not ResponseOptions.of_view(view, gw.settings.default_model).store:
         raise NotFound(f"no response {response_id(request_id)} (created with store=false)")
     return view
 
@@ -561,13 +561,13 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
     stream = _query_bool(request, "stream")
     after = _starting_after(request) if stream else -1
     view = await _known_view(request, request_id)
-    options = ResponseOptions.of_view(view, gw.settings.model)
+    options = ResponseOptions.of_view(view, gw.settings.default_model)
     surface = ResponseEvents(AnswerFold(options.model), request_id, options, after=after)
     sub = await gw.hub.subscribe(request_id, None)
     assert sub is not None
     try:
         if stream:
-            return await _stream(request, gw, surface, follow(request, sub), cancel_on_leave=False)
+            return await _stream(request, gw, surface, follow(request, sub), foreground=False)
         for out in sub.backlog:
             surface.feed(out.event)
         return web.json_response(surface.object())
@@ -579,7 +579,7 @@ async def cancel(request: web.Request) -> web.Response:
     gw = gateway_of(request)
     request_id = request_id_of_response(request.match_info["id"])
     view = await _known_view(request, request_id)
-    options = ResponseOptions.of_view(view, gw.settings.model)
+    options = ResponseOptions.of_view(view, gw.settings.default_model)
     if not options.background:
         raise Conflict("only background responses can be cancelled", code="not_background")
     surface = ResponseEvents(AnswerFold(options.model), request_id, options)

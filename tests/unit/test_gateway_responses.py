@@ -20,10 +20,13 @@ from gateway.responses import (
 )
 from gateway.sse import parse
 from gateway.view import replay
-from schemas.errors import FieldError, NotFound, Unsupported
+from schemas.codec import default_codec
+from schemas.errors import FieldError, KafkaUnavailable, NotFound, Unsupported
 from schemas.ids import new_request_id
-from schemas.records import Delta, Finished, Started, TokenEvent, Usage
+from schemas.records import Accepted, Delta, Finished, InferenceRequest, Started, TokenEvent, Usage
 from schemas.records import Failed as FailedRecord
+from services.requests import submit_request
+from services.settings import Settings
 
 RID = "01890000-0000-7000-8000-000000000000"
 
@@ -155,7 +158,7 @@ def test_response_ids_map_back_without_state() -> None:
 
 
 def test_create_bodies_in_and_refused() -> None:
-    spec = parse_create({"model": "m", "input": "hi", "instructions": "be brief", "max_output_tokens": 5}, "d", 64)
+    spec = parse_create({"model": "m", "input": "hi", "instructions": "be brief", "max_output_tokens": 5}, 64)
     assert [(m.role, m.content) for m in spec.messages] == [("system", "be brief"), ("user", "hi")]
     assert spec.sampling.max_tokens == 5 and spec.store and not spec.background and not spec.stream
     listed = parse_create(
@@ -171,10 +174,9 @@ def test_create_bodies_in_and_refused() -> None:
             "metadata": {"k": "v"},
             "user": "someone",
         },
-        "d",
         64,
     )
-    assert [m.role for m in listed.messages] == ["system", "user", "assistant"] and listed.model == "d"
+    assert [m.role for m in listed.messages] == ["system", "user", "assistant"]
     assert listed.metadata == {"k": "v"} and listed.sampling.max_tokens == 64
     refused: list[dict[str, Any]] = [
         {"input": "x", "tools": [{"type": "function", "name": "f"}]},
@@ -188,14 +190,14 @@ def test_create_bodies_in_and_refused() -> None:
     ]
     for body in refused:
         with pytest.raises(Unsupported) as caught:
-            parse_create(body, "d", 64)
+            parse_create(body, 64)
         assert caught.value.http_status == 400 and caught.value.code == "unsupported_parameter"
     with pytest.raises(FieldError) as bad:
-        parse_create({"input": "x", "max_output_tokens": 100}, "d", 64)
+        parse_create({"input": "x", "max_output_tokens": 100}, 64)
     assert bad.value.field == "max_output_tokens"
     for body in ({}, {"input": []}, {"input": "x", "stream": "yes"}, {"input": "x", "metadata": {"k": 1}}):
         with pytest.raises(FieldError):
-            parse_create(body, "d", 64)
+            parse_create(body, 64)
 
 
 def test_a_connection_error_takes_the_next_number_without_consuming_it() -> None:
@@ -205,3 +207,32 @@ def test_a_connection_error_takes_the_next_number_without_consuming_it() -> None
     body = json.loads(event["data"])
     assert event["event"] == "error" and "id" not in event
     assert (body["type"], body["sequence_number"], body["code"]) == ("error", 1, "too_slow") and surface.seq == 1
+
+
+class Recorder:
+    """A producer that records what it is sent, and fails sends to one topic."""
+
+    def __init__(self, fail_topic: str = ""):
+        self.fail_topic = fail_topic
+        self.sent: list[tuple[str, object]] = []
+
+    async def send_and_wait(self, topic: str, value: bytes, key: bytes, headers: Any = None) -> None:
+        if topic == self.fail_topic:
+            raise KafkaUnavailable("down")
+        self.sent.append((topic, default_codec().decode(value)))
+
+
+async def test_a_responses_submit_records_its_options_before_the_request_and_ends_what_was_not_submitted() -> None:
+    settings = Settings()
+    request = InferenceRequest(new_request_id(), "p", 4, model="default")
+    accepted = Accepted("default", "t", None, True, True, {"k": "v"})
+    producer = Recorder()
+    await submit_request(producer, settings, default_codec(), request, accepted)
+    assert [topic for topic, _ in producer.sent] == [settings.events_topic, settings.requests_topic_for("default")]
+    first = producer.sent[0][1]
+    assert isinstance(first, TokenEvent) and first.payload == accepted
+    failing = Recorder(fail_topic=settings.requests_topic_for("default"))
+    with pytest.raises(KafkaUnavailable):
+        await submit_request(failing, settings, default_codec(), request, accepted)
+    ended = [record for _, record in failing.sent]
+    assert [type(e.payload).__name__ for e in ended if isinstance(e, TokenEvent)] == ["Accepted", "Failed"]
