@@ -520,18 +520,27 @@ async def _whole(gw: Gateway, surface: ResponseEvents, events: AsyncIterator[Vie
 
 
 async def _known_view(request: web.Request, request_id: str) -> View:
-    """The request's view once the log shows it (a young id may still be on its way); NotFound otherwise."""
+    """The request's view once the log shows it (a young id may still be on its way); NotFound otherwise.
+
+    A response's Accepted is its first record in its partition and retention deletes a partition's oldest records
+    first: while the Accepted is in the log, every later event is too, so the numbering cannot shift. A request
+    without it that is older than the retention window may have lost its beginning: that is refused as expired.
+    """
     gw = gateway_of(request)
+    if gw.auth.enabled and "token" not in request.query:
+        require_key(request)  # before any waiting
+    created_ms = request_id_time_ms(request_id)
     while True:
         view = await gw.hub.snapshot(request_id)
-        if view.known:
+        if view.known or time.time() * 1000 >= created_ms + ACCEPT_GRACE_MS:
             break
-        if request_id_time_ms(request_id) < time.time() * 1000 - ACCEPT_GRACE_MS:
-            if request_id_time_ms(request_id) < time.time() * 1000 - gw.settings.events_retention_ms:
-                raise NotFound(f"response {response_id(request_id)} is older than the log's retention", code="expired")
-            raise NotFound(f"no response {response_id(request_id)}")
         await asyncio.sleep(ACCEPT_POLL_S)
-    await authorize_read(request, request_id)
+    if view.known:
+        await authorize_read(request, request_id)
+    if view.log.accepted is None and created_ms < time.time() * 1000 - gw.settings.events_retention_ms:
+        raise NotFound(f"response {response_id(request_id)} is older than the log's retention window", code="expired")
+    if not view.known:
+        raise NotFound(f"no response {response_id(request_id)}")
     if not ResponseOptions.of_view(view, gw.settings.default_model).store:
         raise NotFound(f"no response {response_id(request_id)} (created with store=false)")
     return view

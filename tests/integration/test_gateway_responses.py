@@ -183,6 +183,10 @@ async def test_create_retrieve_cancel_keys_and_refusals(kafka_bootstrap: str, to
         for unknown in (old_unknown, "resp_nothing", "resp_" + "f" * 32):
             with pytest.raises(openai.NotFoundError):
                 await api.responses.retrieve(unknown)
+        # Past the retention window the log cannot hold a response's beginning: refused with its own code.
+        with pytest.raises(openai.NotFoundError) as expired:
+            await api.responses.retrieve(response_id(new_request_id(int(time.time() * 1000) - 2 * 86_400_000)))
+        assert expired.value.code == "expired"
 
         # store=false: answered once, not kept for reading back.
         unstored = await api.responses.create(model="default", input="x", store=False, max_output_tokens=2)
