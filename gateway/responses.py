@@ -431,7 +431,10 @@ async def create(request: web.Request) -> web.StreamResponse:
     surface = ResponseEvents(AnswerFold(model.name), req.request_id, options)
     if spec.background and not spec.stream:
         await produce_request(gw, req, accepted)
-        return web.json_response(surface.object(), headers={"X-Request-Id": req.request_id})
+        answer = surface.object()
+        if gw.auth.enabled:  # for a browser's EventSource, which cannot send an Authorization header
+            answer["stream_token"] = gw.auth.sign(req.request_id)
+        return web.json_response(answer, headers={"X-Request-Id": req.request_id})
     sub = await gw.hub.subscribe(req.request_id, None)
     assert sub is not None  # no cursor: a subscription always starts
     try:
@@ -575,6 +578,14 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
     sub = await gw.hub.subscribe(request_id, None)
     assert sub is not None
     try:
+        if stream and "starting_after" not in request.query and "Last-Event-ID" in request.headers:
+            # An EventSource reconnecting after the last event: 204 tells it to stop (as the native stream does).
+            scratch = ResponseEvents(AnswerFold(options.model), request_id, options, after=after)
+            scratch.opening()
+            for out in sub.backlog:
+                scratch.feed(out.event)
+            if scratch.ended and scratch.seq - 1 <= after:
+                return web.Response(status=204, headers=cors_headers(request))
         if stream:
             return await _stream(request, gw, surface, follow(request, sub), foreground=False)
         for out in sub.backlog:

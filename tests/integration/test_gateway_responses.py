@@ -8,6 +8,7 @@ import json
 import time
 from typing import Any
 
+import aiohttp
 import openai
 import pytest
 
@@ -15,7 +16,13 @@ from gateway.responses import response_id
 from schemas.ids import new_request_id
 from services.localbroker.runner import free_port
 from services.topics import ensure_topics
-from tests.integration.gateway_support import gateway_settings, read_log_streams, running_gateway, running_worker
+from tests.integration.gateway_support import (
+    gateway_settings,
+    read_log_streams,
+    read_sse,
+    running_gateway,
+    running_worker,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(400)]
 
@@ -150,6 +157,15 @@ async def test_create_retrieve_cancel_keys_and_refusals(kafka_bootstrap: str, to
             e.model_dump()
             for e in await read_all(await api.responses.retrieve(queued.id, stream=True, starting_after=4))
         ] == [e.model_dump() for e in events[5:]]
+
+        # A browser's EventSource: a stream token instead of the key, Last-Event-ID to resume, 204 after the end.
+        token = queued.to_dict()["stream_token"]
+        url = f"{gw.url}/v1/responses/{queued.id}?stream=true&token={token}"
+        async with aiohttp.ClientSession() as session:
+            status, tail = await read_sse(session, url, headers={"Last-Event-ID": str(len(events) - 3)})
+            assert status == 200 and [json.loads(e["data"]) for e in tail] == [e.to_dict() for e in events[-2:]]
+            async with session.get(url, headers={"Last-Event-ID": str(len(events) - 1)}) as answer:
+                assert answer.status == 204
 
         # Cancel a background response mid-way; a second cancel answers the same final object.
         long = await api.responses.create(model="default", input="go on", background=True, max_output_tokens=1000)
