@@ -10,7 +10,7 @@ import pytest
 from openai._models import construct_type
 from openai.types.responses import Response
 
-from gateway.openai import AnswerFold
+from gateway.openai import AnswerFold, Completed, Surface
 from gateway.responses import (
     ResponseEvents,
     ResponseOptions,
@@ -85,6 +85,12 @@ def test_every_starting_after_resumes_with_exactly_the_rest() -> None:
     _, full = events_of(STOPPED)
     for after in range(-1, len(full) + 3):
         assert events_of(STOPPED, after=after)[1] == full[after + 1 :]
+
+
+def test_it_is_a_surface_of_the_one_answer_fold() -> None:
+    surface: Surface = ResponseEvents(AnswerFold("m"), RID, ResponseOptions("m"))  # mypy checks the protocol
+    whole = surface.whole(Completed("stop", {"prompt_tokens": 1, "completion_tokens": 0, "total_tokens": 1}))
+    assert whole["status"] == "completed" and whole["usage"]["total_tokens"] == 1
 
 
 def test_a_foreground_response_starts_in_progress() -> None:
