@@ -12,7 +12,8 @@ import aiohttp
 import openai
 import pytest
 
-from gateway.responses import response_id
+from gateway.responses import request_id_of_response
+from gateway.responses_events import response_id
 from schemas.ids import new_request_id
 from services.localbroker.runner import free_port
 from services.topics import ensure_topics
@@ -99,7 +100,7 @@ async def test_background_stream_resumes_after_the_gateway_is_killed(kafka_boots
         assert deltas(replayed) == whole.output_text
 
         # Usage is the worker's Finished event, as the log holds it.
-        request_id = gw_request_id(rid)
+        request_id = request_id_of_response(rid)
         done = (await read_log_streams(settings, [request_id]))[request_id][-1]
         assert done["event"] == "done"
         usage = json.loads(done["data"])["usage"]
@@ -118,12 +119,6 @@ async def test_background_stream_resumes_after_the_gateway_is_killed(kafka_boots
         tail = await read_all(await api.responses.retrieve(rid, stream=True, starting_after=len(replayed) - 3))
         assert [e.model_dump() for e in tail] == [e.model_dump() for e in replayed[-2:]]
         await api.close()
-
-
-def gw_request_id(rid: str) -> str:
-    from gateway.responses import request_id_of_response
-
-    return request_id_of_response(rid)
 
 
 async def test_create_retrieve_cancel_keys_and_refusals(kafka_bootstrap: str, topic_prefix: str) -> None:

@@ -11,13 +11,9 @@ from openai._models import construct_type
 from openai.types.responses import Response
 
 from gateway.openai import AnswerFold, Completed, Surface
-from gateway.responses import (
-    ResponseEvents,
-    ResponseOptions,
-    parse_create,
-    request_id_of_response,
-    response_id,
-)
+from gateway.responses import request_id_of_response
+from gateway.responses_body import parse_create
+from gateway.responses_events import ResponseEvents, ResponseOptions, response_id
 from gateway.sse import parse
 from gateway.view import replay
 from schemas.codec import default_codec
