@@ -11,7 +11,7 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway import native, openai, pages
+from gateway import native, openai, pages, responses
 from gateway.context import GATEWAY, Gateway, gateway_of
 from schemas.errors import BodyTooLarge, FieldError, TokenRelayError
 
@@ -133,6 +133,7 @@ def build_app(gateway: Gateway) -> web.Application:
     app.router.add_post("/v1/completions", openai.completions)
     app.router.add_post("/v1/chat/completions", openai.chat_completions)
     app.router.add_get("/v1/models", openai.models)
+    responses.add_routes(app)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

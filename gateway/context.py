@@ -32,7 +32,7 @@ from schemas.errors import (
     ValidationError,
 )
 from schemas.ids import new_request_id, parse_request_id, request_id_time_ms
-from schemas.records import ChatMessage, ControlEvent, InferenceRequest
+from schemas.records import Accepted, ChatMessage, ControlEvent, InferenceRequest
 from schemas.sampling import SamplingParams
 from services.kafka import map_kafka_errors, record_headers
 from services.requests import submit_request
@@ -214,9 +214,10 @@ def new_inference_request(
     )
 
 
-async def produce_request(gw: Gateway, req: InferenceRequest) -> None:
+async def produce_request(gw: Gateway, req: InferenceRequest, accepted: Accepted | None = None) -> None:
+    """Submit ``req``; an ``accepted`` of the caller's is recorded first (see ``submit_request``)."""
     with map_kafka_errors("cannot produce the request"):
-        await submit_request(gw.producer, gw.settings, gw.codec, req)
+        await submit_request(gw.producer, gw.settings, gw.codec, req, accepted)
     gw.metrics.requests_submitted.inc()
     if req.tenant:
         gw.tenants[req.request_id] = req.tenant

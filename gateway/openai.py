@@ -289,7 +289,7 @@ async def _stream(
     finally:
         gw.metrics.active_streams.dec()
         if not ended:
-            await _cancel_quietly(gw, request_id)
+            await cancel_quietly(gw, request_id)
     return response
 
 
@@ -310,7 +310,7 @@ async def _whole(
                 break  # dropped as too slow: like a client that went away
     finally:
         if not ended:
-            await _cancel_quietly(gw, request_id)
+            await cancel_quietly(gw, request_id)
     raise ClientClosed("client went away")
 
 
@@ -321,7 +321,7 @@ async def _chain(first: ViewEvent | None, rest: AsyncIterator[ViewEvent | None])
         yield ev
 
 
-async def _cancel_quietly(gw: Gateway, request_id: str) -> None:
+async def cancel_quietly(gw: Gateway, request_id: str) -> None:
     # The client is gone: nobody can be told that the cancel failed; the request then runs to its end.
     with contextlib.suppress(Exception):
         await asyncio.shield(produce_cancel(gw, request_id, "client_disconnected"))

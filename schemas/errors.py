@@ -6,6 +6,7 @@ TokenRelayError                 root; every error raised on purpose by tokenrela
 │   └── SchemaUnavailable       the schema registry could not be asked for a writer schema (retriable)
 ├── ValidationError             a decoded record or HTTP body breaks a rule         422 invalid
 │   ├── FieldError              one named field breaks a rule                       422 invalid_field (+ field)
+│   │   └── Unsupported         a parameter asks for what tokenrelay does not do    400 unsupported_parameter
 │   ├── BodyError               an HTTP body that is not a JSON object              400 invalid_json
 │   └── RequestRefused          the model cannot take this request (its limits)     400 (a code per reason)
 ├── BodyTooLarge                an HTTP body over the size limit                    413 body_too_large
@@ -97,6 +98,13 @@ class BodyError(ValidationError):
     """An HTTP body that is not a JSON object, or not one this endpoint takes as a whole."""
 
     code = "invalid_json"
+    http_status = 400
+
+
+class Unsupported(FieldError):
+    """A parameter asks for a feature tokenrelay does not implement (tools, images, ...): refused, never ignored."""
+
+    code = "unsupported_parameter"
     http_status = 400
 
 

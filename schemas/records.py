@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 FINISH_REASONS = ("stop", "length", "cancelled")
@@ -77,6 +78,9 @@ class Accepted:
     model: str
     tenant: str = ""
     deadline_ms: int | None = None
+    background: bool = False  # keeps running when its creating client disconnects; cancellable by id
+    store: bool = True  # readable by id after it ends
+    metadata: Mapping[str, str] = field(default_factory=dict)
 
 
 Payload = Started | Delta | Finished | Failed | Accepted

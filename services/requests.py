@@ -7,7 +7,7 @@ import time
 from typing import Any, Protocol
 
 from schemas.codec import Codec
-from schemas.records import Accepted, InferenceRequest, TokenEvent
+from schemas.records import Accepted, Failed, InferenceRequest, TokenEvent
 from services.kafka import record_headers
 from services.settings import Settings
 
@@ -18,26 +18,63 @@ class Producer(Protocol):
     async def send_and_wait(self, topic: str, value: bytes, key: bytes, headers: Any = None) -> Any: ...
 
 
-async def submit_request(producer: Producer, settings: Settings, codec: Codec, request: InferenceRequest) -> None:
+async def submit_request(
+    producer: Producer, settings: Settings, codec: Codec, request: InferenceRequest, accepted: Accepted | None = None
+) -> None:
     """Produce ``request`` to ``requests.<model>``, then record its acceptance (with its tenant) in the events log.
 
     The Accepted record is what lets every gateway answer status, stream and cancel for the request at once, before
     any worker starts it. It follows the request: if it cannot be written the request still runs (it is in Kafka,
     and a worker's Started makes it known), so the caller must not report a failure, which a client would retry.
+
+    An ``accepted`` given by the caller carries what its answers depend on (the Responses API's background, store and
+    metadata): it must be in the log before any worker's event, so it goes first and a failure to write it fails the
+    submit before the request exists; if the request then cannot be produced, a Failed ends it for every reader.
     """
     key = request.request_id.encode()
+    if accepted is not None:
+        await _submit_accepted_first(producer, settings, codec, request, accepted)
+        return
     await producer.send_and_wait(
         settings.requests_topic_for(request.model),
         codec.encode(request),
         key=key,
         headers=record_headers("InferenceRequest"),
     )
-    accepted = TokenEvent(
+    record = TokenEvent(
         request.request_id, "", 0, int(time.time() * 1000), Accepted(request.model, request.tenant, request.deadline_ms)
     )
     try:
         await producer.send_and_wait(
-            settings.events_topic, codec.encode(accepted), key=key, headers=record_headers("TokenEvent")
+            settings.events_topic, codec.encode(record), key=key, headers=record_headers("TokenEvent")
         )
     except Exception as exc:
         log.warning("request %s: accepted, but its Accepted record was not written: %s", request.request_id, exc)
+
+
+async def _submit_accepted_first(
+    producer: Producer, settings: Settings, codec: Codec, request: InferenceRequest, accepted: Accepted
+) -> None:
+    key = request.request_id.encode()
+    event = TokenEvent(request.request_id, "", 0, int(time.time() * 1000), accepted)
+    await producer.send_and_wait(
+        settings.events_topic, codec.encode(event), key=key, headers=record_headers("TokenEvent")
+    )
+    try:
+        await producer.send_and_wait(
+            settings.requests_topic_for(request.model),
+            codec.encode(request),
+            key=key,
+            headers=record_headers("InferenceRequest"),
+        )
+    except BaseException:
+        ended = TokenEvent(
+            request.request_id, "", 0, int(time.time() * 1000), Failed("not_submitted", "the request was not submitted")
+        )
+        try:
+            await producer.send_and_wait(
+                settings.events_topic, codec.encode(ended), key=key, headers=record_headers("TokenEvent")
+            )
+        except Exception as exc:
+            log.warning("request %s: not submitted, and its end was not recorded: %s", request.request_id, exc)
+        raise
