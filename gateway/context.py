@@ -216,8 +216,10 @@ def new_inference_request(
 
 async def produce_request(gw: Gateway, req: InferenceRequest, accepted: Accepted | None = None) -> None:
     """Submit ``req``; an ``accepted`` of the caller's is recorded first (see ``submit_request``)."""
+    # Bounded: with the broker away, a send can wait for metadata longer than the producer's delivery timeout.
     with map_kafka_errors("cannot produce the request"):
-        await submit_request(gw.producer, gw.settings, gw.codec, req, accepted)
+        async with asyncio.timeout(gw.settings.producer_timeout_ms / 1000):
+            await submit_request(gw.producer, gw.settings, gw.codec, req, accepted)
     gw.metrics.requests_submitted.inc()
     if req.tenant:
         gw.tenants[req.request_id] = req.tenant
@@ -229,10 +231,11 @@ async def produce_request(gw: Gateway, req: InferenceRequest, accepted: Accepted
 async def produce_cancel(gw: Gateway, request_id: str, reason: str) -> None:
     event = ControlEvent(request_id, "cancel", int(time.time() * 1000), reason)
     with map_kafka_errors("cannot send the cancel"):
-        await gw.producer.send_and_wait(
-            gw.settings.control_topic,
-            gw.codec.encode(event),
-            key=request_id.encode(),
-            headers=record_headers("ControlEvent"),
-        )
+        async with asyncio.timeout(gw.settings.producer_timeout_ms / 1000):
+            await gw.producer.send_and_wait(
+                gw.settings.control_topic,
+                gw.codec.encode(event),
+                key=request_id.encode(),
+                headers=record_headers("ControlEvent"),
+            )
     log.info("request %s: cancel sent (%s)", request_id, reason)

@@ -79,7 +79,7 @@ async def create(request: web.Request) -> web.StreamResponse:
         await produce_request(gw, req, accepted)
         answer = surface.object()
         if gw.auth.enabled:  # for a browser's EventSource, which cannot send an Authorization header
-            answer["stream_token"] = gw.auth.sign(req.request_id)
+            answer["stream_token"] = gw.auth.sign(req.request_id, tenant)
         return web.json_response(answer, headers={"X-Request-Id": req.request_id})
     sub = await gw.hub.subscribe(req.request_id, None)
     assert sub is not None  # no cursor: a subscription always starts
