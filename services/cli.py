@@ -214,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker = add("worker", _cmd_worker, "Run an inference worker in the foreground.")
     worker.add_argument("--model", help="model directory or cached hub id (default: the built-in model)")
+    worker.add_argument(
+        "--served-name", dest="served_name", help="name clients ask for (default: 'default', or the directory's name)"
+    )
     worker.add_argument("--engine", choices=["model", "synthetic"], help="'synthetic' streams fixed-rate tokens")
     worker.add_argument("--port", type=int, dest="worker_metrics_port", help="Prometheus metrics port")
 
@@ -265,6 +268,7 @@ _FLAG_SETTINGS = {
     "broker_port": "--broker-port",
     "registry_port": "--registry-port",
     "model": "--model",
+    "served_name": "--served-name",
     "engine": "--engine",
     "bootstrap": "--bootstrap",
     "log_level": "--log-level",
