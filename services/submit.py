@@ -11,12 +11,14 @@ from aiokafka import TopicPartition
 
 from gateway.models import LiveModel, ModelDirectory
 from gateway.models_source import ModelsFollower
+from gateway.view import EventName, View
 from schemas.errors import ConfigError
 from schemas.ids import CLOCK_SKEW_MS, new_request_id, request_id_time_ms
 from schemas.partitioning import partition_for_key
-from schemas.records import ChatMessage, Delta, Failed, Finished, InferenceRequest, Started
+from schemas.records import ChatMessage, InferenceRequest
 from schemas.sampling import SamplingParams
-from services.kafka import make_consumer, make_producer, read_key, record_headers, start_client
+from services.kafka import make_consumer, make_producer, read_key, start_client
+from services.requests import submit_request
 from services.schema_registry import prepare_codec, reading_codec
 from services.settings import Settings
 from services.topics import describe_topics
@@ -63,16 +65,11 @@ async def submit(
         model=name,
         created_ms=int(time.time() * 1000),
     )
-    codec = await prepare_codec(settings, [topic])
+    codec = await prepare_codec(settings, [topic, settings.events_topic])
     producer = make_producer(settings)
     await start_client(producer)
     try:
-        await producer.send_and_wait(
-            topic,
-            value=codec.encode(request),
-            key=request_id.encode(),
-            headers=record_headers("InferenceRequest"),
-        )
+        await submit_request(producer, settings, codec, request)  # the request on `topic`, then its Accepted
         partitions = len(await producer.partitions_for(settings.events_topic))
     finally:
         await producer.stop()
@@ -104,28 +101,29 @@ async def follow_events(settings: Settings, request_id: str, partitions: int) ->
         tp = TopicPartition(settings.events_topic, partition_for_key(request_id, partitions))
         consumer.assign([tp])
         codec = reading_codec(settings)
-        shown = 0
+        view = View(request_id)  # the gateway's own fold of the log: fenced runs, gaps and refusals as clients see them
         records = read_key(consumer, tp, request_id.encode(), request_id_time_ms(request_id) - CLOCK_SKEW_MS)
         async with contextlib.aclosing(records):
             async for record in records:
-                event = codec.decode_event(record.value or b"")
-                payload = event.payload
-                if isinstance(payload, Started):
-                    if payload.continued_tokens != shown or (shown and not payload.continues_run_id):
-                        # Not a seamless continuation of what was printed: start over with the new run's text.
-                        print("\n[restarted]", flush=True)
-                        sys.stdout.write(payload.continued_text)
-                    shown = payload.continued_tokens
-                elif isinstance(payload, Delta):
-                    shown += len(payload.token_ids)
-                    sys.stdout.write(payload.text)
+                out = view.feed(record.offset, codec.decode_event(record.value or b""))
+                if out is None:
+                    continue
+                data = out.data
+                if out.event == EventName.STARTED:
+                    sys.stdout.write(data.get("text", ""))
+                elif out.event == EventName.RESTART:
+                    print("\n[restarted]", flush=True)
+                    sys.stdout.write(data["text"])
+                elif out.event == EventName.TOKEN:
+                    sys.stdout.write(data["text"])
                     sys.stdout.flush()
-                elif isinstance(payload, Finished):
-                    print(f"\n[{payload.finish_reason}: {payload.usage.completion_tokens} tokens]", flush=True)
+                elif out.event == EventName.DONE:
+                    usage = data["usage"]
+                    print(f"\n[{data['finish_reason']}: {usage['completion_tokens']} tokens]", flush=True)
                     return 0
-                elif isinstance(payload, Failed):
-                    hint = " (send it as raw text with --no-chat)" if payload.code == "chat_template_missing" else ""
-                    print(f"\n[failed: {payload.code}: {payload.message}{hint}]", file=sys.stderr, flush=True)
+                elif out.event == EventName.ERROR:
+                    hint = " (send it as raw text with --no-chat)" if data["code"] == "chat_template_missing" else ""
+                    print(f"\n[failed: {data['code']}: {data['message']}{hint}]", file=sys.stderr, flush=True)
                     return 1
         return 1  # not reached: the follow ends only at a terminal event
     finally:
