@@ -61,23 +61,49 @@ class KafkaClients:
         return make_consumer(self.settings, auto_offset_reset="earliest")
 
 
+def served_models(settings: Settings) -> dict[str, str]:
+    """Served name → model source of each model this worker serves.
+
+    ``TOKENRELAY_MODEL`` (``--model``) holds one model (``default``, a directory or a cached hub id, served under
+    ``TOKENRELAY_SERVED_NAME``), or several ``NAME=PATH_OR_ID`` separated by commas: small models that fit one process.
+    """
+    specs = [part.strip() for part in settings.model.split(",") if part.strip()] or ["default"]
+    if len(specs) == 1 and "=" not in specs[0]:
+        models = {settings.served_model: specs[0]}
+    else:
+        models = {}
+        for spec in specs:
+            name, sep, source = (part.strip() for part in spec.partition("="))
+            if not sep or not source:
+                raise ConfigError(f"TOKENRELAY_MODEL entry {spec!r}: several models are given as NAME=PATH_OR_ID")
+            if name in models:
+                raise ConfigError(f"TOKENRELAY_MODEL serves {name!r} twice")
+            models[name] = source
+    for name in models:
+        if not is_model_name(name):
+            raise ConfigError(
+                f"served model name {name!r}: use letters, digits, '.', '_' or '-' (at most 64), not 'dlq'"
+            )
+    return models
+
+
 def load_engines(settings: Settings) -> dict[str, EngineLike]:
     """The engines this worker serves, by served name."""
-    name = settings.served_model
-    if not is_model_name(name):
-        raise ConfigError(f"served model name {name!r}: use letters, digits, '.', '_' or '-' (at most 64), not 'dlq'")
     if settings.engine == "synthetic":
         from workers.synthetic import SyntheticEngine
 
         log.warning("synthetic engine: %.0f tokens/s per request, no model", settings.synthetic_tokens_per_s)
         engine: EngineLike = SyntheticEngine(settings.synthetic_tokens_per_s, settings.max_batch_size)
-    else:
-        from workers.engine.engine import Engine
-        from workers.model.registry import resolve_model
+        engine.name = settings.served_model
+        return {engine.name: engine}
+    from workers.engine.engine import Engine
+    from workers.model.registry import resolve_model
 
-        engine = Engine.load(resolve_model(settings.model), settings.device, settings.dtype, settings.max_batch_size)
-    engine.name = name
-    return {name: engine}
+    engines: dict[str, EngineLike] = {}
+    for name, source in served_models(settings).items():
+        engines[name] = Engine.load(resolve_model(source), settings.device, settings.dtype, settings.max_batch_size)
+        engines[name].name = name
+    return engines
 
 
 def model_info(settings: Settings, name: str, engine: EngineLike, worker: str) -> ModelInfo:
@@ -91,8 +117,15 @@ def model_info(settings: Settings, name: str, engine: EngineLike, worker: str) -
         max_tokens_limit=settings.max_tokens_limit,
         engine="synthetic" if settings.engine == "synthetic" else "model",
         device=str(getattr(engine, "device", "cpu")),
-        source="built-in" if settings.model == "default" else settings.model,
+        source=_source_of(settings, name),
     )
+
+
+def _source_of(settings: Settings, name: str) -> str:
+    if settings.engine == "synthetic":
+        return "synthetic"
+    source = served_models(settings).get(name, settings.model)
+    return "built-in" if source == "default" else source
 
 
 def limits_of(settings: Settings, name: str, engine: EngineLike) -> Limits:

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import pytest
+
+from schemas.errors import ConfigError
 from schemas.records import Delta, Finished, Started, TokenEvent, Usage
 from schemas.sampling import SamplingParams
+from services.settings import Settings
 from workers.engine.types import EngineRequest
 from workers.history import Prior, summarize
 from workers.intake import OffsetTracker
+from workers.main import served_models
 from workers.publisher import DeltaCoalescer
 from workers.synthetic import SyntheticEngine
 
@@ -80,3 +85,13 @@ def test_synthetic_engine_streams_and_aborts() -> None:
         if len(seen["b"]) >= 5:
             engine.abort("b")
     assert seen["a"] == [0, 1, 2] and reasons == {"a": "length", "b": "aborted"}
+
+
+def test_one_worker_serves_one_model_or_several_named_ones() -> None:
+    assert served_models(Settings()) == {"default": "default"}
+    assert served_models(Settings(model="/m/qwen2-0.5b")) == {"qwen2-0.5b": "/m/qwen2-0.5b"}
+    assert served_models(Settings(model="/m/qwen2-0.5b", served_name="qwen")) == {"qwen": "/m/qwen2-0.5b"}
+    assert served_models(Settings(model="default=default, small=/m/s")) == {"default": "default", "small": "/m/s"}
+    for bad in ("a=/x,/y", "a=/x,a=/y", "dlq=/x,b=/y", "a b=/x,c=/y"):
+        with pytest.raises(ConfigError):
+            served_models(Settings(model=bad))
