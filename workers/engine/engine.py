@@ -12,6 +12,7 @@ import torch
 from workers.engine.detokenizer import IncrementalDetokenizer
 from workers.engine.architectures import check_architecture, context_length
 from workers.engine.attention import register as register_attention
+from workers.engine.cpu_linear import can_pack, pack_linears
 from workers.engine.resources import default_kv_cache_bytes, set_torch_threads
 from workers.engine.runner import ModelRunner, pick_device
 from workers.engine.sampling import RowSampler, sample
@@ -57,6 +58,8 @@ class Engine:
     ):
         check_architecture(model)
         model.set_attn_implementation(register_attention())
+        if can_pack(device, model.dtype):
+            pack_linears(model, max_batch_size)
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
