@@ -49,19 +49,20 @@ def prompt_ids(engine: Any, n: int) -> list[list[int]]:
     return [engine.encode_prompt(f"{PROMPTS[i % len(PROMPTS)]} ({i})") for i in range(n)]
 
 
-def engine_tokens_per_s(engine: Any, prompts: list[list[int]], max_tokens: int) -> float:
-    """All requests arrive at once; output tokens over the wall time until the last one ends."""
+def engine_tokens_per_s(engine: Any, prompts: list[list[int]], max_tokens: int) -> tuple[float, float]:
+    """All requests arrive at once: output tokens per wall second until the last one ends, and per CPU second."""
     from schemas.sampling import SamplingParams
     from workers.engine.types import EngineRequest
 
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    cpu = time.process_time()
     start = time.perf_counter()
     for i, ids in enumerate(prompts):
         engine.add(EngineRequest(f"b{i}", ids, params))
     tokens = 0
     while engine.has_work():
         tokens += sum(len(out.token_ids) for out in engine.step())
-    return tokens / (time.perf_counter() - start)
+    return tokens / (time.perf_counter() - start), tokens / (time.process_time() - cpu)
 
 
 class VllmPeer:
@@ -88,12 +89,14 @@ class VllmPeer:
                 return dict(json.loads(line))
         raise RuntimeError(f"vLLM exited ({self.proc.wait()}); see {self.log.name}")
 
-    def tokens_per_s(self, prompts: list[list[int]], max_tokens: int) -> float:
+    def tokens_per_s(self, prompts: list[list[int]], max_tokens: int) -> tuple[float, float]:
+        """Output tokens per wall second and per CPU second (of vLLM's processes) of one ``LLM.generate``."""
         assert self.proc.stdin is not None
         self.proc.stdin.write(json.dumps({"prompts": prompts, "max_tokens": max_tokens}) + "\n")
         self.proc.stdin.flush()
         answer = self._read()
-        return float(answer["tokens"]) / float(answer["seconds"])
+        tokens = float(answer["tokens"])
+        return tokens / float(answer["seconds"]), tokens / float(answer["cpu_seconds"])
 
     def close(self) -> None:
         if self.proc.stdin:
@@ -104,6 +107,29 @@ class VllmPeer:
             self.proc.kill()
             self.proc.wait()
         self.log.close()
+
+
+def _summary(size: str, n: int, ours: list[tuple[float, float]], theirs: list[tuple[float, float]]) -> dict[str, float]:
+    """Per-round ratios (ours / vLLM) of wall-clock tokens/s, and of tokens per CPU-second (robust to the load that
+    other processes put on a shared machine), as min / median / max."""
+    results: dict[str, float] = {}
+    for kind, index in (("", 0), ("_cpu", 1)):
+        ratios = [a[index] / b[index] for a, b in zip(ours, theirs, strict=True)]
+        key = f"vllm_engine{kind}_ratio_{size}_{n}"
+        results[f"{key}_min"] = min(ratios)
+        results[f"{key}_median"] = statistics.median(ratios)
+        results[f"{key}_max"] = max(ratios)
+        mine, peer = statistics.median(a[index] for a in ours), statistics.median(b[index] for b in theirs)
+        print(
+            f"{size:>5} {n:2d} concurrent, tokens per {'CPU' if kind else 'wall'} second: tokenrelay "
+            f"{mine:7.1f}, vLLM {peer:7.1f};"
+            f" ratio min/median/max {min(ratios):.2f} / {statistics.median(ratios):.2f} / {max(ratios):.2f}"
+            f" ({len(ratios)} rounds)",
+            flush=True,
+        )
+    results[f"engine_tokens_per_s_{size}_{n}"] = statistics.median(a[0] for a in ours)
+    results[f"vllm_tokens_per_s_{size}_{n}"] = statistics.median(b[0] for b in theirs)
+    return results
 
 
 def compare(size: str, rounds: int, max_tokens: int, python: Path) -> dict[str, float]:
@@ -120,8 +146,8 @@ def compare(size: str, rounds: int, max_tokens: int, python: Path) -> dict[str, 
         peer.tokens_per_s(warm, 8)
         for n in CONCURRENCY:
             prompts = prompt_ids(engine, n)
-            ours: list[float] = []
-            theirs: list[float] = []
+            ours: list[tuple[float, float]] = []
+            theirs: list[tuple[float, float]] = []
             for r in range(rounds):
                 # Alternate who goes first so drift in the shared machine's load hits both sides alike.
                 if r % 2 == 0:
@@ -130,19 +156,7 @@ def compare(size: str, rounds: int, max_tokens: int, python: Path) -> dict[str, 
                 else:
                     theirs.append(peer.tokens_per_s(prompts, max_tokens))
                     ours.append(engine_tokens_per_s(engine, prompts, max_tokens))
-            ratios = [a / b for a, b in zip(ours, theirs, strict=True)]
-            key = f"vllm_engine_ratio_{size}_{n}"
-            results[f"{key}_min"] = min(ratios)
-            results[f"{key}_median"] = statistics.median(ratios)
-            results[f"{key}_max"] = max(ratios)
-            results[f"engine_tokens_per_s_{size}_{n}"] = statistics.median(ours)
-            results[f"vllm_tokens_per_s_{size}_{n}"] = statistics.median(theirs)
-            print(
-                f"{size:>5} {n:2d} concurrent: tokenrelay {statistics.median(ours):7.1f} tok/s, "
-                f"vLLM {statistics.median(theirs):7.1f} tok/s, ratio min/median/max "
-                f"{min(ratios):.2f} / {statistics.median(ratios):.2f} / {max(ratios):.2f} ({rounds} rounds)",
-                flush=True,
-            )
+            results.update(_summary(size, n, ours, theirs))
     finally:
         peer.close()
     return results

@@ -67,8 +67,12 @@ PROMPTS = [
 
 def _reference(model: Any, prompt: list[int], max_tokens: int, eos: int) -> list[int]:
     out = model.generate(
-        torch.tensor([prompt]), attention_mask=torch.ones((1, len(prompt)), dtype=torch.long),
-        do_sample=False, max_new_tokens=max_tokens, eos_token_id=eos, pad_token_id=eos,
+        torch.tensor([prompt]),
+        attention_mask=torch.ones((1, len(prompt)), dtype=torch.long),
+        do_sample=False,
+        max_new_tokens=max_tokens,
+        eos_token_id=eos,
+        pad_token_id=eos,
     )
     ids = out[0, len(prompt) :].tolist()
     return ids[: ids.index(eos)] if eos in ids else ids
@@ -135,9 +139,13 @@ def test_greedy_under_continuous_batching_equals_generate(family: str, tmp_path:
 
 def test_unsupported_family_fails_at_load(tmp_path: Path) -> None:
     config = transformers.GPTNeoXConfig(
-        vocab_size=tokenizer_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=256,
+        vocab_size=tokenizer_vocab_size(),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=256,
     )
     directory = build_random_model(tmp_path / "neox", config)
-    with pytest.raises(EngineError, match="gpt_neox.*not supported.*supported: gemma2"):
+    with pytest.raises(EngineError, match=r"gpt_neox.*not supported.*supported: gemma2"):
         Engine.load(str(directory), device="cpu")

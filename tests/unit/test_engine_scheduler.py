@@ -1,4 +1,4 @@
-"""Scheduler: rows join and leave each step, prompts are prefilled in bounded chunks, the KV budget makes requests wait."""
+"""Scheduler: rows join and leave each step, prompts prefill in bounded chunks, the KV budget makes requests wait."""
 
 from __future__ import annotations
 

@@ -9,10 +9,10 @@ from typing import Any
 
 import torch
 
-from workers.engine.detokenizer import IncrementalDetokenizer
 from workers.engine.architectures import check_architecture, context_length
 from workers.engine.attention import register as register_attention
 from workers.engine.cpu_linear import can_pack, pack_linears
+from workers.engine.detokenizer import IncrementalDetokenizer
 from workers.engine.resources import default_kv_cache_bytes, set_torch_threads
 from workers.engine.runner import ModelRunner, pick_device
 from workers.engine.sampling import RowSampler, sample
@@ -196,7 +196,9 @@ class Engine:
         rows: list[_Seq] = []
         logits: list[torch.Tensor] = []
         if plan.decode:
-            logits.append(self.runner.decode([s.request_id for s in plan.decode], [s.next_token or 0 for s in plan.decode]))
+            logits.append(
+                self.runner.decode([s.request_id for s in plan.decode], [s.next_token or 0 for s in plan.decode])
+            )
             rows.extend(plan.decode)
         if plan.prefill:
             chunks = [c.seq.prompt[c.start : c.start + c.length] for c in plan.prefill]

@@ -19,7 +19,7 @@ def tokenizer_vocab_size() -> int:
     return int(config["vocab_size"])
 
 
-def special_token_ids() -> dict[str, int]:
+def special_token_ids() -> dict[str, Any]:
     """bos/eos/pad ids of the built-in tokenizer, for the configs of random models."""
     import json
 
