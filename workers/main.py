@@ -75,7 +75,7 @@ def load_engines(settings: Settings) -> dict[str, EngineLike]:
         from workers.engine.engine import Engine
         from workers.model.registry import resolve_model
 
-        engine = Engine.load(resolve_model(settings.model), settings.device, settings.dtype, settings.max_batch_size)
+        engine = Engine.from_settings(settings, resolve_model(settings.model))
     engine.name = name
     return {name: engine}
 

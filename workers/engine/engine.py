@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -19,6 +19,9 @@ from workers.engine.sampling import RowSampler, sample
 from workers.engine.scheduler import Scheduler
 from workers.engine.stops import StopMatcher
 from workers.engine.types import EngineRequest, StepOutput
+
+if TYPE_CHECKING:
+    from services.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +126,7 @@ class Engine:
         )
 
     @classmethod
-    def from_settings(cls, settings: Any, model_path: str) -> Engine:
+    def from_settings(cls, settings: Settings, model_path: str) -> Engine:
         """The engine as the settings describe it (device, dtype, batch, KV budget, prefill chunk, threads)."""
         return cls.load(
             model_path,
