@@ -160,3 +160,33 @@ def test_kv_budget_makes_requests_wait_not_fail(model_dir: Path, reference: Any)
     for request in requests:
         want = _greedy_reference(engine, reference, request.prompt_ids, request.params.max_tokens)
         assert results[request.request_id] == want
+
+
+def test_long_prompt_prefills_in_chunks_while_running_rows_keep_streaming(model_dir: Path, reference: Any) -> None:
+    engine = Engine.load(str(model_dir), device="cpu", max_batch_size=4, prefill_chunk_tokens=16)
+    engine.eos_ids = frozenset()  # fixed-length streams
+    short = EngineRequest("short", engine.encode_prompt("Hello"), SamplingParams(max_tokens=40, temperature=0))
+    engine.add(short)
+    engine.step()
+    long_prompt = engine.encode_prompt("The quick brown fox jumps over the lazy dog. " * 6)
+    assert len(long_prompt) > 3 * 16
+    engine.add(EngineRequest("long", long_prompt, SamplingParams(max_tokens=5, temperature=0)))
+    prefilled: list[int] = []
+    seen_long = False
+    while not seen_long:
+        before = engine.runner.length("long") if "long" in engine.runner.row_ids else 0
+        outputs = {o.request_id: o for o in engine.step()}
+        # The running stream gets its token in every step the long prompt is being prefilled.
+        assert len(outputs["short"].token_ids) == 1
+        prefilled.append(engine.runner.length("long") - before)
+        seen_long = "long" in outputs
+    assert max(prefilled) <= 16 and sum(prefilled) == len(long_prompt)
+    results = {"long": list(outputs["long"].token_ids)}
+    while engine.has_work():
+        for out in engine.step():
+            results.setdefault(out.request_id, []).extend(out.token_ids)
+    ids = list(long_prompt)
+    with torch.no_grad():
+        for _ in range(5):
+            ids.append(int(reference(torch.tensor([ids])).logits[0, -1].argmax()))
+    assert results["long"] == ids[len(long_prompt) :]
