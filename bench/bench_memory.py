@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import resource
 import statistics
-import sys
 import time
 
 import psutil
@@ -68,4 +67,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
