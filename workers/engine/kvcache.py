@@ -40,6 +40,8 @@ class SlotCache:
         self._row_index = torch.zeros(0, dtype=torch.long)
         self._cols = torch.zeros(0, dtype=torch.long)
         self._kv_len = 0
+        self._decode = False
+        self._flat_rows = self._flat_cols = torch.zeros(0, dtype=torch.long)
 
     @property
     def nbytes(self) -> int:
@@ -79,17 +81,16 @@ class SlotCache:
         self._row_index = torch.tensor(rows, device=self.device).unsqueeze(-1)
         self._cols = cols
         self._kv_len = kv_len
+        self._decode = cols.shape[1] == 1 and adjacent
+        self._flat_rows, self._flat_cols = self._row_index.squeeze(-1), cols.squeeze(-1)
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, cache_kwargs: object = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         k, v = self.keys[layer_idx], self.values[layer_idx]
-        if key_states.shape[2] == 1 and isinstance(self._rows, slice):
-            # Decode: one column per row, rows adjacent.
-            rows = self._row_index.squeeze(-1)
-            cols = self._cols.squeeze(-1)
-            k[rows, :, cols] = key_states[:, :, 0].to(k.dtype)
-            v[rows, :, cols] = value_states[:, :, 0].to(v.dtype)
+        if self._decode:
+            k[self._flat_rows, :, self._flat_cols] = key_states[:, :, 0].to(k.dtype)
+            v[self._flat_rows, :, self._flat_cols] = value_states[:, :, 0].to(v.dtype)
         else:
             k[self._row_index, :, self._cols] = key_states.transpose(1, 2).to(k.dtype)
             v[self._row_index, :, self._cols] = value_states.transpose(1, 2).to(v.dtype)
