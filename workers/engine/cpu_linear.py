@@ -38,14 +38,20 @@ def pack_linears(model: Any, batch_hint: int) -> int:
     """Replace every linear layer of ``model`` (nn.Linear, and GPT-2's transposed Conv1D) by a packed one."""
     from transformers.pytorch_utils import Conv1D
 
+    linear_types = (nn.Linear, Conv1D)
     swaps: list[tuple[nn.Module, str, nn.Module]] = []
     for parent in model.modules():
         for name, child in parent.named_children():
-            if type(child) is nn.Linear:
-                swaps.append((parent, name, PackedLinear(child.weight, child.bias, batch_hint)))
-            elif type(child) is Conv1D:
-                swaps.append((parent, name, PackedLinear(child.weight.t(), child.bias, batch_hint)))
+            if type(child) in linear_types:
+                weight = child.weight if type(child) is nn.Linear else child.weight.t()
+                swaps.append((parent, name, PackedLinear(weight, child.bias, batch_hint)))
     for parent, name, packed in swaps:
         setattr(parent, name, packed)
+    # Loaded weights are views of the memory-mapped checkpoint; while any tensor still points into it, the pages
+    # read for packing stay resident beside their packed copies. Copy the few remaining tensors out of it.
+    for module in model.modules():
+        if not isinstance(module, PackedLinear):
+            for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+                tensor.data = tensor.data.clone()
     log.info("packed %d linear layers for oneDNN", len(swaps))
     return len(swaps)
