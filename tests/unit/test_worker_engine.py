@@ -190,3 +190,11 @@ def test_long_prompt_prefills_in_chunks_while_running_rows_keep_streaming(model_
         for _ in range(5):
             ids.append(int(reference(torch.tensor([ids])).logits[0, -1].argmax()))
     assert results["long"] == ids[len(long_prompt) :]
+
+
+def test_a_prompt_past_the_context_is_refused_not_run(engine: Engine) -> None:
+    from schemas.errors import EngineError
+
+    with pytest.raises(EngineError, match="does not fit a context of 256"):
+        engine.add(EngineRequest("big", [5] * 256, SamplingParams(max_tokens=1)))
+    assert not engine.has_work()

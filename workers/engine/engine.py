@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from schemas.errors import EngineError
 from workers.engine.architectures import check_architecture, context_length
 from workers.engine.attention import register as register_attention
 from workers.engine.cpu_linear import can_pack, pack_linears
@@ -159,6 +160,9 @@ class Engine:
     def add(self, request: EngineRequest) -> None:
         detok = IncrementalDetokenizer(self.decode, request.resume_ids, request.resume_text)
         prompt = request.prompt_ids + request.resume_ids
+        if not request.prompt_ids or len(prompt) >= self.max_positions:
+            # The worker's admission refuses these; past it they would write outside the cache.
+            raise EngineError(f"a prompt of {len(prompt)} tokens does not fit a context of {self.max_positions}")
         completion = len(request.resume_ids)
         reserve = min(self.max_positions, len(prompt) + max(1, request.params.max_tokens - completion))
         seq = _Seq(
