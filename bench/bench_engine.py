@@ -73,7 +73,8 @@ def run(model: str = "default", max_tokens: int = 64) -> dict[str, float]:
     path = resolve_model(model)
     engine = Engine.load(path, max_batch_size=32)
     # generate() runs on its own copy: the engine's model attends through the engine's cache only.
-    reference = AutoModelForCausalLM.from_pretrained(path).to(engine.device).eval()
+    reference = AutoModelForCausalLM.from_pretrained(path).eval()
+    reference.to(engine.device)
     # Fixed-length generations on both sides (vLLM's benchmarks call it ignore_eos): otherwise a model that
     # ends its answers early turns the comparison into one of prefill costs.
     engine.eos_ids = frozenset()

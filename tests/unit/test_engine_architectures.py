@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,9 @@ from workers.engine.types import EngineRequest, StepOutput
 from workers.model.random_init import build_random_model, special_token_ids, tokenizer_vocab_size
 
 WINDOW = 8  # sliding window smaller than most prompts, so windowed layers really drop keys
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, initializer_range=0.2)
+TINY: dict[str, Any] = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, initializer_range=0.2
+)
 
 
 def _config(family: str) -> Any:
@@ -32,7 +35,7 @@ def _config(family: str) -> Any:
             bos_token_id=common["bos_token_id"],
             eos_token_id=common["eos_token_id"],
         )
-    gqa = dict(num_key_value_heads=2)
+    gqa: dict[str, Any] = dict(num_key_value_heads=2)
     if family == "llama":
         return transformers.LlamaConfig(**TINY, **gqa, **common)
     if family == "qwen2":
@@ -83,13 +86,13 @@ def _record_logits(engine: Engine) -> dict[str, list[torch.Tensor]]:
     seen: dict[str, list[torch.Tensor]] = {}
     decode, prefill = engine.runner.decode, engine.runner.prefill
 
-    def on_decode(row_ids: list[str], tokens: list[int]) -> torch.Tensor:
+    def on_decode(row_ids: Sequence[str], tokens: Sequence[int]) -> torch.Tensor:
         out = decode(row_ids, tokens)
         for rid, row in zip(row_ids, out, strict=True):
             seen.setdefault(rid, []).append(row.clone())
         return out
 
-    def on_prefill(row_ids: list[str], chunks: list[list[int]], want: list[bool]) -> torch.Tensor:
+    def on_prefill(row_ids: Sequence[str], chunks: Sequence[Sequence[int]], want: Sequence[bool]) -> torch.Tensor:
         out = prefill(row_ids, chunks, want)
         for rid, row in zip([r for r, w in zip(row_ids, want, strict=True) if w], out, strict=True):
             seen.setdefault(rid, []).append(row.clone())
