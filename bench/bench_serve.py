@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import statistics
 import subprocess
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -33,19 +31,19 @@ from bench.support import (
 from services.localbroker.runner import free_port
 
 
-def _wait_for_model(base: str, name: str, timeout_s: float, proc: subprocess.Popen[Any]) -> None:
-    """Poll ``GET /v1/models`` until ``name`` is listed (the server is up and the model loaded)."""
-    import json
-
+def _warm_up(base: str, name: str, timeout_s: float, proc: subprocess.Popen[Any]) -> None:
+    """Stream short completions until one succeeds: the server is up and its model is loaded and routed."""
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    while True:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}")
-        with contextlib.suppress(OSError, ValueError), urllib.request.urlopen(f"{base}/v1/models", timeout=2) as resp:
-            if any(m.get("id") == name for m in json.loads(resp.read()).get("data", [])):
-                return
-        time.sleep(1.0)
-    raise RuntimeError(f"{name} not listed at {base} after {timeout_s:.0f} s")
+        try:
+            asyncio.run(_round(base, name, 4, 8))
+            return
+        except Exception as exc:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{name} at {base} not answering after {timeout_s:.0f} s: {exc!r}") from exc
+            time.sleep(2.0)
 
 
 def start_vllm(python: Path, model: Path, name: str, port: int) -> subprocess.Popen[bytes]:
@@ -136,10 +134,8 @@ def run(size: str = "25m", clients: int = 32, max_tokens: int = 64, rounds: int 
     try:
         gateway = start_gateway(settings, timeout_s=600)
         ours_base, theirs_base = f"http://127.0.0.1:{settings.gateway_port}", f"http://127.0.0.1:{vllm_port}"
-        _wait_for_model(ours_base, name, 600, worker)
-        _wait_for_model(theirs_base, name, 900, vllm)
-        for base in (ours_base, theirs_base):  # warm-up
-            asyncio.run(_round(base, name, 4, 8))
+        _warm_up(ours_base, name, 600, worker)
+        _warm_up(theirs_base, name, 900, vllm)
         ours: list[dict[str, float]] = []
         theirs: list[dict[str, float]] = []
         for r in range(rounds):
