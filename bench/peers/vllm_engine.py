@@ -1,8 +1,8 @@
 """Runs under the vLLM peer venv: load a model once, then time LLM.generate for each JSON job read from stdin.
 
 Standalone on purpose (no tokenrelay imports): it runs with the peer venv's Python, not the project's.
-Job: {"prompts": [[token ids], ...], "max_tokens": 64}; answer: {"seconds": s, "cpu_seconds": c, "tokens": n} on
-one line, where ``cpu_seconds`` is the CPU time of this process and its engine-core and worker children.
+Job: {"prompts": [[token ids], ...], "max_tokens": 64}; answer: {"seconds": s, "tokens": n} on one line (the
+benchmark reads the CPU time of this process and its children itself).
 """
 
 from __future__ import annotations
@@ -10,20 +10,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-
-
-def _cpu_seconds() -> float:
-    import psutil
-
-    procs = [psutil.Process(), *psutil.Process().children(recursive=True)]
-    total = 0.0
-    for proc in procs:
-        try:
-            times = proc.cpu_times()
-        except psutil.Error:
-            continue
-        total += times.user + times.system
-    return total
 
 
 def main() -> None:
@@ -46,13 +32,11 @@ def main() -> None:
         job = json.loads(line)
         params = SamplingParams(max_tokens=job["max_tokens"], temperature=0.0, ignore_eos=True)
         prompts = [TokensPrompt(prompt_token_ids=ids) for ids in job["prompts"]]
-        cpu = _cpu_seconds()
         start = time.perf_counter()
         outs = llm.generate(prompts, params, use_tqdm=False)
         seconds = time.perf_counter() - start
-        cpu = _cpu_seconds() - cpu
         tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-        print(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "tokens": tokens}), flush=True)
+        print(json.dumps({"seconds": seconds, "tokens": tokens}), flush=True)
 
 
 if __name__ == "__main__":
