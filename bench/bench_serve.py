@@ -46,6 +46,29 @@ def _warm_up(base: str, name: str, timeout_s: float, proc: subprocess.Popen[Any]
             time.sleep(2.0)
 
 
+def _settle(proc: subprocess.Popen[Any], timeout_s: float = 10.0) -> None:
+    """Wait until a server's process tree is idle (vLLM's worker spins for about a second after a batch)."""
+    import psutil
+
+    def cpu() -> float:
+        root = psutil.Process(proc.pid)
+        total = 0.0
+        for p in [root, *root.children(recursive=True)]:
+            try:
+                times = p.cpu_times()
+            except psutil.Error:
+                continue
+            total += times.user + times.system
+        return total
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        before = cpu()
+        time.sleep(0.5)
+        if cpu() - before < 0.025:
+            return
+
+
 def start_vllm(python: Path, model: Path, name: str, port: int) -> subprocess.Popen[bytes]:
     log = open(model / "vllm-serve.log", "wb")  # noqa: SIM115 -- handed to the child
     return subprocess.Popen(
@@ -139,9 +162,10 @@ def run(size: str = "25m", clients: int = 32, max_tokens: int = 64, rounds: int 
         ours: list[dict[str, float]] = []
         theirs: list[dict[str, float]] = []
         for r in range(rounds):
-            order = [(ours, ours_base), (theirs, theirs_base)]
-            for sink, base in order if r % 2 == 0 else order[::-1]:
+            order = [(ours, ours_base, worker), (theirs, theirs_base, vllm)]
+            for sink, base, server in order if r % 2 == 0 else order[::-1]:
                 sink.append(asyncio.run(_round(base, name, clients, max_tokens)))
+                _settle(server)
     finally:
         with running(*(p for p in (gateway, worker) if p is not None)):
             stop_process(vllm, 60)
