@@ -27,6 +27,7 @@ from bench.support import (
     start_gateway,
     start_worker,
     stop_process,
+    wait_idle,
 )
 from services.localbroker.runner import free_port
 
@@ -44,29 +45,6 @@ def _warm_up(base: str, name: str, timeout_s: float, proc: subprocess.Popen[Any]
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{name} at {base} not answering after {timeout_s:.0f} s: {exc!r}") from exc
             time.sleep(2.0)
-
-
-def _settle(proc: subprocess.Popen[Any], timeout_s: float = 10.0) -> None:
-    """Wait until a server's process tree is idle (vLLM's worker spins for about a second after a batch)."""
-    import psutil
-
-    def cpu() -> float:
-        root = psutil.Process(proc.pid)
-        total = 0.0
-        for p in [root, *root.children(recursive=True)]:
-            try:
-                times = p.cpu_times()
-            except psutil.Error:
-                continue
-            total += times.user + times.system
-        return total
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        before = cpu()
-        time.sleep(0.5)
-        if cpu() - before < 0.025:
-            return
 
 
 def start_vllm(python: Path, model: Path, name: str, port: int) -> subprocess.Popen[bytes]:
@@ -165,7 +143,7 @@ def run(size: str = "25m", clients: int = 32, max_tokens: int = 64, rounds: int 
             order = [(ours, ours_base, worker), (theirs, theirs_base, vllm)]
             for sink, base, server in order if r % 2 == 0 else order[::-1]:
                 sink.append(asyncio.run(_round(base, name, clients, max_tokens)))
-                _settle(server)
+                wait_idle(server.pid)
     finally:
         with running(*(p for p in (gateway, worker) if p is not None)):
             stop_process(vllm, 60)

@@ -7,7 +7,6 @@ compute thread each. vLLM runs from its own virtualenv (``make bench-peers``); w
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import statistics
 import subprocess
@@ -15,6 +14,7 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
+from bench.support import tree_cpu_seconds, wait_idle
 from services.settings import Settings
 
 SIZES = {"25m": (512, 6, 8, 1536), "120m": (768, 12, 12, 3072)}
@@ -89,38 +89,17 @@ class VllmPeer:
                 return dict(json.loads(line))
         raise RuntimeError(f"vLLM exited ({self.proc.wait()}); see {self.log.name}")
 
-    def _cpu_seconds(self) -> float:
-        import psutil
-
-        root = psutil.Process(self.proc.pid)
-        total = 0.0
-        for proc in [root, *root.children(recursive=True)]:
-            with contextlib.suppress(psutil.Error):
-                times = proc.cpu_times()
-                total += times.user + times.system
-        return total
-
-    def _settle(self, timeout_s: float = 10.0) -> None:
-        """Wait until vLLM's processes are idle: after a generate its worker spins on shared memory for about a
-        second (measured: ~65 % of a core), which would otherwise be taken from whatever runs next."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            before = self._cpu_seconds()
-            time.sleep(0.5)
-            if self._cpu_seconds() - before < 0.025:
-                return
-
     def tokens_per_s(self, prompts: list[list[int]], max_tokens: int) -> tuple[float, float]:
         """Output tokens per wall second of one ``LLM.generate``, and per CPU second its processes spent on it
         (until they are idle again)."""
         assert self.proc.stdin is not None
-        cpu = self._cpu_seconds()
+        cpu = tree_cpu_seconds(self.proc.pid)
         self.proc.stdin.write(json.dumps({"prompts": prompts, "max_tokens": max_tokens}) + "\n")
         self.proc.stdin.flush()
         answer = self._read()
-        self._settle()
+        wait_idle(self.proc.pid)
         tokens = float(answer["tokens"])
-        return tokens / float(answer["seconds"]), tokens / (self._cpu_seconds() - cpu)
+        return tokens / float(answer["seconds"]), tokens / (tree_cpu_seconds(self.proc.pid) - cpu)
 
     def close(self) -> None:
         if self.proc.stdin:
