@@ -9,6 +9,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 # CPU torch first, from its own index: the default PyPI wheel pulls in several GB of CUDA libraries.
+# For a GPU image pass a CUDA wheel index, e.g. --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128
+# (the compose `gpu` profile does); the code picks cuda with bf16 at start when torch sees a GPU.
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 RUN pip install torch --index-url "${TORCH_INDEX}"
 

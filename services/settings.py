@@ -107,6 +107,21 @@ class Settings:
         50.0, "TOKENRELAY_SYNTHETIC_TOKENS_PER_S", "Per-request token rate of the synthetic engine."
     )
     max_batch_size: int = _setting(32, "TOKENRELAY_MAX_BATCH_SIZE", "Most requests decoded together in one step.")
+    kv_cache_mb: int = _setting(
+        0,
+        "TOKENRELAY_KV_CACHE_MB",
+        "KV-cache budget of the engine in MiB; requests wait for room instead of running out of memory "
+        "(0 = half the memory free when the model is loaded: RAM on cpu, GPU memory on cuda).",
+    )
+    prefill_chunk_tokens: int = _setting(
+        512,
+        "TOKENRELAY_PREFILL_CHUNK_TOKENS",
+        "Prompt tokens prefilled per engine step (padding counted); longer prompts are prefilled in chunks, so one "
+        "long prompt delays the running streams by one chunk per step, not by its whole prefill.",
+    )
+    torch_threads: int = _setting(
+        0, "TOKENRELAY_TORCH_THREADS", "Torch threads of the engine (0 = usable cores - 1, at least 1)."
+    )
     max_prompt_tokens: int = _setting(
         1024, "TOKENRELAY_MAX_PROMPT_TOKENS", "Longest prompt a worker accepts, in tokens."
     )

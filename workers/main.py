@@ -101,7 +101,7 @@ def load_engines(settings: Settings) -> dict[str, EngineLike]:
 
     engines: dict[str, EngineLike] = {}
     for name, source in served_models(settings).items():
-        engines[name] = Engine.load(resolve_model(source), settings.device, settings.dtype, settings.max_batch_size)
+        engines[name] = Engine.from_settings(settings, resolve_model(source))
         engines[name].name = name
     return engines
 

@@ -105,3 +105,10 @@ def test_schema_registry_serves_every_component(compose: dict[str, Any]) -> None
     for name in ("worker", "worker-gpu", "gateway", "analytics", "topics"):
         url = services[name]["environment"]["TOKENRELAY_SCHEMA_REGISTRY_URL"]
         assert url == "http://registry:8080/apis/ccompat/v7"
+
+
+def test_gpu_worker_builds_torch_from_a_cuda_index(compose: dict[str, Any]) -> None:
+    gpu = compose["services"]["worker-gpu"]
+    assert "/cu" in gpu["build"]["args"]["TORCH_INDEX"]
+    assert gpu["image"] != compose["services"]["worker"]["image"]
+    assert "ARG TORCH_INDEX" in (ROOT / "Dockerfile").read_text()

@@ -1,4 +1,4 @@
-"""Engine: scheduler join/leave, greedy == generate(), seeded sampling, detokenizer, stop strings."""
+"""Engine: greedy == generate(), seeded sampling, cancel, continuation, detokenizer, stop strings, KV budget."""
 
 from __future__ import annotations
 
@@ -12,55 +12,34 @@ from schemas.sampling import SamplingParams
 from tests.tinymodel import build_tiny_model
 from workers.engine.detokenizer import IncrementalDetokenizer
 from workers.engine.engine import Engine
-from workers.engine.scheduler import Scheduler
 from workers.engine.stops import StopMatcher
 from workers.engine.types import EngineRequest
 
 
-class _Req:
-    def __init__(self, request_id: str):
-        self.request_id = request_id
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory: pytest.TempPathFactory) -> Engine:
-    directory = build_tiny_model(tmp_path_factory.mktemp("tiny"))
-    return Engine.load(str(directory), device="cpu", max_batch_size=4)
+def engine(model_dir: Path) -> Engine:
+    return Engine.load(str(model_dir), device="cpu", max_batch_size=4)
 
 
-def _greedy_reference(engine: Engine, prompt_ids: list[int], max_tokens: int) -> list[int]:
-    out = engine.model.generate(torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=max_tokens)
+@pytest.fixture(scope="module")
+def reference(model_dir: Path) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir).eval()
+
+
+def _greedy_reference(engine: Engine, reference: Any, prompt_ids: list[int], max_tokens: int) -> list[int]:
+    out = reference.generate(torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=max_tokens)
     ids = out[0, len(prompt_ids) :].tolist()
     return [t for t in ids if t not in engine.eos_ids]
 
 
-def test_scheduler_admits_up_to_capacity_and_refills_each_step() -> None:
-    sched: Scheduler[Any] = Scheduler(2)
-    a, b, c = _Req("a"), _Req("b"), _Req("c")
-    for r in (a, b, c):
-        sched.add(r)
-    first = sched.schedule()
-    assert [r.request_id for r in first.admitted] == ["a", "b"] and not first.running
-    second = sched.schedule()
-    assert [r.request_id for r in second.running] == ["a", "b"] and not second.admitted
-    sched.finish(a)
-    third = sched.schedule()
-    assert [r.request_id for r in third.running] == ["b"] and [r.request_id for r in third.admitted] == ["c"]
-
-
-def test_scheduler_abort_waiting_and_running() -> None:
-    sched: Scheduler[Any] = Scheduler(1)
-    a, b = _Req("a"), _Req("b")
-    sched.add(a)
-    sched.add(b)
-    sched.schedule()
-    assert sched.abort("b") and sched.abort("a") and not sched.abort("zzz")
-    plan = sched.schedule()
-    assert {r.request_id for r in plan.aborted} == {"a", "b"} and plan.running == [] and plan.admitted == []
-    assert not sched.has_work()
-
-
-def test_greedy_equals_generate_with_requests_joining_and_leaving(engine: Engine) -> None:
+def test_greedy_equals_generate_with_requests_joining_and_leaving(engine: Engine, reference: Any) -> None:
     prompts = ["Hello", "The quick brown fox jumps over", "Café 日本", "x", "Kafka is a distributed log", "🚀"]
     requests = [
         EngineRequest(f"r{i}", engine.encode_prompt(p), SamplingParams(max_tokens=5 + 4 * i, temperature=0))
@@ -70,7 +49,7 @@ def test_greedy_equals_generate_with_requests_joining_and_leaving(engine: Engine
     results = engine.generate(requests)
     for request in requests:
         ids, text, reason = results[request.request_id]
-        assert ids == _greedy_reference(engine, request.prompt_ids, request.params.max_tokens)
+        assert ids == _greedy_reference(engine, reference, request.prompt_ids, request.params.max_tokens)
         assert text == engine.decode(ids)
         assert reason in ("length", "stop")
 
@@ -154,3 +133,68 @@ def test_engine_stop_string_not_emitted(engine: Engine) -> None:
 
 def test_tiny_model_dir_loads(tmp_path: Path) -> None:
     assert (build_tiny_model(tmp_path) / "tokenizer.json").is_file()
+
+
+def test_kv_budget_makes_requests_wait_not_fail(model_dir: Path, reference: Any) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    probe = Engine(model, AutoTokenizer.from_pretrained(model_dir), torch.device("cpu"), 8, kv_cache_bytes=1 << 20)
+    per_token = probe.runner.bytes_per_token
+    # Room for 300 tokens: requests reserving ~100 (prompt + max_tokens) run three at a time.
+    engine = Engine(model, probe.tokenizer, torch.device("cpu"), 8, kv_cache_bytes=300 * per_token)
+    prompts = [engine.encode_prompt(f"Kafka {i}") for i in range(6)]
+    requests = [
+        EngineRequest(f"k{i}", p, SamplingParams(max_tokens=100 - len(p), temperature=0)) for i, p in enumerate(prompts)
+    ]
+    for request in requests:
+        engine.add(request)
+    results: dict[str, list[int]] = {}
+    most = 0
+    while engine.has_work():
+        for out in engine.step():
+            results.setdefault(out.request_id, []).extend(out.token_ids)
+        most = max(most, engine.num_running)
+        assert engine.runner.cache.rows * (engine.runner.cache.width - 1) <= 300
+    assert most == 3
+    for request in requests:
+        want = _greedy_reference(engine, reference, request.prompt_ids, request.params.max_tokens)
+        assert results[request.request_id] == want
+
+
+def test_long_prompt_prefills_in_chunks_while_running_rows_keep_streaming(model_dir: Path, reference: Any) -> None:
+    engine = Engine.load(str(model_dir), device="cpu", max_batch_size=4, prefill_chunk_tokens=16)
+    engine.eos_ids = frozenset()  # fixed-length streams
+    short = EngineRequest("short", engine.encode_prompt("Hello"), SamplingParams(max_tokens=40, temperature=0))
+    engine.add(short)
+    engine.step()
+    long_prompt = engine.encode_prompt("The quick brown fox jumps over the lazy dog. " * 6)
+    assert len(long_prompt) > 3 * 16
+    engine.add(EngineRequest("long", long_prompt, SamplingParams(max_tokens=5, temperature=0)))
+    prefilled: list[int] = []
+    seen_long = False
+    while not seen_long:
+        before = engine.runner.length("long") if "long" in engine.runner.row_ids else 0
+        outputs = {o.request_id: o for o in engine.step()}
+        # The running stream gets its token in every step the long prompt is being prefilled.
+        assert len(outputs["short"].token_ids) == 1
+        prefilled.append(engine.runner.length("long") - before)
+        seen_long = "long" in outputs
+    assert max(prefilled) <= 16 and sum(prefilled) == len(long_prompt)
+    results = {"long": list(outputs["long"].token_ids)}
+    while engine.has_work():
+        for out in engine.step():
+            results.setdefault(out.request_id, []).extend(out.token_ids)
+    ids = list(long_prompt)
+    with torch.no_grad():
+        for _ in range(5):
+            ids.append(int(reference(torch.tensor([ids])).logits[0, -1].argmax()))
+    assert results["long"] == ids[len(long_prompt) :]
+
+
+def test_a_prompt_past_the_context_is_refused_not_run(engine: Engine) -> None:
+    from schemas.errors import EngineError
+
+    with pytest.raises(EngineError, match="does not fit a context of 256"):
+        engine.add(EngineRequest("big", [5] * 256, SamplingParams(max_tokens=1)))
+    assert not engine.has_work()

@@ -5,16 +5,24 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from schemas.errors import EngineError
+from workers.engine.architectures import check_architecture, context_length
+from workers.engine.attention import register as register_attention
+from workers.engine.cpu_linear import can_pack, pack_linears
 from workers.engine.detokenizer import IncrementalDetokenizer
+from workers.engine.resources import default_kv_cache_bytes, set_torch_threads
 from workers.engine.runner import ModelRunner, pick_device
 from workers.engine.sampling import RowSampler, sample
 from workers.engine.scheduler import Scheduler
 from workers.engine.stops import StopMatcher
 from workers.engine.types import EngineRequest, StepOutput
+
+if TYPE_CHECKING:
+    from services.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -26,38 +34,114 @@ class _Seq:
     detok: IncrementalDetokenizer
     stops: StopMatcher
     completion: int
+    prompt: list[int]
+    reserve: int
     next_token: int | None = None
 
     @property
     def request_id(self) -> str:
         return self.request.request_id
 
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt)
+
 
 class Engine:
     """Continuous batching over a transformers causal LM; call ``step()`` from one thread only."""
 
-    def __init__(self, model: Any, tokenizer: Any, device: torch.device, max_batch_size: int, name: str = ""):
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        device: torch.device,
+        max_batch_size: int,
+        name: str = "",
+        kv_cache_bytes: int = 0,
+        prefill_chunk_tokens: int = 512,
+    ):
+        check_architecture(model)
+        model.set_attn_implementation(register_attention())
+        if can_pack(device, model.dtype):
+            pack_linears(model, max_batch_size)
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
         self.name = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
-        self.scheduler: Scheduler[_Seq] = Scheduler(max_batch_size)
-        self.runner = ModelRunner(model, device)
         self.eos_ids = _eos_ids(model, tokenizer)
-        self.max_positions = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
-        self._rust = getattr(tokenizer, "_tokenizer", None)
+        self.max_positions = context_length(model.config)
         self.has_chat_template = getattr(tokenizer, "chat_template", None) is not None
+        budget_bytes = kv_cache_bytes or default_kv_cache_bytes(device)
+        self.runner = ModelRunner(model, device, 1 << 62, max_batch_size)
+        per_token = self.runner.bytes_per_token
+        self.kv_budget_tokens = budget_bytes // per_token
+        if self.kv_budget_tokens < self.max_positions:
+            log.warning(
+                "KV budget of %d MiB holds %d tokens, less than one context (%d); raised to one context",
+                budget_bytes >> 20,
+                self.kv_budget_tokens,
+                self.max_positions,
+            )
+            self.kv_budget_tokens = self.max_positions
+        self.runner.budget_tokens = self.kv_budget_tokens
+        self.scheduler: Scheduler[_Seq] = Scheduler(max_batch_size, prefill_chunk_tokens, self.kv_budget_tokens)
+        self._rust = getattr(tokenizer, "_tokenizer", None)
+        log.info(
+            "engine %s: KV budget %d tokens (%d MiB, %d KiB/token), prefill chunk %d tokens",
+            self.name,
+            self.kv_budget_tokens,
+            self.kv_budget_tokens * per_token >> 20,
+            per_token >> 10,
+            prefill_chunk_tokens,
+        )
 
     @classmethod
-    def load(cls, model_path: str, device: str = "auto", dtype: str = "auto", max_batch_size: int = 32) -> Engine:
+    def load(
+        cls,
+        model_path: str,
+        device: str = "auto",
+        dtype: str = "auto",
+        max_batch_size: int = 32,
+        *,
+        kv_cache_mb: int = 0,
+        prefill_chunk_tokens: int = 512,
+        torch_threads: int = 0,
+    ) -> Engine:
+        """Load a local transformers causal-LM directory (or cached hub id); 0 means automatic for the knobs."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        set_torch_threads(torch_threads)
         dev, dt = pick_device(device, dtype)
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dt)
         model = model.to(dev).eval()  # type: ignore[arg-type]
-        log.info("loaded model %s on %s (%s)", model_path, dev, dt)
-        return cls(model, tokenizer, dev, max_batch_size, name=model_path)
+        log.info("loaded model %s on %s (%s), %d torch threads", model_path, dev, dt, torch.get_num_threads())
+        return cls(
+            model,
+            tokenizer,
+            dev,
+            max_batch_size,
+            name=model_path,
+            kv_cache_bytes=kv_cache_mb << 20,
+            prefill_chunk_tokens=prefill_chunk_tokens,
+        )
+
+    @classmethod
+    def from_settings(cls, settings: Settings, model_path: str) -> Engine:
+        """The engine as the settings describe it (device, dtype, batch, KV budget, prefill chunk, threads)."""
+        return cls.load(
+            model_path,
+            settings.device,
+            settings.dtype,
+            settings.max_batch_size,
+            kv_cache_mb=settings.kv_cache_mb,
+            prefill_chunk_tokens=settings.prefill_chunk_tokens,
+            torch_threads=settings.torch_threads,
+        )
+
+    @property
+    def context_length(self) -> int:
+        return self.max_positions
 
     def encode_prompt(self, prompt: str, messages: Sequence[tuple[str, str]] | None = None) -> list[int]:
         if messages:
@@ -75,8 +159,20 @@ class Engine:
 
     def add(self, request: EngineRequest) -> None:
         detok = IncrementalDetokenizer(self.decode, request.resume_ids, request.resume_text)
+        prompt = request.prompt_ids + request.resume_ids
+        if not request.prompt_ids or len(prompt) >= self.max_positions:
+            # The worker's admission refuses these; past it they would write outside the cache.
+            raise EngineError(f"a prompt of {len(prompt)} tokens does not fit a context of {self.max_positions}")
+        completion = len(request.resume_ids)
+        reserve = min(self.max_positions, len(prompt) + max(1, request.params.max_tokens - completion))
         seq = _Seq(
-            request, RowSampler(request.params), detok, StopMatcher(request.params.stop), len(request.resume_ids)
+            request,
+            RowSampler(request.params),
+            detok,
+            StopMatcher(request.params.stop),
+            completion,
+            prompt,
+            reserve,
         )
         self.scheduler.add(seq)
 
@@ -95,30 +191,36 @@ class Engine:
         return self.scheduler.num_waiting
 
     def step(self) -> list[StepOutput]:
-        """One iteration: every running request advances by one token; new requests get their first token."""
+        """One iteration: running requests advance one token, prompts advance one chunk (their last gives a token)."""
         plan = self.scheduler.schedule()
         outputs = [StepOutput(s.request_id, (), self._final_text(s, ""), "aborted") for s in plan.aborted]
-        if plan.aborted:
-            self.runner.keep([s.request_id for s in plan.running])
+        for seq in plan.aborted:
+            self.runner.remove(seq.request_id)
+        if plan.admitted:
+            widest = max(s.reserve for s in self.scheduler.running)
+            for seq in plan.admitted:
+                self.runner.add(seq.request_id, widest)
         rows: list[_Seq] = []
         logits: list[torch.Tensor] = []
-        if plan.running:
-            logits.append(self.runner.decode([s.next_token or 0 for s in plan.running]))
-            rows.extend(plan.running)
-        if plan.admitted:
-            prompts = [s.request.prompt_ids + s.request.resume_ids for s in plan.admitted]
-            logits.append(self.runner.prefill([s.request_id for s in plan.admitted], prompts))
-            rows.extend(plan.admitted)
+        if plan.decode:
+            logits.append(
+                self.runner.decode([s.request_id for s in plan.decode], [s.next_token or 0 for s in plan.decode])
+            )
+            rows.extend(plan.decode)
+        if plan.prefill:
+            chunks = [c.seq.prompt[c.start : c.start + c.length] for c in plan.prefill]
+            want = [c.last for c in plan.prefill]
+            logits.append(self.runner.prefill([c.seq.request_id for c in plan.prefill], chunks, want))
+            rows.extend(c.seq for c in plan.prefill if c.last)
         if not rows:
             return outputs
         tokens = sample(torch.cat(logits, dim=0), [s.sampler for s in rows])
         outputs.extend(self._advance(seq, token) for seq, token in zip(rows, tokens, strict=True))
         finished = {o.request_id for o in outputs if o.finish_reason is not None}
-        if finished:
-            for seq in rows:
-                if seq.request_id in finished:
-                    self.scheduler.finish(seq)
-            self.runner.keep([s.request_id for s in self.scheduler.running])
+        for seq in rows:
+            if seq.request_id in finished:
+                self.scheduler.finish(seq)
+                self.runner.remove(seq.request_id)
         return outputs
 
     def _advance(self, seq: _Seq, token: int) -> StepOutput:

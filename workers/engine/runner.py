@@ -1,16 +1,16 @@
-"""Model execution: one left-padded batch with a KV cache that is re-packed when its rows change."""
+"""Model execution: prefill chunks and decode steps over a slot KV cache written in place; knows nothing of requests."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from schemas.errors import EngineError
+from workers.engine.attention import CURRENT, StepMasks
+from workers.engine.kvcache import CacheShape, SlotCache
 
 log = logging.getLogger(__name__)
 
@@ -26,113 +26,186 @@ def pick_device(device: str = "auto", dtype: str = "auto") -> tuple[torch.device
         raise EngineError(f"unknown dtype {dtype!r}") from None
 
 
-@dataclass(slots=True)
-class _Batch:
-    ids: list[str]
-    cache: Any
-    mask: torch.Tensor  # [B, T] 1 for real tokens; rows are left-padded
-    lengths: torch.Tensor  # [B] real tokens per row (= next position id)
+class _Probe:
+    """A cache that only records the key/value shapes each layer hands it (to size the real cache)."""
+
+    def __init__(self) -> None:
+        self.seen: dict[int, tuple[torch.Size, torch.Size, torch.dtype]] = {}
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, cache_kwargs: object = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self.seen[layer_idx] = (key_states.shape, value_states.shape, key_states.dtype)
+        return key_states, value_states
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0
+
+
+@torch.inference_mode()
+def probe_cache_shape(model: Any, device: torch.device) -> CacheShape:
+    """Run one token through the model and read each layer's key/value shape off the cache calls."""
+    probe = _Probe()
+    token = torch.zeros((1, 1), dtype=torch.long, device=device)
+    token_masks = StepMasks(torch.zeros((1, 1), dtype=torch.long, device=device), 1)
+    reset = CURRENT.set(token_masks)
+    try:
+        model(input_ids=token, position_ids=token, past_key_values=probe, use_cache=True, logits_to_keep=1)
+    finally:
+        CURRENT.reset(reset)
+    layers = getattr(model.config, "num_hidden_layers", None) or len(probe.seen)
+    if not probe.seen or sorted(probe.seen) != list(range(layers)):
+        raise EngineError(
+            f"{type(model).__name__} does not keep one key/value cache per layer through the cache interface "
+            f"(layers seen: {sorted(probe.seen)} of {layers}); this architecture is not supported"
+        )
+    shapes = {(k[1], k[3], v[3], dt) for k, v, dt in probe.seen.values()}
+    if len(shapes) != 1:
+        raise EngineError(f"{type(model).__name__} has layers with different key/value shapes; not supported")
+    kv_heads, key_dim, value_dim, dtype = shapes.pop()
+    return CacheShape(layers, kv_heads, key_dim, value_dim, dtype)
 
 
 class ModelRunner:
-    """Runs prefill for newly admitted rows and one decode step for all rows; knows nothing of requests."""
+    """Rows live in cache slots 0..n-1 (a leaving row's slot is filled by the last one); each row's tokens sit at
+    columns 0..length-1, so a row's position is its column and nothing is ever left-padded or concatenated."""
 
-    def __init__(self, model: Any, device: torch.device):
+    def __init__(self, model: Any, device: torch.device, budget_tokens: int, max_rows: int):
         self.model = model
         self.device = device
-        self._batch: _Batch | None = None
+        self.budget_tokens = budget_tokens
+        self.max_rows = max_rows
+        self.cache = SlotCache(probe_cache_shape(model, device), device)
+        self.slots: list[str] = []
+        self.lengths: list[int] = []
+        self._slot_of: dict[str, int] = {}
+
+    @property
+    def bytes_per_token(self) -> int:
+        return self.cache.shape.bytes_per_token
 
     @property
     def row_ids(self) -> list[str]:
-        return list(self._batch.ids) if self._batch else []
+        return list(self.slots)
+
+    def add(self, row_id: str, width: int) -> None:
+        """Give ``row_id`` a slot; ``width`` is the most tokens any row in the batch may reach (sizes the cache)."""
+        self._slot_of[row_id] = len(self.slots)
+        self.slots.append(row_id)
+        self.lengths.append(0)
+        self._ensure(len(self.slots), width + 1)  # one spare column takes padding's writes
+
+    def remove(self, row_id: str) -> None:
+        slot = self._slot_of.pop(row_id, None)
+        if slot is None:
+            return
+        last = len(self.slots) - 1
+        if slot != last:
+            moved = self.slots[last]
+            self.cache.move_row(last, slot, self.lengths[last])
+            self.slots[slot], self.lengths[slot] = moved, self.lengths[last]
+            self._slot_of[moved] = slot
+        self.slots.pop()
+        self.lengths.pop()
+
+    def length(self, row_id: str) -> int:
+        return self.lengths[self._slot_of[row_id]]
+
+    def _ensure(self, rows: int, width: int) -> None:
+        cache = self.cache
+        if rows <= cache.rows and width <= cache.width:
+            return
+        # Grow rows in steps to reallocate rarely, but never past the budget: then allocate exactly what is asked.
+        new_rows = max(rows, min(self.max_rows, max(cache.rows * 2, 4)))
+        new_width = max(width, cache.width)
+        if new_rows * (new_width - 1) > self.budget_tokens:
+            new_rows, new_width = rows, width
+        used_width = max(self.lengths, default=0)
+        cache.resize(new_rows, new_width, len(self.slots), used_width)
+        log.info("kv cache %d rows x %d tokens (%.1f MiB)", new_rows, new_width, cache.nbytes / 2**20)
 
     @torch.inference_mode()
-    def prefill(self, ids: Sequence[str], prompts: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Run the prompts of new rows, add them to the batch; logits of their last position [N, V]."""
-        from transformers import DynamicCache
-
-        width = max(len(p) for p in prompts)
-        input_ids = torch.zeros((len(prompts), width), dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, prompt in enumerate(prompts):
-            input_ids[row, width - len(prompt) :] = torch.tensor(list(prompt), dtype=torch.long)
-            mask[row, width - len(prompt) :] = 1
-        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self.model.config)
-        out = self.model(
-            input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+    def decode(self, row_ids: Sequence[str], tokens: Sequence[int]) -> torch.Tensor:
+        """Feed one token to each of ``row_ids``; logits of their next position [len(row_ids), V]."""
+        slots = [self._slot_of[r] for r in row_ids]
+        count = max(slots) + 1
+        scratch = self.cache.width - 1
+        # Rows in the range that are not decoding (mid-prefill) ride along writing to the spare column.
+        ids = [0] * count
+        cols = [scratch] * count
+        for slot, token in zip(slots, tokens, strict=True):
+            ids[slot] = token
+            cols[slot] = self.lengths[slot]
+        # Positions must stay inside the model's range (learned position tables), so riders keep their own.
+        positions = torch.tensor(self.lengths[:count], dtype=torch.long, device=self.device).unsqueeze(-1)
+        kv_len = max(self.lengths[s] for s in slots) + 1
+        logits = self._forward(
+            list(range(count)),
+            torch.tensor(ids, device=self.device).unsqueeze(-1),
+            positions,
+            torch.tensor(cols, dtype=torch.long, device=self.device).unsqueeze(-1),
+            kv_len,
+            1,
         )
-        lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=self.device)
-        self._merge(_Batch(list(ids), out.past_key_values, mask, lengths))
-        return out.logits[:, -1, :]
+        for slot in slots:
+            self.lengths[slot] += 1
+        index = torch.tensor(slots, device=self.device)
+        return logits[:, -1, :].index_select(0, index)
 
     @torch.inference_mode()
-    def decode(self, tokens: Sequence[int]) -> torch.Tensor:
-        """Feed one token per row (in ``row_ids`` order); logits of the next position [B, V]."""
-        batch = self._require()
-        input_ids = torch.tensor(list(tokens), dtype=torch.long, device=self.device).unsqueeze(-1)
-        ones = torch.ones((len(batch.ids), 1), dtype=batch.mask.dtype, device=self.device)
-        batch.mask = torch.cat([batch.mask, ones], dim=-1)
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=batch.mask,
-            position_ids=batch.lengths.unsqueeze(-1),
-            past_key_values=batch.cache,
-            use_cache=True,
+    def prefill(self, row_ids: Sequence[str], chunks: Sequence[Sequence[int]], want: Sequence[bool]) -> torch.Tensor:
+        """Feed each row its next chunk of prompt; logits after the last token of each row with ``want`` [k, V]."""
+        slots = [self._slot_of[r] for r in row_ids]
+        width = max(len(c) for c in chunks)
+        scratch = self.cache.width - 1
+        ids = torch.zeros((len(chunks), width), dtype=torch.long)
+        positions = torch.zeros((len(chunks), width), dtype=torch.long)
+        cols = torch.full((len(chunks), width), scratch, dtype=torch.long)
+        for row, (slot, chunk) in enumerate(zip(slots, chunks, strict=True)):
+            start, n = self.lengths[slot], len(chunk)
+            ids[row, :n] = torch.tensor(list(chunk), dtype=torch.long)
+            positions[row, :n] = torch.arange(start, start + n)
+            positions[row, n:] = start + n - 1  # padding: any position in the model's range
+            cols[row, :n] = positions[row, :n]
+        kv_len = max(self.lengths[s] + len(c) for s, c in zip(slots, chunks, strict=True))
+        last = [len(c) - 1 for c, w in zip(chunks, want, strict=True) if w]
+        keep = sorted(set(last))
+        logits = self._forward(
+            slots,
+            ids.to(self.device),
+            positions.to(self.device),
+            cols.to(self.device),
+            kv_len,
+            torch.tensor(keep, device=self.device) if keep else 1,
         )
-        batch.cache = out.past_key_values
-        batch.lengths = batch.lengths + 1
-        return out.logits[:, -1, :]
+        for slot, chunk in zip(slots, chunks, strict=True):
+            self.lengths[slot] += len(chunk)
+        if not keep:
+            return logits[:0, -1, :]
+        rows = [i for i, w in enumerate(want) if w]
+        row_index = torch.tensor(rows, device=self.device)
+        col_index = torch.tensor([keep.index(c) for c in last], device=self.device)
+        return logits[row_index, col_index, :]
 
-    def keep(self, ids: Sequence[str]) -> None:
-        """Drop every row not in ``ids``; trims padding no remaining row needs."""
-        batch = self._batch
-        if batch is None:
-            return
-        wanted = set(ids)
-        rows = [i for i, rid in enumerate(batch.ids) if rid in wanted]
-        if len(rows) == len(batch.ids):
-            return
-        if not rows:
-            self._batch = None
-            return
-        index = torch.tensor(rows, dtype=torch.long, device=self.device)
-        mask = batch.mask.index_select(0, index)
-        # Columns that are padding in every remaining row can go.
-        start = int((mask.shape[1] - mask.sum(-1)).min().item())
-        for layer in batch.cache.layers:
-            layer.keys = layer.keys.index_select(0, index)[:, :, start:, :]
-            layer.values = layer.values.index_select(0, index)[:, :, start:, :]
-        self._batch = _Batch(
-            [batch.ids[i] for i in rows], batch.cache, mask[:, start:], batch.lengths.index_select(0, index)
-        )
-
-    def _merge(self, new: _Batch) -> None:
-        old = self._batch
-        if old is None:
-            self._batch = new
-            return
-        width = max(old.mask.shape[1], new.mask.shape[1])
-        for old_layer, new_layer in zip(old.cache.layers, new.cache.layers, strict=True):
-            old_layer.keys = torch.cat([_left_pad(old_layer.keys, width), _left_pad(new_layer.keys, width)], dim=0)
-            old_layer.values = torch.cat(
-                [_left_pad(old_layer.values, width), _left_pad(new_layer.values, width)], dim=0
+    def _forward(
+        self,
+        slots: list[int],
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        cols: torch.Tensor,
+        kv_len: int,
+        keep: int | torch.Tensor,
+    ) -> torch.Tensor:
+        self.cache.bind(slots, cols, kv_len)
+        reset = CURRENT.set(StepMasks(positions, kv_len))
+        try:
+            out = self.model(
+                input_ids=input_ids,
+                position_ids=positions,
+                past_key_values=self.cache,
+                use_cache=True,
+                logits_to_keep=keep,
             )
-        mask = torch.cat([_left_pad_mask(old.mask, width), _left_pad_mask(new.mask, width)], dim=0)
-        self._batch = _Batch([*old.ids, *new.ids], old.cache, mask, torch.cat([old.lengths, new.lengths]))
-
-    def _require(self) -> _Batch:
-        if self._batch is None:
-            raise EngineError("decode with an empty batch")
-        return self._batch
-
-
-def _left_pad(kv: torch.Tensor, width: int) -> torch.Tensor:
-    missing = width - kv.shape[-2]
-    return F.pad(kv, (0, 0, missing, 0)) if missing else kv
-
-
-def _left_pad_mask(mask: torch.Tensor, width: int) -> torch.Tensor:
-    missing = width - mask.shape[1]
-    return F.pad(mask, (missing, 0)) if missing else mask
+        finally:
+            CURRENT.reset(reset)
+        return out.logits

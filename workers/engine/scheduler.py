@@ -1,4 +1,11 @@
-"""Iteration-level scheduler: which requests join, run and leave the batch at each decode step (no torch)."""
+"""Iteration-level scheduler: which requests decode, which prefill how much of their prompt, who waits (no torch).
+
+Each step decodes one token for every request whose prompt is in the cache, and spends at most ``prefill_tokens``
+(counting padding: rows x longest chunk) on prompts, in arrival order; a long prompt is cut into chunks over several
+steps, so it never stalls the running batch for more than one chunk. A request is admitted only while the KV cache
+the batch may grow to fits the budget: rows x the longest reservation (prompt + max_tokens) -- the cache is one
+rectangle -- otherwise it waits at the head of the queue.
+"""
 
 from __future__ import annotations
 
@@ -7,36 +14,57 @@ from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
 
-class HasId(Protocol):
+class Schedulable(Protocol):
     @property
     def request_id(self) -> str: ...
+    @property
+    def prompt_len(self) -> int: ...
+    @property
+    def reserve(self) -> int: ...
 
 
-S = TypeVar("S", bound=HasId)
+S = TypeVar("S", bound=Schedulable)
+
+
+@dataclass(slots=True)
+class Chunk(Generic[S]):
+    """Prompt tokens ``start``..``start + length`` of ``seq``; ``last`` when this finishes its prompt."""
+
+    seq: S
+    start: int
+    length: int
+
+    @property
+    def last(self) -> bool:
+        return self.start + self.length >= self.seq.prompt_len
 
 
 @dataclass(slots=True)
 class Schedule(Generic[S]):
-    """One step: ``running`` decode one token together; ``admitted`` are prefilled and join the batch."""
+    """One step: ``decode`` rows advance one token; ``prefill`` chunks run; ``admitted`` got a cache row this step."""
 
-    running: list[S] = field(default_factory=list)
+    decode: list[S] = field(default_factory=list)
+    prefill: list[Chunk[S]] = field(default_factory=list)
     admitted: list[S] = field(default_factory=list)
     aborted: list[S] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
-        return not (self.running or self.admitted or self.aborted)
+        return not (self.decode or self.prefill or self.aborted)
 
 
 class Scheduler(Generic[S]):
-    """First come, first served; at most ``max_running`` requests in the batch at a time."""
+    """First come, first served under three limits: rows, prefill tokens per step, KV-cache tokens."""
 
-    def __init__(self, max_running: int):
-        if max_running < 1:
-            raise ValueError("max_running must be at least 1")
+    def __init__(self, max_running: int, prefill_tokens: int = 512, kv_tokens: int = 1 << 62):
+        if max_running < 1 or prefill_tokens < 1 or kv_tokens < 1:
+            raise ValueError("max_running, prefill_tokens and kv_tokens must be at least 1")
         self.max_running = max_running
+        self.prefill_tokens = prefill_tokens
+        self.kv_tokens = kv_tokens
         self.waiting: deque[S] = deque()
         self.running: list[S] = []
+        self.computed: dict[str, int] = {}
         self._aborts: set[str] = set()
 
     def add(self, seq: S) -> None:
@@ -51,22 +79,53 @@ class Scheduler(Generic[S]):
             self._aborts.add(request_id)
         return known
 
+    def fits(self, seq: S, rows: list[S]) -> bool:
+        """Whether ``seq`` joining ``rows`` keeps the cache rectangle within the KV budget."""
+        if not rows:
+            return True  # alone it always runs: the engine sizes the budget to hold one full context
+        widest = max(max(r.reserve for r in rows), seq.reserve)
+        return (len(rows) + 1) * widest <= self.kv_tokens
+
     def schedule(self) -> Schedule[S]:
         out: Schedule[S] = Schedule()
         if self._aborts:
             out.aborted = [s for s in [*self.running, *self.waiting] if s.request_id in self._aborts]
             self.running = [s for s in self.running if s.request_id not in self._aborts]
             self.waiting = deque(s for s in self.waiting if s.request_id not in self._aborts)
+            for s in out.aborted:
+                self.computed.pop(s.request_id, None)
             self._aborts.clear()
-        out.running = list(self.running)
-        while self.waiting and len(self.running) < self.max_running:
-            seq = self.waiting.popleft()
+        out.decode = [s for s in self.running if self.computed[s.request_id] >= s.prompt_len]
+        for seq in self.running:
+            done = self.computed[seq.request_id]
+            if done < seq.prompt_len and not self._take(out, seq, done):
+                return out
+        while self.waiting and len(self.running) < self.max_running and self.fits(self.waiting[0], self.running):
+            seq = self.waiting[0]
+            if not self._take(out, seq, 0):
+                break
+            self.waiting.popleft()
             self.running.append(seq)
             out.admitted.append(seq)
         return out
 
+    def _take(self, out: Schedule[S], seq: S, done: int) -> bool:
+        """Add the next chunk of ``seq``'s prompt if the step's prefill budget has room; False when full."""
+        chunks = out.prefill
+        widest = max((c.length for c in chunks), default=0)
+        length = min(seq.prompt_len - done, self.prefill_tokens)
+        if chunks and (len(chunks) + 1) * max(widest, length) > self.prefill_tokens:
+            # Padding would overrun the budget: a shorter chunk may still fit beside the others.
+            length = min(length, self.prefill_tokens // (len(chunks) + 1))
+            if length < 1 or (len(chunks) + 1) * max(widest, length) > self.prefill_tokens:
+                return False
+        chunks.append(Chunk(seq, done, length))
+        self.computed[seq.request_id] = done + length
+        return True
+
     def finish(self, seq: S) -> None:
         self.running = [s for s in self.running if s is not seq]
+        self.computed.pop(seq.request_id, None)
 
     @property
     def num_running(self) -> int:
