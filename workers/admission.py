@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from schemas.errors import FieldError
@@ -41,14 +42,8 @@ class Admission:
 
 
 def sampling_of(request: InferenceRequest) -> SamplingParams:
-    return SamplingParams(
-        max_tokens=request.max_tokens,
-        temperature=request.temperature,
-        top_p=request.top_p,
-        top_k=request.top_k,
-        seed=request.seed,
-        stop=request.stop,
-    )
+    """The request's sampling parameters (the record has a field of the same name for each)."""
+    return SamplingParams(**{f.name: getattr(request, f.name) for f in dataclasses.fields(SamplingParams)})
 
 
 def precheck(request: InferenceRequest, prior: Prior, limits: Limits, now_ms: int) -> Refusal | None:
