@@ -138,29 +138,53 @@ def _read_classpath(target: Path, stamp: Path, digest: str) -> str | None:
     return classpath
 
 
+def maven_argv(mvn: str, pom: Path, output: Path) -> list[str]:
+    """``mvn dependency:build-classpath`` without progress, colours or INFO lines: it prints only errors."""
+    return [
+        mvn,
+        "--batch-mode",
+        "--quiet",
+        "--no-transfer-progress",
+        "-Dstyle.color=never",
+        "-f",
+        str(pom),
+        "dependency:build-classpath",
+        f"-Dmdep.outputFile={output}",
+    ]
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+
+
+def strip_ansi(text: str) -> str:
+    """``text`` without terminal escape sequences (Maven 3.8 writes some even in batch mode)."""
+    return _ANSI.sub("", text)
+
+
 def _resolve(pom: Path, target: Path, *, quiet: bool) -> None:
     mvn = mvn_binary()
     java_binary()
     fd, tmp_name = tempfile.mkstemp(prefix=target.name, dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
-    argv = [mvn, "-B", "-Dstyle.color=never", "-f", str(pom), "dependency:build-classpath", f"-Dmdep.outputFile={tmp}"]
+    argv = maven_argv(mvn, pom, tmp)
     if not quiet:
-        print("resolving Kafka jars from Maven Central (first time only)…", file=sys.stderr, flush=True)
+        print("resolving Kafka jars from Maven Central (first time only)…", end="", file=sys.stderr, flush=True)
     log.info("running %s", " ".join(argv))
+    began = time.monotonic()
     try:
-        # mvn's output goes to stderr so that stdout stays clean for whoever parses ours.
+        # Maven's output is kept and shown only when it fails.
         result = subprocess.run(
-            argv,
-            stdout=subprocess.PIPE if quiet else sys.stderr,
-            stderr=subprocess.STDOUT,
-            text=True,
-            check=False,
+            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, check=False
         )
         if result.returncode != 0:
-            tail = "\n".join((result.stdout or "").splitlines()[-30:])
+            if not quiet:
+                print(" failed", file=sys.stderr, flush=True)
+            tail = "\n".join(strip_ansi(result.stdout or "").splitlines()[-40:])
             raise BrokerError(f"`mvn dependency:build-classpath` failed (exit {result.returncode})\n{tail}".rstrip())
         os.replace(tmp, target)
+        if not quiet:
+            print(f" done in {time.monotonic() - began:.0f}s", file=sys.stderr, flush=True)
     finally:
         tmp.unlink(missing_ok=True)
 
