@@ -37,6 +37,11 @@ def _cmd_broker(args: argparse.Namespace, settings: Settings) -> int:
     from services.localbroker.runner import LocalBroker
 
     port = args.port if args.port is not None else settings.broker_port
+    if args.nodes > 1:
+        from services.localbroker.cluster import LocalCluster
+
+        cluster_dir = Path(args.data_dir) if args.data_dir else None
+        return LocalCluster(settings, args.nodes, port=port, data_dir=cluster_dir).run_foreground()
     data_dir = Path(args.data_dir) if args.data_dir else settings.broker_data_dir
     return LocalBroker(settings, port=port, data_dir=data_dir).run_foreground()
 
@@ -198,9 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--verbose", action="store_true", help="show the components' logs here instead of in files")
 
     broker = add(
-        "broker", _cmd_broker, "Run a local single-node Apache Kafka broker (KRaft) in the foreground.", kafka=False
+        "broker", _cmd_broker, "Run a local Kafka broker (KRaft) or cluster (--nodes 3) in the foreground.", kafka=False
     )
-    broker.add_argument("--port", type=int, help="listener port (default 9092)")
+    broker.add_argument("--nodes", type=int, default=1, help="KRaft nodes: 3 runs a replicated cluster (default 1)")
+    broker.add_argument("--port", type=int, help="listener port; a cluster listens on P..P+N-1 (default 9092)")
     broker.add_argument("--data-dir", help="data directory (default ~/.cache/tokenrelay/broker-data)")
 
     registry = add(

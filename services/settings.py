@@ -46,7 +46,15 @@ class Settings:
         8, "TOKENRELAY_EVENTS_PARTITIONS", "Partitions of the events topic (unit of gateway read parallelism)."
     )
     control_partitions: int = _setting(1, "TOKENRELAY_CONTROL_PARTITIONS", "Partitions of the control topic.")
-    replication_factor: int = _setting(1, "TOKENRELAY_REPLICATION_FACTOR", "Replication factor of created topics.")
+    replication_factor: int = _setting(
+        1, "TOKENRELAY_REPLICATION_FACTOR", "Replication factor of created topics (3 in production)."
+    )
+    min_insync_replicas: int = _setting(
+        1,
+        "TOKENRELAY_MIN_INSYNC_REPLICAS",
+        "min.insync.replicas of created topics: replicas that must have an event before acks=all acknowledges it "
+        "(2 in production, with a replication factor of 3).",
+    )
     events_retention_ms: int = _setting(
         24 * 3600 * 1000,
         "TOKENRELAY_EVENTS_RETENTION_MS",
@@ -219,11 +227,17 @@ class Settings:
         "Kernel send buffer (SO_SNDBUF, bytes) of each SSE connection; 0 keeps the kernel's autotuning (up to a few MB "
         "per connection). Smaller bounds kernel memory per slow client and detects a stalled reader sooner.",
     )
-    broker_port: int = _setting(9092, "TOKENRELAY_BROKER_PORT", "Port of the local broker (`tokenrelay broker`).")
+    broker_port: int = _setting(
+        9092,
+        "TOKENRELAY_BROKER_PORT",
+        "Port of the local broker (`tokenrelay broker`); a local cluster listens on it and the next ports.",
+    )
     broker_data_dir: Path = _setting(
         DEFAULT_CACHE_DIR / "broker-data", "TOKENRELAY_BROKER_DATA_DIR", "Data directory of the local broker."
     )
-    broker_heap_mb: int = _setting(384, "TOKENRELAY_BROKER_HEAP_MB", "Java heap of the local broker in MB.")
+    broker_heap_mb: int = _setting(
+        384, "TOKENRELAY_BROKER_HEAP_MB", "Java heap of the local broker in MB (of each node of a local cluster)."
+    )
     cache_dir: Path = _setting(
         DEFAULT_CACHE_DIR, "TOKENRELAY_CACHE_DIR", "Where broker jars and built models are cached."
     )

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
-from schemas.errors import KafkaUnavailable
+from schemas.errors import ConfigError, KafkaUnavailable
 from services.kafka import admin as admin_client
 from services.settings import Settings
 
@@ -67,6 +67,18 @@ def topic_specs(settings: Settings, models: Sequence[str] | None = None) -> list
     ]
 
 
+def replication_config(settings: Settings) -> dict[str, str]:
+    """Topic configs every created topic gets from settings; ConfigError when acks=all could never succeed."""
+    if settings.replication_factor < 1 or settings.min_insync_replicas < 1:
+        raise ConfigError("TOKENRELAY_REPLICATION_FACTOR and TOKENRELAY_MIN_INSYNC_REPLICAS must be at least 1")
+    if settings.min_insync_replicas > settings.replication_factor:
+        raise ConfigError(
+            f"TOKENRELAY_MIN_INSYNC_REPLICAS={settings.min_insync_replicas} exceeds "
+            f"TOKENRELAY_REPLICATION_FACTOR={settings.replication_factor}: no acks=all write could succeed"
+        )
+    return {"min.insync.replicas": str(settings.min_insync_replicas)}
+
+
 async def ensure_topics(
     settings: Settings,
     *,
@@ -78,6 +90,7 @@ async def ensure_topics(
     existing ones are left as they are. Returns the names created.
     """
     wanted = topic_specs(settings, models) if specs is None else specs
+    replication = replication_config(settings)
     async with admin_client(settings, timeout_s=timeout_s) as admin:
         existing = set(await admin.list_topics())
         missing = [spec for spec in wanted if spec.name not in existing]
@@ -85,7 +98,14 @@ async def ensure_topics(
         for spec in missing:
             try:
                 response = await admin.create_topics(
-                    [NewTopic(spec.name, spec.partitions, settings.replication_factor, topic_configs=spec.config)]
+                    [
+                        NewTopic(
+                            spec.name,
+                            spec.partitions,
+                            settings.replication_factor,
+                            topic_configs={**replication, **spec.config},
+                        )
+                    ]
                 )
             except TopicAlreadyExistsError:
                 continue  # another process created it between list and create
@@ -94,7 +114,13 @@ async def ensure_topics(
                     message = rest[0] if rest else ""
                     raise KafkaUnavailable(f"cannot create topic {spec.name}: error {code} {message}", retriable=False)
             created.append(spec.name)
-            log.info("created topic %s (%d partitions)", spec.name, spec.partitions)
+            log.info(
+                "created topic %s (%d partitions, replication factor %d, min.insync.replicas %s)",
+                spec.name,
+                spec.partitions,
+                settings.replication_factor,
+                replication["min.insync.replicas"],
+            )
         await _wait_visible(admin, [s.name for s in wanted], timeout_s)
         return created
 

@@ -1,4 +1,4 @@
-"""Pure rendering of the local broker's server.properties, log4j2 config and cluster id."""
+"""Pure rendering of the local brokers' server.properties (one node or a cluster), log4j2 config and cluster id."""
 
 from __future__ import annotations
 
@@ -27,6 +27,14 @@ def is_valid_cluster_id(text: str) -> bool:
         return False
 
 
+def cluster_replication(nodes: int) -> tuple[int, int]:
+    """Replication factor and min.insync.replicas of a local cluster's internal topics: 3/2 from three nodes on."""
+    if nodes < 1:
+        raise ValueError(f"a cluster needs at least one node, got {nodes}")
+    replicas = min(nodes, 3)
+    return replicas, max(1, replicas - 1)
+
+
 def server_properties(
     *,
     port: int,
@@ -34,21 +42,34 @@ def server_properties(
     data_dir: Path,
     num_partitions: int = 1,
     extra: Mapping[str, str] | None = None,
+    node_id: int = NODE_ID,
+    voters: Mapping[int, int] | None = None,
 ) -> dict[str, str]:
-    """Every key of a single-node KRaft broker+controller listening on 127.0.0.1."""
-    if port == controller_port:
+    """Every key of a KRaft broker+controller on 127.0.0.1: a single node, or node ``node_id`` of ``voters``.
+
+    ``voters`` maps each node id of the quorum to its controller port (default: this node alone).
+    """
+    quorum = dict(voters) if voters else {node_id: controller_port}
+    if quorum.get(node_id) != controller_port:
+        raise ValueError(f"node {node_id} must be a voter on its controller port {controller_port}")
+    if port in quorum.values():
         raise ValueError("the broker and controller ports must differ")
-    for name, value in (("port", port), ("controller_port", controller_port)):
+    ports = [("port", port)]
+    ports += [("controller_port" if n == node_id else f"controller_port of node {n}", p) for n, p in quorum.items()]
+    for name, value in ports:
         if not 0 < value < 65536:
             raise ValueError(f"{name} must be in 1..65535, got {value}")
+    if len(set(quorum.values())) != len(quorum):
+        raise ValueError(f"controller ports must differ: {quorum}")
     if num_partitions < 1:
         raise ValueError(f"num_partitions must be >= 1, got {num_partitions}")
+    replicas, min_isr = (str(n) for n in cluster_replication(len(quorum)))
     props = {
         "process.roles": "broker,controller",
-        "node.id": str(NODE_ID),
+        "node.id": str(node_id),
         # Static voters (kraft.version 0) keep no endpoints in the metadata log, so the
-        # controller port may change between restarts of one data dir.
-        "controller.quorum.voters": f"{NODE_ID}@{HOST}:{controller_port}",
+        # controller ports may change between restarts of the data dirs (all nodes at once).
+        "controller.quorum.voters": ",".join(f"{n}@{HOST}:{p}" for n, p in sorted(quorum.items())),
         "listeners": f"PLAINTEXT://{HOST}:{port},CONTROLLER://{HOST}:{controller_port}",
         "advertised.listeners": f"PLAINTEXT://{HOST}:{port}",
         "inter.broker.listener.name": "PLAINTEXT",
@@ -56,15 +77,15 @@ def server_properties(
         "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
         "log.dirs": str(data_dir / "logs"),
         "num.partitions": str(num_partitions),
-        "default.replication.factor": "1",
-        "min.insync.replicas": "1",
-        "offsets.topic.replication.factor": "1",
+        "default.replication.factor": replicas,
+        "min.insync.replicas": min_isr,
+        "offsets.topic.replication.factor": replicas,
         "offsets.topic.num.partitions": "1",
-        "transaction.state.log.replication.factor": "1",
-        "transaction.state.log.min.isr": "1",
+        "transaction.state.log.replication.factor": replicas,
+        "transaction.state.log.min.isr": min_isr,
         "transaction.state.log.num.partitions": "1",
-        "share.coordinator.state.topic.replication.factor": "1",
-        "share.coordinator.state.topic.min.isr": "1",
+        "share.coordinator.state.topic.replication.factor": replicas,
+        "share.coordinator.state.topic.min.isr": min_isr,
         "group.initial.rebalance.delay.ms": "0",
         # The default (128 MB) is allocated on the heap at start.
         "log.cleaner.dedupe.buffer.size": str(4 * 1024 * 1024),
@@ -97,11 +118,19 @@ def render_server_properties(
     data_dir: Path,
     num_partitions: int = 1,
     extra: Mapping[str, str] | None = None,
+    node_id: int = NODE_ID,
+    voters: Mapping[int, int] | None = None,
 ) -> str:
-    """server.properties text for a single-node KRaft broker; see ``server_properties``."""
+    """server.properties text for a KRaft broker; see ``server_properties``."""
     return render_properties(
         server_properties(
-            port=port, controller_port=controller_port, data_dir=data_dir, num_partitions=num_partitions, extra=extra
+            port=port,
+            controller_port=controller_port,
+            data_dir=data_dir,
+            num_partitions=num_partitions,
+            extra=extra,
+            node_id=node_id,
+            voters=voters,
         )
     )
 
@@ -146,6 +175,14 @@ def render_log4j2_xml(log_file: Path, *, max_file_mb: int = 20, max_files: int =
       <AppenderRef ref="file"/>
     </Logger>
     <Logger name="org.apache.kafka.clients.NetworkClient" level="WARN" additivity="false">
+      <AppenderRef ref="file"/>
+    </Logger>
+    <!-- A cluster node that restarts or stops with the others: requests that reach a controller between elections,
+         and a Raft client that cannot say goodbye to a quorum already gone. File only. -->
+    <Logger name="kafka.server.ControllerApis" level="INFO" additivity="false">
+      <AppenderRef ref="file"/>
+    </Logger>
+    <Logger name="org.apache.kafka.raft" level="INFO" additivity="false">
       <AppenderRef ref="file"/>
     </Logger>
     <Root level="INFO">

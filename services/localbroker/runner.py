@@ -1,4 +1,4 @@
-"""Resolve the broker's jars with Maven and run a single-node KRaft Kafka broker as a child JVM."""
+"""Resolve the broker's jars with Maven and run a KRaft Kafka broker (one node, or a node of a cluster) in a JVM."""
 
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ import tempfile
 import threading
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -227,8 +228,25 @@ def jvm_options(heap_mb: int) -> list[str]:
     ]
 
 
+@dataclass(frozen=True)
+class ClusterNode:
+    """What makes a LocalBroker one node of a cluster: its id, every voter's controller port, the shared cluster id."""
+
+    node_id: int
+    voters: Mapping[int, int]
+    cluster_id: str
+
+    @property
+    def controller_port(self) -> int:
+        return self.voters[self.node_id]
+
+
 class LocalBroker:
-    """A single-node KRaft Kafka broker (broker+controller) in a child JVM, on 127.0.0.1."""
+    """A KRaft Kafka broker (broker+controller) in a child JVM on 127.0.0.1: a single node, or a node of a cluster.
+
+    A single node runs in a process group of its own; a cluster node stays in ours (so that the whole command can be
+    signalled as one group) with SIGINT ignored, so that a terminal's Ctrl-C reaches only us and we stop it in order.
+    """
 
     def __init__(
         self,
@@ -239,8 +257,10 @@ class LocalBroker:
         heap_mb: int | None = None,
         ready_timeout_s: float = READY_TIMEOUT_S,
         console: bool = True,
+        node: ClusterNode | None = None,
     ) -> None:
         self.settings = settings
+        self.node = node
         self.requested_port = settings.broker_port if port is None else port
         self.data_dir = Path(settings.broker_data_dir if data_dir is None else data_dir).expanduser().resolve()
         self.heap_mb = settings.broker_heap_mb if heap_mb is None else heap_mb
@@ -277,6 +297,17 @@ class LocalBroker:
     def is_running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    @property
+    def exit_code(self) -> int | None:
+        """Exit code of the JVM if it exited on its own (None while it runs or when it was never started)."""
+        proc = self._proc
+        return None if proc is None else proc.poll()
+
+    @property
+    def bootstrap_address(self) -> str:
+        """``127.0.0.1:<port>`` this broker listens on (or will, when its port was given), running or not."""
+        return f"{config.HOST}:{self.port or self.requested_port}"
+
     def start(self) -> str:
         """Start the broker and wait until it answers metadata; returns the bootstrap address."""
         with self._lock:
@@ -292,13 +323,24 @@ class LocalBroker:
                     f"port {port} on {config.HOST} is already in use: another broker running? "
                     "choose another with --port / TOKENRELAY_BROKER_PORT"
                 )
-            controller_port = free_port()
-            while controller_port == port:
+            if self.node is None:
                 controller_port = free_port()
+                while controller_port == port:
+                    controller_port = free_port()
+            else:
+                controller_port = self.node.controller_port
+                if not _port_is_free(controller_port):
+                    raise BrokerError(f"controller port {controller_port} on {config.HOST} is already in use")
             self.data_dir.mkdir(parents=True, exist_ok=True)
             properties = self.data_dir / "server.properties"
             properties.write_text(
-                config.render_server_properties(port=port, controller_port=controller_port, data_dir=self.data_dir)
+                config.render_server_properties(
+                    port=port,
+                    controller_port=controller_port,
+                    data_dir=self.data_dir,
+                    node_id=self.node.node_id if self.node else config.NODE_ID,
+                    voters=self.node.voters if self.node else None,
+                )
             )
             log4j = self.data_dir / "log4j2.xml"
             log4j.write_text(config.render_log4j2_xml(self.log_file))
@@ -384,11 +426,14 @@ class LocalBroker:
     def _format_storage(self, base: Sequence[str], properties: Path) -> None:
         if (self.data_dir / "logs" / "meta.properties").exists():
             return
-        id_file = self.data_dir / "cluster.id"
-        cluster_id = id_file.read_text().strip() if id_file.exists() else ""
-        if not config.is_valid_cluster_id(cluster_id):
-            cluster_id = config.new_cluster_id()
-            id_file.write_text(cluster_id + "\n")
+        if self.node is not None:
+            cluster_id = self.node.cluster_id
+        else:
+            id_file = self.data_dir / "cluster.id"
+            cluster_id = id_file.read_text().strip() if id_file.exists() else ""
+            if not config.is_valid_cluster_id(cluster_id):
+                cluster_id = config.new_cluster_id()
+                id_file.write_text(cluster_id + "\n")
         argv = [
             *base,
             "kafka.tools.StorageTool",
@@ -416,6 +461,15 @@ class LocalBroker:
         box: list[subprocess.Popen[str] | BaseException] = []
         spawned = threading.Event()
 
+        dies_with_us = die_with_parent()
+        in_our_group = self.node is not None
+
+        def preexec() -> None:
+            dies_with_us()
+            if in_our_group:
+                # An ignored SIGINT stays ignored across exec, and the JVM then installs no handler for it.
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+
         # PDEATHSIG fires when the *thread* that forked the child exits, so fork from a thread that lives exactly
         # as long as the JVM: a start() from a short-lived thread must not take the broker down with it.
         def run() -> None:
@@ -429,9 +483,10 @@ class LocalBroker:
                     text=True,
                     errors="replace",
                     bufsize=1,
-                    preexec_fn=die_with_parent(),
-                    # Own process group: a terminal's Ctrl-C reaches only us, and we stop the broker last.
-                    process_group=0,
+                    preexec_fn=preexec,
+                    # A single node gets its own process group: a terminal's Ctrl-C reaches only us, and we stop
+                    # the broker last.
+                    process_group=None if in_our_group else 0,
                 )
             except BaseException as exc:
                 box.append(exc)
@@ -516,15 +571,20 @@ def _stop_all() -> None:
 
 def metadata_ready(host: str, port: int, timeout_s: float = 2.0) -> bool:
     """Whether a Kafka broker at host:port answers a Metadata request listing at least one broker."""
+    return metadata_broker_count(host, port, timeout_s) > 0
+
+
+def metadata_broker_count(host: str, port: int, timeout_s: float = 2.0) -> int:
+    """How many live brokers the broker at host:port lists in a Metadata answer (0 when it does not answer)."""
     try:
         with socket.create_connection((host, port), timeout=timeout_s) as sock:
             sock.settimeout(timeout_s)
             sock.sendall(_metadata_request(correlation_id=1))
-            (size,) = struct.unpack(">i", _recv_exact(sock, 4))
-            body = _recv_exact(sock, size)
+            (size,) = struct.unpack(">i", recv_exact(sock, 4))
+            body = recv_exact(sock, size)
     except (OSError, ConnectionError, struct.error):
-        return False
-    return _metadata_broker_count(body, correlation_id=1) > 0
+        return 0
+    return _metadata_broker_count(body, correlation_id=1)
 
 
 def _metadata_request(correlation_id: int) -> bytes:
@@ -544,7 +604,7 @@ def _metadata_broker_count(body: bytes, correlation_id: int) -> int:
     return count if got == correlation_id else 0
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
+def recv_exact(sock: socket.socket, n: int) -> bytes:
     chunks = bytearray()
     while len(chunks) < n:
         chunk = sock.recv(n - len(chunks))
