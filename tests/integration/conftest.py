@@ -17,6 +17,7 @@ import pytest
 from schemas.errors import BrokerError
 from services.localbroker.runner import LocalBroker, free_port, metadata_ready
 from services.settings import Settings
+from tests.integration.cluster_support import ClusterProcess
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,20 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield broker.start()
     finally:
         broker.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterProcess]:
+    """`tokenrelay broker --nodes 3` for the whole session: three KRaft nodes that restart when killed.
+
+    Only the cluster tests (marked slow) ask for it; three JVMs are heavy on a small machine.
+    """
+    cluster = ClusterProcess(tmp_path_factory.mktemp("cluster"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 @pytest.fixture

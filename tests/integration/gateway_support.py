@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Coroutine, Iterable, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -268,12 +268,14 @@ async def follow_sse(
     retry_s: float = 0.1,
     deadline_s: float = 120.0,
     headers: dict[str, str] | None = None,
+    on_event: Callable[[dict[str, str]], None] | None = None,
 ) -> Followed:
     """Read a stream to its terminal event as a browser's EventSource would, reconnecting with Last-Event-ID.
 
     ``cut_bytes[i]`` cuts connection i after exactly that many body bytes (possibly mid-event: a partial event
     is dropped, as EventSource drops it). Connection errors, bodies that end early and non-200 answers are
     retried with the last id until ``deadline_s``; a 204 ends the stream (the cursor was at its terminal event).
+    ``on_event`` sees every event as it arrives.
     """
     out = Followed()
     last_id = cursor
@@ -309,6 +311,8 @@ async def follow_sse(
                                 last_id = ev["id"]
                             if "event" in ev:
                                 out.events.append(ev)
+                                if on_event is not None:
+                                    on_event(ev)
                                 if ev["event"] in TERMINAL_EVENTS:
                                     return out
                     if budget is not None and received >= budget:
