@@ -257,6 +257,26 @@ def merge_states(states: Iterable[Mapping[str, Any]]) -> JSON:
     return {"by_model": by_model, "by_tenant": by_tenant, "windows": windows}
 
 
+def combine_reports(reports: Iterable[Mapping[str, Any]], partitions: int) -> dict[str, JSON] | None:
+    """The partition states of a whole analytics cluster from each instance's report, or None while a partition is
+    owned by no instance (a rebalance under way).
+
+    A report is ``{"owned": [partition, ...], "partitions": {"<partition>": state}}``, states of owned partitions
+    only. A partition two instances both report (one has not yet seen the rebalance) takes the state that has
+    processed further.
+    """
+    owned: set[int] = set()
+    states: dict[str, JSON] = {}
+    for report in reports:
+        owned.update(int(p) for p in report.get("owned", ()))
+        for key, state in report.get("partitions", {}).items():
+            if key not in states or int(state.get("offset", -1)) > int(states[key].get("offset", -1)):
+                states[key] = state
+    if not owned >= set(range(partitions)):
+        return None
+    return states
+
+
 def _totals(rows: Mapping[str, JSON]) -> JSON:
     total = _new_usage()
     for row in rows.values():

@@ -1,4 +1,4 @@
-"""The faust-streaming app: one agent over the events topic, two changelog-backed tables, three web pages."""
+"""The faust-streaming app: an agent over the events topic, changelog-backed tables, views for all instances."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import heapq
 import logging
 from typing import Any
 
+import aiohttp
 import faust
 from faust.web import Request, Response, View
 from faust.web.drivers.aiohttp import Web as AiohttpWeb
@@ -31,6 +32,9 @@ def app_id(settings: Settings) -> str:
 
 
 TABLES = ("requests", "partitions")
+# Where an instance answers with the states of the partitions it processes, for the other instances' views.
+LOCAL_REPORT_PATH = "/local/partitions"
+PEER_TIMEOUT = aiohttp.ClientTimeout(total=5)
 
 
 def changelog_specs(settings: Settings) -> list[TopicSpec]:
@@ -153,23 +157,64 @@ def create_app(settings: Settings) -> faust.App:
             if entry is not None and deadline(entry) == due:
                 del requests[request_id]
 
-    def merged() -> dict[str, Any]:
-        return aggregate.merge_states(v for _, v in partitions.items())
+    def local_report() -> dict[str, Any]:
+        """The partitions this instance processes now and their states (the table may also hold standby copies)."""
+        owned = sorted(tp.partition for tp in app.assignor.assigned_actives() if tp.topic == settings.events_topic)
+        mine = {str(p) for p in owned}
+        return {"owned": owned, "partitions": {k: v for k, v in partitions.items() if k in mine}}
+
+    async def merged() -> dict[str, Any] | None:
+        """The whole cluster's merged state: our partitions plus every other instance's, or None mid-rebalance."""
+        reports = [local_report()]
+        me = str(app.conf.canonical_url).rstrip("/")
+        try:
+            hosts = [h.rstrip("/") for h in app.router.table_metadata(TABLES[1])]
+        except KeyError:
+            hosts = []
+        for host in hosts:
+            if host == me:
+                continue
+            try:
+                async with app.http_client.get(f"{host}{LOCAL_REPORT_PATH}", timeout=PEER_TIMEOUT) as response:
+                    if response.status != 200:
+                        return None
+                    reports.append(await response.json())
+            except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                log.info("analytics peer %s did not answer: %s", host, exc)
+                return None
+        states = aggregate.combine_reports(reports, settings.events_partitions)
+        return None if states is None else aggregate.merge_states(states.values())
+
+    def rebalancing(view: View) -> Response:
+        return view.json(
+            {"error": {"code": "rebalancing", "message": "some events partitions have no analytics instance yet"}},
+            status=503,
+            headers={"Retry-After": "1"},
+        )
+
+    @app.page(LOCAL_REPORT_PATH)
+    class LocalReportView(View):
+        async def get(self, request: Request) -> Response:
+            return self.json(local_report())
 
     @app.page("/usage")
     class UsageView(View):
         async def get(self, request: Request) -> Response:
-            return self.json(aggregate.usage_view(merged(), window_s))
+            m = await merged()
+            return rebalancing(self) if m is None else self.json(aggregate.usage_view(m, window_s))
 
     @app.page("/latency")
     class LatencyView(View):
         async def get(self, request: Request) -> Response:
-            return self.json(aggregate.latency_view(merged(), window_s))
+            m = await merged()
+            return rebalancing(self) if m is None else self.json(aggregate.latency_view(m, window_s))
 
     @app.page("/")
     class IndexView(View):
         async def get(self, request: Request) -> Response:
-            m = merged()
+            m = await merged()
+            if m is None:
+                return rebalancing(self)
             html = page.render(aggregate.usage_view(m, window_s), aggregate.latency_view(m, window_s))
             return self.html(html)
 

@@ -134,6 +134,14 @@ class ClusterProcess:
                 return leader
         raise BrokerError("no node names an active controller")
 
+    async def group_coordinator(self, group: str) -> int:
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
+        await admin.start()
+        try:
+            return await admin.find_coordinator(group)
+        finally:
+            await admin.close()
+
     async def leaders(self, topic: str) -> dict[int, int]:
         """Leader node of every partition of ``topic``."""
         return {p["partition"]: p["leader"] for p in await self._partitions(topic)}

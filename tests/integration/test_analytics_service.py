@@ -132,3 +132,68 @@ def test_usage_counts_exactly_and_survives_restarts(analytics: tuple[Settings, A
     assert final["prompt_tokens"] == again["prompt_tokens"] + fenced_c.prompt_tokens
     assert final["requests"] == again["requests"] + fenced_c.finished
     assert final["failed"] == again["failed"] == 2
+
+
+def _wait_equal(service: Analytics, path: str, expected: dict[str, Any], timeout_s: float = 120.0) -> None:
+    """Until ``service`` answers ``path`` with exactly ``expected`` (503 while the instances rebalance)."""
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        assert service.proc is not None and service.proc.poll() is None, service.log.read_text()[-3000:]
+        last = _get(f"http://127.0.0.1:{service.port}{path}")
+        if last == expected:
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"{path} on :{service.port} never equalled the single instance's answer: {last}")
+
+
+@pytest.mark.slow
+def test_two_instances_split_the_partitions_and_each_answers_for_all(
+    analytics: tuple[Settings, Analytics], tmp_path: Path
+) -> None:
+    settings, first = analytics
+    asyncio.run(ensure_topics(settings))
+    partitions = settings.events_partitions
+    events, expected = script(40, duplicate_finished=2, failed=1)
+    fence, fenced, tenants = barrier(partitions, "a")
+    asyncio.run(produce(settings, events + fence))
+    first.start()
+    usage = first.wait_tenants(tenants)
+    assert usage["totals"]["completion_tokens"] == expected.completion_tokens + fenced.completion_tokens
+    single = {"/usage": usage, "/latency": _get(f"http://127.0.0.1:{first.port}/latency")}
+
+    port = free_port()
+    env = {**first.env, "TOKENRELAY_ANALYTICS_PORT": str(port), "TOKENRELAY_CACHE_DIR": str(tmp_path / "cache2")}
+    second = Analytics(env, port, tmp_path / "analytics2.log")
+    second.start()
+    try:
+        # Both own some partitions, none twice, all of them together.
+        deadline = time.monotonic() + 120
+        while True:
+            reports = [_get(f"http://127.0.0.1:{s.port}/local/partitions") for s in (first, second)]
+            owned = [set(r["owned"]) if r else set() for r in reports]
+            if all(owned) and not owned[0] & owned[1] and owned[0] | owned[1] == set(range(partitions)):
+                break
+            assert time.monotonic() < deadline, f"partitions never split: {reports}"
+            time.sleep(0.3)
+        for service in (first, second):
+            for path, answer in single.items():
+                assert answer is not None
+                _wait_equal(service, path, answer)
+
+        # New events land on both instances' partitions; either answers the new whole.
+        more, more_expected = script(8)
+        fence, fenced_b, tenants = barrier(partitions, "b")
+        asyncio.run(produce(settings, more + fence))
+        usage_after = [s.wait_tenants(tenants) for s in (first, second)]
+        for service in (first, second):
+            _wait_equal(service, "/usage", usage_after[0])
+        totals = usage_after[0]["totals"]
+        added = more_expected.completion_tokens + fenced_b.completion_tokens
+        assert totals["completion_tokens"] == usage["totals"]["completion_tokens"] + added
+        assert totals["requests"] == usage["totals"]["requests"] + more_expected.finished + fenced_b.finished
+        split = f"{sorted(owned[0])} / {sorted(owned[1])}"
+        print(f"\nanalytics: partitions split {split}; both answer {totals}")
+    finally:
+        if second.proc is not None:
+            second.stop()

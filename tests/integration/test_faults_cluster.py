@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 
 import aiohttp
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from schemas.sampling import SamplingParams
 from services.settings import Settings
-from services.topics import ensure_topics
+from services.topics import ensure_topics, replication_config, topic_specs
 from tests.integration.cluster_support import ClusterProcess
 from tests.integration.gateway_support import (
     Followed,
@@ -115,6 +116,29 @@ def cluster_settings(cluster: ClusterProcess, prefix: str) -> Settings:
     )
 
 
+async def create_events_topic(settings: Settings, leader: int) -> None:
+    """The events topic as ensure_topics makes it (partitions, replication and configs from settings), but with
+    its preferred leader chosen."""
+    spec = next(s for s in topic_specs(settings) if s.name == settings.events_topic)
+    replicas = [leader, *sorted({1, 2, 3} - {leader})][: settings.replication_factor]
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics(
+            [
+                NewTopic(
+                    spec.name,
+                    -1,
+                    -1,
+                    replica_assignments={p: replicas for p in range(spec.partitions)},
+                    topic_configs={**replication_config(settings), **spec.config},
+                )
+            ]
+        )
+    finally:
+        await admin.close()
+
+
 def worker_env(name: str) -> dict[str, str]:
     return {
         "TOKENRELAY_MODEL": "default",
@@ -134,6 +158,9 @@ async def test_sigkill_a_broker_under_live_streams(
     cluster = kafka_cluster
     settings = cluster_settings(cluster, topic_prefix)
     topics = [settings.events_topic, settings.requests_topic]
+    # The two faults apart: the events partition is led by a node that is not the active controller.
+    controller = cluster.active_controller()
+    await create_events_topic(settings, leader=min({1, 2, 3} - {controller}))
     await ensure_topics(settings)
     for topic in topics:
         assert await cluster.replication(topic) == (3, "2"), topic
@@ -188,9 +215,10 @@ async def test_sigkill_a_broker_under_live_streams(
 
             leaders = await cluster.leaders(settings.events_topic)
             node = leaders[0] if victim == "events-leader" else cluster.active_controller()
-            roles = [f"leader of {t}" for t in ("events",) if leaders[0] == node]
-            if cluster.active_controller() == node:
-                roles.append("active controller")
+            roles = ["leader of events"] if leaders[0] == node else []
+            roles += ["active controller"] if cluster.active_controller() == node else []
+            coordinator = await cluster.group_coordinator(settings.worker_group)
+            roles += ["the workers' group coordinator"] if coordinator == node else []
             restarts_before = cluster.count(f"node {node} is back")
             submitting = asyncio.create_task(submitter())
             live_at_kill = sum(w.live for w in watched.values())

@@ -142,3 +142,23 @@ def test_page_renders_charts(empty: bool) -> None:
     assert html.startswith("<!doctype html>")
     assert "<svg" in html and "http" not in html.split("<body>")[1].replace('href="usage"', "")
     assert ("no data yet" in html) == empty
+
+
+def test_combine_reports_of_two_instances_is_the_single_instances_states() -> None:
+    states = {
+        str(p): {**new_partition_state(), "offset": 10 + p, "by_model": {f"m{p}": {"requests": p}}} for p in range(4)
+    }
+    a = {"owned": [0, 2], "partitions": {"0": states["0"], "2": states["2"]}}
+    b = {"owned": [1, 3], "partitions": {"1": states["1"], "3": states["3"]}}
+    assert aggregate.combine_reports([a, b], 4) == states
+    assert aggregate.combine_reports([b, a], 4) == states
+
+
+def test_combine_reports_waits_for_every_partition_and_prefers_the_furthest_state() -> None:
+    older, newer = {**new_partition_state(), "offset": 5}, {**new_partition_state(), "offset": 9}
+    assert aggregate.combine_reports([{"owned": [0], "partitions": {"0": older}}], 2) is None
+    # An owned partition with no events yet has no state; it still counts as covered.
+    assert aggregate.combine_reports([{"owned": [0], "partitions": {}}, {"owned": [1], "partitions": {}}], 2) == {}
+    both = [{"owned": [0, 1], "partitions": {"1": newer}}, {"owned": [1], "partitions": {"1": older}}]
+    assert aggregate.combine_reports(both, 2) == {"1": newer}
+    assert aggregate.combine_reports(list(reversed(both)), 2) == {"1": newer}
