@@ -158,7 +158,12 @@ def create_app(settings: Settings) -> faust.App:
                 del requests[request_id]
 
     def local_report() -> dict[str, Any]:
-        """The partitions this instance processes now and their states (the table may also hold standby copies)."""
+        """The partitions this instance processes now and their states (the table may also hold standby copies).
+
+        Mid-rebalance or while tables recover from their changelogs it claims none: a partial state is not shown.
+        """
+        if app.rebalancing or getattr(app, "in_recovery", False):
+            return {"owned": [], "partitions": {}}
         owned = sorted(tp.partition for tp in app.assignor.assigned_actives() if tp.topic == settings.events_topic)
         mine = {str(p) for p in owned}
         return {"owned": owned, "partitions": {k: v for k, v in partitions.items() if k in mine}}
