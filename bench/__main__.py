@@ -37,6 +37,7 @@ GOALS: dict[str, tuple[str, float]] = {
     "broker_events_per_cpu_s_rf3": ("info", 0.0),
     "broker_events_per_cpu_s_rf1": ("info", 0.0),
     "event_bytes_on_disk": ("info", 0.0),
+    "broker_read_cpu_share_rf3": ("info", 0.0),
 }
 MODULES = [
     "bench.bench_engine",

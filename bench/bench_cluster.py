@@ -52,7 +52,7 @@ async def _create(settings: Settings, topic: str, rf: int) -> None:
         await admin.close()
 
 
-async def _produce_and_read(settings: Settings, topic: str) -> None:
+async def _produce(settings: Settings, topic: str) -> None:
     codec = default_codec()
     ids = [new_request_id() for _ in range(STREAMS)]
     runs = [uuid.uuid4().hex for _ in range(STREAMS)]
@@ -74,6 +74,9 @@ async def _produce_and_read(settings: Settings, topic: str) -> None:
         await asyncio.gather(*pending)
     finally:
         await producer.stop()
+
+
+async def _read(settings: Settings, topic: str) -> None:
     consumer = make_consumer(settings)
     await start_client(consumer)
     try:
@@ -93,6 +96,7 @@ def run() -> dict[str, float]:
     data_dir = Path(tempfile.mkdtemp(prefix="tokenrelay-bench-cluster-"))
     cluster = LocalCluster(Settings.from_env(), 3, port=0, data_dir=data_dir, heap_mb=256, console=False)
     per_cpu: dict[int, list[float]] = {1: [], 3: []}
+    read_share: list[float] = []
     disk: list[float] = []
     with cluster:
         settings = Settings.from_env({}, kafka_bootstrap=cluster.bootstrap)
@@ -101,10 +105,13 @@ def run() -> dict[str, float]:
                 topic = f"bench-cluster.{rnd}.rf{rf}"
                 asyncio.run(_create(settings, topic, rf))
                 before = _broker_cpu_s(cluster)
-                asyncio.run(_produce_and_read(settings, topic))
+                asyncio.run(_produce(settings, topic))
+                produced = _broker_cpu_s(cluster)
+                asyncio.run(_read(settings, topic))
                 cpu = _broker_cpu_s(cluster) - before
                 per_cpu[rf].append(EVENTS / cpu)
                 if rf == 3:
+                    read_share.append((before + cpu - produced) / cpu)
                     disk.append(_log_bytes(data_dir, topic) / 3 / EVENTS)
                 print(f"  round {rnd} RF {rf}: broker CPU {cpu:.2f}s, load {load()}", file=sys.stderr)
     ratio = [a / b for a, b in zip(per_cpu[3], per_cpu[1], strict=True)]
@@ -114,11 +121,13 @@ def run() -> dict[str, float]:
             f"min {min(values):,.0f} median {statistics.median(values):,.0f} max {max(values):,.0f}"
         )
     print(f"RF 3 / RF 1 events per CPU-s: median {statistics.median(ratio):.2f} (min {min(ratio):.2f})")
+    print(f"share of the RF 3 broker CPU spent serving the read: median {statistics.median(read_share):.2f}")
     print(f"bytes per one-token event on disk, per replica: {statistics.median(disk):.0f}")
     return {
         "broker_events_per_cpu_s_rf3": statistics.median(per_cpu[3]),
         "broker_events_per_cpu_s_rf1": statistics.median(per_cpu[1]),
         "event_bytes_on_disk": statistics.median(disk),
+        "broker_read_cpu_share_rf3": statistics.median(read_share),
     }
 
 

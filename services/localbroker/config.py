@@ -13,13 +13,17 @@ HOST = "127.0.0.1"
 
 
 def new_cluster_id() -> str:
-    """A Kafka cluster id: a random UUID as 22 characters of unpadded URL-safe base64."""
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode("ascii").rstrip("=")
+    """A Kafka cluster id: a random UUID as 22 characters of unpadded URL-safe base64, not starting with '-'."""
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode("ascii").rstrip("=")
+        if is_valid_cluster_id(cluster_id):
+            return cluster_id
 
 
 def is_valid_cluster_id(text: str) -> bool:
-    """Whether ``text`` is the kind of id StorageTool accepts (16 bytes, URL-safe base64)."""
-    if len(text) != 22:
+    """Whether ``text`` is the kind of id StorageTool accepts (16 bytes, URL-safe base64) and can pass as an
+    argument (a leading '-' reads as an option to its command line parser)."""
+    if len(text) != 22 or text.startswith("-"):
         return False
     try:
         return len(base64.urlsafe_b64decode(text + "==")) == 16
@@ -99,6 +103,10 @@ def server_properties(
         "num.recovery.threads.per.data.dir": "1",
         "background.threads": "4",
     }
+    if len(quorum) > 1:
+        # The command stops every node at once: a controlled shutdown would wait for a controller quorum that the
+        # other nodes have just taken down with them (30 s, then SIGKILL). A killed node never shuts down anyway.
+        props["controlled.shutdown.enable"] = "false"
     props.update(extra or {})
     return props
 
@@ -183,6 +191,10 @@ def render_log4j2_xml(log_file: Path, *, max_file_mb: int = 20, max_files: int =
       <AppenderRef ref="file"/>
     </Logger>
     <Logger name="org.apache.kafka.raft" level="INFO" additivity="false">
+      <AppenderRef ref="file"/>
+    </Logger>
+    <!-- Followers losing a leader that died or stopped: routine in a cluster, file only. -->
+    <Logger name="kafka.server.ReplicaFetcherThread" level="INFO" additivity="false">
       <AppenderRef ref="file"/>
     </Logger>
     <Root level="INFO">

@@ -118,3 +118,9 @@ def test_leader_from_response() -> None:
     assert leader_from_response(quorum_response(7, 2, partition_error=6), 7) is None
     assert leader_from_response(quorum_response(7, -1), 7) is None
     assert leader_from_response(b"\x00\x00", 7) is None
+
+
+def test_cluster_nodes_skip_controlled_shutdown_and_a_single_node_keeps_it() -> None:
+    assert node_props(1)["controlled.shutdown.enable"] == "false"
+    single = config.server_properties(port=1, controller_port=2, data_dir=Path("/d"))
+    assert "controlled.shutdown.enable" not in single

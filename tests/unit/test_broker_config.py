@@ -98,6 +98,9 @@ def test_cluster_id_format() -> None:
     assert not config.is_valid_cluster_id("")
     assert not config.is_valid_cluster_id("too-short")
     assert not config.is_valid_cluster_id("!" * 22)
+    # StorageTool's parser reads a leading '-' as an option: `format -t -abc…` fails.
+    assert not config.is_valid_cluster_id("-" + "A" * 21)
+    assert not any(config.new_cluster_id().startswith("-") for _ in range(2000))
 
 
 def test_log4j2_xml_logs_warn_to_console_and_info_to_file(tmp_path: Path) -> None:
