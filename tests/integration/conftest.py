@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from schemas.errors import BrokerError
-from services.localbroker.runner import LocalBroker, free_port, metadata_ready
+from schemas.errors import BrokerError, MissingToolError
+from services.localbroker.runner import LocalBroker, ensure_jars, free_port, java_binary, metadata_ready
 from services.settings import Settings
 from tests.integration.cluster_support import ClusterProcess
 
@@ -117,6 +117,11 @@ def kafka_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterP
 
     Only the cluster tests (marked slow) ask for it; three JVMs are heavy on a small machine.
     """
+    try:
+        java_binary()
+        ensure_jars(Settings.from_env(), quiet=True)
+    except MissingToolError as exc:
+        pytest.skip(f"the cluster tests run `tokenrelay broker --nodes 3`, which needs Java and Maven: {exc.message}")
     cluster = ClusterProcess(tmp_path_factory.mktemp("cluster"))
     try:
         cluster.start()
