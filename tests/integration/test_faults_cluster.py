@@ -139,6 +139,19 @@ async def create_events_topic(settings: Settings, leader: int) -> None:
         await admin.close()
 
 
+async def wait_gateway_serves(session: aiohttp.ClientSession, url: str, model: str, timeout_s: float = 120.0) -> None:
+    """Until the gateway lists ``model`` (it has read a worker's announcement) and so accepts requests for it."""
+    deadline = time.monotonic() + timeout_s
+    listed: list[str] = []
+    while time.monotonic() < deadline:
+        async with session.get(f"{url}/v1/models") as response:
+            listed = [m["id"] for m in (await response.json())["data"]] if response.status == 200 else []
+        if model in listed:
+            return
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"the gateway never listed {model!r}: {listed}")
+
+
 def worker_env(name: str) -> dict[str, str]:
     return {
         "TOKENRELAY_MODEL": "default",
@@ -176,6 +189,7 @@ async def test_sigkill_a_broker_under_live_streams(
     ):
         await wait_group_members(settings, 2)
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+            await wait_gateway_serves(session, gw.url, settings.served_model)
 
             async def submit(i: int) -> None:
                 prompt = PROMPTS[i % len(PROMPTS)]
@@ -199,7 +213,9 @@ async def test_sigkill_a_broker_under_live_streams(
             await asyncio.gather(*(submit(i) for i in range(INITIAL)))
             deadline = time.monotonic() + 120
             while sum(w.live for w in watched.values()) < MIN_LIVE:
-                assert time.monotonic() < deadline, f"never {MIN_LIVE} live streams: {len(watched)} acknowledged"
+                assert time.monotonic() < deadline, (
+                    f"never {MIN_LIVE} live streams: {len(watched)} acknowledged, refused {refused}"
+                )
                 await asyncio.sleep(0.05)
 
             stop_submitting = asyncio.Event()
