@@ -5,15 +5,15 @@ from __future__ import annotations
 import functools
 import logging
 import random
-import signal
 import sys
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import FrameType, TracebackType
+from types import TracebackType
 
 from schemas.errors import BrokerError
+from services.foreground import run_foreground
 from services.localbroker import config
 from services.localbroker.runner import (
     READY_TIMEOUT_S,
@@ -181,47 +181,35 @@ class LocalCluster:
         self._stopping.set()
         self._stop_nodes(timeout_s)
 
+    title = "the Kafka cluster"
+
     def run_foreground(self) -> int:
         """Start, print the bootstrap list, restart nodes that die, stop on SIGINT/SIGTERM; returns an exit code."""
-        stop_requested = threading.Event()
+        return run_foreground(self, BrokerError)
 
-        def on_signal(signum: int, frame: FrameType | None) -> None:
-            stop_requested.set()
-            self._stopping.set()
+    def abort_start(self) -> None:
+        self._stopping.set()
 
-        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            try:
-                bootstrap = self.start()
-            except BrokerError:
-                if stop_requested.is_set():
-                    return 0
-                raise
-            print(
-                f"Kafka cluster of {self.size} nodes ready in {self.start_seconds or 0:.0f}s "
-                f"(data: {self.data_dir}): {bootstrap}",
-                flush=True,
+    def ready_lines(self, address: str) -> list[str]:
+        took = f"{self.start_seconds or 0:.0f}s"
+        lines = [f"Kafka cluster of {self.size} nodes ready in {took} (data: {self.data_dir}): {address}"]
+        for node_id, node in self.nodes.items():
+            assert node.node is not None
+            lines.append(
+                f"  node {node_id}: {node.bootstrap_address} (controller {config.HOST}:"
+                f"{node.node.controller_port}, pid {node.pid}, log {node.log_file})"
             )
-            for node_id, node in self.nodes.items():
-                assert node.node is not None
-                print(
-                    f"  node {node_id}: {node.bootstrap_address} (controller {config.HOST}:"
-                    f"{node.node.controller_port}, pid {node.pid}, log {node.log_file})",
-                    flush=True,
-                )
-            replicas, min_isr = config.cluster_replication(self.size)
-            print(f"export TOKENRELAY_KAFKA_BOOTSTRAP={bootstrap}", flush=True)
-            print(f"export TOKENRELAY_REPLICATION_FACTOR={replicas}", flush=True)
-            print(f"export TOKENRELAY_MIN_INSYNC_REPLICAS={min_isr}", flush=True)
-            while not stop_requested.wait(0.5):
-                self.restart_dead_nodes()
-            print("stopping the Kafka cluster…", file=sys.stderr, flush=True)
-            self.stop()
-            return 0
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-            self.stop()
+        replicas, min_isr = config.cluster_replication(self.size)
+        lines += [
+            f"export TOKENRELAY_KAFKA_BOOTSTRAP={address}",
+            f"export TOKENRELAY_REPLICATION_FACTOR={replicas}",
+            f"export TOKENRELAY_MIN_INSYNC_REPLICAS={min_isr}",
+        ]
+        return lines
+
+    def check(self) -> int | None:
+        self.restart_dead_nodes()
+        return None
 
     def __enter__(self) -> LocalCluster:
         self.start()

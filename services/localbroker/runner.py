@@ -25,10 +25,11 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from types import FrameType, TracebackType
+from types import TracebackType
 from typing import IO
 
 from schemas.errors import BrokerError, MissingToolError
+from services.foreground import run_foreground
 from services.localbroker import config
 from services.process import die_with_parent
 from services.settings import Settings
@@ -368,37 +369,28 @@ class LocalBroker:
             self.port = None
             return code
 
+    title = "the Kafka broker"
+
     def run_foreground(self) -> int:
         """Start, print the bootstrap address, block until SIGINT/SIGTERM, stop; returns an exit code."""
-        stop_requested = threading.Event()
+        return run_foreground(self, BrokerError)
 
-        def on_signal(signum: int, frame: FrameType | None) -> None:
-            stop_requested.set()
-            self._abort.set()
+    def abort_start(self) -> None:
+        self._abort.set()
 
-        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            try:
-                bootstrap = self.start()
-            except BrokerError:
-                if stop_requested.is_set():
-                    return 0
-                raise
-            print(f"Kafka broker ready on {bootstrap} (data: {self.data_dir}, log: {self.log_file})", flush=True)
-            print(f"export TOKENRELAY_KAFKA_BOOTSTRAP={bootstrap}", flush=True)
-            while not stop_requested.wait(0.5):
-                proc = self._proc
-                if proc is None or proc.poll() is not None:
-                    code = proc.returncode if proc is not None else 1
-                    print(f"Kafka broker exited on its own (code {code}); see {self.log_file}", file=sys.stderr)
-                    return code or 1
-            print("stopping Kafka broker…", file=sys.stderr, flush=True)
-            self.stop()
-            return 0
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-            self.stop()
+    def ready_lines(self, address: str) -> list[str]:
+        return [
+            f"Kafka broker ready on {address} (data: {self.data_dir}, log: {self.log_file})",
+            f"export TOKENRELAY_KAFKA_BOOTSTRAP={address}",
+        ]
+
+    def check(self) -> int | None:
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            return None
+        code = proc.returncode if proc is not None else 1
+        print(f"Kafka broker exited on its own (code {code}); see {self.log_file}", file=sys.stderr)
+        return code or 1
 
     def __enter__(self) -> LocalBroker:
         self.start()

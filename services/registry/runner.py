@@ -18,9 +18,10 @@ import urllib.error
 import urllib.request
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from types import FrameType, TracebackType
+from types import TracebackType
 
 from schemas.errors import MissingToolError, RegistryError, TokenRelayError
+from services.foreground import run_foreground
 from services.process import die_with_parent
 from services.settings import Settings
 
@@ -322,35 +323,27 @@ class LocalRegistry:
             return f"--- {self.log_file} ---\n" + "\n".join(text)
         return ""
 
+    title = "the schema registry"
+
     def run_foreground(self) -> int:
         """Start, print the URL, block until SIGINT/SIGTERM, stop; returns an exit code."""
-        stop_requested = threading.Event()
+        print(f"starting the schema registry (Apicurio {apicurio_version()})…", file=sys.stderr, flush=True)
+        return run_foreground(self, RegistryError)
 
-        def on_signal(signum: int, frame: FrameType | None) -> None:
-            stop_requested.set()
-            self._abort.set()
+    def abort_start(self) -> None:
+        self._abort.set()
 
-        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            print(f"starting the schema registry (Apicurio {apicurio_version()})…", file=sys.stderr, flush=True)
-            try:
-                url = self.start()
-            except RegistryError:
-                if stop_requested.is_set():
-                    return 0
-                raise
-            print(f"schema registry ready at {url} in {self.start_seconds:.0f}s (log: {self.log_file})", flush=True)
-            print(f"export TOKENRELAY_SCHEMA_REGISTRY_URL={url}", flush=True)
-            while not stop_requested.wait(0.5):
-                if not self.is_running():
-                    print(f"the schema registry exited on its own; see {self.log_file}", file=sys.stderr)
-                    return 1
-            print("stopping the schema registry…", file=sys.stderr, flush=True)
-            return 0
-        finally:
-            self.stop()
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+    def ready_lines(self, address: str) -> list[str]:
+        return [
+            f"schema registry ready at {address} in {self.start_seconds:.0f}s (log: {self.log_file})",
+            f"export TOKENRELAY_SCHEMA_REGISTRY_URL={address}",
+        ]
+
+    def check(self) -> int | None:
+        if self.is_running():
+            return None
+        print(f"the schema registry exited on its own; see {self.log_file}", file=sys.stderr)
+        return 1
 
     def __enter__(self) -> LocalRegistry:
         self.start()
