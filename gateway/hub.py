@@ -8,7 +8,7 @@ import json
 import logging
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -18,15 +18,18 @@ from gateway.metrics import GatewayMetrics
 from gateway.sse import frame
 from gateway.view import EventName, View, ViewEvent
 from schemas.codec import Codec, default_codec
-from schemas.errors import CursorError, DecodeError, KafkaUnavailable, ValidationError
+from schemas.errors import CursorError, DecodeError, KafkaUnavailable, NotOwner, ValidationError
 from schemas.ids import CLOCK_SKEW_MS, request_id_time_ms
 from schemas.partitioning import partition_for_key
 from schemas.records import TokenEvent
 
 log = logging.getLogger(__name__)
 
-# How long a resume waits for this gateway to read up to a cursor that another (further ahead) gateway handed out.
+# How long a resume waits for this gateway to read up to a cursor that another (further ahead) gateway handed out, or
+# for the owner's stream of a followed request to reach it.
 CATCH_UP_S = 10.0
+# How long a subscription on a following gateway waits for the owner to attach it (then events arrive when it does).
+UPSTREAM_ATTACH_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +41,19 @@ class SourceRecord:
     timestamp_ms: int
 
 
+class Record(Protocol):
+    """One record of the events topic as the hub reads it (a SourceRecord, or aiokafka's ConsumerRecord as is)."""
+
+    @property
+    def partition(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def key(self) -> bytes | None: ...
+    @property
+    def value(self) -> bytes | None: ...
+
+
 class EventSource(Protocol):
     """Where the hub reads token events: the Kafka events topic, or a list in unit tests."""
 
@@ -47,7 +63,7 @@ class EventSource(Protocol):
         """Start reading; returns the next offset per partition and the broker time reading started at."""
         ...
 
-    async def poll(self) -> list[SourceRecord]:
+    async def poll(self) -> Sequence[Record]:
         """Next records in offset order per partition; waits a little when there are none."""
         ...
 
@@ -92,8 +108,9 @@ def reset_frame(reason: str) -> bytes:
 class Subscription:
     """One subscriber: a backlog to send first, then a bounded queue of live events."""
 
-    def __init__(self, request_id: str, after_offset: int, maxsize: int):
+    def __init__(self, request_id: str, after_offset: int, maxsize: int, *, forwarded: bool = False):
         self.request_id = request_id
+        self.forwarded = forwarded  # another gateway's upstream: ended (not moved along) when this one stops owning
         self.after_offset = after_offset
         self.preamble: list[bytes] = []
         self.backlog: list[Out] = []
@@ -166,6 +183,24 @@ class Entry:
     subscribers: set[Subscription] = field(default_factory=set)
     backfill: asyncio.Task[None] | None = None
     pending: list[tuple[int, TokenEvent]] | None = None
+    followed: bool = False  # fed by the owning gateway's stream (gateway.upstream), not by this gateway's read
+    last_out: Out | None = None
+    terminal: Out | None = None
+    progress: asyncio.Event | None = None  # set (and dropped) at the next event; created by whoever waits
+
+
+class Upstream(Protocol):
+    """Follows requests whose partition another gateway reads (gateway.upstream.Follower)."""
+
+    def follow(self, entry: Entry) -> None:
+        """Make sure the entry is fed from its owner, resuming after ``entry.last_out``."""
+        ...
+
+    def stop(self, entry: Entry) -> None: ...
+
+    async def attached(self, entry: Entry, timeout_s: float) -> None:
+        """Returns once the owner answered the entry's stream (or after ``timeout_s``)."""
+        ...
 
 
 class Hub:
@@ -175,6 +210,11 @@ class Hub:
     ``memory_total_events`` (and ``max_requests`` entries). Over either limit the hub forgets the least recently used
     finished requests first, then unfinished ones nobody watches, and only then trims the oldest events of watched
     ones. Forgetting never changes what a client sees: a forgotten request or event is replayed from Kafka.
+
+    Only requests someone watches (or watched recently) are tracked: the records of any other key are skipped by
+    their key bytes, undecoded, and such a request is backfilled from Kafka when someone asks for it. The hub reads
+    only the partitions it owns (``reassign``); a request of another partition is followed from the gateway that
+    owns it (``upstream``), with the same memory, resume checks and fan-out.
     """
 
     def __init__(
@@ -188,8 +228,10 @@ class Hub:
         metrics: GatewayMetrics | None = None,
         codec: Codec | None = None,
         backfills: BackfillLimit | None = None,
+        upstream: Upstream | None = None,
     ):
         self.source = source
+        self.upstream = upstream
         self.memory_events = memory_events
         self.memory_total_events = memory_total_events
         self.subscriber_buffer = subscriber_buffer
@@ -202,9 +244,15 @@ class Hub:
         self._vouch_floor_ms = -1  # requests created at or before this may have been forgotten: backfill them
         self.metrics = metrics or GatewayMetrics()
         self.codec = codec or default_codec()
-        self.positions: dict[int, int] = {}
+        self.positions: dict[int, int] = {}  # next offset to read, per owned partition
+        self.since_ms: dict[int, int] = {}  # when reading of each owned partition began
         self.start_time_ms = 0
         self.entries: OrderedDict[str, Entry] = OrderedDict()
+        self._keys: dict[bytes, Entry] = {}  # the same entries by key bytes: dispatch never decodes a key
+        # Keys whose records went by undecoded: the hub cannot vouch for them (bounded; older ones raise the floor).
+        self._skipped: dict[bytes, None] = {}
+        self.max_skipped = 16 * max_requests
+        self._tasks: set[asyncio.Task[None]] = set()
         self._evicted: OrderedDict[str, None] = OrderedDict()
         self._task: asyncio.Task[None] | None = None
         self.started = asyncio.Event()
@@ -214,6 +262,7 @@ class Hub:
 
     async def start(self) -> None:
         self.positions, self.start_time_ms = await self.source.start()
+        self.since_ms = {p: self.start_time_ms for p in self.positions}
         self._task = asyncio.create_task(self._run(), name="hub")
         self.started.set()
         log.info("hub reading %d partitions from %s", len(self.positions), self.positions)
@@ -224,8 +273,12 @@ class Hub:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         for entry in self.entries.values():
+            if entry.followed and self.upstream is not None:
+                self.upstream.stop(entry)
             for sub in list(entry.subscribers):
                 sub.close("shutdown")
+        for task in list(self._tasks):
+            task.cancel()
         await self.source.stop()
 
     async def _run(self) -> None:
@@ -238,6 +291,7 @@ class Hub:
                 log.exception("hub poll failed; retrying")
                 await asyncio.sleep(1.0)
                 continue
+            self.metrics.hub_events.inc(len(records))
             for i, record in enumerate(records, 1):
                 self.dispatch(record)
                 if i % self.dispatch_slice == 0 and i < len(records):
@@ -272,32 +326,39 @@ class Hub:
         except TimeoutError:
             raise KafkaUnavailable("the gateway is behind the events topic; try again") from None
 
-    def dispatch(self, record: SourceRecord) -> None:
+    def dispatch(self, record: Record) -> None:
         """Take one record of the events topic (synchronous: positions and fan-out move together)."""
-        self.positions[record.partition] = record.offset + 1
-        self.metrics.hub_events.inc()
-        if record.key is None:
-            return
-        try:
-            request_id = record.key.decode("utf-8")
-        except UnicodeDecodeError:
-            return
-        entry = self.entries.get(request_id)
+        partition = record.partition
+        if partition not in self.positions:
+            return  # read just before this gateway stopped owning the partition
+        self.positions[partition] = record.offset + 1
+        key = record.key
+        entry = self._keys.get(key) if key is not None else None
         if entry is None:
-            if not self._complete_from_start(request_id):
-                return  # the hub cannot vouch for its start; a subscriber will backfill it from Kafka
-            entry = self._new_entry(request_id, complete=True)
+            if key is not None and key not in self._skipped:
+                self._skip(key)
+            return  # nobody watches it: not decoded; a subscriber backfills it from Kafka
+        if record.value is None:
+            return
         try:
             ev = self.codec.decode_event(record.value)
         except DecodeError as exc:
             self.metrics.undecodable.inc()
-            log.warning("request %s: undecodable event at %d/%d: %s", request_id, record.partition, record.offset, exc)
+            log.warning("request %s: undecodable event at %d/%d: %s", entry.request_id, partition, record.offset, exc)
             return
         if not entry.complete:
             if entry.pending is not None:
                 entry.pending.append((record.offset, ev))
             return
         self._apply(entry, record.offset, ev, live=True)
+
+    def _skip(self, key: bytes) -> None:
+        self._skipped[key] = None
+        if len(self._skipped) > self.max_skipped:
+            oldest = next(iter(self._skipped))
+            del self._skipped[oldest]
+            with contextlib.suppress(ValidationError, UnicodeDecodeError):
+                self._vouch_floor_ms = max(self._vouch_floor_ms, request_id_time_ms(oldest.decode()))
 
     def _apply(self, entry: Entry, offset: int, ev: TokenEvent, *, live: bool) -> None:
         had_token = entry.view.first_token_ts_ms is not None
@@ -309,15 +370,31 @@ class Hub:
                 self.metrics.ttft.observe(max(0.0, time.time() - request_id_time_ms(entry.request_id) / 1000))
         if view_event.event == EventName.STARTED and entry.view.model and len(self.models) < 64:
             self.models.add(entry.view.model)
-        out = make_out(entry.partition, entry.request_id, view_event)
+        self._publish(entry, make_out(entry.partition, entry.request_id, view_event))
+
+    def feed(self, entry: Entry, out: Out) -> None:
+        """An event of a followed request, as its owner sent it (cursor and framing unchanged)."""
+        if not entry.followed or self.entries.get(entry.request_id) is not entry:
+            return
+        if entry.last_out is not None and out.offset <= entry.last_out.offset:
+            return  # already had it (a reconnect that overlapped)
+        self._publish(entry, out)
+
+    def _publish(self, entry: Entry, out: Out) -> None:
+        """Remember one view event and offer it to every subscriber."""
         if len(entry.outs) == entry.outs.maxlen:
             entry.trimmed = True
         else:
             self.memory_count += 1
         entry.outs.append(out)
-        if view_event.terminal:
+        entry.last_out = out
+        if out.event.terminal:
+            entry.terminal = out
             self._finished[entry.request_id] = None
             self._finished.move_to_end(entry.request_id)
+        if entry.progress is not None:
+            entry.progress.set()
+            entry.progress = None
         for sub in list(entry.subscribers):
             if not sub.offer(out):
                 self._detach(entry, sub)
@@ -327,24 +404,30 @@ class Hub:
         if self.memory_count > self.memory_total_events:
             self._shrink(entry)
 
-    def _complete_from_start(self, request_id: str) -> bool:
-        if request_id in self._evicted:
+    def _complete_from_start(self, request_id: str, partition: int) -> bool:
+        """Whether every record of the request went through this hub's read (so memory alone has its history)."""
+        since = self.since_ms.get(partition)
+        if since is None or request_id in self._evicted or request_id.encode() in self._skipped:
             return False
         try:
             created = request_id_time_ms(request_id)
         except ValidationError:
             return False
-        return created - CLOCK_SKEW_MS >= self.start_time_ms and created > self._vouch_floor_ms
+        return created - CLOCK_SKEW_MS >= since and created > self._vouch_floor_ms
 
-    def _new_entry(self, request_id: str, *, complete: bool) -> Entry:
-        entry = Entry(
-            request_id,
-            partition_for_key(request_id, self.source.partitions),
-            complete,
-            View(request_id),
-            deque(maxlen=self.memory_events),
-        )
+    def owns(self, partition: int) -> bool:
+        """Whether this gateway reads the partition (else its requests are followed from the owner)."""
+        return partition in self.positions
+
+    def partition_of(self, request_id: str) -> int:
+        return partition_for_key(request_id, self.source.partitions)
+
+    def _new_entry(self, request_id: str) -> Entry:
+        partition = self.partition_of(request_id)
+        complete = self._complete_from_start(request_id, partition)
+        entry = Entry(request_id, partition, complete, View(request_id), deque(maxlen=self.memory_events))
         self.entries[request_id] = entry
+        self._keys[request_id.encode()] = entry
         if len(self.entries) > self.max_requests:
             self._shrink(entry)
         return entry
@@ -386,6 +469,9 @@ class Hub:
     def _forget(self, entry: Entry) -> None:
         """Drop a request from memory; from now on it is backfilled from Kafka when someone asks for it."""
         del self.entries[entry.request_id]
+        self._keys.pop(entry.request_id.encode(), None)
+        if entry.followed and self.upstream is not None:
+            self.upstream.stop(entry)
         self._finished.pop(entry.request_id, None)
         self.memory_count -= len(entry.outs)
         self._evicted[entry.request_id] = None
@@ -397,7 +483,7 @@ class Hub:
     def entry(self, request_id: str) -> Entry:
         entry = self.entries.get(request_id)
         if entry is None:
-            entry = self._new_entry(request_id, complete=self._complete_from_start(request_id))
+            entry = self._new_entry(request_id)
         else:
             self.entries.move_to_end(request_id)
             if request_id in self._finished:
@@ -425,7 +511,7 @@ class Hub:
             await self._backfill(entry)
 
     async def _backfill(self, entry: Entry) -> None:
-        stop = self.positions[entry.partition]
+        stop = self.positions.get(entry.partition, 0)  # 0: the partition just moved away; the caller retries
         entry.pending = []
         try:
             records = await self.source.replay(
@@ -435,6 +521,8 @@ class Hub:
             entry.view = view
             self.memory_count -= len(entry.outs)
             entry.outs.clear()
+            entry.last_out = entry.terminal = None
+            entry.trimmed = False
             for record in records:
                 with contextlib.suppress(DecodeError):
                     self._apply(entry, record.offset, self.codec.decode_event(record.value), live=False)
@@ -447,40 +535,34 @@ class Hub:
     def _start_time(self, request_id: str) -> int:
         return max(0, request_id_time_ms(request_id) - CLOCK_SKEW_MS)
 
-    async def subscribe(self, request_id: str, after: Cursor | None, client: str = "") -> Subscription | None:
+    async def subscribe(
+        self, request_id: str, after: Cursor | None, client: str = "", *, forwarded: bool = False
+    ) -> Subscription | None:
         """A subscription continuing strictly after ``after``; None when that is at or after the terminal event.
 
         The subscription is registered in the same step that snapshots memory, so live events and the
         replayed backlog meet with no gap; anything older than memory is read from Kafka and put in front.
+        ``forwarded``: another gateway's upstream, which only the owner of the request's partition answers.
         """
         await self.started.wait()
-        entry = self.entry(request_id)
-        from_kafka = await self.ensure_complete(entry, client)
-        if (
-            after is not None
-            and after.partition == entry.partition
-            and entry.view.terminal is None
-            and after.offset >= self.positions[entry.partition]
-        ):
-            await self._read_past(entry.partition, after.offset)
-        terminal = entry.view.terminal
+        entry, from_kafka = await self._ready_entry(request_id, after, forwarded, client)
+        terminal = entry.terminal
         if after is not None and terminal is not None and after.partition == entry.partition:
             if after.offset > terminal.offset:
                 # Nothing of this request is there: a forged or future offset, answered like a malformed cursor.
                 raise CursorError("cursor is beyond the end of the stream")
             # At the terminal event only when the cursor names it (its check matches); a forged or stale cursor at
             # that offset falls through to a `reset` instead of a silent 204.
-            if after.offset == terminal.offset and after.epoch == event_epoch(
-                request_id, terminal.run_id, terminal.seq
-            ):
+            if after.offset == terminal.offset and after.epoch == terminal.epoch:
                 return None
         # A cursor of another partition cannot name an event of this stream: the client starts over (see below),
         # so live events are not filtered by its offset meanwhile.
         after_offset = after.offset if after is not None and after.partition == entry.partition else -1
-        sub = Subscription(request_id, after_offset, self.subscriber_buffer)
+        sub = Subscription(request_id, after_offset, self.subscriber_buffer, forwarded=forwarded)
         memory = list(entry.outs)
         self._attach(entry, sub)
-        first_in_memory = memory[0].offset if memory else self.positions[entry.partition]
+        position = self._position(entry)
+        first_in_memory = memory[0].offset if memory else position
         history = memory
         if entry.trimmed and after_offset < first_in_memory:
             from_kafka = True
@@ -492,7 +574,7 @@ class Hub:
         reason = ""
         if after.partition != entry.partition:
             reason = "cursor_not_in_this_stream"
-        elif after.offset < self.positions[entry.partition]:
+        elif after.offset < position:
             # The hub has read past the cursor, so the cursor must name one of this request's events.
             match = next((o for o in history if o.offset == after.offset), None)
             if match is None or match.epoch != after.epoch:
@@ -508,6 +590,125 @@ class Hub:
             return sub
         sub.backlog = [o for o in history if o.offset > after_offset]
         return sub
+
+    async def _ready_entry(
+        self, request_id: str, after: Cursor | None, forwarded: bool, client: str
+    ) -> tuple[Entry, bool]:
+        """The request's entry with its history in place: backfilled when owned, followed from the owner if not,
+        and read up to ``after`` (a cursor another gateway, further ahead, handed out).
+
+        True with it when its history came from Kafka now.
+        """
+        while True:
+            entry = self.entry(request_id)
+            if self.owns(entry.partition):
+                from_kafka = await self.ensure_complete(entry, client)
+                if (
+                    after is not None
+                    and after.partition == entry.partition
+                    and entry.terminal is None
+                    and after.offset >= self.positions.get(entry.partition, 0)
+                ):
+                    await self._read_past(entry.partition, after.offset)
+                if self.entries.get(request_id) is entry and self.owns(entry.partition):
+                    return entry, from_kafka
+                continue  # the partition moved while the history was read: start again on the new footing
+            if forwarded:
+                raise NotOwner(f"this gateway does not read the partition of request {request_id}")
+            self._follow(entry)
+            assert self.upstream is not None
+            if not entry.outs:
+                await self.upstream.attached(entry, UPSTREAM_ATTACH_S)
+            if after is not None and after.partition == entry.partition:
+                await self._reach(entry, after.offset)
+            if self.entries.get(request_id) is entry:
+                return entry, False
+
+    def _follow(self, entry: Entry) -> None:
+        if self.upstream is None:
+            raise NotOwner(f"no gateway to follow request {entry.request_id} from")
+        entry.followed = entry.complete = True
+        self.upstream.follow(entry)
+
+    def _position(self, entry: Entry) -> int:
+        """How far this gateway knows the request's stream: offsets below it that are not its events never will be."""
+        if entry.followed:
+            return entry.last_out.offset + 1 if entry.last_out is not None else 0
+        return self.positions.get(entry.partition, 0)
+
+    async def _reach(self, entry: Entry, offset: int) -> None:
+        """Wait until a followed stream has come past ``offset`` (what ``_read_past`` is for a partition read here)."""
+        if entry.terminal is not None or self._position(entry) > offset:
+            return
+        if offset >= await self.source.log_end(entry.partition):
+            raise CursorError("cursor is beyond the end of the stream")
+        deadline = asyncio.get_running_loop().time() + CATCH_UP_S
+        while entry.terminal is None and self._position(entry) <= offset and entry.followed:
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                raise KafkaUnavailable(f"request {entry.request_id}: the gateway that reads its partition is behind")
+            if entry.progress is None:
+                entry.progress = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(entry.progress.wait(), remaining)
+
+    def reassign(self, gained: dict[int, int], lost: set[int], since_ms: int) -> None:
+        """The group moved partitions: read the gained ones from ``gained``'s offsets, follow the lost ones.
+
+        Watched requests change feed without their subscribers noticing: a followed one gets the rest of its history
+        from Kafka from where its last event was, an owned one resumes from the new owner after its last event.
+        Another gateway's upstream is ended instead, so that gateway goes to the new owner itself.
+        """
+        for p in lost:
+            self.positions.pop(p, None)
+            self.since_ms.pop(p, None)
+        for p, offset in gained.items():
+            self.positions[p] = offset
+            self.since_ms[p] = since_ms
+        for entry in list(self.entries.values()):
+            if entry.partition in lost and not entry.followed:
+                for sub in list(entry.subscribers):
+                    if sub.forwarded:
+                        self._detach(entry, sub)
+                        sub.close("moved")
+                if entry.subscribers and entry.complete and entry.backfill is None:
+                    self._follow(entry)
+                else:
+                    self._drop(entry)
+            elif entry.partition in gained and entry.followed:
+                assert self.upstream is not None
+                self.upstream.stop(entry)
+                entry.followed = False
+                if not entry.subscribers:
+                    self._drop(entry)
+                    continue
+                seen = entry.last_out.offset if entry.last_out is not None else -1
+                for sub in entry.subscribers:
+                    sub.after_offset = max(sub.after_offset, seen)  # the backfill offers them only what is new
+                entry.complete = False
+                task = asyncio.create_task(self._take_over(entry))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+    async def _take_over(self, entry: Entry) -> None:
+        try:
+            await self.ensure_complete(entry)
+        except Exception as exc:
+            log.warning("request %s: taking over its stream failed (%s); its subscribers resume", entry.request_id, exc)
+            self._drop(entry)
+
+    def _drop(self, entry: Entry) -> None:
+        """Forget an entry now, ending its subscriptions (their clients resume with their cursors)."""
+        for sub in list(entry.subscribers):
+            self._detach(entry, sub)
+            sub.close("moved")
+        if self.entries.get(entry.request_id) is entry:
+            self._forget(entry)
+
+    def upstream_reset(self, entry: Entry, reason: str) -> None:
+        """The owner could not continue a followed stream after its last event (topic recreated, retention)."""
+        log.warning("request %s: the owner cannot continue its stream (%s)", entry.request_id, reason)
+        self._drop(entry)
 
     async def _with_prefix(self, entry: Entry, sub: Subscription, memory: list[Out], first_in_memory: int) -> list[Out]:
         """The events older than memory, read from Kafka, followed by memory."""
@@ -532,9 +733,11 @@ class Hub:
         entry = self.entries.get(sub.request_id)
         if entry is not None:
             self._detach(entry, sub)
-            if not entry.subscribers and entry.view.terminal is not None:
+            if not entry.subscribers and entry.terminal is not None:
                 self._finished[sub.request_id] = None
                 self._finished.move_to_end(sub.request_id)
+            elif not entry.subscribers and entry.followed and self.upstream is not None:
+                self.upstream.stop(entry)  # kept in memory; a new subscriber resumes it after its last event
 
     def _attach(self, entry: Entry, sub: Subscription) -> None:
         entry.subscribers.add(sub)
@@ -551,8 +754,23 @@ class Hub:
         return len(entry.subscribers) if entry is not None else 0
 
     async def snapshot(self, request_id: str, client: str = "") -> View:
-        """The request's view as of now (backfilled from Kafka when needed, on ``client``'s share)."""
+        """The request's view as of now (backfilled from Kafka when needed, on ``client``'s share; read from Kafka
+        when another gateway owns its partition)."""
         await self.started.wait()
+        partition = self.partition_of(request_id)
+        if not self.owns(partition):
+            async with self.backfills.turn(client):
+                return await self._read_view(request_id, partition)
         entry = self.entry(request_id)
         await self.ensure_complete(entry, client)
         return entry.view
+
+    async def _read_view(self, request_id: str, partition: int) -> View:
+        """A request's view straight from its partition in Kafka (any gateway can read any partition)."""
+        stop = await self.source.log_end(partition)
+        records = await self.source.replay(partition, self._start_time(request_id), stop, request_id.encode())
+        view = View(request_id)
+        for record in records:
+            with contextlib.suppress(DecodeError):
+                view.feed(record.offset, self.codec.decode_event(record.value))
+        return view

@@ -1,4 +1,4 @@
-"""The hub's event source on Kafka: one assigned (group-less) consumer, plus a small pool for replays."""
+"""The hub's event source on Kafka: the gateways' group consumer (its partitions only), plus a pool for replays."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ from collections.abc import AsyncIterator
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
+from gateway.group import GroupReader, Reassign
 from gateway.hub import SourceRecord
+from gateway.owners import Owners
 from schemas.errors import KafkaUnavailable
 from services.kafka import make_consumer, map_kafka_errors, read_key, start_client
 from services.settings import Settings
@@ -23,31 +25,25 @@ REPLAY_TIMEOUT_S = 10.0
 
 
 class KafkaEventSource:
-    """Reads every partition of the events topic from its end; replays one key's records on demand."""
+    """Reads the events partitions the gateways' group assigns to this one, each from its end when assigned;
+    replays one key's records of any partition on demand."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, owners: Owners):
         self.settings = settings
         self.topic = settings.events_topic
         self.partitions = settings.events_partitions
-        self._consumer: AIOKafkaConsumer | None = None
+        self.reader = GroupReader(settings, owners)
         self._pool: asyncio.Queue[AIOKafkaConsumer] = asyncio.Queue()
         self._pool_size = 0
         self._all: list[AIOKafkaConsumer] = []
 
+    def on_reassign(self, callback: Reassign) -> None:
+        """Called with (gained partitions and their start offsets, lost partitions, start time) at each rebalance."""
+        self.reader.on_reassign = callback
+
     async def start(self) -> tuple[dict[int, int], int]:
-        consumer = make_consumer(self.settings, max_partition_fetch_bytes=4 << 20, fetch_max_wait_ms=20)
-        await start_client(consumer)
-        self._consumer = consumer
-        partitions = await self._partitions()
-        self.partitions = len(partitions)
-        tps = [TopicPartition(self.topic, p) for p in partitions]
-        consumer.assign(tps)
-        started_ms = int(time.time() * 1000)
-        with map_kafka_errors("cannot read the events topic's end"):
-            ends = await consumer.end_offsets(tps)
-        for tp in tps:
-            consumer.seek(tp, ends[tp])
-        return {tp.partition: ends[tp] for tp in tps}, started_ms
+        self.partitions = len(await self._partitions())
+        return await self.reader.start()
 
     async def _partitions(self) -> list[int]:
         deadline = time.monotonic() + 60
@@ -59,15 +55,9 @@ class KafkaEventSource:
                 raise KafkaUnavailable(f"topic {self.topic} not found")
             await asyncio.sleep(0.2)
 
-    async def poll(self) -> list[SourceRecord]:
-        assert self._consumer is not None
-        batches = await self._consumer.getmany(timeout_ms=200, max_records=5000)
-        out: list[SourceRecord] = []
-        for tp, records in batches.items():
-            for r in records:
-                if r.value is not None:
-                    out.append(SourceRecord(tp.partition, r.offset, r.key, r.value, r.timestamp))
-        return out
+    async def poll(self) -> list[ConsumerRecord[bytes, bytes]]:
+        # aiokafka's records as they are (same attribute names as SourceRecord): nothing is copied per record
+        return await self.reader.poll()
 
     async def _borrow(self) -> AIOKafkaConsumer:
         if self._pool.empty() and self._pool_size < REPLAY_POOL_SIZE:
@@ -117,5 +107,5 @@ class KafkaEventSource:
             self._pool.put_nowait(consumer)
 
     async def stop(self) -> None:
-        clients = [c for c in (self._consumer, *self._all) if c is not None]
-        await asyncio.gather(*(c.stop() for c in clients), return_exceptions=True)
+        await self.reader.stop()
+        await asyncio.gather(*(c.stop() for c in self._all), return_exceptions=True)

@@ -9,11 +9,12 @@ import logging
 import signal
 import sys
 import time
+from collections.abc import Callable
 
 from aiohttp import web
 
 from gateway.app import build_app
-from gateway.auth import Auth
+from gateway.auth import Auth, key_id
 from gateway.backfills import BackfillLimit
 from gateway.backlog import BacklogMonitor
 from gateway.context import Gateway
@@ -22,7 +23,9 @@ from gateway.kafka_source import REPLAY_POOL_SIZE, KafkaEventSource
 from gateway.metrics import GatewayMetrics
 from gateway.models import ModelDirectory
 from gateway.models_source import ModelsFollower
+from gateway.owners import Owners
 from gateway.server import AcceptErrorLog, Listener, raise_fd_limit
+from gateway.upstream import Follower
 from schemas.errors import TokenRelayError
 from services.kafka import make_consumer, make_producer, start_client
 from services.schema_registry import prepare_codec
@@ -41,8 +44,12 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     metrics = GatewayMetrics()
     producer = make_producer(settings)
     await start_client(producer)
+    owners = Owners(settings.gateway_url)
+    source = KafkaEventSource(settings, owners)
+    auth = Auth(settings)
+    upstream = Follower(owners, token=_upstream_token(auth), keepalive_s=settings.keepalive_s)
     hub = Hub(
-        KafkaEventSource(settings),
+        source,
         memory_events=settings.hub_memory_events,
         memory_total_events=settings.hub_memory_total_events,
         subscriber_buffer=settings.subscriber_buffer,
@@ -55,6 +62,8 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
             on_event=lambda event: metrics.backfills.labels(event).inc(),
         ),
     )
+    upstream.bind(hub)
+    source.on_reassign(hub.reassign)
     directory = ModelDirectory()
     follower = ModelsFollower(make_consumer(settings), settings.models_topic, directory, codec)
     backlog = BacklogMonitor(settings, metrics.backlog, models=lambda: directory.live(_now_ms()))
@@ -70,7 +79,6 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
             topics = await backlog.topics_present({settings.events_topic, settings.control_topic})
             return topics and not directory.unavailable(_now_ms())
 
-        auth = Auth(settings)
         gateway = Gateway(
             settings, hub, producer, metrics, auth, backlog=backlog, ready_check=ready, models=directory, codec=codec
         )
@@ -89,6 +97,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         if listener is not None:
             listener.close()
         await hub.stop()  # closes every subscription, so streaming handlers return
+        await upstream.close()
         if runner is not None:
             await runner.cleanup()
         await backlog.stop()
@@ -97,6 +106,15 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def _upstream_token(auth: Auth) -> Callable[[str], str] | None:
+    """How this gateway authorises its upstream streams: a watch token minted with its first key (the owner checks
+    it like a client's; the client was already authorised here)."""
+    if not auth.enabled:
+        return None
+    tenant = key_id(auth.keys[0])
+    return lambda request_id: auth.sign(request_id, tenant)
 
 
 def _signal_event() -> asyncio.Event:

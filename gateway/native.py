@@ -34,6 +34,7 @@ from gateway.context import (
 from gateway.cursor import Cursor, decode_cursor
 from gateway.hub import Subscription
 from gateway.sse import KEEPALIVE, PREAMBLE
+from gateway.upstream import FORWARDED_HEADER
 from gateway.validation import parse_messages, parse_prompt, parse_sampling
 from gateway.view import EventName
 
@@ -79,7 +80,8 @@ async def events(request: web.Request) -> web.StreamResponse:
     request_id = request_id_of(request)
     cursor = _cursor_of(request)
     await authorize_read(request, request_id)
-    sub = await gw.hub.subscribe(request_id, cursor, client_of(request))
+    forwarded = FORWARDED_HEADER in request.headers  # another gateway following a request this one reads
+    sub = await gw.hub.subscribe(request_id, cursor, client_of(request), forwarded=forwarded)
     if sub is None:
         return web.Response(status=204, headers=cors_headers(request))
     try:

@@ -27,6 +27,8 @@ TokenRelayError                 root; every error raised on purpose by tokenrela
 ├── KafkaUnavailable            the cluster cannot be reached (retriable)           503 kafka_unavailable, Retry-After
 ├── RegistryError               the schema registry refuses a schema or the embedded one cannot start
 ├── TooManyConnections          at the connection cap (retriable, Retry-After)      503 too_many_connections
+├── NotOwner                    a forwarded stream asked of a gateway that does not   421 not_owner
+│                               read its partition (retriable: the caller re-resolves)
 └── EngineError                 the model or scheduler failed
 
 Lower-level errors (aiokafka, torch, OS) are translated where they enter the
@@ -216,6 +218,12 @@ class TooManyConnections(TokenRelayError):
     retriable = True
     retry_after_s = 1
     public_message = "the gateway is at its connection limit"
+
+
+class NotOwner(TokenRelayError):
+    code = "not_owner"
+    retriable = True
+    http_status = 421
 
 
 class EngineError(TokenRelayError):

@@ -6,6 +6,7 @@ import dataclasses
 import difflib
 import os
 import re
+import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,6 +148,18 @@ class Settings:
     )
     gateway_host: str = _setting("127.0.0.1", "TOKENRELAY_GATEWAY_HOST", "Address the gateway listens on.")
     gateway_port: int = _setting(8080, "TOKENRELAY_GATEWAY_PORT", "Port the gateway listens on.")
+    gateway_advertised_url: str = _setting(
+        "",
+        "TOKENRELAY_GATEWAY_ADVERTISED_URL",
+        "URL other gateways reach this one at, to follow the requests whose events partitions it reads "
+        "(default: http://<gateway host>:<gateway port>).",
+    )
+    gateway_session_timeout_ms: int = _setting(
+        10_000,
+        "TOKENRELAY_GATEWAY_SESSION_TIMEOUT_MS",
+        "Consumer-group session timeout of a gateway: the events partitions of a gateway silent this long move to "
+        "the others (the broker's group.min.session.timeout.ms, 6 s by default, is the lower bound).",
+    )
     api_keys: tuple[str, ...] = _setting(
         (), "TOKENRELAY_API_KEYS", "Comma-separated Bearer API keys; empty runs the gateway open."
     )
@@ -349,6 +362,19 @@ class Settings:
     def worker_group_for(self, model: str) -> str:
         """Consumer group of the workers of one model; scoped by the topic prefix so stacks sharing a broker differ."""
         return f"{self.topic_prefix}workers.{model}"
+
+    @property
+    def gateway_group(self) -> str:
+        """Consumer group of the gateways on the events topic (each reads only the partitions it is assigned)."""
+        return f"{self.topic_prefix}gateways"
+
+    @property
+    def gateway_url(self) -> str:
+        """Where other gateways reach this one (a wildcard listen address advertises the host name)."""
+        if self.gateway_advertised_url:
+            return self.gateway_advertised_url.rstrip("/")
+        host = socket.gethostname() if self.gateway_host in ("", "0.0.0.0", "::") else self.gateway_host
+        return f"http://{host}:{self.gateway_port}"
 
     @property
     def worker_group(self) -> str:

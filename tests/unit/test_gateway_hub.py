@@ -200,9 +200,11 @@ async def test_memory_budget_forgets_least_recently_used_finished_requests_and_r
         source.append(e)
     finished = [new_request_id() for _ in range(12)]
     for i, rid in enumerate(finished):
+        watcher = await hub.subscribe(rid, None)  # watched while it runs: kept in memory after, for fast resume
         for e in stream(rid, 10):
             source.append(e)
         await settle(source, hub)
+        await drain(hub, watcher)  # type: ignore[arg-type]
         if i == 3:  # 3 + 4 x 8 events: all still in memory
             assert all(r in hub.entries for r in finished[:4])
             await hub.snapshot(finished[0])  # used recently: outlives the other early ones
