@@ -263,6 +263,7 @@ class Hub:
     async def start(self) -> None:
         self.positions, self.start_time_ms = await self.source.start()
         self.since_ms = {p: self.start_time_ms for p in self.positions}
+        self.metrics.owned_partitions.set(len(self.positions))
         self._task = asyncio.create_task(self._run(), name="hub")
         self.started.set()
         log.info("hub reading %d partitions from %s", len(self.positions), self.positions)
@@ -665,6 +666,7 @@ class Hub:
         for p, offset in gained.items():
             self.positions[p] = offset
             self.since_ms[p] = since_ms
+        self.metrics.owned_partitions.set(len(self.positions))
         for entry in list(self.entries.values()):
             if entry.partition in lost and not entry.followed:
                 for sub in list(entry.subscribers):

@@ -47,7 +47,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     owners = Owners(settings.gateway_url)
     source = KafkaEventSource(settings, owners)
     auth = Auth(settings)
-    upstream = Follower(owners, token=_upstream_token(auth), keepalive_s=settings.keepalive_s)
+    upstream = Follower(owners, token=_upstream_token(auth), keepalive_s=settings.keepalive_s, metrics=metrics)
     hub = Hub(
         source,
         memory_events=settings.hub_memory_events,

@@ -44,6 +44,21 @@ class GatewayMetrics:
             registry=r,
         )
         self.hub_events = Counter("tokenrelay_gateway_hub_events", "Events read from the events topic.", registry=r)
+        self.owned_partitions = Gauge(
+            "tokenrelay_gateway_owned_partitions",
+            "Events partitions this gateway reads (the gateways' consumer group assigns them).",
+            registry=r,
+        )
+        self.followed = Gauge(
+            "tokenrelay_gateway_followed_requests",
+            "Requests followed from the gateway that reads their partition (one upstream stream each).",
+            registry=r,
+        )
+        self.upstream_connects = Counter(
+            "tokenrelay_gateway_upstream_connects",
+            "Streams opened to the owning gateway of a followed request (first follows, resumes and moves).",
+            registry=r,
+        )
         self.undecodable = Counter(
             "tokenrelay_gateway_undecodable_events", "Events topic records that could not be decoded.", registry=r
         )

@@ -18,6 +18,7 @@ import aiohttp
 
 from gateway.cursor import Cursor, decode_cursor, encode_cursor
 from gateway.hub import Entry, Hub, Out
+from gateway.metrics import GatewayMetrics
 from gateway.owners import Owners
 from gateway.view import EventName, ViewEvent
 from schemas.errors import CursorError
@@ -78,8 +79,10 @@ class Follower:
         token: Callable[[str], str] | None = None,
         keepalive_s: float = 15.0,
         batch: int = 512,
+        metrics: GatewayMetrics | None = None,
     ):
         self.owners = owners
+        self.metrics = metrics or GatewayMetrics()
         self.token = token
         self.hub: Hub | None = None
         self.read_timeout_s = 2 * keepalive_s + 5
@@ -99,12 +102,14 @@ class Follower:
             return
         state = _Follow(entry)
         self._follows[entry.request_id] = state
+        self.metrics.followed.set(len(self._follows))
         state.task = asyncio.create_task(self._run(state), name=f"upstream {entry.request_id}")
 
     def stop(self, entry: Entry) -> None:
         state = self._follows.get(entry.request_id)
         if state is not None and state.entry is entry:
             del self._follows[entry.request_id]
+            self.metrics.followed.set(len(self._follows))
             if state.task is not None:
                 state.task.cancel()
 
@@ -159,6 +164,7 @@ class Follower:
         finally:
             if self._follows.get(entry.request_id) is state:
                 del self._follows[entry.request_id]
+                self.metrics.followed.set(len(self._follows))
 
     async def _until_moved(self, reader: asyncio.Task[None], partition: int, url: str) -> bool:
         """Waits for the reader to end; True instead when the partition's owner changes first."""
@@ -183,6 +189,7 @@ class Follower:
         params = {"token": self.token(entry.request_id)} if self.token is not None else None
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=self.read_timeout_s)
         url = f"{base}/v1/requests/{entry.request_id}/events"
+        self.metrics.upstream_connects.inc()
         async with self._session_of().get(url, headers=headers, params=params, timeout=timeout) as response:
             if response.status == 204:
                 return  # its last event here is the terminal one: nothing follows
