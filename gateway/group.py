@@ -94,7 +94,8 @@ class GroupReader(ConsumerRebalanceListener):
             session_timeout_ms=self.settings.gateway_session_timeout_ms,
             heartbeat_interval_ms=max(100, self.settings.gateway_session_timeout_ms // 6),
             max_partition_fetch_bytes=4 << 20,
-            fetch_max_wait_ms=20,
+            # The broker answers a fetch as soon as any record is there: the wait only bounds idle polling.
+            fetch_max_wait_ms=500,
         )
         await start_client(consumer)
         self._consumer = consumer
