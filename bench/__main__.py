@@ -38,6 +38,11 @@ GOALS: dict[str, tuple[str, float]] = {
     "broker_events_per_cpu_s_rf1": ("info", 0.0),
     "event_bytes_on_disk": ("info", 0.0),
     "broker_read_cpu_share_rf3": ("info", 0.0),
+    # gateway read cost and scale-out (bench_scaleout)
+    "gateway_ingest_events_per_cpu_s": (">=", 100_000.0),
+    "gateway_ingest_events_per_cpu_s_watched": (">=", 30_000.0),
+    "gateway_scaleout_ratio_3": ("<=", 1.3),
+    "gateway_scaleout_ratio_3_unwatched": ("<=", 1.3),
 }
 MODULES = [
     "bench.bench_engine",
@@ -46,6 +51,7 @@ MODULES = [
     "bench.bench_pipeline",
     "bench.bench_gateway",
     "bench.bench_cluster",
+    "bench.bench_scaleout",
 ]
 
 

@@ -1,0 +1,165 @@
+"""Two hubs over one log: unwatched keys go undecoded, a hub follows what the other reads through the subscribe/resume
+contract, and watched streams change owner mid-way with nothing lost or repeated."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from gateway.cursor import Cursor, decode_cursor
+from gateway.hub import Entry, Hub
+from gateway.sse import parse
+from schemas.codec import Codec, default_codec
+from schemas.errors import NotOwner
+from schemas.ids import new_request_id
+from schemas.records import TokenEvent
+from tests.unit.test_gateway_hub import MemorySource, drain, settle, stream
+
+
+class CountingCodec(Codec):
+    def __init__(self) -> None:
+        super().__init__(default_codec().registry)
+        self.decoded = 0
+
+    def decode_event(self, data: bytes) -> TokenEvent:
+        self.decoded += 1
+        return super().decode_event(data)
+
+
+class HubUpstream:
+    """Follows entries from another hub in-process, exactly as gateway.upstream does over HTTP: a forwarded
+    subscription resumed after the entry's last event, retried while the other hub does not own the partition."""
+
+    def __init__(self, hub: Hub, owner: Hub):
+        self.hub, self.owner = hub, owner
+        hub.upstream = self
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.ready: dict[str, asyncio.Event] = {}
+
+    def follow(self, entry: Entry) -> None:
+        task = self.tasks.get(entry.request_id)
+        if task is None or task.done():
+            self.ready[entry.request_id] = asyncio.Event()
+            self.tasks[entry.request_id] = asyncio.create_task(self._run(entry))
+
+    def stop(self, entry: Entry) -> None:
+        task = self.tasks.pop(entry.request_id, None)
+        if task is not None:
+            task.cancel()
+
+    async def attached(self, entry: Entry, timeout_s: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.ready[entry.request_id].wait(), timeout_s)
+
+    async def _run(self, entry: Entry) -> None:
+        while entry.terminal is None:
+            last = entry.last_out
+            after = Cursor(last.epoch, entry.partition, last.offset) if last is not None else None
+            try:
+                sub = await self.owner.subscribe(entry.request_id, after, forwarded=True)
+            except NotOwner:
+                await asyncio.sleep(0.01)
+                continue
+            if sub is None:
+                return
+            self.ready[entry.request_id].set()
+            try:
+                for out in sub.backlog:
+                    self.hub.feed(entry, out)
+                while entry.terminal is None:
+                    out = await sub.next(0.2)
+                    if out is not None:
+                        self.hub.feed(entry, out)
+                    elif sub.closed is not None:
+                        break  # moved: resume from whoever owns it now
+            finally:
+                self.owner.unsubscribe(sub)
+
+
+async def polled(source: MemorySource) -> None:
+    """Until the source has handed out every record of its log (the hub dispatches what it owns)."""
+    for _ in range(200):
+        if all(source.read.get(p) == len(records) for p, records in source.log.items()):
+            await asyncio.sleep(0)
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("source did not catch up")
+
+
+async def two_hubs(partitions: int = 1) -> tuple[MemorySource, MemorySource, Hub, Hub]:
+    """Hub a reads every partition; hub b reads the same log and owns none of it."""
+    source_a, source_b = MemorySource(partitions), MemorySource(partitions)
+    source_b.log = source_a.log
+    a, b = Hub(source_a, memory_events=4), Hub(source_b, memory_events=4)
+    HubUpstream(a, b)
+    HubUpstream(b, a)
+    await a.start()
+    await b.start()
+    b.reassign({}, set(range(partitions)), 0)
+    return source_a, source_b, a, b
+
+
+async def test_records_of_keys_nobody_watches_are_not_decoded() -> None:
+    source = MemorySource()
+    codec = CountingCodec()
+    hub = Hub(source, codec=codec)
+    await hub.start()
+    ids = [new_request_id() for _ in range(20)]
+    for rid in ids:
+        for e in stream(rid, 10):
+            source.append(e)
+    await settle(source, hub)
+    assert codec.decoded == 0 and not hub.entries
+    # Asked for later, such a request comes whole from the source, and is followed live from then on.
+    events = parse((await drain(hub, await hub.subscribe(ids[3], None))).decode())  # type: ignore[arg-type]
+    assert [e["event"] for e in events] == ["started"] + ["token"] * 10 + ["done"]
+    assert source.replays == 1 and codec.decoded == 12
+    await hub.stop()
+
+
+async def test_a_hub_follows_what_another_reads_with_the_same_cursors() -> None:
+    source, _, a, b = await two_hubs()
+    rid = new_request_id()
+    on_b = await b.subscribe(rid, None)
+    on_a = await a.subscribe(rid, None)
+    assert on_a is not None and on_b is not None
+    for e in stream(rid, 9):
+        source.append(e)
+    via_a, via_b = await drain(a, on_a), await drain(b, on_b)
+    assert via_b == via_a  # byte for byte: the owner's framing and cursors
+    events = parse(via_a.decode())
+    for k, sse in enumerate(events):  # resume on the follower from any cursor the owner handed out
+        rest = await b.subscribe(rid, decode_cursor(sse["id"]))
+        if sse["event"] == "done":
+            assert rest is None
+            continue
+        assert rest is not None
+        assert events[: k + 1] + parse((await drain(b, rest)).decode()) == events
+    await a.stop()
+    await b.stop()
+
+
+async def test_watched_streams_change_owner_midway_without_loss_or_repeat() -> None:
+    source_a, source_b, a, b = await two_hubs()
+    rid = new_request_id()
+    evs = stream(rid, 30)
+    subs = [await hub.subscribe(rid, None) for hub in (a, b, a, b)]
+    assert all(s is not None for s in subs)
+    readers = [asyncio.create_task(drain(hub, s)) for hub, s in zip((a, b, a, b), subs, strict=True)]  # type: ignore[arg-type]
+    for e in evs[:10]:
+        source_a.append(e)
+    await settle(source_a, a)
+    # The group moves the partition from a to b (a revokes first, as in a rebalance), then back again.
+    for old, new, new_source in ((a, b, source_b), (b, a, source_a)):
+        old.reassign({}, {0}, 0)
+        await polled(new_source)
+        new.reassign({0: new_source.read[0]}, set(), 0)
+        for e in evs[10:20] if new is b else evs[20:]:
+            new_source.append(e)
+        await asyncio.sleep(0.1)
+    outs = [parse(x.decode()) for x in await asyncio.wait_for(asyncio.gather(*readers), 10)]
+    whole = parse((await drain(a, await a.subscribe(rid, None))).decode())  # type: ignore[arg-type]
+    assert [e["event"] for e in whole] == ["started"] + ["token"] * 30 + ["done"]
+    assert all(o == whole for o in outs)
+    await a.stop()
+    await b.stop()
