@@ -64,12 +64,12 @@ class HubUpstream:
                 return
             self.ready[entry.request_id].set()
             try:
-                for out in sub.backlog:
-                    self.hub.feed(entry, out)
+                for old in sub.backlog:
+                    self.hub.feed(entry, old)
                 while entry.terminal is None:
-                    out = await sub.next(0.2)
-                    if out is not None:
-                        self.hub.feed(entry, out)
+                    live = await sub.next(0.2)
+                    if live is not None:
+                        self.hub.feed(entry, live)
                     elif sub.closed is not None:
                         break  # moved: resume from whoever owns it now
             finally:
