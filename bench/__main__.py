@@ -42,7 +42,7 @@ GOALS: dict[str, tuple[str, float]] = {
     "gateway_ingest_events_per_cpu_s": (">=", 100_000.0),
     "gateway_ingest_events_per_cpu_s_watched": (">=", 30_000.0),
     "gateway_scaleout_ratio_3": ("<=", 1.3),
-    "gateway_scaleout_ratio_3_unwatched": ("<=", 1.3),
+    "gateway_scaleout_ratio_3_watched": ("info", 0.0),
 }
 MODULES = [
     "bench.bench_engine",

@@ -256,7 +256,6 @@ class Hub:
         self._evicted: OrderedDict[str, None] = OrderedDict()
         self._task: asyncio.Task[None] | None = None
         self.started = asyncio.Event()
-        self.models: set[str] = set()
         self._catch_up: list[tuple[int, int, asyncio.Future[None]]] = []  # (partition, offset, until read past it)
         self.backfills = backfills or BackfillLimit(per_client=2, total=3)
 
@@ -369,8 +368,6 @@ class Hub:
         if live and not had_token and view_event.event == EventName.TOKEN:
             with contextlib.suppress(ValidationError):
                 self.metrics.ttft.observe(max(0.0, time.time() - request_id_time_ms(entry.request_id) / 1000))
-        if view_event.event == EventName.STARTED and entry.view.model and len(self.models) < 64:
-            self.models.add(entry.view.model)
         self._publish(entry, make_out(entry.partition, entry.request_id, view_event))
 
     def feed(self, entry: Entry, out: Out) -> None:

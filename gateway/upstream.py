@@ -32,19 +32,17 @@ RETRY_MAX_S = 1.0
 
 def parse_block(block: bytes, now_ms: int) -> Out | None:
     """One SSE event of the owner's stream (``id``, ``event``, one ``data`` line) as the hub's Out; None otherwise."""
-    cursor_text = name = data = None
-    for line in block.split(b"\n"):
-        if line.startswith(b"id: "):
-            cursor_text = line[4:].decode()
-        elif line.startswith(b"event: "):
-            name = line[7:].decode()
-        elif line.startswith(b"data: "):
-            data = line[6:]
-    if cursor_text is None or name is None or data is None:
+    lines = block.split(b"\n")
+    if len(lines) != 3:
+        return None  # a comment, the retry line, or an event without a cursor (reset)
+    cursor_line, name_line, data_line = lines  # the owner frames exactly these three (gateway.sse.frame)
+    if not (cursor_line.startswith(b"id: ") and name_line.startswith(b"event: ") and data_line.startswith(b"data: ")):
         return None
-    cursor = decode_cursor(cursor_text)
-    body = json.loads(data)
-    ev = ViewEvent(cursor.offset, EventName(name), body, str(body.get("run_id", "")), int(body.get("seq", -1)), now_ms)
+    cursor = decode_cursor(cursor_line[4:].decode())
+    body = json.loads(data_line[6:])
+    ev = ViewEvent(
+        cursor.offset, EventName(name_line[7:].decode()), body, body.get("run_id", ""), body.get("seq", -1), now_ms
+    )
     return Out(ev, cursor.epoch, block + b"\n\n")
 
 

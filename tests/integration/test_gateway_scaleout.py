@@ -41,13 +41,15 @@ async def metric(session: aiohttp.ClientSession, base: str, name: str) -> float:
     return 0.0
 
 
-async def wait_partitions_shared(session: aiohttp.ClientSession, bases: list[str], timeout_s: float = 90.0) -> None:
+async def wait_partitions_shared(
+    session: aiohttp.ClientSession, bases: list[str], partitions: int = PARTITIONS, timeout_s: float = 90.0
+) -> None:
     """Until the group has given every partition to exactly one of these gateways, and each reads some."""
     deadline = time.monotonic() + timeout_s
     owned: list[float] = []
     while time.monotonic() < deadline:
         owned = [await metric(session, base, "tokenrelay_gateway_owned_partitions") for base in bases]
-        if sum(owned) == PARTITIONS and all(owned):
+        if sum(owned) == partitions and all(owned):
             return
         await asyncio.sleep(0.2)
     raise AssertionError(f"partitions owned per gateway after {timeout_s} s: {owned}")
@@ -174,3 +176,38 @@ async def test_three_gateways_share_the_read_and_survive_a_sigkill(kafka_bootstr
     assert resumed == moved_clients  # every client of the victim finished on another gateway
     assert vs_log.clean and vs_fresh.clean, (vs_log, vs_fresh)
     assert vs_log.streams == 3 * n_requests
+
+
+async def test_a_gateway_follows_another_with_keys_on(kafka_bootstrap: str, topic_prefix: str) -> None:
+    """With API keys, the follower reaches the owner with a stream token it signs itself (the owner trusts it)."""
+    settings = [
+        gateway_settings(kafka_bootstrap, topic_prefix, events_partitions=2, api_keys=("key-one",)) for _ in range(2)
+    ]
+    await ensure_topics(settings[0])
+    gateways = [GatewayProcess(s) for s in settings]
+    try:
+        for gw in gateways:
+            await asyncio.to_thread(gw.start)
+        bases = [gw.url for gw in gateways]
+        auth = {"Authorization": "Bearer key-one"}
+        async with aiohttp.ClientSession() as session:
+            await wait_partitions_shared(session, bases, partitions=2)
+            with running_worker(settings[0], TOKENRELAY_ENGINE="synthetic", TOKENRELAY_SYNTHETIC_TOKENS_PER_S="100"):
+                ids = []
+                for _ in range(8):
+                    async with session.post(
+                        f"{bases[0]}/v1/requests", json={"prompt": "hi", "max_tokens": 12}, headers=auth
+                    ) as response:
+                        assert response.status == 202, await response.text()
+                        ids.append((await response.json())["id"])
+                streams = [await read_sse(session, f"{bases[1]}/v1/requests/{rid}/events", headers=auth) for rid in ids]
+                followed = await metric(session, bases[1], "tokenrelay_gateway_upstream_connects")
+                log_streams = await read_log_streams(settings[0], ids)
+    finally:
+        for gw in gateways:
+            gw.stop()
+    vs_log = Tally()
+    for rid, (status, events) in zip(ids, streams, strict=True):
+        assert status == 200
+        vs_log.add(tally(events, log_streams[rid]))
+    assert followed > 0 and vs_log.clean, (followed, vs_log)

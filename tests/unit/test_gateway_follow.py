@@ -163,3 +163,24 @@ async def test_watched_streams_change_owner_midway_without_loss_or_repeat() -> N
     assert all(o == whole for o in outs)
     await a.stop()
     await b.stop()
+
+
+def test_an_owners_sse_event_parses_back_into_the_same_out() -> None:
+    from gateway.hub import make_out
+    from gateway.upstream import parse_block, reset_reason
+    from gateway.view import replay
+
+    rid = new_request_id()
+    for offset, view_event in enumerate(replay(rid, list(enumerate(stream(rid, 3))))):
+        out = make_out(5, rid, view_event)
+        back = parse_block(out.framed.removesuffix(b"\n\n"), 0)
+        assert back is not None and back.framed == out.framed and back.epoch == out.epoch
+        assert (back.offset, back.event.event, back.event.data) == (
+            view_event.offset,
+            view_event.event,
+            view_event.data,
+        )
+        assert back.event.terminal == view_event.terminal
+        assert offset >= 0
+    assert parse_block(b": keepalive", 0) is None and parse_block(b"retry: 1000", 0) is None
+    assert reset_reason(b'event: reset\ndata: {"reason": "retention"}') == "retention"
