@@ -559,6 +559,8 @@ class Hub:
         sub = Subscription(request_id, after_offset, self.subscriber_buffer, forwarded=forwarded)
         memory = list(entry.outs)
         self._attach(entry, sub)
+        if entry.followed:
+            self._follow(entry)  # a subscriber that left meanwhile may have stopped the upstream
         position = self._position(entry)
         first_in_memory = memory[0].offset if memory else position
         history = memory
