@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-from gateway.cursor import Cursor, decode_cursor, encode_cursor
+from gateway.cursor import Cursor, decode_framed, encode_cursor
 from gateway.hub import Entry, Hub, Out
 from gateway.metrics import GatewayMetrics
 from gateway.owners import Owners
@@ -30,6 +30,9 @@ RETRY_MIN_S = 0.05
 RETRY_MAX_S = 1.0
 
 
+_NAMES = {name.value.encode(): name for name in EventName}
+
+
 def parse_block(block: bytes, now_ms: int) -> Out | None:
     """One SSE event of the owner's stream (``id``, ``event``, one ``data`` line) as the hub's Out; None otherwise."""
     lines = block.split(b"\n")
@@ -38,11 +41,12 @@ def parse_block(block: bytes, now_ms: int) -> Out | None:
     cursor_line, name_line, data_line = lines  # the owner frames exactly these three (gateway.sse.frame)
     if not (cursor_line.startswith(b"id: ") and name_line.startswith(b"event: ") and data_line.startswith(b"data: ")):
         return None
-    cursor = decode_cursor(cursor_line[4:].decode())
+    name = _NAMES.get(name_line[7:])
+    if name is None:
+        return None
+    cursor = decode_framed(cursor_line[4:])
     body = json.loads(data_line[6:])
-    ev = ViewEvent(
-        cursor.offset, EventName(name_line[7:].decode()), body, body.get("run_id", ""), body.get("seq", -1), now_ms
-    )
+    ev = ViewEvent(cursor.offset, name, body, body.get("run_id", ""), body.get("seq", -1), now_ms)
     return Out(ev, cursor.epoch, block + b"\n\n")
 
 

@@ -184,3 +184,21 @@ def test_an_owners_sse_event_parses_back_into_the_same_out() -> None:
         assert offset >= 0
     assert parse_block(b": keepalive", 0) is None and parse_block(b"retry: 1000", 0) is None
     assert reset_reason(b'event: reset\ndata: {"reason": "retention"}') == "retention"
+
+
+def test_a_framed_cursor_parses_like_a_client_cursor() -> None:
+    import random
+
+    import pytest
+
+    from gateway.cursor import decode_framed, encode_cursor
+    from schemas.errors import CursorError
+
+    rng = random.Random(3)
+    for _ in range(500):
+        cursor = Cursor(rng.randrange(1 << 16), rng.randrange(1 << 31), rng.randrange(1 << 63))
+        text = encode_cursor(cursor)
+        assert decode_framed(text.encode()) == decode_cursor(text) == cursor
+    for garbage in (b"", b"!!", b"AAAA", b"AQ"):
+        with pytest.raises(CursorError):
+            decode_framed(garbage)
