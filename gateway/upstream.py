@@ -64,11 +64,16 @@ class UpstreamEnded(Exception):
     """The owner's stream ended or failed before the request's terminal event."""
 
 
+class UpstreamRefused(UpstreamEnded):
+    """The owner answered with a client error (other than "not the owner")."""
+
+
 @dataclass
 class _Follow:
     entry: Entry
     task: asyncio.Task[None] | None = None
     attached: asyncio.Event = field(default_factory=asyncio.Event)
+    warned: bool = False
 
 
 class Follower:
@@ -102,6 +107,8 @@ class Follower:
             return
         if entry.terminal is not None:
             return
+        if state is not None and state.task is not None:
+            state.task.cancel()  # an entry forgotten and made again: only the new one is fed
         state = _Follow(entry)
         self._follows[entry.request_id] = state
         self.metrics.followed.set(len(self._follows))
@@ -158,7 +165,11 @@ class Follower:
                 exc = reader.exception()
                 if exc is None:
                     return  # the terminal event came (or the owner says there is nothing after the last one)
-                log.debug("request %s: upstream %s: %s; retrying", entry.request_id, url, exc)
+                if isinstance(exc, UpstreamRefused) and not state.warned:
+                    state.warned = True  # a misconfiguration (keys, secrets, versions) rather than a move: say so once
+                    log.warning("request %s: %s refuses to stream it (%s); retrying", entry.request_id, url, exc)
+                else:
+                    log.debug("request %s: upstream %s: %s; retrying", entry.request_id, url, exc)
                 # Until the group moves the partition (a dead owner), or briefly (an owner that just restarted).
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.owners.changed(generation), delay)
@@ -197,7 +208,8 @@ class Follower:
                 return  # its last event here is the terminal one: nothing follows
             if response.status != 200:
                 body = (await response.read())[:200]
-                raise UpstreamEnded(f"status {response.status}: {body!r}")
+                refused = 400 <= response.status < 500 and response.status != 421  # 421: not the owner (yet)
+                raise (UpstreamRefused if refused else UpstreamEnded)(f"status {response.status}: {body!r}")
             state.attached.set()
             buffer = b""
             async for chunk in response.content.iter_any():
