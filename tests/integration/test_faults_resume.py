@@ -103,7 +103,9 @@ async def test_200_streams_cut_three_times_at_random_points(kafka_bootstrap: str
 async def test_gateway_sigkill_and_restart_with_50_live_streams(kafka_bootstrap: str, topic_prefix: str) -> None:
     rng = random.Random(SEED + 1)
     n_streams = 50
-    settings = gateway_settings(kafka_bootstrap, topic_prefix, hub_memory_events=32)
+    # A gateway restarted after a SIGKILL reads its partitions once the group has let its dead self go (the session
+    # timeout, 6 s at the least): streams long enough to still run at the second kill.
+    settings = gateway_settings(kafka_bootstrap, topic_prefix, hub_memory_events=32, gateway_session_timeout_ms=6000)
     await ensure_topics(settings)
     gw = GatewayProcess(settings)
     gw.start()
@@ -119,7 +121,7 @@ async def test_gateway_sigkill_and_restart_with_50_live_streams(kafka_bootstrap:
             async with aiohttp.ClientSession(connector=connector) as session:
                 ids = []
                 for _ in range(n_streams):
-                    body = {"prompt": "a long answer", "max_tokens": rng.randint(100, 140)}
+                    body = {"prompt": "a long answer", "max_tokens": rng.randint(300, 360)}
                     async with session.post(f"{gw.url}/v1/requests", json=body) as response:
                         assert response.status == 202
                         ids.append((await response.json())["id"])
