@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass
 
 from schemas.errors import CursorError
+from schemas.varint import decode_uvarint, encode_uvarint
 
 VERSION = 1
 MAX_CURSOR_CHARS = 40
@@ -34,36 +35,22 @@ def event_epoch(request_id: str, run_id: str, seq: int) -> int:
     return int.from_bytes(digest, "big")
 
 
-def _uvarint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
 def _read_uvarint(data: bytes, pos: int) -> tuple[int, int]:
-    value = 0
-    shift = 0
-    while True:
-        if pos >= len(data) or shift > 63:
-            raise CursorError("truncated cursor")
-        byte = data[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        shift += 7
-        if not byte & 0x80:
-            return value, pos
+    read = decode_uvarint(data, pos)
+    if read is None:
+        raise CursorError("truncated cursor")
+    return read
 
 
 def encode_cursor(cursor: Cursor) -> str:
     if not (0 <= cursor.epoch < 1 << 16 and 0 <= cursor.partition < 1 << 31 and 0 <= cursor.offset < 1 << 63):
         raise CursorError(f"cursor out of range: {cursor}")
-    raw = bytes([VERSION]) + cursor.epoch.to_bytes(2, "big") + _uvarint(cursor.partition) + _uvarint(cursor.offset)
+    raw = (
+        bytes([VERSION])
+        + cursor.epoch.to_bytes(2, "big")
+        + encode_uvarint(cursor.partition)
+        + encode_uvarint(cursor.offset)
+    )
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
 
 

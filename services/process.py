@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import logging
 import os
 import signal
+import subprocess
 from collections.abc import Callable, Mapping
+from typing import Any
 
 from services.settings import Settings
+
+log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
 
@@ -43,3 +49,18 @@ def child_env(
 def quiet_env(settings: Settings, **extra: str) -> dict[str, str]:
     """``child_env`` of a service that tests and benchmarks start: it logs warnings and errors only."""
     return child_env(settings, {"TOKENRELAY_LOG_LEVEL": "WARNING", **extra})
+
+
+def terminate(proc: subprocess.Popen[Any], timeout_s: float, what: str) -> int:
+    """Stop a child: SIGTERM (a clean shutdown), then SIGKILL after ``timeout_s``; returns its exit code."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not stop within %.0fs; killing it", what, timeout_s)
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            proc.wait()
+    return proc.returncode

@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import struct
 
+from schemas.varint import decode_uvarint, encode_uvarint
 from services.localbroker.runner import recv_exact
 
 DESCRIBE_QUORUM = 55
@@ -16,7 +17,9 @@ def describe_quorum_request(correlation_id: int, client_id: bytes = b"tokenrelay
     header = struct.pack(">hhih", DESCRIBE_QUORUM, 0, correlation_id, len(client_id)) + client_id + b"\x00"
     topic = METADATA_TOPIC.encode()
     # topics: compact array of 1; name: compact string; partitions: compact array of 1; tagged fields empty.
-    body = b"\x02" + _uvarint(len(topic) + 1) + topic + b"\x02" + struct.pack(">i", 0) + b"\x00" + b"\x00" + b"\x00"
+    body = (
+        b"\x02" + encode_uvarint(len(topic) + 1) + topic + b"\x02" + struct.pack(">i", 0) + b"\x00" + b"\x00" + b"\x00"
+    )
     payload = header + body
     return struct.pack(">i", len(payload)) + payload
 
@@ -57,27 +60,11 @@ def active_controller(host: str, port: int, timeout_s: float = 5.0) -> int | Non
     return leader_from_response(body, correlation_id=7)
 
 
-def _uvarint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
 def _uvarint_at(data: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = data[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return value, pos
-        shift += 7
+    read = decode_uvarint(data, pos)
+    if read is None:
+        raise struct.error("truncated varint")
+    return read
 
 
 def _skip_tagged(data: bytes, pos: int) -> int:

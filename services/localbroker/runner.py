@@ -31,7 +31,7 @@ from typing import IO
 from schemas.errors import BrokerError, MissingToolError
 from services.foreground import run_foreground
 from services.localbroker import config
-from services.process import die_with_parent
+from services.process import die_with_parent, terminate
 from services.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -531,21 +531,12 @@ class LocalBroker:
         proc, waiter = self._proc, self._waiter
         if proc is None:
             return None
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                log.warning("Kafka broker did not stop within %.0fs; killing it", timeout_s)
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                proc.wait()
+        code = terminate(proc, timeout_s, "Kafka broker")
         if waiter is not None:
             waiter.join(5)
         self._proc = self._waiter = None
         _live.discard(self)
-        return proc.returncode
+        return code
 
 
 _live: set[LocalBroker] = set()

@@ -8,7 +8,6 @@ import logging
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from types import TracebackType
 
 from schemas.errors import MissingToolError, RegistryError, TokenRelayError
 from services.foreground import run_foreground
-from services.process import die_with_parent
+from services.process import die_with_parent, terminate
 from services.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -305,17 +304,8 @@ class LocalRegistry:
         proc = self._proc
         if proc is None:
             return None
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                log.warning("schema registry did not stop within %.0fs; killing it", timeout_s)
-                proc.kill()
-                proc.wait()
         self._proc = None
-        return proc.returncode
+        return terminate(proc, timeout_s, "schema registry")
 
     def output_tail(self, lines: int = 40) -> str:
         with contextlib.suppress(OSError):
