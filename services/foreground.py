@@ -5,8 +5,8 @@ from __future__ import annotations
 import signal
 import sys
 import threading
-from types import FrameType
-from typing import Protocol
+from types import FrameType, TracebackType
+from typing import Protocol, Self
 
 
 class ForegroundService(Protocol):
@@ -31,6 +31,31 @@ class ForegroundService(Protocol):
     def check(self) -> int | None:
         """None while it serves (restarting parts that died, if it does that); else its exit code, having said why."""
         ...
+
+
+class Service:
+    """Base of the child services: ``with service:`` starts and stops it; ``run_foreground()`` runs it as a command."""
+
+    start_error: type[Exception] = Exception
+
+    def start(self) -> str:
+        raise NotImplementedError
+
+    def stop(self) -> object:
+        raise NotImplementedError
+
+    def run_foreground(self) -> int:
+        """Start, print where it is, block until SIGINT/SIGTERM or its end, stop; returns an exit code."""
+        return run_foreground(self, self.start_error)  # type: ignore[arg-type]
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
 
 
 def run_foreground(service: ForegroundService, start_error: type[Exception]) -> int:

@@ -10,10 +10,9 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import TracebackType
 
 from schemas.errors import BrokerError
-from services.foreground import run_foreground
+from services.foreground import Service
 from services.localbroker import config
 from services.localbroker.runner import (
     READY_TIMEOUT_S,
@@ -63,7 +62,7 @@ def default_data_dir(settings: Settings, nodes: int) -> Path:
     return single.with_name(f"{single.name}-{nodes}nodes")
 
 
-class LocalCluster:
+class LocalCluster(Service):
     """``nodes`` KRaft broker+controller JVMs on 127.0.0.1 with one quorum, each with its own data dir under
     ``data_dir/node-<id>``; clients on ports P..P+n-1, controllers on P+n..P+2n-1."""
 
@@ -181,11 +180,8 @@ class LocalCluster:
         self._stopping.set()
         self._stop_nodes(timeout_s)
 
+    start_error = BrokerError
     title = "the Kafka cluster"
-
-    def run_foreground(self) -> int:
-        """Start, print the bootstrap list, restart nodes that die, stop on SIGINT/SIGTERM; returns an exit code."""
-        return run_foreground(self, BrokerError)
 
     def abort_start(self) -> None:
         self._stopping.set()
@@ -210,15 +206,6 @@ class LocalCluster:
     def check(self) -> int | None:
         self.restart_dead_nodes()
         return None
-
-    def __enter__(self) -> LocalCluster:
-        self.start()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
     # -- internals
 

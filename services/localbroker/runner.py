@@ -25,11 +25,10 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from types import TracebackType
 from typing import IO
 
 from schemas.errors import BrokerError, MissingToolError
-from services.foreground import run_foreground
+from services.foreground import Service
 from services.localbroker import config
 from services.process import die_with_parent, terminate
 from services.settings import Settings
@@ -242,7 +241,7 @@ class ClusterNode:
         return self.voters[self.node_id]
 
 
-class LocalBroker:
+class LocalBroker(Service):
     """A KRaft Kafka broker (broker+controller) in a child JVM on 127.0.0.1: a single node, or a node of a cluster.
 
     A single node runs in a process group of its own; a cluster node stays in ours (so that the whole command can be
@@ -369,11 +368,8 @@ class LocalBroker:
             self.port = None
             return code
 
+    start_error = BrokerError
     title = "the Kafka broker"
-
-    def run_foreground(self) -> int:
-        """Start, print the bootstrap address, block until SIGINT/SIGTERM, stop; returns an exit code."""
-        return run_foreground(self, BrokerError)
 
     def abort_start(self) -> None:
         self._abort.set()
@@ -391,15 +387,6 @@ class LocalBroker:
         code = proc.returncode if proc is not None else 1
         print(f"Kafka broker exited on its own (code {code}); see {self.log_file}", file=sys.stderr)
         return code or 1
-
-    def __enter__(self) -> LocalBroker:
-        self.start()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
     def output_tail(self, lines: int = 40) -> str:
         """The last lines of the broker's console output and log file, for error messages."""

@@ -17,10 +17,9 @@ import urllib.error
 import urllib.request
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from types import TracebackType
 
 from schemas.errors import MissingToolError, RegistryError, TokenRelayError
-from services.foreground import run_foreground
+from services.foreground import Service
 from services.process import die_with_parent, terminate
 from services.settings import Settings
 
@@ -171,7 +170,7 @@ def jvm_command(
     ]
 
 
-class LocalRegistry:
+class LocalRegistry(Service):
     """Apicurio Registry in a child JVM on 127.0.0.1, its schemas kept in a journal topic on the Kafka cluster."""
 
     def __init__(
@@ -313,12 +312,13 @@ class LocalRegistry:
             return f"--- {self.log_file} ---\n" + "\n".join(text)
         return ""
 
+    start_error = RegistryError
     title = "the schema registry"
 
     def run_foreground(self) -> int:
-        """Start, print the URL, block until SIGINT/SIGTERM, stop; returns an exit code."""
+        """Say that the registry is starting (it takes a while), then run it as a command."""
         print(f"starting the schema registry (Apicurio {apicurio_version()})…", file=sys.stderr, flush=True)
-        return run_foreground(self, RegistryError)
+        return super().run_foreground()
 
     def abort_start(self) -> None:
         self._abort.set()
@@ -334,15 +334,6 @@ class LocalRegistry:
             return None
         print(f"the schema registry exited on its own; see {self.log_file}", file=sys.stderr)
         return 1
-
-    def __enter__(self) -> LocalRegistry:
-        self.start()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
 
 def main() -> int:
