@@ -19,11 +19,11 @@ from services.localbroker.runner import (
     STOP_TIMEOUT_S,
     ClusterNode,
     LocalBroker,
-    _port_is_free,
     ensure_jars,
     java_binary,
     metadata_broker_count,
 )
+from services.ports import port_free
 from services.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ def free_port_block(count: int, rng: random.Random | None = None) -> int:
     low, high = PORT_RANGE
     for _ in range(200):
         base = rng.randrange(low, high - count)
-        if all(_port_is_free(p) for p in range(base, base + count)):
+        if all(port_free(config.HOST, p) for p in range(base, base + count)):
             return base
     raise BrokerError(f"no {count} consecutive free ports found in {low}..{high}")
 
@@ -121,7 +121,7 @@ class LocalCluster(Service):
             self.data_dir.mkdir(parents=True, exist_ok=True)
             base = self.requested_port or free_port_block(2 * self.size)
             clients, controllers = node_ports(base, self.size)
-            busy = [p for p in clients + controllers if not _port_is_free(p)]
+            busy = [p for p in clients + controllers if not port_free(config.HOST, p)]
             if busy:
                 raise BrokerError(
                     f"ports {busy} on {config.HOST} are in use: a {self.size}-node cluster at --port {base} needs "

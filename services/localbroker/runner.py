@@ -30,6 +30,7 @@ from typing import IO
 from schemas.errors import BrokerError, MissingToolError
 from services.foreground import Service
 from services.localbroker import config
+from services.ports import port_free
 from services.process import die_with_parent, terminate
 from services.settings import Settings
 
@@ -200,17 +201,6 @@ def free_port(host: str = config.HOST) -> int:
         return int(sock.getsockname()[1])
 
 
-def _port_is_free(port: int, host: str = config.HOST) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        # Like the JVM's server sockets, so a port in TIME_WAIT after our own restart counts as free.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-        return True
-
-
 def jvm_options(heap_mb: int) -> list[str]:
     """JVM flags for a small, quick-starting broker."""
     return [
@@ -318,7 +308,7 @@ class LocalBroker(Service):
             java = java_binary()
             classpath = ensure_jars(self.settings)
             port = self.requested_port or free_port()
-            if not _port_is_free(port):
+            if not port_free(config.HOST, port):
                 raise BrokerError(
                     f"port {port} on {config.HOST} is already in use: another broker running? "
                     "choose another with --port / TOKENRELAY_BROKER_PORT"
@@ -329,7 +319,7 @@ class LocalBroker(Service):
                     controller_port = free_port()
             else:
                 controller_port = self.node.controller_port
-                if not _port_is_free(controller_port):
+                if not port_free(config.HOST, controller_port):
                     raise BrokerError(f"controller port {controller_port} on {config.HOST} is already in use")
             self.data_dir.mkdir(parents=True, exist_ok=True)
             properties = self.data_dir / "server.properties"

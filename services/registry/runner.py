@@ -20,6 +20,7 @@ from pathlib import Path
 
 from schemas.errors import MissingToolError, RegistryError, TokenRelayError
 from services.foreground import Service
+from services.ports import port_free
 from services.process import die_with_parent, terminate
 from services.settings import Settings
 
@@ -109,16 +110,6 @@ def ensure_app(settings: Settings, *, pom: Path = POM, quiet: bool = False) -> P
             raise RegistryError(f"`mvn dependency:unpack-dependencies` failed (exit {result.returncode})\n{tail}")
         os.replace(partial, target)
     return jar
-
-
-def port_is_free(port: int, host: str = HOST) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-        return True
 
 
 def _free_port(host: str = HOST) -> int:
@@ -214,7 +205,7 @@ class LocalRegistry(Service):
         self._began = time.monotonic()
         self._java, self._jar = java_binary(), ensure_app(self.settings)
         port = self.requested_port or _free_port()
-        if not port_is_free(port):
+        if not port_free(HOST, port):
             raise RegistryError(
                 f"port {port} on {HOST} is already in use: another registry running? "
                 "choose another with --port / TOKENRELAY_REGISTRY_PORT"
@@ -261,7 +252,7 @@ class LocalRegistry(Service):
                 if (
                     port_taken
                     and attempts < PORT_ATTEMPTS
-                    and (not self.requested_port or port_is_free(self.port or 0))
+                    and (not self.requested_port or port_free(HOST, self.port or 0))
                 ):
                     attempts += 1
                     self._spawn(self.requested_port or _free_port())
