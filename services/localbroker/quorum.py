@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import socket
 import struct
 
 from schemas.varint import decode_uvarint, encode_uvarint
-from services.localbroker.runner import recv_exact
+from services.localbroker.runner import kafka_round_trip
 
 DESCRIBE_QUORUM = 55
 METADATA_TOPIC = "__cluster_metadata"
@@ -49,15 +48,8 @@ def leader_from_response(body: bytes, correlation_id: int) -> int | None:
 
 def active_controller(host: str, port: int, timeout_s: float = 5.0) -> int | None:
     """Node id of the active controller, asked of the broker at host:port (which forwards to the quorum)."""
-    try:
-        with socket.create_connection((host, port), timeout=timeout_s) as sock:
-            sock.settimeout(timeout_s)
-            sock.sendall(describe_quorum_request(correlation_id=7))
-            (size,) = struct.unpack(">i", recv_exact(sock, 4))
-            body = recv_exact(sock, size)
-    except (OSError, ConnectionError, struct.error):
-        return None
-    return leader_from_response(body, correlation_id=7)
+    body = kafka_round_trip(host, port, describe_quorum_request(correlation_id=7), timeout_s)
+    return None if body is None else leader_from_response(body, correlation_id=7)
 
 
 def _uvarint_at(data: bytes, pos: int) -> tuple[int, int]:

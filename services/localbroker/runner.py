@@ -536,15 +536,20 @@ def metadata_ready(host: str, port: int, timeout_s: float = 2.0) -> bool:
 
 def metadata_broker_count(host: str, port: int, timeout_s: float = 2.0) -> int:
     """How many live brokers the broker at host:port lists in a Metadata answer (0 when it does not answer)."""
+    body = kafka_round_trip(host, port, _metadata_request(correlation_id=1), timeout_s)
+    return 0 if body is None else _metadata_broker_count(body, correlation_id=1)
+
+
+def kafka_round_trip(host: str, port: int, request: bytes, timeout_s: float) -> bytes | None:
+    """Send one size-framed Kafka request and return the response body; None when the broker does not answer."""
     try:
         with socket.create_connection((host, port), timeout=timeout_s) as sock:
             sock.settimeout(timeout_s)
-            sock.sendall(_metadata_request(correlation_id=1))
+            sock.sendall(request)
             (size,) = struct.unpack(">i", recv_exact(sock, 4))
-            body = recv_exact(sock, size)
+            return recv_exact(sock, size)
     except (OSError, ConnectionError, struct.error):
-        return 0
-    return _metadata_broker_count(body, correlation_id=1)
+        return None
 
 
 def _metadata_request(correlation_id: int) -> bytes:
