@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 FINISH_REASONS = ("stop", "length", "cancelled")
+# Service classes: interactive work never waits behind batch work (each class has its own topic per model).
+PRIORITIES = ("interactive", "batch")
 
 
 @dataclass(slots=True, frozen=True)
@@ -30,6 +32,9 @@ class InferenceRequest:
     deadline_ms: int | None = None
     tenant: str = ""
     created_ms: int | None = None
+    priority: str = "interactive"
+    batch_id: str = ""
+    custom_id: str = ""
 
 
 @dataclass(slots=True, frozen=True)

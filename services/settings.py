@@ -325,9 +325,9 @@ class Settings:
         """Full topic name for one of the design's topics ('requests', 'events', ...)."""
         return f"{self.topic_prefix}{name}"
 
-    def requests_topic_for(self, model: str) -> str:
-        """Requests topic of one served model name."""
-        return self.topic(f"requests.{model}")
+    def requests_topic_for(self, model: str, priority: str = "interactive") -> str:
+        """Requests topic of one served model name and service class (``batch.<model>`` for the batch class)."""
+        return self.topic(f"batch.{model}" if priority == "batch" else f"requests.{model}")
 
     @property
     def served_model(self) -> str:

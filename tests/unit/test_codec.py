@@ -87,7 +87,7 @@ def test_plain_fastavro_reads_codec_output_with_avsc_alone() -> None:
     record = RECORDS[1]
     assert isinstance(record, InferenceRequest)
     data = default_codec().encode(record)
-    schema = json.loads((AVRO_DIR / "InferenceRequest.v1.avsc").read_text())
+    schema = json.loads((AVRO_DIR / "InferenceRequest.v2.avsc").read_text())
     # The spec's framing: 2-byte marker, 8-byte little-endian CRC-64-AVRO, then the body.
     assert data[:2] == b"\xc3\x01"
     assert data[2:10].hex() == fastavro_fingerprint(to_parsing_canonical_form(schema), "CRC-64-AVRO")
@@ -113,8 +113,8 @@ def _defaults(schema: dict[str, Any]) -> dict[str, Any]:
 
 
 def _evolved_request_schema() -> dict[str, Any]:
-    schema = copy.deepcopy(json.loads((AVRO_DIR / "InferenceRequest.v1.avsc").read_text()))
-    schema["fields"].append({"name": "priority", "type": "int", "default": 0, "doc": "added in v2"})
+    schema = copy.deepcopy(json.loads((AVRO_DIR / "InferenceRequest.v2.avsc").read_text()))
+    schema["fields"].append({"name": "evolved", "type": "int", "default": 0, "doc": "added in v3"})
     return schema
 
 
@@ -125,23 +125,23 @@ def _registry_with(schema: dict[str, Any], version: int) -> SchemaRegistry:
 
 
 def test_new_reader_reads_old_writer() -> None:
-    """A v2 reader fills the added field's default when reading a v1 record."""
+    """A newer reader fills the added field's default when reading a v1 record."""
     old = default_codec().encode(InferenceRequest(RID, "x", 4))
-    new_codec = Codec(_registry_with(_evolved_request_schema(), version=2))
+    new_codec = Codec(_registry_with(_evolved_request_schema(), version=3))
     name, value = new_codec.decode_dict(old)
     assert name == "InferenceRequest"
-    assert value["priority"] == 0
+    assert value["evolved"] == 0
     assert value["prompt"] == "x"
 
 
 def test_old_reader_reads_new_writer() -> None:
-    """A v1 reader that knows the v2 writer schema drops the field it does not know."""
+    """An older reader that knows the newer writer schema drops the field it does not know."""
     v2 = _evolved_request_schema()
-    writer = Codec(_registry_with(v2, version=2))
+    writer = Codec(_registry_with(v2, version=3))
     data = writer.encode_dict(
-        "InferenceRequest", {**_defaults(v2), "request_id": RID, "prompt": "y", "max_tokens": 2, "priority": 9}
+        "InferenceRequest", {**_defaults(v2), "request_id": RID, "prompt": "y", "max_tokens": 2, "evolved": 9}
     )
-    # The old reader ships v2 among its known versions but still reads with v1.
+    # The old reader ships the newer schema among its known versions but still reads with its own.
     old_reader_registry = SchemaRegistry(AVRO_DIR.glob("*.avsc"))
     old_reader_registry.add(v2, version=0)
     assert Codec(old_reader_registry).decode_request(data) == InferenceRequest(RID, "y", 2)
