@@ -11,8 +11,8 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.auth import CANCEL, WATCH
-from gateway.context import (
+from gateway.api.auth import CANCEL, WATCH
+from gateway.api.context import (
     Gateway,
     authorize_read,
     check_backlog,
@@ -31,12 +31,12 @@ from gateway.context import (
     require_known,
     resolve_model,
 )
-from gateway.cursor import Cursor, decode_cursor
-from gateway.hub import Subscription
-from gateway.sse import KEEPALIVE, PREAMBLE
-from gateway.upstream import FORWARDED_HEADER
-from gateway.validation import parse_messages, parse_prompt, parse_sampling
-from gateway.view import EventName
+from gateway.api.validation import parse_messages, parse_prompt, parse_sampling
+from gateway.cluster.upstream import FORWARDED_HEADER
+from gateway.fanout.cursor import Cursor, decode_cursor
+from gateway.fanout.hub import Subscription
+from gateway.fanout.sse import KEEPALIVE, PREAMBLE
+from schemas.view import EventName
 
 log = logging.getLogger(__name__)
 

@@ -12,16 +12,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from gateway.backfills import BackfillLimit
-from gateway.cursor import Cursor, encode_cursor, event_epoch
+from gateway.fanout.backfills import BackfillLimit
+from gateway.fanout.cursor import Cursor, encode_cursor, event_epoch
+from gateway.fanout.sse import frame
 from gateway.metrics import GatewayMetrics
-from gateway.sse import frame
-from gateway.view import EventName, View, ViewEvent
 from schemas.codec import Codec, default_codec
 from schemas.errors import CursorError, DecodeError, KafkaUnavailable, NotOwner, ValidationError
 from schemas.ids import CLOCK_SKEW_MS, request_id_time_ms
 from schemas.partitioning import partition_for_key
 from schemas.records import TokenEvent
+from schemas.view import EventName, View, ViewEvent
 
 log = logging.getLogger(__name__)
 
@@ -183,14 +183,14 @@ class Entry:
     subscribers: set[Subscription] = field(default_factory=set)
     backfill: asyncio.Task[None] | None = None
     pending: list[tuple[int, TokenEvent]] | None = None
-    followed: bool = False  # fed by the owning gateway's stream (gateway.upstream), not by this gateway's read
+    followed: bool = False  # fed by the owning gateway's stream (gateway.cluster.upstream), not by this gateway's read
     last_out: Out | None = None
     terminal: Out | None = None
     progress: asyncio.Event | None = None  # set (and dropped) at the next event; created by whoever waits
 
 
 class Upstream(Protocol):
-    """Follows requests whose partition another gateway reads (gateway.upstream.Follower)."""
+    """Follows requests whose partition another gateway reads (gateway.cluster.upstream.Follower)."""
 
     def follow(self, entry: Entry) -> None:
         """Make sure the entry is fed from its owner, resuming after ``entry.last_out``."""

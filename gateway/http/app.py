@@ -11,8 +11,9 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway import native, openai, pages, responses
-from gateway.context import GATEWAY, Gateway, gateway_of
+from gateway.api import native, openai, responses
+from gateway.api.context import GATEWAY, Gateway, gateway_of
+from gateway.http import pages
 from schemas.errors import BodyTooLarge, FieldError, TokenRelayError
 
 log = logging.getLogger(__name__)

@@ -34,11 +34,11 @@ def version() -> str:
 
 
 def _cmd_broker(args: argparse.Namespace, settings: Settings) -> int:
-    from services.localbroker.runner import LocalBroker
+    from services.local.broker.runner import LocalBroker
 
     port = args.port if args.port is not None else settings.broker_port
     if args.nodes > 1:
-        from services.localbroker.cluster import LocalCluster
+        from services.local.broker.cluster import LocalCluster
 
         cluster_dir = Path(args.data_dir) if args.data_dir else None
         return LocalCluster(settings, args.nodes, port=port, data_dir=cluster_dir).run_foreground()
@@ -47,7 +47,7 @@ def _cmd_broker(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_registry(args: argparse.Namespace, settings: Settings) -> int:
-    from services.registry.runner import LocalRegistry
+    from services.local.registry.runner import LocalRegistry
 
     _require_kafka(settings, args)  # its schemas live in a Kafka topic
     return LocalRegistry(settings, port=args.port).run_foreground()
@@ -77,7 +77,7 @@ def _cmd_settings(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
-    from services.ports import check_ports, listens
+    from services.local.ports import check_ports, listens
     from workers.main import run_worker
 
     check_ports(listens(settings, ["worker"], standalone=True))
@@ -86,7 +86,7 @@ def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
 def _cmd_gateway(args: argparse.Namespace, settings: Settings) -> int:
     from gateway.main import run_gateway
-    from services.ports import check_ports, listens
+    from services.local.ports import check_ports, listens
 
     check_ports(listens(settings, ["gateway"], standalone=True))
     return run_gateway(settings)
@@ -94,14 +94,14 @@ def _cmd_gateway(args: argparse.Namespace, settings: Settings) -> int:
 
 def _cmd_analytics(args: argparse.Namespace, settings: Settings) -> int:
     from services.analytics.main import run_analytics
-    from services.ports import check_ports, listens
+    from services.local.ports import check_ports, listens
 
     check_ports(listens(settings, ["analytics"], standalone=True))
     return run_analytics(settings)
 
 
 def _cmd_up(args: argparse.Namespace, settings: Settings) -> int:
-    from services.stack import run_stack
+    from services.local.stack import run_stack
 
     source = args.sources["kafka_bootstrap"]
     existing = source in ("environment", "flag --bootstrap")
@@ -110,7 +110,7 @@ def _cmd_up(args: argparse.Namespace, settings: Settings) -> int:
 
 def _cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
     from schemas.sampling import SamplingParams
-    from services.submit import submit
+    from services.cli.submit import submit
 
     SamplingParams(args.max_tokens, args.temperature, args.top_p).check(settings.max_tokens_limit)
     _require_kafka(settings, args)
@@ -129,7 +129,7 @@ def _cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_tail(args: argparse.Namespace, settings: Settings) -> int:
-    from services.logtools import parse_time, tail
+    from services.cli.logtools import parse_time, tail
 
     if args.since is not None:
         parse_time(args.since)
@@ -138,7 +138,7 @@ def _cmd_tail(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_export(args: argparse.Namespace, settings: Settings) -> int:
-    from services.logtools import export, parse_time
+    from services.cli.logtools import export, parse_time
 
     parse_time(args.since)
     if args.until is not None:
@@ -149,7 +149,7 @@ def _cmd_export(args: argparse.Namespace, settings: Settings) -> int:
 
 def _require_kafka(settings: Settings, args: argparse.Namespace) -> None:
     """A one-line error at once when no broker answers, instead of a minute of retries."""
-    from services.readiness import kafka_answers
+    from services.local.readiness import kafka_answers
 
     if not kafka_answers(settings.kafka_bootstrap):
         source = args.sources.get("kafka_bootstrap", "default")
@@ -290,7 +290,7 @@ def _settings(args: argparse.Namespace) -> tuple[Settings, dict[str, str]]:
     settings = Settings.from_env(**given)
     where = sources(os.environ, where)
     if args.command in CLIENT_COMMANDS and where["kafka_bootstrap"] == "default":
-        from services.runstate import read_state
+        from services.local.runstate import read_state
 
         state = read_state(settings)
         if state is not None:

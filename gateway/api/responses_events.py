@@ -8,10 +8,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.openai import AnswerFold, Completed, Failed, Rewritten, TextDelta
-from gateway.sse import frame
-from gateway.view import EventName, View, ViewEvent
+from gateway.api.openai import AnswerFold, Completed, Failed, Rewritten, TextDelta
+from gateway.fanout.sse import frame
 from schemas.ids import request_id_time_ms
+from schemas.view import EventName, View, ViewEvent
 
 RESPONSE_PREFIX = "resp_"
 ITEM_PREFIX = "msg_"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import struct
 
 from schemas.varint import decode_uvarint, encode_uvarint
-from services.localbroker.runner import kafka_round_trip
+from services.local.broker.runner import kafka_round_trip
 
 DESCRIBE_QUORUM = 55
 METADATA_TOPIC = "__cluster_metadata"

@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-from gateway.cursor import Cursor, decode_framed, encode_cursor
-from gateway.hub import Entry, Hub, Out
+from gateway.cluster.owners import Owners
+from gateway.fanout.cursor import Cursor, decode_framed, encode_cursor
+from gateway.fanout.hub import Entry, Hub, Out
 from gateway.metrics import GatewayMetrics
-from gateway.owners import Owners
-from gateway.view import EventName, ViewEvent
 from schemas.errors import CursorError
+from schemas.view import EventName, ViewEvent
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def parse_block(block: bytes, now_ms: int) -> Out | None:
     lines = block.split(b"\n")
     if len(lines) != 3:
         return None  # a comment, the retry line, or an event without a cursor (reset)
-    cursor_line, name_line, data_line = lines  # the owner frames exactly these three (gateway.sse.frame)
+    cursor_line, name_line, data_line = lines  # the owner frames exactly these three (gateway.fanout.sse.frame)
     if not (cursor_line.startswith(b"id: ") and name_line.startswith(b"event: ") and data_line.startswith(b"data: ")):
         return None
     name = _NAMES.get(name_line[7:])

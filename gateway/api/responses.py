@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from gateway.context import (
+from gateway.api.context import (
     FUTURE_ID_MS,
     Gateway,
     authorize_read,
@@ -26,13 +26,13 @@ from gateway.context import (
     require_key,
     resolve_model,
 )
-from gateway.openai import TOO_SLOW, AnswerFold, cancel_quietly, follow
-from gateway.responses_body import parse_create
-from gateway.responses_events import RESPONSE_PREFIX, ResponseEvents, ResponseOptions, response_id
-from gateway.view import EventName, View, ViewEvent
+from gateway.api.openai import TOO_SLOW, AnswerFold, cancel_quietly, follow
+from gateway.api.responses_body import parse_create
+from gateway.api.responses_events import RESPONSE_PREFIX, ResponseEvents, ResponseOptions, response_id
 from schemas.errors import ClientClosed, Conflict, FieldError, NotFound, ValidationError, ended_with
 from schemas.ids import parse_request_id, request_id_time_ms
 from schemas.records import Accepted
+from schemas.view import EventName, View, ViewEvent
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http_exceptions import LineTooLong
 
-from gateway.app import render_error
+from gateway.http.app import render_error
 from schemas.errors import MalformedRequest, RequestTimeout, TokenRelayError, TooManyConnections
 from services.settings import Settings
 

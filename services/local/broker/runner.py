@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import IO
 
 from schemas.errors import BrokerError, MissingToolError
-from services.foreground import Service
-from services.localbroker import config
-from services.ports import port_free
-from services.process import die_with_parent, terminate
+from services.local.broker import config
+from services.local.foreground import Service
+from services.local.ports import port_free
+from services.local.process import die_with_parent, terminate
 from services.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -590,8 +590,8 @@ def running_broker(settings: Settings, port: int | None = None, data_dir: Path |
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m services.localbroker.runner [--resolve-only] [--port P] [--data-dir D]``."""
-    parser = argparse.ArgumentParser(prog="python -m services.localbroker.runner", description=__doc__)
+    """``python -m services.local.broker.runner [--resolve-only] [--port P] [--data-dir D]``."""
+    parser = argparse.ArgumentParser(prog="python -m services.local.broker.runner", description=__doc__)
     parser.add_argument("--resolve-only", action="store_true", help="resolve and cache the broker jars, then exit")
     parser.add_argument("--port", type=int, default=None, help="broker port (0 = any free port)")
     parser.add_argument("--data-dir", type=Path, default=None, help="data directory (persists across restarts)")

@@ -19,7 +19,7 @@ from aiokafka.cluster import ClusterMetadata
 from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment, ConsumerProtocolMemberMetadata
 from aiokafka.structs import ConsumerRecord
 
-from gateway.owners import (
+from gateway.cluster.owners import (
     Member,
     Owners,
     decode_map,

@@ -8,9 +8,9 @@ import logging
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from gateway.models import ModelDirectory
 from schemas.codec import Codec, default_codec
 from schemas.errors import DecodeError
+from schemas.models import ModelDirectory
 from services.kafka import start_client
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from gateway.context import (
+from gateway.api.context import (
     Gateway,
     check_backlog,
     check_limits,
@@ -27,11 +27,11 @@ from gateway.context import (
     require_key,
     resolve_model,
 )
-from gateway.hub import Subscription
-from gateway.validation import parse_messages, parse_n, parse_prompt, parse_sampling, parse_stream_flags
-from gateway.view import EventName, ViewEvent
+from gateway.api.validation import parse_messages, parse_n, parse_prompt, parse_sampling, parse_stream_flags
+from gateway.fanout.hub import Subscription
 from schemas.errors import ClientClosed, ended_with
 from schemas.records import ChatMessage, InferenceRequest
+from schemas.view import EventName, ViewEvent
 
 log = logging.getLogger(__name__)
 

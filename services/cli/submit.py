@@ -9,15 +9,15 @@ import time
 
 from aiokafka import TopicPartition
 
-from gateway.models import LiveModel, ModelDirectory
-from gateway.models_source import ModelsFollower
-from gateway.view import EventName, View
 from schemas.errors import ConfigError
 from schemas.ids import CLOCK_SKEW_MS, new_request_id, request_id_time_ms
+from schemas.models import LiveModel, ModelDirectory
 from schemas.partitioning import partition_for_key
 from schemas.records import ChatMessage, InferenceRequest
 from schemas.sampling import SamplingParams
+from schemas.view import EventName, View
 from services.kafka import make_consumer, make_producer, read_key, start_client
+from services.models_source import ModelsFollower
 from services.requests import submit_request
 from services.schema_registry import prepare_codec, reading_codec
 from services.settings import Settings

@@ -22,10 +22,10 @@ from types import FrameType
 from typing import IO, TypeVar
 
 from schemas.errors import ConfigError
-from services.ports import check_ports, listens
-from services.process import child_env, die_with_parent
-from services.readiness import ProbeResult, kafka_answers, probe
-from services.runstate import UpState, clear_state, write_state
+from services.local.ports import check_ports, listens
+from services.local.process import child_env, die_with_parent
+from services.local.readiness import ProbeResult, kafka_answers, probe
+from services.local.runstate import UpState, clear_state, write_state
 from services.settings import NON_SETTING_PREFIXES, Settings, variables
 
 log = logging.getLogger(__name__)
@@ -357,7 +357,7 @@ def run_stack(
     print(f"starting tokenrelay on this machine ({where})", flush=True)
     try:
         if local_broker:
-            from services.localbroker.runner import LocalBroker, classpath_file, ensure_jars
+            from services.local.broker.runner import LocalBroker, classpath_file, ensure_jars
 
             if not classpath_file(settings).exists():
                 progress.begin("kafka", "the broker's jars from Maven Central (first time only)", others_print=True)
@@ -375,7 +375,7 @@ def run_stack(
         created = asyncio.run(ensure_topics(settings))
         progress.end(f"created {len(created)}" if created else "present")
         if embedded_registry:
-            from services.registry.runner import app_dir, ccompat_url, ensure_app
+            from services.local.registry.runner import app_dir, ccompat_url, ensure_app
 
             if not app_dir(settings).exists():
                 progress.begin("registry", "Apicurio Registry from Maven Central (~160 MB, first time only)")

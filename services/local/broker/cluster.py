@@ -12,9 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from schemas.errors import BrokerError
-from services.foreground import Service
-from services.localbroker import config
-from services.localbroker.runner import (
+from services.local.broker import config
+from services.local.broker.runner import (
     READY_TIMEOUT_S,
     STOP_TIMEOUT_S,
     ClusterNode,
@@ -23,7 +22,8 @@ from services.localbroker.runner import (
     java_binary,
     metadata_broker_count,
 )
-from services.ports import port_free
+from services.local.foreground import Service
+from services.local.ports import port_free
 from services.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -10,9 +10,9 @@ from collections.abc import AsyncIterator
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
-from gateway.group import GroupReader, Reassign
-from gateway.hub import SourceRecord
-from gateway.owners import Owners
+from gateway.cluster.group import GroupReader, Reassign
+from gateway.cluster.owners import Owners
+from gateway.fanout.hub import SourceRecord
 from schemas.errors import KafkaUnavailable
 from services.kafka import make_consumer, map_kafka_errors, read_key, start_client
 from services.settings import Settings

@@ -99,7 +99,7 @@ def probe(gateway_url: str, api_key: str | None = None, deadline_s: float = 600.
 
 def kafka_answers(bootstrap: str, timeout_s: float = 3.0) -> bool:
     """True when a broker of ``bootstrap`` (comma-separated host:port) answers a metadata request."""
-    from services.localbroker.runner import metadata_ready
+    from services.local.broker.runner import metadata_ready
 
     for address in bootstrap.split(","):
         host, _, port = address.strip().rpartition(":")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.validation import CHAT_ROLES, MAX_PROMPT_CHARS, parse_sampling
+from gateway.api.validation import CHAT_ROLES, MAX_PROMPT_CHARS, parse_sampling
 from schemas.errors import FieldError, Unsupported
 from schemas.records import ChatMessage
 from schemas.sampling import SamplingParams

@@ -12,12 +12,11 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from gateway.auth import WATCH, Auth
-from gateway.backlog import BacklogMonitor
-from gateway.hub import Hub
+from gateway.api.auth import WATCH, Auth
+from gateway.api.backlog import BacklogMonitor
+from gateway.api.validation import parse_json_object
+from gateway.fanout.hub import Hub
 from gateway.metrics import GatewayMetrics
-from gateway.models import LiveModel, ModelDirectory
-from gateway.validation import parse_json_object
 from schemas.codec import default_codec
 from schemas.errors import (
     BodyTooLarge,
@@ -32,6 +31,7 @@ from schemas.errors import (
     ValidationError,
 )
 from schemas.ids import new_request_id, parse_request_id, request_id_time_ms
+from schemas.models import LiveModel, ModelDirectory
 from schemas.records import Accepted, ChatMessage, ControlEvent, InferenceRequest
 from schemas.sampling import SamplingParams
 from services.kafka import map_kafka_errors, record_headers

@@ -19,9 +19,9 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from schemas.errors import MissingToolError, RegistryError, TokenRelayError
-from services.foreground import Service
-from services.ports import port_free
-from services.process import die_with_parent, terminate
+from services.local.foreground import Service
+from services.local.ports import port_free
+from services.local.process import die_with_parent, terminate
 from services.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -328,7 +328,7 @@ class LocalRegistry(Service):
 
 
 def main() -> int:
-    """``python -m services.registry.runner --resolve-only``: fetch and unpack the app (for `make install`)."""
+    """``python -m services.local.registry.runner --resolve-only``: fetch and unpack the app (for `make install`)."""
     settings = Settings.from_env()
     if "--resolve-only" in sys.argv[1:]:
         try:
