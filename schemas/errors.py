@@ -30,6 +30,7 @@ TokenRelayError                 root; every error raised on purpose by tokenrela
 ├── NotOwner                    a forwarded stream asked of a gateway that does not   421 not_owner
 │                               read its partition (retriable: the caller re-resolves)
 └── EngineError                 the model or scheduler failed
+    └── EngineRefused           the engine cannot do what the request asks          (a code per reason)
 
 Lower-level errors (aiokafka, torch, OS) are translated where they enter the
 project (aiokafka's at ``services.kafka.map_kafka_errors``); ``retriable`` tells
@@ -230,8 +231,22 @@ class EngineError(TokenRelayError):
     code = "engine_error"
 
 
+class EngineRefused(EngineError):
+    """The served model's engine cannot do what this request asks (the request ends with this code, never ignored)."""
+
+    code = "unsupported_parameter"
+
+
 # Codes of a worker's Failed that say the request itself was wrong (answered 4xx where an HTTP answer is still open).
-REFUSAL_CODES = frozenset({"prompt_too_long", "context_length_exceeded", "chat_template_missing", "deadline_exceeded"})
+REFUSAL_CODES = frozenset(
+    {
+        "prompt_too_long",
+        "context_length_exceeded",
+        "chat_template_missing",
+        "deadline_exceeded",
+        "unsupported_parameter",
+    }
+)
 
 
 def ended_with(code: str, message: str) -> TokenRelayError:

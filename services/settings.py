@@ -17,7 +17,13 @@ from schemas.errors import ConfigError
 DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tokenrelay"
 
 
-ENGINES = ("model", "synthetic")
+# The engine registry: name → the module whose ``load(settings, name, source)`` puts that engine behind the worker's
+# engine port (imported only when a model uses it). A new engine is one module and one line here.
+ENGINES: dict[str, str] = {
+    "model": "workers.engine.engine",
+    "vllm": "workers.engine.vllm_engine",
+    "synthetic": "workers.synthetic",
+}
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 SUBJECT_STRATEGIES = ("topic", "record", "topic_record")
@@ -109,8 +115,10 @@ class Settings:
     engine: str = _setting(
         "model",
         "TOKENRELAY_ENGINE",
-        "'model' for the real engine, 'synthetic' for fixed-rate tokens with no model.",
-        ENGINES,
+        "Engine of models that name none: 'model' (the built-in engine), 'vllm' (vLLM's AsyncLLM, the optional "
+        "extra tokenrelay[vllm]), 'synthetic' (fixed-rate tokens, no model). A model names its own as "
+        "ENGINE:PATH in TOKENRELAY_MODEL, e.g. 'big=vllm:/models/llama'.",
+        tuple(ENGINES),
     )
     synthetic_tokens_per_s: float = _setting(
         50.0, "TOKENRELAY_SYNTHETIC_TOKENS_PER_S", "Per-request token rate of the synthetic engine."
@@ -121,6 +129,13 @@ class Settings:
         "TOKENRELAY_KV_CACHE_MB",
         "KV-cache budget of the engine in MiB; requests wait for room instead of running out of memory "
         "(0 = half the memory free when the model is loaded: RAM on cpu, GPU memory on cuda).",
+    )
+    vllm_gpu_memory_utilization: float = _setting(
+        0.9,
+        "TOKENRELAY_VLLM_GPU_MEMORY_UTILIZATION",
+        "vLLM engine on cuda: fraction of the GPU's memory vLLM may take (weights, activations and its KV cache), "
+        "used when TOKENRELAY_KV_CACHE_MB is 0. On cpu the KV cache is TOKENRELAY_KV_CACHE_MB (0 = 1 GiB), what "
+        "VLLM_CPU_KVCACHE_SPACE sets for vLLM's own server.",
     )
     prefill_chunk_tokens: int = _setting(
         512,
@@ -334,9 +349,10 @@ class Settings:
         """The name this worker's model is served under."""
         if self.served_name:
             return self.served_name
-        if self.engine == "synthetic" or self.model == "default":
+        engine, source = engine_of(self.model)
+        if (engine or self.engine) == "synthetic" or source == "default":
             return "default"
-        return self.model.rstrip("/").rsplit("/", 1)[-1] or "default"
+        return source.rstrip("/").rsplit("/", 1)[-1] or "default"
 
     @property
     def requests_topic(self) -> str:
@@ -419,6 +435,14 @@ def settings_table() -> str:
             default = str(default).replace(str(Path.home()), "~")
         rows.append(f"| `{f.metadata['env']}` | `{default}` | {f.metadata['doc']} |")
     return "\n".join(rows)
+
+
+def engine_of(source: str) -> tuple[str | None, str]:
+    """``ENGINE:PATH`` → (engine, path); a source that names no registered engine → (None, source)."""
+    engine, sep, rest = source.partition(":")
+    if sep and engine in ENGINES:
+        return engine, rest
+    return None, source
 
 
 def _suggest(word: str, choices: Sequence[str]) -> str:

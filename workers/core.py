@@ -7,13 +7,14 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
+from schemas.errors import EngineRefused
 from schemas.records import Failed, Finished, Usage
 from workers import metrics
 from workers.admission import Admission, Limits, Refusal, admit, precheck
 from workers.control import CancelledIds
-from workers.engine.types import EngineLike, EngineRequest, StepOutput
+from workers.engine.port import EnginePort
+from workers.engine.types import EngineRequest, StepOutput
 from workers.history import Prior
 from workers.ledger import Active, Ledger, Ticket
 from workers.publisher import EventSink, RunStream
@@ -34,7 +35,7 @@ class ModelCore:
 
     def __init__(
         self,
-        engine: EngineLike,
+        engine: EnginePort,
         limits: Limits,
         publisher: EventSink,
         worker_id: str,
@@ -51,10 +52,7 @@ class ModelCore:
         self.ledger = Ledger()
         self.solo: Active | None = None  # a suspect request running alone until its first token
         self.changed = asyncio.Event()  # set whenever a request leaves the ledger or the solo one makes progress
-        self._adds: list[EngineRequest] = []
-        self._aborts: list[str] = []
-        self._wake = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{limits.model}")
+        self._streams: set[asyncio.Task[None]] = set()
 
     # Admission ---------------------------------------------------------------------------------------------
 
@@ -117,8 +115,9 @@ class ModelCore:
             self._finish(active, "cancelled")
             return
         self.ledger.running(active)
-        self._adds.append(request)
-        self._wake.set()
+        task = asyncio.create_task(self._stream_outputs(active, request), name=f"run-{request.request_id}")
+        self._streams.add(task)
+        task.add_done_callback(self._streams.discard)
 
     def _stream(self, ticket: Ticket) -> RunStream:
         stream = RunStream(self.publisher, ticket.request.request_id, uuid.uuid4().hex)
@@ -128,49 +127,25 @@ class ModelCore:
     # Engine ------------------------------------------------------------------------------------------------
 
     async def run_engine(self) -> None:
-        """Feed the engine what was admitted or aborted, step it, and publish what it produced; forever."""
-        loop = asyncio.get_running_loop()
-        while True:
-            adds, self._adds = self._adds, []
-            aborts, self._aborts = self._aborts, []
-            for request in adds:
-                self._engine_call(request.request_id, self.engine.add, request)
-            for run_id in aborts:
-                self._engine_call(run_id, self.engine.abort, run_id)
-            if not self.engine.has_work():
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            try:
-                outputs = await loop.run_in_executor(self._executor, self.engine.step)
-            except Exception:
-                log.exception("engine step failed; failing the requests it was running")
-                self._fail_running()
-                continue
-            for out in outputs:
-                self.on_output(out)
-            metrics.RUNNING.set(self.engine.num_running)
-            metrics.WAITING.set(self.engine.num_waiting)
+        """Run the engine's background work until cancelled."""
+        await self.engine.serve()
 
-    def _engine_call(self, run_id: str, call: Callable[..., object], arg: object) -> None:
+    async def _stream_outputs(self, active: Active, request: EngineRequest) -> None:
+        """Publish what the engine generates for one run; a refusal or an engine failure fails the request."""
         try:
-            call(arg)
-        except Exception:
-            log.exception("engine refused run %s", run_id)
-            active = self.ledger.run(run_id)
-            self.ledger.run_ended(run_id)
-            if active is not None and not active.stream.abandoned:
-                self._fail(active, Failed("internal", INTERNAL.format("running")))
-
-    def _fail_running(self) -> None:
-        for active in self.ledger.select(lambda a: a.in_engine):
-            self.ledger.run_ended(active.run_id)
-            try:
-                self.engine.abort(active.run_id)
-            except Exception:
-                log.exception("engine could not abort run %s", active.run_id)
-            if not active.stream.abandoned:
-                self._fail(active, Failed("internal", INTERNAL.format("running")))
+            async for out in self.engine.generate(request):
+                self.on_output(out)
+                metrics.RUNNING.set(self.engine.num_running)
+                metrics.WAITING.set(self.engine.num_waiting)
+        except Exception as exc:
+            self.ledger.run_ended(request.request_id)
+            if isinstance(exc, EngineRefused):
+                failed = Failed(exc.code, exc.message)
+            else:
+                log.error("engine failed run %s", request.request_id, exc_info=exc)
+                failed = Failed("internal", INTERNAL.format("running"))
+            if self.ledger.get(active.request_id) is active and not active.stream.abandoned:
+                self._fail(active, failed)
 
     def on_output(self, out: StepOutput) -> None:
         active = self.ledger.run(out.request_id)  # the engine's request id is the run id
@@ -235,8 +210,7 @@ class ModelCore:
         active = self.ledger.get(rid)
         if active is not None and active.stream is stream:
             if active.in_engine:
-                self._aborts.append(active.run_id)
-                self._wake.set()
+                self.engine.abort(active.run_id)
             self._forget(active)
         log.warning("request %s: run %s lost an event; taking the request up again", rid, stream.run_id)
         self.on_retake(ticket)
@@ -257,8 +231,7 @@ class ModelCore:
         self.cancelled.add(request_id)
         active = self.ledger.get(request_id)
         if active is not None and active.in_engine:
-            self._aborts.append(active.run_id)
-            self._wake.set()
+            self.engine.abort(active.run_id)
 
     def abandon(self, which: Callable[[Ticket], bool]) -> list[Active]:
         """Stop these runs without a terminal event (another worker continues them from the log)."""
@@ -267,9 +240,8 @@ class ModelCore:
             log.info("request %s: abandoning run %s", active.request_id, active.run_id)
             active.stream.abandoned = True
             if active.in_engine:
-                self._aborts.append(active.run_id)
+                self.engine.abort(active.run_id)
             self._forget(active)
-        self._wake.set()
         return gone
 
     async def wait_changed(self) -> None:
@@ -277,7 +249,9 @@ class ModelCore:
         await self.changed.wait()
 
     def close(self) -> None:
-        self._executor.shutdown(wait=True)
+        for task in self._streams:
+            task.cancel()
+        self.engine.close()
 
 
 def _ignore(_: Ticket) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import logging
 import os
 import signal
@@ -21,13 +22,14 @@ from schemas.ids import is_model_name
 from schemas.records import ModelInfo
 from services.kafka import make_consumer, make_producer
 from services.schema_registry import prepare_codec
-from services.settings import Settings
+from services.settings import ENGINES, Settings, engine_of
 from services.topics import describe_topics, ensure_topics
 from workers import metrics
 from workers.admission import Limits
 from workers.announce import Announcer
 from workers.control import CancelledIds, ControlReader
 from workers.core import ModelCore
+from workers.engine.port import EnginePort, as_port
 from workers.engine.types import EngineLike
 from workers.publisher import Publisher
 from workers.served_model import ServedModel
@@ -61,52 +63,55 @@ class KafkaClients:
         return make_consumer(self.settings, auto_offset_reset="earliest")
 
 
-def served_models(settings: Settings) -> dict[str, str]:
-    """Served name → model source of each model this worker serves.
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    """One served model: the registered engine that runs it and where its weights come from."""
+
+    engine: str
+    source: str
+
+
+def served_models(settings: Settings) -> dict[str, ModelSpec]:
+    """Served name → engine and model source of each model this worker serves.
 
     ``TOKENRELAY_MODEL`` (``--model``) holds one model (``default``, a directory or a cached hub id, served under
-    ``TOKENRELAY_SERVED_NAME``), or several ``NAME=PATH_OR_ID`` separated by commas: small models that fit one process.
+    ``TOKENRELAY_SERVED_NAME``), or several ``NAME=SOURCE`` separated by commas: small models that fit one process.
+    A source may name its engine, ``ENGINE:PATH`` (``vllm:/models/llama``); else ``TOKENRELAY_ENGINE`` runs it.
     """
     specs = [part.strip() for part in settings.model.split(",") if part.strip()] or ["default"]
+    sources: dict[str, str] = {}
     if len(specs) == 1 and "=" not in specs[0]:
-        models = {settings.served_model: specs[0]}
+        sources[settings.served_model] = specs[0]
     else:
-        models = {}
         for spec in specs:
             name, sep, source = (part.strip() for part in spec.partition("="))
             if not sep or not source:
                 raise ConfigError(f"TOKENRELAY_MODEL entry {spec!r}: several models are given as NAME=PATH_OR_ID")
-            if name in models:
+            if name in sources:
                 raise ConfigError(f"TOKENRELAY_MODEL serves {name!r} twice")
-            models[name] = source
-    for name in models:
+            sources[name] = source
+    models: dict[str, ModelSpec] = {}
+    for name, source in sources.items():
         if not is_model_name(name):
             raise ConfigError(
                 f"served model name {name!r}: use letters, digits, '.', '_' or '-' (at most 64), not 'dlq'"
             )
+        engine, path = engine_of(source)
+        models[name] = ModelSpec(engine or settings.engine, path)
     return models
 
 
-def load_engines(settings: Settings) -> dict[str, EngineLike]:
-    """The engines this worker serves, by served name."""
-    if settings.engine == "synthetic":
-        from workers.synthetic import SyntheticEngine
-
-        log.warning("synthetic engine: %.0f tokens/s per request, no model", settings.synthetic_tokens_per_s)
-        engine: EngineLike = SyntheticEngine(settings.synthetic_tokens_per_s, settings.max_batch_size)
-        engine.name = settings.served_model
-        return {engine.name: engine}
-    from workers.engine.engine import Engine
-    from workers.model.registry import resolve_model
-
-    engines: dict[str, EngineLike] = {}
-    for name, source in served_models(settings).items():
-        engines[name] = Engine.from_settings(settings, resolve_model(source))
-        engines[name].name = name
+def load_engines(settings: Settings) -> dict[str, EnginePort]:
+    """The engines this worker serves, by served name, each behind the engine port."""
+    engines: dict[str, EnginePort] = {}
+    for name, spec in served_models(settings).items():
+        module = importlib.import_module(ENGINES[spec.engine])
+        engines[name] = module.load(settings, name, spec.source)
+        log.info("model %s: %s engine, %s", name, spec.engine, spec.source)
     return engines
 
 
-def model_info(settings: Settings, name: str, engine: EngineLike, worker: str) -> ModelInfo:
+def model_info(settings: Settings, name: str, engine: EnginePort, worker: str) -> ModelInfo:
     return ModelInfo(
         name=name,
         worker=worker,
@@ -115,20 +120,21 @@ def model_info(settings: Settings, name: str, engine: EngineLike, worker: str) -
         has_chat_template=bool(engine.has_chat_template),
         max_batch_size=settings.max_batch_size,
         max_tokens_limit=settings.max_tokens_limit,
-        engine="synthetic" if settings.engine == "synthetic" else "model",
-        device=str(getattr(engine, "device", "cpu")),
-        source=_source_of(settings, name),
+        engine=engine.kind,
+        device=engine.device,
+        source=_source_of(settings, name, engine),
     )
 
 
-def _source_of(settings: Settings, name: str) -> str:
-    if settings.engine == "synthetic":
+def _source_of(settings: Settings, name: str, engine: EnginePort) -> str:
+    if engine.kind == "synthetic":
         return "synthetic"
-    source = served_models(settings).get(name, settings.model)
+    spec = served_models(settings).get(name)
+    source = spec.source if spec is not None else settings.model
     return "built-in" if source == "default" else source
 
 
-def limits_of(settings: Settings, name: str, engine: EngineLike) -> Limits:
+def limits_of(settings: Settings, name: str, engine: EnginePort) -> Limits:
     return Limits(
         model=name,
         context_length=int(engine.max_positions),
@@ -145,12 +151,13 @@ class Worker:
     def __init__(
         self,
         settings: Settings,
-        engines: Mapping[str, EngineLike] | EngineLike,
+        engines: Mapping[str, EnginePort | EngineLike] | EnginePort | EngineLike,
         clients: KafkaClients | None = None,
         codec: Codec | None = None,
     ):
         if not isinstance(engines, Mapping):
             engines = {settings.served_model: engines}
+        ports = {name: as_port(engine) for name, engine in engines.items()}
         self.settings = settings
         self.clients = clients or KafkaClients(settings)
         self.worker_id = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}"
@@ -159,7 +166,7 @@ class Worker:
         self.cancelled = CancelledIds()
         self.control = ControlReader(self.clients.consumer(), settings.control_topic, self._on_cancel, self.codec)
         self.models: dict[str, ServedModel] = {}
-        for name, engine in engines.items():
+        for name, engine in ports.items():
             core = ModelCore(engine, limits_of(settings, name, engine), self.publisher, self.worker_id, self.cancelled)
             self.models[name] = ServedModel(
                 settings,
@@ -169,7 +176,7 @@ class Worker:
                 self.publisher,
                 self.codec,
             )
-        infos = [model_info(settings, n, e, self.worker_id) for n, e in engines.items()]
+        infos = [model_info(settings, n, e, self.worker_id) for n, e in ports.items()]
         self.announcer = Announcer(
             self.publisher, settings.models_topic, infos, settings.model_heartbeat_ms, self.codec
         )
@@ -240,7 +247,7 @@ class Worker:
             served.core.cancel(request_id)
 
 
-async def serve(settings: Settings, engines: Mapping[str, EngineLike] | None = None) -> None:
+async def serve(settings: Settings, engines: Mapping[str, EnginePort] | None = None) -> None:
     """Run a worker until SIGINT/SIGTERM (or cancellation)."""
     # Schema registration runs while the model loads (the embedded registry may still be starting).
     codec_task = asyncio.create_task(prepare_codec(settings))

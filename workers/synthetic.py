@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+from workers.engine.port import StepLoopPort
 from workers.engine.types import EngineRequest, StepOutput
+
+if TYPE_CHECKING:
+    from services.settings import Settings
+
+log = logging.getLogger(__name__)
 
 SYNTHETIC_MODEL = "synthetic"
 _WORDS = ("lorem", "ipsum", "dolor", "sit", "amet", "consectetur", "adipiscing", "elit")
@@ -23,6 +31,7 @@ class _Stream:
 class SyntheticEngine:
     """Same interface as the model engine; every request gets one token per 1/rate seconds."""
 
+    kind = "synthetic"
     name = SYNTHETIC_MODEL
     max_positions = 1 << 30
     has_chat_template = True  # it joins the turns' text: chat requests are as good as prompts here
@@ -91,3 +100,11 @@ class SyntheticEngine:
             if done:
                 del self._streams[request_id]
         return outputs
+
+
+def load(settings: Settings, name: str, source: str) -> StepLoopPort:
+    """The synthetic engine behind the engine port (its registry entry); ``source`` is ignored: there is no model."""
+    log.warning("synthetic engine: %.0f tokens/s per request, no model", settings.synthetic_tokens_per_s)
+    engine = SyntheticEngine(settings.synthetic_tokens_per_s, settings.max_batch_size)
+    engine.name = name
+    return StepLoopPort(engine)

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from schemas.errors import TokenRelayError
-from services.settings import Settings, effective_table, settings_table, sources, unknown_variables
+from services.settings import ENGINES, Settings, effective_table, settings_table, sources, unknown_variables
 
 Command = Callable[[argparse.Namespace, Settings], int]
 
@@ -199,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics-port", type=int, dest="worker_metrics_port", metavar="PORT", help="worker metrics port (0 = off)"
     )
     up.add_argument("--model", help="model for the worker (default: the built-in model)")
-    up.add_argument("--engine", choices=["model", "synthetic"], help="engine of the worker")
+    up.add_argument("--engine", choices=list(ENGINES), help="engine of the worker's models")
     up.add_argument("--verbose", action="store_true", help="show the components' logs here instead of in files")
 
     broker = add(
@@ -223,7 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument(
         "--served-name", dest="served_name", help="name clients ask for (default: 'default', or the directory's name)"
     )
-    worker.add_argument("--engine", choices=["model", "synthetic"], help="'synthetic' streams fixed-rate tokens")
+    worker.add_argument(
+        "--engine",
+        choices=list(ENGINES),
+        help="engine of models that name none ('synthetic': fixed-rate tokens)",
+    )
     worker.add_argument("--port", type=int, dest="worker_metrics_port", help="Prometheus metrics port")
 
     gateway = add("gateway", _cmd_gateway, "Run the HTTP/SSE gateway in the foreground.")

@@ -68,7 +68,8 @@ def test_to_env_round_trips() -> None:
 
 def test_an_unknown_choice_is_an_error_naming_the_variable_and_the_likely_value() -> None:
     with pytest.raises(
-        ConfigError, match=r"TOKENRELAY_ENGINE='synthtic' is not one of model, synthetic \(did you mean synthetic\?\)"
+        ConfigError,
+        match=r"TOKENRELAY_ENGINE='synthtic' is not one of model, vllm, synthetic \(did you mean synthetic\?\)",
     ):
         Settings.from_env({"TOKENRELAY_ENGINE": "synthtic"})
     with pytest.raises(ConfigError, match="TOKENRELAY_DTYPE"):

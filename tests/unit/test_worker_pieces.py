@@ -87,11 +87,23 @@ def test_synthetic_engine_streams_and_aborts() -> None:
     assert seen["a"] == [0, 1, 2] and reasons == {"a": "length", "b": "aborted"}
 
 
-def test_one_worker_serves_one_model_or_several_named_ones() -> None:
-    assert served_models(Settings()) == {"default": "default"}
-    assert served_models(Settings(model="/m/qwen2-0.5b")) == {"qwen2-0.5b": "/m/qwen2-0.5b"}
-    assert served_models(Settings(model="/m/qwen2-0.5b", served_name="qwen")) == {"qwen": "/m/qwen2-0.5b"}
-    assert served_models(Settings(model="default=default, small=/m/s")) == {"default": "default", "small": "/m/s"}
+def test_one_worker_serves_one_model_or_several_named_ones_each_on_its_engine() -> None:
+    def sources(settings: Settings) -> dict[str, tuple[str, str]]:
+        return {name: (spec.engine, spec.source) for name, spec in served_models(settings).items()}
+
+    assert sources(Settings()) == {"default": ("model", "default")}
+    assert sources(Settings(model="/m/qwen2-0.5b")) == {"qwen2-0.5b": ("model", "/m/qwen2-0.5b")}
+    assert sources(Settings(model="/m/qwen2-0.5b", served_name="qwen")) == {"qwen": ("model", "/m/qwen2-0.5b")}
+    assert sources(Settings(model="default=default, small=/m/s")) == {
+        "default": ("model", "default"),
+        "small": ("model", "/m/s"),
+    }
+    assert sources(Settings(model="vllm:/m/llama")) == {"llama": ("vllm", "/m/llama")}
+    assert sources(Settings(model="/m/llama", engine="vllm")) == {"llama": ("vllm", "/m/llama")}
+    assert sources(Settings(model="small=default, big=vllm:/m/llama")) == {
+        "small": ("model", "default"),
+        "big": ("vllm", "/m/llama"),
+    }
     for bad in ("a=/x,/y", "a=/x,a=/y", "dlq=/x,b=/y", "a b=/x,c=/y"):
         with pytest.raises(ConfigError):
             served_models(Settings(model=bad))

@@ -14,6 +14,7 @@ from workers.admission import Admission, Limits, Refusal
 from workers.control import CancelledIds
 from workers.core import ModelCore
 from workers.engine.engine import Engine
+from workers.engine.port import StepLoopPort
 from workers.engine.types import EngineRequest
 from workers.history import Prior
 from workers.ledger import Ticket
@@ -43,7 +44,7 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Engine:
     return Engine.load(str(build_tiny_model(tmp_path_factory.mktemp("tiny"))), device="cpu", max_batch_size=4)
 
 
-def _core(engine: Engine, sink: Recorder, **limits: object) -> ModelCore:
+def _core(engine: Engine, sink: Recorder, **limits: object) -> tuple[ModelCore, StepLoopPort]:
     values: dict[str, object] = {
         "model": "default",
         "context_length": engine.max_positions,
@@ -53,12 +54,13 @@ def _core(engine: Engine, sink: Recorder, **limits: object) -> ModelCore:
         "max_stalled_runs": 3,
     }
     values.update(limits)
-    return ModelCore(engine, Limits(**values), sink, "w-1", CancelledIds())  # type: ignore[arg-type]
+    port = StepLoopPort(engine)
+    return ModelCore(port, Limits(**values), sink, "w-1", CancelledIds()), port  # type: ignore[arg-type]
 
 
 async def _settle() -> None:
-    """Let done-callbacks of already-resolved futures run (they are scheduled for the next loop iteration)."""
-    for _ in range(3):
+    """Let done-callbacks of already-resolved futures and the run streams run (each takes a loop iteration)."""
+    for _ in range(6):
         await asyncio.sleep(0)
 
 
@@ -73,18 +75,16 @@ async def _take(core: ModelCore, request: InferenceRequest, prior: Prior | None 
     return decision
 
 
-def _drive(core: ModelCore, engine: Engine) -> None:
-    adds, core._adds = core._adds, []
-    aborts, core._aborts = core._aborts, []
-    for add in adds:
-        engine.add(add)
-    for run_id in aborts:
-        engine.abort(run_id)
+async def _step(port: StepLoopPort) -> None:
+    """One iteration of the port's step loop, driven by the test: feed, step, hand out the outputs."""
+    port.feed()
+    port.dispatch(port.engine.step())
+    await _settle()
 
 
 async def test_abandoned_run_never_feeds_or_cancels_the_new_run_of_the_same_request(engine: Engine) -> None:
     sink = Recorder()
-    core = _core(engine, sink)
+    core, port = _core(engine, sink)
     closed: list[str] = []
     core.on_closed = lambda ticket: closed.append(ticket.request.request_id)
     request = InferenceRequest(new_request_id(), "The quick brown fox", MAX_TOKENS, temperature=0.0)
@@ -95,21 +95,17 @@ async def test_abandoned_run_never_feeds_or_cancels_the_new_run_of_the_same_requ
     await _take(core, request)
     old = core.ledger.get(request.request_id)
     assert old is not None and old.in_engine
-    _drive(core, engine)
     for _ in range(3):  # the old run streams a few tokens
-        for out in engine.step():
-            core.on_output(out)
+        await _step(port)
     # Its partition is revoked (the run is abandoned, its abort queued) and assigned back: the record is taken
     # again, with nothing in the log to continue from, before the engine has processed the abort.
     core.abandon(lambda ticket: True)
     await _take(core, request)
     new = core.ledger.get(request.request_id)
     assert new is not None and new.run_id != old.run_id
-    _drive(core, engine)
+    port.feed()
     while engine.has_work():
-        for out in engine.step():
-            core.on_output(out)
-    await _settle()
+        await _step(port)
 
     events = [e for e in sink.events if e.run_id == new.run_id]
     terminal = [e.payload for e in events if e.is_terminal]
@@ -137,7 +133,7 @@ async def test_refusals_end_the_request_with_one_failed_and_no_started(
     engine: Engine, request_fields: dict[str, object], limits: dict[str, object], code: str
 ) -> None:
     sink = Recorder()
-    core = _core(engine, sink, **limits)
+    core, _ = _core(engine, sink, **limits)
     closed: list[str] = []
     core.on_closed = lambda ticket: closed.append(ticket.request.request_id)
     fields: dict[str, object] = {"request_id": new_request_id(), "prompt": "hello", "max_tokens": 8}
@@ -153,7 +149,7 @@ async def test_refusals_end_the_request_with_one_failed_and_no_started(
 
 async def test_a_prompt_that_breaks_the_tokenizer_fails_the_request_not_the_worker(engine: Engine) -> None:
     sink = Recorder()
-    core = _core(engine, sink, has_chat_template=True)  # claims a template the tokenizer does not have
+    core, _ = _core(engine, sink, has_chat_template=True)  # claims a template the tokenizer does not have
     request = InferenceRequest(new_request_id(), "", 8, messages=(ChatMessage("user", "hi"),))
     decision = await _take(core, request)
     assert isinstance(decision, Refusal) and decision.failed.code == "internal"
@@ -163,7 +159,7 @@ async def test_a_prompt_that_breaks_the_tokenizer_fails_the_request_not_the_work
 async def test_a_request_that_stalled_its_workers_goes_to_the_dlq_and_one_that_stalled_once_runs_alone(
     engine: Engine,
 ) -> None:
-    core = _core(engine, Recorder())
+    core, _ = _core(engine, Recorder())
     request = InferenceRequest(new_request_id(), "hello", 4, temperature=0.0)
     dead = await _take(core, request, Prior(run_id="r3", stalled_runs=3))
     assert isinstance(dead, Refusal) and dead.dead_letter and dead.failed.code == "worker_crashed"
@@ -173,18 +169,15 @@ async def test_a_request_that_stalled_its_workers_goes_to_the_dlq_and_one_that_s
 
 async def test_a_lost_event_stops_the_run_and_asks_for_a_retake_without_a_terminal(engine: Engine) -> None:
     sink = Recorder()
-    core = _core(engine, sink)
+    core, port = _core(engine, sink)
     retaken: list[str] = []
     core.on_retake = lambda ticket: retaken.append(ticket.request.request_id)
     request = InferenceRequest(new_request_id(), "The quick brown fox", 30, temperature=0.0)
     sink.fail_seq[request.request_id] = 2  # the second Delta never reaches the log
     await _take(core, request)
-    _drive(core, engine)
+    port.feed()
     while engine.has_work():
-        for out in engine.step():
-            core.on_output(out)
-        await _settle()
-        _drive(core, engine)
+        await _step(port)
     assert retaken == [request.request_id]
     seqs = [e.seq for e in sink.events if e.request_id == request.request_id]
     assert seqs == [0, 1], seqs  # nothing published past the lost event, and no terminal

@@ -14,6 +14,7 @@ from workers.engine.architectures import check_architecture, context_length
 from workers.engine.attention import register as register_attention
 from workers.engine.cpu_linear import can_pack, pack_linears
 from workers.engine.detokenizer import IncrementalDetokenizer
+from workers.engine.port import StepLoopPort
 from workers.engine.resources import default_kv_cache_bytes, set_torch_threads
 from workers.engine.runner import ModelRunner, pick_device
 from workers.engine.sampling import RowSampler, sample
@@ -49,6 +50,8 @@ class _Seq:
 
 class Engine:
     """Continuous batching over a transformers causal LM; call ``step()`` from one thread only."""
+
+    kind = "model"
 
     def __init__(
         self,
@@ -251,6 +254,15 @@ class Engine:
                 ids, text, _ = results[out.request_id]
                 results[out.request_id] = (ids + list(out.token_ids), text + out.text, out.finish_reason or "")
         return results
+
+
+def load(settings: Settings, name: str, source: str) -> StepLoopPort:
+    """The built-in engine of one served model behind the engine port (its registry entry)."""
+    from workers.model.registry import resolve_model
+
+    engine = Engine.from_settings(settings, resolve_model(source))
+    engine.name = name
+    return StepLoopPort(engine)
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:

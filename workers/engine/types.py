@@ -32,6 +32,7 @@ class StepOutput:
 class EngineLike(Protocol):
     """What a worker drives: the model engine, the synthetic one, or a test double of either."""
 
+    kind: str  # its name in the engine registry
     name: str
     max_positions: int
     has_chat_template: bool
