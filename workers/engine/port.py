@@ -164,4 +164,4 @@ class StepLoopPort:
 
 def as_port(engine: EnginePort | EngineLike) -> EnginePort:
     """The engine behind the port: step engines (built-in, synthetic, test doubles) get the step-loop adapter."""
-    return engine if hasattr(engine, "generate") else StepLoopPort(engine)  # type: ignore[return-value]
+    return StepLoopPort(engine) if hasattr(engine, "step") else engine  # type: ignore[arg-type,return-value]

@@ -1,0 +1,184 @@
+"""vLLM behind the worker's engine port: AsyncLLM in the worker process, token-id prompts, DELTA outputs."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+from schemas.errors import ConfigError, EngineError, EngineRefused
+from schemas.sampling import SamplingParams
+from workers.engine.text import TextCodec, TextStream
+from workers.engine.types import EngineRequest, StepOutput
+
+if TYPE_CHECKING:
+    from services.settings import Settings
+
+log = logging.getLogger(__name__)
+
+CPU_KV_CACHE_MB = 1024  # vLLM's CPU KV cache when TOKENRELAY_KV_CACHE_MB is 0
+
+
+def engine_args(settings: Settings, model_path: str, device: str) -> dict[str, Any]:
+    """AsyncEngineArgs of a served model from the settings (pure, for tests)."""
+    args: dict[str, Any] = {
+        "model": model_path,
+        "dtype": "float32" if settings.dtype == "auto" and device == "cpu" else settings.dtype,
+        "max_num_seqs": settings.max_batch_size,
+        "enable_prefix_caching": True,
+        "enforce_eager": settings.vllm_enforce_eager,
+        "seed": 0,
+        "disable_log_stats": True,
+    }
+    if settings.kv_cache_mb:
+        args["kv_cache_memory_bytes"] = settings.kv_cache_mb << 20
+    elif device == "cpu":
+        args["kv_cache_memory_bytes"] = CPU_KV_CACHE_MB << 20
+    else:
+        args["gpu_memory_utilization"] = settings.vllm_gpu_memory_utilization
+    return args
+
+
+def sampling_params(params: SamplingParams, max_tokens: int) -> Any:
+    """vLLM's SamplingParams for ours; stop strings stay with the worker (they must see an earlier run's text)."""
+    from vllm import SamplingParams as VllmSamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    try:
+        return VllmSamplingParams(
+            n=1,
+            max_tokens=max_tokens,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_k=params.top_k,
+            seed=params.seed,
+            output_kind=RequestOutputKind.DELTA,
+            detokenize=False,
+        )
+    except ValueError as exc:  # vLLM's validation errors are ValueErrors: say which parameter it cannot take
+        raise EngineRefused(f"the vLLM engine cannot take these sampling parameters: {exc}") from exc
+
+
+class VllmEngine:
+    """One served model on vLLM's AsyncLLM; the worker tokenizes, vLLM generates, the worker detokenizes."""
+
+    kind = "vllm"
+
+    def __init__(self, llm: Any, codec: TextCodec, name: str, device: str, eos_ids: frozenset[int]):
+        self.llm = llm
+        self.codec = codec
+        self.name = name
+        self.device = device
+        self.eos_ids = eos_ids
+        self.max_positions = int(llm.model_config.max_model_len)
+        self.has_chat_template = codec.has_chat_template
+        self._live: set[str] = set()
+        self._aborted: set[str] = set()
+        self._aborts: set[asyncio.Task[None]] = set()
+
+    @property
+    def num_running(self) -> int:
+        return len(self._live)
+
+    @property
+    def num_waiting(self) -> int:
+        return 0  # vLLM queues inside; every request handed to it counts as running here
+
+    def encode_prompt(self, prompt: str, messages: Sequence[tuple[str, str]] | None = None) -> list[int]:
+        return self.codec.encode_prompt(prompt, messages)
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[StepOutput]:
+        from vllm.exceptions import VLLMClientError
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        rid = request.request_id
+        done = len(request.resume_ids)
+        # A continued run: the earlier runs' tokens extend the prompt (exact for greedy requests).
+        params = sampling_params(request.params, request.params.max_tokens - done)
+        text = TextStream(self.codec, request.params.stop, request.resume_ids, request.resume_text)
+        prompt = {"prompt_token_ids": [*request.prompt_ids, *request.resume_ids]}
+        self._live.add(rid)
+        outputs = self.llm.generate(prompt, params, rid)
+        try:
+            async for out in outputs:
+                completion = out.outputs[0]
+                ids = list(completion.token_ids)
+                reason = completion.finish_reason
+                if reason == "stop" and completion.stop_reason is None and ids and ids[-1] in self.eos_ids:
+                    ids.pop()  # the end-of-sequence token is not part of the answer (as in the built-in engine)
+                step = _step_output(rid, ids, text, reason)
+                if step.finish_reason is None and rid in self._aborted:
+                    yield StepOutput(rid, step.token_ids, step.text + text.final(), "aborted")
+                    return
+                yield step
+                if step.finish_reason is not None:
+                    return
+        except VLLMClientError as exc:
+            raise EngineRefused(f"the vLLM engine refused the request: {exc}") from exc
+        except EngineDeadError as exc:
+            raise EngineError("the vLLM engine died") from exc
+        finally:
+            self._live.discard(rid)
+            self._aborted.discard(rid)
+            await outputs.aclose()  # a run left early (a stop string, an abort): vLLM aborts the request
+
+    def abort(self, request_id: str) -> None:
+        if request_id not in self._live:
+            return
+        self._aborted.add(request_id)
+        task = asyncio.get_running_loop().create_task(self.llm.abort(request_id))
+        self._aborts.add(task)
+        task.add_done_callback(self._aborts.discard)
+
+    async def serve(self) -> None:
+        """Nothing to run: AsyncLLM runs its own output handler (a dead engine fails each run in ``generate``)."""
+        await asyncio.Event().wait()
+
+    def close(self) -> None:
+        self.llm.shutdown()
+
+
+def _step_output(rid: str, ids: list[int], text: TextStream, reason: str | None) -> StepOutput:
+    """One vLLM delta as our output: token by token through the text stream, ending at a stop string."""
+    emitted = ""
+    for i, token in enumerate(ids):
+        piece, stopped = text.push(token)
+        emitted += piece
+        if stopped:
+            return StepOutput(rid, tuple(ids[: i + 1]), emitted, "stop")
+    if reason is None:
+        return StepOutput(rid, tuple(ids), emitted)
+    finish = {"stop": "stop", "length": "length", "abort": "aborted"}.get(reason)
+    if finish is None:
+        raise EngineError(f"the vLLM engine ended a request with {reason!r}")
+    return StepOutput(rid, tuple(ids), emitted + text.final(), finish)
+
+
+def load(settings: Settings, name: str, source: str) -> VllmEngine:
+    """The vLLM engine of one served model (its registry entry)."""
+    try:
+        from transformers import AutoTokenizer
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.platforms import current_platform
+        from vllm.v1.engine.async_llm import AsyncLLM
+    except ImportError as exc:
+        raise ConfigError(
+            f"model {name!r} asks for the vLLM engine, which is not installed: pip install 'tokenrelay[vllm]' "
+            "on GPU machines, `make vllm-venv` on CPU machines"
+        ) from exc
+    from workers.model.registry import resolve_model
+
+    path = resolve_model(source)
+    device = str(current_platform.device_type or "cpu")
+    args = engine_args(settings, path, device)
+    log.info("model %s: starting vLLM on %s (%s)", name, device, args)
+    llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    eos = {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
+    generation_eos = llm.model_config.hf_config.eos_token_id
+    if isinstance(generation_eos, int):
+        eos.add(generation_eos)
+    elif isinstance(generation_eos, list | tuple):
+        eos.update(int(t) for t in generation_eos)
+    return VllmEngine(llm, TextCodec(tokenizer), name, device, frozenset(eos))
