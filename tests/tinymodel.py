@@ -54,3 +54,16 @@ def build_tiny_model(directory: Path, seed: int = 0) -> Path:
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def build_random_llama(directory: Path, seed: int = 0) -> Path:
+    """The built-in model's architecture and tokenizer (chat template included) with random weights: vLLM loads it
+    too, and greedy runs are long (the end-of-sequence token is one of 4,096)."""
+    from transformers import AutoConfig
+
+    from workers.model.random_init import build_random_model
+    from workers.model.registry import default_model_dir
+
+    config = AutoConfig.from_pretrained(default_model_dir())
+    config.initializer_range = 0.1  # peaked logits: greedy choices that batching noise cannot flip
+    return build_random_model(directory, config, seed)
