@@ -13,13 +13,16 @@ WORKDIR /app
 # (the compose `gpu` profile does); the code picks cuda with bf16 at start when torch sees a GPU.
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 RUN pip install torch --index-url "${TORCH_INDEX}"
+# Optional extras, e.g. --build-arg EXTRAS='[vllm]' for the vLLM engine on a GPU (the compose `vllm` profile);
+# vLLM then installs the torch it pins (PyPI's CUDA build: give TORCH_INDEX=https://pypi.org/simple with it).
+ARG EXTRAS=
 
 COPY pyproject.toml README.md ./
 COPY schemas ./schemas
 COPY services ./services
 COPY workers ./workers
 COPY gateway ./gateway
-RUN pip install . && useradd --create-home --uid 10001 tokenrelay \
+RUN pip install ".${EXTRAS}" && useradd --create-home --uid 10001 tokenrelay \
     && mkdir -p /var/cache/tokenrelay && chown tokenrelay /var/cache/tokenrelay
 USER tokenrelay
 

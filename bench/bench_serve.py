@@ -47,8 +47,19 @@ def _warm_up(base: str, name: str, timeout_s: float, proc: subprocess.Popen[Any]
             time.sleep(2.0)
 
 
-def start_vllm(python: Path, model: Path, name: str, port: int) -> subprocess.Popen[bytes]:
+def start_vllm(
+    python: Path,
+    model: Path,
+    name: str,
+    port: int,
+    *,
+    prefix_caching: bool = False,
+    memory: tuple[str, str] | None = None,
+    dtype: str = "float32",
+) -> subprocess.Popen[bytes]:
+    """vLLM's own OpenAI server; ``memory`` is its KV budget flag and value (default: 15 % of RAM, CPU)."""
     log = open(model / "vllm-serve.log", "wb")  # noqa: SIM115 -- handed to the child
+    flag, value = memory or ("--gpu-memory-utilization", "0.15")
     return subprocess.Popen(
         [
             str(python),
@@ -61,12 +72,12 @@ def start_vllm(python: Path, model: Path, name: str, port: int) -> subprocess.Po
             "--port",
             str(port),
             "--dtype",
-            "float32",
+            dtype,
             "--max-num-seqs",
             "32",
-            "--no-enable-prefix-caching",
-            "--gpu-memory-utilization",
-            "0.15",
+            "--enable-prefix-caching" if prefix_caching else "--no-enable-prefix-caching",
+            flag,
+            value,
         ],
         stdout=log,
         stderr=subprocess.STDOUT,

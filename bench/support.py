@@ -106,9 +106,10 @@ def start_gateway(settings: Settings, timeout_s: float = 60.0, **env: str) -> su
     raise RuntimeError("gateway not ready")
 
 
-def start_worker(settings: Settings, **env: str) -> subprocess.Popen[bytes]:
-    """`python -m workers.main` for these settings (e.g. TOKENRELAY_ENGINE=synthetic)."""
-    return subprocess.Popen([sys.executable, "-m", "workers.main"], cwd=ROOT, env=quiet_env(settings, **env))
+def start_worker(settings: Settings, python: str = sys.executable, **env: str) -> subprocess.Popen[bytes]:
+    """`python -m workers.main` for these settings (e.g. TOKENRELAY_ENGINE=synthetic), by ``python`` (the vLLM
+    venv's for the vLLM engine on CPU machines)."""
+    return subprocess.Popen([python, "-m", "workers.main"], cwd=ROOT, env=quiet_env(settings, **env))
 
 
 @contextlib.contextmanager

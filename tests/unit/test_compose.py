@@ -112,3 +112,14 @@ def test_gpu_worker_builds_torch_from_a_cuda_index(compose: dict[str, Any]) -> N
     assert "/cu" in gpu["build"]["args"]["TORCH_INDEX"]
     assert gpu["image"] != compose["services"]["worker"]["image"]
     assert "ARG TORCH_INDEX" in (ROOT / "Dockerfile").read_text()
+
+
+def test_vllm_profile_runs_a_gpu_worker_on_the_vllm_engine(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    vllm = services["worker-vllm"]
+    assert vllm["profiles"] == ["vllm"]
+    assert vllm["build"]["args"]["EXTRAS"] == "[vllm]"
+    assert vllm["environment"]["TOKENRELAY_ENGINE"] == "vllm"
+    assert vllm["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    assert vllm["image"] not in {services["worker"]["image"], services["worker-gpu"]["image"]}
+    assert 'pip install ".${EXTRAS}"' in (ROOT / "Dockerfile").read_text()
