@@ -53,6 +53,7 @@ class ModelCore:
         self.solo: Active | None = None  # a suspect request running alone until its first token
         self.changed = asyncio.Event()  # set whenever a request leaves the ledger or the solo one makes progress
         self._streams: set[asyncio.Task[None]] = set()
+        self._expired: set[str] = set()  # runs aborted because their request's deadline passed
 
     # Admission ---------------------------------------------------------------------------------------------
 
@@ -118,6 +119,18 @@ class ModelCore:
         task = asyncio.create_task(self._stream_outputs(active, request), name=f"run-{request.request_id}")
         self._streams.add(task)
         task.add_done_callback(self._streams.discard)
+        deadline_ms = active.ticket.request.deadline_ms
+        if deadline_ms is not None:
+            timer = asyncio.get_running_loop().call_later(
+                max(0.0, deadline_ms - _now_ms()) / 1000, self._expire, active
+            )
+            task.add_done_callback(lambda _: timer.cancel())
+
+    def _expire(self, active: Active) -> None:
+        """The request's deadline passed while it ran: the engine stops it at its next step."""
+        if self.ledger.get(active.request_id) is active and active.in_engine and not active.stream.abandoned:
+            self._expired.add(active.run_id)
+            self.engine.abort(active.run_id)
 
     def _stream(self, ticket: Ticket) -> RunStream:
         stream = RunStream(self.publisher, ticket.request.request_id, uuid.uuid4().hex)
@@ -169,7 +182,13 @@ class ModelCore:
                 self._clear_solo()
         active.stream.tokens(out.token_ids, out.text)
         if out.finish_reason is not None:
-            self._finish(active, "cancelled" if out.finish_reason == "aborted" else out.finish_reason)
+            if out.request_id in self._expired:
+                self._expired.discard(out.request_id)
+                deadline = active.ticket.request.deadline_ms
+                message = f"deadline {deadline} passed after {active.completion} tokens"
+                self._fail(active, Failed("deadline_exceeded", message))
+            else:
+                self._finish(active, "cancelled" if out.finish_reason == "aborted" else out.finish_reason)
 
     # Endings -----------------------------------------------------------------------------------------------
 
@@ -217,6 +236,7 @@ class ModelCore:
 
     def _forget(self, active: Active) -> None:
         self.ledger.remove(active)
+        self._expired.discard(active.run_id)
         if self.solo is active:
             self._clear_solo()
         self.changed.set()

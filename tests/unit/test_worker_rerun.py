@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -183,3 +184,30 @@ async def test_a_lost_event_stops_the_run_and_asks_for_a_retake_without_a_termin
     assert seqs == [0, 1], seqs  # nothing published past the lost event, and no terminal
     assert isinstance(sink.events[0].payload, Started)
     assert len(core.ledger) == 0
+
+
+async def test_a_deadline_that_passes_mid_run_aborts_it_at_the_next_step_with_one_failed(engine: Engine) -> None:
+    sink = Recorder()
+    core, port = _core(engine, sink)
+    deadline_passed = asyncio.Event()
+    request = InferenceRequest(
+        new_request_id(), "The quick brown fox", 40, temperature=0.0, deadline_ms=int(time.time() * 1000) + 200
+    )
+    await _take(core, request)
+    await _step(port)  # the run streams before its deadline
+    assert any(isinstance(e.payload, Delta) for e in sink.events)
+    asyncio.get_running_loop().call_at(core_deadline(request), deadline_passed.set)
+    await asyncio.wait_for(deadline_passed.wait(), 5)
+    await _settle()
+    for _ in range(2):  # the abort reaches the engine at its next step, which ends the run
+        await _step(port)
+    terminal = [e.payload for e in sink.events if e.is_terminal]
+    assert len(terminal) == 1 and isinstance(terminal[0], Failed), terminal
+    assert terminal[0].code == "deadline_exceeded"
+    assert len(core.ledger) == 0 and not engine.has_work()
+
+
+def core_deadline(request: InferenceRequest) -> float:
+    """The loop time at which the request's deadline has passed (its timer fires then)."""
+    assert request.deadline_ms is not None
+    return asyncio.get_running_loop().time() + max(0.0, request.deadline_ms / 1000 - time.time()) + 0.05
