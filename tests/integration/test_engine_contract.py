@@ -29,7 +29,8 @@ from tests.integration.worker_helpers import cancel, collect, collect_records, p
 from tests.tinymodel import build_random_llama
 from workers.engine.text import TextCodec, TextStream
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+# A vLLM worker compiles nothing (eager) but still takes minutes to start on a small, busy machine.
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1800)]
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVED = "contract"
