@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -30,7 +29,7 @@ from schemas.errors import (
     Unauthorized,
     ValidationError,
 )
-from schemas.ids import new_request_id, parse_request_id, request_id_time_ms
+from schemas.ids import parse_request_id, request_id_time_ms
 from schemas.models import LiveModel, ModelDirectory
 from schemas.records import Accepted, ChatMessage, ControlEvent, InferenceRequest
 from schemas.sampling import SamplingParams
@@ -192,26 +191,6 @@ def check_limits(model: LiveModel, sampling: SamplingParams, messages: tuple[Cha
             f"{sampling.max_tokens} leaves no room for the prompt",
             code="context_length_exceeded",
         )
-
-
-def new_inference_request(
-    prompt: str,
-    sampling: SamplingParams,
-    tenant: str,
-    messages: tuple[ChatMessage, ...] | None = None,
-    *,
-    model: str,
-) -> InferenceRequest:
-    """The record a validated submit becomes, with a fresh UUIDv7 id (the record has a field per sampling one)."""
-    return InferenceRequest(
-        request_id=new_request_id(),
-        prompt=prompt,
-        messages=messages,
-        model=model,
-        tenant=tenant,
-        created_ms=int(time.time() * 1000),
-        **{f.name: getattr(sampling, f.name) for f in dataclasses.fields(sampling)},
-    )
 
 
 async def produce_request(gw: Gateway, req: InferenceRequest, accepted: Accepted | None = None) -> None:

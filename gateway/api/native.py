@@ -20,7 +20,6 @@ from gateway.api.context import (
     client_of,
     cors_headers,
     gateway_of,
-    new_inference_request,
     not_found,
     parse_model,
     produce_cancel,
@@ -37,6 +36,7 @@ from gateway.fanout.cursor import Cursor, decode_cursor
 from gateway.fanout.hub import Subscription
 from gateway.fanout.sse import KEEPALIVE, PREAMBLE
 from schemas.view import EventName
+from services.requests import new_inference_request
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,6 @@ from gateway.api.context import (
     check_limits,
     cors_headers,
     gateway_of,
-    new_inference_request,
     parse_model,
     produce_cancel,
     produce_request,
@@ -32,6 +31,7 @@ from gateway.fanout.hub import Subscription
 from schemas.errors import ClientClosed, ended_with
 from schemas.records import ChatMessage, InferenceRequest
 from schemas.view import EventName, ViewEvent
+from services.requests import new_inference_request
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,6 @@ from gateway.api.context import (
     check_limits,
     cors_headers,
     gateway_of,
-    new_inference_request,
     parse_model,
     produce_cancel,
     produce_request,
@@ -33,6 +32,7 @@ from schemas.errors import ClientClosed, Conflict, FieldError, NotFound, Validat
 from schemas.ids import parse_request_id, request_id_time_ms
 from schemas.records import Accepted
 from schemas.view import EventName, View, ViewEvent
+from services.requests import new_inference_request
 
 log = logging.getLogger(__name__)
 

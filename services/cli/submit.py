@@ -10,15 +10,15 @@ import time
 from aiokafka import TopicPartition
 
 from schemas.errors import ConfigError
-from schemas.ids import CLOCK_SKEW_MS, new_request_id, request_id_time_ms
+from schemas.ids import CLOCK_SKEW_MS, request_id_time_ms
 from schemas.models import LiveModel, ModelDirectory
 from schemas.partitioning import partition_for_key
-from schemas.records import ChatMessage, InferenceRequest
+from schemas.records import ChatMessage
 from schemas.sampling import SamplingParams
 from schemas.view import EventName, View
 from services.kafka import make_consumer, make_producer, read_key, start_client
 from services.models_source import ModelsFollower
-from services.requests import submit_request
+from services.requests import new_inference_request, submit_request
 from services.schema_registry import prepare_codec, reading_codec
 from services.settings import Settings
 from services.topics import describe_topics
@@ -54,17 +54,9 @@ async def submit(
         print(f"no worker announces {name!r} right now; the request waits on {topic}", file=sys.stderr)
     # Chat unless told otherwise, when the model has a chat template (or is not announced to say it has none).
     as_chat = (info is None or info.has_chat_template) if chat is None else chat
-    request_id = new_request_id()
-    request = InferenceRequest(
-        request_id,
-        prompt,
-        sampling.max_tokens,
-        temperature=sampling.temperature,
-        top_p=sampling.top_p,
-        messages=(ChatMessage("user", prompt),) if as_chat else None,
-        model=name,
-        created_ms=int(time.time() * 1000),
-    )
+    messages = (ChatMessage("user", prompt),) if as_chat else None
+    request = new_inference_request(prompt, sampling, "", messages, model=name)
+    request_id = request.request_id
     codec = await prepare_codec(settings, [topic, settings.events_topic])
     producer = make_producer(settings)
     await start_client(producer)
