@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 PYTEST_ARGS ?=
 
-.PHONY: install test lint types unit integration run broker registry bench bench-peers soak clean check-tools browser quix-venv
+.PHONY: install test lint types docs unit integration run broker registry bench bench-peers soak clean check-tools browser quix-venv
 
 install: $(STAMP) $(VENV)/.jars $(VENV)/.registry
 
@@ -56,7 +56,11 @@ lint: install
 types: install
 	$(BIN)/mypy
 
-test: install browser lint types
+# The reference in docs/ as a MkDocs site; strict: a broken link or a page missing from the nav fails the build.
+docs: install
+	$(BIN)/mkdocs build --strict --quiet
+
+test: install browser lint types docs
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 unit: install
