@@ -14,7 +14,7 @@ from aiohttp import web
 from gateway.api.auth import WATCH, Auth
 from gateway.api.backlog import BacklogMonitor
 from gateway.api.validation import parse_json_object
-from gateway.fanout.hub import Hub
+from gateway.fanout.relay import Relay
 from gateway.metrics import GatewayMetrics
 from schemas.codec import default_codec
 from schemas.errors import (
@@ -52,7 +52,7 @@ class Gateway:
     """What the handlers share."""
 
     settings: Settings
-    hub: Hub
+    relay: Relay
     producer: Producer
     metrics: GatewayMetrics
     auth: Auth
@@ -139,7 +139,7 @@ async def authorize_read(request: web.Request, request_id: str, scope: int = WAT
     if tenant is None:
         raise Unauthorized("an API key or a valid stream token is required")
     # The ownership check may read the request back from Kafka: on the caller's share of such scans.
-    owner = gw.tenants.get(request_id) or (await gw.hub.snapshot(request_id, tenant)).tenant
+    owner = gw.tenants.get(request_id) or (await gw.relay.snapshot(request_id, tenant)).tenant
     if owner != tenant:
         # Same answer as an unknown id: a key must not learn which ids exist for other tenants.
         raise not_found(request_id)

@@ -27,7 +27,7 @@ from gateway.api.context import (
     resolve_model,
 )
 from gateway.api.validation import parse_messages, parse_n, parse_prompt, parse_sampling, parse_stream_flags
-from gateway.fanout.hub import Subscription
+from gateway.fanout.subscription import Subscription
 from schemas.errors import ClientClosed, ended_with
 from schemas.records import ChatMessage, InferenceRequest
 from schemas.view import EventName, ViewEvent
@@ -105,7 +105,7 @@ class AnswerFold:
             case EventName.ERROR:
                 return Failed(data.get("code", "failed"), data.get("message", ""))
             case EventName.RESET:
-                return None  # the hub's frame, never a view event: the fold does not see it
+                return None  # the relay's frame, never a view event: the fold does not see it
             case _:
                 assert_never(name)
 
@@ -199,7 +199,7 @@ class Completions:
         return body
 
 
-# --- answering: submit, follow the hub, answer streamed or whole ---------------------------------------------------
+# --- answering: submit, follow the relay, answer streamed or whole ---------------------------------------------------
 
 
 async def answer(
@@ -207,7 +207,7 @@ async def answer(
 ) -> web.StreamResponse:
     """Submit ``req`` and answer with its fold, streamed or whole; a client that leaves early cancels the request."""
     gw = gateway_of(request)
-    sub = await gw.hub.subscribe(req.request_id, None)
+    sub = await gw.relay.subscribe(req.request_id, None)
     assert sub is not None  # no cursor: a subscription always starts
     try:
         await produce_request(gw, req)
@@ -216,7 +216,7 @@ async def answer(
             return await _stream(request, gw, req.request_id, fold, surface, events)
         return await _whole(gw, req.request_id, fold, surface, events)
     finally:
-        gw.hub.unsubscribe(sub)
+        gw.relay.unsubscribe(sub)
 
 
 async def follow(request: web.Request, sub: Subscription) -> AsyncIterator[ViewEvent | None]:
