@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import sys
 import time
+from typing import assert_never
 
 from aiokafka import TopicPartition
 
@@ -15,7 +16,7 @@ from schemas.models import LiveModel, ModelDirectory
 from schemas.partitioning import partition_for_key
 from schemas.records import ChatMessage
 from schemas.sampling import SamplingParams
-from schemas.view import EventName, View
+from schemas.view import EventName, View, ViewEvent
 from services.kafka import make_consumer, make_producer, read_key, start_client
 from services.models_source import ModelsFollower
 from services.requests import new_inference_request, submit_request
@@ -100,23 +101,35 @@ async def follow_events(settings: Settings, request_id: str, partitions: int) ->
                 out = view.feed(record.offset, codec.decode_event(record.value or b""))
                 if out is None:
                     continue
-                data = out.data
-                if out.event == EventName.STARTED:
-                    sys.stdout.write(data.get("text", ""))
-                elif out.event == EventName.RESTART:
-                    print("\n[restarted]", flush=True)
-                    sys.stdout.write(data["text"])
-                elif out.event == EventName.TOKEN:
-                    sys.stdout.write(data["text"])
-                    sys.stdout.flush()
-                elif out.event == EventName.DONE:
-                    usage = data["usage"]
-                    print(f"\n[{data['finish_reason']}: {usage['completion_tokens']} tokens]", flush=True)
-                    return 0
-                elif out.event == EventName.ERROR:
-                    hint = " (send it as raw text with --no-chat)" if data["code"] == "chat_template_missing" else ""
-                    print(f"\n[failed: {data['code']}: {data['message']}{hint}]", file=sys.stderr, flush=True)
-                    return 1
+                if (code := print_event(out)) is not None:
+                    return code
         return 1  # not reached: the follow ends only at a terminal event
     finally:
         await consumer.stop()
+
+
+def print_event(event: ViewEvent) -> int | None:
+    """Print one view event of a followed request: its text, a restart, its end; the exit code at the end."""
+    data = event.data
+    match event.event:
+        case EventName.STARTED:
+            sys.stdout.write(data.get("text", ""))
+        case EventName.RESTART:
+            print("\n[restarted]", flush=True)
+            sys.stdout.write(data["text"])
+        case EventName.TOKEN:
+            sys.stdout.write(data["text"])
+            sys.stdout.flush()
+        case EventName.DONE:
+            usage = data["usage"]
+            print(f"\n[{data['finish_reason']}: {usage['completion_tokens']} tokens]", flush=True)
+            return 0
+        case EventName.ERROR:
+            hint = " (send it as raw text with --no-chat)" if data["code"] == "chat_template_missing" else ""
+            print(f"\n[failed: {data['code']}: {data['message']}{hint}]", file=sys.stderr, flush=True)
+            return 1
+        case EventName.RESET:
+            pass  # the relay's frame for a cursor that cannot resume: a fold of the log makes none
+        case _:
+            assert_never(event.event)
+    return None

@@ -1,4 +1,4 @@
-"""The events log's vocabulary is closed: every consumer of the payload union handles every payload type.
+"""The vocabularies are closed: every consumer of the payload union, and of the SSE event names, handles each one.
 
 mypy lists the places (each matches with ``assert_never``); these tests run each consumer over one example of every
 type, so a type added to ``schemas.records.Payload`` without an example here, or without a case in a consumer,
@@ -8,11 +8,12 @@ fails here too.
 from __future__ import annotations
 
 import json
-from typing import get_args
+from typing import Any, get_args
 
 import pytest
 from aiokafka.structs import ConsumerRecord
 
+from gateway.api.openai import AnswerFold
 from schemas.codec import default_codec
 from schemas.records import (
     PAYLOAD_TYPES,
@@ -28,9 +29,10 @@ from schemas.records import (
     to_avro,
 )
 from schemas.runlog import Change, RunLog
-from schemas.view import EventName, View
+from schemas.view import EventName, View, ViewEvent
 from services.analytics.aggregate import apply_event, new_partition_state
 from services.cli.logtools import PAYLOAD_COLUMNS, export_line, parquet_row, tail_line
+from services.cli.submit import print_event
 
 RID = "01890a5d-ac96-774b-bcce-b302099a8057"
 NOW = 1_700_000_000_000
@@ -130,3 +132,27 @@ def test_analytics_counts_a_log_with_every_type(end: type[Payload]) -> None:
     assert counted == [False, False, False, True]  # only the terminal event moves the aggregates
     row = state["by_model"]["m"]
     assert (row["requests"], row["failed"]) == ((1, 0) if end is Finished else (0, 1))
+
+
+# The SSE vocabulary (schemas.view.EventName) is closed too: one example of each event's data.
+EVENT_DATA: dict[EventName, dict[str, Any]] = {
+    EventName.STARTED: {"run_id": "r", "model": "m", "prompt_tokens": 3, "queue_ms": 1},
+    EventName.TOKEN: {"seq": 1, "text": " hi", "token_ids": [5]},
+    EventName.RESTART: {"run_id": "r2", "text": " hi"},
+    EventName.DONE: {"finish_reason": "stop", "usage": {"prompt_tokens": 3, "completion_tokens": 1}},
+    EventName.ERROR: {"code": "deadline_exceeded", "message": "too slow", "retriable": False},
+    EventName.RESET: {"reason": "retention"},
+}
+
+
+def test_the_event_examples_cover_the_sse_vocabulary() -> None:
+    assert set(EVENT_DATA) == set(EventName)
+
+
+@pytest.mark.parametrize("name", list(EventName))
+def test_every_sse_consumer_handles_every_event(name: EventName, capsys: pytest.CaptureFixture[str]) -> None:
+    step = AnswerFold("m").feed(name, EVENT_DATA[name])
+    assert (step is not None) == (name not in (EventName.STARTED, EventName.RESET))
+    code = print_event(ViewEvent(1, name, EVENT_DATA[name], "r", 1, NOW))
+    assert code == {EventName.DONE: 0, EventName.ERROR: 1}.get(name)
+    capsys.readouterr()
