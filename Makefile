@@ -64,7 +64,7 @@ types: install
 docs: install
 	$(BIN)/mkdocs build --strict --quiet
 
-test: install browser lint imports types docs
+test: install browser lint imports types docs vllm-venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 unit: install
