@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 import pytest
 from aiokafka import TopicPartition
 
@@ -347,8 +348,12 @@ async def kill_mid_stream(settings: Settings, victim: subprocess.Popen[bytes], i
                         assert not event.is_terminal, "a request ended before the kill: make LONG_TOKENS longer"
                         if isinstance(event.payload, Delta):
                             streaming.add(event.request_id)
+        engine_processes = psutil.Process(victim.pid).children(recursive=True)
         victim.send_signal(signal.SIGKILL)
         await asyncio.to_thread(victim.wait, 30)
+        # Nothing of the victim outlives it (vLLM's engine core would, without the worker's reaper).
+        _, alive = await asyncio.to_thread(psutil.wait_procs, engine_processes, 60)
+        assert not alive, alive
         return len(streaming)
     finally:
         await consumer.stop()

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
+
+import psutil
 
 from schemas.errors import ConfigError, EngineError, EngineRefused
 from schemas.sampling import SamplingParams
@@ -76,6 +81,7 @@ class VllmEngine:
         self._live: set[str] = set()
         self._aborted: set[str] = set()
         self._aborts: set[asyncio.Task[None]] = set()
+        self.reaper: Reaper | None = None
 
     @property
     def num_running(self) -> int:
@@ -137,6 +143,34 @@ class VllmEngine:
 
     def close(self) -> None:
         self.llm.shutdown()
+        if self.reaper is not None:
+            self.reaper.release()
+
+
+class Reaper:
+    """vLLM's engine core processes watch no parent: a worker that is SIGKILLed would leave them running (holding
+    the model, the KV cache and a core). A small watchdog process kills them when the worker's end of a pipe closes
+    without the worker having said goodbye (``release``)."""
+
+    CODE = (
+        "import os, signal, sys\n"
+        "if os.read(0, 1) == b'':\n"
+        "    for pid in sys.argv[1:]:\n"
+        "        try:\n"
+        "            os.kill(int(pid), signal.SIGKILL)\n"
+        "        except OSError:\n"
+        "            pass\n"
+    )
+
+    def __init__(self, pids: Sequence[int]):
+        read, self._write = os.pipe()  # not inherited by vLLM's later children (non-inheritable by default)
+        with os.fdopen(read, "rb", buffering=0) as stdin:
+            subprocess.Popen([sys.executable, "-c", self.CODE, *map(str, pids)], stdin=stdin, start_new_session=True)
+
+    def release(self) -> None:
+        """A clean stop: the engine shut its processes down itself; the watchdog leaves without killing."""
+        os.write(self._write, b"x")
+        os.close(self._write)
 
 
 def _step_output(rid: str, ids: list[int], text: TextStream, reason: str | None) -> StepOutput:
@@ -181,4 +215,6 @@ def load(settings: Settings, name: str, source: str) -> VllmEngine:
         eos.add(generation_eos)
     elif isinstance(generation_eos, list | tuple):
         eos.update(int(t) for t in generation_eos)
-    return VllmEngine(llm, TextCodec(tokenizer), name, device, frozenset(eos))
+    engine = VllmEngine(llm, TextCodec(tokenizer), name, device, frozenset(eos))
+    engine.reaper = Reaper([child.pid for child in psutil.Process().children(recursive=True)])
+    return engine
