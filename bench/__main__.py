@@ -33,6 +33,10 @@ GOALS: dict[str, tuple[str, float]] = {
     "vllm_engine_ratio_120m_32_median": (">=", 1.0),
     # the whole path: 32 OpenAI streaming clients through the stack / through vLLM's own server (bench_serve)
     "vllm_serve_ratio_tokens_per_s_25m_32_median": (">=", 0.9),
+    # the Kafka tax: the stack with the vLLM engine / vLLM's own server, and built-in / vLLM engine in the stack
+    "kafka_tax_tokens_per_s_median_cpu": (">=", 0.95),
+    "kafka_tax_ttft_p50_gap_ms_median_cpu": ("<=", 30.0),
+    "engine_builtin_vs_vllm_tokens_per_s_median_cpu": ("info", 0.0),
     # the broker cost of the token log on a three-node local cluster (bench_cluster)
     "broker_events_per_cpu_s_rf3": ("info", 0.0),
     "broker_events_per_cpu_s_rf1": ("info", 0.0),
@@ -48,6 +52,7 @@ MODULES = [
     "bench.bench_engine",
     "bench.bench_vllm",
     "bench.bench_serve",
+    "bench.bench_kafka_tax",
     "bench.bench_pipeline",
     "bench.bench_gateway",
     "bench.bench_cluster",
