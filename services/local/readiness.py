@@ -10,6 +10,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from schemas.view import EventName
+
 # Longer than the gateway's keepalive interval, so an idle stream is never mistaken for a dead one.
 READ_TIMEOUT_S = 60.0
 PROBE_PROMPT = "Hello"
@@ -86,9 +88,9 @@ def probe(gateway_url: str, api_key: str | None = None, deadline_s: float = 600.
                 for name, data in sse_events(iter(response.readline, b"")):
                     if first is None:
                         first = time.monotonic() - began
-                    if name == "done":
+                    if name == EventName.DONE:
                         return ProbeResult(True, request_id, data["finish_reason"], first, time.monotonic() - began)
-                    if name == "error":
+                    if name == EventName.ERROR:
                         detail = f"{data.get('code')}: {data.get('message')}"
                         return ProbeResult(False, request_id, detail, first, time.monotonic() - began)
         except (TimeoutError, urllib.error.URLError, ConnectionError):
