@@ -112,19 +112,10 @@ def _cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
     from schemas.sampling import SamplingParams
     from services.cli.submit import submit
 
-    SamplingParams(args.max_tokens, args.temperature, args.top_p).check(settings.max_tokens_limit)
+    sampling = SamplingParams(args.max_tokens, args.temperature, args.top_p).check(settings.max_tokens_limit)
     _require_kafka(settings, args)
     return asyncio.run(
-        submit(
-            settings,
-            args.prompt,
-            max_tokens=args.max_tokens,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            chat=args.chat,
-            model=args.request_model or "",
-            follow=args.follow,
-        )
+        submit(settings, args.prompt, sampling, args.follow, chat=args.chat, model=args.request_model or "")
     )
 
 

@@ -30,20 +30,17 @@ MODELS_WAIT_S = 10.0
 async def submit(
     settings: Settings,
     prompt: str,
-    max_tokens: int,
-    temperature: float,
+    sampling: SamplingParams,
     follow: bool,
     *,
-    top_p: float = 1.0,
     chat: bool | None = None,
     model: str = "",
 ) -> int:
     """Produce one request, print its id; with ``follow`` print its text as it arrives. Exit code 0 on success.
 
-    ``chat`` sends the prompt as one user turn, which the worker renders with the model's chat template; None: chat
-    when the model announces a chat template.
+    ``sampling`` comes checked (``SamplingParams.check``). ``chat`` sends the prompt as one user turn, which the worker
+    renders with the model's chat template; None: chat when the model announces a chat template.
     """
-    sampling = SamplingParams(max_tokens, temperature, top_p).check(settings.max_tokens_limit)
     info = await _live_model(settings, model)
     name = info.name if info is not None else model or settings.default_model
     topic = settings.requests_topic_for(name)
