@@ -27,7 +27,6 @@ from services.process import quiet_env
 from services.settings import Settings
 from services.topics import ensure_topics
 from tests.integration.worker_helpers import collect_records, produce
-from tests.tinymodel import build_tiny_model
 from workers.engine.engine import Engine
 from workers.engine.types import EngineRequest
 
@@ -176,7 +175,7 @@ def spawn(settings: Settings, model_dir: Path, name: str) -> subprocess.Popen[by
 
 
 async def test_sigkill_one_of_two_workers_mid_generation(
-    kafka_bootstrap: str, topic_prefix: str, tmp_path: Path
+    kafka_bootstrap: str, topic_prefix: str, tiny_model_dir: Path
 ) -> None:
     settings = Settings.from_env(
         {},
@@ -186,7 +185,7 @@ async def test_sigkill_one_of_two_workers_mid_generation(
         events_partitions=2,
     )
     await ensure_topics(settings)
-    model_dir = build_tiny_model(tmp_path / "tiny")
+    model_dir = tiny_model_dir
     requests = balanced_requests()
     ids = [r.request_id for r in requests]
     workers = [spawn(settings, model_dir, "w1"), spawn(settings, model_dir, "w2")]
