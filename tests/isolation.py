@@ -13,12 +13,14 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import psutil
 
 THREAD_GRACE_S = 10.0  # how long a loop's shutdown waits for its threads to end before leaving them behind
 CHILD_GRACE_S = 5.0  # SIGTERM, then SIGKILL
+
+T = TypeVar("T")
 
 
 class DaemonThreads(concurrent.futures.ThreadPoolExecutor):
@@ -109,3 +111,17 @@ def reap(pids: set[int]) -> list[str]:
             proc.kill()
     psutil.wait_procs(alive, timeout=CHILD_GRACE_S)
     return names
+
+
+async def in_thread(fn: Callable[[threading.Event], T], *, grace_s: float = 5.0) -> T:
+    """``fn(stop)`` in a thread of its own, for blocking clients (confluent-kafka's). ``fn`` keeps a deadline of its
+    own and returns soon after ``stop`` is set, which happens when the awaiting task is cancelled (its test timed out
+    or failed): the thread then ends with its test instead of running on into the next one."""
+    stop = threading.Event()
+    future = asyncio.get_running_loop().run_in_executor(None, fn, stop)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        stop.set()
+        await asyncio.wait({future}, timeout=grace_s)
+        raise

@@ -6,18 +6,38 @@ import asyncio
 import inspect
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar, overload
 
 T = TypeVar("T")
 
 
+@overload
 async def wait_until(
-    condition: Callable[[], T | Awaitable[T]],
+    condition: Callable[[], Awaitable[T]],
+    message: str | Callable[[], str],
+    *,
+    timeout_s: float = ...,
+    interval_s: float = ...,
+) -> T: ...
+
+
+@overload
+async def wait_until(
+    condition: Callable[[], T],
+    message: str | Callable[[], str],
+    *,
+    timeout_s: float = ...,
+    interval_s: float = ...,
+) -> T: ...
+
+
+async def wait_until(
+    condition: Callable[[], Any],
     message: str | Callable[[], str],
     *,
     timeout_s: float = 60.0,
     interval_s: float = 0.05,
-) -> T:
+) -> Any:
     """Until ``condition()`` (sync or async) is truthy; returns that value. AssertionError with ``message`` and the
     last value once ``timeout_s`` has passed: a wait never outlives its deadline."""
     deadline = time.monotonic() + timeout_s

@@ -25,7 +25,7 @@ from schemas.codec import default_codec
 from schemas.errors import DecodeError
 from schemas.records import Delta, Finished, Started, TokenEvent, Usage
 from services.kafka import make_consumer, make_producer, record_headers, start_client
-from services.localbroker.runner import free_port
+from services.localbroker.cluster import free_port_block
 from services.process import quiet_env
 from services.settings import Settings
 
@@ -38,7 +38,9 @@ def gateway_settings(bootstrap: str, prefix: str, **overrides: object) -> Settin
         "topic_prefix": prefix,
         "events_partitions": 2,
         "requests_partitions": 2,
-        "gateway_port": free_port(),
+        # Below the ephemeral range: a client reconnecting to a restarted gateway could otherwise connect to
+        # itself on its port and keep the gateway from binding it again.
+        "gateway_port": free_port_block(1),
         "hub_memory_events": 4,
         "keepalive_s": 1.0,
     }

@@ -15,9 +15,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from services.localbroker.runner import free_port
+from services.localbroker.cluster import free_port_block
 from services.topics import ensure_topics
-from tests.integration.conftest import LocalBrokerFactory
+from tests.integration.brokers import LocalBrokerFactory
 from tests.integration.gateway_support import (
     Followed,
     Tally,
@@ -36,7 +36,7 @@ async def test_broker_restart_mid_run_loses_no_acknowledged_request(
     local_broker_factory: LocalBrokerFactory, tmp_path: Path, topic_prefix: str
 ) -> None:
     rng = random.Random(7)
-    broker = local_broker_factory(data_dir=tmp_path / "broker", port=free_port())
+    broker = local_broker_factory(data_dir=tmp_path / "broker", port=free_port_block(1))
     bootstrap = await asyncio.to_thread(broker.start)
     settings = gateway_settings(bootstrap, topic_prefix, hub_memory_events=16)
     await ensure_topics(settings)

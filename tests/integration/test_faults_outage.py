@@ -16,9 +16,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from services.localbroker.runner import free_port
+from services.localbroker.cluster import free_port_block
 from services.topics import ensure_topics
-from tests.integration.conftest import LocalBrokerFactory
+from tests.integration.brokers import LocalBrokerFactory
 from tests.integration.gateway_support import Followed, follow_sse, gateway_settings, running_gateway, running_worker
 from workers.synthetic import SyntheticEngine
 
@@ -50,7 +50,7 @@ def client_text(followed: Followed) -> tuple[str, str]:
 async def test_an_outage_longer_than_the_producer_timeout_loses_no_token_silently(
     local_broker_factory: LocalBrokerFactory, tmp_path: Path, topic_prefix: str
 ) -> None:
-    broker = local_broker_factory(data_dir=tmp_path / "broker", port=free_port())
+    broker = local_broker_factory(data_dir=tmp_path / "broker", port=free_port_block(1))
     bootstrap = await asyncio.to_thread(broker.start)
     settings = gateway_settings(bootstrap, topic_prefix, producer_timeout_ms=PRODUCER_TIMEOUT_MS)
     await ensure_topics(settings)
