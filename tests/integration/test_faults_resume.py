@@ -136,7 +136,7 @@ async def test_gateway_sigkill_and_restart_with_50_live_streams(kafka_bootstrap:
                     gw.kill()
                     kills += 1
                     await asyncio.sleep(0.5)  # the worker keeps producing while no gateway is up
-                    await asyncio.to_thread(gw.start)
+                    await gw.start_async()
                 followed = await asyncio.gather(*readers)
                 results = dict(zip(ids, followed, strict=True))
                 vs_log, vs_fresh = await check_against_log_and_fresh_reads(settings, session, gw.url, results)

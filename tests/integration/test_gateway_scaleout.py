@@ -10,7 +10,6 @@ import time
 import aiohttp
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from services.topics import ensure_topics
 from tests.integration.gateway_support import (
@@ -19,12 +18,14 @@ from tests.integration.gateway_support import (
     Tally,
     follow_sse,
     gateway_settings,
+    metric,
     read_log_streams,
     read_sse,
     running_worker,
     stream_text,
     tally,
 )
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -32,27 +33,18 @@ SEED = 20261125
 PARTITIONS = 6
 
 
-async def metric(session: aiohttp.ClientSession, base: str, name: str) -> float:
-    async with session.get(f"{base}/metrics") as response:
-        text = await response.text()
-    for family in text_string_to_metric_families(text):
-        if family.name == name:
-            return float(sum(s.value for s in family.samples))
-    return 0.0
-
-
 async def wait_partitions_shared(
     session: aiohttp.ClientSession, bases: list[str], partitions: int = PARTITIONS, timeout_s: float = 90.0
 ) -> None:
     """Until the group has given every partition to exactly one of these gateways, and each reads some."""
-    deadline = time.monotonic() + timeout_s
     owned: list[float] = []
-    while time.monotonic() < deadline:
+
+    async def shared() -> bool:
+        nonlocal owned
         owned = [await metric(session, base, "tokenrelay_gateway_owned_partitions") for base in bases]
-        if sum(owned) == partitions and all(owned):
-            return
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"partitions owned per gateway after {timeout_s} s: {owned}")
+        return sum(owned) == partitions and all(owned)
+
+    await wait_until(shared, lambda: f"partitions owned per gateway: {owned}", timeout_s=timeout_s, interval_s=0.2)
 
 
 async def follow_across(
@@ -115,7 +107,7 @@ async def test_a_third_gateway_joins_mid_run_then_is_sigkilled(kafka_bootstrap: 
     began = time.monotonic()
     try:
         for gw in gateways[:2]:
-            await asyncio.to_thread(gw.start)
+            await gw.start_async()
         bases = [gw.url for gw in gateways]
         connector = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(connector=connector) as session:
@@ -138,7 +130,7 @@ async def test_a_third_gateway_joins_mid_run_then_is_sigkilled(kafka_bootstrap: 
                 # OpenAI streams on the two gateways that stay up: their requests' partitions move under them.
                 chats = [asyncio.create_task(openai_stream(bases[g], "hello there", 160)) for g in (0, 1, 0, 1)]
                 # A third gateway joins while the streams run (partitions move to it), is watched through too...
-                await asyncio.to_thread(gateways[2].start)
+                await gateways[2].start_async()
                 await wait_partitions_shared(session, bases)
                 for rid in ids:
                     watchers[(rid, 2)] = asyncio.create_task(follow_across(session, bases, rid, 2))
@@ -151,7 +143,7 @@ async def test_a_third_gateway_joins_mid_run_then_is_sigkilled(kafka_bootstrap: 
                 chat_results = [await t for t in chats]
                 survivors = bases[:2]
                 moved = [await metric(session, b, "tokenrelay_gateway_owned_partitions") for b in survivors]
-                upstreams = [await metric(session, b, "tokenrelay_gateway_upstream_connects") for b in survivors]
+                upstreams = [await metric(session, b, "tokenrelay_gateway_upstream_connects_total") for b in survivors]
                 all_ids = ids + [rid for rid, _ in chat_results]
                 log_streams = await read_log_streams(settings[0], all_ids)
                 vs_log, vs_fresh = Tally(), Tally()
@@ -190,7 +182,7 @@ async def test_a_gateway_follows_another_with_keys_on(kafka_bootstrap: str, topi
     gateways = [GatewayProcess(s) for s in settings]
     try:
         for gw in gateways:
-            await asyncio.to_thread(gw.start)
+            await gw.start_async()
         bases = [gw.url for gw in gateways]
         auth = {"Authorization": "Bearer key-one"}
         async with aiohttp.ClientSession() as session:
@@ -204,7 +196,7 @@ async def test_a_gateway_follows_another_with_keys_on(kafka_bootstrap: str, topi
                         assert response.status == 202, await response.text()
                         ids.append((await response.json())["id"])
                 streams = [await read_sse(session, f"{bases[1]}/v1/requests/{rid}/events", headers=auth) for rid in ids]
-                followed = await metric(session, bases[1], "tokenrelay_gateway_upstream_connects")
+                followed = await metric(session, bases[1], "tokenrelay_gateway_upstream_connects_total")
                 log_streams = await read_log_streams(settings[0], ids)
     finally:
         for gw in gateways:

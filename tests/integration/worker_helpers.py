@@ -19,7 +19,7 @@ from aiokafka.errors import GroupCoordinatorNotAvailableError
 from schemas.codec import default_codec
 from schemas.records import ControlEvent, InferenceRequest, ModelInfo, TokenEvent
 from services.kafka import make_consumer, make_producer, record_headers, start_client
-from services.process import quiet_env
+from services.process import die_with_parent, quiet_env
 from services.settings import Settings
 from services.topics import ensure_topics
 from tests.waiting import wait_until
@@ -31,8 +31,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @contextlib.contextmanager
 def worker_process(settings: Settings, module: str = "workers.main", **env: str) -> Iterator[subprocess.Popen[bytes]]:
-    """A worker subprocess (``python -m module``) on the broker and topics of ``settings``, plus ``env``."""
-    proc = subprocess.Popen([sys.executable, "-m", module], cwd=ROOT, env=quiet_env(settings, **env))
+    """A worker subprocess (``python -m module``) on the broker and topics of ``settings``, plus ``env``; it dies
+    with the thread that started it, should the test process die without stopping it."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", module], cwd=ROOT, env=quiet_env(settings, **env), preexec_fn=die_with_parent()
+    )
     try:
         yield proc
     finally:
