@@ -197,6 +197,24 @@ async def wait_subscribers(
     )
 
 
+async def wait_log_grows(settings: Settings, by: int, timeout_s: float = 60.0) -> None:
+    """Until ``by`` more records are in the events topic than when called (a worker is producing)."""
+    from aiokafka import TopicPartition
+
+    consumer = make_consumer(settings)
+    await start_client(consumer)
+    try:
+        partitions = [TopicPartition(settings.events_topic, p) for p in range(settings.events_partitions)]
+        start = sum((await consumer.end_offsets(partitions)).values())
+
+        async def grown() -> bool:
+            return sum((await consumer.end_offsets(partitions)).values()) >= start + by
+
+        await wait_until(grown, f"{by} more records in {settings.events_topic}", timeout_s=timeout_s, interval_s=0.1)
+    finally:
+        await consumer.stop()
+
+
 def scripted_stream(rid: str, n: int, run: str = "run-1") -> list[TokenEvent]:
     now = int(time.time() * 1000)
     events = [TokenEvent(rid, run, 0, now, Started("scripted", "scripted-model", 4, 1))]

@@ -28,6 +28,7 @@ from tests.integration.gateway_support import (
     running_worker,
     tally,
 )
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -51,10 +52,18 @@ async def test_broker_restart_mid_run_loses_no_acknowledged_request(
     ):
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
             stop_submitting = asyncio.Event()
+            submitting_now = False  # a submit is waiting for its answer
+            tokens = 0
+
+            def count(event: dict[str, str]) -> None:
+                nonlocal tokens
+                tokens += event["event"] == "token"
 
             async def submitter() -> None:
+                nonlocal submitting_now
                 while not stop_submitting.is_set():
                     body = {"prompt": "through a broker restart", "max_tokens": rng.randint(20, 40)}
+                    submitting_now = True
                     try:
                         async with session.post(
                             f"{gw.url}/v1/requests", json=body, timeout=aiohttp.ClientTimeout(total=90)
@@ -64,24 +73,26 @@ async def test_broker_restart_mid_run_loses_no_acknowledged_request(
                                 acknowledged.append(rid)
                                 url = f"{gw.url}/v1/requests/{rid}/events"
                                 followers[rid] = asyncio.create_task(
-                                    follow_sse(session, url, retry_s=0.25, deadline_s=180)
+                                    follow_sse(session, url, retry_s=0.25, deadline_s=180, on_event=count)
                                 )
                             else:
                                 refused[response.status] = refused.get(response.status, 0) + 1
                                 await response.read()
                     except (aiohttp.ClientError, TimeoutError):
                         refused[0] = refused.get(0, 0) + 1
-                    await asyncio.sleep(0.1)
+                    submitting_now = False
+                    await asyncio.sleep(0.1)  # a client submitting every 100 ms
 
             submitting = asyncio.create_task(submitter())
-            await asyncio.sleep(2.0)  # streams running, more being submitted
+            await wait_until(lambda: len(acknowledged) >= 5 and tokens > 0, "requests acknowledged and streaming")
             before = len(acknowledged)
             t0 = time.monotonic()
             await asyncio.to_thread(broker.stop)
-            await asyncio.sleep(1.0)
+            await wait_until(lambda: submitting_now, "a submit waiting while the broker is away")
             await asyncio.to_thread(broker.start)
             restart_s = time.monotonic() - t0
-            await asyncio.sleep(3.0)  # keep submitting after the broker is back
+            back = len(acknowledged)
+            await wait_until(lambda: len(acknowledged) >= back + 3, "requests acknowledged after the restart")
             stop_submitting.set()
             await submitting
             results = {rid: await task for rid, task in followers.items()}
