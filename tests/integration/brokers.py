@@ -4,6 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from services.localbroker.runner import LocalBroker
+from services.local.broker.runner import LocalBroker
 
 LocalBrokerFactory = Callable[..., LocalBroker]

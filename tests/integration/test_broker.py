@@ -17,8 +17,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from schemas.errors import BrokerError
-from services.localbroker.cluster import free_port_block
-from services.localbroker.runner import metadata_ready
+from services.local.broker.cluster import free_port_block
+from services.local.broker.runner import metadata_ready
 from tests.integration.brokers import LocalBrokerFactory
 
 pytestmark = pytest.mark.integration
@@ -117,7 +117,7 @@ def test_no_orphan_jvm_when_python_is_killed(tmp_path: Path) -> None:
         f"""
         import sys, time
         from pathlib import Path
-        from services.localbroker.runner import LocalBroker
+        from services.local.broker.runner import LocalBroker
         from services.settings import Settings
         broker = LocalBroker(Settings.from_env(), 0, Path({str(tmp_path)!r}), console=False)
         broker.start()

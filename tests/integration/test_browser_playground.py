@@ -26,7 +26,7 @@ from tests.integration.gateway_support import (
     scripted_stream,
 )
 
-STATIC = Path(__file__).resolve().parents[2] / "gateway" / "static"
+STATIC = Path(__file__).resolve().parents[2] / "gateway" / "http" / "static"
 
 pytestmark = [
     pytest.mark.integration,

@@ -17,7 +17,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from services.localbroker.cluster import free_port_block
+from services.local.broker.cluster import free_port_block
 from services.topics import ensure_topics
 from tests.integration.brokers import LocalBrokerFactory
 from tests.integration.gateway_support import Followed, follow_sse, gateway_settings, running_gateway, running_worker

@@ -19,7 +19,7 @@ from aiokafka.errors import GroupCoordinatorNotAvailableError
 from schemas.codec import default_codec
 from schemas.records import ControlEvent, InferenceRequest, ModelInfo, TokenEvent
 from services.kafka import make_consumer, make_producer, record_headers, start_client
-from services.process import die_with_parent, quiet_env
+from services.local.process import die_with_parent, quiet_env
 from services.settings import Settings
 from services.topics import ensure_topics
 from tests.waiting import wait_until

@@ -1,11 +1,13 @@
-"""An in-memory event source and readers for the hub's unit tests (no Kafka)."""
+"""An in-memory event source and readers for the relay's unit tests (no Kafka)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 
-from gateway.hub import Hub, SourceRecord, Subscription
+from gateway.fanout.relay import Relay
+from gateway.fanout.source import SourceRecord
+from gateway.fanout.subscription import Subscription
 from schemas.codec import default_codec
 from schemas.partitioning import partition_for_key
 from schemas.records import Delta, Finished, Started, TokenEvent, Usage
@@ -66,7 +68,7 @@ def stream(rid: str, n: int, run: str = "r1") -> list[TokenEvent]:
     return evs
 
 
-async def drain(hub: Hub, sub: Subscription, seen: list[bytes] | None = None) -> bytes:
+async def drain(relay: Relay, sub: Subscription, seen: list[bytes] | None = None) -> bytes:
     """Everything a subscription sends until its terminal event; each event is also appended to ``seen`` as it
     arrives, for a test that waits on a reader's progress."""
     seen = [] if seen is None else seen
@@ -77,24 +79,24 @@ async def drain(hub: Hub, sub: Subscription, seen: list[bytes] | None = None) ->
             assert item is not None, sub.closed
             seen.append(item.framed)
             if item.event.terminal:
-                hub.unsubscribe(sub)
+                relay.unsubscribe(sub)
                 break
     return b"".join(sub.preamble) + b"".join(seen)
 
 
-def slow_disconnects(hub: Hub) -> float | None:
-    return hub.metrics.registry.get_sample_value("tokenrelay_gateway_slow_subscriber_disconnects_total")
+def slow_disconnects(relay: Relay) -> float | None:
+    return relay.metrics.registry.get_sample_value("tokenrelay_gateway_slow_subscriber_disconnects_total")
 
 
-def attached(hub: Hub) -> float | None:
-    return hub.metrics.registry.get_sample_value("tokenrelay_gateway_subscribers")
+def attached(relay: Relay) -> float | None:
+    return relay.metrics.registry.get_sample_value("tokenrelay_gateway_subscribers")
 
 
-async def settle(source: MemorySource, hub: Hub) -> None:
-    """Until the hub has read every record of the source's log."""
+async def settle(source: MemorySource, relay: Relay) -> None:
+    """Until the relay has read every record of the source's log."""
     await wait_until(
-        lambda: all(hub.positions[p] == len(source.log[p]) for p in source.log),
-        lambda: f"hub read {hub.positions} of {[len(r) for r in source.log.values()]} records",
+        lambda: all(relay.positions[p] == len(source.log[p]) for p in source.log),
+        lambda: f"relay read {relay.positions} of {[len(r) for r in source.log.values()]} records",
         timeout_s=5,
         interval_s=0.01,
     )

@@ -14,7 +14,7 @@ LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
 
 
 def test_the_api_page_has_the_browser_example_as_served() -> None:
-    example = (ROOT / "gateway" / "static" / "examples" / "index.html").read_text()
+    example = (ROOT / "gateway" / "http" / "static" / "examples" / "index.html").read_text()
     assert example in (DOCS / "api.md").read_text()
 
 
