@@ -167,7 +167,7 @@ def _in_thread(coro: Coroutine[Any, Any, None]) -> None:
         except BaseException as exc:
             errors.append(exc)
 
-    thread = threading.Thread(target=run)
+    thread = threading.Thread(target=run, daemon=True)  # its coroutine has a deadline; exit never waits for it
     thread.start()
     thread.join()
     if errors:
