@@ -300,7 +300,7 @@ async def test_single_object_records_still_work(
     "or set TOKENRELAY_TEST_QUIX_PYTHON)",
 )
 async def test_quixstreams_counts_the_tokens_of_each_request(
-    kafka_bootstrap: str, topic_prefix: str, schema_registry_url: str
+    kafka_bootstrap: str, topic_prefix: str, schema_registry_url: str, tmp_path: Path
 ) -> None:
     settings = _settings(kafka_bootstrap, topic_prefix, schema_registry_url)
     await ensure_topics(settings)
@@ -320,7 +320,8 @@ async def test_quixstreams_counts_the_tokens_of_each_request(
     argv = [str(QUIX_PYTHON), str(QUIX_APP), kafka_bootstrap, schema_registry_url, settings.events_topic, *ids]
     # Its own environment: nothing of this venv or of tokenrelay leaks into the quixstreams process.
     env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp")}
-    quix = await asyncio.create_subprocess_exec(*argv, stdout=PIPE, stderr=PIPE, env=env)
+    # Its cwd is a temporary directory: quixstreams keeps its state directory there.
+    quix = await asyncio.create_subprocess_exec(*argv, stdout=PIPE, stderr=PIPE, env=env, cwd=tmp_path)
     try:
         stdout, stderr = await asyncio.wait_for(quix.communicate(), 240)
     finally:
