@@ -32,6 +32,8 @@ from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
+PER_PHASE = 20  # requests acknowledged before the restart, and again after it
+
 
 async def test_broker_restart_mid_run_loses_no_acknowledged_request(
     local_broker_factory: LocalBrokerFactory, tmp_path: Path, topic_prefix: str
@@ -84,7 +86,9 @@ async def test_broker_restart_mid_run_loses_no_acknowledged_request(
                     await asyncio.sleep(0.1)  # a client submitting every 100 ms
 
             submitting = asyncio.create_task(submitter())
-            await wait_until(lambda: len(acknowledged) >= 5 and tokens > 0, "requests acknowledged and streaming")
+            await wait_until(
+                lambda: len(acknowledged) >= PER_PHASE and tokens > 0, "requests acknowledged and streaming"
+            )
             before = len(acknowledged)
             t0 = time.monotonic()
             await asyncio.to_thread(broker.stop)
@@ -92,7 +96,7 @@ async def test_broker_restart_mid_run_loses_no_acknowledged_request(
             await asyncio.to_thread(broker.start)
             restart_s = time.monotonic() - t0
             back = len(acknowledged)
-            await wait_until(lambda: len(acknowledged) >= back + 3, "requests acknowledged after the restart")
+            await wait_until(lambda: len(acknowledged) >= back + PER_PHASE, "requests acknowledged after the restart")
             stop_submitting.set()
             await submitting
             results = {rid: await task for rid, task in followers.items()}
