@@ -9,7 +9,7 @@ import os
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,14 +17,13 @@ import pytest
 from schemas.errors import BrokerError, MissingToolError
 from services.local.broker.runner import LocalBroker, ensure_jars, free_port, java_binary, metadata_ready
 from services.settings import Settings
+from tests.integration.brokers import LocalBrokerFactory
 from tests.integration.cluster_support import ClusterProcess
 
 log = logging.getLogger(__name__)
 
 KAFKA_IMAGE = os.environ.get("TOKENRELAY_TEST_KAFKA_IMAGE", "apache/kafka:4.1.2")
 CONTAINER_START_TIMEOUT_S = 120.0
-
-LocalBrokerFactory = Callable[..., LocalBroker]
 
 
 def _docker_answers() -> bool:
@@ -111,11 +110,12 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         broker.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def kafka_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterProcess]:
-    """`tokenrelay broker --nodes 3` for the whole session: three KRaft nodes that restart when killed.
+    """`tokenrelay broker --nodes 3` for one module: three KRaft nodes that restart when killed.
 
-    Only the cluster tests (marked slow) ask for it; three JVMs are heavy on a small machine.
+    Only the cluster tests (marked slow) ask for it; three JVMs are heavy on a small machine, so they stop when
+    that module ends rather than weigh on every later test of the session.
     """
     try:
         java_binary()

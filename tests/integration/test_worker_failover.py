@@ -3,7 +3,6 @@ client following the log loses and repeats no token."""
 
 from __future__ import annotations
 
-import asyncio
 import signal
 import subprocess
 import sys
@@ -13,8 +12,6 @@ from pathlib import Path
 
 import pytest
 from aiokafka import TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.errors import GroupCoordinatorNotAvailableError
 
 from schemas.codec import default_codec
 from schemas.ids import new_request_id
@@ -26,8 +23,7 @@ from services.kafka import make_consumer, start_client
 from services.local.process import quiet_env
 from services.settings import Settings
 from services.topics import ensure_topics
-from tests.integration.worker_helpers import collect_records, produce
-from tests.tinymodel import build_tiny_model
+from tests.integration.worker_helpers import collect_records, produce, wait_group_members
 from workers.engine.engine import Engine
 from workers.engine.types import EngineRequest
 
@@ -108,29 +104,6 @@ def balanced_requests() -> list[InferenceRequest]:
     return [r for v in per.values() for r in v]
 
 
-async def wait_group_members(settings: Settings, count: int, timeout_s: float = 90.0) -> None:
-    """Until the worker group is Stable with ``count`` members that all hold partitions."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
-    await admin.start()
-    try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                (response,) = await admin.describe_consumer_groups([settings.worker_group])
-            except GroupCoordinatorNotAvailableError:  # a fresh broker creates its offsets topic on first use
-                assert time.monotonic() < deadline, "no group coordinator"
-                await asyncio.sleep(0.2)
-                continue
-            group = response.groups[0]
-            state, members = group[2], group[5]
-            if state == "Stable" and len(members) == count and all(len(m[-1]) > 8 for m in members):
-                return
-            assert time.monotonic() < deadline, f"group {state} with {len(members)} members"
-            await asyncio.sleep(0.2)
-    finally:
-        await admin.close()
-
-
 async def kill_when_mid_generation(settings: Settings, victim: subprocess.Popen[bytes], worker: str) -> int:
     """SIGKILL ``victim`` once MIN_CAUGHT of its runs have streamed tokens and none of them has finished."""
     consumer = make_consumer(settings)
@@ -176,7 +149,7 @@ def spawn(settings: Settings, model_dir: Path, name: str) -> subprocess.Popen[by
 
 
 async def test_sigkill_one_of_two_workers_mid_generation(
-    kafka_bootstrap: str, topic_prefix: str, tmp_path: Path
+    kafka_bootstrap: str, topic_prefix: str, tiny_model_dir: Path
 ) -> None:
     settings = Settings.from_env(
         {},
@@ -186,7 +159,7 @@ async def test_sigkill_one_of_two_workers_mid_generation(
         events_partitions=2,
     )
     await ensure_topics(settings)
-    model_dir = build_tiny_model(tmp_path / "tiny")
+    model_dir = tiny_model_dir
     requests = balanced_requests()
     ids = [r.request_id for r in requests]
     workers = [spawn(settings, model_dir, "w1"), spawn(settings, model_dir, "w2")]

@@ -13,13 +13,16 @@ from pathlib import Path
 from typing import Any
 
 from aiokafka import TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import GroupCoordinatorNotAvailableError
 
 from schemas.codec import default_codec
 from schemas.records import ControlEvent, InferenceRequest, ModelInfo, TokenEvent
 from services.kafka import make_consumer, make_producer, record_headers, start_client
-from services.local.process import quiet_env
+from services.local.process import die_with_parent, quiet_env
 from services.settings import Settings
 from services.topics import ensure_topics
+from tests.waiting import wait_until
 from workers.engine.types import EngineLike
 from workers.main import Worker
 
@@ -28,8 +31,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @contextlib.contextmanager
 def worker_process(settings: Settings, module: str = "workers.main", **env: str) -> Iterator[subprocess.Popen[bytes]]:
-    """A worker subprocess (``python -m module``) on the broker and topics of ``settings``, plus ``env``."""
-    proc = subprocess.Popen([sys.executable, "-m", module], cwd=ROOT, env=quiet_env(settings, **env))
+    """A worker subprocess (``python -m module``) on the broker and topics of ``settings``, plus ``env``; it dies
+    with the thread that started it, should the test process die without stopping it."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", module], cwd=ROOT, env=quiet_env(settings, **env), preexec_fn=die_with_parent()
+    )
     try:
         yield proc
     finally:
@@ -183,3 +189,28 @@ async def wait_announced(
                     return
     finally:
         await consumer.stop()
+
+
+async def wait_group_members(settings: Settings, count: int, timeout_s: float = 90.0) -> None:
+    """Until the worker group is Stable with ``count`` members that all hold partitions."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    await admin.start()
+    seen = "no group coordinator yet"
+
+    async def stable() -> bool:
+        nonlocal seen
+        try:
+            (response,) = await admin.describe_consumer_groups([settings.worker_group])
+        except GroupCoordinatorNotAvailableError:  # a fresh broker creates its offsets topic on first use
+            return False
+        group = response.groups[0]
+        state, members = group[2], group[5]
+        seen = f"group {state} with {len(members)} members"
+        return state == "Stable" and len(members) == count and all(len(m[-1]) > 8 for m in members)
+
+    try:
+        await wait_until(
+            stable, lambda: f"{count} workers holding partitions ({seen})", timeout_s=timeout_s, interval_s=0.2
+        )
+    finally:
+        await admin.close()

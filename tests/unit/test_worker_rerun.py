@@ -9,7 +9,6 @@ import pytest
 from schemas.ids import new_request_id
 from schemas.records import ChatMessage, Delta, Failed, Finished, InferenceRequest, Started, TokenEvent
 from schemas.sampling import SamplingParams
-from tests.tinymodel import build_tiny_model
 from workers.admission import Admission, Limits, Refusal
 from workers.control import CancelledIds
 from workers.core import ModelCore
@@ -36,11 +35,6 @@ class Recorder:
             self.events.append(event)
             done.set_result(None)
         return done
-
-
-@pytest.fixture(scope="module")
-def engine(tmp_path_factory: pytest.TempPathFactory) -> Engine:
-    return Engine.load(str(build_tiny_model(tmp_path_factory.mktemp("tiny"))), device="cpu", max_batch_size=4)
 
 
 def _core(engine: Engine, sink: Recorder, **limits: object) -> ModelCore:
