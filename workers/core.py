@@ -48,6 +48,7 @@ class ModelCore:
         # Installed by the intake (ServedModel): a request ended, or must be taken up again from the log.
         self.on_closed: Callable[[Ticket], None] = _ignore
         self.on_retake: Callable[[Ticket], None] = _ignore
+        self.on_tokens: Callable[[Ticket, int], None] = _ignore_tokens  # a run generated tokens (fair share)
         self.ledger = Ledger()
         self.solo: Active | None = None  # a suspect request running alone until its first token
         self.changed = asyncio.Event()  # set whenever a request leaves the ledger or the solo one makes progress
@@ -92,7 +93,8 @@ class ModelCore:
         request = ticket.request
         rid = request.request_id
         stream = self._stream(ticket)
-        active = Active(ticket, stream, len(prompt_ids), len(prior.token_ids), solo=admission.solo)
+        done = len(prior.token_ids)
+        active = Active(ticket, stream, len(prompt_ids), done, solo=admission.solo, continued=done)
         self.ledger.add(active)
         ack = stream.emit(admission.started)
         metrics.QUEUE_TIME.observe(admission.started.queue_ms / 1000)
@@ -190,6 +192,7 @@ class ModelCore:
             active.last_token = now
             active.completion += len(out.token_ids)
             metrics.GENERATION_TOKENS.inc(len(out.token_ids))
+            self.on_tokens(active.ticket, len(out.token_ids))
             if self.solo is active:
                 self._clear_solo()
         active.stream.tokens(out.token_ids, out.text)
@@ -272,6 +275,18 @@ class ModelCore:
         self._wake.set()
         return gone
 
+    def preempt(self, request_id: str) -> tuple[Ticket, asyncio.Future[None] | None] | None:
+        """Stop a run at this step boundary without a terminal event, its pending tokens sent first, so a later run
+        continues it from the log; its ticket and the acknowledgement of its last event, None if it is not running.
+        """
+        active = self.ledger.get(request_id)
+        if active is None or not active.in_engine or active.stream.broken or self.solo is active:
+            return None
+        log.info("request %s: preempting run %s after %d tokens", request_id, active.run_id, active.completion)
+        last = active.stream.hand_over()
+        self.abandon(lambda ticket: ticket is active.ticket)
+        return active.ticket, last
+
     async def wait_changed(self) -> None:
         self.changed.clear()
         await self.changed.wait()
@@ -281,6 +296,10 @@ class ModelCore:
 
 
 def _ignore(_: Ticket) -> None:
+    pass
+
+
+def _ignore_tokens(_: Ticket, __: int) -> None:
     pass
 
 

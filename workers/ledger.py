@@ -18,6 +18,8 @@ class Ticket:
     request: InferenceRequest
     source: Any
     created_ms: int
+    priority: str = "interactive"  # the class of the topic it came from
+    check_log: bool = False  # the log may hold earlier runs of it: read them before it runs
 
 
 @dataclass(slots=True)
@@ -29,6 +31,7 @@ class Active:
     prompt_tokens: int
     completion: int
     solo: bool = False
+    continued: int = 0  # tokens earlier runs left in the log: what this run started from
     in_engine: bool = False
     started: float = field(default_factory=time.monotonic)
     last_token: float | None = None
@@ -41,6 +44,11 @@ class Active:
     @property
     def run_id(self) -> str:
         return self.stream.run_id
+
+    @property
+    def progress(self) -> int:
+        """Tokens this run has generated itself."""
+        return self.completion - self.continued
 
 
 class Ledger:

@@ -205,6 +205,7 @@ class RunStream:
     abandoned: bool = False
     broken: bool = False
     on_broken: Callable[[RunStream], None] | None = None
+    last: asyncio.Future[None] | None = None  # acknowledgement of the latest event sent
 
     def emit(self, payload: Payload) -> asyncio.Future[None]:
         if self.broken:
@@ -214,7 +215,7 @@ class RunStream:
             return refused
         event = TokenEvent(self.request_id, self.run_id, self.seq, int(time.time() * 1000), payload)
         self.seq += 1
-        done = self.publisher.publish(event)
+        done = self.last = self.publisher.publish(event)
         done.add_done_callback(self._watch)
         return done
 
@@ -231,6 +232,16 @@ class RunStream:
         if delta is not None:
             self._send_delta(delta)
         return self.emit(payload)
+
+    def hand_over(self) -> asyncio.Future[None] | None:
+        """Send the pending tokens and stop here, without a terminal event, for a later run to continue from the
+        log; the acknowledgement of the run's last event (None when it sent none)."""
+        if not (self.abandoned or self.broken):
+            delta = self.coalescer.flush()
+            if delta is not None:
+                self.emit(delta)
+        self.abandoned = True
+        return self.last
 
     def _send_delta(self, delta: Delta) -> None:
         self.emit(delta).add_done_callback(self._on_ack)

@@ -1,4 +1,4 @@
-"""One served model's Kafka side: its requests topic in its workers' group, offsets, rebalances, retakes, the DLQ."""
+"""One served model's Kafka side: its two class topics in its workers' group, the look-ahead, offsets, the DLQ."""
 
 from __future__ import annotations
 
@@ -14,28 +14,38 @@ from aiokafka.structs import ConsumerRecord, OffsetAndMetadata
 from schemas.codec import Codec, default_codec
 from schemas.errors import DecodeError, TokenRelayError, ValidationError
 from schemas.ids import is_request_id, request_id_time_ms
-from schemas.records import InferenceRequest
+from schemas.records import PRIORITIES, InferenceRequest
 from services.kafka import start_client
 from services.settings import Settings
+from workers import metrics
 from workers.admission import Refusal
 from workers.core import ModelCore
+from workers.fairshare import Waiting
 from workers.history import Prior, read_prior
 from workers.intake import OffsetTracker, dead_letter
 from workers.ledger import Ticket
 from workers.publisher import Publisher, RunBroken
+from workers.scheduling import INTERACTIVE, RunningView, Scheduler
 
 log = logging.getLogger(__name__)
 
 COMMIT_INTERVAL_S = 0.2
 RETRY_S = 0.5
 PRIOR_TIMEOUT_S = 30.0
+IDLE_PASS_S = 1.0  # a scheduling pass at least this often, whatever wakes it
+BLOCKED_PASS_S = 0.02  # while interactive requests wait for a batch run to become preemptible
+STATS_EVERY_S = 0.5
 
 
 class ServedModel:
-    """Takes requests of ``requests.<name>`` for a ModelCore and commits each offset once its request has ended.
+    """Takes requests of ``requests.<name>`` and ``batch.<name>`` for a ModelCore; commits each offset once its
+    request has ended.
 
-    A request's offset is committed only after its terminal event is acknowledged, so a request whose worker dies
-    is taken up again by another member of the group; a run that lost an event is taken up again here.
+    Records are read into a bounded look-ahead per class (a class's partitions are paused while its look-ahead is
+    full, so a batch backlog never holds back interactive records); the pure ``Scheduler`` decides what runs next.
+    A request's offset is committed only after its terminal event is acknowledged (commits stay at the lowest
+    unfinished offset, waiting ones included), so a request whose worker dies is taken up again by another member
+    of the group; a run that lost an event, or was preempted, is taken up again here from the log.
     """
 
     def __init__(
@@ -49,10 +59,15 @@ class ServedModel:
     ):
         self.settings = settings
         self.name = core.limits.model
-        self.topic = settings.requests_topic_for(self.name)
+        self.topics = {priority: settings.requests_topic_for(self.name, priority) for priority in PRIORITIES}
+        self._priority_of = {topic: priority for priority, topic in self.topics.items()}
         self.core = core
         core.on_closed = self._closed
         core.on_retake = self._retake
+        core.on_tokens = self._served
+        self.scheduler: Scheduler[Ticket] = Scheduler(
+            settings.tenant_weight_map, preemption=settings.preemption, min_progress=settings.preempt_min_tokens
+        )
         self.consumer = consumer
         self.history = history
         self.publisher = publisher
@@ -65,11 +80,17 @@ class ServedModel:
         self._retakes: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
         self._n_event_partitions = settings.events_partitions
+        self._room = asyncio.Event()  # the look-ahead has room again
+        self._admitting = 0  # requests between the look-ahead and the ledger (reading their log)
+        self._cancelled_waiting: list[Ticket] = []
+        self._samples: tuple[metrics.QueueSample, ...] = ()
+        self._sampled = 0.0
+        metrics.QUEUES.add(self.queue_samples)
 
     async def start(self, event_partitions: int) -> None:
         self._n_event_partitions = event_partitions
         await start_client(self.history, timeout_s=None)
-        self.consumer.subscribe([self.topic], listener=_Listener(self))
+        self.consumer.subscribe(list(self.topics.values()), listener=_Listener(self))
         await start_client(self.consumer, timeout_s=None)
 
     async def serve(self) -> None:
@@ -77,9 +98,10 @@ class ServedModel:
         tasks = [
             asyncio.create_task(self.core.run_engine(), name=f"engine-{self.name}"),
             asyncio.create_task(self._commit_loop(), name=f"commit-{self.name}"),
+            asyncio.create_task(self._schedule_loop(), name=f"schedule-{self.name}"),
         ]
         try:
-            await self._intake_loop()
+            await self._fetch_loop()
         finally:
             for task in tasks:
                 task.cancel()
@@ -89,20 +111,36 @@ class ServedModel:
         self._stopping.set()
         self.core.changed.set()
 
-    # Intake ------------------------------------------------------------------------------------------------
+    def cancel(self, request_id: str) -> None:
+        """A cancel: a running request stops within one step; a waiting one ends at once, without a slot."""
+        self.core.cancel(request_id)
+        waiting = self.scheduler.get(request_id)
+        if waiting is not None:
+            self.scheduler.remove(lambda w: w is not waiting)
+            self._cancelled_waiting.append(waiting.item)
+            self.core.changed.set()
 
-    async def _intake_loop(self) -> None:
+    # Intake: Kafka → look-ahead ----------------------------------------------------------------------------
+
+    async def _fetch_loop(self) -> None:
+        lookahead = self.settings.scheduler_lookahead
         while not self._stopping.is_set():
-            capacity = self.settings.max_batch_size - len(self.core.ledger)
-            if capacity <= 0 or self.core.solo is not None:
-                self.consumer.pause(*self.consumer.assignment())
-                await self._wait_changed(0.5)
+            full = {p for p in PRIORITIES if self.scheduler.depth(p) >= lookahead}
+            assignment = self.consumer.assignment()
+            hold = [tp for tp in assignment if self._priority_of.get(tp.topic) in full]
+            if hold:
+                self.consumer.pause(*hold)
+            resume = [tp for tp in self.consumer.paused() if tp not in hold]
+            if resume:
+                self.consumer.resume(*resume)
+            if assignment and len(hold) == len(assignment):
+                self._room.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._room.wait(), 0.5)
                 continue
-            paused = self.consumer.paused()
-            if paused:
-                self.consumer.resume(*paused)
+            room = max(lookahead - self.scheduler.depth(p) for p in PRIORITIES if p not in full)
             try:
-                batches = await self.consumer.getmany(timeout_ms=100, max_records=capacity)
+                batches = await self.consumer.getmany(timeout_ms=100, max_records=room)
             except KafkaError as exc:
                 log.warning("fetching requests failed (will retry): %s", exc)
                 await self._sleep(RETRY_S)
@@ -114,6 +152,8 @@ class ServedModel:
                         break  # revoked meanwhile; the new owner reads it again
                     tracker.take(record.offset)
                     await self._take(tp, record)
+            if batches:
+                self.core.changed.set()
 
     async def _take(self, tp: TopicPartition, record: ConsumerRecord[bytes, bytes]) -> None:
         try:
@@ -124,11 +164,111 @@ class ServedModel:
             return
         rid = request.request_id
         created_ms = request.created_ms or request_id_time_ms(rid)
-        ticket = Ticket(request, (tp, record), created_ms)
-        await self._admit(ticket, check_log=record.offset < self._assigned_end.get(tp, 0))
+        # The topic, not the field, says the class: a plain producer picks one by where it writes.
+        priority = self._priority_of.get(record.topic, INTERACTIVE)
+        check_log = record.offset < self._assigned_end.get(tp, 0)
+        if not self._queue(Ticket(request, (tp, record), created_ms, priority, check_log)):
+            log.info("request %s: read again while it waits; the later record is dropped", rid)
+            self._done(tp, record.offset)
 
-    async def _admit(self, ticket: Ticket, *, check_log: bool) -> None:
-        prior = await self._prior(ticket) if check_log else Prior()
+    def _queue(self, ticket: Ticket, *, front: bool = False) -> bool:
+        request = ticket.request
+        waiting = Waiting(
+            request.request_id,
+            ticket.priority,
+            request.tenant,
+            ticket.created_ms,
+            request.deadline_ms,
+            ticket,
+            self._prompt_hint(request),
+        )
+        return self.scheduler.push(waiting, front=front)
+
+    # Scheduling: look-ahead → engine -----------------------------------------------------------------------
+
+    async def _schedule_loop(self) -> None:
+        while not self._stopping.is_set():
+            self.core.changed.clear()
+            await self._expire()
+            await self._dispatch()
+            self._sample()
+            timeout = IDLE_PASS_S
+            deadline = self.scheduler.next_deadline()
+            if deadline is not None:
+                timeout = min(timeout, max(0.0, (deadline - _now_ms()) / 1000) + 0.001)
+            if self.scheduler.blocked():
+                timeout = min(timeout, BLOCKED_PASS_S)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.core.changed.wait(), timeout)
+
+    async def _expire(self) -> None:
+        """End the waiting requests whose deadline passed: admission refuses them with deadline_exceeded."""
+        for waiting in self.scheduler.expired(_now_ms()):
+            metrics.DEADLINE_IN_QUEUE.labels(self.name, waiting.priority).inc()
+            self._room.set()
+            await self._admit(waiting.item)
+
+    async def _dispatch(self) -> None:
+        cancelled, self._cancelled_waiting = self._cancelled_waiting, []
+        for ticket in cancelled:
+            await self._admit(ticket)  # ends at once as cancelled
+        if self._stopping.is_set():
+            return
+        free = self.settings.max_batch_size - len(self.core.ledger) - self._admitting
+        if self.core.solo is not None:
+            free = 0  # a suspect request runs alone
+        running = [
+            RunningView(a.request_id, a.ticket.priority, a.progress, a.ticket.request.max_tokens - a.completion)
+            for a in self.core.ledger
+            if a.in_engine
+        ]
+        plan = self.scheduler.plan(free, running)
+        for request_id in plan.preempt:
+            self._preempt(request_id)
+        if plan.admit:
+            self._room.set()
+        for waiting in plan.admit:
+            await self._admit(waiting.item)
+
+    def _preempt(self, request_id: str) -> None:
+        handed = self.core.preempt(request_id)
+        if handed is None:
+            return
+        ticket, last = handed
+        metrics.PREEMPTIONS.labels(self.name).inc()
+        ticket.check_log = True
+        task = asyncio.create_task(self._requeue(ticket, last), name=f"requeue-{request_id}")
+        self._retakes.add(task)
+        task.add_done_callback(self._retakes.discard)
+
+    async def _requeue(self, ticket: Ticket, last: asyncio.Future[None] | None) -> None:
+        """Back to the front of its tenant's queue once the run's last event is in the log (it continues from it)."""
+        if last is not None:
+            with contextlib.suppress(Exception):
+                await last
+        if self._owns(ticket) and not self._stopping.is_set():
+            self._queue(ticket, front=True)
+            self.core.changed.set()
+
+    def _served(self, ticket: Ticket, tokens: int) -> None:
+        self.scheduler.charge(ticket.priority, ticket.request.tenant, tokens)
+
+    def _prompt_hint(self, request: InferenceRequest) -> float:
+        """What a request is charged when picked, before its prompt is tokenized (about 4 characters a token)."""
+        chars = sum(len(m.content) for m in request.messages) if request.messages else len(request.prompt)
+        return self.settings.fair_prompt_token_cost * (chars // 4 + 1)
+
+    async def _admit(self, ticket: Ticket) -> None:
+        if not self._owns(ticket):
+            return  # revoked while it waited; the new owner reads it again
+        self._admitting += 1
+        try:
+            await self._admit_owned(ticket)
+        finally:
+            self._admitting -= 1
+
+    async def _admit_owned(self, ticket: Ticket) -> None:
+        prior = await self._prior(ticket) if ticket.check_log else Prior()
         if prior is None:
             return  # stopping, or no longer ours
         if prior.terminal:
@@ -142,9 +282,32 @@ class ServedModel:
                 await self._dead_letter(record, TokenRelayError(decision.failed.message, code=decision.failed.code))
             self.core.refuse(ticket, decision.failed)
             return
+        cost = self.settings.fair_prompt_token_cost * len(prompt_ids) - self._prompt_hint(ticket.request)
+        self.scheduler.charge(ticket.priority, ticket.request.tenant, cost)
         while decision.solo and len(self.core.ledger) > 0 and not self._stopping.is_set():
             await self.core.wait_changed()  # a suspect request runs alone: it must not take others down with it
         self.core.run(ticket, decision, prompt_ids, prior)
+
+    def queue_samples(self) -> tuple[metrics.QueueSample, ...]:
+        """The queue as last sampled by the scheduling loop (the metrics server reads it from its own thread)."""
+        return self._samples
+
+    def _sample(self) -> None:
+        now = time.monotonic()
+        if now - self._sampled < STATS_EVERY_S:
+            return
+        self._sampled = now
+        samples = [
+            metrics.QueueSample(self.name, s.priority, s.tenant, s.depth, s.oldest_ms) for s in self.scheduler.stats()
+        ]
+        for priority, topic in self.topics.items():
+            unread = 0
+            for tp, tracker in self.trackers.items():
+                end = self.consumer.highwater(tp) if tp.topic == topic else None
+                if end is not None and tracker.next_offset is not None:
+                    unread += max(0, end - tracker.next_offset)
+            samples.append(metrics.QueueSample(self.name, priority, None, unread, None))
+        self._samples = tuple(samples)
 
     async def _prior(self, ticket: Ticket) -> Prior | None:
         """What earlier runs left in the log; retried through broker outages."""
@@ -178,7 +341,8 @@ class ServedModel:
     async def _retake_when_healthy(self, ticket: Ticket) -> None:
         await self.publisher.healthy.wait()
         if self._owns(ticket) and self.core.ledger.get(ticket.request.request_id) is None:
-            await self._admit(ticket, check_log=True)
+            ticket.check_log = True
+            await self._admit(ticket)
 
     def _owns(self, ticket: Ticket) -> bool:
         tp, record = ticket.source
@@ -228,6 +392,8 @@ class ServedModel:
 
     async def revoke(self, revoked: set[TopicPartition]) -> None:
         """Stop the runs of revoked partitions without a terminal event; the new owner continues them from the log."""
+        self.scheduler.remove(lambda waiting: waiting.item.source[0] not in revoked)
+        self._room.set()
         self.core.abandon(lambda ticket: ticket.source[0] in revoked)
         await self.publisher.drain()
         await self.commit(only=revoked)
@@ -265,6 +431,7 @@ class ServedModel:
         await self.commit()
 
     async def close(self) -> None:
+        metrics.QUEUES.remove(self.queue_samples)
         await self.consumer.stop()
         await self.history.stop()
         self.core.close()
@@ -287,6 +454,10 @@ class _Listener(ConsumerRebalanceListener):
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         await self.served.assign(set(assigned))
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 def _checked(request: InferenceRequest) -> InferenceRequest:
