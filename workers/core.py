@@ -8,6 +8,7 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 from schemas.records import Failed, Finished, Usage
 from workers import metrics
@@ -21,6 +22,16 @@ from workers.publisher import EventSink, RunStream
 log = logging.getLogger(__name__)
 
 INTERNAL = "the worker failed while {} this request"
+
+
+@dataclass(frozen=True, slots=True)
+class Handover:
+    """A preempted run: its ticket, the acknowledgement of its last event, and what the log holds of the request
+    once that acknowledgement arrives (what a worker reading the log after a death would find)."""
+
+    ticket: Ticket
+    last: asyncio.Future[None] | None
+    prior: Prior
 
 
 class ModelCore:
@@ -93,8 +104,15 @@ class ModelCore:
         request = ticket.request
         rid = request.request_id
         stream = self._stream(ticket)
-        done = len(prior.token_ids)
-        active = Active(ticket, stream, len(prompt_ids), done, solo=admission.solo, continued=done)
+        active = Active(
+            ticket,
+            stream,
+            len(prompt_ids),
+            len(prior.token_ids),
+            solo=admission.solo,
+            continued_ids=prior.token_ids,
+            continued_text=prior.text,
+        )
         self.ledger.add(active)
         ack = stream.emit(admission.started)
         metrics.QUEUE_TIME.observe(admission.started.queue_ms / 1000)
@@ -275,17 +293,22 @@ class ModelCore:
         self._wake.set()
         return gone
 
-    def preempt(self, request_id: str) -> tuple[Ticket, asyncio.Future[None] | None] | None:
+    def preempt(self, request_id: str) -> Handover | None:
         """Stop a run at this step boundary without a terminal event, its pending tokens sent first, so a later run
-        continues it from the log; its ticket and the acknowledgement of its last event, None if it is not running.
-        """
+        continues it from the log; None if it is not running."""
         active = self.ledger.get(request_id)
         if active is None or not active.in_engine or active.stream.broken or self.solo is active:
             return None
         log.info("request %s: preempting run %s after %d tokens", request_id, active.run_id, active.completion)
-        last = active.stream.hand_over()
+        stream = active.stream
+        last = stream.hand_over()
         self.abandon(lambda ticket: ticket is active.ticket)
-        return active.ticket, last
+        prior = Prior(
+            run_id=stream.run_id,
+            token_ids=active.continued_ids + tuple(stream.sent_ids),
+            text=active.continued_text + stream.sent_text,
+        )
+        return Handover(active.ticket, last, prior)
 
     async def wait_changed(self) -> None:
         self.changed.clear()

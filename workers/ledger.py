@@ -20,6 +20,8 @@ class Ticket:
     created_ms: int
     priority: str = "interactive"  # the class of the topic it came from
     check_log: bool = False  # the log may hold earlier runs of it: read them before it runs
+    preemptions: int = 0  # times this worker stopped its run for interactive work
+    handed_over: Any = None  # a preempted run's Prior, as this worker's acknowledged events left it in the log
 
 
 @dataclass(slots=True)
@@ -31,7 +33,8 @@ class Active:
     prompt_tokens: int
     completion: int
     solo: bool = False
-    continued: int = 0  # tokens earlier runs left in the log: what this run started from
+    continued_ids: tuple[int, ...] = ()  # tokens earlier runs left in the log: what this run started from
+    continued_text: str = ""
     in_engine: bool = False
     started: float = field(default_factory=time.monotonic)
     last_token: float | None = None
@@ -48,7 +51,7 @@ class Active:
     @property
     def progress(self) -> int:
         """Tokens this run has generated itself."""
-        return self.completion - self.continued
+        return self.completion - len(self.continued_ids)
 
 
 class Ledger:

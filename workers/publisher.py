@@ -206,6 +206,8 @@ class RunStream:
     broken: bool = False
     on_broken: Callable[[RunStream], None] | None = None
     last: asyncio.Future[None] | None = None  # acknowledgement of the latest event sent
+    sent_ids: list[int] = field(default_factory=list)  # tokens of the Deltas sent, in order
+    sent_text: str = ""
 
     def emit(self, payload: Payload) -> asyncio.Future[None]:
         if self.broken:
@@ -239,12 +241,17 @@ class RunStream:
         if not (self.abandoned or self.broken):
             delta = self.coalescer.flush()
             if delta is not None:
-                self.emit(delta)
+                self._emit_delta(delta)
         self.abandoned = True
         return self.last
 
     def _send_delta(self, delta: Delta) -> None:
-        self.emit(delta).add_done_callback(self._on_ack)
+        self._emit_delta(delta).add_done_callback(self._on_ack)
+
+    def _emit_delta(self, delta: Delta) -> asyncio.Future[None]:
+        self.sent_ids.extend(delta.token_ids)
+        self.sent_text += delta.text
+        return self.emit(delta)
 
     def _watch(self, done: asyncio.Future[None]) -> None:
         if (done.cancelled() or done.exception() is not None) and not self.broken:

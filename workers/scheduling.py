@@ -23,6 +23,7 @@ class RunningView:
     priority: str
     progress: int
     remaining: int
+    preempted: bool = False  # this request was preempted before (the run continues an earlier one it stopped)
 
 
 @dataclass(slots=True)
@@ -48,9 +49,9 @@ class Scheduler(Generic[T]):
 
     - Interactive requests go first: batch requests are admitted only into slots that no interactive request waits
       for.
-    - When interactive requests still wait and batch runs hold slots, batch runs that have made ``min_progress``
-      tokens in their current run are preempted (those with most left first), one per waiting interactive request;
-      a run is not preempted again before it has made that progress anew.
+    - When interactive requests still wait and batch runs hold slots, batch runs are preempted (those with most left
+      first), one per waiting interactive request, once they have made a token. A request is not preempted again
+      before its new run has made ``min_progress`` tokens: it is stopped at most once per ``min_progress`` tokens.
     - Inside a class, tenants share by virtual token counters (``FairQueue``).
     Deadlines are kept in a heap, so the next one is known without a scan.
     """
@@ -86,7 +87,7 @@ class Scheduler(Generic[T]):
             free -= 1
         if len(interactive) and self.preemption:
             victims = sorted(
-                (r for r in running if r.priority == BATCH and r.progress >= self.min_progress),
+                (r for r in running if r.priority == BATCH and r.progress >= self._needed(r)),
                 key=lambda r: -r.remaining,
             )
             for victim in victims[: len(interactive)]:
@@ -96,6 +97,11 @@ class Scheduler(Generic[T]):
             out.admit.append(self._pop(batch))
             free -= 1
         return out
+
+    def _needed(self, run: RunningView) -> int:
+        """Progress a run needs before it may be preempted: one token at first (a run stopped before any token
+        would look, in the log, like one that crashed its worker), ``min_progress`` once it was preempted."""
+        return max(1, self.min_progress) if run.preempted else 1
 
     def blocked(self) -> bool:
         """Interactive requests wait and no slot is theirs yet (a later pass may preempt for them)."""

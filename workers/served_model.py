@@ -19,7 +19,7 @@ from services.kafka import start_client
 from services.settings import Settings
 from workers import metrics
 from workers.admission import Refusal
-from workers.core import ModelCore
+from workers.core import Handover, ModelCore
 from workers.fairshare import Waiting
 from workers.history import Prior, read_prior
 from workers.intake import OffsetTracker, dead_letter
@@ -77,7 +77,7 @@ class ServedModel:
         self._assigned_end: dict[TopicPartition, int] = {}
         self._committed: dict[TopicPartition, int] = {}
         self._history_lock = asyncio.Lock()
-        self._retakes: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
         self._n_event_partitions = settings.events_partitions
         self._room = asyncio.Event()  # the look-ahead has room again
@@ -206,19 +206,25 @@ class ServedModel:
         for waiting in self.scheduler.expired(_now_ms()):
             metrics.DEADLINE_IN_QUEUE.labels(self.name, waiting.priority).inc()
             self._room.set()
-            await self._admit(waiting.item)
+            self._admit_soon(waiting.item)
 
     async def _dispatch(self) -> None:
         cancelled, self._cancelled_waiting = self._cancelled_waiting, []
         for ticket in cancelled:
-            await self._admit(ticket)  # ends at once as cancelled
+            self._admit_soon(ticket)  # ends at once as cancelled
         if self._stopping.is_set():
             return
         free = self.settings.max_batch_size - len(self.core.ledger) - self._admitting
         if self.core.solo is not None:
             free = 0  # a suspect request runs alone
         running = [
-            RunningView(a.request_id, a.ticket.priority, a.progress, a.ticket.request.max_tokens - a.completion)
+            RunningView(
+                a.request_id,
+                a.ticket.priority,
+                a.progress,
+                a.ticket.request.max_tokens - a.completion,
+                preempted=a.ticket.preemptions > 0,
+            )
             for a in self.core.ledger
             if a.in_engine
         ]
@@ -228,24 +234,32 @@ class ServedModel:
         if plan.admit:
             self._room.set()
         for waiting in plan.admit:
-            await self._admit(waiting.item)
+            self._admit_soon(waiting.item)
 
     def _preempt(self, request_id: str) -> None:
-        handed = self.core.preempt(request_id)
-        if handed is None:
+        handover = self.core.preempt(request_id)
+        if handover is None:
             return
-        ticket, last = handed
         metrics.PREEMPTIONS.labels(self.name).inc()
-        ticket.check_log = True
-        task = asyncio.create_task(self._requeue(ticket, last), name=f"requeue-{request_id}")
-        self._retakes.add(task)
-        task.add_done_callback(self._retakes.discard)
+        handover.ticket.check_log = True
+        handover.ticket.preemptions += 1
+        task = asyncio.create_task(self._requeue(handover), name=f"requeue-{request_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
-    async def _requeue(self, ticket: Ticket, last: asyncio.Future[None] | None) -> None:
-        """Back to the front of its tenant's queue once the run's last event is in the log (it continues from it)."""
-        if last is not None:
+    async def _requeue(self, handover: Handover) -> None:
+        """Back to the front of its tenant's queue once the run's last event is in the log, to continue from there.
+
+        When every event of the run was acknowledged, the log holds exactly what the run sent, and the next run
+        starts from that without reading it again; otherwise it reads the log, as after a worker death.
+        """
+        ticket = handover.ticket
+        ticket.handed_over = None
+        if handover.last is not None:
             with contextlib.suppress(Exception):
-                await last
+                await handover.last
+        if handover.last is None or (not handover.last.cancelled() and handover.last.exception() is None):
+            ticket.handed_over = handover.prior
         if self._owns(ticket) and not self._stopping.is_set():
             self._queue(ticket, front=True)
             self.core.changed.set()
@@ -258,17 +272,27 @@ class ServedModel:
         chars = sum(len(m.content) for m in request.messages) if request.messages else len(request.prompt)
         return self.settings.fair_prompt_token_cost * (chars // 4 + 1)
 
-    async def _admit(self, ticket: Ticket) -> None:
-        if not self._owns(ticket):
-            return  # revoked while it waited; the new owner reads it again
+    def _admit_soon(self, ticket: Ticket) -> None:
+        """Admit in a task of its own (its log may have to be read first): the scheduling loop never waits on Kafka,
+        and the slot stays reserved meanwhile."""
         self._admitting += 1
+        task = asyncio.create_task(self._admit_reserved(ticket), name=f"admit-{ticket.request.request_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _admit_reserved(self, ticket: Ticket) -> None:
         try:
-            await self._admit_owned(ticket)
+            if self._owns(ticket):  # else revoked while it waited; the new owner reads it again
+                await self._admit_owned(ticket)
         finally:
             self._admitting -= 1
 
     async def _admit_owned(self, ticket: Ticket) -> None:
-        prior = await self._prior(ticket) if ticket.check_log else Prior()
+        prior: Prior | None
+        if isinstance(ticket.handed_over, Prior):
+            prior, ticket.handed_over = ticket.handed_over, None
+        else:
+            prior = await self._prior(ticket) if ticket.check_log else Prior()
         if prior is None:
             return  # stopping, or no longer ours
         if prior.terminal:
@@ -335,14 +359,15 @@ class ServedModel:
         if not self._owns(ticket) or self._stopping.is_set():
             return
         task = asyncio.create_task(self._retake_when_healthy(ticket), name=f"retake-{ticket.request.request_id}")
-        self._retakes.add(task)
-        task.add_done_callback(self._retakes.discard)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _retake_when_healthy(self, ticket: Ticket) -> None:
         await self.publisher.healthy.wait()
         if self._owns(ticket) and self.core.ledger.get(ticket.request.request_id) is None:
             ticket.check_log = True
-            await self._admit(ticket)
+            self._admitting += 1
+            await self._admit_reserved(ticket)
 
     def _owns(self, ticket: Ticket) -> bool:
         tp, record = ticket.source
@@ -422,7 +447,7 @@ class ServedModel:
         while len(self.core.ledger) and time.monotonic() < deadline:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.core.wait_changed(), max(0.0, deadline - time.monotonic()))
-        for task in list(self._retakes):
+        for task in list(self._tasks):
             task.cancel()
         if len(self.core.ledger):
             log.info("model %s: shutting down, abandoning %d running requests", self.name, len(self.core.ledger))
