@@ -81,7 +81,8 @@ class Log:
         for i in range(count):
             rid = new_request_id()
             now = int(time.time() * 1000)
-            request = InferenceRequest(rid, f"{prompt} {i}", max_tokens, temperature=0.0, priority=priority)
+            # sampled (seeded): greedy text from these prompts reaches the end-of-sequence token after a few tokens
+            request = InferenceRequest(rid, f"{prompt} {i}", max_tokens, seed=i, priority=priority)
             self.seen[rid] = Seen(now)
             headers = record_headers("InferenceRequest")
             await self.producer.send(topic, codec.encode(request), key=rid.encode(), headers=headers)
@@ -150,9 +151,10 @@ async def probe(log: Log, count: int, gap_s: float) -> list[str]:
     return ids
 
 
-async def batch_round(log: Log, chat_gap_s: float | None) -> tuple[float, float]:
-    """Batch tokens/s and wall seconds of one round; with ``chat_gap_s``, interactive requests every so often whose
-    tokens come to INTERACTIVE_SHARE of the round's (the gap comes from a round alone)."""
+async def batch_round(log: Log, chat_gap_s: float | None) -> tuple[float, float, int, int]:
+    """Batch tokens/s, wall seconds, batch tokens and interactive tokens of one round; with ``chat_gap_s``, an
+    interactive request every so often (the gap comes from a round alone, so that their tokens are about
+    INTERACTIVE_SHARE of the round's)."""
     started = time.monotonic()
     batch = await log.submit(ROUND_BATCH, "batch", BATCH_TOKENS, "summarise the night's logs")
     pending = asyncio.ensure_future(log.wait(batch))
@@ -162,12 +164,13 @@ async def batch_round(log: Log, chat_gap_s: float | None) -> tuple[float, float]
         await asyncio.wait({pending}, timeout=chat_gap_s)
     await pending
     await log.wait(chats)
-    return throughput(log, batch), time.monotonic() - started
+    tokens = sum(log.seen[i].tokens for i in batch)
+    return throughput(log, batch), time.monotonic() - started, tokens, sum(log.seen[i].tokens for i in chats)
 
 
-def chat_gap_s(round_s: float) -> float:
-    """Gap between interactive requests that makes their tokens INTERACTIVE_SHARE of a round of ``round_s``."""
-    count = INTERACTIVE_SHARE * ROUND_BATCH * BATCH_TOKENS / CHAT_TOKENS / (1 - INTERACTIVE_SHARE)
+def chat_gap_s(round_s: float, batch_tokens: int, chat_tokens: float) -> float:
+    """Gap between interactive requests that makes their tokens INTERACTIVE_SHARE of a round like this one."""
+    count = INTERACTIVE_SHARE * batch_tokens / (1 - INTERACTIVE_SHARE) / max(1.0, chat_tokens)
     return round_s / max(1.0, count)
 
 
@@ -188,10 +191,14 @@ async def measure(settings: Settings, metrics_port: int) -> dict[str, float]:
         runs = sum(log.seen[i].runs for i in flood)
         alone: list[float] = []
         mixed: list[float] = []
+        chat_tokens = statistics.mean(log.seen[i].tokens for i in idle)
+        chat_share: list[float] = []
         for _ in range(ROUNDS):
-            rate, round_s = await batch_round(log, None)
+            rate, round_s, batch_tokens, _ = await batch_round(log, None)
             alone.append(rate)
-            mixed.append((await batch_round(log, chat_gap_s(round_s)))[0])
+            rate, _, batch_tokens, interactive = await batch_round(log, chat_gap_s(round_s, batch_tokens, chat_tokens))
+            mixed.append(rate)
+            chat_share.append(interactive / max(1, batch_tokens))
         idle_t, under_t = ttfts(log, idle), ttfts(log, under)
         step = statistics.median(per_token_s(log, flood))
     idle_p50, idle_p99 = pct(idle_t, 0.5), pct(idle_t, 0.99)
@@ -220,7 +227,8 @@ async def measure(settings: Settings, metrics_port: int) -> dict[str, float]:
         + " ".join(f"{a:.0f}" for a in alone)
         + "; with 10 % interactive: "
         + " ".join(f"{m:.0f}" for m in mixed)
-        + f"; ratio min/median/max {min(ratios):.2f}/{statistics.median(ratios):.2f}/{max(ratios):.2f}"
+        + f"; ratio min/median/max {min(ratios):.2f}/{statistics.median(ratios):.2f}/{max(ratios):.2f} "
+        + f"(interactive tokens {', '.join(f'{c:.0%}' for c in chat_share)} of the batch tokens)"
     )
     return {
         "fair_ttft_ms_p50_idle": idle_p50 * 1000,
