@@ -157,7 +157,8 @@ class Settings:
     preempt_min_tokens: int = _setting(
         16,
         "TOKENRELAY_PREEMPT_MIN_TOKENS",
-        "Tokens a batch run must generate before it may be preempted (again): bounds the churn.",
+        "New tokens a preempted batch request's next run must generate before it may be preempted again (a first "
+        "preemption waits for one token): bounds the churn.",
     )
     max_prompt_tokens: int = _setting(
         1024, "TOKENRELAY_MAX_PROMPT_TOKENS", "Longest prompt a worker accepts, in tokens."
