@@ -83,6 +83,7 @@ class ServedModel:
         self._room = asyncio.Event()  # the look-ahead has room again
         self._admitting = 0  # requests between the look-ahead and the ledger (reading their log)
         self._cancelled_waiting: list[Ticket] = []
+        self._solo_waiting = 0  # admissions waiting for the ledger to empty, to run alone
         self._samples: tuple[metrics.QueueSample, ...] = ()
         self._sampled = 0.0
         metrics.QUEUES.add(self.queue_samples)
@@ -215,7 +216,7 @@ class ServedModel:
         if self._stopping.is_set():
             return
         free = self.settings.max_batch_size - len(self.core.ledger) - self._admitting
-        if self.core.solo is not None:
+        if self.core.solo is not None or self._solo_waiting:
             free = 0  # a suspect request runs alone
         running = [
             RunningView(
@@ -308,8 +309,13 @@ class ServedModel:
             return
         cost = self.settings.fair_prompt_token_cost * len(prompt_ids) - self._prompt_hint(ticket.request)
         self.scheduler.charge(ticket.priority, ticket.request.tenant, cost)
-        while decision.solo and len(self.core.ledger) > 0 and not self._stopping.is_set():
-            await self.core.wait_changed()  # a suspect request runs alone: it must not take others down with it
+        if decision.solo:
+            self._solo_waiting += 1  # nothing else is admitted meanwhile
+            try:
+                while len(self.core.ledger) > 0 and not self._stopping.is_set():
+                    await self.core.wait_changed()  # a suspect request runs alone: it must not take others down
+            finally:
+                self._solo_waiting -= 1
         self.core.run(ticket, decision, prompt_ids, prior)
 
     def queue_samples(self) -> tuple[metrics.QueueSample, ...]:
