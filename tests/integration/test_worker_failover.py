@@ -21,7 +21,7 @@ from schemas.partitioning import partition_for_key
 from schemas.records import Delta, Finished, InferenceRequest, Started
 from schemas.sampling import SamplingParams
 from services.kafka import make_consumer, start_client
-from services.process import quiet_env
+from services.local.process import quiet_env
 from services.settings import Settings
 from services.topics import ensure_topics
 from tests.integration.worker_helpers import client_view, collect_records, describe, produce

@@ -15,11 +15,11 @@ from typing import Any
 
 from aiokafka import TopicPartition
 
-from gateway.view import View
 from schemas.codec import default_codec
 from schemas.records import ControlEvent, Delta, InferenceRequest, ModelInfo, Started, TokenEvent
+from schemas.view import View
 from services.kafka import make_consumer, make_producer, record_headers, start_client
-from services.process import quiet_env
+from services.local.process import quiet_env
 from services.settings import Settings
 from services.topics import ensure_topics
 from workers.engine.types import EngineLike
