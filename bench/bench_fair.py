@@ -25,7 +25,7 @@ from schemas.codec import default_codec
 from schemas.ids import new_request_id
 from schemas.records import Delta, Failed, Finished, InferenceRequest, Started
 from services.kafka import make_consumer, make_producer, record_headers, start_client
-from services.localbroker.runner import free_port
+from services.local.broker.runner import free_port
 from services.settings import Settings
 
 ENGINE = os.environ.get("BENCH_FAIR_ENGINE", "model")
@@ -42,6 +42,7 @@ INTERACTIVE_SHARE = 0.10  # of the tokens of a mixed round
 @dataclass
 class Seen:
     created_ms: int
+    started_ms: int | None = None
     first_ms: int | None = None
     end_ms: int | None = None
     tokens: int = 0
@@ -105,6 +106,8 @@ class Log:
                     payload = event.payload
                     if isinstance(payload, Started):
                         seen.runs += 1
+                        if seen.started_ms is None:
+                            seen.started_ms = event.ts_ms
                     elif isinstance(payload, Delta):
                         seen.tokens += len(payload.token_ids)
                         if seen.first_ms is None and payload.token_ids:
@@ -116,6 +119,16 @@ class Log:
 
 def ttfts(log: Log, ids: Sequence[str]) -> list[float]:
     return [(s.first_ms - s.created_ms) / 1000 for i in ids if (s := log.seen[i]).first_ms is not None]
+
+
+def split_ms(log: Log, ids: Sequence[str]) -> str:
+    """p50 / p99 of the two parts of TTFT: submission to Started (queue, admission) and Started to first token."""
+    queue = [s.started_ms - s.created_ms for i in ids if (s := log.seen[i]).started_ms is not None]
+    engine = [s.first_ms - s.started_ms for i in ids if (s := log.seen[i]).first_ms and s.started_ms]
+    return (
+        f"to Started p50 {pct(queue, 0.5):.0f} / p99 {pct(queue, 0.99):.0f} ms, "
+        f"Started to first token p50 {pct(engine, 0.5):.0f} / p99 {pct(engine, 0.99):.0f} ms"
+    )
 
 
 def per_token_s(log: Log, ids: Sequence[str]) -> list[float]:
@@ -200,6 +213,7 @@ async def measure(settings: Settings, metrics_port: int) -> dict[str, float]:
             mixed.append(rate)
             chat_share.append(interactive / max(1, batch_tokens))
         idle_t, under_t = ttfts(log, idle), ttfts(log, under)
+        split = (split_ms(log, idle), split_ms(log, under))
         step = statistics.median(per_token_s(log, flood))
     idle_p50, idle_p99 = pct(idle_t, 0.5), pct(idle_t, 0.99)
     under_p50, under_p99 = pct(under_t, 0.5), pct(under_t, 0.99)
@@ -213,6 +227,7 @@ async def measure(settings: Settings, metrics_port: int) -> dict[str, float]:
         f"unstarted when the probes ended): p50 {under_p50 * 1000:.0f} ms, p99 {under_p99 * 1000:.0f} ms; "
         f"one decode step {step * 1000:.1f} ms"
     )
+    print(f"  idle: {split[0]}\n  flood: {split[1]}")
     print(
         f"  p50 goal <= 1.5 x idle + step = {(1.5 * idle_p50 + step) * 1000:.0f} ms; "
         f"p99 goal <= 3 x idle p99 = {3 * idle_p99 * 1000:.0f} ms"

@@ -264,3 +264,31 @@ async def test_a_deadline_that_passes_in_the_look_ahead_ends_the_request_once(
         for hog in hogs:
             served.cancel(hog.request_id)
         await collect_records(settings, [r.request_id for r in hogs], timeout_s=60)
+
+
+async def test_a_batch_backlog_far_past_the_look_ahead_never_holds_back_an_interactive_request(
+    kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    lookahead = 8
+    settings = base_settings(
+        kafka_bootstrap, topic_prefix, engine="synthetic", synthetic_tokens_per_s=20.0, scheduler_lookahead=lookahead
+    )
+    engine = SyntheticEngine(settings.synthetic_tokens_per_s, SLOTS)
+    engine.name = settings.served_model
+    flood = backlog("bulk", 25 * lookahead, max_tokens=200)  # ten seconds a run: the backlog stays put
+    chat = InferenceRequest(new_request_id(), "hello", 2)
+    async with running_worker(settings, engine) as worker:
+        served = worker.models[settings.served_model]
+        log = trace(served)
+        await produce(settings, flood)
+        await until(lambda: len(served.core.ledger) == SLOTS, "every slot running batch work")
+        await until(lambda: served.scheduler.depth(BATCH) >= lookahead, "the batch look-ahead full")
+        assert served.scheduler.depth(BATCH) < 2 * lookahead  # bounded: the rest stays in Kafka
+        await produce(settings, [chat])
+        records = await collect_records(settings, [chat.request_id], timeout_s=60)
+        admitted = [key for what, key in log.steps if what == "admitted"]
+        assert admitted.index(chat.request_id) == SLOTS  # right after the batch runs it found, before any other
+        assert [type(ev.payload).__name__ for _, ev in records[chat.request_id]][-1] == "Finished"
+        for request in flood:  # the backlog ends at once, read or not
+            served.cancel(request.request_id)
+        await collect_records(settings, [r.request_id for r in flood], timeout_s=120)
