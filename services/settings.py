@@ -137,6 +137,13 @@ class Settings:
         "Requests of each class (interactive, batch) a worker reads ahead of its free slots, per served model: "
         "admission picks among them by class and tenant; fairness between tenants holds within this window.",
     )
+    scheduler_tenant_lookahead: int = _setting(
+        64,
+        "TOKENRELAY_SCHEDULER_TENANT_LOOKAHEAD",
+        "Requests of one tenant and class a worker holds in its look-ahead; the tenant's further requests are kept "
+        "as log positions only (up to 100,000 per class) and read again in turn, so the worker reads on past one "
+        "tenant's deep backlog to the others' requests.",
+    )
     tenant_weights: tuple[str, ...] = _setting(
         (),
         "TOKENRELAY_TENANT_WEIGHTS",

@@ -46,11 +46,16 @@ class FairQueue(Generic[T]):
     def weight(self, tenant: str) -> float:
         return self.weights.get(tenant, 1.0)
 
-    def push(self, waiting: Waiting[T], *, front: bool = False) -> None:
-        """Queue ``waiting`` behind its tenant's others (``front``: ahead of them, for a preempted run)."""
+    def push(self, waiting: Waiting[T], *, front: bool = False, arrival: bool = True) -> None:
+        """Queue ``waiting`` behind its tenant's others (``front``: ahead of them, for a preempted run).
+
+        ``arrival`` False: the tenant was backlogged all along (a preempted run, a request read again), so its
+        counter keeps what it is owed.
+        """
         queue = self._queues.get(waiting.tenant)
         if queue is None:
-            self._lift(waiting.tenant)
+            if arrival:
+                self._lift(waiting.tenant)
             queue = self._queues[waiting.tenant] = deque()
         if front:
             queue.appendleft(waiting)
@@ -98,6 +103,10 @@ class FairQueue(Generic[T]):
             if len(self.counters) > MAX_IDLE_COUNTERS:
                 self.counters.clear()  # nobody waits: every idle tenant would be lifted to the top anyway
         self.counters[tenant] = max(own, floor)
+
+    def waiting_of(self, tenant: str) -> int:
+        queue = self._queues.get(tenant)
+        return len(queue) if queue is not None else 0
 
     def tenants(self) -> Iterator[tuple[str, deque[Waiting[T]]]]:
         return iter(self._queues.items())

@@ -64,14 +64,15 @@ class Scheduler(Generic[T]):
         self._waiting: dict[str, Waiting[T]] = {}
         self._pushed = 0
 
-    def push(self, waiting: Waiting[T], *, front: bool = False) -> bool:
-        """Queue a request; ``front`` puts it ahead of its tenant's others (a preempted run goes back first).
+    def push(self, waiting: Waiting[T], *, front: bool = False, arrival: bool = True) -> bool:
+        """Queue a request; ``front`` puts it ahead of its tenant's others (a preempted run goes back first);
+        ``arrival`` False when its tenant had been waiting all along (see ``FairQueue.push``).
 
         False when a request of that key already waits (the same request read twice).
         """
         if waiting.key in self._waiting:
             return False
-        self.classes[waiting.priority].push(waiting, front=front)
+        self.classes[waiting.priority].push(waiting, front=front, arrival=arrival)
         self._waiting[waiting.key] = waiting
         if waiting.deadline_ms is not None:
             self._pushed += 1
@@ -136,6 +137,10 @@ class Scheduler(Generic[T]):
 
     def depth(self, priority: str) -> int:
         return len(self.classes[priority])
+
+    def holding(self, priority: str, tenant: str) -> int:
+        """Requests of ``tenant`` waiting in class ``priority``."""
+        return self.classes[priority].waiting_of(tenant)
 
     def stats(self) -> Iterator[QueueStat]:
         for priority, queue in self.classes.items():

@@ -20,6 +20,7 @@ from services.settings import Settings
 from workers import metrics
 from workers.admission import Refusal
 from workers.core import Handover, ModelCore
+from workers.deferral import Deferred, Position
 from workers.fairshare import Waiting
 from workers.history import Prior, read_prior
 from workers.intake import OffsetTracker, dead_letter
@@ -35,6 +36,8 @@ PRIOR_TIMEOUT_S = 30.0
 IDLE_PASS_S = 1.0  # a scheduling pass at least this often, whatever wakes it
 BLOCKED_PASS_S = 0.02  # while interactive requests wait for a batch run to become preemptible
 STATS_EVERY_S = 0.5
+MAX_DEFERRED = 100_000  # positions of requests read but not held, per class
+REREAD_BATCH = 1000
 
 
 class ServedModel:
@@ -68,6 +71,9 @@ class ServedModel:
         self.scheduler: Scheduler[Ticket] = Scheduler(
             settings.tenant_weight_map, preemption=settings.preemption, min_progress=settings.preempt_min_tokens
         )
+        self.deferred: Deferred[tuple[TopicPartition, int]] = Deferred(
+            settings.scheduler_tenant_lookahead, MAX_DEFERRED
+        )
         self.consumer = consumer
         self.history = history
         self.publisher = publisher
@@ -81,6 +87,7 @@ class ServedModel:
         self._stopping = asyncio.Event()
         self._n_event_partitions = settings.events_partitions
         self._room = asyncio.Event()  # the look-ahead has room again
+        self._refill = asyncio.Event()  # requests left the look-ahead: deferred ones may be due
         self._admitting = 0  # requests between the look-ahead and the ledger (reading their log)
         self._cancelled_waiting: list[Ticket] = []
         self._solo_waiting = 0  # admissions waiting for the ledger to empty, to run alone
@@ -100,6 +107,7 @@ class ServedModel:
             asyncio.create_task(self.core.run_engine(), name=f"engine-{self.name}"),
             asyncio.create_task(self._commit_loop(), name=f"commit-{self.name}"),
             asyncio.create_task(self._schedule_loop(), name=f"schedule-{self.name}"),
+            asyncio.create_task(self._refill_loop(), name=f"refill-{self.name}"),
         ]
         try:
             await self._fetch_loop()
@@ -126,7 +134,7 @@ class ServedModel:
     async def _fetch_loop(self) -> None:
         lookahead = self.settings.scheduler_lookahead
         while not self._stopping.is_set():
-            full = {p for p in PRIORITIES if self.scheduler.depth(p) >= lookahead}
+            full = {p for p in PRIORITIES if self.scheduler.depth(p) >= lookahead or self.deferred.full(p)}
             assignment = self.consumer.assignment()
             hold = [tp for tp in assignment if self._priority_of.get(tp.topic) in full]
             if hold:
@@ -134,7 +142,7 @@ class ServedModel:
             resume = [tp for tp in self.consumer.paused() if tp not in hold]
             if resume:
                 self.consumer.resume(*resume)
-            if assignment and len(hold) == len(assignment):
+            if len(full) == len(PRIORITIES) or (assignment and len(hold) == len(assignment)):
                 self._room.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._room.wait(), 0.5)
@@ -156,7 +164,7 @@ class ServedModel:
             if batches:
                 self.core.changed.set()
 
-    async def _take(self, tp: TopicPartition, record: ConsumerRecord[bytes, bytes]) -> None:
+    async def _take(self, tp: TopicPartition, record: ConsumerRecord[bytes, bytes], *, reread: bool = False) -> None:
         try:
             request = _checked(self.codec.decode_request(record.value))
         except (DecodeError, ValidationError) as exc:
@@ -168,11 +176,16 @@ class ServedModel:
         # The topic, not the field, says the class: a plain producer picks one by where it writes.
         priority = self._priority_of.get(record.topic, INTERACTIVE)
         check_log = record.offset < self._assigned_end.get(tp, 0)
-        if not self._queue(Ticket(request, (tp, record), created_ms, priority, check_log)):
+        holding = self.scheduler.holding(priority, request.tenant)
+        # Requests with a deadline stay in memory: the worker must be able to end them at their deadline.
+        if not reread and request.deadline_ms is None and self.deferred.should_defer(priority, request.tenant, holding):
+            self.deferred.add(priority, request.tenant, (tp, record.offset), created_ms)
+            return
+        if not self._queue(Ticket(request, (tp, record), created_ms, priority, check_log), arrival=not reread):
             log.info("request %s: read again while it waits; the later record is dropped", rid)
             self._done(tp, record.offset)
 
-    def _queue(self, ticket: Ticket, *, front: bool = False) -> bool:
+    def _queue(self, ticket: Ticket, *, front: bool = False, arrival: bool = True) -> bool:
         request = ticket.request
         waiting = Waiting(
             request.request_id,
@@ -183,7 +196,63 @@ class ServedModel:
             ticket,
             self._prompt_hint(request),
         )
-        return self.scheduler.push(waiting, front=front)
+        return self.scheduler.push(waiting, front=front, arrival=arrival)
+
+    async def _refill_loop(self) -> None:
+        """Read deferred requests again once their tenant holds few enough in the look-ahead."""
+        while not self._stopping.is_set():
+            due = self.deferred.due(self.scheduler.holding)
+            if not due:
+                self._refill.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._refill.wait(), IDLE_PASS_S)
+                continue
+            for priority, tenant, count in due:
+                left = await self._reread(self.deferred.take(priority, tenant, count))
+                if left:
+                    self.deferred.restore(priority, tenant, left)
+                    await self._sleep(RETRY_S)
+                    break
+            self.core.changed.set()
+
+    async def _reread(
+        self, positions: list[Position[tuple[TopicPartition, int]]]
+    ) -> list[Position[tuple[TopicPartition, int]]]:
+        """Read these deferred requests again and queue them; returns those that could not be read now."""
+        by_tp: dict[TopicPartition, dict[int, Position[tuple[TopicPartition, int]]]] = {}
+        for position in positions:
+            tp, offset = position.where
+            if self._is_open(tp, offset):  # else revoked, or ended meanwhile
+                by_tp.setdefault(tp, {})[offset] = position
+        left: list[Position[tuple[TopicPartition, int]]] = []
+        for tp, wanted in by_tp.items():
+            try:
+                async with self._history_lock:
+                    await asyncio.wait_for(self._read_offsets(tp, wanted), PRIOR_TIMEOUT_S)
+            except (KafkaError, TimeoutError) as exc:
+                log.warning("reading deferred requests of %s[%d] failed (will retry): %s", tp.topic, tp.partition, exc)
+            left += sorted(wanted.values(), key=lambda p: p.where[1])
+        return left
+
+    async def _read_offsets(self, tp: TopicPartition, wanted: dict[int, Position[tuple[TopicPartition, int]]]) -> None:
+        """Queue the records at the ``wanted`` offsets of ``tp`` (taken out of ``wanted`` as they are read)."""
+        self.history.assign([tp])
+        self.history.seek(tp, min(wanted))
+        last = max(wanted)
+        while wanted:
+            records = (await self.history.getmany(tp, timeout_ms=200, max_records=REREAD_BATCH)).get(tp, [])
+            for record in records:
+                if wanted.pop(record.offset, None) is not None and self._is_open(tp, record.offset):
+                    await self._take(tp, record, reread=True)
+            if (records and records[-1].offset >= last) or (not records and await self.history.position(tp) > last):
+                for offset in list(wanted):  # gone from the log (retention): nothing left to run
+                    log.warning("request at %s[%d]@%d is no longer in the log", tp.topic, tp.partition, offset)
+                    del wanted[offset]
+                    self._done(tp, offset)
+
+    def _is_open(self, tp: TopicPartition, offset: int) -> bool:
+        tracker = self.trackers.get(tp)
+        return tracker is not None and offset in tracker.open
 
     # Scheduling: look-ahead → engine -----------------------------------------------------------------------
 
@@ -234,6 +303,7 @@ class ServedModel:
             self._preempt(request_id)
         if plan.admit:
             self._room.set()
+            self._refill.set()
         for waiting in plan.admit:
             self._admit_soon(waiting.item)
 
@@ -262,7 +332,7 @@ class ServedModel:
         if handover.last is None or (not handover.last.cancelled() and handover.last.exception() is None):
             ticket.handed_over = handover.prior
         if self._owns(ticket) and not self._stopping.is_set():
-            self._queue(ticket, front=True)
+            self._queue(ticket, front=True, arrival=False)
             self.core.changed.set()
 
     def _served(self, ticket: Ticket, tokens: int) -> None:
@@ -327,9 +397,13 @@ class ServedModel:
         if now - self._sampled < STATS_EVERY_S:
             return
         self._sampled = now
-        samples = [
-            metrics.QueueSample(self.name, s.priority, s.tenant, s.depth, s.oldest_ms) for s in self.scheduler.stats()
-        ]
+        rows: dict[tuple[str, str], tuple[int, int]] = {}
+        for stat in self.scheduler.stats():
+            rows[(stat.priority, stat.tenant)] = (stat.depth, stat.oldest_ms)
+        for priority, tenant, count, oldest_ms in self.deferred.stats():
+            depth, oldest = rows.get((priority, tenant), (0, oldest_ms))
+            rows[(priority, tenant)] = (depth + count, min(oldest, oldest_ms))
+        samples = [metrics.QueueSample(self.name, p, t, d, o) for (p, t), (d, o) in rows.items()]
         for priority, topic in self.topics.items():
             unread = 0
             for tp, tracker in self.trackers.items():
@@ -424,6 +498,7 @@ class ServedModel:
     async def revoke(self, revoked: set[TopicPartition]) -> None:
         """Stop the runs of revoked partitions without a terminal event; the new owner continues them from the log."""
         self.scheduler.remove(lambda waiting: waiting.item.source[0] not in revoked)
+        self.deferred.forget(lambda where: where[0] not in revoked)
         self._room.set()
         self.core.abandon(lambda ticket: ticket.source[0] in revoked)
         await self.publisher.drain()

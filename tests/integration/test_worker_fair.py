@@ -51,8 +51,8 @@ def trace(served: ServedModel) -> Trace:
     scheduler = served.scheduler
     push, plan = scheduler.push, scheduler.plan
 
-    def pushed(waiting: Waiting[Ticket], *, front: bool = False) -> bool:
-        ok = push(waiting, front=front)
+    def pushed(waiting: Waiting[Ticket], *, front: bool = False, arrival: bool = True) -> bool:
+        ok = push(waiting, front=front, arrival=arrival)
         if ok:
             out.steps.append(("queued", waiting.key))
         return ok
@@ -176,6 +176,7 @@ async def shares_while_both_backlogged(
 
     def both_waiting() -> bool:
         waiting = Counter(w.tenant for w in served.scheduler.classes[BATCH])
+        waiting.update({tenant: count for _, tenant, count, _ in served.deferred.stats()})
         return all(waiting[t] > 0 for t in tenants)
 
     def counted(ticket: Ticket, n: int) -> None:
@@ -183,9 +184,10 @@ async def shares_while_both_backlogged(
             tokens[ticket.request.tenant] += n
         on_tokens(ticket, n)
 
-    def pushed(waiting: Waiting[Ticket], *, front: bool = False) -> bool:
-        seen[waiting.tenant] += 1
-        return push(waiting, front=front)
+    def pushed(waiting: Waiting[Ticket], *, front: bool = False, arrival: bool = True) -> bool:
+        ok = push(waiting, front=front, arrival=arrival)
+        seen[waiting.tenant] += ok and not front
+        return ok
 
     served.core.on_tokens = counted
     served.scheduler.push = pushed  # type: ignore[method-assign]
@@ -221,6 +223,38 @@ async def test_two_tenants_with_a_10_to_1_backlog_get_equal_token_shares(
     big, small = tokens["big"], tokens["small"]
     print(f"\nfair share 10:1 backlog: tokens while both backlogged big={big} small={small}")
     assert small >= 16 * 10 and abs(big - small) <= 0.1 * max(big, small), tokens
+
+
+async def test_a_tenant_behind_another_tenants_backlog_deeper_than_the_look_ahead_gets_its_share(
+    kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    settings = base_settings(
+        kafka_bootstrap,
+        topic_prefix,
+        engine="synthetic",
+        synthetic_tokens_per_s=400.0,
+        scheduler_lookahead=64,
+        scheduler_tenant_lookahead=16,
+    )
+    engine = SyntheticEngine(settings.synthetic_tokens_per_s, SLOTS)
+    engine.name = settings.served_model
+    # all of "first" is ahead of "behind" in the log; A's runs that started before B arrived count in A's share
+    requests = [*backlog("first", 800), *backlog("behind", 80)]
+    async with running_worker(settings, engine) as worker:
+        served = worker.models[settings.served_model]
+        held: list[int] = []
+        sample = served._sample
+
+        def sampled() -> None:
+            held.append(len(served.scheduler))
+            sample()
+
+        served._sample = sampled  # type: ignore[method-assign]
+        tokens = await shares_while_both_backlogged(worker, settings, requests, ("first", "behind"))
+    first, behind = tokens["first"], tokens["behind"]
+    print(f"\nbacklog 10x deeper than the look-ahead: tokens while both backlogged first={first} behind={behind}")
+    assert behind >= 16 * 40 and abs(first - behind) <= 0.1 * max(first, behind), tokens
+    assert max(held) <= 2 * 16 + SLOTS  # the look-ahead stayed bounded: the rest were positions only
 
 
 async def test_weights_are_honoured(kafka_bootstrap: str, topic_prefix: str) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+from workers.deferral import Deferred
 from workers.fairshare import FairQueue, Waiting
 from workers.scheduling import BATCH, INTERACTIVE, RunningView, Scheduler
 
@@ -226,3 +227,48 @@ def test_stats_per_class_and_tenant() -> None:
     s.push(waiting("b1", INTERACTIVE, "b", since=7))
     stats = {(st.priority, st.tenant): (st.depth, st.oldest_ms) for st in s.stats()}
     assert stats == {(BATCH, "a"): (2, 3), (INTERACTIVE, "b"): (1, 7)}
+
+
+def test_a_tenant_past_its_share_of_the_look_ahead_is_deferred_in_order_and_read_again_when_low() -> None:
+    d: Deferred[int] = Deferred(per_tenant=4, limit=6)
+    assert not d.should_defer(BATCH, "a", 3)
+    assert d.should_defer(BATCH, "a", 4)
+    for offset in range(10, 15):
+        d.add(BATCH, "a", offset, since_ms=offset)
+    assert d.should_defer(BATCH, "a", 0)  # while any is deferred, later ones follow them: order is kept
+    assert not d.should_defer(BATCH, "b", 0) and not d.should_defer(INTERACTIVE, "a", 0)
+    assert not d.full(BATCH)
+    d.add(BATCH, "b", 99, since_ms=1)
+    assert d.full(BATCH) and len(d) == 6
+    held = {(BATCH, "a"): 3, (BATCH, "b"): 0}
+    assert d.due(lambda p, t: held[(p, t)]) == [(BATCH, "b", 1)]  # a holds 3 > 4 // 2
+    held[(BATCH, "a")] = 2
+    assert d.due(lambda p, t: held[(p, t)]) == [(BATCH, "a", 2), (BATCH, "b", 1)]
+    taken = d.take(BATCH, "a", 2)
+    assert [p.where for p in taken] == [10, 11]
+    d.restore(BATCH, "a", taken[1:])  # 11 could not be read: it goes back first
+    assert [p.where for p in d.take(BATCH, "a", 10)] == [11, 12, 13, 14]
+    assert not d.should_defer(BATCH, "a", 0)
+    assert d.forget(lambda where: where != 99) == 1 and len(d) == 0
+    assert list(d.stats()) == []
+
+
+def test_a_tenant_that_was_backlogged_all_along_keeps_what_it_is_owed() -> None:
+    def owed(arrival: bool) -> list[str]:
+        q: FairQueue[str] = FairQueue()
+        q.charge("a", 100)  # a was served 100 tokens while b waited
+        q.charge("b", 20)
+        for i in range(5):
+            q.push(waiting(f"a{i}", tenant="a"))
+        q.push(waiting("b0", tenant="b"), arrival=arrival)
+        q.push(waiting("b1", tenant="b"))
+        order = []
+        while (w := q.pop()) is not None:
+            order.append(w.tenant)
+            q.charge(w.tenant, 10)
+        return order
+
+    # read again (deferred all along): b is owed 80 tokens and goes first until it has them
+    assert owed(arrival=False)[:2] == ["b", "b"]
+    # a true arrival is lifted to the lowest waiting counter: no credit for time it did not wait
+    assert owed(arrival=True)[:2] == ["a", "b"]
