@@ -18,23 +18,21 @@ from schemas.records import PRIORITIES, InferenceRequest
 from services.kafka import start_client
 from services.settings import Settings
 from workers import metrics
-from workers.admission import Refusal
-from workers.core import Handover, ModelCore
+from workers.core import ModelCore
 from workers.deferral import Deferred, Position
-from workers.fairshare import Waiting
+from workers.dispatch import Dispatcher
 from workers.history import Prior, read_prior
 from workers.intake import OffsetTracker, dead_letter
 from workers.ledger import Ticket
 from workers.publisher import Publisher, RunBroken
-from workers.scheduling import INTERACTIVE, RunningView, Scheduler
+from workers.scheduling import INTERACTIVE, Scheduler
 
 log = logging.getLogger(__name__)
 
 COMMIT_INTERVAL_S = 0.2
 RETRY_S = 0.5
 PRIOR_TIMEOUT_S = 30.0
-IDLE_PASS_S = 1.0  # a scheduling pass at least this often, whatever wakes it
-BLOCKED_PASS_S = 0.02  # while interactive requests wait for a batch run to become preemptible
+REFILL_PASS_S = 1.0  # a look for due deferred requests at least this often
 STATS_EVERY_S = 0.5
 MAX_DEFERRED = 100_000  # positions of requests read but not held, per class
 REREAD_BATCH = 1000
@@ -45,7 +43,8 @@ class ServedModel:
     request has ended.
 
     Records are read into a bounded look-ahead per class (a class's partitions are paused while its look-ahead is
-    full, so a batch backlog never holds back interactive records); the pure ``Scheduler`` decides what runs next.
+    full, so a batch backlog never holds back interactive records; a tenant's requests past its share are kept as
+    positions and read again in turn); the ``Dispatcher`` runs what the pure ``Scheduler`` picks.
     A request's offset is committed only after its terminal event is acknowledged (commits stay at the lowest
     unfinished offset, waiting ones included), so a request whose worker dies is taken up again by another member
     of the group; a run that lost an event, or was preempted, is taken up again here from the log.
@@ -67,10 +66,11 @@ class ServedModel:
         self.core = core
         core.on_closed = self._closed
         core.on_retake = self._retake
-        core.on_tokens = self._served
         self.scheduler: Scheduler[Ticket] = Scheduler(
             settings.tenant_weight_map, preemption=settings.preemption, min_progress=settings.preempt_min_tokens
         )
+        self.dispatcher = Dispatcher(settings, core, self.scheduler, self)
+        core.on_tokens = self.dispatcher.served
         self.deferred: Deferred[tuple[TopicPartition, int]] = Deferred(
             settings.scheduler_tenant_lookahead, MAX_DEFERRED
         )
@@ -88,9 +88,6 @@ class ServedModel:
         self._n_event_partitions = settings.events_partitions
         self._room = asyncio.Event()  # the look-ahead has room again
         self._refill = asyncio.Event()  # requests left the look-ahead: deferred ones may be due
-        self._admitting = 0  # requests between the look-ahead and the ledger (reading their log)
-        self._cancelled_waiting: list[Ticket] = []
-        self._solo_waiting = 0  # admissions waiting for the ledger to empty, to run alone
         self._samples: tuple[metrics.QueueSample, ...] = ()
         self._sampled = 0.0
         metrics.QUEUES.add(self.queue_samples)
@@ -106,7 +103,7 @@ class ServedModel:
         tasks = [
             asyncio.create_task(self.core.run_engine(), name=f"engine-{self.name}"),
             asyncio.create_task(self._commit_loop(), name=f"commit-{self.name}"),
-            asyncio.create_task(self._schedule_loop(), name=f"schedule-{self.name}"),
+            asyncio.create_task(self.dispatcher.run(), name=f"schedule-{self.name}"),
             asyncio.create_task(self._refill_loop(), name=f"refill-{self.name}"),
         ]
         try:
@@ -118,16 +115,11 @@ class ServedModel:
 
     def stop(self) -> None:
         self._stopping.set()
+        self.dispatcher.stop()
         self.core.changed.set()
 
     def cancel(self, request_id: str) -> None:
-        """A cancel: a running request stops within one step; a waiting one ends at once, without a slot."""
-        self.core.cancel(request_id)
-        waiting = self.scheduler.get(request_id)
-        if waiting is not None:
-            self.scheduler.remove(lambda w: w is not waiting)
-            self._cancelled_waiting.append(waiting.item)
-            self.core.changed.set()
+        self.dispatcher.cancel(request_id)
 
     # Intake: Kafka → look-ahead ----------------------------------------------------------------------------
 
@@ -168,7 +160,7 @@ class ServedModel:
         try:
             request = _checked(self.codec.decode_request(record.value))
         except (DecodeError, ValidationError) as exc:
-            await self._dead_letter(record, exc)
+            await self.dead_letter(record, exc)
             self._done(tp, record.offset)
             return
         rid = request.request_id
@@ -181,22 +173,10 @@ class ServedModel:
         if not reread and request.deadline_ms is None and self.deferred.should_defer(priority, request.tenant, holding):
             self.deferred.add(priority, request.tenant, (tp, record.offset), created_ms)
             return
-        if not self._queue(Ticket(request, (tp, record), created_ms, priority, check_log), arrival=not reread):
+        ticket = Ticket(request, (tp, record), created_ms, priority, check_log)
+        if not self.dispatcher.queue(ticket, arrival=not reread):
             log.info("request %s: read again while it waits; the later record is dropped", rid)
             self._done(tp, record.offset)
-
-    def _queue(self, ticket: Ticket, *, front: bool = False, arrival: bool = True) -> bool:
-        request = ticket.request
-        waiting = Waiting(
-            request.request_id,
-            ticket.priority,
-            request.tenant,
-            ticket.created_ms,
-            request.deadline_ms,
-            ticket,
-            self._prompt_hint(request),
-        )
-        return self.scheduler.push(waiting, front=front, arrival=arrival)
 
     async def _refill_loop(self) -> None:
         """Read deferred requests again once their tenant holds few enough in the look-ahead."""
@@ -205,7 +185,7 @@ class ServedModel:
             if not due:
                 self._refill.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._refill.wait(), IDLE_PASS_S)
+                    await asyncio.wait_for(self._refill.wait(), REFILL_PASS_S)
                 continue
             for priority, tenant, count in due:
                 left = await self._reread(self.deferred.take(priority, tenant, count))
@@ -254,142 +234,13 @@ class ServedModel:
         tracker = self.trackers.get(tp)
         return tracker is not None and offset in tracker.open
 
-    # Scheduling: look-ahead → engine -----------------------------------------------------------------------
-
-    async def _schedule_loop(self) -> None:
-        while not self._stopping.is_set():
-            self.core.changed.clear()
-            await self._expire()
-            await self._dispatch()
-            self._sample()
-            timeout = IDLE_PASS_S
-            deadline = self.scheduler.next_deadline()
-            if deadline is not None:
-                timeout = min(timeout, max(0.0, (deadline - _now_ms()) / 1000) + 0.001)
-            if self.scheduler.blocked():
-                timeout = min(timeout, BLOCKED_PASS_S)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.core.changed.wait(), timeout)
-
-    async def _expire(self) -> None:
-        """End the waiting requests whose deadline passed: admission refuses them with deadline_exceeded."""
-        for waiting in self.scheduler.expired(_now_ms()):
-            metrics.DEADLINE_IN_QUEUE.labels(self.name, waiting.priority).inc()
-            self._room.set()
-            self._admit_soon(waiting.item)
-
-    async def _dispatch(self) -> None:
-        cancelled, self._cancelled_waiting = self._cancelled_waiting, []
-        for ticket in cancelled:
-            self._admit_soon(ticket)  # ends at once as cancelled
-        if self._stopping.is_set():
-            return
-        free = self.settings.max_batch_size - len(self.core.ledger) - self._admitting
-        if self.core.solo is not None or self._solo_waiting:
-            free = 0  # a suspect request runs alone
-        running = [
-            RunningView(
-                a.request_id,
-                a.ticket.priority,
-                a.progress,
-                a.ticket.request.max_tokens - a.completion,
-                preempted=a.ticket.preemptions > 0,
-            )
-            for a in self.core.ledger
-            if a.in_engine
-        ]
-        plan = self.scheduler.plan(free, running)
-        for request_id in plan.preempt:
-            self._preempt(request_id)
-        if plan.admit:
-            self._room.set()
-            self._refill.set()
-        for waiting in plan.admit:
-            self._admit_soon(waiting.item)
-
-    def _preempt(self, request_id: str) -> None:
-        handover = self.core.preempt(request_id)
-        if handover is None:
-            return
-        metrics.PREEMPTIONS.labels(self.name).inc()
-        handover.ticket.check_log = True
-        handover.ticket.preemptions += 1
-        task = asyncio.create_task(self._requeue(handover), name=f"requeue-{request_id}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _requeue(self, handover: Handover) -> None:
-        """Back to the front of its tenant's queue once the run's last event is in the log, to continue from there.
-
-        When every event of the run was acknowledged, the log holds exactly what the run sent, and the next run
-        starts from that without reading it again; otherwise it reads the log, as after a worker death.
-        """
-        ticket = handover.ticket
-        ticket.handed_over = None
-        if handover.last is not None:
-            with contextlib.suppress(Exception):
-                await handover.last
-        if handover.last is None or (not handover.last.cancelled() and handover.last.exception() is None):
-            ticket.handed_over = handover.prior
-        if self._owns(ticket) and not self._stopping.is_set():
-            self._queue(ticket, front=True, arrival=False)
-            self.core.changed.set()
-
-    def _served(self, ticket: Ticket, tokens: int) -> None:
-        self.scheduler.charge(ticket.priority, ticket.request.tenant, tokens)
-
-    def _prompt_hint(self, request: InferenceRequest) -> float:
-        """What a request is charged when picked, before its prompt is tokenized (about 4 characters a token)."""
-        chars = sum(len(m.content) for m in request.messages) if request.messages else len(request.prompt)
-        return self.settings.fair_prompt_token_cost * (chars // 4 + 1)
-
-    def _admit_soon(self, ticket: Ticket) -> None:
-        """Admit in a task of its own (its log may have to be read first): the scheduling loop never waits on Kafka,
-        and the slot stays reserved meanwhile."""
-        self._admitting += 1
-        task = asyncio.create_task(self._admit_reserved(ticket), name=f"admit-{ticket.request.request_id}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _admit_reserved(self, ticket: Ticket) -> None:
-        try:
-            if self._owns(ticket):  # else revoked while it waited; the new owner reads it again
-                await self._admit_owned(ticket)
-        finally:
-            self._admitting -= 1
-
-    async def _admit_owned(self, ticket: Ticket) -> None:
-        prior: Prior | None
-        if isinstance(ticket.handed_over, Prior):
-            prior, ticket.handed_over = ticket.handed_over, None
-        else:
-            prior = await self._prior(ticket) if ticket.check_log else Prior()
-        if prior is None:
-            return  # stopping, or no longer ours
-        if prior.terminal:
-            log.info("request %s: already ended in the log; skipping", ticket.request.request_id)
-            self._closed(ticket)
-            return
-        decision, prompt_ids = self.core.decide(ticket, prior)
-        if isinstance(decision, Refusal):
-            if decision.dead_letter:
-                _, record = ticket.source
-                await self._dead_letter(record, TokenRelayError(decision.failed.message, code=decision.failed.code))
-            self.core.refuse(ticket, decision.failed)
-            return
-        cost = self.settings.fair_prompt_token_cost * len(prompt_ids) - self._prompt_hint(ticket.request)
-        self.scheduler.charge(ticket.priority, ticket.request.tenant, cost)
-        if decision.solo:
-            self._solo_waiting += 1  # nothing else is admitted meanwhile
-            try:
-                while len(self.core.ledger) > 0 and not self._stopping.is_set():
-                    await self.core.wait_changed()  # a suspect request runs alone: it must not take others down
-            finally:
-                self._solo_waiting -= 1
-        self.core.run(ticket, decision, prompt_ids, prior)
+    def admitted(self) -> None:
+        """Requests left the look-ahead: there is room to read more, and deferred ones may be due."""
+        self._room.set()
+        self._refill.set()
 
     def queue_samples(self) -> tuple[metrics.QueueSample, ...]:
-        """The queue as last sampled by the scheduling loop (the metrics server reads it from its own thread)."""
+        """The queue as last sampled by the commit loop (the metrics server reads it from its own thread)."""
         return self._samples
 
     def _sample(self) -> None:
@@ -413,10 +264,10 @@ class ServedModel:
             samples.append(metrics.QueueSample(self.name, priority, None, unread, None))
         self._samples = tuple(samples)
 
-    async def _prior(self, ticket: Ticket) -> Prior | None:
+    async def prior(self, ticket: Ticket) -> Prior | None:
         """What earlier runs left in the log; retried through broker outages."""
         rid = ticket.request.request_id
-        while not self._stopping.is_set() and self._owns(ticket):
+        while not self._stopping.is_set() and self.owns(ticket):
             try:
                 async with self._history_lock:
                     return await asyncio.wait_for(
@@ -436,7 +287,7 @@ class ServedModel:
         return None
 
     def _retake(self, ticket: Ticket) -> None:
-        if not self._owns(ticket) or self._stopping.is_set():
+        if not self.owns(ticket) or self._stopping.is_set():
             return
         task = asyncio.create_task(self._retake_when_healthy(ticket), name=f"retake-{ticket.request.request_id}")
         self._tasks.add(task)
@@ -444,17 +295,17 @@ class ServedModel:
 
     async def _retake_when_healthy(self, ticket: Ticket) -> None:
         await self.publisher.healthy.wait()
-        if self._owns(ticket) and self.core.ledger.get(ticket.request.request_id) is None:
+        if self.owns(ticket) and self.core.ledger.get(ticket.request.request_id) is None:
             ticket.check_log = True
-            self._admitting += 1
-            await self._admit_reserved(ticket)
+            await self.dispatcher.admit_now(ticket)
 
-    def _owns(self, ticket: Ticket) -> bool:
+    def owns(self, ticket: Ticket) -> bool:
         tp, record = ticket.source
         tracker = self.trackers.get(tp)
         return tracker is not None and record.offset in tracker.open
 
-    async def _dead_letter(self, record: ConsumerRecord[bytes, bytes], error: TokenRelayError) -> None:
+    async def dead_letter(self, record: ConsumerRecord[bytes, bytes], error: TokenRelayError) -> None:
+        """Copy the record to the DLQ, waiting out a broken publisher."""
         while True:
             try:
                 await dead_letter(self.publisher, self.settings, record, error)
@@ -477,6 +328,7 @@ class ServedModel:
         while True:
             await asyncio.sleep(COMMIT_INTERVAL_S)
             await self.commit()
+            self._sample()
 
     async def commit(self, only: set[TopicPartition] | None = None) -> None:
         offsets: dict[TopicPartition, OffsetAndMetadata] = {}
