@@ -161,6 +161,12 @@ class Settings:
         "Whether interactive requests that find every slot running batch work stop batch runs (continued later "
         "from the log).",
     )
+    preempt_after_steps: int = _setting(
+        1,
+        "TOKENRELAY_PREEMPT_AFTER_STEPS",
+        "Engine steps an interactive request waits for a slot to free before it preempts a batch run (a slot often "
+        "frees at a step boundary anyway; 0 preempts at once).",
+    )
     preempt_min_tokens: int = _setting(
         16,
         "TOKENRELAY_PREEMPT_MIN_TOKENS",

@@ -63,6 +63,8 @@ class ModelCore:
         self.ledger = Ledger()
         self.solo: Active | None = None  # a suspect request running alone until its first token
         self.changed = asyncio.Event()  # set whenever a request leaves the ledger or the solo one makes progress
+        self.steps = 0  # engine steps done
+        self.wake_each_step = False  # set ``changed`` after every step too (the dispatcher waits on a step)
         self._adds: list[EngineRequest] = []
         self._aborts: list[str] = []
         self._wake = asyncio.Event()
@@ -169,6 +171,9 @@ class ModelCore:
                 continue
             for out in outputs:
                 self.on_output(out)
+            self.steps += 1
+            if self.wake_each_step:
+                self.changed.set()
             metrics.RUNNING.set(self.engine.num_running)
             metrics.WAITING.set(self.engine.num_waiting)
 

@@ -26,7 +26,6 @@ from workers.scheduling import RunningView, Scheduler
 log = logging.getLogger(__name__)
 
 IDLE_PASS_S = 1.0  # a scheduling pass at least this often, whatever wakes it
-BLOCKED_PASS_S = 0.02  # while interactive requests wait for a batch run to become preemptible
 
 
 class Intake(Protocol):
@@ -74,6 +73,7 @@ class Dispatcher:
             request.deadline_ms,
             ticket,
             self._prompt_hint(request),
+            self.core.steps,
         )
         queued = self.scheduler.push(waiting, front=front, arrival=arrival)
         self.core.changed.set()
@@ -90,7 +90,7 @@ class Dispatcher:
 
     async def run(self) -> None:
         """Scheduling passes until ``stop()``: on any change (a request read or ended), at the nearest deadline, and
-        often while interactive requests wait for a batch run to become preemptible."""
+        after every engine step while interactive requests wait."""
         while not self._stopping.is_set():
             self.core.changed.clear()
             self._expire()
@@ -99,8 +99,7 @@ class Dispatcher:
             deadline = self.scheduler.next_deadline()
             if deadline is not None:
                 timeout = min(timeout, max(0.0, (deadline - _now_ms()) / 1000) + 0.001)
-            if self.scheduler.blocked():
-                timeout = min(timeout, BLOCKED_PASS_S)
+            self.core.wake_each_step = self.scheduler.blocked()  # interactive requests wait: a pass per step
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.core.changed.wait(), timeout)
 
@@ -131,7 +130,7 @@ class Dispatcher:
             for a in self.core.ledger
             if a.in_engine
         ]
-        plan = self.scheduler.plan(free, running)
+        plan = self.scheduler.plan(free, running, self.core.steps)
         for request_id in plan.preempt:
             self._preempt(request_id)
         if plan.admit:

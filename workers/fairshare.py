@@ -24,6 +24,7 @@ class Waiting(Generic[T]):
     deadline_ms: int | None
     item: T
     cost_hint: float = 1.0  # service charged when it is picked, before its real prompt tokens are known
+    since_step: int = 0  # engine steps completed when it entered the look-ahead
 
 
 @dataclass(slots=True)

@@ -50,16 +50,25 @@ class Scheduler(Generic[T]):
     - Interactive requests go first: batch requests are admitted only into slots that no interactive request waits
       for.
     - When interactive requests still wait and batch runs hold slots, batch runs are preempted (those with most left
-      first), one per waiting interactive request, once they have made a token. A request is not preempted again
-      before its new run has made ``min_progress`` tokens: it is stopped at most once per ``min_progress`` tokens.
+      first), one per interactive request that has waited through more than ``after_steps`` engine steps (a slot
+      often frees at a step boundary anyway), once they have made a token. A request is not preempted again before
+      its new run has made ``min_progress`` tokens: it is stopped at most once per ``min_progress`` tokens.
     - Inside a class, tenants share by virtual token counters (``FairQueue``).
     Deadlines are kept in a heap, so the next one is known without a scan.
     """
 
-    def __init__(self, weights: Mapping[str, float] | None = None, *, preemption: bool = True, min_progress: int = 16):
+    def __init__(
+        self,
+        weights: Mapping[str, float] | None = None,
+        *,
+        preemption: bool = True,
+        min_progress: int = 16,
+        after_steps: int = 0,
+    ):
         self.classes: dict[str, FairQueue[T]] = {p: FairQueue(dict(weights or {})) for p in PRIORITIES}
         self.preemption = preemption
         self.min_progress = min_progress
+        self.after_steps = after_steps
         self._deadlines: list[tuple[int, int, str]] = []
         self._waiting: dict[str, Waiting[T]] = {}
         self._pushed = 0
@@ -79,19 +88,22 @@ class Scheduler(Generic[T]):
             heapq.heappush(self._deadlines, (waiting.deadline_ms, self._pushed, waiting.key))
         return True
 
-    def plan(self, free: int, running: Sequence[RunningView]) -> Plan[T]:
-        """What to preempt and admit with ``free`` slots open beside the ``running`` requests."""
+    def plan(self, free: int, running: Sequence[RunningView], step: int = 0) -> Plan[T]:
+        """What to preempt and admit with ``free`` slots open beside the ``running`` requests, after ``step``
+        engine steps."""
         out: Plan[T] = Plan()
         interactive, batch = self.classes[INTERACTIVE], self.classes[BATCH]
         while free > 0 and len(interactive):
             out.admit.append(self._pop(interactive))
             free -= 1
         if len(interactive) and self.preemption:
+            # A slot often frees at the next step boundary anyway: preempt for those that waited past it.
+            overdue = sum(step - w.since_step > self.after_steps for w in interactive)
             victims = sorted(
                 (r for r in running if r.priority == BATCH and r.progress >= self._needed(r)),
                 key=lambda r: -r.remaining,
             )
-            for victim in victims[: len(interactive)]:
+            for victim in victims[:overdue]:
                 out.preempt.append(victim.key)
                 out.admit.append(self._pop(interactive))
         while free > 0 and not len(interactive) and len(batch):

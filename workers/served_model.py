@@ -67,7 +67,10 @@ class ServedModel:
         core.on_closed = self._closed
         core.on_retake = self._retake
         self.scheduler: Scheduler[Ticket] = Scheduler(
-            settings.tenant_weight_map, preemption=settings.preemption, min_progress=settings.preempt_min_tokens
+            settings.tenant_weight_map,
+            preemption=settings.preemption,
+            min_progress=settings.preempt_min_tokens,
+            after_steps=settings.preempt_after_steps,
         )
         self.dispatcher = Dispatcher(settings, core, self.scheduler, self)
         core.on_tokens = self.dispatcher.served

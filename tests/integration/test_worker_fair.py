@@ -22,7 +22,7 @@ from tests.tinymodel import build_tiny_model
 from workers.engine.engine import Engine
 from workers.engine.types import EngineRequest, StepOutput
 from workers.fairshare import Waiting
-from workers.ledger import Ticket
+from workers.ledger import Active, Ticket
 from workers.main import Worker
 from workers.scheduling import BATCH, Plan, RunningView
 from workers.served_model import ServedModel
@@ -57,8 +57,8 @@ def trace(served: ServedModel) -> Trace:
             out.steps.append(("queued", waiting.key))
         return ok
 
-    def planned(free: int, running: Sequence[RunningView]) -> Plan[Ticket]:
-        result = plan(free, running)
+    def planned(free: int, running: Sequence[RunningView], step: int = 0) -> Plan[Ticket]:
+        result = plan(free, running, step)
         out.steps += [("preempted", key) for key in result.preempt]
         out.steps += [("admitted", w.key) for w in result.admit]
         if result.admit or result.preempt:
@@ -97,6 +97,12 @@ def base_settings(kafka_bootstrap: str, topic_prefix: str, **overrides: Any) -> 
     )
 
 
+def preemptible_for_a_while(active: Active) -> bool:
+    """A batch run that may be preempted and will not end (freeing its slot) for 30 steps or more."""
+    left = active.ticket.request.max_tokens - active.completion
+    return active.in_engine and active.ticket.priority == BATCH and active.progress >= MIN_PROGRESS and left >= 30
+
+
 async def test_interactive_goes_first_and_preempts_batch_runs_that_continue_exactly(
     kafka_bootstrap: str, topic_prefix: str, engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -121,8 +127,8 @@ async def test_interactive_goes_first_and_preempts_batch_runs_that_continue_exac
         for chat in chats:
             # every slot runs batch work that may be preempted: the chat must stop one to get in
             await until(
-                lambda: sum(a.in_engine and a.progress >= MIN_PROGRESS for a in served.core.ledger) == SLOTS,
-                "every slot running a preemptible batch run",
+                lambda: sum(preemptible_for_a_while(a) for a in served.core.ledger) == SLOTS,
+                "every slot running a preemptible batch run, none about to end",
             )
             waiting_batch = {w.key for w in served.scheduler.classes[BATCH]}
             assert waiting_batch, "the batch backlog ran out before the chat"

@@ -40,23 +40,24 @@ class Sim:
     preempted: Counter[str] = field(default_factory=Counter)
     progress_at_preemption: dict[str, list[int]] = field(default_factory=dict)
     admitted: list[str] = field(default_factory=list)
+    steps: int = 0
     tenants: dict[str, str] = field(default_factory=dict)
     priorities: dict[str, str] = field(default_factory=dict)
 
     def add(self, key: str, priority: str, tenant: str, since: int = 0, length: int = 0) -> None:
         self.tenants[key], self.priorities[key] = tenant, priority
         self.lengths.setdefault(key, length or self.tokens_per_request)
-        self.scheduler.push(Waiting(key, priority, tenant, since, None, key, 0.0))
+        self.scheduler.push(Waiting(key, priority, tenant, since, None, key, 0.0, self.steps))
 
     def step(self) -> None:
         views = [RunningView(r.key, r.priority, r.progress, r.left, r.preempted) for r in self.running.values()]
-        plan = self.scheduler.plan(self.slots - len(self.running), views)
+        plan = self.scheduler.plan(self.slots - len(self.running), views, self.steps)
         for key in plan.preempt:
             run = self.running.pop(key)
             self.preempted[key] += 1
             self.progress_at_preemption.setdefault(key, []).append(run.progress)
             self.lengths[key] = run.left
-            self.scheduler.push(Waiting(key, run.priority, run.tenant, 0, None, key, 0.0), front=True)
+            self.scheduler.push(Waiting(key, run.priority, run.tenant, 0, None, key, 0.0, self.steps), front=True)
         for w in plan.admit:
             self.admitted.append(w.key)
             self.running[w.key] = Run(
@@ -70,6 +71,7 @@ class Sim:
             self.scheduler.charge(run.priority, run.tenant, 1)
             if run.left == 0:
                 del self.running[run.key]
+        self.steps += 1
 
 
 def test_interactive_requests_go_before_any_waiting_batch_request() -> None:
@@ -103,7 +105,8 @@ def test_preemption_stops_one_progressed_batch_run_per_waiting_interactive_reque
         RunningView("fresh", BATCH, 1, 400),  # never preempted: stopping it costs little
         RunningView("chat", INTERACTIVE, 50, 400),
     ]
-    plan = s.plan(0, running)
+    assert s.plan(0, running, step=0).preempt == []  # a slot may free at the step boundary: wait for it
+    plan = s.plan(0, running, step=1)
     assert plan.preempt == ["fresh", "long"]
     assert [w.key for w in plan.admit] == ["i0", "i1"]
 
@@ -112,11 +115,20 @@ def test_no_preemption_when_off_or_when_slots_are_free() -> None:
     running = [RunningView("b", BATCH, 100, 100)]
     off: Scheduler[str] = Scheduler(preemption=False)
     off.push(waiting("i", INTERACTIVE))
-    assert off.plan(0, running).preempt == [] and off.blocked()
+    assert off.plan(0, running, step=5).preempt == [] and off.blocked()
     on: Scheduler[str] = Scheduler()
     on.push(waiting("i", INTERACTIVE))
-    plan = on.plan(1, running)
+    plan = on.plan(1, running, step=5)
     assert plan.preempt == [] and [w.key for w in plan.admit] == ["i"]
+
+
+def test_an_interactive_request_waits_the_set_steps_for_a_slot_before_it_preempts() -> None:
+    s: Scheduler[str] = Scheduler(after_steps=2)
+    s.push(Waiting("i", INTERACTIVE, "", 0, None, "i", since_step=10))
+    running = [RunningView("b", BATCH, 50, 100)]
+    assert s.plan(0, running, step=11).preempt == []
+    assert s.plan(0, running, step=12).preempt == []
+    assert s.plan(0, running, step=13).preempt == ["b"]
 
 
 def test_preemption_churn_is_bounded_by_progress() -> None:
