@@ -50,9 +50,10 @@ class Scheduler(Generic[T]):
     - Interactive requests go first: batch requests are admitted only into slots that no interactive request waits
       for.
     - When interactive requests still wait and batch runs hold slots, batch runs are preempted (those with most left
-      first), one per interactive request that has waited through more than ``after_steps`` engine steps (a slot
-      often frees at a step boundary anyway), once they have made a token. A request is not preempted again before
-      its new run has made ``min_progress`` tokens: it is stopped at most once per ``min_progress`` tokens.
+      first), one per interactive request that has waited ``after_steps`` engine steps (0: at once; more trades
+      first-token latency for fewer preemptions, as a slot often frees meanwhile), once they have made a token.
+      A request is not preempted again before its new run has made ``min_progress`` tokens: it is stopped at most
+      once per ``min_progress`` tokens.
     - Inside a class, tenants share by virtual token counters (``FairQueue``).
     Deadlines are kept in a heap, so the next one is known without a scan.
     """
@@ -97,8 +98,7 @@ class Scheduler(Generic[T]):
             out.admit.append(self._pop(interactive))
             free -= 1
         if len(interactive) and self.preemption:
-            # A slot often frees at the next step boundary anyway: preempt for those that waited past it.
-            overdue = sum(step - w.since_step > self.after_steps for w in interactive)
+            overdue = sum(step - w.since_step >= self.after_steps for w in interactive)
             victims = sorted(
                 (r for r in running if r.priority == BATCH and r.progress >= self._needed(r)),
                 key=lambda r: -r.remaining,
