@@ -47,6 +47,7 @@ GOALS: dict[str, tuple[str, float]] = {
     "fair_ttft_p50_vs_goal": ("<=", 1.0),  # flood p50 / (1.5 x idle p50 + one decode step)
     "fair_ttft_p99_ratio": ("<=", 3.0),  # flood p99 / idle p99
     "fair_batch_throughput_ratio_median": (">=", 0.9),
+    "fair_batch_throughput_vs_same_work_median": ("info", 0.0),  # the same short requests sent as batch work
     "fair_preemptions_per_min": ("info", 0.0),
 }
 MODULES = [

@@ -164,16 +164,18 @@ async def probe(log: Log, count: int, gap_s: float) -> list[str]:
     return ids
 
 
-async def batch_round(log: Log, chat_gap_s: float | None) -> tuple[float, float, int, int]:
-    """Batch tokens/s, wall seconds, batch tokens and interactive tokens of one round; with ``chat_gap_s``, an
-    interactive request every so often (the gap comes from a round alone, so that their tokens are about
-    INTERACTIVE_SHARE of the round's)."""
+async def batch_round(
+    log: Log, chat_gap_s: float | None, chat_class: str = "interactive"
+) -> tuple[float, float, int, int]:
+    """Batch tokens/s, wall seconds, batch tokens and interactive tokens of one round; with ``chat_gap_s``, a short
+    request every so often (the gap comes from a round alone, so that their tokens are about INTERACTIVE_SHARE of the
+    round's), in ``chat_class`` ("batch" for the control: the same work without classes or preemption)."""
     started = time.monotonic()
     batch = await log.submit(ROUND_BATCH, "batch", BATCH_TOKENS, "summarise the night's logs")
     pending = asyncio.ensure_future(log.wait(batch))
     chats: list[str] = []
     while chat_gap_s is not None and not pending.done():
-        chats += await log.submit(1, "interactive", CHAT_TOKENS, "hi")
+        chats += await log.submit(1, chat_class, CHAT_TOKENS, "hi")
         await asyncio.wait({pending}, timeout=chat_gap_s)
     await pending
     await log.wait(chats)
@@ -206,18 +208,22 @@ async def measure(settings: Settings, metrics_port: int) -> dict[str, float]:
         mixed: list[float] = []
         chat_tokens = statistics.mean(log.seen[i].tokens for i in idle)
         chat_share: list[float] = []
+        control: list[float] = []
         for _ in range(ROUNDS):
             rate, round_s, batch_tokens, _ = await batch_round(log, None)
             alone.append(rate)
-            rate, _, batch_tokens, interactive = await batch_round(log, chat_gap_s(round_s, batch_tokens, chat_tokens))
+            gap = chat_gap_s(round_s, batch_tokens, chat_tokens)
+            rate, _, batch_tokens, interactive = await batch_round(log, gap)
             mixed.append(rate)
             chat_share.append(interactive / max(1, batch_tokens))
+            control.append((await batch_round(log, gap, "batch"))[0])
         idle_t, under_t = ttfts(log, idle), ttfts(log, under)
         split = (split_ms(log, idle), split_ms(log, under))
         step = statistics.median(per_token_s(log, flood))
     idle_p50, idle_p99 = pct(idle_t, 0.5), pct(idle_t, 0.99)
     under_p50, under_p99 = pct(under_t, 0.5), pct(under_t, 0.99)
     ratios = [m / a for m, a in zip(mixed, alone, strict=True)]
+    same_work = [m / c for m, c in zip(mixed, control, strict=True)]
     print(
         f"engine {ENGINE}{' (synthetic: the pipeline alone)' if ENGINE == 'synthetic' else ''}, {SLOTS} slots, {load()}"
     )
@@ -245,6 +251,12 @@ async def measure(settings: Settings, metrics_port: int) -> dict[str, float]:
         + f"; ratio min/median/max {min(ratios):.2f}/{statistics.median(ratios):.2f}/{max(ratios):.2f} "
         + f"(interactive tokens {', '.join(f'{c:.0%}' for c in chat_share)} of the batch tokens)"
     )
+    print(
+        "  the same short requests in the batch class (no priority, no preemption): "
+        + " ".join(f"{c:.0f}" for c in control)
+        + f" tokens/s; with classes over that: min/median/max {min(same_work):.2f}/{statistics.median(same_work):.2f}/"
+        + f"{max(same_work):.2f}"
+    )
     return {
         "fair_ttft_ms_p50_idle": idle_p50 * 1000,
         "fair_ttft_ms_p99_idle": idle_p99 * 1000,
@@ -254,6 +266,7 @@ async def measure(settings: Settings, metrics_port: int) -> dict[str, float]:
         "fair_ttft_p50_vs_goal": under_p50 / (1.5 * idle_p50 + step),
         "fair_ttft_p99_ratio": under_p99 / idle_p99,
         "fair_batch_throughput_ratio_median": statistics.median(ratios),
+        "fair_batch_throughput_vs_same_work_median": statistics.median(same_work),
         "fair_preemptions_per_min": preempted * 60 / (probed_until - flood_started),
     }
 
