@@ -197,7 +197,7 @@ class Dispatcher:
 
     async def _admit_owned(self, ticket: Ticket) -> None:
         prior: Prior | None
-        if isinstance(ticket.handed_over, Prior):
+        if ticket.handed_over is not None:
             prior, ticket.handed_over = ticket.handed_over, None
         else:
             prior = await self.intake.prior(ticket) if ticket.check_log else Prior()

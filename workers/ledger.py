@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from schemas.records import InferenceRequest
+from workers.history import Prior
 from workers.publisher import RunStream
 
 
@@ -21,7 +22,7 @@ class Ticket:
     priority: str = "interactive"  # the class of the topic it came from
     check_log: bool = False  # the log may hold earlier runs of it: read them before it runs
     preemptions: int = 0  # times this worker stopped its run for interactive work
-    handed_over: Any = None  # a preempted run's Prior, as this worker's acknowledged events left it in the log
+    handed_over: Prior | None = None  # a preempted run's state, as its acknowledged events left it in the log
 
 
 @dataclass(slots=True)

@@ -24,7 +24,7 @@ from workers.engine.types import EngineRequest, StepOutput
 from workers.fairshare import Waiting
 from workers.ledger import Active, Ticket
 from workers.main import Worker
-from workers.scheduling import BATCH, Plan, RunningView
+from workers.scheduling import BATCH, INTERACTIVE, Plan, RunningView
 from workers.served_model import ServedModel
 from workers.synthetic import SyntheticEngine
 
@@ -315,13 +315,15 @@ async def test_a_batch_backlog_far_past_the_look_ahead_never_holds_back_an_inter
     )
     engine = SyntheticEngine(settings.synthetic_tokens_per_s, SLOTS)
     engine.name = settings.served_model
-    flood = backlog("bulk", 25 * lookahead, max_tokens=200)  # ten seconds a run: the backlog stays put
+    # ten seconds a run: the backlog stays put; its records say "interactive", but the topic decides the class
+    flood = [dataclasses.replace(r, priority=INTERACTIVE) for r in backlog("bulk", 25 * lookahead, max_tokens=200)]
     chat = InferenceRequest(new_request_id(), "hello", 2)
     async with running_worker(settings, engine) as worker:
         served = worker.models[settings.served_model]
         log = trace(served)
-        await produce(settings, flood)
+        await produce(settings, flood, settings.requests_topic_for(settings.served_model, BATCH))
         await until(lambda: len(served.core.ledger) == SLOTS, "every slot running batch work")
+        assert {a.ticket.priority for a in served.core.ledger} == {BATCH}
         await until(lambda: served.scheduler.depth(BATCH) >= lookahead, "the batch look-ahead full")
         assert served.scheduler.depth(BATCH) < 2 * lookahead  # bounded: the rest stays in Kafka
         await produce(settings, [chat])

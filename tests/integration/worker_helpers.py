@@ -62,14 +62,15 @@ async def running_worker(settings: Settings, engine: EngineLike) -> AsyncIterato
         await asyncio.wait_for(task, 60)
 
 
-async def produce(settings: Settings, requests: Iterable[InferenceRequest]) -> None:
-    """Write ``requests`` to their class's topic of the served model, as a plain Kafka producer would."""
+async def produce(settings: Settings, requests: Iterable[InferenceRequest], topic: str | None = None) -> None:
+    """Write ``requests`` to ``topic``, by default their class's topic of the served model, as a plain Kafka
+    producer would."""
     producer = make_producer(settings)
     await start_client(producer)
     try:
         for r in requests:
             await producer.send(
-                settings.requests_topic_for(settings.served_model, r.priority),
+                topic or settings.requests_topic_for(settings.served_model, r.priority),
                 default_codec().encode(r),
                 key=r.request_id.encode(),
                 headers=record_headers("InferenceRequest"),
