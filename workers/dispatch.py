@@ -85,8 +85,12 @@ class Dispatcher:
         waiting = self.scheduler.get(request_id)
         if waiting is not None:
             self.scheduler.remove(lambda w: w is not waiting)
-            self._cancelled_waiting.append(waiting.item)
-            self.core.changed.set()
+            self.end_cancelled(waiting.item)
+
+    def end_cancelled(self, ticket: Ticket) -> None:
+        """End a request that was cancelled before it ran, at once and without a slot."""
+        self._cancelled_waiting.append(ticket)
+        self.core.changed.set()
 
     async def run(self) -> None:
         """Scheduling passes until ``stop()``: on any change (a request read or ended), at the nearest deadline, and

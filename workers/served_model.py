@@ -171,6 +171,9 @@ class ServedModel:
         # The topic, not the field, says the class: a plain producer picks one by where it writes.
         priority = self._priority_of.get(record.topic, INTERACTIVE)
         check_log = record.offset < self._assigned_end.get(tp, 0)
+        if rid in self.core.cancelled:  # cancelled before it was read: it ends now, not in its turn
+            self.dispatcher.end_cancelled(Ticket(request, (tp, record), created_ms, priority, check_log))
+            return
         holding = self.scheduler.holding(priority, request.tenant)
         # Requests with a deadline stay in memory: the worker must be able to end them at their deadline.
         if not reread and request.deadline_ms is None and self.deferred.should_defer(priority, request.tenant, holding):

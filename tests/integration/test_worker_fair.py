@@ -277,7 +277,7 @@ async def test_weights_are_honoured(kafka_bootstrap: str, topic_prefix: str) -> 
     assert abs(ratio - 3.0) <= 0.3, tokens
 
 
-async def test_a_deadline_that_passes_in_the_look_ahead_ends_the_request_once(
+async def test_a_deadline_that_passes_in_the_look_ahead_ends_the_request_once_and_a_cancel_needs_no_slot(
     kafka_bootstrap: str, topic_prefix: str
 ) -> None:
     settings = base_settings(kafka_bootstrap, topic_prefix, engine="synthetic", synthetic_tokens_per_s=20.0)
@@ -293,8 +293,13 @@ async def test_a_deadline_that_passes_in_the_look_ahead_ends_the_request_once(
         log = trace(served)
         await produce(settings, hogs)
         await until(lambda: len(served.core.ledger) == SLOTS, "every slot busy")
-        await produce(settings, late)
-        records = await collect_records(settings, [r.request_id for r in late], timeout_s=60)
+        gone = InferenceRequest(new_request_id(), "never mind", 4, priority=BATCH)
+        served.cancel(gone.request_id)  # cancelled before a worker read it
+        await produce(settings, [*late, gone])
+        records = await collect_records(settings, [r.request_id for r in [*late, gone]], timeout_s=60)
+        ended = [ev.payload for _, ev in records[gone.request_id]]
+        assert isinstance(ended[-1], Finished) and ended[-1].finish_reason == "cancelled"
+        assert ("admitted", gone.request_id) not in log.steps and ("queued", gone.request_id) not in log.steps
         for r in late:
             events = [ev for _, ev in records[r.request_id]]
             assert [type(ev.payload) for ev in events] == [Failed], events
