@@ -43,6 +43,12 @@ GOALS: dict[str, tuple[str, float]] = {
     "gateway_ingest_events_per_cpu_s_watched": (">=", 30_000.0),
     "gateway_scaleout_ratio_3": ("<=", 1.3),
     "gateway_scaleout_ratio_3_watched": ("info", 0.0),
+    # fair service under a batch flood of 20x the batch capacity (bench_fair)
+    "fair_ttft_p50_vs_goal": ("<=", 1.0),  # flood p50 / (1.5 x idle p50 + one decode step)
+    "fair_ttft_p99_ratio": ("<=", 3.0),  # flood p99 / idle p99
+    "fair_batch_throughput_ratio_median": (">=", 0.9),
+    "fair_batch_throughput_vs_same_work_median": ("info", 0.0),  # the same short requests sent as batch work
+    "fair_preemptions_per_min": ("info", 0.0),
 }
 MODULES = [
     "bench.bench_engine",
@@ -52,6 +58,7 @@ MODULES = [
     "bench.bench_gateway",
     "bench.bench_cluster",
     "bench.bench_scaleout",
+    "bench.bench_fair",
 ]
 
 

@@ -131,6 +131,48 @@ class Settings:
     torch_threads: int = _setting(
         0, "TOKENRELAY_TORCH_THREADS", "Torch threads of the engine (0 = usable cores - 1, at least 1)."
     )
+    scheduler_lookahead: int = _setting(
+        512,
+        "TOKENRELAY_SCHEDULER_LOOKAHEAD",
+        "Requests of each class (interactive, batch) a worker reads ahead of its free slots, per served model: "
+        "admission picks among them by class and tenant; fairness between tenants holds within this window.",
+    )
+    scheduler_tenant_lookahead: int = _setting(
+        64,
+        "TOKENRELAY_SCHEDULER_TENANT_LOOKAHEAD",
+        "Requests of one tenant and class a worker holds in its look-ahead; the tenant's further requests are kept "
+        "as log positions only (up to 100,000 per class) and read again in turn, so the worker reads on past one "
+        "tenant's deep backlog to the others' requests.",
+    )
+    tenant_weights: tuple[str, ...] = _setting(
+        (),
+        "TOKENRELAY_TENANT_WEIGHTS",
+        "Comma-separated TENANT=WEIGHT shares of the fair scheduler (e.g. 'k_1a2b3c4d5e6f=2,nightly=1'); a tenant "
+        "is a request's `tenant` (the gateway records an API key's id, k_...); unlisted tenants weigh 1.",
+    )
+    fair_prompt_token_cost: float = _setting(
+        0.5,
+        "TOKENRELAY_FAIR_PROMPT_TOKEN_COST",
+        "What one prompt token costs a tenant in the fair scheduler, relative to one generated token.",
+    )
+    preemption: bool = _setting(
+        True,
+        "TOKENRELAY_PREEMPTION",
+        "Whether interactive requests that find every slot running batch work stop batch runs (continued later "
+        "from the log).",
+    )
+    preempt_after_steps: int = _setting(
+        0,
+        "TOKENRELAY_PREEMPT_AFTER_STEPS",
+        "Engine steps an interactive request waits for a slot to free before it preempts a batch run (0: at once; "
+        "more trades first-token latency for fewer preemptions, as a slot often frees meanwhile).",
+    )
+    preempt_min_tokens: int = _setting(
+        16,
+        "TOKENRELAY_PREEMPT_MIN_TOKENS",
+        "New tokens a preempted batch request's next run must generate before it may be preempted again (a first "
+        "preemption waits for one token): bounds the churn.",
+    )
     max_prompt_tokens: int = _setting(
         1024, "TOKENRELAY_MAX_PROMPT_TOKENS", "Longest prompt a worker accepts, in tokens."
     )
@@ -330,6 +372,11 @@ class Settings:
         return self.topic(f"batch.{model}" if priority == "batch" else f"requests.{model}")
 
     @property
+    def tenant_weight_map(self) -> dict[str, float]:
+        """TOKENRELAY_TENANT_WEIGHTS as tenant → weight."""
+        return {name: float(weight) for name, weight in (_weight_entry(e) for e in self.tenant_weights)}
+
+    @property
     def served_model(self) -> str:
         """The name this worker's model is served under."""
         if self.served_name:
@@ -437,9 +484,27 @@ def _problems(settings: Settings) -> list[str]:
             problems.append(f"{env}={value} is not a port number (0-65535)")
         if f.name.endswith("_partitions") and value < 1:
             problems.append(f"{env}={value}: a topic needs at least one partition")
+    for entry in settings.tenant_weights:
+        name, weight = _weight_entry(entry)
+        if not name or not _positive(weight):
+            problems.append(f"TOKENRELAY_TENANT_WEIGHTS entry {entry!r}: write TENANT=WEIGHT with a weight above 0")
+    if settings.scheduler_lookahead < 1:
+        problems.append(f"TOKENRELAY_SCHEDULER_LOOKAHEAD={settings.scheduler_lookahead}: must be at least 1")
     if not _DEVICE.match(settings.device):
         problems.append(f"TOKENRELAY_DEVICE={settings.device!r} is not 'auto', 'cpu', 'mps', 'cuda' or 'cuda:N'")
     return problems
+
+
+def _weight_entry(entry: str) -> tuple[str, str]:
+    name, _, weight = entry.partition("=")
+    return name.strip(), weight.strip()
+
+
+def _positive(number: str) -> bool:
+    try:
+        return float(number) > 0
+    except ValueError:
+        return False
 
 
 def variables() -> dict[str, str]:

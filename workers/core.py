@@ -8,6 +8,7 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 from schemas.records import Failed, Finished, Usage
 from workers import metrics
@@ -21,6 +22,16 @@ from workers.publisher import EventSink, RunStream
 log = logging.getLogger(__name__)
 
 INTERNAL = "the worker failed while {} this request"
+
+
+@dataclass(frozen=True, slots=True)
+class Handover:
+    """A preempted run: its ticket, the acknowledgement of its last event, and what the log holds of the request
+    once that acknowledgement arrives (what a worker reading the log after a death would find)."""
+
+    ticket: Ticket
+    last: asyncio.Future[None] | None
+    prior: Prior
 
 
 class ModelCore:
@@ -48,9 +59,12 @@ class ModelCore:
         # Installed by the intake (ServedModel): a request ended, or must be taken up again from the log.
         self.on_closed: Callable[[Ticket], None] = _ignore
         self.on_retake: Callable[[Ticket], None] = _ignore
+        self.on_tokens: Callable[[Ticket, int], None] = _ignore_tokens  # a run generated tokens (fair share)
         self.ledger = Ledger()
         self.solo: Active | None = None  # a suspect request running alone until its first token
         self.changed = asyncio.Event()  # set whenever a request leaves the ledger or the solo one makes progress
+        self.steps = 0  # engine steps done
+        self.wake_each_step = False  # set ``changed`` after every step too (the dispatcher waits on a step)
         self._adds: list[EngineRequest] = []
         self._aborts: list[str] = []
         self._wake = asyncio.Event()
@@ -92,7 +106,15 @@ class ModelCore:
         request = ticket.request
         rid = request.request_id
         stream = self._stream(ticket)
-        active = Active(ticket, stream, len(prompt_ids), len(prior.token_ids), solo=admission.solo)
+        active = Active(
+            ticket,
+            stream,
+            len(prompt_ids),
+            len(prior.token_ids),
+            solo=admission.solo,
+            continued_ids=prior.token_ids,
+            continued_text=prior.text,
+        )
         self.ledger.add(active)
         ack = stream.emit(admission.started)
         metrics.QUEUE_TIME.observe(admission.started.queue_ms / 1000)
@@ -149,6 +171,9 @@ class ModelCore:
                 continue
             for out in outputs:
                 self.on_output(out)
+            self.steps += 1
+            if self.wake_each_step:
+                self.changed.set()
             metrics.RUNNING.set(self.engine.num_running)
             metrics.WAITING.set(self.engine.num_waiting)
 
@@ -190,6 +215,7 @@ class ModelCore:
             active.last_token = now
             active.completion += len(out.token_ids)
             metrics.GENERATION_TOKENS.inc(len(out.token_ids))
+            self.on_tokens(active.ticket, len(out.token_ids))
             if self.solo is active:
                 self._clear_solo()
         active.stream.tokens(out.token_ids, out.text)
@@ -272,6 +298,23 @@ class ModelCore:
         self._wake.set()
         return gone
 
+    def preempt(self, request_id: str) -> Handover | None:
+        """Stop a run at this step boundary without a terminal event, its pending tokens sent first, so a later run
+        continues it from the log; None if it is not running."""
+        active = self.ledger.get(request_id)
+        if active is None or not active.in_engine or active.stream.broken or self.solo is active:
+            return None
+        log.info("request %s: preempting run %s after %d tokens", request_id, active.run_id, active.completion)
+        stream = active.stream
+        last = stream.hand_over()
+        self.abandon(lambda ticket: ticket is active.ticket)
+        prior = Prior(
+            run_id=stream.run_id,
+            token_ids=active.continued_ids + tuple(stream.sent_ids),
+            text=active.continued_text + stream.sent_text,
+        )
+        return Handover(active.ticket, last, prior)
+
     async def wait_changed(self) -> None:
         self.changed.clear()
         await self.changed.wait()
@@ -281,6 +324,10 @@ class ModelCore:
 
 
 def _ignore(_: Ticket) -> None:
+    pass
+
+
+def _ignore_tokens(_: Ticket, __: int) -> None:
     pass
 
 

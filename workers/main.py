@@ -237,7 +237,7 @@ class Worker:
 
     def _on_cancel(self, request_id: str) -> None:
         for served in self.models.values():
-            served.core.cancel(request_id)
+            served.cancel(request_id)
 
 
 async def serve(settings: Settings, engines: Mapping[str, EngineLike] | None = None) -> None:

@@ -205,6 +205,9 @@ class RunStream:
     abandoned: bool = False
     broken: bool = False
     on_broken: Callable[[RunStream], None] | None = None
+    last: asyncio.Future[None] | None = None  # acknowledgement of the latest event sent
+    sent_ids: list[int] = field(default_factory=list)  # tokens of the Deltas sent, in order
+    sent_text: str = ""
 
     def emit(self, payload: Payload) -> asyncio.Future[None]:
         if self.broken:
@@ -214,7 +217,7 @@ class RunStream:
             return refused
         event = TokenEvent(self.request_id, self.run_id, self.seq, int(time.time() * 1000), payload)
         self.seq += 1
-        done = self.publisher.publish(event)
+        done = self.last = self.publisher.publish(event)
         done.add_done_callback(self._watch)
         return done
 
@@ -232,8 +235,23 @@ class RunStream:
             self._send_delta(delta)
         return self.emit(payload)
 
+    def hand_over(self) -> asyncio.Future[None] | None:
+        """Send the pending tokens and stop here, without a terminal event, for a later run to continue from the
+        log; the acknowledgement of the run's last event (None when it sent none)."""
+        if not (self.abandoned or self.broken):
+            delta = self.coalescer.flush()
+            if delta is not None:
+                self._emit_delta(delta)
+        self.abandoned = True
+        return self.last
+
     def _send_delta(self, delta: Delta) -> None:
-        self.emit(delta).add_done_callback(self._on_ack)
+        self._emit_delta(delta).add_done_callback(self._on_ack)
+
+    def _emit_delta(self, delta: Delta) -> asyncio.Future[None]:
+        self.sent_ids.extend(delta.token_ids)
+        self.sent_text += delta.text
+        return self.emit(delta)
 
     def _watch(self, done: asyncio.Future[None]) -> None:
         if (done.cancelled() or done.exception() is not None) and not self.broken:

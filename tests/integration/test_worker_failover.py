@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -16,14 +15,13 @@ from aiokafka import TopicPartition
 from schemas.codec import default_codec
 from schemas.ids import new_request_id
 from schemas.partitioning import partition_for_key
-from schemas.records import Delta, Finished, InferenceRequest, Started, TokenEvent
+from schemas.records import Delta, Finished, InferenceRequest, Started
 from schemas.sampling import SamplingParams
-from schemas.view import View
 from services.kafka import make_consumer, start_client
 from services.local.process import quiet_env
 from services.settings import Settings
 from services.topics import ensure_topics
-from tests.integration.worker_helpers import collect_records, produce, wait_group_members
+from tests.integration.worker_helpers import client_view, collect_records, describe, produce, wait_group_members
 from workers.engine.engine import Engine
 from workers.engine.types import EngineRequest
 
@@ -37,58 +35,6 @@ MAX_TOKENS = 120
 STEP_DELAY_S = "0.025"  # ≥ 3 s per generation, so the kill lands mid-generation on any machine
 SESSION_TIMEOUT_MS = "6000"  # the broker's default group.min.session.timeout.ms: the fastest legal detection
 MIN_CAUGHT = 5
-
-
-@dataclass
-class ClientView:
-    """What a client following the request's log (through the gateway's view) ends up showing."""
-
-    token_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    seamless: int = 0
-    restarts: int = 0
-    terminals: list[str] = field(default_factory=list)
-
-
-def client_view(request_id: str, records: list[tuple[int, TokenEvent]]) -> ClientView:
-    """Replay the log through the gateway's View: seamless continuations keep the tokens, a restart replaces them."""
-    view = View(request_id)
-    run_tokens: dict[str, list[int]] = {}  # tokens each run stands for (inherited + its own), from the log
-    out = ClientView()
-    for offset, ev in records:
-        payload = ev.payload
-        if isinstance(payload, Started):
-            inherited = run_tokens.get(payload.continues_run_id or "", [])
-            run_tokens[ev.run_id] = inherited[: payload.continued_tokens]
-        elif isinstance(payload, Delta):
-            run_tokens.setdefault(ev.run_id, []).extend(payload.token_ids)
-        previous_run = view.run_id
-        shown = view.feed(offset, ev)
-        if shown is None:
-            if isinstance(payload, Started) and previous_run not in (None, ev.run_id) and view.run_id == ev.run_id:
-                out.seamless += 1
-            continue
-        if shown.event in ("started", "restart"):
-            out.restarts += shown.event == "restart"
-            out.token_ids = list(run_tokens[ev.run_id])
-            out.text = shown.data.get("text", "")
-        elif shown.event == "token":
-            out.token_ids += shown.data["token_ids"]
-            out.text += shown.data["text"]
-        elif shown.terminal:
-            out.terminals.append(shown.event)
-    return out
-
-
-def describe(ev: TokenEvent) -> str:
-    """One line per event, for a failure message."""
-    p = ev.payload
-    if isinstance(p, Started):
-        base = (p.continues_run_id or "-")[:6]
-        return f"{ev.run_id[:6]} {ev.seq} Started by {p.worker}, continues {base} at {p.continued_tokens}"
-    if isinstance(p, Delta):
-        return f"{ev.run_id[:6]} {ev.seq} Delta {len(p.token_ids)}"
-    return f"{ev.run_id[:6]} {ev.seq} {p}"
 
 
 def balanced_requests() -> list[InferenceRequest]:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,8 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import GroupCoordinatorNotAvailableError
 
 from schemas.codec import default_codec
-from schemas.records import ControlEvent, InferenceRequest, ModelInfo, TokenEvent
+from schemas.records import ControlEvent, Delta, InferenceRequest, ModelInfo, Started, TokenEvent
+from schemas.view import View
 from services.kafka import make_consumer, make_producer, record_headers, start_client
 from services.local.process import die_with_parent, quiet_env
 from services.settings import Settings
@@ -66,13 +68,15 @@ async def running_worker(settings: Settings, engine: EngineLike) -> AsyncIterato
         await asyncio.wait_for(task, 60)
 
 
-async def produce(settings: Settings, requests: Iterable[InferenceRequest]) -> None:
+async def produce(settings: Settings, requests: Iterable[InferenceRequest], topic: str | None = None) -> None:
+    """Write ``requests`` to ``topic``, by default their class's topic of the served model, as a plain Kafka
+    producer would."""
     producer = make_producer(settings)
     await start_client(producer)
     try:
         for r in requests:
             await producer.send(
-                settings.requests_topic,
+                topic or settings.requests_topic_for(settings.served_model, r.priority),
                 default_codec().encode(r),
                 key=r.request_id.encode(),
                 headers=record_headers("InferenceRequest"),
@@ -214,3 +218,55 @@ async def wait_group_members(settings: Settings, count: int, timeout_s: float = 
         )
     finally:
         await admin.close()
+
+
+@dataclass
+class ClientView:
+    """What a client following the request's log (through the gateway's view) ends up showing."""
+
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    seamless: int = 0
+    restarts: int = 0
+    terminals: list[str] = field(default_factory=list)
+
+
+def client_view(request_id: str, records: list[tuple[int, TokenEvent]]) -> ClientView:
+    """Replay the log through the gateway's View: seamless continuations keep the tokens, a restart replaces them."""
+    view = View(request_id)
+    run_tokens: dict[str, list[int]] = {}  # tokens each run stands for (inherited + its own), from the log
+    out = ClientView()
+    for offset, ev in records:
+        payload = ev.payload
+        if isinstance(payload, Started):
+            inherited = run_tokens.get(payload.continues_run_id or "", [])
+            run_tokens[ev.run_id] = inherited[: payload.continued_tokens]
+        elif isinstance(payload, Delta):
+            run_tokens.setdefault(ev.run_id, []).extend(payload.token_ids)
+        previous_run = view.run_id
+        shown = view.feed(offset, ev)
+        if shown is None:
+            if isinstance(payload, Started) and previous_run not in (None, ev.run_id) and view.run_id == ev.run_id:
+                out.seamless += 1
+            continue
+        if shown.event in ("started", "restart"):
+            out.restarts += shown.event == "restart"
+            out.token_ids = list(run_tokens[ev.run_id])
+            out.text = shown.data.get("text", "")
+        elif shown.event == "token":
+            out.token_ids += shown.data["token_ids"]
+            out.text += shown.data["text"]
+        elif shown.terminal:
+            out.terminals.append(shown.event)
+    return out
+
+
+def describe(ev: TokenEvent) -> str:
+    """One line per event, for a failure message."""
+    p = ev.payload
+    if isinstance(p, Started):
+        base = (p.continues_run_id or "-")[:6]
+        return f"{ev.run_id[:6]} {ev.seq} Started by {p.worker}, continues {base} at {p.continued_tokens}"
+    if isinstance(p, Delta):
+        return f"{ev.run_id[:6]} {ev.seq} Delta {len(p.token_ids)}"
+    return f"{ev.run_id[:6]} {ev.seq} {p}"

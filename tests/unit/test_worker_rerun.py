@@ -14,7 +14,7 @@ from workers.control import CancelledIds
 from workers.core import ModelCore
 from workers.engine.engine import Engine
 from workers.engine.types import EngineRequest
-from workers.history import Prior
+from workers.history import Prior, summarize
 from workers.ledger import Ticket
 
 MAX_TOKENS = 12
@@ -184,3 +184,42 @@ async def test_a_lost_event_stops_the_run_and_asks_for_a_retake_without_a_termin
     assert seqs == [0, 1], seqs  # nothing published past the lost event, and no terminal
     assert isinstance(sink.events[0].payload, Started)
     assert len(core.ledger) == 0
+
+
+async def test_a_preempted_run_hands_over_exactly_what_the_log_holds(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(engine, "eos_ids", frozenset())  # all MAX_TOKENS tokens, whatever the random tiny model says
+    sink = Recorder()
+    core = _core(engine, sink)
+    request = InferenceRequest(new_request_id(), "The quick brown fox", MAX_TOKENS, temperature=0.0)
+    rid = request.request_id
+    (expected, expected_text, _) = engine.generate(
+        [EngineRequest("direct", engine.encode_prompt(request.prompt), SamplingParams(MAX_TOKENS, 0.0))]
+    )["direct"]
+    await _take(core, request)
+    _drive(core, engine)
+    for _ in range(4):
+        for out in engine.step():  # no settling between steps: later tokens pile up unsent behind the first Delta
+            core.on_output(out)
+    running = core.ledger.get(rid)
+    assert running is not None and running.progress >= 2
+    handover = core.preempt(rid)
+    assert handover is not None and core.ledger.get(rid) is None
+    await _settle()
+    assert handover.last is not None and handover.last.done() and handover.last.exception() is None
+    assert not any(e.is_terminal for e in sink.events)
+    assert summarize(rid, sink.events) == handover.prior  # what a worker reading the log would continue from
+    assert 2 <= len(handover.prior.token_ids) < len(expected) == MAX_TOKENS
+    _drive(core, engine)  # the engine drops the stopped run at its next step
+    await _take(core, request, handover.prior)
+    _drive(core, engine)
+    while engine.has_work():
+        for out in engine.step():
+            core.on_output(out)
+    await _settle()
+    terminal = [e.payload for e in sink.events if e.is_terminal]
+    assert len(terminal) == 1 and isinstance(terminal[0], Finished)
+    assert terminal[0].usage.completion_tokens == len(expected)
+    continued = summarize(rid, [e for e in sink.events if not e.is_terminal])
+    assert list(continued.token_ids) == expected and continued.text == expected_text
