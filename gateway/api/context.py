@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
@@ -15,6 +16,8 @@ from aiohttp import web
 from gateway.api.auth import WATCH, Auth
 from gateway.api.backlog import BacklogMonitor
 from gateway.api.validation import parse_json_object
+from gateway.cluster.quota_log import QuotaLog
+from gateway.cluster.quotas import estimate_tokens
 from gateway.fanout.hub import Hub
 from gateway.metrics import GatewayMetrics
 from schemas.codec import default_codec
@@ -62,6 +65,7 @@ class Gateway:
     tenants: dict[str, str] = field(default_factory=dict)
     codec: Any = field(default_factory=default_codec)
     models: ModelDirectory = field(default_factory=ModelDirectory)
+    quotas: QuotaLog | None = None
 
 
 GATEWAY = web.AppKey("gateway", Gateway)
@@ -201,6 +205,8 @@ def new_inference_request(
     messages: tuple[ChatMessage, ...] | None = None,
     *,
     model: str,
+    priority: str = "interactive",
+    deadline_ms: int | None = None,
 ) -> InferenceRequest:
     """The record a validated submit becomes, with a fresh UUIDv7 id (the record has a field per sampling one)."""
     return InferenceRequest(
@@ -210,16 +216,28 @@ def new_inference_request(
         model=model,
         tenant=tenant,
         created_ms=int(time.time() * 1000),
+        priority=priority,
+        deadline_ms=deadline_ms,
         **{f.name: getattr(sampling, f.name) for f in dataclasses.fields(sampling)},
     )
 
 
 async def produce_request(gw: Gateway, req: InferenceRequest, accepted: Accepted | None = None) -> None:
-    """Submit ``req``; an ``accepted`` of the caller's is recorded first (see ``submit_request``)."""
-    # Bounded: with the broker away, a send can wait for metadata longer than the producer's delivery timeout.
-    with map_kafka_errors("cannot produce the request"):
-        async with asyncio.timeout(gw.settings.producer_timeout_ms / 1000):
-            await submit_request(gw.producer, gw.settings, gw.codec, req, accepted)
+    """Submit ``req`` within its key's quotas (RateLimited when over one); an ``accepted`` of the caller's is recorded
+    first (see ``submit_request``)."""
+    reserved = gw.quotas is not None and await gw.quotas.admit(
+        req.request_id, req.tenant, estimate_tokens(len(req.prompt), req.max_tokens)
+    )
+    try:
+        # Bounded: with the broker away, a send can wait for metadata longer than the producer's delivery timeout.
+        with map_kafka_errors("cannot produce the request"):
+            async with asyncio.timeout(gw.settings.producer_timeout_ms / 1000):
+                await submit_request(gw.producer, gw.settings, gw.codec, req, accepted)
+    except BaseException:
+        if reserved and gw.quotas is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(gw.quotas.settle(req.request_id, req.tenant, 0))
+        raise
     gw.metrics.requests_submitted.inc()
     if req.tenant:
         gw.tenants[req.request_id] = req.tenant

@@ -189,6 +189,15 @@ class Entry:
     progress: asyncio.Event | None = None  # set (and dropped) at the next event; created by whoever waits
 
 
+class Tap(Protocol):
+    """Sees every record of the partitions the hub reads, before the hub skips those nobody watches (it must be
+    cheap: it runs on the hub's read loop), and every change of those partitions."""
+
+    def record(self, record: Record) -> None: ...
+
+    def reassigned(self, gained: set[int], lost: set[int]) -> None: ...
+
+
 class Upstream(Protocol):
     """Follows requests whose partition another gateway reads (gateway.cluster.upstream.Follower)."""
 
@@ -258,6 +267,7 @@ class Hub:
         self.started = asyncio.Event()
         self._catch_up: list[tuple[int, int, asyncio.Future[None]]] = []  # (partition, offset, until read past it)
         self.backfills = backfills or BackfillLimit(per_client=2, total=3)
+        self.tap: Tap | None = None
 
     async def start(self) -> None:
         self.positions, self.start_time_ms = await self.source.start()
@@ -332,6 +342,8 @@ class Hub:
         if partition not in self.positions:
             return  # read just before this gateway stopped owning the partition
         self.positions[partition] = record.offset + 1
+        if self.tap is not None:
+            self.tap.record(record)
         key = record.key
         entry = self._keys.get(key) if key is not None else None
         if entry is None:
@@ -666,6 +678,8 @@ class Hub:
             self.positions[p] = offset
             self.since_ms[p] = since_ms
         self.metrics.owned_partitions.set(len(self.positions))
+        if self.tap is not None:
+            self.tap.reassigned(set(gained), lost)
         for entry in list(self.entries.values()):
             if entry.partition in lost and not entry.followed:
                 for sub in list(entry.subscribers):
