@@ -127,7 +127,7 @@ class Window:
         self.buckets[b] = self.buckets.get(b, 0) + amount
 
     def _first(self, now_ms: int) -> int:
-        """The oldest bucket still in the window at ``now_ms``."""
+        """The oldest bucket still in the window at ``now_ms`` (bucket b leaves it at b * BUCKET_MS + WINDOW_MS)."""
         return (now_ms - WINDOW_MS) // BUCKET_MS + 1
 
     def total(self, now_ms: int) -> int:
@@ -148,14 +148,14 @@ class Window:
         for b in sorted(b for b in self.buckets if b >= first):
             freed += self.buckets[b]
             if freed >= amount:
-                return max(0, (b + 1) * BUCKET_MS + WINDOW_MS - now_ms)
+                return max(0, b * BUCKET_MS + WINDOW_MS - now_ms)
         return WINDOW_MS
 
     def until_empty(self, now_ms: int) -> int:
         """Ms until everything the window holds now has left it (OpenAI's ``x-ratelimit-reset-*``)."""
         first = self._first(now_ms)
         used = [b for b, v in self.buckets.items() if b >= first and v > 0]
-        return max(0, (max(used) + 1) * BUCKET_MS + WINDOW_MS - now_ms) if used else 0
+        return max(0, max(used) * BUCKET_MS + WINDOW_MS - now_ms) if used else 0
 
 
 @dataclass(slots=True)
