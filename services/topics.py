@@ -11,6 +11,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
 from schemas.errors import ConfigError, KafkaUnavailable
+from schemas.records import PRIORITIES
 from services.kafka import admin as admin_client
 from services.settings import Settings
 
@@ -24,24 +25,27 @@ class TopicSpec:
     config: dict[str, str]
 
 
-def requests_topic_spec(settings: Settings, model: str) -> TopicSpec:
-    """The requests topic of one served model."""
-    return TopicSpec(
-        settings.requests_topic_for(model),
-        settings.requests_partitions,
-        {"retention.ms": str(settings.requests_retention_ms), "cleanup.policy": "delete"},
-    )
+def requests_topic_specs(settings: Settings, model: str) -> list[TopicSpec]:
+    """The request topics of one served model: one per service class (``requests.<model>``, ``batch.<model>``)."""
+    return [
+        TopicSpec(
+            settings.requests_topic_for(model, priority),
+            settings.requests_partitions,
+            {"retention.ms": str(settings.requests_retention_ms), "cleanup.policy": "delete"},
+        )
+        for priority in PRIORITIES
+    ]
 
 
 def topic_specs(settings: Settings, models: Sequence[str] | None = None) -> list[TopicSpec]:
-    """The design's topics with partitions and retention from settings; requests topics of ``models``.
+    """The design's topics with partitions and retention from settings; the request topics of ``models``.
 
     ``models`` defaults to the settings' served model, so a stack of one model needs no list.
     """
     requests_retention = str(settings.requests_retention_ms)
     names = [settings.served_model] if models is None else list(models)
     return [
-        *(requests_topic_spec(settings, name) for name in names),
+        *(spec for name in names for spec in requests_topic_specs(settings, name)),
         TopicSpec(
             settings.events_topic,
             settings.events_partitions,

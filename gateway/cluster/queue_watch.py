@@ -15,7 +15,7 @@ from prometheus_client.registry import Collector
 
 from gateway.cluster.queued import Ended, QueueBook, Waiting
 from gateway.cluster.quota_log import QuotaLog
-from gateway.fanout.hub import Record
+from gateway.fanout.source import Record
 from schemas.codec import Codec, without_run
 from schemas.errors import DecodeError
 from schemas.models import ModelDirectory
