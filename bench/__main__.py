@@ -43,6 +43,10 @@ GOALS: dict[str, tuple[str, float]] = {
     "gateway_ingest_events_per_cpu_s_watched": (">=", 30_000.0),
     "gateway_scaleout_ratio_3": ("<=", 1.3),
     "gateway_scaleout_ratio_3_watched": ("info", 0.0),
+    # fleet-wide quotas: admitted / limit with two gateways hammered at once, and the check's cost (bench_quotas)
+    "quota_admitted_ratio_min": (">=", 0.9),
+    "quota_admitted_ratio_max": ("<=", 1.1),
+    "quota_submit_p50_ratio": ("info", 0.0),
 }
 MODULES = [
     "bench.bench_engine",
@@ -52,6 +56,7 @@ MODULES = [
     "bench.bench_gateway",
     "bench.bench_cluster",
     "bench.bench_scaleout",
+    "bench.bench_quotas",
 ]
 
 

@@ -16,7 +16,7 @@ from fastavro.schema import to_parsing_canonical_form
 
 from schemas.errors import ConfigError, DecodeError
 from schemas.records import ControlEvent, InferenceRequest, ModelInfo, Record, TokenEvent, from_avro, kind_of, to_avro
-from schemas.varint import encode_uvarint
+from schemas.varint import decode_uvarint
 
 MAGIC = b"\xc3\x01"
 HEADER_LEN = 10
@@ -244,21 +244,46 @@ class Codec:
         return record
 
 
-def without_run(value: bytes, key: bytes) -> bool:
-    """Whether a TokenEvent value keyed ``key`` has an empty run id (an Accepted, or an end a gateway wrote), read
-    from its first bytes without decoding it: a reader of every event can pick out the few it needs cheaply.
+@dataclass(frozen=True, slots=True)
+class EventHead:
+    """What the first bytes of a TokenEvent value say: whether its run id is empty (an Accepted, or an end a gateway
+    wrote) and which payload it carries (its branch of the payload union, e.g. ``DELTA_BRANCH``)."""
 
-    TokenEvent's body begins with ``request_id`` (the key) and ``run_id``, Avro strings (zigzag length, bytes).
+    run_empty: bool
+    branch: int
+
+
+# Every TokenEvent version keeps the payload union's order (Started, Delta, Finished, Failed, Accepted).
+DELTA_BRANCH = 1
+
+
+def peek_event(value: bytes) -> EventHead | None:
+    """The head of a TokenEvent value read without decoding it (a reader of every event picks the few it needs
+    cheaply); None for bytes of another framing, or too short.
+
+    TokenEvent's body begins ``request_id``, ``run_id`` (Avro strings: zigzag length, bytes), ``seq``, ``ts_ms``
+    (zigzag longs), then the payload's union branch.
     """
     if value[:1] == b"\x00":
-        start = CONFLUENT_HEADER_LEN
+        pos = CONFLUENT_HEADER_LEN
     elif value[:2] == MAGIC:
-        start = HEADER_LEN
+        pos = HEADER_LEN
     else:
-        return False
-    prefix = encode_uvarint(2 * len(key))
-    end = start + len(prefix) + len(key)
-    return value[start : end - len(key)] == prefix and value[end : end + 1] == b"\x00"
+        return None
+    run_empty = False
+    for field in range(4):
+        read = decode_uvarint(value, pos)
+        if read is None:
+            return None
+        number, pos = read
+        if field < 2:
+            pos += number >> 1  # a string's length (zigzag of a length is twice it)
+        if field == 1:
+            run_empty = number == 0
+    branch = decode_uvarint(value, pos)
+    if branch is None:
+        return None
+    return EventHead(run_empty, branch[0] >> 1)
 
 
 @cache

@@ -11,7 +11,9 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass
 
-from schemas.records import Accepted, Delta, Failed, Finished, Started, TokenEvent
+from schemas.records import Accepted, Failed, Finished, Started, TokenEvent
+
+UNKNOWN = -1
 
 
 @dataclass(slots=True)
@@ -26,13 +28,12 @@ class Waiting:
     accepted_ms: int
     deadline_ms: int | None
     started: bool = False
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class Ended:
-    """A folded request ended, having used ``tokens`` (prompt + completion; what its quota reservation settles to)."""
+    """A folded request ended, having used ``tokens`` (prompt + completion: what its quota reservation settles to;
+    ``UNKNOWN`` for a run that failed, whose usage no record states: its reservation stands)."""
 
     request_id: str
     tenant: str
@@ -67,15 +68,12 @@ class QueueBook:
             return None
         if isinstance(payload, Started):
             waiting.started = True
-            waiting.prompt_tokens = payload.prompt_tokens
-        elif isinstance(payload, Delta):
-            waiting.completion_tokens += len(payload.token_ids)
         elif isinstance(payload, Finished | Failed):
             self._remove(ev.request_id)
             if isinstance(payload, Finished):
                 tokens = payload.usage.prompt_tokens + payload.usage.completion_tokens
             else:
-                tokens = waiting.prompt_tokens + waiting.completion_tokens if waiting.started else 0
+                tokens = UNKNOWN if waiting.started else 0
             return Ended(ev.request_id, waiting.tenant, tokens)
         return None
 

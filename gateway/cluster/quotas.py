@@ -79,7 +79,8 @@ class Reserve:
 
 @dataclass(frozen=True, slots=True)
 class Settle:
-    """``request_id`` ended having used ``tokens`` (prompt + completion)."""
+    """``request_id`` ended having used ``tokens`` (prompt + completion; negative: not known, the reservation
+    stands). Its concurrent slot is free either way."""
 
     request_id: str
     tenant: str
@@ -212,14 +213,14 @@ class QuotaBook:
             usage.requests.add(record.ts_ms, 1)
             settled = self.early.pop(record.request_id, None)
             if settled is not None:
-                usage.tokens.add(record.ts_ms, settled.tokens)
+                usage.tokens.add(record.ts_ms, settled.tokens if settled.tokens >= 0 else record.tokens)
                 return
             usage.tokens.add(record.ts_ms, record.tokens)
             usage.open[record.request_id] = record
             return
         usage = self._usage(record.tenant)
         reserved = usage.open.pop(record.request_id, None)
-        if reserved is not None:
+        if reserved is not None and record.tokens >= 0:
             usage.tokens.add(reserved.ts_ms, record.tokens - reserved.tokens)
         else:
             self.early[record.request_id] = record  # its Reserve is not read yet (or it ended twice: harmless)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
 
 from gateway.api.validation import PRIORITY_HEADER, parse_priority
-from gateway.cluster.queued import Depth, Ended, QueueBook
-from schemas.codec import Codec, default_codec, without_run
+from gateway.cluster.queued import UNKNOWN, Depth, Ended, QueueBook
+from schemas.codec import AVRO_DIR, DELTA_BRANCH, Codec, default_codec, peek_event
 from schemas.errors import FieldError, RequestRefused, Unsupported
 from schemas.records import Accepted, Delta, Failed, Finished, Started, TokenEvent, Usage
 
@@ -40,8 +41,7 @@ def test_an_ended_request_reports_what_it_used() -> None:
     assert R1 not in book.requests and R1.encode() not in book.keys
     book.feed(0, accepted(R2, 100))
     book.feed(0, TokenEvent(R2, "run", 0, 110, Started("w", "m", 5, 10)))
-    book.feed(0, TokenEvent(R2, "run", 1, 120, Delta("a", (1, 2, 3))))
-    assert book.feed(0, TokenEvent(R2, "run", 2, 130, Failed("engine_error", "x"))) == Ended(R2, "k_a", 8)
+    assert book.feed(0, TokenEvent(R2, "run", 2, 130, Failed("engine_error", "x"))) == Ended(R2, "k_a", UNKNOWN)
     book.feed(0, accepted(R3, 100))
     assert book.feed(0, TokenEvent(R3, "", 0, 130, Failed("deadline_exceeded", "x"))) == Ended(R3, "k_a", 0)
 
@@ -73,13 +73,21 @@ def test_partitions_another_gateway_reads_now_are_forgotten() -> None:
 
 
 @pytest.mark.parametrize("codec", [default_codec(), Codec(schema_ids={"TokenEvent": 300})])
-def test_accepted_records_are_told_apart_without_decoding(codec: Codec) -> None:
-    key = R1.encode()
-    assert without_run(codec.encode(accepted(R1, 1)), key)
-    assert without_run(codec.encode(TokenEvent(R1, "", 0, 1, Failed("deadline_exceeded", "x"))), key)
-    assert not without_run(codec.encode(TokenEvent(R1, "run-1", 0, 1, Delta("x", (1,)))), key)
-    assert not without_run(b"\x07garbage", key)
-    assert not without_run(codec.encode(accepted(R1, 1)), R2.encode()[:-3])
+def test_accepted_records_and_deltas_are_told_apart_without_decoding(codec: Codec) -> None:
+    head = peek_event(codec.encode(accepted(R1, 1)))
+    assert head is not None and head.run_empty and head.branch == 4
+    head = peek_event(codec.encode(TokenEvent(R1, "", 0, 1, Failed("deadline_exceeded", "x"))))
+    assert head is not None and head.run_empty and head.branch == 3
+    head = peek_event(codec.encode(TokenEvent(R1, "run-1", 7, 1_700_000_000_000, Delta("x", (1,)))))
+    assert head is not None and not head.run_empty and head.branch == DELTA_BRANCH
+    assert peek_event(b"\x07garbage") is None
+    assert peek_event(codec.encode(accepted(R1, 1))[:20]) is None
+
+
+def test_every_token_event_version_keeps_the_payload_order() -> None:
+    for path in sorted(AVRO_DIR.glob("TokenEvent.v*.avsc")):
+        payload = next(f for f in json.loads(path.read_text())["fields"] if f["name"] == "payload")
+        assert payload["type"][DELTA_BRANCH]["name"] == "Delta", path.name
 
 
 @pytest.mark.parametrize(

@@ -111,6 +111,14 @@ def test_a_settle_read_before_its_reserve_applies_when_the_reserve_arrives() -> 
     assert s[Dimension.CONCURRENT].remaining == 1  # it already ended
 
 
+def test_a_settle_of_unknown_usage_frees_the_slot_and_keeps_the_reservation() -> None:
+    b = book(Limits(tpm=1000, concurrent=1))
+    admit_and_echo(b, "r0", tokens=300)
+    b.apply(Settle("r0", TENANT, T0 + 50, -1))
+    s = b.standing(TENANT, T0 + 100)
+    assert (s[Dimension.TOKENS].remaining, s[Dimension.CONCURRENT].remaining) == (700, 1)
+
+
 def test_reading_a_record_twice_changes_nothing() -> None:
     b = book(Limits(rpm=10, concurrent=5))
     r = admit_and_echo(b, "r0")
