@@ -16,7 +16,7 @@ from prometheus_client.registry import Collector
 from gateway.cluster.queued import Ended, QueueBook, Waiting
 from gateway.cluster.quota_log import QuotaLog
 from gateway.fanout.source import Record
-from schemas.codec import DELTA_BRANCH, Codec, peek_event
+from schemas.codec import DELTA_BRANCH, Codec, peek_event, run_id_empty
 from schemas.errors import DecodeError
 from schemas.models import ModelDirectory
 from schemas.records import Failed, TokenEvent
@@ -56,12 +56,12 @@ class QueueWatch:
         key, value = record.key, record.value
         if key is None or not value:
             return
-        head = peek_event(value)
-        if head is None:
-            return
         # An Accepted starts a request's fold; of its later records, Deltas are skipped undecoded (the relay decodes
         # them only for requests someone watches, and the fold needs only Started and the end).
-        if not (head.run_empty if key not in self.book.keys else head.branch != DELTA_BRANCH):
+        if key not in self.book.keys:
+            if not run_id_empty(value, key):
+                return
+        elif (head := peek_event(value)) is None or head.branch == DELTA_BRANCH:
             return
         try:
             ev = self.codec.decode_event(value)

@@ -9,7 +9,7 @@ import pytest
 
 from gateway.api.validation import PRIORITY_HEADER, parse_priority
 from gateway.cluster.queued import UNKNOWN, Depth, Ended, QueueBook
-from schemas.codec import AVRO_DIR, DELTA_BRANCH, Codec, default_codec, peek_event
+from schemas.codec import AVRO_DIR, DELTA_BRANCH, Codec, default_codec, peek_event, run_id_empty
 from schemas.errors import FieldError, RequestRefused, Unsupported
 from schemas.records import Accepted, Delta, Failed, Finished, Started, TokenEvent, Usage
 
@@ -81,6 +81,12 @@ def test_accepted_records_and_deltas_are_told_apart_without_decoding(codec: Code
     head = peek_event(codec.encode(TokenEvent(R1, "run-1", 7, 1_700_000_000_000, Delta("x", (1,)))))
     assert head is not None and not head.run_empty and head.branch == DELTA_BRANCH
     assert peek_event(b"\x07garbage") is None
+    key = R1.encode()
+    assert run_id_empty(codec.encode(accepted(R1, 1)), key)
+    assert not run_id_empty(codec.encode(TokenEvent(R1, "run-1", 0, 1, Delta("x", (1,)))), key)
+    assert not run_id_empty(b"\x07garbage", key)
+    long_key = "r" * 80
+    assert run_id_empty(codec.encode(TokenEvent(long_key, "", 0, 1, Accepted("m"))), long_key.encode())
     assert peek_event(codec.encode(accepted(R1, 1))[:20]) is None
 
 
