@@ -2,7 +2,7 @@
 check costs a submit.
 
 Two gateways share one limit through the quotas topic. In each round, 32 clients alternate between the two gateways
-and submit as fast as they are answered, 4x the limit in all, under a fresh API key (so rounds do not share a
+and submit as fast as they are answered, 3x the limit in all, under a fresh API key (so rounds do not share a
 window); ``quota_admitted_ratio`` is admitted / limit (goal: within 10 %). Submit latency (p50 of 202 answers, one
 client) is measured A/B interleaved: a gateway pair with limits far above the load against a pair with none.
 No worker runs: an announced model takes the requests, which wait in Kafka (what a submit costs, not a run).
@@ -25,11 +25,13 @@ from schemas.records import ModelInfo
 from services.kafka import make_producer, start_client
 from services.local.broker.runner import free_port
 from services.settings import Settings
+from services.topics import ensure_topics
 
-ROUNDS = 5
-LIMITS = (100, 400)
-CLIENTS = 32
-LATENCY_SUBMITS = 200
+ROUNDS = 3
+LIMITS = (60, 240)
+CLIENTS = 24
+LATENCY_SUBMITS = 100
+ATTEMPTS = 3  # times the limit, per round
 MODEL = "bench"
 
 
@@ -52,6 +54,7 @@ async def _announce(settings: Settings) -> None:
 
 def _pair(name: str, bootstrap: str, **overrides: object) -> Pair:
     settings = bench_settings(bootstrap, default_model=MODEL, events_partitions=2, **overrides)
+    asyncio.run(ensure_topics(settings, models=[MODEL]))
     asyncio.run(_announce(settings))
     second = dataclasses.replace(settings, gateway_port=free_port())
     procs = [start_gateway(settings), start_gateway(second)]
@@ -116,7 +119,7 @@ def run() -> dict[str, float]:
         for r in range(ROUNDS):
             for j, limit in enumerate(LIMITS):
                 key = keys[r * len(LIMITS) + j]
-                admitted, refused = asyncio.run(_flood(limited, key, 4 * limit))
+                admitted, refused = asyncio.run(_flood(limited, key, ATTEMPTS * limit))
                 ratios[limit].append(admitted / limit)
                 print(
                     f"round {r + 1} limit {limit}/min over 2 gateways: {admitted} admitted, {refused} refused "

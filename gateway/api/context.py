@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -200,19 +199,18 @@ def check_limits(model: LiveModel, sampling: SamplingParams, messages: tuple[Cha
 async def produce_request(gw: Gateway, req: InferenceRequest, accepted: Accepted | None = None) -> None:
     """Submit ``req`` within its key's quotas (RateLimited when over one); an ``accepted`` of the caller's is recorded
     first (see ``submit_request``)."""
-    reserved = gw.quotas is not None and await gw.quotas.admit(
-        req.request_id, req.tenant, estimate_tokens(len(req.prompt), req.max_tokens)
-    )
-    try:
+
+    async def submit() -> None:
         # Bounded: with the broker away, a send can wait for metadata longer than the producer's delivery timeout.
         with map_kafka_errors("cannot produce the request"):
             async with asyncio.timeout(gw.settings.producer_timeout_ms / 1000):
                 await submit_request(gw.producer, gw.settings, gw.codec, req, accepted)
-    except BaseException:
-        if reserved and gw.quotas is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.shield(gw.quotas.settle(req.request_id, req.tenant, 0))
-        raise
+
+    if gw.quotas is None:
+        await submit()
+    else:
+        tokens = estimate_tokens(len(req.prompt), req.max_tokens)
+        await gw.quotas.submit_within(req.request_id, req.tenant, tokens, submit)
     gw.metrics.requests_submitted.inc()
     if req.tenant:
         gw.tenants[req.request_id] = req.tenant

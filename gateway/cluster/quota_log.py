@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
@@ -142,21 +142,36 @@ class QuotaLog:
             return {}
         return ratelimit_headers(self.book.standing(tenant, int(time.time() * 1000)))
 
-    async def admit(self, request_id: str, tenant: str, tokens: int) -> bool:
-        """Reserve a request's share of ``tenant``'s quotas (RateLimited when over one); False when it has none."""
+    async def submit_within(
+        self, request_id: str, tenant: str, tokens: int, submit: Callable[[], Awaitable[None]]
+    ) -> None:
+        """Run ``submit`` if ``tenant``'s quotas have room for the request (RateLimited when not), reserving it.
+
+        The reservation is written while the request is: the submit's outcome is the answer. A reservation that
+        could not be written still counts here until it would have been read back (PENDING_MS); a submit that failed
+        settles its reservation to nothing.
+        """
         if not self.enabled_for(tenant):
-            return False
+            await submit()
+            return
         out = self.book.admit(request_id, tenant, tokens, int(time.time() * 1000), self.gateways())
         if isinstance(out, Refusal):
             if self.metrics is not None:
                 self.metrics.quota_refusals.labels(out.dimension.value).inc()
             raise RateLimited(out.message, dimension=out.dimension.value, retry_after_ms=out.retry_after_ms)
+        written = asyncio.ensure_future(self._write(out))
         try:
-            await self._write(out)
+            await submit()
         except BaseException:
             self.book.release(request_id)
+            with contextlib.suppress(Exception):  # a reservation that was not written needs no settling
+                await asyncio.shield(written)
+                await asyncio.shield(self.settle(request_id, tenant, 0))
             raise
-        return True
+        try:
+            await written
+        except KafkaUnavailable as exc:
+            log.warning("request %s: its quota reservation was not written (%s)", request_id, exc)
 
     async def settle(self, request_id: str, tenant: str, tokens: int) -> None:
         """Record what a request used in the end (0 when it was not submitted after all); frees its slot."""

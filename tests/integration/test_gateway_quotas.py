@@ -189,15 +189,15 @@ async def test_a_deadline_with_no_live_worker_ends_the_request_once(kafka_bootst
     one = gateway_settings(kafka_bootstrap, topic_prefix, default_model=MODEL)
     two = second_gateway(one)
     await ensure_topics(one, models=[MODEL, "ghost"])
-    # The model is live for 3 s: long enough to accept a request over HTTP, gone before its deadline.
-    await announce(one, MODEL, ttl_ms=3_000)
+    await announce(one, MODEL)
     with running_gateway(one) as gw1, running_gateway(two) as gw2:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
             await until_model_listed(session, gw1.url)
-            body = {"prompt": "x", "max_tokens": 4, "deadline_ms": int(time.time() * 1000) + 5_000}
+            body = {"prompt": "x", "max_tokens": 4, "deadline_ms": int(time.time() * 1000) + 2_000}
             async with session.post(gw1.url + "/v1/requests", json=body) as r:
                 assert r.status == 202, await r.text()
                 over_http = (await r.json())["id"]
+            await announce(one, MODEL, ttl_ms=0)  # its (only) worker stops: nobody will take the request
             # A producer's request straight to Kafka, for a model no worker ever announced.
             direct = new_request_id()
             request = InferenceRequest(
@@ -328,6 +328,8 @@ async def test_the_openai_sdk_sees_a_rate_limit_error_with_the_headers(kafka_boo
         running_gateway(settings) as gw,
         running_worker(settings, TOKENRELAY_ENGINE="synthetic", TOKENRELAY_SYNTHETIC_TOKENS_PER_S="500"),
     ):
+        async with aiohttp.ClientSession() as session:
+            await until_model_listed(session, gw.url, "default")
         async with openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key=KEY_A, max_retries=0, timeout=60) as client:
             raw = await client.chat.completions.with_raw_response.create(
                 model="default", messages=[{"role": "user", "content": "hi"}], max_tokens=4
