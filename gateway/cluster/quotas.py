@@ -8,8 +8,8 @@ reservation and frees its concurrent slot.
 
 Between its write and reading it back, a reservation is ``pending`` here only. So that gateways admitting at the same
 moment cannot together overshoot a limit, a gateway's pending reservations may use at most its share (1/n for n
-gateways) of the headroom the log shows; near a limit that costs a 429 with a short Retry-After, never an overshoot
-larger than n - 1 requests.
+gateways) of the headroom the log shows; near a limit that costs a 429 with a short Retry-After. What remains is
+what one gateway admitted while the others had not read it yet (a few requests: bench/bench_quotas.py).
 """
 
 from __future__ import annotations
