@@ -24,6 +24,7 @@ def test_every_avro_topic_names_its_record() -> None:
     settings = Settings(topic_prefix="x.")
     assert value_record(settings, "x.requests.default") == "InferenceRequest"
     assert value_record(settings, "x.requests.other-model") == "InferenceRequest"
+    assert value_record(settings, "x.batch.default") == "InferenceRequest"
     assert value_record(settings, "x.events") == "TokenEvent"
     assert value_record(settings, "x.control") == "ControlEvent"
     assert value_record(settings, "x.models") == "ModelInfo"
@@ -31,6 +32,7 @@ def test_every_avro_topic_names_its_record() -> None:
     assert value_record(settings, "y.events") is None
     topics = value_topics(settings)
     assert settings.events_topic in topics and settings.dlq_topic not in topics
+    assert settings.requests_topic_for("default", "batch") in topics
 
 
 def test_client_config_passes_auth_and_ca_through() -> None:
