@@ -84,6 +84,7 @@ class GatewayProcess:
                 if response.status == 200:
                     return
             time.sleep(0.1)
+        self.kill()  # not left running behind a failed test
         raise RuntimeError("gateway not ready")
 
     def kill(self) -> None:
