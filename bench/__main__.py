@@ -49,6 +49,10 @@ GOALS: dict[str, tuple[str, float]] = {
     "fair_batch_throughput_ratio_median": (">=", 0.9),
     "fair_batch_throughput_vs_same_work_median": ("info", 0.0),  # the same short requests sent as batch work
     "fair_preemptions_per_min": ("info", 0.0),
+    # fleet-wide quotas: admitted / limit with two gateways hammered at once, and the check's cost (bench_quotas)
+    "quota_admitted_ratio_min": (">=", 0.9),
+    "quota_admitted_ratio_max": ("<=", 1.1),
+    "quota_submit_p50_ratio": ("info", 0.0),
 }
 MODULES = [
     "bench.bench_engine",
@@ -59,6 +63,7 @@ MODULES = [
     "bench.bench_cluster",
     "bench.bench_scaleout",
     "bench.bench_fair",
+    "bench.bench_quotas",
 ]
 
 

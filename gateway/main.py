@@ -18,6 +18,9 @@ from gateway.api.backlog import BacklogMonitor
 from gateway.api.context import Gateway
 from gateway.cluster.kafka_source import REPLAY_POOL_SIZE, KafkaEventSource
 from gateway.cluster.owners import Owners
+from gateway.cluster.queue_watch import QueueCollector, QueueWatch
+from gateway.cluster.quota_log import QuotaLog, limits_by_tenant, limits_configured
+from gateway.cluster.quotas import QuotaBook
 from gateway.cluster.upstream import Follower
 from gateway.fanout.backfills import BackfillLimit
 from gateway.fanout.relay import Relay
@@ -67,11 +70,23 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     directory = ModelDirectory()
     follower = ModelsFollower(make_consumer(settings), settings.models_topic, directory, codec)
     backlog = BacklogMonitor(settings, metrics.backlog, models=lambda: directory.live(_now_ms()))
+    limits = limits_by_tenant(settings, key_id)
+    quotas = None
+    if limits_configured(settings):
+        book = QuotaBook(owners.me, limits, settings.quota_lease_ms)
+        quotas = QuotaLog(settings, producer, book, gateways=lambda: max(1, len(set(owners.urls.values()))))
+        quotas.metrics = metrics
+    watch = QueueWatch(settings, producer, codec, directory, quotas)
+    relay.tap = watch
+    metrics.registry.register(QueueCollector(watch))
     runner: web.AppRunner | None = None
     following = asyncio.create_task(follower.run(), name="models")
     listener: Listener | None = None
     try:
+        if quotas is not None:
+            await quotas.start()
         await relay.start()
+        await watch.start()
         await backlog.start()
 
         async def ready() -> bool:
@@ -80,7 +95,16 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
             return topics and not directory.unavailable(_now_ms())
 
         gateway = Gateway(
-            settings, relay, producer, metrics, auth, backlog=backlog, ready_check=ready, models=directory, codec=codec
+            settings,
+            relay,
+            producer,
+            metrics,
+            auth,
+            backlog=backlog,
+            ready_check=ready,
+            models=directory,
+            codec=codec,
+            quotas=quotas,
         )
         if not auth.enabled:
             log.warning("no API keys configured (TOKENRELAY_API_KEYS): the gateway is open to anyone who reaches it")
@@ -97,6 +121,9 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         if listener is not None:
             listener.close()
         await relay.stop()  # closes every subscription, so streaming handlers return
+        await watch.stop()
+        if quotas is not None:
+            await quotas.stop()
         await upstream.close()
         if runner is not None:
             await runner.cleanup()

@@ -19,6 +19,7 @@ TokenRelayError                 root; every error raised on purpose by tokenrela
 ├── MalformedRequest            HTTP the parser refuses (framing, bytes, sizes)     400 malformed_request
 ├── RequestTimeout              a request head or body did not arrive in time       408 request_timeout
 ├── QueueFull                   too many requests wait for a worker                 429 queue_full, Retry-After
+├── RateLimited                 an API key is over a quota (rpm, tpm, concurrent)   429 rate_limit_exceeded, Retry-After
 ├── TooManyBackfills            one client has too many Kafka scans waiting         429 too_many_backfills, Retry-After
 ├── GenerationFailed            the request ended in an error (whole answers)       502 (the error's code)
 ├── ClientClosed                the client went away before its answer              499 client_closed
@@ -171,6 +172,24 @@ class QueueFull(TokenRelayError):
     http_status = 429
     retriable = True
     retry_after_s = 2
+
+
+class RateLimited(TokenRelayError):
+    """An API key is over one of its quotas; says which (``dimension``) and when to try again."""
+
+    code = "rate_limit_exceeded"
+    http_status = 429
+    retriable = True
+
+    def __init__(self, message: str, *, dimension: str, retry_after_ms: int):
+        super().__init__(message)
+        self.dimension = dimension
+        self.retry_after_ms = retry_after_ms
+        self.retry_after_s = max(1, -(-retry_after_ms // 1000))
+
+    def headers(self) -> dict[str, str]:
+        # retry-after-ms: what OpenAI's SDKs read first, finer than Retry-After's whole seconds.
+        return {**super().headers(), "retry-after-ms": str(self.retry_after_ms)}
 
 
 class GenerationFailed(TokenRelayError):

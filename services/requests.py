@@ -28,6 +28,8 @@ def new_inference_request(
     messages: tuple[ChatMessage, ...] | None = None,
     *,
     model: str,
+    priority: str = "interactive",
+    deadline_ms: int | None = None,
 ) -> InferenceRequest:
     """The record a validated submit becomes (at the gateway or the command line), with a fresh UUIDv7 id.
 
@@ -40,6 +42,8 @@ def new_inference_request(
         model=model,
         tenant=tenant,
         created_ms=int(time.time() * 1000),
+        priority=priority,
+        deadline_ms=deadline_ms,
         **{f.name: getattr(sampling, f.name) for f in dataclasses.fields(sampling)},
     )
 
@@ -47,7 +51,8 @@ def new_inference_request(
 async def submit_request(
     producer: Producer, settings: Settings, codec: Codec, request: InferenceRequest, accepted: Accepted | None = None
 ) -> None:
-    """Produce ``request`` to ``requests.<model>``, then record its acceptance (with its tenant) in the events log.
+    """Produce ``request`` to its class's topic (``requests.<model>`` or ``batch.<model>``), then record its
+    acceptance (with its tenant and class) in the events log.
 
     The Accepted record is what lets every gateway answer status, stream and cancel for the request at once, before
     any worker starts it. It follows the request: if it cannot be written the request still runs (it is in Kafka,
@@ -62,13 +67,17 @@ async def submit_request(
         await _submit_accepted_first(producer, settings, codec, request, accepted)
         return
     await producer.send_and_wait(
-        settings.requests_topic_for(request.model),
+        settings.requests_topic_for(request.model, request.priority),
         codec.encode(request),
         key=key,
         headers=record_headers("InferenceRequest"),
     )
     record = TokenEvent(
-        request.request_id, "", 0, int(time.time() * 1000), Accepted(request.model, request.tenant, request.deadline_ms)
+        request.request_id,
+        "",
+        0,
+        int(time.time() * 1000),
+        Accepted(request.model, request.tenant, request.deadline_ms, priority=request.priority),
     )
     try:
         await producer.send_and_wait(
@@ -88,7 +97,7 @@ async def _submit_accepted_first(
     )
     try:
         await producer.send_and_wait(
-            settings.requests_topic_for(request.model),
+            settings.requests_topic_for(request.model, request.priority),
             codec.encode(request),
             key=key,
             headers=record_headers("InferenceRequest"),

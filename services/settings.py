@@ -23,6 +23,7 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 SUBJECT_STRATEGIES = ("topic", "record", "topic_record")
 # Variables with the prefix that are not settings: the test suite's own knobs.
 NON_SETTING_PREFIXES = ("TOKENRELAY_TEST_",)
+_QUOTA = re.compile(r"^\d*/\d*/\d*$")
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
@@ -215,6 +216,35 @@ class Settings:
     stream_token_ttl_s: int = _setting(
         3600, "TOKENRELAY_STREAM_TOKEN_TTL_S", "Lifetime of a signed stream token in seconds."
     )
+    quota_rpm: int = _setting(
+        0,
+        "TOKENRELAY_QUOTA_RPM",
+        "Requests per minute each API key may submit, over all gateways together (0 = no limit); over it: 429 with "
+        "Retry-After and OpenAI's x-ratelimit-* headers.",
+    )
+    quota_tpm: int = _setting(
+        0,
+        "TOKENRELAY_QUOTA_TPM",
+        "Tokens per minute each API key may use, over all gateways (0 = no limit): a submit reserves its prompt "
+        "(about 4 characters a token) plus max_tokens, and the request's real usage replaces that when it ends.",
+    )
+    quota_concurrent: int = _setting(
+        0,
+        "TOKENRELAY_QUOTA_CONCURRENT",
+        "Requests each API key may have queued or running at once, over all gateways (0 = no limit).",
+    )
+    quota_overrides: tuple[str, ...] = _setting(
+        (),
+        "TOKENRELAY_QUOTA_OVERRIDES",
+        "Comma-separated KEY=RPM/TPM/CONCURRENT limits of single keys instead of the three above (KEY: the API key "
+        "itself or its id k_..., as requests record it; 0 = no limit), e.g. 'k_1a2b3c4d5e6f=600/100000/8'.",
+    )
+    quota_lease_ms: int = _setting(
+        600_000,
+        "TOKENRELAY_QUOTA_LEASE_MS",
+        "How long an admitted request may hold a concurrent slot when the end of it is never seen (a gateway that "
+        "read its events partition died meanwhile); also how far back a starting gateway reads the quotas topic.",
+    )
     cors_origins: tuple[str, ...] = _setting(
         (), "TOKENRELAY_CORS_ORIGINS", "Comma-separated origins allowed by CORS ('*' for any)."
     )
@@ -391,6 +421,15 @@ class Settings:
         return self.requests_topic_for(self.served_model)
 
     @property
+    def quotas_topic(self) -> str:
+        return self.topic("quotas")
+
+    @property
+    def quota_override_map(self) -> dict[str, str]:
+        """TOKENRELAY_QUOTA_OVERRIDES as key (or key id) → 'RPM/TPM/CONCURRENT'."""
+        return {name.strip(): limits.strip() for name, _, limits in (e.partition("=") for e in self.quota_overrides)}
+
+    @property
     def models_topic(self) -> str:
         return self.topic("models")
 
@@ -490,6 +529,9 @@ def _problems(settings: Settings) -> list[str]:
             problems.append(f"TOKENRELAY_TENANT_WEIGHTS entry {entry!r}: write TENANT=WEIGHT with a weight above 0")
     if settings.scheduler_lookahead < 1:
         problems.append(f"TOKENRELAY_SCHEDULER_LOOKAHEAD={settings.scheduler_lookahead}: must be at least 1")
+    for name, limits in settings.quota_override_map.items():
+        if not name or not _QUOTA.match(limits):
+            problems.append(f"TOKENRELAY_QUOTA_OVERRIDES entry {name}={limits}: write KEY=RPM/TPM/CONCURRENT")
     if not _DEVICE.match(settings.device):
         problems.append(f"TOKENRELAY_DEVICE={settings.device!r} is not 'auto', 'cpu', 'mps', 'cuda' or 'cuda:N'")
     return problems

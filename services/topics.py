@@ -62,6 +62,16 @@ def topic_specs(settings: Settings, models: Sequence[str] | None = None) -> list
             {"retention.ms": str(3600 * 1000), "cleanup.policy": "delete"},
         ),
         TopicSpec(settings.dlq_topic, 1, {"retention.ms": requests_retention, "cleanup.policy": "delete"}),
+        # Read whole by every gateway from a lease back: kept a little longer than that.
+        TopicSpec(
+            settings.quotas_topic,
+            1,
+            {
+                "retention.ms": str(settings.quota_lease_ms + 3600 * 1000),
+                "cleanup.policy": "delete",
+                "message.timestamp.type": "LogAppendTime",
+            },
+        ),
         # Compacted: the last announcement of each model stays, so a gateway that starts knows the models at once.
         TopicSpec(
             settings.models_topic,

@@ -14,6 +14,8 @@ from aiohttp import web
 from gateway.api.auth import WATCH, Auth
 from gateway.api.backlog import BacklogMonitor
 from gateway.api.validation import parse_json_object
+from gateway.cluster.quota_log import QuotaLog
+from gateway.cluster.quotas import estimate_tokens
 from gateway.fanout.relay import Relay
 from gateway.metrics import GatewayMetrics
 from schemas.codec import default_codec
@@ -61,6 +63,7 @@ class Gateway:
     tenants: dict[str, str] = field(default_factory=dict)
     codec: Any = field(default_factory=default_codec)
     models: ModelDirectory = field(default_factory=ModelDirectory)
+    quotas: QuotaLog | None = None
 
 
 GATEWAY = web.AppKey("gateway", Gateway)
@@ -194,11 +197,20 @@ def check_limits(model: LiveModel, sampling: SamplingParams, messages: tuple[Cha
 
 
 async def produce_request(gw: Gateway, req: InferenceRequest, accepted: Accepted | None = None) -> None:
-    """Submit ``req``; an ``accepted`` of the caller's is recorded first (see ``submit_request``)."""
-    # Bounded: with the broker away, a send can wait for metadata longer than the producer's delivery timeout.
-    with map_kafka_errors("cannot produce the request"):
-        async with asyncio.timeout(gw.settings.producer_timeout_ms / 1000):
-            await submit_request(gw.producer, gw.settings, gw.codec, req, accepted)
+    """Submit ``req`` within its key's quotas (RateLimited when over one); an ``accepted`` of the caller's is recorded
+    first (see ``submit_request``)."""
+
+    async def submit() -> None:
+        # Bounded: with the broker away, a send can wait for metadata longer than the producer's delivery timeout.
+        with map_kafka_errors("cannot produce the request"):
+            async with asyncio.timeout(gw.settings.producer_timeout_ms / 1000):
+                await submit_request(gw.producer, gw.settings, gw.codec, req, accepted)
+
+    if gw.quotas is None:
+        await submit()
+    else:
+        tokens = estimate_tokens(len(req.prompt), req.max_tokens)
+        await gw.quotas.submit_within(req.request_id, req.tenant, tokens, submit)
     gw.metrics.requests_submitted.inc()
     if req.tenant:
         gw.tenants[req.request_id] = req.tenant

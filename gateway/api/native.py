@@ -30,7 +30,14 @@ from gateway.api.context import (
     require_known,
     resolve_model,
 )
-from gateway.api.validation import parse_messages, parse_prompt, parse_sampling
+from gateway.api.validation import (
+    PRIORITY_HEADER,
+    parse_deadline,
+    parse_messages,
+    parse_priority,
+    parse_prompt,
+    parse_sampling,
+)
 from gateway.cluster.upstream import FORWARDED_HEADER
 from gateway.fanout.cursor import Cursor, decode_cursor
 from gateway.fanout.sse import KEEPALIVE, PREAMBLE
@@ -52,7 +59,11 @@ async def submit(request: web.Request) -> web.Response:
     model = resolve_model(gw, parse_model(body))
     check_limits(model, sampling, messages)
     check_backlog(gw, model.name)
-    req = new_inference_request(prompt, sampling, tenant, messages, model=model.name)
+    priority = parse_priority(body, request.headers.get(PRIORITY_HEADER))
+    deadline_ms = parse_deadline(body, int(time.time() * 1000))
+    req = new_inference_request(
+        prompt, sampling, tenant, messages, model=model.name, priority=priority, deadline_ms=deadline_ms
+    )
     request_id = req.request_id
     await produce_request(gw, req)
     events_url = f"/v1/requests/{request_id}/events"
@@ -158,7 +169,8 @@ async def _state(gw: Gateway, request_id: str, client: str) -> dict[str, Any]:
     view = await gw.relay.snapshot(request_id, client)
     if not view.known and request_id not in gw.tenants:
         raise not_found(request_id)
-    answer: dict[str, Any] = {"id": request_id, "status": view.status, "text": view.text, "model": view.model}
+    answer: dict[str, Any] = {"id": request_id, "status": view.status, "priority": view.priority}
+    answer.update(text=view.text, model=view.model)
     if view.terminal is not None:
         done = view.terminal.event == EventName.DONE
         answer.update(view.terminal.data if done else {"error": view.terminal.data})

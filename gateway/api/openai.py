@@ -26,7 +26,15 @@ from gateway.api.context import (
     require_key,
     resolve_model,
 )
-from gateway.api.validation import parse_messages, parse_n, parse_prompt, parse_sampling, parse_stream_flags
+from gateway.api.validation import (
+    PRIORITY_HEADER,
+    parse_messages,
+    parse_n,
+    parse_priority,
+    parse_prompt,
+    parse_sampling,
+    parse_stream_flags,
+)
 from gateway.fanout.subscription import Subscription
 from schemas.errors import ClientClosed, ended_with
 from schemas.records import ChatMessage, InferenceRequest
@@ -363,7 +371,8 @@ async def _completions(request: web.Request, *, chat: bool) -> web.StreamRespons
     model = resolve_model(gw, parse_model(body))
     check_limits(model, sampling, messages)
     check_backlog(gw, model.name)
-    req = new_inference_request(prompt, sampling, tenant, messages, model=model.name)
+    priority = parse_priority(body, request.headers.get(PRIORITY_HEADER))
+    req = new_inference_request(prompt, sampling, tenant, messages, model=model.name, priority=priority)
     fold = AnswerFold(model.name)
     surface = Completions(fold, req.request_id, chat, include_usage)
     return await answer(request, req, fold, surface, stream=stream)

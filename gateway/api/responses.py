@@ -28,6 +28,7 @@ from gateway.api.context import (
 from gateway.api.openai import TOO_SLOW, AnswerFold, cancel_quietly, follow
 from gateway.api.responses_body import parse_create
 from gateway.api.responses_events import RESPONSE_PREFIX, ResponseEvents, ResponseOptions, response_id
+from gateway.api.validation import PRIORITY_HEADER, parse_priority
 from schemas.errors import ClientClosed, Conflict, FieldError, NotFound, ValidationError, ended_with
 from schemas.ids import parse_request_id, request_id_time_ms
 from schemas.records import Accepted
@@ -71,9 +72,12 @@ async def create(request: web.Request) -> web.StreamResponse:
     check_limits(model, spec.sampling, spec.messages)
     check_backlog(gw, model.name)
     prompt = "\n".join(m.content for m in spec.messages)
-    req = new_inference_request(prompt, spec.sampling, tenant, spec.messages, model=model.name)
+    priority = parse_priority(body, request.headers.get(PRIORITY_HEADER))
+    req = new_inference_request(prompt, spec.sampling, tenant, spec.messages, model=model.name, priority=priority)
     options = ResponseOptions(model.name, spec.background, spec.store, spec.metadata)
-    accepted = Accepted(model.name, tenant, req.deadline_ms, spec.background, spec.store, spec.metadata)
+    accepted = Accepted(
+        model.name, tenant, req.deadline_ms, spec.background, spec.store, spec.metadata, priority=req.priority
+    )
     surface = ResponseEvents(AnswerFold(model.name), req.request_id, options)
     if spec.background and not spec.stream:
         await produce_request(gw, req, accepted)

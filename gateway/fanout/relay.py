@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from typing import Protocol
 
 from gateway.fanout.backfills import BackfillLimit
 from gateway.fanout.cursor import Cursor
@@ -28,6 +29,15 @@ log = logging.getLogger(__name__)
 
 # How long a subscription on a following gateway waits for the owner to attach it (then events arrive when it does).
 UPSTREAM_ATTACH_S = 5.0
+
+
+class Tap(Protocol):
+    """Sees every record of the owned partitions, before the relay skips those nobody watches (it must be cheap: it
+    runs on the relay's read loop), and every change of those partitions."""
+
+    def record(self, record: Record) -> None: ...
+
+    def reassigned(self, gained: set[int], lost: set[int]) -> None: ...
 
 
 class Relay:
@@ -74,6 +84,7 @@ class Relay:
         )
         self.following = Following(source, self.history, self.hub, upstream)
         self.started = asyncio.Event()
+        self.tap: Tap | None = None
         self._task: asyncio.Task[None] | None = None
         self._catch_up: list[tuple[int, int, asyncio.Future[None]]] = []  # (partition, offset, until read past it)
 
@@ -121,6 +132,8 @@ class Relay:
         if partition not in self.positions:
             return  # read just before this gateway stopped owning the partition
         self.positions[partition] = record.offset + 1
+        if self.tap is not None:
+            self.tap.record(record)
         key = record.key
         entry = self.history.by_key(key) if key is not None else None
         if entry is None:
@@ -177,6 +190,8 @@ class Relay:
             self.positions[p] = offset
             self.since_ms[p] = since_ms
         self.metrics.owned_partitions.set(len(self.positions))
+        if self.tap is not None:
+            self.tap.reassigned(set(gained), lost)
         self.following.moved(set(gained), lost)
 
     # --- what handlers ask ----------------------------------------------------------------------------------------

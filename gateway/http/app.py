@@ -120,6 +120,17 @@ async def playground(request: web.Request) -> web.FileResponse:
     return web.FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
 
+async def ratelimit_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """Every answer of the API says where its key stands against its quotas (OpenAI's ``x-ratelimit-*``), 429s and
+    streams included: this runs as the headers go out, whoever prepared the response."""
+    gw = gateway_of(request)
+    if gw.quotas is None or not request.path.startswith("/v1/"):
+        return
+    tenant = gw.auth.tenant_of(request.headers.get("Authorization")) if gw.auth.enabled else ""
+    if tenant is not None:
+        response.headers.update(gw.quotas.headers(tenant))
+
+
 def build_app(gateway: Gateway) -> web.Application:
     """The routes over an assembled Gateway (its relay and producer are started by the caller)."""
     app = web.Application(
@@ -127,6 +138,7 @@ def build_app(gateway: Gateway) -> web.Application:
         middlewares=[cors_middleware(gateway.settings.cors_origins), errors_middleware],
     )
     app[GATEWAY] = gateway
+    app.on_response_prepare.append(ratelimit_headers)
     app.router.add_post("/v1/requests", native.submit)
     app.router.add_get("/v1/requests/{id}/events", native.events)
     app.router.add_get("/v1/requests/{id}", native.status)

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from schemas.errors import TokenRelayError
+from schemas.records import PRIORITIES
 from services.settings import Settings, effective_table, settings_table, sources, unknown_variables
 
 Command = Callable[[argparse.Namespace, Settings], int]
@@ -115,7 +116,15 @@ def _cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
     sampling = SamplingParams(args.max_tokens, args.temperature, args.top_p).check(settings.max_tokens_limit)
     _require_kafka(settings, args)
     return asyncio.run(
-        submit(settings, args.prompt, sampling, args.follow, chat=args.chat, model=args.request_model or "")
+        submit(
+            settings,
+            args.prompt,
+            sampling,
+            args.follow,
+            chat=args.chat,
+            model=args.request_model or "",
+            priority=args.priority,
+        )
     )
 
 
@@ -235,6 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     submit.add_argument(
         "--model", dest="request_model", metavar="NAME", help="served model name (default: TOKENRELAY_DEFAULT_MODEL)"
+    )
+    submit.add_argument(
+        "--priority",
+        choices=PRIORITIES,
+        default="interactive",
+        help="service class: batch requests go to batch.<model> and run in the workers' free capacity",
     )
     submit.add_argument("--max-tokens", type=int, default=64)
     submit.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")

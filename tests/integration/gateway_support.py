@@ -99,6 +99,7 @@ class GatewayProcess:
                 if response.status == 200:
                     return
             time.sleep(0.1)
+        self.kill()  # not left running behind a failed test
         raise RuntimeError("gateway not ready")
 
     async def start_async(self, timeout_s: float = 60.0) -> None:
