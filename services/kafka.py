@@ -15,6 +15,7 @@ from aiokafka.structs import ConsumerRecord
 
 from schemas.codec import CONTENT_TYPE
 from schemas.errors import KafkaUnavailable
+from services.kafka_auth import aiokafka_options
 from services.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ def make_producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:
         "max_batch_size": 256 * 1024,
         "request_timeout_ms": settings.producer_timeout_ms,
         "client_id": "tokenrelay",
+        **aiokafka_options(settings),
     }
     options.update(overrides)
     return AIOKafkaProducer(**options)
@@ -60,6 +62,7 @@ def make_consumer(settings: Settings, *topics: str, **overrides: Any) -> AIOKafk
         "auto_offset_reset": "earliest",
         "client_id": "tokenrelay",
         "fetch_max_wait_ms": 50,
+        **aiokafka_options(settings),
     }
     options.update(overrides)
     return AIOKafkaConsumer(*topics, **options)
@@ -107,7 +110,9 @@ async def start_client(client: Startable, *, timeout_s: float | None = 60.0) -> 
 
 
 def make_admin(settings: Settings, client_id: str = "tokenrelay-admin") -> AIOKafkaAdminClient:
-    return AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, client_id=client_id)
+    return AIOKafkaAdminClient(
+        bootstrap_servers=settings.kafka_bootstrap, client_id=client_id, **aiokafka_options(settings)
+    )
 
 
 @asynccontextmanager
