@@ -129,11 +129,9 @@ def apply_acls(
     admin_settings: Settings, principals: Mapping[str, str], models: Iterable[str], timeout_s: float = 30.0
 ) -> int:
     """Create every role's ACLs with the admin principal of ``admin_settings``; returns how many (idempotent)."""
-    from confluent_kafka.admin import AdminClient
+    from services.kafka_auth import confluent_admin
 
-    from services.kafka_auth import librdkafka_config
-
-    client = AdminClient({"bootstrap.servers": admin_settings.kafka_bootstrap, **librdkafka_config(admin_settings)})
+    client = confluent_admin(admin_settings)
     wanted = bindings(admin_settings, principals, list(models))
     futures = client.create_acls(wanted, request_timeout=timeout_s)  # type: ignore[arg-type]
     for binding, future in futures.items():

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import functools
 import json
+import logging
 import shlex
 import ssl
 import subprocess
@@ -204,6 +205,17 @@ def librdkafka_config(settings: Settings) -> dict[str, Any]:
             config["sasl.username"] = settings.kafka_sasl_username
             config["sasl.password"] = settings.kafka_sasl_password
     return config
+
+
+def confluent_admin(settings: Settings) -> Any:
+    """A confluent-kafka AdminClient for ``settings``; librdkafka's own log lines (every refused connection while a
+    broker starts) go to a logger that stays off the console."""
+    from confluent_kafka.admin import AdminClient
+
+    quiet = logging.getLogger("tokenrelay.librdkafka")
+    quiet.propagate = False
+    conf: dict[str, Any] = {"bootstrap.servers": settings.kafka_bootstrap, "logger": quiet}
+    return AdminClient({**conf, **librdkafka_config(settings)})
 
 
 def java_client_properties(settings: Settings) -> dict[str, str]:

@@ -26,7 +26,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 from schemas.errors import BrokerError, MissingToolError
 from services.foreground import Service
@@ -608,15 +608,10 @@ def write_client_properties(files: secure.SecureFiles, user: str, password: str)
 def secure_broker_count(settings: Settings, timeout_s: float = 2.0) -> int:
     """How many live brokers a SASL/TLS cluster lists to the client of ``settings`` (0 when it does not answer)."""
     from confluent_kafka import KafkaException
-    from confluent_kafka.admin import AdminClient
 
-    from services.kafka_auth import librdkafka_config
+    from services.kafka_auth import confluent_admin
 
-    # librdkafka logs every refused connection while the broker starts: keep those off the console.
-    quiet = logging.getLogger("tokenrelay.librdkafka")
-    quiet.propagate = False
-    conf: dict[str, Any] = {"bootstrap.servers": settings.kafka_bootstrap, "logger": quiet}
-    client = AdminClient({**conf, **librdkafka_config(settings)})
+    client = confluent_admin(settings)
     try:
         return len(client.list_topics(timeout=timeout_s).brokers)
     except KafkaException:

@@ -28,6 +28,7 @@ from services.kafka import make_consumer, make_producer, record_headers, start_c
 from services.localbroker.runner import free_port
 from services.process import quiet_env
 from services.settings import Settings
+from tests.integration.secure_support import as_role, secured, security
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -42,8 +43,9 @@ def gateway_settings(bootstrap: str, prefix: str, **overrides: object) -> Settin
         "hub_memory_events": 4,
         "keepalive_s": 1.0,
     }
+    values.update(security(bootstrap))
     values.update(overrides)
-    return Settings(**values)  # type: ignore[arg-type]
+    return secured(Settings(**values))  # type: ignore[arg-type]
 
 
 class GatewayProcess:
@@ -67,7 +69,7 @@ class GatewayProcess:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "gateway.main"],
                 cwd=ROOT,
-                env=quiet_env(self.settings, **self.env),
+                env=quiet_env(as_role(self.settings, "gateway"), **self.env),
                 stderr=stderr,
                 preexec_fn=self._limit_files if self.nofile is not None else None,
             )

@@ -20,6 +20,7 @@ from services.kafka import make_consumer, make_producer, record_headers, start_c
 from services.process import quiet_env
 from services.settings import Settings
 from services.topics import ensure_topics
+from tests.integration.secure_support import as_role
 from workers.engine.types import EngineLike
 from workers.main import Worker
 
@@ -29,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @contextlib.contextmanager
 def worker_process(settings: Settings, module: str = "workers.main", **env: str) -> Iterator[subprocess.Popen[bytes]]:
     """A worker subprocess (``python -m module``) on the broker and topics of ``settings``, plus ``env``."""
-    proc = subprocess.Popen([sys.executable, "-m", module], cwd=ROOT, env=quiet_env(settings, **env))
+    proc = subprocess.Popen([sys.executable, "-m", module], cwd=ROOT, env=quiet_env(as_role(settings, "worker"), **env))
     try:
         yield proc
     finally:
