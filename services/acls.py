@@ -133,7 +133,7 @@ def apply_acls(
 
     client = confluent_admin(admin_settings)
     wanted = bindings(admin_settings, principals, list(models))
-    futures = client.create_acls(wanted, request_timeout=timeout_s)  # type: ignore[arg-type]
+    futures = client.create_acls(wanted, request_timeout=timeout_s)
     for binding, future in futures.items():
         try:
             future.result(timeout=timeout_s)

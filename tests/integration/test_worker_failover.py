@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 from aiokafka import TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import GroupCoordinatorNotAvailableError
 
 from gateway.view import View
@@ -22,10 +21,11 @@ from schemas.ids import new_request_id
 from schemas.partitioning import partition_for_key
 from schemas.records import Delta, Finished, InferenceRequest, Started, TokenEvent
 from schemas.sampling import SamplingParams
-from services.kafka import make_consumer, start_client
+from services.kafka import make_admin, make_consumer, start_client
 from services.process import quiet_env
 from services.settings import Settings
 from services.topics import ensure_topics
+from tests.integration.secure_support import SECURE_TOO, as_role, secured, security
 from tests.integration.worker_helpers import collect_records, produce
 from tests.tinymodel import build_tiny_model
 from workers.engine.engine import Engine
@@ -110,7 +110,7 @@ def balanced_requests() -> list[InferenceRequest]:
 
 async def wait_group_members(settings: Settings, count: int, timeout_s: float = 90.0) -> None:
     """Until the worker group is Stable with ``count`` members that all hold partitions."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    admin = make_admin(settings)
     await admin.start()
     try:
         deadline = time.monotonic() + timeout_s
@@ -162,7 +162,7 @@ async def kill_when_mid_generation(settings: Settings, victim: subprocess.Popen[
 
 def spawn(settings: Settings, model_dir: Path, name: str) -> subprocess.Popen[bytes]:
     env = quiet_env(
-        settings,
+        as_role(settings, "worker"),
         TOKENRELAY_MODEL=str(model_dir),
         TOKENRELAY_SERVED_NAME=settings.served_model,
         TOKENRELAY_DEVICE="cpu",
@@ -175,15 +175,19 @@ def spawn(settings: Settings, model_dir: Path, name: str) -> subprocess.Popen[by
     return subprocess.Popen([sys.executable, "-m", "tests.integration.slow_worker"], cwd=ROOT, env=env)
 
 
+@SECURE_TOO
 async def test_sigkill_one_of_two_workers_mid_generation(
     kafka_bootstrap: str, topic_prefix: str, tmp_path: Path
 ) -> None:
-    settings = Settings.from_env(
-        {},
-        kafka_bootstrap=kafka_bootstrap,
-        topic_prefix=topic_prefix,
-        requests_partitions=REQUEST_PARTITIONS,
-        events_partitions=2,
+    settings = secured(
+        Settings.from_env(
+            {},
+            kafka_bootstrap=kafka_bootstrap,
+            topic_prefix=topic_prefix,
+            requests_partitions=REQUEST_PARTITIONS,
+            events_partitions=2,
+            **security(kafka_bootstrap),
+        )
     )
     await ensure_topics(settings)
     model_dir = build_tiny_model(tmp_path / "tiny")
