@@ -13,21 +13,21 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from gateway.app import build_app
-from gateway.auth import Auth, key_id
-from gateway.backfills import BackfillLimit
-from gateway.backlog import BacklogMonitor
-from gateway.context import Gateway
-from gateway.hub import Hub
-from gateway.kafka_source import REPLAY_POOL_SIZE, KafkaEventSource
+from gateway.api.auth import Auth, key_id
+from gateway.api.backlog import BacklogMonitor
+from gateway.api.context import Gateway
+from gateway.cluster.kafka_source import REPLAY_POOL_SIZE, KafkaEventSource
+from gateway.cluster.owners import Owners
+from gateway.cluster.upstream import Follower
+from gateway.fanout.backfills import BackfillLimit
+from gateway.fanout.hub import Hub
+from gateway.http.app import build_app
+from gateway.http.server import AcceptErrorLog, Listener, raise_fd_limit
 from gateway.metrics import GatewayMetrics
-from gateway.models import ModelDirectory
-from gateway.models_source import ModelsFollower
-from gateway.owners import Owners
-from gateway.server import AcceptErrorLog, Listener, raise_fd_limit
-from gateway.upstream import Follower
 from schemas.errors import TokenRelayError
+from schemas.models import ModelDirectory
 from services.kafka import make_consumer, make_producer, start_client
+from services.models_source import ModelsFollower
 from services.schema_registry import prepare_codec
 from services.settings import Settings
 from services.topics import ensure_topics

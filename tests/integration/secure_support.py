@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from services.localbroker.runner import LocalBroker
-from services.localbroker.secure import ADMIN, client_fields
+from services.local.broker.runner import LocalBroker
+from services.local.broker.secure import ADMIN, client_fields
 from services.settings import Settings
 
 

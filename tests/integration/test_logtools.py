@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from services.logtools import export, tail
+from services.cli.logtools import export, tail
 from services.settings import Settings
 from services.topics import ensure_topics
 from tests.integration.scripted_events import produce, script

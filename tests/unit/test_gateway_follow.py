@@ -6,9 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from gateway.cursor import Cursor, decode_cursor
-from gateway.hub import Entry, Hub
-from gateway.sse import parse
+from gateway.fanout.cursor import Cursor, decode_cursor
+from gateway.fanout.hub import Entry, Hub
+from gateway.fanout.sse import parse
 from schemas.codec import Codec, default_codec
 from schemas.errors import NotOwner
 from schemas.ids import new_request_id
@@ -27,7 +27,7 @@ class CountingCodec(Codec):
 
 
 class HubUpstream:
-    """Follows entries from another hub in-process, exactly as gateway.upstream does over HTTP: a forwarded
+    """Follows entries from another hub in-process, exactly as gateway.cluster.upstream does over HTTP: a forwarded
     subscription resumed after the entry's last event, retried while the other hub does not own the partition."""
 
     def __init__(self, hub: Hub, owner: Hub):
@@ -166,9 +166,9 @@ async def test_watched_streams_change_owner_midway_without_loss_or_repeat() -> N
 
 
 def test_an_owners_sse_event_parses_back_into_the_same_out() -> None:
-    from gateway.hub import make_out
-    from gateway.upstream import parse_block, reset_reason
-    from gateway.view import replay
+    from gateway.cluster.upstream import parse_block, reset_reason
+    from gateway.fanout.hub import make_out
+    from schemas.view import replay
 
     rid = new_request_id()
     for offset, view_event in enumerate(replay(rid, list(enumerate(stream(rid, 3))))):
@@ -191,7 +191,7 @@ def test_a_framed_cursor_parses_like_a_client_cursor() -> None:
 
     import pytest
 
-    from gateway.cursor import decode_framed, encode_cursor
+    from gateway.fanout.cursor import decode_framed, encode_cursor
     from schemas.errors import CursorError
 
     rng = random.Random(3)

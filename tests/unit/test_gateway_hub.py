@@ -8,10 +8,10 @@ from dataclasses import replace
 
 import pytest
 
-from gateway.backfills import BackfillLimit
-from gateway.cursor import Cursor, decode_cursor, event_epoch
-from gateway.hub import Hub, SourceRecord, Subscription
-from gateway.sse import parse
+from gateway.fanout.backfills import BackfillLimit
+from gateway.fanout.cursor import Cursor, decode_cursor, event_epoch
+from gateway.fanout.hub import Hub, SourceRecord, Subscription
+from gateway.fanout.sse import parse
 from schemas.codec import default_codec
 from schemas.errors import CursorError, TooManyBackfills
 from schemas.ids import new_request_id

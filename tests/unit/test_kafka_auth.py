@@ -12,7 +12,7 @@ import pytest
 from schemas.errors import ConfigError
 from services import kafka_auth
 from services.acls import ROLES, acl_commands, role_acls
-from services.localbroker import secure
+from services.local.broker import secure
 from services.settings import Settings, effective_table, sources
 
 
@@ -156,7 +156,12 @@ def test_roles_least_privilege() -> None:
     s = Settings()
     worker = role_acls(s, "worker", ["default"])
     reads = {a.name for a in worker if a.operation == "READ" and a.resource == "topic"}
-    assert reads == {"tokenrelay.requests.default", "tokenrelay.batch.default", "tokenrelay.control", "tokenrelay.events"}
+    assert reads == {
+        "tokenrelay.requests.default",
+        "tokenrelay.batch.default",
+        "tokenrelay.control",
+        "tokenrelay.events",
+    }
     producer = role_acls(s, "producer", ["default"])
     assert not any(a.resource == "group" for a in producer)
     assert {a.name for a in producer if a.operation == "WRITE" and not a.deny} == {

@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_readme_has_the_browser_example_as_served() -> None:
-    example = (ROOT / "gateway" / "static" / "examples" / "index.html").read_text()
+    example = (ROOT / "gateway" / "http" / "static" / "examples" / "index.html").read_text()
     assert example in (ROOT / "README.md").read_text()
 
 

@@ -99,7 +99,7 @@ def test_sources_say_where_each_value_came_from() -> None:
 def test_hub_defaults_are_the_settings_defaults() -> None:
     import inspect
 
-    from gateway.hub import Hub
+    from gateway.fanout.hub import Hub
 
     params = inspect.signature(Hub).parameters
     defaults = Settings()
