@@ -41,9 +41,33 @@ def _cmd_broker(args: argparse.Namespace, settings: Settings) -> int:
         from services.local.broker.cluster import LocalCluster
 
         cluster_dir = Path(args.data_dir) if args.data_dir else None
-        return LocalCluster(settings, args.nodes, port=port, data_dir=cluster_dir).run_foreground()
+        return LocalCluster(settings, args.nodes, port=port, data_dir=cluster_dir, secure=args.secure).run_foreground()
     data_dir = Path(args.data_dir) if args.data_dir else settings.broker_data_dir
-    return LocalBroker(settings, port=port, data_dir=data_dir).run_foreground()
+    if args.secure and not args.data_dir:
+        # Never turn an existing plain broker's data into a secure one (or back): each has its own.
+        data_dir = data_dir.with_name(f"{data_dir.name}-secure")
+    return LocalBroker(settings, port=port, data_dir=data_dir, secure=args.secure).run_foreground()
+
+
+def _cmd_acls(args: argparse.Namespace, settings: Settings) -> int:
+    from services.acls import ROLES, acl_commands, apply_acls
+
+    models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else [settings.served_model]
+    principals = {role: f"User:{role}" for role in ROLES}
+    for given in args.principal or []:
+        role, _, principal = given.partition("=")
+        if role not in ROLES or not principal:
+            raise TokenRelayError(f"--principal {given!r}: use ROLE=PRINCIPAL with a role of {', '.join(ROLES)}")
+        principals[role] = principal
+    if not args.apply:
+        print("\n".join(acl_commands(settings, principals, models)))
+        return 0
+    _require_kafka(settings, args)
+    count = apply_acls(settings, principals, models)
+    print(
+        f"created {count} ACLs on {settings.kafka_bootstrap} for {', '.join(f'{r}={p}' for r, p in principals.items())}"
+    )
+    return 0
 
 
 def _cmd_registry(args: argparse.Namespace, settings: Settings) -> int:
@@ -151,7 +175,7 @@ def _require_kafka(settings: Settings, args: argparse.Namespace) -> None:
     """A one-line error at once when no broker answers, instead of a minute of retries."""
     from services.local.readiness import kafka_answers
 
-    if not kafka_answers(settings.kafka_bootstrap):
+    if not kafka_answers(settings.kafka_bootstrap, settings=settings):
         source = args.sources.get("kafka_bootstrap", "default")
         hint = (
             "start the stack with `tokenrelay up` (or a broker with `tokenrelay broker`), "
@@ -159,6 +183,11 @@ def _require_kafka(settings: Settings, args: argparse.Namespace) -> None:
             if source == "default"
             else "check the address"
         )
+        if settings.kafka_security_protocol.upper() != "PLAINTEXT":
+            hint += (
+                f", and that it speaks {settings.kafka_security_protocol} and accepts these credentials "
+                f"(user {settings.kafka_sasl_username or '-'}, CA {settings.kafka_ssl_ca_file or 'the system store'})"
+            )
         raise TokenRelayError(f"no Kafka broker answers at {settings.kafka_bootstrap} (from {source}): {hint}")
 
 
@@ -208,6 +237,22 @@ def build_parser() -> argparse.ArgumentParser:
     broker.add_argument("--nodes", type=int, default=1, help="KRaft nodes: 3 runs a replicated cluster (default 1)")
     broker.add_argument("--port", type=int, help="listener port; a cluster listens on P..P+N-1 (default 9092)")
     broker.add_argument("--data-dir", help="data directory (default ~/.cache/tokenrelay/broker-data)")
+    broker.add_argument(
+        "--secure",
+        action="store_true",
+        help="SASL_SSL (SCRAM-SHA-512) with a CA of its own, a user per role and ACLs (data dir: broker-data-secure)",
+    )
+
+    acls = add(
+        "acls",
+        _cmd_acls,
+        "Print each role's Kafka ACLs as kafka-acls.sh commands, or create them (--apply, as an admin principal).",
+    )
+    acls.add_argument("--models", help="served models whose request topics workers read (default: TOKENRELAY_MODEL's)")
+    acls.add_argument(
+        "--principal", action="append", metavar="ROLE=PRINCIPAL", help="e.g. gateway=User:gw (default User:<role>)"
+    )
+    acls.add_argument("--apply", action="store_true", help="create them with the admin client of these settings")
 
     registry = add(
         "registry", _cmd_registry, "Run the embedded schema registry (Apicurio, storage on Kafka) in the foreground."

@@ -272,7 +272,7 @@ class Stopped(Exception):
 
 def _check_cluster(settings: Settings, source: str) -> None:
     source = "TOKENRELAY_KAFKA_BOOTSTRAP" if source == "environment" else source
-    if kafka_answers(settings.kafka_bootstrap, timeout_s=5.0):
+    if kafka_answers(settings.kafka_bootstrap, timeout_s=5.0, settings=settings):
         return
     raise ConfigError(
         f"no Kafka broker answers at {settings.kafka_bootstrap} (from {source}); start it, fix the address, "

@@ -428,10 +428,15 @@ class LocalBroker(Service):
     # -- internals
 
     def _answers(self) -> bool:
-        assert self.port is not None
+        return self.broker_count() > 0
+
+    def broker_count(self) -> int:
+        """How many live brokers this node lists in its metadata (0 when it does not answer); as the admin when
+        secure."""
         if self.files is None:
-            return metadata_ready(config.HOST, self.port)
-        return secure_broker_count(self.client_settings(secure.ADMIN)) > 0
+            return metadata_broker_count(config.HOST, self.port or self.requested_port)
+        admin = self.client_settings(secure.ADMIN)
+        return secure_broker_count(dataclasses.replace(admin, kafka_bootstrap=self.bootstrap_address))
 
     def _format_storage(self, base: Sequence[str], properties: Path) -> None:
         if (self.data_dir / "logs" / "meta.properties").exists():
