@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import uuid
+from pathlib import Path
 
 import pytest
 from aiokafka.errors import (
@@ -12,8 +13,10 @@ from aiokafka.errors import (
     TopicAuthorizationFailedError,
 )
 
-from schemas.errors import KafkaUnavailable
+from schemas.errors import KafkaUnavailable, MissingToolError
 from services.kafka import make_consumer, make_producer, start_client
+from services.local.registry.runner import LocalRegistry, java_binary
+from services.schema_registry import prepare_codec
 from services.settings import Settings
 from services.topics import ensure_topics
 from tests.integration.gateway_support import gateway_settings
@@ -106,8 +109,32 @@ async def test_forbidden_groups_fail(stack: Settings, role: str, topic: str, gro
     assert isinstance(refusal, GroupAuthorizationFailedError | TopicAuthorizationFailedError)
 
 
-async def test_a_wrong_password_is_refused(stack: Settings) -> None:
+async def test_a_wrong_password_or_an_unknown_ca_fails_at_once(stack: Settings) -> None:
+    """Not retried for a minute as if the cluster were down: the first attempt says what is refused."""
     wrong = dataclasses.replace(as_role(stack, "producer"), kafka_sasl_password=uuid.uuid4().hex)
-    # aiokafka reports it as a failed bootstrap (the SASL error is in its log), which start_client retries.
-    with pytest.raises(KafkaUnavailable, match="Unable to bootstrap"):
-        await write(wrong, stack.requests_topic, start_timeout_s=1)
+    with pytest.raises(KafkaUnavailable, match=r"refuses this client: .*SaslAuthenticationFailed") as refused:
+        await write(wrong, stack.requests_topic, start_timeout_s=60)
+    assert not refused.value.retriable
+    # The system trust store does not know the local broker's own CA.
+    untrusted = dataclasses.replace(as_role(stack, "producer"), kafka_ssl_ca_file="")
+    with pytest.raises(KafkaUnavailable, match=r"refuses this client: .*CERTIFICATE_VERIFY_FAILED"):
+        await write(untrusted, stack.requests_topic, start_timeout_s=60)
+
+
+async def test_the_registry_keeps_its_schemas_on_the_secure_broker_as_its_role(stack: Settings, tmp_path: Path) -> None:
+    """Apicurio's KafkaSQL storage gets the security settings (as Java client properties) and needs no more than
+    the registry role's ACLs."""
+    try:
+        java_binary()
+    except MissingToolError as exc:
+        pytest.skip(f"no Java 21+ for the embedded schema registry: {exc.message}")
+    registry = LocalRegistry(as_role(stack, "registry"), 0, log_dir=tmp_path)
+    properties = tmp_path / "config" / "application.properties"
+    try:
+        url = await asyncio.to_thread(registry.start)
+        assert oct(properties.stat().st_mode & 0o777) == "0o600"
+        assert "apicurio.kafka.common.sasl.jaas.config" in properties.read_text()
+        codec = await prepare_codec(dataclasses.replace(stack, schema_registry_url=url), [stack.events_topic])
+        assert codec.schema_ids["TokenEvent"] > 0
+    finally:
+        await asyncio.to_thread(registry.stop)
