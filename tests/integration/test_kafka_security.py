@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import uuid
 from pathlib import Path
 
@@ -15,12 +16,16 @@ from aiokafka.errors import (
 
 from schemas.errors import KafkaUnavailable, MissingToolError
 from services.kafka import make_consumer, make_producer, start_client
+from services.local.broker.runner import free_port
+from services.local.process import quiet_env
 from services.local.registry.runner import LocalRegistry, java_binary
 from services.schema_registry import prepare_codec
 from services.settings import Settings
 from services.topics import ensure_topics
 from tests.integration.gateway_support import gateway_settings
+from tests.integration.scripted_events import barrier, produce
 from tests.integration.secure_support import SecureBootstrap, as_role
+from tests.integration.test_analytics_service import Analytics
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -138,3 +143,21 @@ async def test_the_registry_keeps_its_schemas_on_the_secure_broker_as_its_role(s
         assert codec.schema_ids["TokenEvent"] > 0
     finally:
         await asyncio.to_thread(registry.stop)
+
+
+async def test_analytics_counts_as_its_role(stack: Settings, tmp_path: Path) -> None:
+    """faust gets the credentials (broker_credentials): it reads events, keeps its changelogs and group, as
+    `analytics`."""
+    port = free_port()
+    role = as_role(dataclasses.replace(stack, analytics_port=port, cache_dir=tmp_path / "cache"), "analytics")
+    service = Analytics({**os.environ, **quiet_env(role)}, port, tmp_path / "analytics.log")
+    fence, fenced, tenants = barrier(stack.events_partitions, "secure")
+    await produce(stack, fence)
+    service.start()
+    try:
+        usage = await asyncio.to_thread(service.wait_tenants, tenants)
+        assert usage["totals"]["completion_tokens"] == fenced.completion_tokens
+    finally:
+        assert service.proc is not None
+        service.proc.kill()
+        service.proc.wait()
