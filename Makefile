@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 PYTEST_ARGS ?=
 
-.PHONY: install test lint imports types unit integration run broker registry bench bench-peers soak clean check-tools browser quix-venv
+.PHONY: install test lint imports types docs unit integration run broker registry bench bench-peers soak clean check-tools browser quix-venv
 
 install: $(STAMP) $(VENV)/.jars $(VENV)/.registry
 
@@ -60,7 +60,11 @@ imports: install
 types: install
 	$(BIN)/mypy
 
-test: install browser lint imports types
+# The reference in docs/ as a MkDocs site; strict: a broken link or a page missing from the nav fails the build.
+docs: install
+	$(BIN)/mkdocs build --strict --quiet
+
+test: install browser lint imports types docs
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 unit: install

@@ -54,13 +54,6 @@ def test_every_field_is_documented_with_its_variable() -> None:
         assert f"`{f.metadata['env']}`" in table
 
 
-def test_readme_has_the_settings_table() -> None:
-    readme = Path(__file__).resolve().parents[2] / "README.md"
-    text = readme.read_text()
-    for f in dataclasses.fields(Settings):
-        assert f"`{f.metadata['env']}`" in text, f"README lacks {f.metadata['env']}"
-
-
 def test_to_env_round_trips() -> None:
     s = Settings.from_env({}, api_keys=("a", "b"), events_partitions=3, keepalive_s=0.5, cache_dir=Path("/tmp/c"))
     assert Settings.from_env(s.to_env()) == s
