@@ -161,3 +161,12 @@ async def test_analytics_counts_as_its_role(stack: Settings, tmp_path: Path) -> 
         assert service.proc is not None
         service.proc.kill()
         service.proc.wait()
+
+
+async def test_a_role_that_may_not_create_topics_says_who_should(
+    secure_kafka_bootstrap: SecureBootstrap, topic_prefix: str
+) -> None:
+    settings = as_role(gateway_settings(secure_kafka_bootstrap, topic_prefix), "gateway")
+    with pytest.raises(KafkaUnavailable, match=r"gateway may not create it: an admin creates the topics") as refused:
+        await ensure_topics(settings)
+    assert not refused.value.retriable
