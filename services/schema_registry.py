@@ -161,6 +161,14 @@ class Subjects:
                 # A registry run by others may keep its config to its admins; registering still works.
                 log.warning("cannot set compatibility %s on subject %s (%s); registering anyway", level, subject, exc)
                 return True
+            if exc.http_status_code == 409:
+                # Apicurio answers a second PUT (another process set it first) with "rule already exists".
+                current = str(await self.client.get_compatibility(subject_name=subject)).upper()
+                if current != level:
+                    log.warning(
+                        "subject %s keeps compatibility %s (not %s): its owner chose it", subject, current, level
+                    )
+                return True
             raise
         return True
 

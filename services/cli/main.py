@@ -129,7 +129,14 @@ def _cmd_up(args: argparse.Namespace, settings: Settings) -> int:
 
     source = args.sources["kafka_bootstrap"]
     existing = source in ("environment", "flag --bootstrap")
-    return run_stack(settings, local_broker=not existing, bootstrap_source=source, verbose=args.verbose)
+    if existing and args.secure:
+        raise TokenRelayError(
+            "--secure runs a secure local broker; for an existing cluster set TOKENRELAY_KAFKA_SECURITY_PROTOCOL "
+            "and its credentials instead"
+        )
+    return run_stack(
+        settings, local_broker=not existing, bootstrap_source=source, verbose=args.verbose, secure=args.secure
+    )
 
 
 def _cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
@@ -230,6 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--model", help="model for the worker (default: the built-in model)")
     up.add_argument("--engine", choices=["model", "synthetic"], help="engine of the worker")
     up.add_argument("--verbose", action="store_true", help="show the components' logs here instead of in files")
+    up.add_argument(
+        "--secure",
+        action="store_true",
+        help="a local broker with SASL_SSL, SCRAM users and ACLs (as `broker --secure`); each component as its role",
+    )
 
     broker = add(
         "broker", _cmd_broker, "Run a local Kafka broker (KRaft) or cluster (--nodes 3) in the foreground.", kafka=False

@@ -105,14 +105,22 @@ class _Registry:
     def __init__(self) -> None:
         self.calls: list[tuple[str, str]] = []
         self.subjects: set[str] = set()
+        self.level: str | None = None
 
     async def set_compatibility(self, subject_name: str, level: str) -> str:
         from confluent_kafka.schema_registry.error import SchemaRegistryError
 
         if subject_name not in self.subjects:
             raise SchemaRegistryError(404, 40401, "subject not found")
+        if self.level is not None:
+            raise SchemaRegistryError(409, 0, "A rule named 'COMPATIBILITY' already exists.")
+        self.level = level
         self.calls.append(("compatibility", level))
         return level
+
+    async def get_compatibility(self, subject_name: str) -> str:
+        assert self.level is not None
+        return self.level
 
     async def register_schema(self, subject: str, schema: object) -> int:
         self.subjects.add(subject)
@@ -128,9 +136,15 @@ async def test_each_subject_gets_the_compatibility_level_around_its_first_regist
     assert await subjects.ensure("tokenrelay.events") == 7
     assert client.calls == [("register", "tokenrelay.events-value"), ("compatibility", "BACKWARD")]
     client.calls.clear()
+    client.level = None
     again = Subjects(Settings(schema_registry_url="http://sr", schema_registry_compatibility="full"), client=client)
     await again.ensure("tokenrelay.events")  # an existing subject: the level first, then the schema is checked
     assert client.calls == [("compatibility", "FULL"), ("register", "tokenrelay.events-value")]
+    client.calls.clear()
+    # Another process set it first (Apicurio: 409 "rule already exists"): registering goes on.
+    third = Subjects(Settings(schema_registry_url="http://sr"), client=client)
+    assert await third.ensure("tokenrelay.events") == 7
+    assert client.calls == [("register", "tokenrelay.events-value")]
 
 
 def test_an_unknown_schema_id_is_reported_once(
