@@ -95,7 +95,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     gw = gateway_of(request)
-    ok = gw.hub.started.is_set()
+    ok = gw.relay.started.is_set()
     if ok and gw.ready_check is not None:
         try:
             ok = await asyncio.wait_for(gw.ready_check(), 5.0)
@@ -121,7 +121,7 @@ async def playground(request: web.Request) -> web.FileResponse:
 
 
 def build_app(gateway: Gateway) -> web.Application:
-    """The routes over an assembled Gateway (its hub and producer are started by the caller)."""
+    """The routes over an assembled Gateway (its relay and producer are started by the caller)."""
     app = web.Application(
         client_max_size=gateway.settings.max_body_bytes,
         middlewares=[cors_middleware(gateway.settings.cors_origins), errors_middleware],
