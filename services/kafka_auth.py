@@ -189,8 +189,8 @@ def librdkafka_config(settings: Settings) -> dict[str, Any]:
     """confluent-kafka (librdkafka) configuration keys."""
     config: dict[str, Any] = {"security.protocol": protocol(settings)}
     if uses_tls(settings):
-        if settings.kafka_ssl_ca_file:
-            config["ssl.ca.location"] = settings.kafka_ssl_ca_file
+        # "probe": the system's CA store, which the wheels' own OpenSSL would not look in by itself.
+        config["ssl.ca.location"] = settings.kafka_ssl_ca_file or "probe"
         if settings.kafka_ssl_cert_file:
             config["ssl.certificate.location"] = settings.kafka_ssl_cert_file
             config["ssl.key.location"] = settings.kafka_ssl_key_file

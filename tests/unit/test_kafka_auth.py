@@ -85,6 +85,7 @@ def test_mutual_tls_loads_the_client_certificate(material: secure.SecureFiles, t
     rd = kafka_auth.librdkafka_config(s)
     assert rd["ssl.certificate.location"] == str(tmp_path / "cert.pem") and rd["ssl.key.location"].endswith("key.pem")
     assert rd["ssl.endpoint.identification.algorithm"] == "none"
+    assert kafka_auth.librdkafka_config(Settings(kafka_security_protocol="SSL"))["ssl.ca.location"] == "probe"
     java = kafka_auth.java_client_properties(s)
     assert java["ssl.keystore.type"] == "PEM" and "BEGIN PRIVATE KEY" in java["ssl.keystore.key"]
     assert java["ssl.endpoint.identification.algorithm"] == ""
