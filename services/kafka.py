@@ -16,7 +16,7 @@ from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError,
 from aiokafka.structs import ConsumerRecord
 
 from schemas.codec import CONTENT_TYPE
-from schemas.errors import KafkaUnavailable
+from schemas.errors import ConfigError, KafkaUnavailable
 from services.kafka_auth import aiokafka_options
 from services.settings import Settings
 
@@ -108,13 +108,13 @@ async def start_client(client: Startable, *, timeout_s: float | None = 60.0) -> 
             settings = _settings_of.get(client)
             if attempt == 0 and settings is not None and aiokafka_options(settings)["security_protocol"] != "PLAINTEXT":
                 # aiokafka reports refused credentials or certificates as an unreachable cluster (the reason only in
-                # its log): ask once, so that a wrong password fails at once instead of being retried as an outage.
+                # its log): ask once, so that a wrong password fails at once as the configuration error it is,
+                # instead of being retried as an outage.
                 refusal = await refused_because(settings)
                 if refusal is not None:
-                    raise KafkaUnavailable(
+                    raise ConfigError(
                         f"Kafka at {settings.kafka_bootstrap} refuses this client: {refusal} (check "
-                        "TOKENRELAY_KAFKA_SASL_USERNAME / _PASSWORD, TOKENRELAY_KAFKA_SSL_CA_FILE and the mechanism)",
-                        retriable=False,
+                        "TOKENRELAY_KAFKA_SASL_USERNAME / _PASSWORD, TOKENRELAY_KAFKA_SSL_CA_FILE and the mechanism)"
                     ) from exc
             attempt += 1
             if attempt & (attempt - 1) == 0:  # 1, 2, 4, 8, ...: an outage of any length logs a few lines, not a flood

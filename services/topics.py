@@ -118,9 +118,8 @@ async def ensure_topics(
                     who = settings.kafka_sasl_username or "this client"
                     raise KafkaUnavailable(
                         f"topic {spec.name} does not exist and {who} may not create it: an admin creates the topics "
-                        "(`tokenrelay topics` with an admin principal)",
-                        retriable=False,
-                    )
+                        "(`tokenrelay topics` with an admin principal)"
+                    )  # retriable: a worker waits until the admin has made them
                 if code not in (0, TopicAlreadyExistsError.errno):
                     message = rest[0] if rest else ""
                     raise KafkaUnavailable(f"cannot create topic {spec.name}: error {code} {message}", retriable=False)
