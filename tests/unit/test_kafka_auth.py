@@ -191,3 +191,18 @@ def test_secure_broker_properties(material: secure.SecureFiles) -> None:
     args = secure.scram_arguments(passwords)
     assert f"--add-scram=SCRAM-SHA-512=[name=producer,password={passwords['producer']}]" in args
     assert secure.ensure_material(material) == passwords  # a restart keeps users and certificates
+
+
+def test_secure_broker_prints_the_admins_settings_and_writes_java_client_files(material: secure.SecureFiles) -> None:
+    from services.local.broker.config import parse_properties
+    from services.local.broker.runner import secure_ready_lines
+
+    passwords = json.loads(material.credentials.read_text())
+    lines = secure_ready_lines(material, passwords)
+    assert "export TOKENRELAY_KAFKA_SECURITY_PROTOCOL=SASL_SSL" in lines
+    assert f"export TOKENRELAY_KAFKA_SASL_PASSWORD={passwords['admin']}" in lines
+    assert sum(f"TOKENRELAY_KAFKA_SASL_USERNAME={role} " in line for line in lines for role in ROLES) == len(ROLES)
+    java = parse_properties(material.client_properties("gateway").read_text())
+    assert java["security.protocol"] == "SASL_SSL" and java["ssl.truststore.location"] == str(material.ca_cert)
+    assert f'username="gateway" password="{passwords["gateway"]}"' in java["sasl.jaas.config"]
+    assert oct(material.client_properties("gateway").stat().st_mode & 0o777) == "0o600"
