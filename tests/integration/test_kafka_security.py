@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
+import json
 import os
+import time
 import uuid
 from pathlib import Path
 
@@ -16,7 +19,8 @@ from aiokafka.errors import (
 
 from schemas.errors import ConfigError, KafkaUnavailable, MissingToolError
 from services.kafka import make_consumer, make_producer, start_client
-from services.local.broker.runner import free_port
+from services.local.broker.runner import LocalBroker, free_port
+from services.local.broker.secure import ADMIN
 from services.local.process import quiet_env
 from services.local.registry.runner import LocalRegistry, java_binary
 from services.schema_registry import prepare_codec
@@ -168,3 +172,49 @@ async def test_a_role_that_may_not_create_topics_says_who_should(
     settings = as_role(gateway_settings(secure_kafka_bootstrap, topic_prefix), "gateway")
     with pytest.raises(KafkaUnavailable, match=r"gateway may not create it: an admin creates the topics"):
         await ensure_topics(settings)
+
+
+def unsigned_jwt(subject: str, lifetime_s: int = 3600) -> str:
+    """A token Kafka's unsecured OAUTHBEARER validator (for tests only) accepts: alg none, ``sub`` the principal."""
+
+    def part(claims: dict[str, object]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(claims).encode()).decode().rstrip("=")
+
+    now = int(time.time())
+    return f"{part({'alg': 'none'})}.{part({'sub': subject, 'iat': now, 'exp': now + lifetime_s})}."
+
+
+async def test_oauthbearer_tokens_from_a_file_and_a_command_are_principals_with_acls(tmp_path: Path) -> None:
+    """OAUTHBEARER end to end: the token is read from its file (or printed by its command) at authentication, the
+    broker takes its subject as the principal, and that principal's ACLs apply. The broker's validator here accepts
+    unsigned tokens, which only a test may do; a real one checks them against its identity provider's keys."""
+    oauth = {
+        "sasl.enabled.mechanisms": "SCRAM-SHA-512,OAUTHBEARER",
+        "listener.name.sasl_ssl.oauthbearer.sasl.jaas.config": (
+            "org.apache.kafka.common.security.oauthbearer.OAuthBearerLoginModule required ;"
+        ),
+    }
+    broker = LocalBroker(Settings(), 0, tmp_path / "broker", console=False, secure=True, extra_properties=oauth)
+    try:
+        await asyncio.to_thread(broker.start)
+        admin = broker.client_settings(ADMIN, Settings(topic_prefix="oauth."))
+        await ensure_topics(admin)
+        await asyncio.to_thread(broker.grant_roles, admin)
+        token_file = tmp_path / "token"
+        token_file.write_text(unsigned_jwt("producer"))
+        by_file = dataclasses.replace(
+            admin,
+            kafka_sasl_mechanism="OAUTHBEARER",
+            kafka_sasl_username="",
+            kafka_sasl_password="",
+            kafka_sasl_oauth_token_file=str(token_file),
+        )
+        await write(by_file, admin.requests_topic)
+        with pytest.raises(TopicAuthorizationFailedError):
+            await write(by_file, admin.models_topic)
+        by_command = dataclasses.replace(
+            by_file, kafka_sasl_oauth_token_file="", kafka_sasl_oauth_token_command=f"cat {token_file}"
+        )
+        await write(by_command, admin.requests_topic)
+    finally:
+        await asyncio.to_thread(broker.stop)

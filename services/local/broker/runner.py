@@ -251,6 +251,7 @@ class LocalBroker(Service):
         node: ClusterNode | None = None,
         secure: bool = False,
         security_dir: Path | None = None,
+        extra_properties: Mapping[str, str] | None = None,
     ) -> None:
         self.settings = settings
         self.node = node
@@ -261,6 +262,7 @@ class LocalBroker(Service):
         self.console = console
         # SASL_SSL with SCRAM users per role and ACLs; a cluster's nodes share one security_dir.
         self.files = secure_files(self.data_dir, security_dir) if secure or security_dir else None
+        self.extra_properties = dict(extra_properties or {})  # server.properties keys on top (tests)
         self.passwords: dict[str, str] = {}
         self.port: int | None = None
         self.controller_port: int | None = None
@@ -332,6 +334,7 @@ class LocalBroker(Service):
             if self.files is not None:
                 self.passwords = secure.ensure_material(self.files)
                 extra = secure.server_properties(self.files, self.passwords, port, controller_port)
+            extra.update(self.extra_properties)
             properties = self.data_dir / "server.properties"
             properties.touch(mode=0o600)
             properties.chmod(0o600)  # the broker's own SCRAM password when secure
