@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from schemas.codec import Codec, SchemaRegistry, SchemaResolver, default_registry
-from schemas.errors import ConfigError, DecodeError, RegistryError, SchemaUnavailable
+from schemas.errors import ConfigError, DecodeError, RegistryError, SchemaUnavailable, UnknownSchemaId
 from services.settings import SUBJECT_STRATEGIES, Settings
 
 log = logging.getLogger(__name__)
@@ -258,7 +258,7 @@ class _Resolver:
 
         with self._lock:
             if schema_id in self._unknown:
-                raise DecodeError(self._unknown[schema_id])
+                raise UnknownSchemaId(self._unknown[schema_id])
             if time.monotonic() < self._down_until:
                 raise SchemaUnavailable(f"schema id {schema_id}: the schema registry did not answer just now")
             try:
@@ -279,7 +279,7 @@ class _Resolver:
                         self._conf["url"],
                         exc.http_status_code,
                     )
-                    raise DecodeError(message) from exc
+                    raise UnknownSchemaId(message) from exc
                 self._down_until = time.monotonic() + _UNAVAILABLE_BACKOFF_S
                 raise SchemaUnavailable(f"schema id {schema_id}: the schema registry failed: {exc}") from exc
             except Exception as exc:  # transport errors of httpx, which the client lets through

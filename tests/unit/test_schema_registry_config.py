@@ -152,7 +152,7 @@ def test_an_unknown_schema_id_is_reported_once(
 ) -> None:
     from confluent_kafka.schema_registry.error import SchemaRegistryError
 
-    from schemas.errors import DecodeError
+    from schemas.errors import UnknownSchemaId
     from services import schema_registry
 
     lookups = []
@@ -174,7 +174,7 @@ def test_an_unknown_schema_id_is_reported_once(
     monkeypatch.setattr("confluent_kafka.schema_registry.SchemaRegistryClient", Client)
     resolve = schema_registry.registry_resolver(Settings(schema_registry_url="http://sr"))
     for _ in range(1000):
-        with pytest.raises(DecodeError, match="schema id 41 is not in the schema registry"):
+        with pytest.raises(UnknownSchemaId, match="schema id 41 is not in the schema registry"):
             resolve(41)
     assert lookups == [41]
     errors = [r for r in caplog.records if r.levelname == "ERROR"]
