@@ -75,6 +75,11 @@ class DecodeError(TokenRelayError):
     code = "undecodable"
 
 
+class UnknownSchemaId(DecodeError):
+    """The registry does not know the record's schema id. Said once per id by the registry client, so readers
+    leave it out of their per-record warnings."""
+
+
 class SchemaUnavailable(DecodeError):
     """The bytes may be fine: the registry that knows their schema id did not answer."""
 

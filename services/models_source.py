@@ -9,7 +9,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from schemas.codec import Codec, default_codec
-from schemas.errors import DecodeError
+from schemas.errors import DecodeError, UnknownSchemaId
 from schemas.models import ModelDirectory
 from services.kafka import start_client
 
@@ -48,6 +48,7 @@ class ModelsFollower:
                     try:
                         self.directory.feed(self._codec.decode_model_info(record.value or b""))
                     except DecodeError as exc:
-                        log.warning("undecodable model announcement at offset %d: %s", record.offset, exc)
+                        if not isinstance(exc, UnknownSchemaId):
+                            log.warning("undecodable model announcement at offset %d: %s", record.offset, exc)
         finally:
             await consumer.stop()

@@ -21,14 +21,25 @@ ENGINES = ("model", "synthetic")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 SUBJECT_STRATEGIES = ("topic", "record", "topic_record")
+SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER")
+COMPATIBILITY_LEVELS = (
+    "BACKWARD",
+    "BACKWARD_TRANSITIVE",
+    "FORWARD",
+    "FORWARD_TRANSITIVE",
+    "FULL",
+    "FULL_TRANSITIVE",
+    "NONE",
+)
 # Variables with the prefix that are not settings: the test suite's own knobs.
 NON_SETTING_PREFIXES = ("TOKENRELAY_TEST_",)
 _QUOTA = re.compile(r"^\d*/\d*/\d*$")
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
-def _setting(default: Any, env: str, doc: str, choices: tuple[str, ...] = ()) -> Any:
-    return field(default=default, metadata={"env": env, "doc": doc, "choices": choices})
+def _setting(default: Any, env: str, doc: str, choices: tuple[str, ...] = (), *, secret: bool = False) -> Any:
+    return field(default=default, metadata={"env": env, "doc": doc, "choices": choices, "secret": secret})
 
 
 @dataclass(frozen=True)
@@ -39,6 +50,61 @@ class Settings:
         "127.0.0.1:9092",
         "TOKENRELAY_KAFKA_BOOTSTRAP",
         "Kafka bootstrap servers, comma separated.",
+    )
+    kafka_security_protocol: str = _setting(
+        "PLAINTEXT",
+        "TOKENRELAY_KAFKA_SECURITY_PROTOCOL",
+        "How every Kafka client (workers, gateways, analytics, the registry's storage, the tools) connects: "
+        "PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL (what managed Kafka services require).",
+        SECURITY_PROTOCOLS,
+    )
+    kafka_ssl_ca_file: str = _setting(
+        "",
+        "TOKENRELAY_KAFKA_SSL_CA_FILE",
+        "CA certificate(s), PEM, that verify the brokers' TLS certificates (SSL, SASL_SSL); empty: the system's "
+        "trust store.",
+    )
+    kafka_ssl_cert_file: str = _setting(
+        "",
+        "TOKENRELAY_KAFKA_SSL_CERT_FILE",
+        "Client certificate, PEM, for mutual TLS (with TOKENRELAY_KAFKA_SSL_KEY_FILE); empty: no client certificate.",
+    )
+    kafka_ssl_key_file: str = _setting(
+        "", "TOKENRELAY_KAFKA_SSL_KEY_FILE", "Private key, PEM (PKCS#8), of the client certificate."
+    )
+    kafka_ssl_key_password: str = _setting(
+        "", "TOKENRELAY_KAFKA_SSL_KEY_PASSWORD", "Password of an encrypted client key.", secret=True
+    )
+    kafka_ssl_check_hostname: bool = _setting(
+        True,
+        "TOKENRELAY_KAFKA_SSL_CHECK_HOSTNAME",
+        "Check that a broker's certificate names the host connected to (turn off only for brokers reached by an "
+        "address their certificate does not list).",
+    )
+    kafka_sasl_mechanism: str = _setting(
+        "PLAIN",
+        "TOKENRELAY_KAFKA_SASL_MECHANISM",
+        "SASL mechanism (SASL_PLAINTEXT, SASL_SSL): PLAIN, SCRAM-SHA-256, SCRAM-SHA-512 (user and password) or "
+        "OAUTHBEARER (a token from TOKENRELAY_KAFKA_SASL_OAUTH_TOKEN_FILE or _COMMAND).",
+        SASL_MECHANISMS,
+    )
+    kafka_sasl_username: str = _setting(
+        "", "TOKENRELAY_KAFKA_SASL_USERNAME", "SASL user (PLAIN, SCRAM): the principal whose ACLs apply."
+    )
+    kafka_sasl_password: str = _setting(
+        "", "TOKENRELAY_KAFKA_SASL_PASSWORD", "SASL password (PLAIN, SCRAM).", secret=True
+    )
+    kafka_sasl_oauth_token_file: str = _setting(
+        "",
+        "TOKENRELAY_KAFKA_SASL_OAUTH_TOKEN_FILE",
+        "OAUTHBEARER: file holding the current access token (JWT), read again at every (re)authentication, so an "
+        "outside agent may refresh it.",
+    )
+    kafka_sasl_oauth_token_command: str = _setting(
+        "",
+        "TOKENRELAY_KAFKA_SASL_OAUTH_TOKEN_COMMAND",
+        "OAUTHBEARER: shell command printing the current access token (run at every (re)authentication); the "
+        "Python clients only (the registry and Java tools need the token file).",
     )
     topic_prefix: str = _setting("tokenrelay.", "TOKENRELAY_TOPIC_PREFIX", "Prefix of every topic name.")
     requests_partitions: int = _setting(
@@ -204,7 +270,7 @@ class Settings:
         "the others (the broker's group.min.session.timeout.ms, 6 s by default, is the lower bound).",
     )
     api_keys: tuple[str, ...] = _setting(
-        (), "TOKENRELAY_API_KEYS", "Comma-separated Bearer API keys; empty runs the gateway open."
+        (), "TOKENRELAY_API_KEYS", "Comma-separated Bearer API keys; empty runs the gateway open.", secret=True
     )
     stream_token_secret: str = _setting(
         "",
@@ -212,6 +278,7 @@ class Settings:
         "Secret that signs stream tokens; independent of the API keys, so rotating keys leaves other keys' tokens "
         "valid. Empty: a random secret kept in <cache dir>/stream-token-secret, shared by the gateways of one machine. "
         "Set the same value on every gateway when they run on several machines.",
+        secret=True,
     )
     stream_token_ttl_s: int = _setting(
         3600, "TOKENRELAY_STREAM_TOKEN_TTL_S", "Lifetime of a signed stream token in seconds."
@@ -341,10 +408,13 @@ class Settings:
         "alone then writes Avro single-object encoding, which most Kafka tools cannot read.",
     )
     schema_registry_basic_auth: str = _setting(
-        "", "TOKENRELAY_SCHEMA_REGISTRY_BASIC_AUTH", "user:password for HTTP basic auth to the schema registry."
+        "",
+        "TOKENRELAY_SCHEMA_REGISTRY_BASIC_AUTH",
+        "user:password for HTTP basic auth to the schema registry.",
+        secret=True,
     )
     schema_registry_bearer_token: str = _setting(
-        "", "TOKENRELAY_SCHEMA_REGISTRY_BEARER_TOKEN", "Static bearer token for the schema registry."
+        "", "TOKENRELAY_SCHEMA_REGISTRY_BEARER_TOKEN", "Static bearer token for the schema registry.", secret=True
     )
     schema_registry_ca_file: str = _setting(
         "", "TOKENRELAY_SCHEMA_REGISTRY_CA_FILE", "CA certificate (PEM) that verifies the registry's TLS certificate."
@@ -360,6 +430,13 @@ class Settings:
         "Subject of a topic's values: 'topic' (<topic>-value), 'record' (io.tokenrelay.<Name>) or 'topic_record' "
         "(<topic>-io.tokenrelay.<Name>).",
         SUBJECT_STRATEGIES,
+    )
+    schema_registry_compatibility: str = _setting(
+        "BACKWARD",
+        "TOKENRELAY_SCHEMA_REGISTRY_COMPATIBILITY",
+        "Compatibility level set on each subject when its schema is registered (BACKWARD: a new version must read "
+        'what the previous one wrote; NONE lets any schema, even a plain "string", become the latest).',
+        COMPATIBILITY_LEVELS,
     )
     registry_port: int = _setting(
         8081, "TOKENRELAY_REGISTRY_PORT", "Port of the embedded schema registry (`tokenrelay registry`)."
@@ -534,7 +611,34 @@ def _problems(settings: Settings) -> list[str]:
             problems.append(f"TOKENRELAY_QUOTA_OVERRIDES entry {name}={limits}: write KEY=RPM/TPM/CONCURRENT")
     if not _DEVICE.match(settings.device):
         problems.append(f"TOKENRELAY_DEVICE={settings.device!r} is not 'auto', 'cpu', 'mps', 'cuda' or 'cuda:N'")
-    return problems
+    return problems + _security_problems(settings)
+
+
+def _security_problems(settings: Settings) -> list[str]:
+    """What makes these security settings unusable, one sentence each naming the variable (pure: no file access)."""
+    found = []
+    if bool(settings.kafka_ssl_cert_file) != bool(settings.kafka_ssl_key_file):
+        found.append("TOKENRELAY_KAFKA_SSL_CERT_FILE and TOKENRELAY_KAFKA_SSL_KEY_FILE go together (mutual TLS)")
+    if settings.kafka_ssl_cert_file and settings.kafka_security_protocol.upper() not in ("SSL", "SASL_SSL"):
+        found.append(
+            f"a client certificate needs TLS: TOKENRELAY_KAFKA_SECURITY_PROTOCOL={settings.kafka_security_protocol} "
+            "should be SSL or SASL_SSL"
+        )
+    if settings.kafka_security_protocol.upper() not in ("SASL_PLAINTEXT", "SASL_SSL"):
+        return found
+    if settings.kafka_sasl_mechanism.upper() == "OAUTHBEARER":
+        given = [bool(settings.kafka_sasl_oauth_token_file), bool(settings.kafka_sasl_oauth_token_command)]
+        if given.count(True) != 1:
+            found.append(
+                "OAUTHBEARER needs exactly one of TOKENRELAY_KAFKA_SASL_OAUTH_TOKEN_FILE and "
+                "TOKENRELAY_KAFKA_SASL_OAUTH_TOKEN_COMMAND"
+            )
+    elif not (settings.kafka_sasl_username and settings.kafka_sasl_password):
+        found.append(
+            f"{settings.kafka_security_protocol} with {settings.kafka_sasl_mechanism} needs "
+            "TOKENRELAY_KAFKA_SASL_USERNAME and TOKENRELAY_KAFKA_SASL_PASSWORD"
+        )
+    return found
 
 
 def _weight_entry(entry: str) -> tuple[str, str]:
@@ -591,11 +695,10 @@ def _shown(value: Any) -> str:
 
 def effective_table(settings: Settings, where: Mapping[str, str]) -> str:
     """The values in effect and where each came from, as aligned text for `tokenrelay settings`."""
-    secret = {"api_keys", "stream_token_secret"}
     rows = []
     for f in dataclasses.fields(settings):
         value = _shown(getattr(settings, f.name))
-        if f.name in secret and value:
+        if f.metadata["secret"] and value:
             value = "(set, hidden)"
         rows.append((f.metadata["env"], value or "(empty)", where.get(f.name, "default")))
     width = [max(len(r[i]) for r in rows) for i in range(2)]

@@ -8,7 +8,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import (
+    ClusterAuthorizationFailedError,
+    TopicAlreadyExistsError,
+    TopicAuthorizationFailedError,
+)
 
 from schemas.errors import ConfigError, KafkaUnavailable
 from schemas.records import PRIORITIES
@@ -124,6 +128,12 @@ async def ensure_topics(
             except TopicAlreadyExistsError:
                 continue  # another process created it between list and create
             for _name, code, *rest in getattr(response, "topic_errors", ()):
+                if code in (TopicAuthorizationFailedError.errno, ClusterAuthorizationFailedError.errno):
+                    who = settings.kafka_sasl_username or "this client"
+                    raise KafkaUnavailable(
+                        f"topic {spec.name} does not exist and {who} may not create it: an admin creates the topics "
+                        "(`tokenrelay topics` with an admin principal)"
+                    )  # retriable: a worker waits until the admin has made them
                 if code not in (0, TopicAlreadyExistsError.errno):
                     message = rest[0] if rest else ""
                     raise KafkaUnavailable(f"cannot create topic {spec.name}: error {code} {message}", retriable=False)

@@ -219,7 +219,10 @@ class Worker:
                 if self._stopping.is_set():
                     raise
                 attempt += 1
-                log.warning("cannot create the topics yet (%s); retrying (attempt %d)", exc.message, attempt)
+                if (
+                    attempt & (attempt - 1) == 0
+                ):  # 1, 2, 4, 8, ...: waiting for an admin logs a few lines, not one a second
+                    log.warning("cannot create the topics yet (%s); retrying (attempt %d)", exc.message, attempt)
                 await asyncio.sleep(1.0)
 
     async def _wait_or_stop(self, awaitable: Awaitable[object]) -> None:

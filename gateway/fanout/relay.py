@@ -21,7 +21,7 @@ from gateway.fanout.source import EventSource, Record
 from gateway.fanout.subscription import Out, Subscription, reset_frame
 from gateway.metrics import GatewayMetrics
 from schemas.codec import Codec, default_codec
-from schemas.errors import CursorError, DecodeError, KafkaUnavailable, NotOwner
+from schemas.errors import CursorError, DecodeError, KafkaUnavailable, NotOwner, UnknownSchemaId
 from schemas.partitioning import partition_for_key
 from schemas.view import View
 
@@ -146,7 +146,10 @@ class Relay:
             ev = self.codec.decode_event(record.value)
         except DecodeError as exc:
             self.metrics.undecodable.inc()
-            log.warning("request %s: undecodable event at %d/%d: %s", entry.request_id, partition, record.offset, exc)
+            if not isinstance(exc, UnknownSchemaId):
+                log.warning(
+                    "request %s: undecodable event at %d/%d: %s", entry.request_id, partition, record.offset, exc
+                )
             return
         if not entry.complete:
             if entry.pending is not None:

@@ -14,6 +14,7 @@ from faust.web.drivers.aiohttp import Web as AiohttpWeb
 from schemas.errors import DecodeError
 from schemas.records import TokenEvent
 from services.analytics import aggregate, page
+from services.kafka_auth import faust_credentials
 from services.schema_registry import reading_codec
 from services.settings import Settings
 from services.topics import TopicSpec
@@ -96,6 +97,7 @@ def create_app(settings: Settings) -> faust.App:
     app = AnalyticsApp(
         app_id(settings),
         broker=faust_broker(settings.kafka_bootstrap),
+        broker_credentials=faust_credentials(settings),
         datadir=str(settings.cache_dir / "analytics" / app_id(settings)),
         store="memory://",
         topic_partitions=settings.events_partitions,

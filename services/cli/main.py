@@ -42,9 +42,33 @@ def _cmd_broker(args: argparse.Namespace, settings: Settings) -> int:
         from services.local.broker.cluster import LocalCluster
 
         cluster_dir = Path(args.data_dir) if args.data_dir else None
-        return LocalCluster(settings, args.nodes, port=port, data_dir=cluster_dir).run_foreground()
+        return LocalCluster(settings, args.nodes, port=port, data_dir=cluster_dir, secure=args.secure).run_foreground()
     data_dir = Path(args.data_dir) if args.data_dir else settings.broker_data_dir
-    return LocalBroker(settings, port=port, data_dir=data_dir).run_foreground()
+    if args.secure and not args.data_dir:
+        # Never turn an existing plain broker's data into a secure one (or back): each has its own.
+        data_dir = data_dir.with_name(f"{data_dir.name}-secure")
+    return LocalBroker(settings, port=port, data_dir=data_dir, secure=args.secure).run_foreground()
+
+
+def _cmd_acls(args: argparse.Namespace, settings: Settings) -> int:
+    from services.acls import ROLES, acl_commands, apply_acls
+
+    models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else [settings.served_model]
+    principals = {role: f"User:{role}" for role in ROLES}
+    for given in args.principal or []:
+        role, _, principal = given.partition("=")
+        if role not in ROLES or not principal:
+            raise TokenRelayError(f"--principal {given!r}: use ROLE=PRINCIPAL with a role of {', '.join(ROLES)}")
+        principals[role] = principal
+    if not args.apply:
+        print("\n".join(acl_commands(settings, principals, models)))
+        return 0
+    _require_kafka(settings, args)
+    count = apply_acls(settings, principals, models)
+    print(
+        f"created {count} ACLs on {settings.kafka_bootstrap} for {', '.join(f'{r}={p}' for r, p in principals.items())}"
+    )
+    return 0
 
 
 def _cmd_registry(args: argparse.Namespace, settings: Settings) -> int:
@@ -106,7 +130,14 @@ def _cmd_up(args: argparse.Namespace, settings: Settings) -> int:
 
     source = args.sources["kafka_bootstrap"]
     existing = source in ("environment", "flag --bootstrap")
-    return run_stack(settings, local_broker=not existing, bootstrap_source=source, verbose=args.verbose)
+    if existing and args.secure:
+        raise TokenRelayError(
+            "--secure runs a secure local broker; for an existing cluster set TOKENRELAY_KAFKA_SECURITY_PROTOCOL "
+            "and its credentials instead"
+        )
+    return run_stack(
+        settings, local_broker=not existing, bootstrap_source=source, verbose=args.verbose, secure=args.secure
+    )
 
 
 def _cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
@@ -151,7 +182,7 @@ def _require_kafka(settings: Settings, args: argparse.Namespace) -> None:
     """A one-line error at once when no broker answers, instead of a minute of retries."""
     from services.local.readiness import kafka_answers
 
-    if not kafka_answers(settings.kafka_bootstrap):
+    if not kafka_answers(settings.kafka_bootstrap, settings=settings):
         source = args.sources.get("kafka_bootstrap", "default")
         hint = (
             "start the stack with `tokenrelay up` (or a broker with `tokenrelay broker`), "
@@ -159,6 +190,11 @@ def _require_kafka(settings: Settings, args: argparse.Namespace) -> None:
             if source == "default"
             else "check the address"
         )
+        if settings.kafka_security_protocol.upper() != "PLAINTEXT":
+            hint += (
+                f", and that it speaks {settings.kafka_security_protocol} and accepts these credentials "
+                f"(user {settings.kafka_sasl_username or '-'}, CA {settings.kafka_ssl_ca_file or 'the system store'})"
+            )
         raise TokenRelayError(f"no Kafka broker answers at {settings.kafka_bootstrap} (from {source}): {hint}")
 
 
@@ -201,6 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--model", help="model for the worker (default: the built-in model)")
     up.add_argument("--engine", choices=["model", "synthetic"], help="engine of the worker")
     up.add_argument("--verbose", action="store_true", help="show the components' logs here instead of in files")
+    up.add_argument(
+        "--secure",
+        action="store_true",
+        help="a local broker with SASL_SSL, SCRAM users and ACLs (as `broker --secure`); each component as its role",
+    )
 
     broker = add(
         "broker", _cmd_broker, "Run a local Kafka broker (KRaft) or cluster (--nodes 3) in the foreground.", kafka=False
@@ -208,6 +249,22 @@ def build_parser() -> argparse.ArgumentParser:
     broker.add_argument("--nodes", type=int, default=1, help="KRaft nodes: 3 runs a replicated cluster (default 1)")
     broker.add_argument("--port", type=int, help="listener port; a cluster listens on P..P+N-1 (default 9092)")
     broker.add_argument("--data-dir", help="data directory (default ~/.cache/tokenrelay/broker-data)")
+    broker.add_argument(
+        "--secure",
+        action="store_true",
+        help="SASL_SSL (SCRAM-SHA-512) with a CA of its own, a user per role and ACLs (data dir: broker-data-secure)",
+    )
+
+    acls = add(
+        "acls",
+        _cmd_acls,
+        "Print each role's Kafka ACLs as kafka-acls.sh commands, or create them (--apply, as an admin principal).",
+    )
+    acls.add_argument("--models", help="served models whose request topics workers read (default: TOKENRELAY_MODEL's)")
+    acls.add_argument(
+        "--principal", action="append", metavar="ROLE=PRINCIPAL", help="e.g. gateway=User:gw (default User:<role>)"
+    )
+    acls.add_argument("--apply", action="store_true", help="create them with the admin client of these settings")
 
     registry = add(
         "registry", _cmd_registry, "Run the embedded schema registry (Apicurio, storage on Kafka) in the foreground."

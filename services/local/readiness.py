@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import urllib.error
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from schemas.view import EventName
+from services.settings import Settings
 
 # Longer than the gateway's keepalive interval, so an idle stream is never mistaken for a dead one.
 READ_TIMEOUT_S = 60.0
@@ -99,9 +101,13 @@ def probe(gateway_url: str, api_key: str | None = None, deadline_s: float = 600.
     raise TimeoutError(f"no answer to the probe request {request_id} in {deadline_s:.0f} s")
 
 
-def kafka_answers(bootstrap: str, timeout_s: float = 3.0) -> bool:
-    """True when a broker of ``bootstrap`` (comma-separated host:port) answers a metadata request."""
-    from services.local.broker.runner import metadata_ready
+def kafka_answers(bootstrap: str, timeout_s: float = 3.0, settings: Settings | None = None) -> bool:
+    """True when a broker of ``bootstrap`` (comma-separated host:port) answers a metadata request; over TLS/SASL
+    (``settings`` not PLAINTEXT) as the client of ``settings``, which also proves its credentials."""
+    from services.local.broker.runner import metadata_ready, secure_broker_count
+
+    if settings is not None and settings.kafka_security_protocol.upper() != "PLAINTEXT":
+        return secure_broker_count(dataclasses.replace(settings, kafka_bootstrap=bootstrap), timeout_s) > 0
 
     for address in bootstrap.split(","):
         host, _, port = address.strip().rpartition(":")

@@ -28,6 +28,7 @@ from services.kafka import make_consumer, make_producer, record_headers, start_c
 from services.local.broker.cluster import free_port_block
 from services.local.process import die_with_parent, quiet_env
 from services.settings import Settings
+from tests.integration.secure_support import as_role, secured, security
 from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,8 +46,9 @@ def gateway_settings(bootstrap: str, prefix: str, **overrides: object) -> Settin
         "hub_memory_events": 4,
         "keepalive_s": 1.0,
     }
+    values.update(security(bootstrap))
     values.update(overrides)
-    return Settings(**values)  # type: ignore[arg-type]
+    return secured(Settings(**values))  # type: ignore[arg-type]
 
 
 class GatewayProcess:
@@ -74,7 +76,7 @@ class GatewayProcess:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "gateway.main"],
                 cwd=ROOT,
-                env=quiet_env(self.settings, **self.env),
+                env=quiet_env(as_role(self.settings, "gateway"), **self.env),
                 stderr=stderr,
                 preexec_fn=self._preexec,
             )

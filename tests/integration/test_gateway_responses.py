@@ -24,6 +24,7 @@ from tests.integration.gateway_support import (
     running_gateway,
     running_worker,
 )
+from tests.integration.secure_support import SECURE_TOO
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(400)]
 
@@ -53,6 +54,7 @@ async def until_ended(api: openai.AsyncOpenAI, rid: str, deadline_s: float = 120
     raise AssertionError(f"response {rid} still {response.status} after {deadline_s} s")
 
 
+@SECURE_TOO
 async def test_background_stream_resumes_after_the_gateway_is_killed(kafka_bootstrap: str, topic_prefix: str) -> None:
     settings = gateway_settings(kafka_bootstrap, topic_prefix, api_keys=("key-one", "key-two"))
     other_settings = dataclasses.replace(settings, gateway_port=free_port_block(1))

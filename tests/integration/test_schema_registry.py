@@ -350,3 +350,21 @@ async def test_auto_register_off_looks_up_the_registered_ids(topic_prefix: str, 
     assert looked_up.schema_ids == {
         name: registered.schema_ids[name] for name in ("InferenceRequest", "TokenEvent", "ControlEvent", "ModelInfo")
     }
+
+
+async def test_subjects_are_backward_compatible_so_a_string_schema_is_refused(
+    topic_prefix: str, schema_registry_url: str
+) -> None:
+    """The review registered `"string"` as the latest tokenrelay.events-value (compatibility NONE)."""
+    from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
+    from confluent_kafka.schema_registry.error import SchemaRegistryError
+
+    settings = Settings(topic_prefix=topic_prefix, schema_registry_url=schema_registry_url)
+    codec = await prepare_codec(settings, [settings.events_topic])
+    subject = f"{settings.events_topic}-value"
+    with SchemaRegistryClient({"url": schema_registry_url}) as client:
+        assert client.get_compatibility(subject) == "BACKWARD"
+        with pytest.raises(SchemaRegistryError) as refused:
+            client.register_schema(subject, Schema('"string"', "AVRO"))
+        assert refused.value.http_status_code == 409
+        assert client.get_latest_version(subject).schema_id == codec.schema_ids["TokenEvent"]

@@ -21,6 +21,7 @@ from services.kafka import make_consumer, start_client
 from services.local.process import quiet_env
 from services.settings import Settings
 from services.topics import ensure_topics
+from tests.integration.secure_support import SECURE_TOO, as_role, secured, security
 from tests.integration.worker_helpers import client_view, collect_records, describe, produce, wait_group_members
 from workers.engine.engine import Engine
 from workers.engine.types import EngineRequest
@@ -81,7 +82,7 @@ async def kill_when_mid_generation(settings: Settings, victim: subprocess.Popen[
 
 def spawn(settings: Settings, model_dir: Path, name: str) -> subprocess.Popen[bytes]:
     env = quiet_env(
-        settings,
+        as_role(settings, "worker"),
         TOKENRELAY_MODEL=str(model_dir),
         TOKENRELAY_SERVED_NAME=settings.served_model,
         TOKENRELAY_DEVICE="cpu",
@@ -94,15 +95,19 @@ def spawn(settings: Settings, model_dir: Path, name: str) -> subprocess.Popen[by
     return subprocess.Popen([sys.executable, "-m", "tests.integration.slow_worker"], cwd=ROOT, env=env)
 
 
+@SECURE_TOO
 async def test_sigkill_one_of_two_workers_mid_generation(
     kafka_bootstrap: str, topic_prefix: str, tiny_model_dir: Path
 ) -> None:
-    settings = Settings.from_env(
-        {},
-        kafka_bootstrap=kafka_bootstrap,
-        topic_prefix=topic_prefix,
-        requests_partitions=REQUEST_PARTITIONS,
-        events_partitions=2,
+    settings = secured(
+        Settings.from_env(
+            {},
+            kafka_bootstrap=kafka_bootstrap,
+            topic_prefix=topic_prefix,
+            requests_partitions=REQUEST_PARTITIONS,
+            events_partitions=2,
+            **security(kafka_bootstrap),
+        )
     )
     await ensure_topics(settings)
     model_dir = tiny_model_dir

@@ -14,16 +14,16 @@ from pathlib import Path
 from typing import Any
 
 from aiokafka import TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import GroupCoordinatorNotAvailableError
 
 from schemas.codec import default_codec
 from schemas.records import ControlEvent, Delta, InferenceRequest, ModelInfo, Started, TokenEvent
 from schemas.view import View
-from services.kafka import make_consumer, make_producer, record_headers, start_client
+from services.kafka import make_admin, make_consumer, make_producer, record_headers, start_client
 from services.local.process import die_with_parent, quiet_env
 from services.settings import Settings
 from services.topics import ensure_topics
+from tests.integration.secure_support import as_role
 from tests.waiting import wait_until
 from workers.engine.types import EngineLike
 from workers.main import Worker
@@ -36,7 +36,10 @@ def worker_process(settings: Settings, module: str = "workers.main", **env: str)
     """A worker subprocess (``python -m module``) on the broker and topics of ``settings``, plus ``env``; it dies
     with the thread that started it, should the test process die without stopping it."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", module], cwd=ROOT, env=quiet_env(settings, **env), preexec_fn=die_with_parent()
+        [sys.executable, "-m", module],
+        cwd=ROOT,
+        env=quiet_env(as_role(settings, "worker"), **env),
+        preexec_fn=die_with_parent(),
     )
     try:
         yield proc
@@ -197,7 +200,7 @@ async def wait_announced(
 
 async def wait_group_members(settings: Settings, count: int, timeout_s: float = 90.0) -> None:
     """Until the worker group is Stable with ``count`` members that all hold partitions."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    admin = make_admin(settings)
     await admin.start()
     seen = "no group coordinator yet"
 
