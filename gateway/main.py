@@ -67,6 +67,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     directory = ModelDirectory()
     follower = ModelsFollower(make_consumer(settings), settings.models_topic, directory, codec)
     backlog = BacklogMonitor(settings, metrics.backlog, models=lambda: directory.live(_now_ms()))
+    directory.servable = backlog.servable
     runner: web.AppRunner | None = None
     following = asyncio.create_task(follower.run(), name="models")
     listener: Listener | None = None
@@ -74,13 +75,24 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         await hub.start()
         await backlog.start()
 
-        async def ready() -> bool:
-            """Broker and topics there, and a live worker for every model the workers announced."""
-            topics = await backlog.topics_present({settings.events_topic, settings.control_topic})
-            return topics and not directory.unavailable(_now_ms())
+        async def not_ready() -> str:
+            """Why requests cannot be served yet as far as Kafka goes ("" when they can; /readyz adds the models)."""
+            if not follower.caught_up.is_set():
+                return "reading_models"  # until then a model that is served would answer 404
+            if not await backlog.topics_present({settings.events_topic, settings.control_topic}):
+                return "topics_missing"
+            return ""
 
         gateway = Gateway(
-            settings, hub, producer, metrics, auth, backlog=backlog, ready_check=ready, models=directory, codec=codec
+            settings,
+            hub,
+            producer,
+            metrics,
+            auth,
+            backlog=backlog,
+            ready_check=not_ready,
+            models=directory,
+            codec=codec,
         )
         if not auth.enabled:
             log.warning("no API keys configured (TOKENRELAY_API_KEYS): the gateway is open to anyone who reaches it")

@@ -10,11 +10,11 @@ from typing import Any, Protocol
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError
+from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError, MessageSizeTooLargeError
 from aiokafka.structs import ConsumerRecord
 
 from schemas.codec import CONTENT_TYPE
-from schemas.errors import KafkaUnavailable
+from schemas.errors import KafkaUnavailable, RecordTooLarge
 from services.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -70,9 +70,12 @@ def map_kafka_errors(doing: str) -> Iterator[None]:
     """The boundary where aiokafka's errors, and a cluster that does not answer in time, become KafkaUnavailable.
 
     ``doing`` names the operation for the message ("cannot produce the request"); aiokafka's ``retriable`` is kept.
+    A record over the size limit (the producer's or the broker's) is RecordTooLarge: the same record never fits.
     """
     try:
         yield
+    except MessageSizeTooLargeError as exc:
+        raise RecordTooLarge(f"{doing}: the record is over the cluster's size limit ({exc})", retriable=False) from exc
     except KafkaError as exc:
         retriable = bool(exc.retriable) or isinstance(exc, KafkaTimeoutError)
         raise KafkaUnavailable(f"{doing}: {str(exc) or type(exc).__name__}", retriable=retriable) from exc

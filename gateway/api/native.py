@@ -47,9 +47,9 @@ async def submit(request: web.Request) -> web.Response:
     body = await read_json(request)
     # `messages` (chat turns, rendered with the model's chat template) is an optional alternative to `prompt`.
     messages = parse_messages(body) if "messages" in body else None
-    prompt = "\n".join(m.content for m in messages) if messages is not None else parse_prompt(body)
+    prompt = parse_prompt(body) if messages is None else ""  # a chat request's text travels once, in `messages`
     sampling = parse_sampling(body, gw.settings.max_tokens_limit)
-    model = resolve_model(gw, parse_model(body))
+    model = await resolve_model(gw, parse_model(body))
     check_limits(model, sampling, messages)
     check_backlog(gw, model.name)
     req = new_inference_request(prompt, sampling, tenant, messages, model=model.name)

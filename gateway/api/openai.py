@@ -347,11 +347,11 @@ async def _completions(request: web.Request, *, chat: bool) -> web.StreamRespons
     messages: tuple[ChatMessage, ...] | None = None
     if chat:
         messages = parse_messages(body)
-        prompt = "\n".join(m.content for m in messages)
+        prompt = ""  # the text travels once, in `messages`
     else:
         prompt = parse_prompt(body)
     sampling = parse_sampling(body, gw.settings.max_tokens_limit, default_max_tokens=256 if chat else 16)
-    model = resolve_model(gw, parse_model(body))
+    model = await resolve_model(gw, parse_model(body))
     check_limits(model, sampling, messages)
     check_backlog(gw, model.name)
     req = new_inference_request(prompt, sampling, tenant, messages, model=model.name)

@@ -29,6 +29,19 @@ class ProbeResult:
 MODEL_POLL_S = 0.5
 
 
+def gateway_serving(gateway_url: str, timeout_s: float = 1.0) -> bool:
+    """Whether the gateway itself is up (its /readyz is 200, or 503 only because no worker serves a model yet):
+    for starting a gateway before any worker, as tests and benchmarks do."""
+    try:
+        with urllib.request.urlopen(gateway_url + "/readyz", timeout=timeout_s) as response:
+            return bool(response.status == 200)
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code == 503 and json.loads(exc.read() or b"{}").get("reason") == "no_model"
+    except (OSError, ValueError):
+        return False
+
+
 def _headers(api_key: str | None) -> dict[str, str]:
     headers = {"content-type": "application/json"}
     if api_key:

@@ -27,6 +27,7 @@ from schemas.records import Delta, Finished, Started, TokenEvent, Usage
 from services.kafka import make_consumer, make_producer, record_headers, start_client
 from services.local.broker.runner import free_port
 from services.local.process import quiet_env
+from services.local.readiness import gateway_serving
 from services.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -75,14 +76,11 @@ class GatewayProcess:
             if stderr is not None:
                 stderr.close()
         deadline = time.monotonic() + timeout_s
-        import urllib.request
-
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"gateway exited with {self.proc.returncode}")
-            with contextlib.suppress(OSError), urllib.request.urlopen(self.url + "/readyz", timeout=1) as response:
-                if response.status == 200:
-                    return
+            if gateway_serving(self.url):
+                return
             time.sleep(0.1)
         raise RuntimeError("gateway not ready")
 

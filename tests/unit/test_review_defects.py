@@ -1,0 +1,172 @@
+"""Defects from the adversarial review, against a whole gateway app in-process (an in-memory log, no broker)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import time
+
+from gateway.api.auth import key_id
+from gateway.api.backlog import BacklogMonitor
+from gateway.api.responses_events import response_id
+from gateway.fanout.backfills import BackfillLimit
+from gateway.fanout.hub import SourceRecord
+from schemas.ids import new_request_id
+from schemas.records import Accepted, Delta, Failed, Finished, InferenceRequest, ModelInfo, Started, TokenEvent, Usage
+from tests.unit.gateway_app import KEY_A, KEY_B, live_model, running_app
+from tests.unit.test_gateway_hub import MemorySource
+from workers.core import owner_record
+
+DEADLINE_S = 20.0  # no test here waits for a condition longer than this (a hang fails instead)
+
+
+async def until(condition: object, what: str) -> None:
+    deadline = time.monotonic() + DEADLINE_S
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.01)
+
+
+async def test_a_watch_only_token_cannot_cancel_a_background_response() -> None:
+    async with running_app() as app:
+        body = {"input": "hello", "background": True, "max_output_tokens": 8}
+        async with app.session.post(app.url + "/v1/responses", json=body, headers=app.headers()) as r:
+            assert r.status == 200, await r.text()
+            created = await r.json()
+        token = created["stream_token"]
+        # The token watches: retrieve works without the key.
+        async with app.session.get(f"{app.url}/v1/responses/{created['id']}?token={token}") as r:
+            assert r.status == 200
+        async with app.session.post(f"{app.url}/v1/responses/{created['id']}/cancel?token={token}") as r:
+            assert r.status == 403 and (await r.json())["error"]["code"] == "forbidden"
+        assert not [t for t, _ in app.producer.sent if t == app.gw.settings.control_topic]  # no cancel went out
+
+
+class BlockingSource(MemorySource):
+    """Reading starts now (so every request needs a Kafka backfill), and scans of ``blocked`` keys hang until
+    ``release`` is set."""
+
+    def __init__(self, partitions: int = 2):
+        super().__init__(partitions)
+        self.blocked: set[bytes] = set()
+        self.release = asyncio.Event()
+        self.waiting = 0
+
+    async def start(self) -> tuple[dict[int, int], int]:
+        positions, _ = await super().start()
+        return positions, int(time.time() * 1000)
+
+    async def replay(self, partition: int, from_time_ms: int, stop_offset: int, key: bytes) -> list[SourceRecord]:
+        if key in self.blocked:
+            self.waiting += 1
+            await self.release.wait()
+        return await super().replay(partition, from_time_ms, stop_offset, key)
+
+
+async def test_responses_look_ups_wait_on_the_callers_own_backfill_share() -> None:
+    source = BlockingSource()
+    async with running_app(source, backfills=BackfillLimit(per_client=2, total=3)) as app:
+        rid = new_request_id()
+        tenant_b = key_id(KEY_B)
+        for ev in (
+            TokenEvent(rid, "", 0, 1, Accepted("default", tenant_b, None, True, True)),
+            TokenEvent(rid, "r1", 0, 2, Started("w", "default", 2, 0)),
+            TokenEvent(rid, "r1", 1, 3, Delta("hi", (1,))),
+            TokenEvent(rid, "r1", 2, 4, Finished("stop", Usage(2, 1))),
+        ):
+            source.append(ev)
+        unknown = [new_request_id() for _ in range(6)]
+        source.blocked = {u.encode() for u in unknown}
+
+        async def get(request_id: str, key: str) -> int:
+            url = f"{app.url}/v1/responses/{response_id(request_id)}"
+            async with app.session.get(url, headers=app.headers(key)) as r:
+                return r.status
+
+        flood = [asyncio.create_task(get(u, KEY_A)) for u in unknown]
+        await until(lambda: source.waiting >= 2, "key A's scans did not start")
+        try:
+            # Key B's retrieve is on its own share: it needs no slot key A holds, so it answers while A's hang.
+            assert await asyncio.wait_for(get(rid, KEY_B), DEADLINE_S) == 200
+        finally:
+            source.release.set()
+            await asyncio.gather(*flood)
+
+
+async def test_a_chat_body_under_the_limit_fits_its_record_and_what_cannot_fit_is_413() -> None:
+    async with running_app(max_body_bytes=4 << 20) as app:
+        turns = [{"role": "user", "content": "x" * 190_000} for _ in range(3)]  # 570 KB: under 1 MB, twice over it
+        async with app.session.post(
+            app.url + "/v1/requests", data=json_body({"messages": turns, "max_tokens": 4}), headers=app.headers()
+        ) as r:
+            assert r.status == 202, await r.text()
+        async with app.session.post(
+            app.url + "/v1/requests", data=json_body({"messages": turns * 3, "max_tokens": 4}), headers=app.headers()
+        ) as r:
+            answer = await r.json()
+            assert r.status == 413 and answer["error"]["code"] == "record_too_large", answer
+            assert "Retry-After" not in r.headers
+
+
+def json_body(body: object) -> io.BytesIO:
+    return io.BytesIO(json.dumps(body).encode())
+
+
+async def test_readyz_lists_models_only_to_callers_with_a_key() -> None:
+    async with running_app() as app:
+        async with app.session.get(app.url + "/readyz") as r:
+            body = await r.json()
+            assert r.status == 200 and body == {"status": "ready"}
+        async with app.session.get(app.url + "/readyz", headers=app.headers()) as r:
+            assert (await r.json())["models"] == {"default": 1}
+
+
+async def test_readyz_is_not_ready_before_a_model_is_served() -> None:
+    async with running_app() as app:
+        now = int(time.time() * 1000)
+        app.gw.models.feed(ModelInfo("default", "w1", 4096, now + 1, ttl_ms=0), now)  # the only model withdraws
+        async with app.session.get(app.url + "/readyz") as r:
+            assert r.status == 503 and (await r.json()) == {"status": "not_ready", "reason": "no_model"}
+        live_model(app.gw.models)
+        async with app.session.get(app.url + "/readyz") as r:
+            assert r.status == 200
+
+
+async def test_a_model_whose_request_topic_does_not_exist_is_refused_at_once() -> None:
+    async with running_app() as app:
+        live_model(app.gw.models, "ghost")
+        monitor = BacklogMonitor(app.gw.settings)
+        monitor.request_topics = {app.gw.settings.requests_topic_for("default")}
+        app.gw.backlog = monitor
+        app.gw.models.servable = monitor.servable
+        async with app.session.post(
+            app.url + "/v1/requests", json={"model": "ghost", "prompt": "x", "max_tokens": 4}, headers=app.headers()
+        ) as r:
+            error = (await r.json())["error"]
+            assert r.status == 404 and error["code"] == "model_not_routable", error
+            assert app.gw.settings.requests_topic_for("ghost") in error["message"]
+        async with app.session.get(app.url + "/v1/models", headers=app.headers()) as r:
+            assert [m["id"] for m in (await r.json())["data"]] == ["default"]
+        assert not app.producer.sent  # nothing was parked on a topic nobody reads
+
+
+async def test_a_request_whose_first_event_is_failed_shows_the_failure_to_its_tenant() -> None:
+    async with running_app() as app:
+        rid = new_request_id()
+        # What a worker writes when it refuses a request produced straight to Kafka (no gateway, no Accepted).
+        for ev in refusal_records(rid, app.tenant_a):
+            app.source.append(ev)
+        async with app.session.get(f"{app.url}/v1/requests/{rid}", headers=app.headers()) as r:
+            body = await r.json()
+            assert r.status == 200 and body["status"] == "failed", body
+            assert body["error"]["code"] == "deadline_exceeded"
+        async with app.session.get(f"{app.url}/v1/requests/{rid}", headers=app.headers(KEY_B)) as r:
+            assert r.status == 404  # still not another tenant's to see
+
+
+def refusal_records(rid: str, tenant: str) -> list[TokenEvent]:
+    request = InferenceRequest(rid, "x", 4, model="default", tenant=tenant)
+    owner = owner_record(request, 5)
+    assert owner is not None
+    return [owner, TokenEvent(rid, "run-1", 0, 6, Failed("deadline_exceeded", "too late"))]
