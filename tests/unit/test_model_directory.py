@@ -71,7 +71,7 @@ def test_the_directory_is_bounded_and_unroutable_models_are_not_live() -> None:
     d = ModelDirectory(max_announcements=10)
     d.feed(_info("real", "w1", 5000), 5000)
     for i in range(100):
-        d.feed(_info(f"fake{i}", "w", 1000 + i), 5000)
+        d.feed(_info(f"fake{i}", "w", 4000 + i), 5000)
     assert len(d.live(5001)) <= 10 and "real" in d.live(5001)
     d.servable = lambda name: name == "real"
     assert list(d.live(5001)) == ["real"] and d.unavailable(5001) == []
