@@ -1,4 +1,4 @@
-"""Run the gateway: Kafka clients, hub, HTTP server; clean stop on SIGINT/SIGTERM."""
+"""Run the gateway: Kafka clients, relay, HTTP server; clean stop on SIGINT/SIGTERM."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from gateway.cluster.kafka_source import REPLAY_POOL_SIZE, KafkaEventSource
 from gateway.cluster.owners import Owners
 from gateway.cluster.upstream import Follower
 from gateway.fanout.backfills import BackfillLimit
-from gateway.fanout.hub import Hub
+from gateway.fanout.relay import Relay
 from gateway.http.app import build_app
 from gateway.http.server import AcceptErrorLog, Listener, raise_fd_limit
 from gateway.metrics import GatewayMetrics
@@ -48,7 +48,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     source = KafkaEventSource(settings, owners)
     auth = Auth(settings)
     upstream = Follower(owners, token=_upstream_token(auth), keepalive_s=settings.keepalive_s, metrics=metrics)
-    hub = Hub(
+    relay = Relay(
         source,
         memory_events=settings.hub_memory_events,
         memory_total_events=settings.hub_memory_total_events,
@@ -56,14 +56,14 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         max_requests=settings.hub_max_requests,
         metrics=metrics,
         codec=codec,
+        upstream=upstream,
         backfills=BackfillLimit(
             settings.backfill_per_client,
             min(settings.backfill_concurrency, REPLAY_POOL_SIZE - 1),
             on_event=lambda event: metrics.backfills.labels(event).inc(),
         ),
     )
-    upstream.bind(hub)
-    source.on_reassign(hub.reassign)
+    source.on_reassign(relay.reassign)
     directory = ModelDirectory()
     follower = ModelsFollower(make_consumer(settings), settings.models_topic, directory, codec)
     backlog = BacklogMonitor(settings, metrics.backlog, models=lambda: directory.live(_now_ms()))
@@ -72,7 +72,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     following = asyncio.create_task(follower.run(), name="models")
     listener: Listener | None = None
     try:
-        await hub.start()
+        await relay.start()
         await backlog.start()
 
         async def not_ready() -> str:
@@ -85,7 +85,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
 
         gateway = Gateway(
             settings,
-            hub,
+            relay,
             producer,
             metrics,
             auth,
@@ -108,7 +108,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         await asyncio.gather(following, return_exceptions=True)
         if listener is not None:
             listener.close()
-        await hub.stop()  # closes every subscription, so streaming handlers return
+        await relay.stop()  # closes every subscription, so streaming handlers return
         await upstream.close()
         if runner is not None:
             await runner.cleanup()
@@ -138,7 +138,7 @@ def _signal_event() -> asyncio.Event:
     return stop
 
 
-# The hub keeps tens of thousands of live objects (recent events, subscriptions); with the default thresholds the
+# The relay keeps tens of thousands of live objects (recent events, subscriptions); with the default thresholds the
 # collector walks all of them often, and those pauses were the whole produce-to-deliver tail (bench: p99 58 ms ->
 # 14 ms at 5,000 events/s to 1,000 clients). Almost everything here is freed by reference counting anyway.
 GC_THRESHOLDS = (100_000, 50, 1000)

@@ -7,9 +7,9 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, assert_never
 
-from schemas.records import Delta, Failed, Finished, Started, TokenEvent
+from schemas.records import Accepted, Delta, Failed, Finished, Started, TokenEvent
 from schemas.runlog import Change, RunLog
 
 log = logging.getLogger(__name__)
@@ -79,35 +79,40 @@ class View:
                 "request %s: run %s skipped to seq %d; waiting for a new run", self.request_id, ev.run_id, ev.seq
             )
             return None
-        if change is Change.STARTED:
-            assert isinstance(payload, Started)
-            data: dict[str, Any] = {
-                "run_id": ev.run_id,
-                "model": payload.model,
-                "prompt_tokens": payload.prompt_tokens,
-                "queue_ms": payload.queue_ms,
-            }
-            if payload.continued_tokens:
-                data["text"] = payload.continued_text
-            return self._out(offset, ev, EventName.STARTED, data)
-        if change is Change.RESTARTED:
-            assert isinstance(payload, Started)
-            return self._out(offset, ev, EventName.RESTART, {"run_id": ev.run_id, "text": self.text})
-        if isinstance(payload, Delta):
-            if self.first_token_ts_ms is None:
-                self.first_token_ts_ms = ev.ts_ms
-            data = {"seq": ev.seq, "text": payload.text, "token_ids": list(payload.token_ids)}
-            return self._out(offset, ev, EventName.TOKEN, data)
-        if isinstance(payload, Finished):
-            usage = {"prompt_tokens": payload.usage.prompt_tokens, "completion_tokens": payload.usage.completion_tokens}
-            done = {"finish_reason": payload.finish_reason, "usage": usage}
-            self.terminal = self._out(offset, ev, EventName.DONE, done)
-            return self.terminal
-        if isinstance(payload, Failed):
-            data = {"code": payload.code, "message": payload.message, "retriable": payload.retriable}
-            self.terminal = self._out(offset, ev, EventName.ERROR, data)
-            return self.terminal
-        return None
+        match payload:
+            case Accepted():
+                return None  # the log knows the request now (Change.ACCEPTED); a client sees nothing of it
+            case Started():
+                if change is Change.RESTARTED:
+                    return self._out(offset, ev, EventName.RESTART, {"run_id": ev.run_id, "text": self.text})
+                data: dict[str, Any] = {
+                    "run_id": ev.run_id,
+                    "model": payload.model,
+                    "prompt_tokens": payload.prompt_tokens,
+                    "queue_ms": payload.queue_ms,
+                }
+                if payload.continued_tokens:
+                    data["text"] = payload.continued_text
+                return self._out(offset, ev, EventName.STARTED, data)
+            case Delta():
+                if self.first_token_ts_ms is None:
+                    self.first_token_ts_ms = ev.ts_ms
+                data = {"seq": ev.seq, "text": payload.text, "token_ids": list(payload.token_ids)}
+                return self._out(offset, ev, EventName.TOKEN, data)
+            case Finished():
+                usage = {
+                    "prompt_tokens": payload.usage.prompt_tokens,
+                    "completion_tokens": payload.usage.completion_tokens,
+                }
+                done = {"finish_reason": payload.finish_reason, "usage": usage}
+                self.terminal = self._out(offset, ev, EventName.DONE, done)
+                return self.terminal
+            case Failed():
+                data = {"code": payload.code, "message": payload.message, "retriable": payload.retriable}
+                self.terminal = self._out(offset, ev, EventName.ERROR, data)
+                return self.terminal
+            case _:
+                assert_never(payload)
 
     def _out(self, offset: int, ev: TokenEvent, name: EventName, data: dict[str, Any]) -> ViewEvent:
         return ViewEvent(offset, name, data, ev.run_id, ev.seq, ev.ts_ms)

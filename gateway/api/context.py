@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -15,7 +14,7 @@ from aiohttp import web
 from gateway.api.auth import WATCH, Auth
 from gateway.api.backlog import BacklogMonitor
 from gateway.api.validation import parse_json_object
-from gateway.fanout.hub import Hub
+from gateway.fanout.relay import Relay
 from gateway.metrics import GatewayMetrics
 from schemas.codec import default_codec
 from schemas.errors import (
@@ -30,7 +29,7 @@ from schemas.errors import (
     Unauthorized,
     ValidationError,
 )
-from schemas.ids import new_request_id, parse_request_id, request_id_time_ms
+from schemas.ids import parse_request_id, request_id_time_ms
 from schemas.models import LiveModel, ModelDirectory
 from schemas.records import Accepted, ChatMessage, ControlEvent, InferenceRequest
 from schemas.sampling import SamplingParams
@@ -53,7 +52,7 @@ class Gateway:
     """What the handlers share."""
 
     settings: Settings
-    hub: Hub
+    relay: Relay
     producer: Producer
     metrics: GatewayMetrics
     auth: Auth
@@ -140,7 +139,7 @@ async def authorize_read(request: web.Request, request_id: str, scope: int = WAT
     if tenant is None:
         raise Unauthorized("an API key or a valid stream token is required")
     # The ownership check may read the request back from Kafka: on the caller's share of such scans.
-    owner = gw.tenants.get(request_id) or (await gw.hub.snapshot(request_id, tenant)).tenant
+    owner = gw.tenants.get(request_id) or (await gw.relay.snapshot(request_id, tenant)).tenant
     if owner != tenant:
         # Same answer as an unknown id: a key must not learn which ids exist for other tenants.
         raise not_found(request_id)
@@ -203,26 +202,6 @@ def check_limits(model: LiveModel, sampling: SamplingParams, messages: tuple[Cha
             f"{sampling.max_tokens} leaves no room for the prompt",
             code="context_length_exceeded",
         )
-
-
-def new_inference_request(
-    prompt: str,
-    sampling: SamplingParams,
-    tenant: str,
-    messages: tuple[ChatMessage, ...] | None = None,
-    *,
-    model: str,
-) -> InferenceRequest:
-    """The record a validated submit becomes, with a fresh UUIDv7 id (the record has a field per sampling one)."""
-    return InferenceRequest(
-        request_id=new_request_id(),
-        prompt=prompt,
-        messages=messages,
-        model=model,
-        tenant=tenant,
-        created_ms=int(time.time() * 1000),
-        **{f.name: getattr(sampling, f.name) for f in dataclasses.fields(sampling)},
-    )
 
 
 async def produce_request(gw: Gateway, req: InferenceRequest, accepted: Accepted | None = None) -> None:

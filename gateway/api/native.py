@@ -20,7 +20,6 @@ from gateway.api.context import (
     client_of,
     cors_headers,
     gateway_of,
-    new_inference_request,
     not_found,
     parse_model,
     produce_cancel,
@@ -34,9 +33,10 @@ from gateway.api.context import (
 from gateway.api.validation import parse_messages, parse_prompt, parse_sampling
 from gateway.cluster.upstream import FORWARDED_HEADER
 from gateway.fanout.cursor import Cursor, decode_cursor
-from gateway.fanout.hub import Subscription
 from gateway.fanout.sse import KEEPALIVE, PREAMBLE
+from gateway.fanout.subscription import Subscription
 from schemas.view import EventName
+from services.requests import new_inference_request
 
 log = logging.getLogger(__name__)
 
@@ -81,14 +81,14 @@ async def events(request: web.Request) -> web.StreamResponse:
     cursor = _cursor_of(request)
     await authorize_read(request, request_id)
     forwarded = FORWARDED_HEADER in request.headers  # another gateway following a request this one reads
-    sub = await gw.hub.subscribe(request_id, cursor, client_of(request), forwarded=forwarded)
+    sub = await gw.relay.subscribe(request_id, cursor, client_of(request), forwarded=forwarded)
     if sub is None:
         return web.Response(status=204, headers=cors_headers(request))
     try:
-        require_known(gw, request_id, bool(sub.backlog) or gw.hub.entry(request_id).view.known)
+        require_known(gw, request_id, bool(sub.backlog) or gw.relay.entry(request_id).view.known)
         return await stream_sse(request, gw, sub)
     finally:
-        gw.hub.unsubscribe(sub)
+        gw.relay.unsubscribe(sub)
 
 
 async def stream_sse(request: web.Request, gw: Gateway, sub: Subscription) -> web.StreamResponse:
@@ -155,7 +155,7 @@ async def status(request: web.Request) -> web.Response:
 
 async def _state(gw: Gateway, request_id: str, client: str) -> dict[str, Any]:
     """The request as the log has it; 404 when the log holds nothing of it (no Accepted, no run)."""
-    view = await gw.hub.snapshot(request_id, client)
+    view = await gw.relay.snapshot(request_id, client)
     if not view.known and request_id not in gw.tenants:
         raise not_found(request_id)
     answer: dict[str, Any] = {"id": request_id, "status": view.status, "text": view.text, "model": view.model}

@@ -9,7 +9,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, assert_never
 
 from aiohttp import web
 
@@ -19,7 +19,6 @@ from gateway.api.context import (
     check_limits,
     cors_headers,
     gateway_of,
-    new_inference_request,
     parse_model,
     produce_cancel,
     produce_request,
@@ -28,10 +27,11 @@ from gateway.api.context import (
     resolve_model,
 )
 from gateway.api.validation import parse_messages, parse_n, parse_prompt, parse_sampling, parse_stream_flags
-from gateway.fanout.hub import Subscription
+from gateway.fanout.subscription import Subscription
 from schemas.errors import ClientClosed, ended_with
 from schemas.records import ChatMessage, InferenceRequest
 from schemas.view import EventName, ViewEvent
+from services.requests import new_inference_request
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +71,6 @@ Step = TextDelta | Rewritten | Completed | Failed
 
 TOO_SLOW = Failed("too_slow", "the client did not keep up with the stream")
 
-TOO_SLOW = Failed("too_slow", "the client did not keep up with the stream")
-
 
 @dataclass(slots=True)
 class AnswerFold:
@@ -84,28 +82,32 @@ class AnswerFold:
     model: str
     text: str = ""
 
-    def feed(self, name: str, data: dict[str, Any]) -> Step | None:
-        if name == EventName.STARTED:
-            self.model = data.get("model") or self.model
-            continued = data.get("text", "")
-            if continued:
-                self.text = continued
-                return TextDelta(continued)
-            return None
-        if name == EventName.TOKEN:
-            self.text += data["text"]
-            return TextDelta(data["text"])
-        if name == EventName.RESTART:
-            text = data.get("text", "")
-            said, self.text = self.text, text
-            return TextDelta(text[len(said) :]) if text.startswith(said) else Rewritten(text)
-        if name == EventName.DONE:
-            usage = dict(data["usage"])
-            usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-            return Completed("length" if data["finish_reason"] == "length" else "stop", usage)
-        if name == EventName.ERROR:
-            return Failed(data.get("code", "failed"), data.get("message", ""))
-        return None
+    def feed(self, name: EventName, data: dict[str, Any]) -> Step | None:
+        match name:
+            case EventName.STARTED:
+                self.model = data.get("model") or self.model
+                continued = data.get("text", "")
+                if continued:
+                    self.text = continued
+                    return TextDelta(continued)
+                return None
+            case EventName.TOKEN:
+                self.text += data["text"]
+                return TextDelta(data["text"])
+            case EventName.RESTART:
+                text = data.get("text", "")
+                said, self.text = self.text, text
+                return TextDelta(text[len(said) :]) if text.startswith(said) else Rewritten(text)
+            case EventName.DONE:
+                usage = dict(data["usage"])
+                usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+                return Completed("length" if data["finish_reason"] == "length" else "stop", usage)
+            case EventName.ERROR:
+                return Failed(data.get("code", "failed"), data.get("message", ""))
+            case EventName.RESET:
+                return None  # the relay's frame, never a view event: the fold does not see it
+            case _:
+                assert_never(name)
 
 
 # --- surfaces: how one OpenAI API shapes the steps ----------------------------------------------------------------
@@ -197,7 +199,7 @@ class Completions:
         return body
 
 
-# --- answering: submit, follow the hub, answer streamed or whole ---------------------------------------------------
+# --- answering: submit, follow the relay, answer streamed or whole ---------------------------------------------------
 
 
 async def answer(
@@ -205,7 +207,7 @@ async def answer(
 ) -> web.StreamResponse:
     """Submit ``req`` and answer with its fold, streamed or whole; a client that leaves early cancels the request."""
     gw = gateway_of(request)
-    sub = await gw.hub.subscribe(req.request_id, None)
+    sub = await gw.relay.subscribe(req.request_id, None)
     assert sub is not None  # no cursor: a subscription always starts
     try:
         await produce_request(gw, req)
@@ -214,7 +216,7 @@ async def answer(
             return await _stream(request, gw, req.request_id, fold, surface, events)
         return await _whole(gw, req.request_id, fold, surface, events)
     finally:
-        gw.hub.unsubscribe(sub)
+        gw.relay.unsubscribe(sub)
 
 
 async def follow(request: web.Request, sub: Subscription) -> AsyncIterator[ViewEvent | None]:
@@ -271,18 +273,13 @@ async def _stream(
             await response.write(opening)
         async for ev in _chain(first, events):
             step = fold.feed(ev.event, ev.data) if ev is not None else TOO_SLOW
+            if step is None:
+                continue
             if isinstance(step, TextDelta):
                 await response.write(surface.delta(step.text))
                 continue
-            if step is None:
-                continue
             ended = True
-            if isinstance(step, Completed):
-                await response.write(surface.completed(step))
-            elif isinstance(step, Failed):
-                await response.write(surface.failed(step.code, step.message))
-            elif isinstance(step, Rewritten):  # a stream cannot take back what it sent
-                await response.write(surface.failed("restarted", "generation restarted and cannot be continued"))
+            await response.write(_last_frames(surface, step))
             break
     except (ConnectionResetError, asyncio.CancelledError):
         pass
@@ -291,6 +288,18 @@ async def _stream(
         if not ended:
             await cancel_quietly(gw, request_id)
     return response
+
+
+def _last_frames(surface: Surface, step: Completed | Failed | Rewritten) -> bytes:
+    match step:
+        case Completed():
+            return surface.completed(step)
+        case Failed():
+            return surface.failed(step.code, step.message)
+        case Rewritten():  # a stream cannot take back what it sent
+            return surface.failed("restarted", "generation restarted and cannot be continued")
+        case _:
+            assert_never(step)
 
 
 async def _whole(

@@ -20,7 +20,6 @@ from gateway.api.context import (
     client_of,
     cors_headers,
     gateway_of,
-    new_inference_request,
     parse_model,
     produce_cancel,
     produce_request,
@@ -35,11 +34,12 @@ from schemas.errors import ClientClosed, Conflict, FieldError, NotFound, Validat
 from schemas.ids import parse_request_id, request_id_time_ms
 from schemas.records import Accepted
 from schemas.view import EventName, View, ViewEvent
+from services.requests import new_inference_request
 
 log = logging.getLogger(__name__)
 
-# A request the log does not show yet while its id is younger than this may still be on its way to this gateway's hub
-# (the Accepted record is produced before the create call answers, but read by every hub asynchronously).
+# A request the log does not show yet while its id is younger than this may still be on its way to this gateway's relay
+# (the Accepted record is produced before the create call answers, but read by every relay asynchronously).
 ACCEPT_GRACE_MS = 10_000
 ACCEPT_POLL_S = 0.05
 # How long a cancel waits for the worker's terminal event, so that its answer says what happened.
@@ -82,7 +82,7 @@ async def create(request: web.Request) -> web.StreamResponse:
         if gw.auth.enabled:  # for a browser's EventSource, which cannot send an Authorization header
             answer["stream_token"] = gw.auth.sign(req.request_id, tenant)
         return web.json_response(answer, headers={"X-Request-Id": req.request_id})
-    sub = await gw.hub.subscribe(req.request_id, None)
+    sub = await gw.relay.subscribe(req.request_id, None)
     assert sub is not None  # no cursor: a subscription always starts
     try:
         await produce_request(gw, req, accepted)
@@ -92,7 +92,7 @@ async def create(request: web.Request) -> web.StreamResponse:
             return await _stream(request, gw, surface, events, foreground=not spec.background)
         return await _whole(gw, surface, events)
     finally:
-        gw.hub.unsubscribe(sub)
+        gw.relay.unsubscribe(sub)
 
 
 async def _stream(
@@ -182,7 +182,7 @@ async def _known_view(request: web.Request, request_id: str, scope: int = WATCH)
     created_ms = request_id_time_ms(request_id)
     client = client_of(request)  # every look-up scans on its caller's share, never on one common to all callers
     while True:
-        view = await gw.hub.snapshot(request_id, client)
+        view = await gw.relay.snapshot(request_id, client)
         if view.known or time.time() * 1000 >= created_ms + ACCEPT_GRACE_MS:
             break
         await asyncio.sleep(ACCEPT_POLL_S)
@@ -223,7 +223,7 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
     view = await _known_view(request, request_id)
     options = ResponseOptions.of_view(view, gw.settings.default_model)
     surface = ResponseEvents(AnswerFold(options.model), request_id, options, after=after)
-    sub = await gw.hub.subscribe(request_id, None, client_of(request))
+    sub = await gw.relay.subscribe(request_id, None, client_of(request))
     assert sub is not None
     try:
         if stream and "starting_after" not in request.query and "Last-Event-ID" in request.headers:
@@ -240,7 +240,7 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
             surface.feed(out.event)
         return web.json_response(surface.object())
     finally:
-        gw.hub.unsubscribe(sub)
+        gw.relay.unsubscribe(sub)
 
 
 async def cancel(request: web.Request) -> web.Response:
@@ -251,7 +251,7 @@ async def cancel(request: web.Request) -> web.Response:
     if not options.background:
         raise Conflict("only background responses can be cancelled", code="not_background")
     surface = ResponseEvents(AnswerFold(options.model), request_id, options)
-    sub = await gw.hub.subscribe(request_id, None, client_of(request))
+    sub = await gw.relay.subscribe(request_id, None, client_of(request))
     assert sub is not None
     try:
         for out in sub.backlog:
@@ -266,7 +266,7 @@ async def cancel(request: web.Request) -> web.Response:
                 surface.feed(live.event)
         return web.json_response(surface.object())
     finally:
-        gw.hub.unsubscribe(sub)
+        gw.relay.unsubscribe(sub)
 
 
 def add_routes(app: web.Application) -> None:

@@ -18,6 +18,8 @@ SUPPORTED = frozenset(
     {"model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "stream", "background", "store"}
     | {"metadata"}
 )
+# The sampling parameters this API takes, by their names in its body.
+SAMPLING_NAMES = {"max_tokens": "max_output_tokens", "temperature": "temperature", "top_p": "top_p"}
 # Accepted and ignored: they change nothing a client can see here.
 IGNORED = frozenset(
     {"user", "safety_identifier", "prompt_cache_key", "prompt_cache_retention", "service_tier", "stream_options"}
@@ -85,13 +87,7 @@ def parse_create(body: dict[str, Any], max_tokens_limit: int) -> CreateSpec:
         if value is not None:
             raise Unsupported(name, "unknown or unsupported parameter")
     messages = parse_input(body.get("input"), body.get("instructions"))
-    sampling_body = {"max_tokens": body.get("max_output_tokens"), "temperature": body.get("temperature")}
-    sampling_body["top_p"] = body.get("top_p")
-    try:
-        sampling = parse_sampling(sampling_body, max_tokens_limit, default_max_tokens=max_tokens_limit)
-    except FieldError as exc:
-        name = "max_output_tokens" if exc.field == "max_tokens" else exc.field
-        raise FieldError(name, str(exc).partition(": ")[2]) from None
+    sampling = parse_sampling(body, max_tokens_limit, default_max_tokens=max_tokens_limit, names=SAMPLING_NAMES)
     stream = _bool(body, "stream", False)
     background = _bool(body, "background", False)
     store = _bool(body, "store", True)

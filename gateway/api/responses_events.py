@@ -6,7 +6,7 @@ import json
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, assert_never
 
 from gateway.api.openai import AnswerFold, Completed, Failed, Rewritten, TextDelta
 from gateway.fanout.sse import frame
@@ -106,14 +106,19 @@ class ResponseEvents:
         if ev.event == EventName.STARTED and not self.begun:
             out += self._begin()
         step = self.fold.feed(ev.event, ev.data)
-        if isinstance(step, TextDelta):
-            out += self.delta(step.text) if step.text else b""
-        elif isinstance(step, Completed):
-            out += self._finish(step, cancelled=ev.data.get("finish_reason") == "cancelled")
-        elif isinstance(step, Failed):
-            out += self.failed(step.code, step.message)
-        elif isinstance(step, Rewritten):  # a stream cannot take back what it sent; the object agrees with it
-            out += self.failed("restarted", "generation restarted and cannot be continued")
+        match step:
+            case None:
+                pass
+            case TextDelta():
+                out += self.delta(step.text) if step.text else b""
+            case Completed():
+                out += self._finish(step, cancelled=ev.data.get("finish_reason") == "cancelled")
+            case Failed():
+                out += self.failed(step.code, step.message)
+            case Rewritten():  # a stream cannot take back what it sent; the object agrees with it
+                out += self.failed("restarted", "generation restarted and cannot be continued")
+            case _:
+                assert_never(step)
         return out
 
     def connection_error(self, code: str, message: str) -> bytes:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from schemas.errors import BodyError, FieldError
 from schemas.records import ChatMessage
-from schemas.sampling import INT64, MAX_STOP, MAX_STOP_CHARS, MAX_TOP_K, SamplingParams
+from schemas.sampling import INT64, SamplingParams
 
 MAX_PROMPT_CHARS = 200_000
 CHAT_ROLES = ("system", "user", "assistant")
@@ -34,27 +35,24 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not allowed")
 
 
-def _int(body: dict[str, Any], name: str, default: int | None, lo: int, hi: int) -> int | None:
-    value = body.get(name, default)
-    if value is None:
-        return default
+def _int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise FieldError(name, "must be an integer")
-    if not lo <= value <= hi:
-        raise FieldError(name, f"must be between {lo} and {hi}")
     return value
 
 
-def _float(body: dict[str, Any], name: str, default: float, lo: float, hi: float) -> float:
-    value = body.get(name, default)
-    if value is None:
-        return default
+def _float(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise FieldError(name, "must be a number")
-    number = float(value) if not isinstance(value, int) or abs(value) < INT64 else math.inf
-    if not math.isfinite(number) or not lo <= number <= hi:
-        raise FieldError(name, f"must be between {lo} and {hi}")
-    return number
+    return float(value) if not isinstance(value, int) or abs(value) < INT64 else math.inf
+
+
+def _stop(name: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (_text(value, name),)
+    if isinstance(value, list):
+        return tuple(_text(s, name) for s in value)
+    raise FieldError(name, "must be a string or a list of strings")
 
 
 def _text(value: Any, name: str, limit: int = MAX_PROMPT_CHARS) -> str:
@@ -67,30 +65,39 @@ def _text(value: Any, name: str, limit: int = MAX_PROMPT_CHARS) -> str:
     return value
 
 
-def parse_sampling(body: dict[str, Any], max_tokens_limit: int, default_max_tokens: int = 16) -> SamplingParams:
-    max_tokens = _int(body, "max_tokens", default_max_tokens, 1, max_tokens_limit)
-    assert max_tokens is not None
-    stop_raw = body.get("stop")
-    if stop_raw is None:
-        stop: tuple[str, ...] = ()
-    elif isinstance(stop_raw, str):
-        stop = (_text(stop_raw, "stop", MAX_STOP_CHARS),)
-    elif isinstance(stop_raw, list):
-        if len(stop_raw) > MAX_STOP:
-            raise FieldError("stop", f"at most {MAX_STOP} strings")
-        stop = tuple(_text(s, "stop", MAX_STOP_CHARS) for s in stop_raw)
-    else:
-        raise FieldError("stop", "must be a string or a list of strings")
-    if any(s == "" for s in stop):
-        raise FieldError("stop", "must not contain empty strings")
-    return SamplingParams(
-        max_tokens=max_tokens,
-        temperature=_float(body, "temperature", 1.0, 0.0, 2.0),
-        top_p=_float(body, "top_p", 1.0, 0.0, 1.0) or 1.0,
-        top_k=_int(body, "top_k", 0, 0, MAX_TOP_K) or 0,
-        stop=stop,
-        seed=_int(body, "seed", None, -(INT64), INT64 - 1),
-    )
+# The JSON type of each SamplingParams field (a unit test keeps the keys equal to its fields).
+SAMPLING_TYPES: dict[str, Callable[[str, Any], Any]] = {
+    "max_tokens": _int,
+    "temperature": _float,
+    "top_p": _float,
+    "top_k": _int,
+    "seed": _int,
+    "stop": _stop,
+}
+# Each SamplingParams field under its own name: what the native and completions APIs take.
+SAMPLING_NAMES = {name: name for name in SAMPLING_TYPES}
+
+
+def parse_sampling(
+    body: Mapping[str, Any],
+    max_tokens_limit: int,
+    *,
+    default_max_tokens: int = 16,
+    names: Mapping[str, str] = SAMPLING_NAMES,
+) -> SamplingParams:
+    """The sampling parameters of a body: their JSON types are checked here, their ranges by SamplingParams.check.
+
+    ``names`` maps each SamplingParams field an API takes to its name in that API's body (errors name it so too);
+    a field it leaves out, or that the body leaves out or sets to null, keeps SamplingParams' default.
+    """
+    values: dict[str, Any] = {"max_tokens": default_max_tokens}
+    for field, name in names.items():
+        if (value := body.get(name)) is not None:
+            values[field] = SAMPLING_TYPES[field](name, value)
+    try:
+        return SamplingParams(**values).check(max_tokens_limit)
+    except FieldError as exc:
+        raise FieldError(names.get(exc.field, exc.field), exc.reason) from None
 
 
 def parse_prompt(body: dict[str, Any]) -> str:

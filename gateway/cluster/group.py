@@ -137,7 +137,7 @@ class GroupReader(ConsumerRebalanceListener):
             self._first.set_result((dict(self.next), since_ms))
         elif self.on_reassign is not None:
             self.on_reassign({p: self.next[p] for p in gained}, lost, since_ms)
-        # The map goes out after the hub took its partitions: whoever reads it finds the owner ready.
+        # The map goes out after the relay took its partitions: whoever reads it finds the owner ready.
         self.owners.update(self.assignor.received)
 
     async def stop(self) -> None:

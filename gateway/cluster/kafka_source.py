@@ -1,4 +1,4 @@
-"""The hub's event source on Kafka: the gateways' group consumer (its partitions only), plus a pool for replays."""
+"""The relay's event source on Kafka: the gateways' group consumer (its partitions only), plus a pool for replays."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from aiokafka.structs import ConsumerRecord
 
 from gateway.cluster.group import GroupReader, Reassign
 from gateway.cluster.owners import Owners
-from gateway.fanout.hub import SourceRecord
+from gateway.fanout.source import SourceRecord
 from schemas.errors import KafkaUnavailable
 from services.kafka import make_consumer, map_kafka_errors, read_key, start_client
 from services.settings import Settings

@@ -18,7 +18,9 @@ import aiohttp
 
 from gateway.cluster.owners import Owners
 from gateway.fanout.cursor import Cursor, decode_framed, encode_cursor
-from gateway.fanout.hub import Entry, Hub, Out
+from gateway.fanout.following import Sink
+from gateway.fanout.history import Entry
+from gateway.fanout.subscription import Out
 from gateway.metrics import GatewayMetrics
 from schemas.errors import CursorError
 from schemas.view import EventName, ViewEvent
@@ -34,7 +36,7 @@ _NAMES = {name.value.encode(): name for name in EventName}
 
 
 def parse_block(block: bytes, now_ms: int) -> Out | None:
-    """One SSE event of the owner's stream (``id``, ``event``, one ``data`` line) as the hub's Out; None otherwise."""
+    """One SSE event of the owner's stream (``id``, ``event``, one ``data`` line) as the relay's Out; None otherwise."""
     lines = block.split(b"\n")
     if len(lines) != 3:
         return None  # a comment, the retry line, or an event without a cursor (reset)
@@ -71,6 +73,7 @@ class UpstreamRefused(UpstreamEnded):
 @dataclass
 class _Follow:
     entry: Entry
+    sink: Sink
     task: asyncio.Task[None] | None = None
     attached: asyncio.Event = field(default_factory=asyncio.Event)
     warned: bool = False
@@ -91,17 +94,12 @@ class Follower:
         self.owners = owners
         self.metrics = metrics or GatewayMetrics()
         self.token = token
-        self.hub: Hub | None = None
         self.read_timeout_s = 2 * keepalive_s + 5
         self.batch = batch
         self._follows: dict[str, _Follow] = {}
         self._session: aiohttp.ClientSession | None = None
 
-    def bind(self, hub: Hub) -> None:
-        self.hub = hub
-        hub.upstream = self
-
-    def follow(self, entry: Entry) -> None:
+    def follow(self, entry: Entry, sink: Sink) -> None:
         state = self._follows.get(entry.request_id)
         if state is not None and state.entry is entry and state.task is not None and not state.task.done():
             return
@@ -109,7 +107,7 @@ class Follower:
             return
         if state is not None and state.task is not None:
             state.task.cancel()  # an entry forgotten and made again: only the new one is fed
-        state = _Follow(entry)
+        state = _Follow(entry, sink)
         self._follows[entry.request_id] = state
         self.metrics.followed.set(len(self._follows))
         state.task = asyncio.create_task(self._run(state), name=f"upstream {entry.request_id}")
@@ -150,7 +148,7 @@ class Follower:
                 generation = self.owners.generation
                 url = self.owners.url_of(entry.partition)
                 if url is None or url == self.owners.me:
-                    await self.owners.changed(generation)  # no owner yet, or this gateway: the hub takes it over
+                    await self.owners.changed(generation)  # no owner yet, or this gateway: the relay takes it over
                     continue
                 reader = asyncio.create_task(self._read(url, state))
                 try:
@@ -194,7 +192,6 @@ class Follower:
 
     async def _read(self, base: str, state: _Follow) -> None:
         entry = state.entry
-        assert self.hub is not None
         headers = {FORWARDED_HEADER: "1"}
         if entry.last_out is not None:
             last = entry.last_out
@@ -223,10 +220,10 @@ class Follower:
                         raise UpstreamEnded(f"unreadable event from {base}: {exc}") from exc
                     if out is None:
                         if (reason := reset_reason(block)) is not None:
-                            self.hub.upstream_reset(entry, reason)
+                            state.sink.reset(entry, reason)
                             return
                         continue
-                    self.hub.feed(entry, out)
+                    state.sink.feed(entry, out)
                     if out.event.terminal:
                         return
                     if i % self.batch == 0:

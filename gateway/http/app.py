@@ -97,7 +97,7 @@ async def readyz(request: web.Request) -> web.Response:
     """200 once a request can be served: Kafka and topics there, and a live worker for every model announced (and
     at least one). Why not, when not; the models themselves only for a caller with a key (or an open gateway)."""
     gw = gateway_of(request)
-    reason = "" if gw.hub.started.is_set() else "starting"
+    reason = "" if gw.relay.started.is_set() else "starting"
     if not reason and gw.ready_check is not None:
         try:
             reason = await asyncio.wait_for(gw.ready_check(), 5.0)
@@ -128,7 +128,7 @@ async def playground(request: web.Request) -> web.FileResponse:
 
 
 def build_app(gateway: Gateway) -> web.Application:
-    """The routes over an assembled Gateway (its hub and producer are started by the caller)."""
+    """The routes over an assembled Gateway (its relay and producer are started by the caller)."""
     app = web.Application(
         client_max_size=gateway.settings.max_body_bytes,
         middlewares=[cors_middleware(gateway.settings.cors_origins), errors_middleware],

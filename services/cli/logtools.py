@@ -9,10 +9,10 @@ import logging
 import re
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, assert_never
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord
@@ -21,7 +21,7 @@ from schemas.codec import Codec, default_codec
 from schemas.errors import ConfigError, DecodeError, KafkaUnavailable
 from schemas.ids import is_request_id, request_id_time_ms
 from schemas.partitioning import partition_for_key
-from schemas.records import Delta, Failed, Finished, Started, TokenEvent
+from schemas.records import Accepted, Delta, Failed, Finished, Started, TokenEvent
 from services.kafka import make_consumer, start_client
 from services.schema_registry import reading_codec
 from services.settings import Settings
@@ -99,18 +99,26 @@ def tail_line(record: ConsumerRecord[bytes, bytes], codec: Codec | None = None) 
         return f"{where} undecodable: {exc.message}"
     p = event.payload
     head = f"{where} {event.request_id} run={event.run_id[:8]} seq={event.seq}"
-    if isinstance(p, Started):
-        tenant = f" tenant={p.tenant}" if p.tenant else ""
-        return f"{head} started model={p.model} worker={p.worker} prompt_tokens={p.prompt_tokens}{tenant}"
-    if isinstance(p, Delta):
-        return f"{head} token {json.dumps(p.text, ensure_ascii=False)} {list(p.token_ids)}"
-    if isinstance(p, Finished):
-        return (
-            f"{head} done {p.finish_reason} prompt_tokens={p.usage.prompt_tokens} "
-            f"completion_tokens={p.usage.completion_tokens} ttft_ms={p.ttft_ms} total_ms={p.total_ms}"
-        )
-    assert isinstance(p, Failed)
-    return f"{head} failed {p.code}: {p.message}{' (retriable)' if p.retriable else ''}"
+    match p:
+        case Accepted():
+            tenant = f" tenant={p.tenant}" if p.tenant else ""
+            deadline = f" deadline_ms={p.deadline_ms}" if p.deadline_ms is not None else ""
+            background = " background" if p.background else ""
+            return f"{head} accepted model={p.model}{tenant}{deadline}{background}"
+        case Started():
+            tenant = f" tenant={p.tenant}" if p.tenant else ""
+            return f"{head} started model={p.model} worker={p.worker} prompt_tokens={p.prompt_tokens}{tenant}"
+        case Delta():
+            return f"{head} token {json.dumps(p.text, ensure_ascii=False)} {list(p.token_ids)}"
+        case Finished():
+            return (
+                f"{head} done {p.finish_reason} prompt_tokens={p.usage.prompt_tokens} "
+                f"completion_tokens={p.usage.completion_tokens} ttft_ms={p.ttft_ms} total_ms={p.total_ms}"
+            )
+        case Failed():
+            return f"{head} failed {p.code}: {p.message}{' (retriable)' if p.retriable else ''}"
+        case _:
+            assert_never(p)
 
 
 async def _assign(
@@ -155,17 +163,29 @@ def parquet_row(line: dict[str, Any]) -> dict[str, Any]:
     payload = event["payload"]
     row.update({k: event[k] for k in ("request_id", "run_id", "seq", "ts_ms", "type")})
     row["payload_json"] = json.dumps(payload, ensure_ascii=False)
-    if event["type"] == "Delta":
-        row["text"], row["token_count"] = payload["text"], len(payload["token_ids"])
-    elif event["type"] == "Started":
-        row.update(worker=payload["worker"], model=payload["model"], prompt_tokens=payload["prompt_tokens"])
-    elif event["type"] == "Finished":
-        usage = payload["usage"]
-        row.update(finish_reason=payload["finish_reason"], ttft_ms=payload["ttft_ms"], total_ms=payload["total_ms"])
-        row.update(prompt_tokens=usage["prompt_tokens"], completion_tokens=usage["completion_tokens"])
-    elif event["type"] == "Failed":
-        row["error_code"] = payload["code"]
+    row.update(PAYLOAD_COLUMNS[event["type"]](payload))
     return row
+
+
+def _finished_columns(payload: dict[str, Any]) -> dict[str, Any]:
+    usage = payload["usage"]
+    return {
+        "finish_reason": payload["finish_reason"],
+        "ttft_ms": payload["ttft_ms"],
+        "total_ms": payload["total_ms"],
+        "prompt_tokens": usage["prompt_tokens"],
+        "completion_tokens": usage["completion_tokens"],
+    }
+
+
+# The columns each payload type fills, by its name (a unit test keeps the keys equal to schemas.records' payloads).
+PAYLOAD_COLUMNS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    "Accepted": lambda p: {"model": p["model"]},
+    "Started": lambda p: {"worker": p["worker"], "model": p["model"], "prompt_tokens": p["prompt_tokens"]},
+    "Delta": lambda p: {"text": p["text"], "token_count": len(p["token_ids"])},
+    "Finished": _finished_columns,
+    "Failed": lambda p: {"error_code": p["code"]},
+}
 
 
 class _JsonlSink:
@@ -309,4 +329,12 @@ def _ends_request(record: ConsumerRecord[bytes, bytes], codec: Codec) -> bool:
     except DecodeError:
         return False
     p = event.payload
-    return isinstance(p, Finished) or (isinstance(p, Failed) and not p.retriable)
+    match p:
+        case Finished():
+            return True
+        case Failed():
+            return not p.retriable
+        case Accepted() | Started() | Delta():
+            return False
+        case _:
+            assert_never(p)

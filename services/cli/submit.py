@@ -6,19 +6,20 @@ import asyncio
 import contextlib
 import sys
 import time
+from typing import assert_never
 
 from aiokafka import TopicPartition
 
 from schemas.errors import ConfigError
-from schemas.ids import CLOCK_SKEW_MS, new_request_id, request_id_time_ms
+from schemas.ids import CLOCK_SKEW_MS, request_id_time_ms
 from schemas.models import LiveModel, ModelDirectory
 from schemas.partitioning import partition_for_key
-from schemas.records import ChatMessage, InferenceRequest
+from schemas.records import ChatMessage
 from schemas.sampling import SamplingParams
-from schemas.view import EventName, View
+from schemas.view import EventName, View, ViewEvent
 from services.kafka import make_consumer, make_producer, read_key, start_client
 from services.models_source import ModelsFollower
-from services.requests import submit_request
+from services.requests import new_inference_request, submit_request
 from services.schema_registry import prepare_codec, reading_codec
 from services.settings import Settings
 from services.topics import describe_topics
@@ -54,17 +55,9 @@ async def submit(
         print(f"no worker announces {name!r} right now; the request waits on {topic}", file=sys.stderr)
     # Chat unless told otherwise, when the model has a chat template (or is not announced to say it has none).
     as_chat = (info is None or info.has_chat_template) if chat is None else chat
-    request_id = new_request_id()
-    request = InferenceRequest(
-        request_id,
-        prompt,
-        sampling.max_tokens,
-        temperature=sampling.temperature,
-        top_p=sampling.top_p,
-        messages=(ChatMessage("user", prompt),) if as_chat else None,
-        model=name,
-        created_ms=int(time.time() * 1000),
-    )
+    messages = (ChatMessage("user", prompt),) if as_chat else None
+    request = new_inference_request(prompt, sampling, "", messages, model=name)
+    request_id = request.request_id
     codec = await prepare_codec(settings, [topic, settings.events_topic])
     producer = make_producer(settings)
     await start_client(producer)
@@ -108,23 +101,35 @@ async def follow_events(settings: Settings, request_id: str, partitions: int) ->
                 out = view.feed(record.offset, codec.decode_event(record.value or b""))
                 if out is None:
                     continue
-                data = out.data
-                if out.event == EventName.STARTED:
-                    sys.stdout.write(data.get("text", ""))
-                elif out.event == EventName.RESTART:
-                    print("\n[restarted]", flush=True)
-                    sys.stdout.write(data["text"])
-                elif out.event == EventName.TOKEN:
-                    sys.stdout.write(data["text"])
-                    sys.stdout.flush()
-                elif out.event == EventName.DONE:
-                    usage = data["usage"]
-                    print(f"\n[{data['finish_reason']}: {usage['completion_tokens']} tokens]", flush=True)
-                    return 0
-                elif out.event == EventName.ERROR:
-                    hint = " (send it as raw text with --no-chat)" if data["code"] == "chat_template_missing" else ""
-                    print(f"\n[failed: {data['code']}: {data['message']}{hint}]", file=sys.stderr, flush=True)
-                    return 1
+                if (code := print_event(out)) is not None:
+                    return code
         return 1  # not reached: the follow ends only at a terminal event
     finally:
         await consumer.stop()
+
+
+def print_event(event: ViewEvent) -> int | None:
+    """Print one view event of a followed request: its text, a restart, its end; the exit code at the end."""
+    data = event.data
+    match event.event:
+        case EventName.STARTED:
+            sys.stdout.write(data.get("text", ""))
+        case EventName.RESTART:
+            print("\n[restarted]", flush=True)
+            sys.stdout.write(data["text"])
+        case EventName.TOKEN:
+            sys.stdout.write(data["text"])
+            sys.stdout.flush()
+        case EventName.DONE:
+            usage = data["usage"]
+            print(f"\n[{data['finish_reason']}: {usage['completion_tokens']} tokens]", flush=True)
+            return 0
+        case EventName.ERROR:
+            hint = " (send it as raw text with --no-chat)" if data["code"] == "chat_template_missing" else ""
+            print(f"\n[failed: {data['code']}: {data['message']}{hint}]", file=sys.stderr, flush=True)
+            return 1
+        case EventName.RESET:
+            pass  # the relay's frame for a cursor that cannot resume: a fold of the log makes none
+        case _:
+            assert_never(event.event)
+    return None

@@ -327,7 +327,7 @@ async def read_log_streams(settings: Settings, request_ids: Iterable[str]) -> di
     """The SSE events each request's log implies, built straight from the events topic (not through a gateway)."""
     from aiokafka import TopicPartition
 
-    from gateway.fanout.hub import make_out
+    from gateway.fanout.subscription import make_out
     from schemas.view import View
 
     wanted = set(request_ids)

@@ -16,7 +16,7 @@ from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from gateway.api.auth import Auth, key_id
 from gateway.api.context import Gateway
 from gateway.fanout.backfills import BackfillLimit
-from gateway.fanout.hub import Hub
+from gateway.fanout.relay import Relay
 from gateway.http.app import build_app
 from gateway.metrics import GatewayMetrics
 from schemas.codec import default_codec
@@ -76,12 +76,12 @@ async def running_app(
     values.update(overrides)
     settings = Settings(**values)
     source = source or MemorySource(2)
-    hub = Hub(source, memory_events=64, backfills=backfills)
+    relay = Relay(source, memory_events=64, backfills=backfills)
     producer = MemoryProducer(settings, source)
     directory = ModelDirectory()
     live_model(directory)
-    gw = Gateway(settings, hub, producer, GatewayMetrics(), Auth(settings), models=directory)
-    await hub.start()
+    gw = Gateway(settings, relay, producer, GatewayMetrics(), Auth(settings), models=directory)
+    await relay.start()
     server = TestServer(build_app(gw))
     await server.start_server()
     try:
@@ -89,4 +89,4 @@ async def running_app(
             yield App(gw, source, producer, str(server.make_url("")).rstrip("/"), session)
     finally:
         await server.close()
-        await hub.stop()
+        await relay.stop()

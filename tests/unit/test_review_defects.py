@@ -11,7 +11,7 @@ from gateway.api.auth import key_id
 from gateway.api.backlog import BacklogMonitor
 from gateway.api.responses_events import response_id
 from gateway.fanout.backfills import BackfillLimit
-from gateway.fanout.hub import SourceRecord
+from gateway.fanout.source import SourceRecord
 from schemas.ids import new_request_id
 from schemas.records import Accepted, Delta, Failed, Finished, InferenceRequest, ModelInfo, Started, TokenEvent, Usage
 from tests.unit.gateway_app import KEY_A, KEY_B, live_model, running_app

@@ -89,12 +89,12 @@ def test_sources_say_where_each_value_came_from() -> None:
     assert "TOKENRELAY_MODEL" in table and " m " in table and "secret" not in table
 
 
-def test_hub_defaults_are_the_settings_defaults() -> None:
+def test_relay_defaults_are_the_settings_defaults() -> None:
     import inspect
 
-    from gateway.fanout.hub import Hub
+    from gateway.fanout.relay import Relay
 
-    params = inspect.signature(Hub).parameters
+    params = inspect.signature(Relay).parameters
     defaults = Settings()
     assert params["memory_events"].default == defaults.hub_memory_events
     assert params["memory_total_events"].default == defaults.hub_memory_total_events
