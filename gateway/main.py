@@ -9,15 +9,15 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Callable
 
 from aiohttp import web
 
-from gateway.api.auth import Auth, key_id
+from gateway.api.auth import Auth, stream_token_secret
 from gateway.api.backlog import BacklogMonitor
 from gateway.api.context import Gateway
 from gateway.cluster.kafka_source import REPLAY_POOL_SIZE, KafkaEventSource
 from gateway.cluster.owners import Owners
+from gateway.cluster.peers import Peers
 from gateway.cluster.upstream import Follower
 from gateway.fanout.backfills import BackfillLimit
 from gateway.fanout.relay import Relay
@@ -47,7 +47,9 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     owners = Owners(settings.gateway_url)
     source = KafkaEventSource(settings, owners)
     auth = Auth(settings)
-    upstream = Follower(owners, token=_upstream_token(auth), keepalive_s=settings.keepalive_s, metrics=metrics)
+    # The secret the gateways share proves an owner to its followers (and a follower to its owner): not the API keys.
+    peers = Peers(stream_token_secret(settings), settings.gateway_url)
+    upstream = Follower(owners, peers=peers, keepalive_s=settings.keepalive_s, metrics=metrics)
     relay = Relay(
         source,
         memory_events=settings.hub_memory_events,
@@ -93,6 +95,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
             ready_check=not_ready,
             models=directory,
             codec=codec,
+            peers=peers,
         )
         if not auth.enabled:
             log.warning("no API keys configured (TOKENRELAY_API_KEYS): the gateway is open to anyone who reaches it")
@@ -118,15 +121,6 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
-
-
-def _upstream_token(auth: Auth) -> Callable[[str], str] | None:
-    """How this gateway authorises its upstream streams: a watch token minted with its first key (the owner checks
-    it like a client's; the client was already authorised here)."""
-    if not auth.enabled:
-        return None
-    tenant = key_id(auth.keys[0])
-    return lambda request_id: auth.sign(request_id, tenant)
 
 
 def _signal_event() -> asyncio.Event:

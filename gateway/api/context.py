@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from aiohttp import web
 from gateway.api.auth import WATCH, Auth
 from gateway.api.backlog import BacklogMonitor
 from gateway.api.validation import parse_json_object
+from gateway.cluster.peers import Peers
 from gateway.fanout.relay import Relay
 from gateway.metrics import GatewayMetrics
 from schemas.codec import default_codec
@@ -61,6 +63,7 @@ class Gateway:
     tenants: dict[str, str] = field(default_factory=dict)
     codec: Any = field(default_factory=default_codec)
     models: ModelDirectory = field(default_factory=ModelDirectory)
+    peers: Peers = field(default_factory=lambda: Peers(os.urandom(32), ""))  # this gateway among its peers
 
 
 GATEWAY = web.AppKey("gateway", Gateway)

@@ -231,6 +231,9 @@ async def follow(request: web.Request, sub: Subscription) -> AsyncIterator[ViewE
     while True:
         live = await sub.next(DISCONNECT_POLL_S)
         if live is None:
+            if sub.error is not None:  # the stream could not be followed: an error, not a slow client
+                yield ViewEvent(-1, EventName.ERROR, dict(sub.error), "", -1, int(time.time() * 1000))
+                return
             if sub.closed is not None:
                 yield None
                 return

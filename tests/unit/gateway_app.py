@@ -13,8 +13,11 @@ from aiohttp.test_utils import TestServer
 from aiokafka.errors import MessageSizeTooLargeError
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
-from gateway.api.auth import Auth, key_id
+from gateway.api.auth import Auth, key_id, stream_token_secret
 from gateway.api.context import Gateway
+from gateway.cluster.owners import Owners
+from gateway.cluster.peers import Peers
+from gateway.cluster.upstream import Follower
 from gateway.fanout.backfills import BackfillLimit
 from gateway.fanout.relay import Relay
 from gateway.http.app import build_app
@@ -22,6 +25,7 @@ from gateway.metrics import GatewayMetrics
 from schemas.codec import default_codec
 from schemas.models import ModelDirectory
 from schemas.records import ModelInfo
+from services.local.broker.runner import free_port
 from services.settings import Settings
 from tests.unit.test_gateway_hub import MemorySource
 
@@ -70,23 +74,42 @@ class App:
 
 @contextlib.asynccontextmanager
 async def running_app(
-    source: MemorySource | None = None, *, backfills: BackfillLimit | None = None, **overrides: Any
+    source: MemorySource | None = None,
+    *,
+    backfills: BackfillLimit | None = None,
+    follow_from: str | None = None,
+    **overrides: Any,
 ) -> AsyncIterator[App]:
+    """A gateway reading every partition of ``source``; with ``follow_from`` one that reads none and follows every
+    request from the gateway at that URL (as the group's map would say)."""
     values: dict[str, Any] = {"api_keys": (KEY_A, KEY_B), "stream_token_secret": "test-secret", "keepalive_s": 1.0}
     values.update(overrides)
     settings = Settings(**values)
     source = source or MemorySource(2)
-    relay = Relay(source, memory_events=64, backfills=backfills)
+    port = free_port()
+    me = f"http://127.0.0.1:{port}"  # the URL this gateway advertises, as owners' proofs name it
+    auth = Auth(settings)
+    peers = Peers(stream_token_secret(settings), me)
+    follower = None
+    if follow_from is not None:
+        owners = Owners(me)
+        owners.update(dict.fromkeys(range(source.partitions), follow_from))
+        follower = Follower(owners, peers=peers, keepalive_s=settings.keepalive_s)
+    relay = Relay(source, memory_events=64, backfills=backfills, upstream=follower)
     producer = MemoryProducer(settings, source)
     directory = ModelDirectory()
     live_model(directory)
-    gw = Gateway(settings, relay, producer, GatewayMetrics(), Auth(settings), models=directory)
+    gw = Gateway(settings, relay, producer, GatewayMetrics(), auth, models=directory, peers=peers)
     await relay.start()
-    server = TestServer(build_app(gw))
+    if follow_from is not None:
+        relay.reassign({}, set(range(source.partitions)), 0)
+    server = TestServer(build_app(gw), host="127.0.0.1", port=port)
     await server.start_server()
     try:
         async with aiohttp.ClientSession() as session:
-            yield App(gw, source, producer, str(server.make_url("")).rstrip("/"), session)
+            yield App(gw, source, producer, me, session)
     finally:
         await server.close()
         await relay.stop()
+        if follower is not None:
+            await follower.close()

@@ -3,18 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import time
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from gateway.api.auth import key_id
 from gateway.api.backlog import BacklogMonitor
 from gateway.api.responses_events import response_id
 from gateway.fanout.backfills import BackfillLimit
 from gateway.fanout.source import SourceRecord
+from gateway.fanout.sse import PREAMBLE, parse
+from gateway.fanout.subscription import make_out
 from schemas.ids import new_request_id
+from schemas.partitioning import partition_for_key
 from schemas.records import Accepted, Delta, Failed, Finished, InferenceRequest, ModelInfo, Started, TokenEvent, Usage
-from tests.unit.gateway_app import KEY_A, KEY_B, live_model, running_app
+from schemas.view import replay
+from tests.unit.gateway_app import KEY_A, KEY_B, App, live_model, running_app
 from tests.unit.test_gateway_hub import MemorySource
 from workers.core import owner_record
 
@@ -128,7 +137,7 @@ async def test_readyz_is_not_ready_before_a_model_is_served() -> None:
         app.gw.models.feed(ModelInfo("default", "w1", 4096, now + 1, ttl_ms=0), now)  # the only model withdraws
         async with app.session.get(app.url + "/readyz") as r:
             assert r.status == 503 and (await r.json()) == {"status": "not_ready", "reason": "no_model"}
-        live_model(app.gw.models)
+        app.gw.models.feed(ModelInfo("default", "w1", 4096, now + 2, ttl_ms=60_000), now)  # it comes back
         async with app.session.get(app.url + "/readyz") as r:
             assert r.status == 200
 
@@ -170,3 +179,82 @@ def refusal_records(rid: str, tenant: str) -> list[TokenEvent]:
     owner = owner_record(request, 5)
     assert owner is not None
     return [owner, TokenEvent(rid, "run-1", 0, 6, Failed("deadline_exceeded", "too late"))]
+
+
+def finished_stream(rid: str, tenant: str, text: str = "hello") -> list[TokenEvent]:
+    return [
+        TokenEvent(rid, "", 0, 1, Accepted("default", tenant)),
+        TokenEvent(rid, "r1", 0, 2, Started("w", "default", 2, 0)),
+        TokenEvent(rid, "r1", 1, 3, Delta(text, (1,))),
+        TokenEvent(rid, "r1", 2, 4, Finished("stop", Usage(2, 1))),
+    ]
+
+
+def same_log(source: MemorySource) -> MemorySource:
+    """Another gateway's view of one log (any gateway reads any partition; only its owner tails it)."""
+    other = MemorySource(source.partitions)
+    other.log = source.log
+    return other
+
+
+async def sse_events(app: App, path: str, key: str = KEY_A) -> list[dict[str, str]]:
+    """The events of one SSE answer, read to its end (a stream that never ends fails the test at its deadline)."""
+    async with app.session.get(app.url + path, headers=app.headers(key)) as r:
+        assert r.status == 200, await r.text()
+        body = await asyncio.wait_for(r.read(), DEADLINE_S)
+    return [e for e in parse(body.decode()) if "event" in e]
+
+
+@contextlib.asynccontextmanager
+async def rogue_gateway(rid: str) -> AsyncIterator[str]:
+    """A process that joined the gateways' group with its own URL: it streams any request, with text of its own,
+    framed exactly as an owner frames it (cursors and all), but it does not hold the gateways' secret."""
+    events = replay(rid, list(enumerate(finished_stream(rid, "", " <<INJECTED BY ROGUE GATEWAY>>"))))
+    body = PREAMBLE + b"".join(make_out(partition_for_key(rid, 2), rid, ev).framed for ev in events)
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=body, content_type="text/event-stream")
+
+    app = web.Application()
+    app.router.add_get("/v1/requests/{id}/events", stream)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        yield str(server.make_url("")).rstrip("/")
+    finally:
+        await server.close()
+
+
+async def test_a_rogue_gateway_in_the_group_cannot_get_its_text_relayed() -> None:
+    rid = new_request_id()
+    async with rogue_gateway(rid) as rogue, running_app(follow_from=rogue) as gateway:
+        gateway.gw.tenants[rid] = gateway.tenant_a  # the client's own request
+        events = await sse_events(gateway, f"/v1/requests/{rid}/events")
+        assert not any("INJECTED" in e["data"] for e in events), events
+        assert [e["event"] for e in events] == ["error"]
+        assert json.loads(events[0]["data"])["code"] == "upstream_untrusted"
+
+
+async def test_a_follower_reads_from_an_owner_that_knows_other_keys_during_a_rotation() -> None:
+    rid = new_request_id()
+    # Rolling key rotation: the owner has only the new key yet, the follower still has the old one first.
+    async with running_app(api_keys=("key-new",)) as owner:
+        for ev in finished_stream(rid, key_id("key-new")):
+            owner.source.append(ev)
+        async with running_app(
+            same_log(owner.source), follow_from=owner.url, api_keys=("key-old", "key-new")
+        ) as follower:
+            events = await sse_events(follower, f"/v1/requests/{rid}/events", key="key-new")
+            assert [e["event"] for e in events] == ["started", "token", "done"]
+            assert json.loads(events[1]["data"])["text"] == "hello"
+
+
+async def test_a_follower_that_is_refused_ends_its_clients_stream_with_an_error() -> None:
+    rid = new_request_id()
+    async with running_app(stream_token_secret="the owner's own secret") as owner:
+        for ev in finished_stream(rid, owner.tenant_a):
+            owner.source.append(ev)
+        async with running_app(same_log(owner.source), follow_from=owner.url) as follower:
+            events = await sse_events(follower, f"/v1/requests/{rid}/events")
+            assert [e["event"] for e in events] == ["error"]
+            assert json.loads(events[0]["data"])["code"] == "upstream_refused"
