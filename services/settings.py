@@ -138,6 +138,9 @@ class Settings:
     worker_metrics_port: int = _setting(
         9400, "TOKENRELAY_WORKER_METRICS_PORT", "Port of the worker's Prometheus endpoint (0 = off)."
     )
+    worker_metrics_host: str = _setting(
+        "127.0.0.1", "TOKENRELAY_WORKER_METRICS_HOST", "Address the worker's Prometheus endpoint listens on."
+    )
     worker_id: str = _setting("", "TOKENRELAY_WORKER_ID", "Name of this worker in Started events (default: host-pid).")
     worker_session_timeout_ms: int = _setting(
         10_000,

@@ -250,7 +250,7 @@ async def serve(settings: Settings, engines: Mapping[str, EngineLike] | None = N
         codec = await codec_task
     finally:
         codec_task.cancel()
-    metrics.serve(settings.worker_metrics_port)
+    metrics.serve(settings.worker_metrics_port, settings.worker_metrics_host)
     worker = Worker(settings, engines, codec=codec)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from wsgiref.simple_server import WSGIServer
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 REGISTRY = CollectorRegistry()
@@ -56,7 +58,9 @@ GENERATION_TOKENS = Counter("generation_tokens", "Tokens generated.", registry=R
 SUCCESS = Counter("request_success", "Requests finished, by reason.", ["finished_reason"], registry=REGISTRY)
 
 
-def serve(port: int) -> None:
-    """Expose the metrics on ``port`` (0 = off)."""
-    if port:
-        start_http_server(port, registry=REGISTRY)
+def serve(port: int, host: str) -> WSGIServer | None:
+    """Expose the metrics on ``host``:``port`` (port 0 = off); the server, to stop it."""
+    if not port:
+        return None
+    server, _ = start_http_server(port, addr=host, registry=REGISTRY)
+    return server

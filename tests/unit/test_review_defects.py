@@ -258,3 +258,20 @@ async def test_a_follower_that_is_refused_ends_its_clients_stream_with_an_error(
             events = await sse_events(follower, f"/v1/requests/{rid}/events")
             assert [e["event"] for e in events] == ["error"]
             assert json.loads(events[0]["data"])["code"] == "upstream_refused"
+
+
+def test_worker_metrics_listen_on_loopback_like_everything_else() -> None:
+    from services.local.broker.runner import free_port
+    from services.settings import Settings
+    from workers import metrics
+
+    settings = Settings()
+    assert settings.worker_metrics_host == "127.0.0.1"
+    server = metrics.serve(free_port(), settings.worker_metrics_host)
+    assert server is not None
+    try:
+        assert server.server_address[0] == "127.0.0.1"
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert metrics.serve(0, "127.0.0.1") is None  # 0: off
