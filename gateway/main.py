@@ -27,6 +27,7 @@ from gateway.metrics import GatewayMetrics
 from schemas.errors import TokenRelayError
 from schemas.models import ModelDirectory
 from services.kafka import make_consumer, make_producer, start_client
+from services.logs import configure_logging
 from services.models_source import ModelsFollower
 from services.schema_registry import prepare_codec
 from services.settings import Settings
@@ -157,7 +158,7 @@ def run_gateway(settings: Settings) -> int:
 
 def main() -> int:
     settings = Settings.from_env()
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level)
     logging.getLogger("aiokafka").setLevel(logging.WARNING)
     return run_gateway(settings)
 

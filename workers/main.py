@@ -20,6 +20,7 @@ from schemas.errors import ConfigError, KafkaUnavailable, TokenRelayError
 from schemas.ids import is_model_name
 from schemas.records import ModelInfo
 from services.kafka import make_consumer, make_producer
+from services.logs import configure_logging
 from services.schema_registry import prepare_codec
 from services.settings import Settings
 from services.topics import describe_topics, ensure_topics
@@ -270,7 +271,5 @@ def run_worker(settings: Settings) -> int:
 
 if __name__ == "__main__":
     _settings = Settings.from_env()
-    logging.basicConfig(
-        level=_settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    configure_logging(_settings.log_level)
     sys.exit(run_worker(_settings))
