@@ -169,9 +169,10 @@ class Settings:
     stream_token_secret: str = _setting(
         "",
         "TOKENRELAY_STREAM_TOKEN_SECRET",
-        "Secret that signs stream tokens; independent of the API keys, so rotating keys leaves other keys' tokens "
-        "valid. Empty: a random secret kept in <cache dir>/stream-token-secret, shared by the gateways of one machine. "
-        "Set the same value on every gateway when they run on several machines.",
+        "Secret that signs stream tokens and that gateways prove to each other before one follows another; "
+        "independent of the API keys, so rotating keys leaves other keys' tokens valid. Empty: a random secret kept in "
+        "<cache dir>/stream-token-secret, shared by the gateways of one machine. Set the same value on every gateway "
+        "when they run on several machines (with or without API keys).",
     )
     stream_token_ttl_s: int = _setting(
         3600, "TOKENRELAY_STREAM_TOKEN_TTL_S", "Lifetime of a signed stream token in seconds."
