@@ -75,7 +75,7 @@ class UpstreamUntrusted(UpstreamEnded):
 
 
 # What a client of a followed request is told when its stream cannot be relayed: (code, message).
-_FAILURES: dict[type[UpstreamEnded], tuple[str, str]] = {
+_FAILURES: dict[type[BaseException], tuple[str, str]] = {
     UpstreamUntrusted: (
         "upstream_untrusted",
         "the gateway that reads this request's partition did not prove it is one of this cluster's gateways",
