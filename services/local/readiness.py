@@ -85,8 +85,8 @@ def probe(gateway_url: str, api_key: str | None = None, deadline_s: float = 600.
     """Submit one greedy 1-token request and wait for its ``done`` or ``error``; raises OSError if the gateway
     cannot be reached, TimeoutError past ``deadline_s``.
 
-    This proves what /readyz cannot yet: that a worker consumes the requests topic and answers. Once the gateway's
-    readiness includes a live worker per model (the `models` topic), polling /readyz can replace it.
+    This proves what /readyz cannot: /readyz knows a worker announces a model whose requests topic exists, the
+    probe that a worker consumes that topic and answers.
     """
     began = time.monotonic()
     submitted = _submit_when_served(gateway_url, api_key, began + deadline_s)

@@ -262,3 +262,22 @@ async def test_forged_announcements_refused_requests_and_large_bodies(kafka_boot
 
             await until(failed, f"the tenant never saw its request fail: {answer}")
             assert answer["error"]["code"] == "deadline_exceeded"  # type: ignore[index]
+
+
+async def test_readyz_says_ready_only_once_a_request_is_routed(kafka_bootstrap: str, topic_prefix: str) -> None:
+    settings = gateway_settings(kafka_bootstrap, topic_prefix)
+    await ensure_topics(settings)
+    with running_gateway(settings) as gw:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(gw.url + "/readyz") as r:
+                assert r.status == 503 and (await r.json())["reason"] == "no_model"  # no worker yet
+            with running_worker(settings, TOKENRELAY_ENGINE="synthetic"):
+
+                async def ready() -> bool:
+                    async with session.get(gw.url + "/readyz") as r:
+                        return r.status == 200
+
+                await until(ready, "never ready with a worker serving")
+                # What a load balancer does the moment /readyz says ready: the request is routed.
+                async with session.post(gw.url + "/v1/requests", json={"prompt": "hi", "max_tokens": 2}) as r:
+                    assert r.status == 202, await r.text()
