@@ -8,8 +8,11 @@ import asyncio
 import contextlib
 import io
 import json
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -28,9 +31,12 @@ from schemas.records import Accepted, InferenceRequest, ModelInfo, TokenEvent
 from schemas.view import replay
 from services.kafka import make_consumer, make_producer, record_headers, start_client
 from services.local.broker.runner import free_port
+from services.local.process import quiet_env
 from services.settings import Settings
 from services.topics import ensure_topics
+from tests.integration.conftest import LocalBrokerFactory
 from tests.integration.gateway_support import (
+    ROOT,
     EventWriter,
     gateway_settings,
     read_sse,
@@ -39,6 +45,7 @@ from tests.integration.gateway_support import (
     scripted_stream,
 )
 from tests.integration.test_gateway_scaleout import metric
+from tests.integration.worker_helpers import wait_announced
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -281,3 +288,39 @@ async def test_readyz_says_ready_only_once_a_request_is_routed(kafka_bootstrap: 
                 # What a load balancer does the moment /readyz says ready: the request is routed.
                 async with session.post(gw.url + "/v1/requests", json={"prompt": "hi", "max_tokens": 2}) as r:
                     assert r.status == 202, await r.text()
+
+
+OUTAGE_S = 15.0  # longer than the filter's 10 s interval, so a held-back count is reported
+
+
+def logged_worker(settings: Settings, log_path: Path) -> subprocess.Popen[bytes]:
+    """A synthetic-engine worker whose stderr goes to ``log_path`` (and nothing to the test's stdout)."""
+    env = quiet_env(settings, TOKENRELAY_ENGINE="synthetic", TOKENRELAY_WORKER_METRICS_PORT="0")
+    with open(log_path, "wb") as log_file:
+        return subprocess.Popen(
+            [sys.executable, "-m", "workers.main"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log_file
+        )
+
+
+async def test_a_broker_outage_does_not_flood_the_worker_log(
+    local_broker_factory: LocalBrokerFactory, tmp_path: Path, topic_prefix: str
+) -> None:
+    broker = local_broker_factory(data_dir=tmp_path / "broker", port=free_port())
+    bootstrap = await asyncio.to_thread(broker.start)
+    settings = gateway_settings(bootstrap, topic_prefix)
+    await ensure_topics(settings)
+    log_path = tmp_path / "worker.log"
+    proc = logged_worker(settings, log_path)
+    try:
+        await wait_announced(settings, "default", proc=proc)
+        before = len(log_path.read_bytes().splitlines())
+        await asyncio.to_thread(broker.stop)
+        await asyncio.sleep(OUTAGE_S)  # the outage itself, not a wait for a condition
+        assert proc.poll() is None, "the worker died in the outage"
+    finally:
+        proc.kill()  # a worker asked to stop while the broker is away waits for it: not what this test is about
+        await asyncio.to_thread(proc.wait, 30)
+    lines = log_path.read_text(errors="replace").splitlines()[before:]
+    print(f"worker log lines during a {OUTAGE_S:.0f} s outage: {len(lines)}")
+    assert 0 < len(lines) < 300, lines[:20]  # was ~734,000 in 63 s
+    assert any("more like this" in line for line in lines), lines[:20]
