@@ -10,6 +10,8 @@ TokenRelayError                 root; every error raised on purpose by tokenrela
 │   ├── BodyError               an HTTP body that is not a JSON object              400 invalid_json
 │   └── RequestRefused          the model cannot take this request (its limits)     400 (a code per reason)
 ├── BodyTooLarge                an HTTP body over the size limit                    413 body_too_large
+│   └── RecordTooLarge          a request whose Kafka record is over the cluster's  413 record_too_large
+│                               record size limit (permanent: not retriable)
 ├── CursorError                 an SSE cursor that cannot be parsed                 400 bad_cursor
 ├── Unauthorized                no valid API key (or stream token)                  401 unauthorized
 ├── Forbidden                   a valid stream token that does not allow this       403 forbidden
@@ -127,6 +129,10 @@ class RequestRefused(ValidationError):
 class BodyTooLarge(TokenRelayError):
     code = "body_too_large"
     http_status = 413
+
+
+class RecordTooLarge(BodyTooLarge):
+    code = "record_too_large"
 
 
 class CursorError(TokenRelayError):

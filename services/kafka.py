@@ -12,11 +12,17 @@ from typing import Any, Protocol, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError, SaslAuthenticationFailed
+from aiokafka.errors import (
+    KafkaConnectionError,
+    KafkaError,
+    KafkaTimeoutError,
+    MessageSizeTooLargeError,
+    SaslAuthenticationFailed,
+)
 from aiokafka.structs import ConsumerRecord
 
 from schemas.codec import CONTENT_TYPE
-from schemas.errors import ConfigError, KafkaUnavailable
+from schemas.errors import ConfigError, KafkaUnavailable, RecordTooLarge
 from services.kafka_auth import aiokafka_options
 from services.settings import Settings
 
@@ -75,9 +81,12 @@ def map_kafka_errors(doing: str) -> Iterator[None]:
     """The boundary where aiokafka's errors, and a cluster that does not answer in time, become KafkaUnavailable.
 
     ``doing`` names the operation for the message ("cannot produce the request"); aiokafka's ``retriable`` is kept.
+    A record over the size limit (the producer's or the broker's) is RecordTooLarge: the same record never fits.
     """
     try:
         yield
+    except MessageSizeTooLargeError as exc:
+        raise RecordTooLarge(f"{doing}: the record is over the cluster's size limit ({exc})", retriable=False) from exc
     except KafkaError as exc:
         retriable = bool(exc.retriable) or isinstance(exc, KafkaTimeoutError)
         raise KafkaUnavailable(f"{doing}: {str(exc) or type(exc).__name__}", retriable=retriable) from exc

@@ -247,6 +247,9 @@ class Settings:
     worker_metrics_port: int = _setting(
         9400, "TOKENRELAY_WORKER_METRICS_PORT", "Port of the worker's Prometheus endpoint (0 = off)."
     )
+    worker_metrics_host: str = _setting(
+        "127.0.0.1", "TOKENRELAY_WORKER_METRICS_HOST", "Address the worker's Prometheus endpoint listens on."
+    )
     worker_id: str = _setting("", "TOKENRELAY_WORKER_ID", "Name of this worker in Started events (default: host-pid).")
     worker_session_timeout_ms: int = _setting(
         10_000,
@@ -275,9 +278,10 @@ class Settings:
     stream_token_secret: str = _setting(
         "",
         "TOKENRELAY_STREAM_TOKEN_SECRET",
-        "Secret that signs stream tokens; independent of the API keys, so rotating keys leaves other keys' tokens "
-        "valid. Empty: a random secret kept in <cache dir>/stream-token-secret, shared by the gateways of one machine. "
-        "Set the same value on every gateway when they run on several machines.",
+        "Secret that signs stream tokens and that gateways prove to each other before one follows another; "
+        "independent of the API keys, so rotating keys leaves other keys' tokens valid. Empty: a random secret kept in "
+        "<cache dir>/stream-token-secret, shared by the gateways of one machine. Set the same value on every gateway "
+        "when they run on several machines (with or without API keys).",
         secret=True,
     )
     stream_token_ttl_s: int = _setting(

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from schemas.records import Failed, Finished, Usage
+from schemas.records import Accepted, Failed, Finished, InferenceRequest, TokenEvent, Usage
 from workers import metrics
 from workers.admission import Admission, Limits, Refusal, admit, precheck
 from workers.control import CancelledIds
@@ -32,6 +32,22 @@ class Handover:
     ticket: Ticket
     last: asyncio.Future[None] | None
     prior: Prior
+
+
+def owner_record(request: InferenceRequest, now_ms: int) -> TokenEvent | None:
+    """The Accepted a refusal writes before its Failed, for a request with a tenant.
+
+    A request produced straight to Kafka has no gateway's Accepted, and a Failed before any Started names no tenant:
+    without this its own tenant could not read its failure. After a gateway's Accepted it is ignored by every reader.
+    """
+    if not request.tenant:
+        return None
+    return TokenEvent(request.request_id, "", 0, now_ms, Accepted(request.model, request.tenant, request.deadline_ms))
+
+
+def _quietly(done: asyncio.Future[None]) -> None:
+    if not done.cancelled():
+        done.exception()  # retrieved: a lost Accepted only costs the tenant its read of the failure
 
 
 class ModelCore:
@@ -98,6 +114,9 @@ class ModelCore:
     def refuse(self, ticket: Ticket, failed: Failed) -> None:
         """End the request with ``failed`` before any Started."""
         log.info("request %s: refused: %s (%s)", ticket.request.request_id, failed.code, failed.message)
+        owner = owner_record(ticket.request, _now_ms())
+        if owner is not None:
+            self.publisher.publish(owner).add_done_callback(_quietly)  # best effort: the Failed is what matters
         stream = self._stream(ticket)
         self._close_when_acked(ticket, stream.finish(failed), None, None)
 

@@ -20,6 +20,7 @@ from schemas.errors import ConfigError, KafkaUnavailable, TokenRelayError
 from schemas.ids import is_model_name
 from schemas.records import ModelInfo
 from services.kafka import make_consumer, make_producer
+from services.logs import configure_logging
 from services.schema_registry import prepare_codec
 from services.settings import Settings
 from services.topics import describe_topics, ensure_topics
@@ -253,7 +254,7 @@ async def serve(settings: Settings, engines: Mapping[str, EngineLike] | None = N
         codec = await codec_task
     finally:
         codec_task.cancel()
-    metrics.serve(settings.worker_metrics_port)
+    metrics.serve(settings.worker_metrics_port, settings.worker_metrics_host)
     worker = Worker(settings, engines, codec=codec)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -273,7 +274,5 @@ def run_worker(settings: Settings) -> int:
 
 if __name__ == "__main__":
     _settings = Settings.from_env()
-    logging.basicConfig(
-        level=_settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    configure_logging(_settings.log_level)
     sys.exit(run_worker(_settings))

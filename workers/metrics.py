@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
@@ -131,7 +132,9 @@ QUEUES = QueueCollector()
 REGISTRY.register(QUEUES)
 
 
-def serve(port: int) -> None:
-    """Expose the metrics on ``port`` (0 = off)."""
-    if port:
-        start_http_server(port, registry=REGISTRY)
+def serve(port: int, host: str) -> WSGIServer | None:
+    """Expose the metrics on ``host``:``port`` (port 0 = off); the server, to stop it."""
+    if not port:
+        return None
+    server, _ = start_http_server(port, addr=host, registry=REGISTRY)
+    return server

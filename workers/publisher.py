@@ -103,7 +103,8 @@ class Publisher:
     def publish(self, event: TokenEvent) -> asyncio.Future[None]:
         """Queue an event; the future resolves when the broker has acknowledged it (RunBroken once its run broke)."""
         value = self._codec.encode(event)
-        return self._put(_Item(self._topic, event.request_id.encode(), value, _HEADERS, event.run_id, self._future()))
+        run_id = event.run_id or None  # an event of no run (an Accepted) has no run to break
+        return self._put(_Item(self._topic, event.request_id.encode(), value, _HEADERS, run_id, self._future()))
 
     def send(self, topic: str, key: bytes, value: bytes, headers: list[tuple[str, bytes]]) -> asyncio.Future[None]:
         """Queue any other record (DLQ copies, model announcements) on the same ordered path."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from aiohttp import web
 from gateway.api.auth import WATCH, Auth
 from gateway.api.backlog import BacklogMonitor
 from gateway.api.validation import parse_json_object
+from gateway.cluster.peers import Peers
 from gateway.cluster.quota_log import QuotaLog
 from gateway.cluster.quotas import estimate_tokens
 from gateway.fanout.relay import Relay
@@ -59,11 +61,12 @@ class Gateway:
     metrics: GatewayMetrics
     auth: Auth
     backlog: BacklogMonitor | None = None
-    ready_check: Callable[[], Awaitable[bool]] | None = None
+    ready_check: Callable[[], Awaitable[str]] | None = None  # why the gateway is not ready; "" when it is
     tenants: dict[str, str] = field(default_factory=dict)
     codec: Any = field(default_factory=default_codec)
     models: ModelDirectory = field(default_factory=ModelDirectory)
     quotas: QuotaLog | None = None
+    peers: Peers = field(default_factory=lambda: Peers(os.urandom(32), ""))  # this gateway among its peers
 
 
 GATEWAY = web.AppKey("gateway", Gateway)
@@ -170,11 +173,22 @@ def parse_model(body: dict[str, Any]) -> str | None:
     return model
 
 
-def resolve_model(gw: Gateway, requested: str | None) -> LiveModel:
-    """The live model a request goes to; 404 model_not_found for a name no live worker serves."""
-    model = gw.models.resolve(requested, gw.settings.default_model, int(time.time() * 1000))
+async def resolve_model(gw: Gateway, requested: str | None) -> LiveModel:
+    """The live model a request goes to; 404 model_not_found for a name no live worker serves, 404
+    model_not_routable for one announced whose requests topic does not exist (asked of the cluster once more)."""
+    now_ms = int(time.time() * 1000)
+    model = gw.models.resolve(requested, gw.settings.default_model, now_ms)
+    name = requested or gw.settings.default_model
+    if model is None and gw.backlog is not None and gw.models.announced(name, now_ms):
+        await gw.backlog.refresh_topics()  # a topic created since the last listing
+        model = gw.models.resolve(requested, gw.settings.default_model, now_ms)
+        if model is None:
+            topic = gw.settings.requests_topic_for(name)
+            raise ModelNotFound(
+                f"the model {name!r} is announced, but its requests topic {topic!r} does not exist",
+                code="model_not_routable",
+            )
     if model is None:
-        name = requested or gw.settings.default_model
         raise ModelNotFound(f"the model {name!r} does not exist or no worker serves it; GET /v1/models lists them")
     return model
 

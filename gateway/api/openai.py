@@ -239,6 +239,9 @@ async def follow(request: web.Request, sub: Subscription) -> AsyncIterator[ViewE
     while True:
         live = await sub.next(DISCONNECT_POLL_S)
         if live is None:
+            if sub.error is not None:  # the stream could not be followed: an error, not a slow client
+                yield ViewEvent(-1, EventName.ERROR, dict(sub.error), "", -1, int(time.time() * 1000))
+                return
             if sub.closed is not None:
                 yield None
                 return
@@ -364,11 +367,11 @@ async def _completions(request: web.Request, *, chat: bool) -> web.StreamRespons
     messages: tuple[ChatMessage, ...] | None = None
     if chat:
         messages = parse_messages(body)
-        prompt = "\n".join(m.content for m in messages)
+        prompt = ""  # the text travels once, in `messages`
     else:
         prompt = parse_prompt(body)
     sampling = parse_sampling(body, gw.settings.max_tokens_limit, default_max_tokens=256 if chat else 16)
-    model = resolve_model(gw, parse_model(body))
+    model = await resolve_model(gw, parse_model(body))
     check_limits(model, sampling, messages)
     check_backlog(gw, model.name)
     priority = parse_priority(body, request.headers.get(PRIORITY_HEADER))

@@ -10,12 +10,14 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from gateway.api.auth import CANCEL, WATCH
 from gateway.api.context import (
     FUTURE_ID_MS,
     Gateway,
     authorize_read,
     check_backlog,
     check_limits,
+    client_of,
     cors_headers,
     gateway_of,
     parse_model,
@@ -68,12 +70,11 @@ async def create(request: web.Request) -> web.StreamResponse:
     tenant = require_key(request)
     body = await read_json(request)
     spec = parse_create(body, gw.settings.max_tokens_limit)
-    model = resolve_model(gw, parse_model(body))
+    model = await resolve_model(gw, parse_model(body))
     check_limits(model, spec.sampling, spec.messages)
     check_backlog(gw, model.name)
-    prompt = "\n".join(m.content for m in spec.messages)
     priority = parse_priority(body, request.headers.get(PRIORITY_HEADER))
-    req = new_inference_request(prompt, spec.sampling, tenant, spec.messages, model=model.name, priority=priority)
+    req = new_inference_request("", spec.sampling, tenant, spec.messages, model=model.name, priority=priority)
     options = ResponseOptions(model.name, spec.background, spec.store, spec.metadata)
     accepted = Accepted(
         model.name, tenant, req.deadline_ms, spec.background, spec.store, spec.metadata, priority=req.priority
@@ -172,7 +173,7 @@ async def _whole(gw: Gateway, surface: ResponseEvents, events: AsyncIterator[Vie
     raise ClientClosed("client went away")
 
 
-async def _known_view(request: web.Request, request_id: str) -> View:
+async def _known_view(request: web.Request, request_id: str, scope: int = WATCH) -> View:
     """The request's view once the log shows it (a young id may still be on its way); NotFound otherwise.
 
     A response's Accepted is its first record in its partition and retention deletes a partition's oldest records
@@ -183,13 +184,14 @@ async def _known_view(request: web.Request, request_id: str) -> View:
     if gw.auth.enabled and "token" not in request.query:
         require_key(request)  # before any waiting
     created_ms = request_id_time_ms(request_id)
+    client = client_of(request)  # every look-up scans on its caller's share, never on one common to all callers
     while True:
-        view = await gw.relay.snapshot(request_id)
+        view = await gw.relay.snapshot(request_id, client)
         if view.known or time.time() * 1000 >= created_ms + ACCEPT_GRACE_MS:
             break
         await asyncio.sleep(ACCEPT_POLL_S)
     if view.known:
-        await authorize_read(request, request_id)
+        await authorize_read(request, request_id, scope)
     if view.log.accepted is None and created_ms < time.time() * 1000 - gw.settings.events_retention_ms:
         raise NotFound(f"response {response_id(request_id)} is older than the log's retention window", code="expired")
     if not view.known:
@@ -225,7 +227,7 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
     view = await _known_view(request, request_id)
     options = ResponseOptions.of_view(view, gw.settings.default_model)
     surface = ResponseEvents(AnswerFold(options.model), request_id, options, after=after)
-    sub = await gw.relay.subscribe(request_id, None)
+    sub = await gw.relay.subscribe(request_id, None, client_of(request))
     assert sub is not None
     try:
         if stream and "starting_after" not in request.query and "Last-Event-ID" in request.headers:
@@ -248,12 +250,12 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
 async def cancel(request: web.Request) -> web.Response:
     gw = gateway_of(request)
     request_id = request_id_of_response(request.match_info["id"])
-    view = await _known_view(request, request_id)
+    view = await _known_view(request, request_id, CANCEL)
     options = ResponseOptions.of_view(view, gw.settings.default_model)
     if not options.background:
         raise Conflict("only background responses can be cancelled", code="not_background")
     surface = ResponseEvents(AnswerFold(options.model), request_id, options)
-    sub = await gw.relay.subscribe(request_id, None)
+    sub = await gw.relay.subscribe(request_id, None, client_of(request))
     assert sub is not None
     try:
         for out in sub.backlog:

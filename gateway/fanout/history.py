@@ -40,6 +40,7 @@ class Entry:
     last_out: Out | None = None
     terminal: Out | None = None
     progress: asyncio.Event | None = None  # set (and dropped) at the next event; created by whoever waits
+    failure: dict[str, str] | None = None  # a followed stream its owner would not (or could not prove to) give
 
 
 class History:

@@ -238,6 +238,11 @@ class Relay:
         # so live events are not filtered by its offset meanwhile.
         after_offset = after.offset if after is not None and after.partition == entry.partition else -1
         sub = Subscription(request_id, after_offset, self.subscriber_buffer, forwarded=forwarded)
+        if entry.failure is not None:
+            sub.close("failed", entry.failure)
+            if self.history.current(entry):
+                self.history.forget(entry)
+            return sub
         memory = list(entry.outs)
         self.hub.attach(sub)
         if entry.followed:

@@ -94,21 +94,28 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
+    """200 once a request can be served: Kafka and topics there, and a live worker for every model announced (and
+    at least one). Why not, when not; the models themselves only for a caller with a key (or an open gateway)."""
     gw = gateway_of(request)
-    ok = gw.relay.started.is_set()
-    if ok and gw.ready_check is not None:
+    reason = "" if gw.relay.started.is_set() else "starting"
+    if not reason and gw.ready_check is not None:
         try:
-            ok = await asyncio.wait_for(gw.ready_check(), 5.0)
+            reason = await asyncio.wait_for(gw.ready_check(), 5.0)
         except Exception as exc:
             log.info("not ready: %s", exc)
-            ok = False
+            reason = "kafka"
     now = int(time.time() * 1000)
-    body = {
-        "status": "ready" if ok else "not_ready",
-        "models": {name: model.workers for name, model in gw.models.live(now).items()},
-        "unavailable_models": gw.models.unavailable(now),
-    }
-    return web.json_response(body, status=200 if ok else 503)
+    live = gw.models.live(now)
+    unavailable = gw.models.unavailable(now)
+    if not reason and unavailable:
+        reason = "model_unavailable"
+    if not reason and not live:
+        reason = "no_model"
+    body: dict[str, Any] = {"status": "not_ready", "reason": reason} if reason else {"status": "ready"}
+    if not gw.auth.enabled or gw.auth.tenant_of(request.headers.get("Authorization")) is not None:
+        body["models"] = {name: model.workers for name, model in live.items()}
+        body["unavailable_models"] = unavailable
+    return web.json_response(body, status=503 if reason else 200)
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -7,7 +7,6 @@ import asyncio
 import dataclasses
 import errno
 import importlib.metadata
-import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -15,6 +14,7 @@ from pathlib import Path
 
 from schemas.errors import TokenRelayError
 from schemas.records import PRIORITIES
+from services.logs import configure_logging
 from services.settings import Settings, effective_table, settings_table, sources, unknown_variables
 
 Command = Callable[[argparse.Namespace, Settings], int]
@@ -395,7 +395,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level = settings.log_level.upper()
         if args.command in QUIET_COMMANDS and args.sources["log_level"] == "default" and not _verbose(args):
             level = "WARNING"
-        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+        configure_logging(level)
         return int(args.func(args, settings))
     except TokenRelayError as exc:
         print(f"tokenrelay: {exc.message}", file=sys.stderr)

@@ -33,6 +33,19 @@ class ProbeResult:
 MODEL_POLL_S = 0.5
 
 
+def gateway_serving(gateway_url: str, timeout_s: float = 1.0) -> bool:
+    """Whether the gateway itself is up (its /readyz is 200, or 503 only because no worker serves a model yet):
+    for starting a gateway before any worker, as tests and benchmarks do."""
+    try:
+        with urllib.request.urlopen(gateway_url + "/readyz", timeout=timeout_s) as response:
+            return bool(response.status == 200)
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code == 503 and json.loads(exc.read() or b"{}").get("reason") == "no_model"
+    except (OSError, ValueError):
+        return False
+
+
 def _headers(api_key: str | None) -> dict[str, str]:
     headers = {"content-type": "application/json"}
     if api_key:
@@ -76,8 +89,8 @@ def probe(gateway_url: str, api_key: str | None = None, deadline_s: float = 600.
     """Submit one greedy 1-token request and wait for its ``done`` or ``error``; raises OSError if the gateway
     cannot be reached, TimeoutError past ``deadline_s``.
 
-    This proves what /readyz cannot yet: that a worker consumes the requests topic and answers. Once the gateway's
-    readiness includes a live worker per model (the `models` topic), polling /readyz can replace it.
+    This proves what /readyz cannot: /readyz knows a worker announces a model whose requests topic exists, the
+    probe that a worker consumes that topic and answers.
     """
     began = time.monotonic()
     submitted = _submit_when_served(gateway_url, api_key, began + deadline_s)

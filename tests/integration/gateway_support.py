@@ -27,6 +27,7 @@ from schemas.records import Delta, Finished, Started, TokenEvent, Usage
 from services.kafka import make_consumer, make_producer, record_headers, start_client
 from services.local.broker.cluster import free_port_block
 from services.local.process import die_with_parent, quiet_env
+from services.local.readiness import gateway_serving
 from services.settings import Settings
 from tests.integration.secure_support import as_role, secured, security
 from tests.waiting import wait_until
@@ -90,16 +91,13 @@ class GatewayProcess:
             raise RuntimeError(f"gateway exited with {self.proc.returncode}")
 
     def start(self, timeout_s: float = 60.0) -> None:
-        """Launch and block until /readyz answers 200 (for sync callers)."""
-        import urllib.request
-
+        """Launch and block until the gateway serves (/readyz 200, or 503 only for want of a worker)."""
         self.launch()
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             self._alive()
-            with contextlib.suppress(OSError), urllib.request.urlopen(self.url + "/readyz", timeout=1) as response:
-                if response.status == 200:
-                    return
+            if gateway_serving(self.url):
+                return
             time.sleep(0.1)
         self.kill()  # not left running behind a failed test
         raise RuntimeError("gateway not ready")
@@ -110,14 +108,7 @@ class GatewayProcess:
 
         async def ready() -> bool:
             self._alive()
-            try:
-                async with (
-                    aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1)) as session,
-                    session.get(self.url + "/readyz") as response,
-                ):
-                    return response.status == 200
-            except (aiohttp.ClientError, TimeoutError):
-                return False
+            return await asyncio.to_thread(gateway_serving, self.url)
 
         await wait_until(ready, f"gateway on {self.url} ready", timeout_s=timeout_s, interval_s=0.1)
 

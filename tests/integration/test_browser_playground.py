@@ -210,3 +210,30 @@ async def test_playground_multi_turn_chat_with_the_built_in_model(
     ]
     assert all(answer.strip() for answer in answers)
     assert [" ".join(b.split()) for b in bubbles] == [" ".join(a.split()) for a in answers]
+
+
+async def test_markdown_links_stay_on_this_origin_and_deep_quotes_render() -> None:
+    from playwright.async_api import async_playwright
+
+    links = "[a](//evil.example) [b](/\\evil.example) [c](/\\/evil.example) [ok](/v1/models) [ok2](./x) [ok3](#top)"
+    deep = ">" * 20_000 + " bottom"
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = await browser.new_page()
+        await page.set_content("<div id=o></div><div id=q></div>")
+        await page.add_script_tag(path=str(STATIC / "markdown.js"))
+        hrefs = await page.evaluate(
+            "(s) => { const o = document.getElementById('o'); o.append(renderMarkdown(s));"
+            " return [...o.querySelectorAll('a')].map(a => a.getAttribute('href')); }",
+            links,
+        )
+        quoted = await page.evaluate(
+            "(s) => { try { const q = document.getElementById('q'); q.append(renderMarkdown(s));"
+            " return [q.querySelectorAll('blockquote').length, q.textContent.includes('bottom')]; }"
+            " catch (e) { return String(e); } }",
+            deep,
+        )
+        await browser.close()
+    # Only links that stay on this origin (or name their scheme): a protocol-relative one goes elsewhere.
+    assert hrefs == ["/v1/models", "./x", "#top"]
+    assert isinstance(quoted, list) and 0 < quoted[0] <= 32 and quoted[1], quoted

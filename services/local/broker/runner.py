@@ -33,6 +33,7 @@ from services.local.broker import config, secure
 from services.local.foreground import Service
 from services.local.ports import port_free
 from services.local.process import die_with_parent, terminate
+from services.logs import configure_logging
 from services.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -694,7 +695,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path, default=None, help="data directory (persists across restarts)")
     args = parser.parse_args(argv)
     settings = Settings.from_env()
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level)
     try:
         if args.resolve_only:
             classpath = ensure_jars(settings)
