@@ -342,8 +342,18 @@ async def _completions(request: web.Request, *, chat: bool) -> web.StreamRespons
     gw = gateway_of(request)
     tenant = require_key(request)
     body = await read_json(request)
-    parse_n(body)
     stream, include_usage = parse_stream_flags(body)
+    req = completion_request(gw, body, tenant, chat=chat)
+    check_backlog(gw, req.model)
+    fold = AnswerFold(req.model)
+    surface = Completions(fold, req.request_id, chat, include_usage)
+    return await answer(request, req, fold, surface, stream=stream)
+
+
+def completion_request(gw: Gateway, body: dict[str, Any], tenant: str, *, chat: bool) -> InferenceRequest:
+    """The record a ``/v1/completions`` (or, ``chat``, ``/v1/chat/completions``) body becomes, checked against the
+    model's limits: the endpoint's, and each line's of a Batch API file."""
+    parse_n(body)
     messages: tuple[ChatMessage, ...] | None = None
     if chat:
         messages = parse_messages(body)
@@ -353,11 +363,7 @@ async def _completions(request: web.Request, *, chat: bool) -> web.StreamRespons
     sampling = parse_sampling(body, gw.settings.max_tokens_limit, default_max_tokens=256 if chat else 16)
     model = resolve_model(gw, parse_model(body))
     check_limits(model, sampling, messages)
-    check_backlog(gw, model.name)
-    req = new_inference_request(prompt, sampling, tenant, messages, model=model.name)
-    fold = AnswerFold(model.name)
-    surface = Completions(fold, req.request_id, chat, include_usage)
-    return await answer(request, req, fold, surface, stream=stream)
+    return new_inference_request(prompt, sampling, tenant, messages, model=model.name)
 
 
 async def models(request: web.Request) -> web.Response:

@@ -7,6 +7,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 from aiohttp import web
 
@@ -27,12 +28,12 @@ from gateway.context import (
     resolve_model,
 )
 from gateway.openai import TOO_SLOW, AnswerFold, cancel_quietly, follow
-from gateway.responses_body import parse_create
+from gateway.responses_body import CreateSpec, parse_create
 from gateway.responses_events import RESPONSE_PREFIX, ResponseEvents, ResponseOptions, response_id
 from gateway.view import EventName, View, ViewEvent
 from schemas.errors import ClientClosed, Conflict, FieldError, NotFound, ValidationError, ended_with
 from schemas.ids import parse_request_id, request_id_time_ms
-from schemas.records import Accepted
+from schemas.records import Accepted, InferenceRequest
 
 log = logging.getLogger(__name__)
 
@@ -66,15 +67,10 @@ async def create(request: web.Request) -> web.StreamResponse:
     gw = gateway_of(request)
     tenant = require_key(request)
     body = await read_json(request)
-    spec = parse_create(body, gw.settings.max_tokens_limit)
-    model = resolve_model(gw, parse_model(body))
-    check_limits(model, spec.sampling, spec.messages)
-    check_backlog(gw, model.name)
-    prompt = "\n".join(m.content for m in spec.messages)
-    req = new_inference_request(prompt, spec.sampling, tenant, spec.messages, model=model.name)
-    options = ResponseOptions(model.name, spec.background, spec.store, spec.metadata)
-    accepted = Accepted(model.name, tenant, req.deadline_ms, spec.background, spec.store, spec.metadata)
-    surface = ResponseEvents(AnswerFold(model.name), req.request_id, options)
+    spec, req, accepted = response_request(gw, body, tenant)
+    check_backlog(gw, req.model)
+    options = ResponseOptions(req.model, spec.background, spec.store, spec.metadata)
+    surface = ResponseEvents(AnswerFold(req.model), req.request_id, options)
     if spec.background and not spec.stream:
         await produce_request(gw, req, accepted)
         answer = surface.object()
@@ -92,6 +88,18 @@ async def create(request: web.Request) -> web.StreamResponse:
         return await _whole(gw, surface, events)
     finally:
         gw.hub.unsubscribe(sub)
+
+
+def response_request(gw: Gateway, body: dict[str, Any], tenant: str) -> tuple[CreateSpec, InferenceRequest, Accepted]:
+    """What a ``/v1/responses`` body becomes, checked against the model's limits: the parsed options, the record and
+    its Accepted (background, store, metadata); the endpoint's, and each line's of a Batch API file."""
+    spec = parse_create(body, gw.settings.max_tokens_limit)
+    model = resolve_model(gw, parse_model(body))
+    check_limits(model, spec.sampling, spec.messages)
+    prompt = "\n".join(m.content for m in spec.messages)
+    req = new_inference_request(prompt, spec.sampling, tenant, spec.messages, model=model.name)
+    accepted = Accepted(model.name, tenant, req.deadline_ms, spec.background, spec.store, spec.metadata)
+    return spec, req, accepted
 
 
 async def _stream(

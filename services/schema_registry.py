@@ -69,7 +69,7 @@ def value_record(settings: Settings, topic: str) -> str | None:
     name = topic[len(settings.topic_prefix) :]
     if name == "requests.dlq":
         return None
-    if name == "requests" or name.startswith("requests."):
+    if name == "requests" or name.startswith(("requests.", "batch.")):
         return "InferenceRequest"
     return {"events": "TokenEvent", "control": "ControlEvent", "models": "ModelInfo"}.get(name)
 

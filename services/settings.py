@@ -296,6 +296,35 @@ class Settings:
         256, "TOKENRELAY_REGISTRY_HEAP_MB", "Java heap of the embedded schema registry in MB."
     )
 
+    batch_max_file_bytes: int = _setting(
+        64 * 1024 * 1024,
+        "TOKENRELAY_BATCH_MAX_FILE_BYTES",
+        "Largest file `POST /v1/files` takes, in bytes (the Batch API's input files).",
+    )
+    batch_max_lines: int = _setting(
+        50_000, "TOKENRELAY_BATCH_MAX_LINES", "Most requests (lines) one Batch API input file may hold."
+    )
+    batch_window_s: int = _setting(
+        24 * 3600,
+        "TOKENRELAY_BATCH_WINDOW_S",
+        "How long a batch's completion window ('24h') lasts, in seconds; lines not done by then end batch_expired.",
+    )
+    batch_files_margin_ms: int = _setting(
+        7 * 24 * 3600 * 1000,
+        "TOKENRELAY_BATCH_FILES_MARGIN_MS",
+        "How long file contents outlive a batch's window: the files topic's retention is the window plus this.",
+    )
+    batch_submit_chunk: int = _setting(
+        256,
+        "TOKENRELAY_BATCH_SUBMIT_CHUNK",
+        "Lines a batch submits between two writes of its submit cursor (what a gateway that takes over re-checks).",
+    )
+    batch_cancel_wait_s: float = _setting(
+        60.0,
+        "TOKENRELAY_BATCH_CANCEL_WAIT_S",
+        "How long a cancelling batch waits for its running lines to end before it is cancelled without them.",
+    )
+
     def __post_init__(self) -> None:
         problems = _problems(self)
         if problems:
@@ -342,6 +371,16 @@ class Settings:
     def requests_topic(self) -> str:
         """Requests topic of the served model (a worker's intake; for a producer, that of the default model)."""
         return self.requests_topic_for(self.served_model)
+
+    @property
+    def files_topic(self) -> str:
+        """Contents of the Batch API's files, in chunks keyed by file id."""
+        return self.topic("files")
+
+    @property
+    def batches_topic(self) -> str:
+        """Compacted: file metadata, batch objects and cancel requests of the Batch API, keyed by id."""
+        return self.topic("batches")
 
     @property
     def models_topic(self) -> str:

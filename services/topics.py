@@ -33,6 +33,28 @@ def requests_topic_spec(settings: Settings, model: str) -> TopicSpec:
     )
 
 
+def batch_topic_spec(settings: Settings, model: str) -> TopicSpec:
+    """The batch-class requests topic of one served model (``batch.<model>``)."""
+    return TopicSpec(
+        settings.requests_topic_for(model, "batch"),
+        settings.requests_partitions,
+        {"retention.ms": str(settings.requests_retention_ms), "cleanup.policy": "delete"},
+    )
+
+
+def batch_api_topic_specs(settings: Settings) -> list[TopicSpec]:
+    """The Batch API's state: file contents (deleted after the window and a margin) and its compacted objects."""
+    files_retention = settings.batch_window_s * 1000 + settings.batch_files_margin_ms
+    return [
+        TopicSpec(settings.files_topic, 1, {"retention.ms": str(files_retention), "cleanup.policy": "delete"}),
+        TopicSpec(
+            settings.batches_topic,
+            1,
+            {"cleanup.policy": "compact", "min.compaction.lag.ms": "0", "segment.ms": str(3600 * 1000)},
+        ),
+    ]
+
+
 def topic_specs(settings: Settings, models: Sequence[str] | None = None) -> list[TopicSpec]:
     """The design's topics with partitions and retention from settings; requests topics of ``models``.
 
@@ -42,6 +64,7 @@ def topic_specs(settings: Settings, models: Sequence[str] | None = None) -> list
     names = [settings.served_model] if models is None else list(models)
     return [
         *(requests_topic_spec(settings, name) for name in names),
+        *(batch_topic_spec(settings, name) for name in names),
         TopicSpec(
             settings.events_topic,
             settings.events_partitions,
@@ -58,6 +81,7 @@ def topic_specs(settings: Settings, models: Sequence[str] | None = None) -> list
             {"retention.ms": str(3600 * 1000), "cleanup.policy": "delete"},
         ),
         TopicSpec(settings.dlq_topic, 1, {"retention.ms": requests_retention, "cleanup.policy": "delete"}),
+        *batch_api_topic_specs(settings),
         # Compacted: the last announcement of each model stays, so a gateway that starts knows the models at once.
         TopicSpec(
             settings.models_topic,
