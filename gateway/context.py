@@ -28,6 +28,7 @@ from schemas.errors import (
     QueueFull,
     RequestRefused,
     RequestTimeout,
+    TokenRelayError,
     Unauthorized,
     ValidationError,
 )
@@ -45,7 +46,7 @@ MAX_REMEMBERED_TENANTS = 100_000
 
 
 class Producer(Protocol):
-    async def send_and_wait(self, topic: str, value: bytes, key: bytes, headers: Any = None) -> Any: ...
+    async def send_and_wait(self, topic: str, value: bytes | None, key: bytes, headers: Any = None) -> Any: ...
 
 
 @dataclass
@@ -65,6 +66,14 @@ class Gateway:
 
 
 GATEWAY = web.AppKey("gateway", Gateway)
+
+
+def error_body(exc: TokenRelayError) -> dict[str, Any]:
+    """What the JSON ``{"error": ...}`` of an HTTP answer says about a project error: code, message (and field)."""
+    body: dict[str, Any] = {"code": exc.code, "message": exc.public_message or exc.message}
+    if isinstance(exc, FieldError):
+        body["field"] = exc.field
+    return body
 
 
 def gateway_of(request: web.Request) -> Gateway:

@@ -17,6 +17,8 @@ from gateway.app import build_app
 from gateway.auth import Auth, key_id
 from gateway.backfills import BackfillLimit
 from gateway.backlog import BacklogMonitor
+from gateway.batch.handlers import add_routes as add_batch_routes
+from gateway.batch.service import BatchService
 from gateway.context import Gateway
 from gateway.hub import Hub
 from gateway.kafka_source import REPLAY_POOL_SIZE, KafkaEventSource
@@ -70,6 +72,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     runner: web.AppRunner | None = None
     following = asyncio.create_task(follower.run(), name="models")
     listener: Listener | None = None
+    batches: BatchService | None = None
     try:
         await hub.start()
         await backlog.start()
@@ -84,7 +87,11 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         )
         if not auth.enabled:
             log.warning("no API keys configured (TOKENRELAY_API_KEYS): the gateway is open to anyone who reaches it")
-        runner = web.AppRunner(build_app(gateway), handle_signals=False, shutdown_timeout=2.0, access_log=None)
+        batches = BatchService(gateway)
+        await batches.start()
+        app = build_app(gateway)
+        add_batch_routes(app, batches)
+        runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=2.0, access_log=None)
         await runner.setup()
         listener = Listener(runner, settings)
         await listener.start(backlog=2048)
@@ -96,6 +103,8 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         await asyncio.gather(following, return_exceptions=True)
         if listener is not None:
             listener.close()
+        if batches is not None:
+            await batches.stop()
         await hub.stop()  # closes every subscription, so streaming handlers return
         await upstream.close()
         if runner is not None:

@@ -30,7 +30,7 @@ from gateway.context import (
 from gateway.hub import Subscription
 from gateway.validation import parse_messages, parse_n, parse_prompt, parse_sampling, parse_stream_flags
 from gateway.view import EventName, ViewEvent
-from schemas.errors import ClientClosed, ended_with
+from schemas.errors import ClientClosed, TokenRelayError, ended_with
 from schemas.records import ChatMessage, InferenceRequest
 
 log = logging.getLogger(__name__)
@@ -299,19 +299,31 @@ async def _whole(
     ended = False
     try:
         async for ev in events:
-            step = fold.feed(ev.event, ev.data) if ev is not None else None
-            if isinstance(step, Completed):
-                ended = True
-                return web.json_response(surface.whole(step), headers={"X-Request-Id": request_id})
-            if isinstance(step, Failed):
-                ended = True
-                raise ended_with(step.code, step.message)
             if ev is None:
                 break  # dropped as too slow: like a client that went away
+            try:
+                body = whole_step(fold, surface, ev)
+            except TokenRelayError:
+                ended = True
+                raise
+            if body is not None:
+                ended = True
+                return web.json_response(body, headers={"X-Request-Id": request_id})
     finally:
         if not ended:
             await cancel_quietly(gw, request_id)
     raise ClientClosed("client went away")
+
+
+def whole_step(fold: AnswerFold, surface: Surface, ev: ViewEvent) -> dict[str, Any] | None:
+    """One view event into a whole (non-streaming) answer: its body once complete, None before; the request's error
+    (``ended_with``) when it failed. The endpoints' answer and a Batch API line's body."""
+    step = fold.feed(ev.event, ev.data)
+    if isinstance(step, Completed):
+        return surface.whole(step)
+    if isinstance(step, Failed):
+        raise ended_with(step.code, step.message)
+    return None
 
 
 async def _chain(first: ViewEvent | None, rest: AsyncIterator[ViewEvent | None]) -> AsyncIterator[ViewEvent | None]:

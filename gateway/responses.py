@@ -161,15 +161,23 @@ def _refuse_early(surface: ResponseEvents, ev: ViewEvent | None) -> None:
         raise ended_with(ev.data.get("code", "failed"), ev.data.get("message", ""))
 
 
+def whole_step(surface: ResponseEvents, ev: ViewEvent) -> dict[str, Any] | None:
+    """One view event into the whole response object: the object once the response ended, None before; the
+    request's error (``ended_with``) when it failed before anything was answered. The endpoint's answer and a Batch
+    API line's body."""
+    _refuse_early(surface, ev)
+    surface.feed(ev)
+    return surface.object() if surface.ended else None
+
+
 async def _whole(gw: Gateway, surface: ResponseEvents, events: AsyncIterator[ViewEvent | None]) -> web.Response:
     try:
         async for ev in events:
             if ev is None:
                 break
-            _refuse_early(surface, ev)
-            surface.feed(ev)
-            if surface.ended:
-                return web.json_response(surface.object(), headers={"X-Request-Id": surface.request_id})
+            body = whole_step(surface, ev)
+            if body is not None:
+                return web.json_response(body, headers={"X-Request-Id": surface.request_id})
     finally:
         if not surface.ended:
             await cancel_quietly(gw, surface.request_id)
