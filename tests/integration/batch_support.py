@@ -11,6 +11,8 @@ from typing import Any
 import openai
 from openai.types import Batch
 
+from services.settings import Settings
+
 TERMINAL = ("completed", "failed", "cancelled", "expired")
 
 
@@ -82,3 +84,30 @@ def without_volatile(body: dict[str, Any]) -> dict[str, Any]:
     if "output" in out:
         out["output"] = [{k: v for k, v in item.items() if k != "id"} for item in out["output"]]
     return out
+
+
+async def keys_on_topic(settings: Settings, topic: str, keys: set[bytes]) -> Counter[bytes]:
+    """How many records of each of ``keys`` the topic holds (all partitions, from the start)."""
+    from aiokafka import TopicPartition
+
+    from services.kafka import make_consumer, start_client
+    from services.topics import describe_topics
+
+    found: Counter[bytes] = Counter()
+    consumer = make_consumer(settings)
+    await start_client(consumer)
+    try:
+        count = (await describe_topics(settings, [topic]))[topic]
+        tps = [TopicPartition(topic, p) for p in range(count)]
+        consumer.assign(tps)
+        ends = await consumer.end_offsets(tps)
+        await consumer.seek_to_beginning(*tps)
+        pending = [tp for tp in tps if ends[tp] > 0]
+        while pending:
+            batches = await consumer.getmany(*pending, timeout_ms=500)
+            for records in batches.values():
+                found.update(r.key for r in records if r.key in keys)
+            pending = [tp for tp in pending if await consumer.position(tp) < ends[tp]]
+    finally:
+        await consumer.stop()
+    return found
