@@ -11,6 +11,7 @@ from typing import Any
 import openai
 from openai.types import Batch
 
+from gateway.batch.objects import BatchState
 from services.settings import Settings
 
 TERMINAL = ("completed", "failed", "cancelled", "expired")
@@ -111,3 +112,27 @@ async def keys_on_topic(settings: Settings, topic: str, keys: set[bytes]) -> Cou
     finally:
         await consumer.stop()
     return found
+
+
+async def stored_batch(settings: Settings, batch_id: str) -> BatchState:
+    """The batch's last record on the compacted batches topic (with its driver's submit cursor)."""
+    from aiokafka import TopicPartition
+
+    from services.kafka import make_consumer, start_client
+
+    tp = TopicPartition(settings.batches_topic, 0)
+    consumer = make_consumer(settings)
+    await start_client(consumer)
+    last: BatchState | None = None
+    try:
+        consumer.assign([tp])
+        end = (await consumer.end_offsets([tp]))[tp]
+        await consumer.seek_to_beginning(tp)
+        while await consumer.position(tp) < end:
+            for record in (await consumer.getmany(tp, timeout_ms=500)).get(tp, []):
+                if record.key == f"batch:{batch_id}".encode() and record.value is not None:
+                    last = BatchState.from_json(record.value)
+    finally:
+        await consumer.stop()
+    assert last is not None
+    return last

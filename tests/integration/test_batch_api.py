@@ -20,6 +20,7 @@ from tests.integration.batch_support import (
     keys_on_topic,
     read_file_lines,
     response_line,
+    stored_batch,
     wait_batch,
     without_volatile,
 )
@@ -191,6 +192,7 @@ async def test_a_gateway_and_a_worker_sigkilled_mid_batch_lose_and_double_nothin
             await wait_batch(client, batch.id, until=("in_progress", *TERMINAL), timeout_s=60)
             first.kill()  # mid-submit: the cursor moves every 16 lines
             await client.close()
+            assert (await stored_batch(settings, batch.id)).submitted < len(lines)  # killed before it submitted all
             with running_gateway(settings) as second:
                 client = client_of(second.url)
                 await wait_batch(client, batch.id, completed_at_least=40)
