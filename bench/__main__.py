@@ -101,7 +101,7 @@ def _markdown(meta: dict[str, str], results: dict[str, float]) -> str:
 
 
 def main() -> int:
-    from services.localbroker.runner import LocalBroker
+    from services.local.broker.runner import LocalBroker
     from services.settings import Settings
 
     env = dict(os.environ)

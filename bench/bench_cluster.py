@@ -19,7 +19,7 @@ from schemas.codec import default_codec
 from schemas.ids import new_request_id
 from schemas.records import Delta, TokenEvent
 from services.kafka import make_consumer, make_producer, record_headers, start_client
-from services.localbroker.cluster import LocalCluster
+from services.local.broker.cluster import LocalCluster
 from services.settings import Settings
 
 EVENTS = 100_000

@@ -22,8 +22,8 @@ from schemas.codec import default_codec
 from schemas.ids import new_request_id
 from schemas.records import Delta, Finished, Started, TokenEvent, Usage
 from services.kafka import make_producer, record_headers, start_client
-from services.localbroker.runner import free_port
-from services.process import quiet_env
+from services.local.broker.runner import free_port
+from services.local.process import quiet_env
 from services.settings import Settings
 from services.topics import ensure_topics
 

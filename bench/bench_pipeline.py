@@ -34,8 +34,8 @@ from bench.support import (
     stop_process,
     submit,
 )
-from gateway.cursor import Cursor, encode_cursor
-from gateway.sse import PREAMBLE, frame
+from gateway.fanout.cursor import Cursor, encode_cursor
+from gateway.fanout.sse import PREAMBLE, frame
 from schemas.ids import new_request_id
 from schemas.sampling import SamplingParams
 from workers.engine.types import EngineRequest
@@ -209,7 +209,7 @@ def run() -> dict[str, float]:
     base = f"http://127.0.0.1:{settings.gateway_port}"
     results: dict[str, float] = {}
     print(f"synthetic engine: {STREAMS} streams x {TOKENS} tokens at {RATE:g} tokens/s each; {load()}", flush=True)
-    from services.localbroker.runner import free_port
+    from services.local.broker.runner import free_port
 
     inproc_port = free_port()
     inproc = _start_inprocess(inproc_port)

@@ -39,7 +39,7 @@ from schemas.ids import new_request_id
 from schemas.partitioning import partition_for_key
 from schemas.records import Delta, Finished, Started, TokenEvent, Usage
 from services.kafka import make_producer, record_headers, start_client
-from services.localbroker.runner import free_port
+from services.local.broker.runner import free_port
 from services.settings import Settings
 
 ROUNDS = int(os.environ.get("BENCH_SCALEOUT_ROUNDS", "3"))

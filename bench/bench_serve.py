@@ -29,7 +29,7 @@ from bench.support import (
     stop_process,
     wait_idle,
 )
-from services.localbroker.runner import free_port
+from services.local.broker.runner import free_port
 
 
 def _warm_up(base: str, name: str, timeout_s: float, proc: subprocess.Popen[Any]) -> None:

@@ -124,7 +124,7 @@ def soak(minutes: float, interval_s: float, streams: int, rate: float, processes
     if not bootstrap:
         import tempfile
 
-        from services.localbroker.runner import LocalBroker
+        from services.local.broker.runner import LocalBroker
         from services.settings import Settings
 
         broker = LocalBroker(Settings.from_env(), port=0, data_dir=Path(tempfile.mkdtemp(prefix="tokenrelay-soak-")))

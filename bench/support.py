@@ -23,12 +23,12 @@ from urllib.parse import urlsplit
 import aiohttp
 import psutil
 
-from gateway.cursor import decode_cursor
+from gateway.fanout.cursor import decode_cursor
 from schemas.codec import default_codec
 from schemas.records import InferenceRequest
 from services.kafka import make_consumer, make_producer, record_headers, start_client
-from services.localbroker.runner import free_port
-from services.process import quiet_env
+from services.local.broker.runner import free_port
+from services.local.process import quiet_env
 from services.settings import Settings
 from services.topics import ensure_topics
 

@@ -1,4 +1,4 @@
-"""Run the gateway: Kafka clients, hub, HTTP server; clean stop on SIGINT/SIGTERM."""
+"""Run the gateway: Kafka clients, relay, HTTP server; clean stop on SIGINT/SIGTERM."""
 
 from __future__ import annotations
 
@@ -13,23 +13,23 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from gateway.app import build_app
-from gateway.auth import Auth, key_id
-from gateway.backfills import BackfillLimit
-from gateway.backlog import BacklogMonitor
+from gateway.api.auth import Auth, key_id
+from gateway.api.backlog import BacklogMonitor
+from gateway.api.context import Gateway
 from gateway.batch.handlers import add_routes as add_batch_routes
 from gateway.batch.service import BatchService
-from gateway.context import Gateway
-from gateway.hub import Hub
-from gateway.kafka_source import REPLAY_POOL_SIZE, KafkaEventSource
+from gateway.cluster.kafka_source import REPLAY_POOL_SIZE, KafkaEventSource
+from gateway.cluster.owners import Owners
+from gateway.cluster.upstream import Follower
+from gateway.fanout.backfills import BackfillLimit
+from gateway.fanout.relay import Relay
+from gateway.http.app import build_app
+from gateway.http.server import AcceptErrorLog, Listener, raise_fd_limit
 from gateway.metrics import GatewayMetrics
-from gateway.models import ModelDirectory
-from gateway.models_source import ModelsFollower
-from gateway.owners import Owners
-from gateway.server import AcceptErrorLog, Listener, raise_fd_limit
-from gateway.upstream import Follower
 from schemas.errors import TokenRelayError
+from schemas.models import ModelDirectory
 from services.kafka import make_consumer, make_producer, start_client
+from services.models_source import ModelsFollower
 from services.schema_registry import prepare_codec
 from services.settings import Settings
 from services.topics import ensure_topics
@@ -50,7 +50,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     source = KafkaEventSource(settings, owners)
     auth = Auth(settings)
     upstream = Follower(owners, token=_upstream_token(auth), keepalive_s=settings.keepalive_s, metrics=metrics)
-    hub = Hub(
+    relay = Relay(
         source,
         memory_events=settings.hub_memory_events,
         memory_total_events=settings.hub_memory_total_events,
@@ -58,14 +58,14 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         max_requests=settings.hub_max_requests,
         metrics=metrics,
         codec=codec,
+        upstream=upstream,
         backfills=BackfillLimit(
             settings.backfill_per_client,
             min(settings.backfill_concurrency, REPLAY_POOL_SIZE - 1),
             on_event=lambda event: metrics.backfills.labels(event).inc(),
         ),
     )
-    upstream.bind(hub)
-    source.on_reassign(hub.reassign)
+    source.on_reassign(relay.reassign)
     directory = ModelDirectory()
     follower = ModelsFollower(make_consumer(settings), settings.models_topic, directory, codec)
     backlog = BacklogMonitor(settings, metrics.backlog, models=lambda: directory.live(_now_ms()))
@@ -74,7 +74,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     listener: Listener | None = None
     batches: BatchService | None = None
     try:
-        await hub.start()
+        await relay.start()
         await backlog.start()
 
         async def ready() -> bool:
@@ -83,7 +83,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
             return topics and not directory.unavailable(_now_ms())
 
         gateway = Gateway(
-            settings, hub, producer, metrics, auth, backlog=backlog, ready_check=ready, models=directory, codec=codec
+            settings, relay, producer, metrics, auth, backlog=backlog, ready_check=ready, models=directory, codec=codec
         )
         if not auth.enabled:
             log.warning("no API keys configured (TOKENRELAY_API_KEYS): the gateway is open to anyone who reaches it")
@@ -105,7 +105,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
             listener.close()
         if batches is not None:
             await batches.stop()
-        await hub.stop()  # closes every subscription, so streaming handlers return
+        await relay.stop()  # closes every subscription, so streaming handlers return
         await upstream.close()
         if runner is not None:
             await runner.cleanup()
@@ -135,7 +135,7 @@ def _signal_event() -> asyncio.Event:
     return stop
 
 
-# The hub keeps tens of thousands of live objects (recent events, subscriptions); with the default thresholds the
+# The relay keeps tens of thousands of live objects (recent events, subscriptions); with the default thresholds the
 # collector walks all of them often, and those pauses were the whole produce-to-deliver tail (bench: p99 58 ms ->
 # 14 ms at 5,000 events/s to 1,000 clients). Almost everything here is freed by reference counting anyway.
 GC_THRESHOLDS = (100_000, 50, 1000)

@@ -94,6 +94,7 @@ class FieldError(ValidationError):
     def __init__(self, field_name: str, message: str):
         super().__init__(f"{field_name}: {message}")
         self.field = field_name
+        self.reason = message
 
 
 class BodyError(ValidationError):

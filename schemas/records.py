@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, assert_never
 
 FINISH_REASONS = ("stop", "length", "cancelled")
 # Service classes: interactive work never waits behind batch work (each class has its own topic per model).
@@ -88,6 +88,8 @@ class Accepted:
     metadata: Mapping[str, str] = field(default_factory=dict)
 
 
+# The closed vocabulary of the events log: every consumer matches on it exhaustively (`assert_never`), so mypy lists
+# each place a new payload type must be handled (tests/unit/test_vocabulary.py runs them all over every type).
 Payload = Started | Delta | Finished | Failed | Accepted
 
 
@@ -101,7 +103,14 @@ class TokenEvent:
 
     @property
     def is_terminal(self) -> bool:
-        return isinstance(self.payload, Finished | Failed)
+        payload = self.payload
+        match payload:
+            case Finished() | Failed():
+                return True
+            case Started() | Delta() | Accepted():
+                return False
+            case _:
+                assert_never(payload)
 
 
 @dataclass(slots=True, frozen=True)
@@ -134,7 +143,7 @@ class ModelInfo:
 
 Record = InferenceRequest | TokenEvent | ControlEvent | ModelInfo
 
-_PAYLOAD_TYPES: dict[str, type] = {
+_PAYLOAD_TYPES: dict[str, type[Payload]] = {
     "io.tokenrelay.Started": Started,
     "io.tokenrelay.Delta": Delta,
     "io.tokenrelay.Finished": Finished,
@@ -142,6 +151,7 @@ _PAYLOAD_TYPES: dict[str, type] = {
     "io.tokenrelay.Accepted": Accepted,
 }
 _PAYLOAD_NAMES = {cls: name for name, cls in _PAYLOAD_TYPES.items()}
+PAYLOAD_TYPES: tuple[type[Payload], ...] = tuple(_PAYLOAD_TYPES.values())  # each member of Payload, by Avro name
 
 
 def to_avro(record: Record) -> dict[str, Any]:
@@ -149,20 +159,23 @@ def to_avro(record: Record) -> dict[str, Any]:
     if isinstance(record, TokenEvent):
         payload = record.payload
         body: dict[str, Any]
-        if isinstance(payload, Finished):
-            body = {
-                "finish_reason": payload.finish_reason,
-                "usage": {
-                    "prompt_tokens": payload.usage.prompt_tokens,
-                    "completion_tokens": payload.usage.completion_tokens,
-                },
-                "ttft_ms": payload.ttft_ms,
-                "total_ms": payload.total_ms,
-            }
-        elif isinstance(payload, Delta):
-            body = {"text": payload.text, "token_ids": list(payload.token_ids)}
-        else:
-            body = _fields(payload)
+        match payload:
+            case Finished():
+                body = {
+                    "finish_reason": payload.finish_reason,
+                    "usage": {
+                        "prompt_tokens": payload.usage.prompt_tokens,
+                        "completion_tokens": payload.usage.completion_tokens,
+                    },
+                    "ttft_ms": payload.ttft_ms,
+                    "total_ms": payload.total_ms,
+                }
+            case Delta():
+                body = {"text": payload.text, "token_ids": list(payload.token_ids)}
+            case Started() | Failed() | Accepted():
+                body = _fields(payload)
+            case _:
+                assert_never(payload)
         return {
             "request_id": record.request_id,
             "run_id": record.run_id,
@@ -221,6 +234,7 @@ def kind_of(record: Record) -> str:
 
 __all__ = [
     "FINISH_REASONS",
+    "PAYLOAD_TYPES",
     "Accepted",
     "ChatMessage",
     "ControlEvent",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import assert_never
 
 from schemas.records import Accepted, Delta, Failed, Finished, Started, TokenEvent
 
@@ -62,16 +63,24 @@ class RunLog:
         if self.terminal is not None or ev.request_id != self.request_id:
             return None
         payload = ev.payload
-        if isinstance(payload, Accepted):
-            if self.accepted is not None:
-                return None
-            self.accepted = payload
-            return Change.ACCEPTED
-        if isinstance(payload, Started):
-            return self._start(ev, payload)
+        match payload:
+            case Accepted():
+                if self.accepted is not None:
+                    return None
+                self.accepted = payload
+                return Change.ACCEPTED
+            case Started():
+                return self._start(ev, payload)
+            case Delta() | Finished() | Failed():
+                return self._in_run(ev, payload)
+            case _:
+                assert_never(payload)
+
+    def _in_run(self, ev: TokenEvent, payload: Delta | Finished | Failed) -> Change | None:
+        """An event that belongs to a run: counted only for the current run, in seq order."""
         run = self.current
         if run is None or ev.run_id != run.run_id:
-            if ev.seq == 0 and ev.run_id not in self.old_runs and isinstance(payload, Finished | Failed):
+            if ev.seq == 0 and ev.run_id not in self.old_runs and not isinstance(payload, Delta):
                 self.terminal = ev
                 return Change.TERMINAL
             return None  # a fenced run, or a run whose Started this log does not hold
@@ -81,14 +90,18 @@ class RunLog:
             run.broken = True
             return Change.GAP
         run.last_seq = ev.seq
-        if isinstance(payload, Delta):
-            run.tokens += len(payload.token_ids)
-            run.text += payload.text
-            if run.token_ids is not None:
-                run.token_ids.extend(payload.token_ids)
-            return Change.DELTA
-        self.terminal = ev
-        return Change.TERMINAL
+        match payload:
+            case Delta():
+                run.tokens += len(payload.token_ids)
+                run.text += payload.text
+                if run.token_ids is not None:
+                    run.token_ids.extend(payload.token_ids)
+                return Change.DELTA
+            case Finished() | Failed():
+                self.terminal = ev
+                return Change.TERMINAL
+            case _:
+                assert_never(payload)
 
     def _start(self, ev: TokenEvent, started: Started) -> Change | None:
         if ev.seq != 0 or ev.run_id in self.old_runs or (self.current is not None and ev.run_id == self.current.run_id):

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Any, Protocol
 
 from schemas.codec import Codec
-from schemas.records import Accepted, Failed, InferenceRequest, TokenEvent
+from schemas.ids import new_request_id
+from schemas.records import Accepted, ChatMessage, Failed, InferenceRequest, TokenEvent
+from schemas.sampling import SamplingParams
 from services.kafka import record_headers
 from services.settings import Settings
 
@@ -16,6 +19,29 @@ log = logging.getLogger(__name__)
 
 class Producer(Protocol):
     async def send_and_wait(self, topic: str, value: bytes, key: bytes, headers: Any = None) -> Any: ...
+
+
+def new_inference_request(
+    prompt: str,
+    sampling: SamplingParams,
+    tenant: str,
+    messages: tuple[ChatMessage, ...] | None = None,
+    *,
+    model: str,
+) -> InferenceRequest:
+    """The record a validated submit becomes (at the gateway or the command line), with a fresh UUIDv7 id.
+
+    The record has a field per SamplingParams one: a new sampling parameter reaches it from here, wherever it was read.
+    """
+    return InferenceRequest(
+        request_id=new_request_id(),
+        prompt=prompt,
+        messages=messages,
+        model=model,
+        tenant=tenant,
+        created_ms=int(time.time() * 1000),
+        **{f.name: getattr(sampling, f.name) for f in dataclasses.fields(sampling)},
+    )
 
 
 async def submit_request(

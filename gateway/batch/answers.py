@@ -7,13 +7,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from gateway import openai, responses
+from gateway.api import openai, responses
+from gateway.api.context import Gateway, error_body
+from gateway.api.responses_events import ResponseEvents, ResponseOptions
 from gateway.batch.objects import line_request_id
-from gateway.context import Gateway, error_body
-from gateway.responses_events import ResponseEvents, ResponseOptions
-from gateway.view import EventName, ViewEvent
 from schemas.errors import TokenRelayError
 from schemas.records import Accepted, InferenceRequest
+from schemas.view import EventName, ViewEvent
 
 CHAT = "/v1/chat/completions"
 RESPONSES = "/v1/responses"

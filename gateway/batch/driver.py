@@ -7,6 +7,7 @@ import contextlib
 import logging
 import time
 
+from gateway.api.context import Gateway, error_body, produce_cancel
 from gateway.batch.answers import LineRecord, LineResult, batch_record, line_record
 from gateway.batch.lines import parse_lines
 from gateway.batch.objects import (
@@ -32,7 +33,6 @@ from gateway.batch.objects import (
 )
 from gateway.batch.store import BatchStore, produced_keys
 from gateway.batch.tracker import Line, LineTracker
-from gateway.context import Gateway, error_body, produce_cancel
 from schemas.errors import TokenRelayError
 from schemas.ids import CLOCK_SKEW_MS
 from services.requests import submit_request
@@ -85,7 +85,7 @@ class Drivers:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     def ours(self, batch_id: str) -> bool:
-        hub = self.gw.hub
+        hub = self.gw.relay
         return hub.started.is_set() and hub.owns(hub.partition_of(batch_uuid(batch_id)))
 
     async def _scan(self) -> None:

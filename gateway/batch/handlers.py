@@ -7,6 +7,8 @@ from typing import Any
 
 from aiohttp import BodyPartReader, web
 
+from gateway.api.context import gateway_of, read_json, require_key
+from gateway.api.responses_body import parse_metadata
 from gateway.batch.answers import line_record
 from gateway.batch.lines import parse_lines
 from gateway.batch.objects import (
@@ -22,8 +24,6 @@ from gateway.batch.objects import (
     page,
 )
 from gateway.batch.service import BATCH, BatchService, service_of
-from gateway.context import gateway_of, read_json, require_key
-from gateway.responses_body import parse_metadata
 from schemas.errors import BodyError, BodyTooLarge, Conflict, FieldError, NotFound
 
 READ_CHUNK = 64 * 1024

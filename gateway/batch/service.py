@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from gateway.api.context import Gateway
 from gateway.batch.driver import Drivers
 from gateway.batch.store import BatchStore
-from gateway.context import Gateway
 
 
 class BatchService:

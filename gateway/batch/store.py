@@ -11,8 +11,8 @@ from collections.abc import Iterable
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from gateway.api.context import Producer
 from gateway.batch.objects import BatchState, FileMeta
-from gateway.context import Producer
 from schemas.errors import KafkaUnavailable, NotFound
 from services.kafka import make_consumer, map_kafka_errors, start_client
 from services.settings import Settings

@@ -10,10 +10,10 @@ from dataclasses import dataclass, field
 from aiokafka import TopicPartition
 
 from gateway.batch.answers import LineRecord, LineResult, line_result
-from gateway.view import View, ViewEvent
 from schemas.codec import Codec
 from schemas.errors import DecodeError
 from schemas.ids import CLOCK_SKEW_MS
+from schemas.view import View, ViewEvent
 from services.kafka import make_consumer, start_client
 from services.settings import Settings
 from services.topics import describe_topics

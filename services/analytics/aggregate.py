@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, assert_never
 
-from schemas.records import Failed, Finished, Started, TokenEvent
+from schemas.records import Accepted, Delta, Failed, Finished, Started, TokenEvent
 
 # Buckets grow by 2**(1/8): a percentile read from a bucket is within ~4.4 % of the true value,
 # and 1 ms .. 1 h fits in ~180 buckets whatever the traffic, so table values stay small.
@@ -200,30 +200,36 @@ def apply_event(
     """
     payload = event.payload
     replay = offset <= state["offset"]
-    if isinstance(payload, Started):
-        if info is not None and (info["finished_at"] is not None or info["failed_at"] is not None):
-            return Outcome()  # a later run's Started, or a replay: the request is already done
-        return Outcome(request=new_request_info(event, payload, partition, offset))
-    if isinstance(payload, Finished | Failed):
-        mark = "finished_at" if isinstance(payload, Finished) else "failed_at"
-        counted_at = info.get(mark) if info is not None else None
-        entry = dict(info) if info is not None else {"p": partition, "model": UNKNOWN, "tenant": "", "queue_ms": None}
-        entry.setdefault("finished_at", None)
-        entry.setdefault("failed_at", None)
-        if counted_at is not None and counted_at != offset:
-            # Another terminal event already counted this request.
-            return Outcome(state_changed=_advance(state, offset))
-        entry[mark] = offset
-        entry["ts"] = event.ts_ms
-        if replay:
-            return Outcome(request=entry if counted_at is None else None)
-        if isinstance(payload, Finished):
-            add_finished(state, event, info, window_s)
-        else:
-            add_failed(state, info)
-        state["offset"] = offset
-        return Outcome(request=entry if counted_at is None else None, state_changed=True)
-    return Outcome()
+    match payload:
+        case Started():
+            if info is not None and (info["finished_at"] is not None or info["failed_at"] is not None):
+                return Outcome()  # a later run's Started, or a replay: the request is already done
+            return Outcome(request=new_request_info(event, payload, partition, offset))
+        case Finished() | Failed():
+            mark = "finished_at" if isinstance(payload, Finished) else "failed_at"
+            counted_at = info.get(mark) if info is not None else None
+            entry = (
+                dict(info) if info is not None else {"p": partition, "model": UNKNOWN, "tenant": "", "queue_ms": None}
+            )
+            entry.setdefault("finished_at", None)
+            entry.setdefault("failed_at", None)
+            if counted_at is not None and counted_at != offset:
+                # Another terminal event already counted this request.
+                return Outcome(state_changed=_advance(state, offset))
+            entry[mark] = offset
+            entry["ts"] = event.ts_ms
+            if replay:
+                return Outcome(request=entry if counted_at is None else None)
+            if isinstance(payload, Finished):
+                add_finished(state, event, info, window_s)
+            else:
+                add_failed(state, info)
+            state["offset"] = offset
+            return Outcome(request=entry if counted_at is None else None, state_changed=True)
+        case Accepted() | Delta():
+            return Outcome()  # neither counts: usage and latency come from Started and the terminal event
+        case _:
+            assert_never(payload)
 
 
 def _advance(state: JSON, offset: int) -> bool:

@@ -18,10 +18,10 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError
 
 from schemas.errors import BrokerError
-from services.localbroker.cluster import free_port_block
-from services.localbroker.quorum import active_controller
-from services.localbroker.runner import metadata_broker_count
-from services.process import die_with_parent
+from services.local.broker.cluster import free_port_block
+from services.local.broker.quorum import active_controller
+from services.local.broker.runner import metadata_broker_count
+from services.local.process import die_with_parent
 
 ROOT = Path(__file__).resolve().parents[2]
 NODES = 3

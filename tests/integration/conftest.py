@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from schemas.errors import BrokerError, MissingToolError
-from services.localbroker.runner import LocalBroker, ensure_jars, free_port, java_binary, metadata_ready
+from services.local.broker.runner import LocalBroker, ensure_jars, free_port, java_binary, metadata_ready
 from services.settings import Settings
 from tests.integration.cluster_support import ClusterProcess
 
@@ -161,7 +161,7 @@ def schema_registry_url(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathF
         yield address
         return
     from schemas.errors import MissingToolError
-    from services.registry.runner import LocalRegistry, java_binary
+    from services.local.registry.runner import LocalRegistry, java_binary
 
     try:
         java_binary()

@@ -20,13 +20,13 @@ from typing import Any
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.sse import parse
+from gateway.fanout.sse import parse
 from schemas.codec import default_codec
 from schemas.errors import DecodeError
 from schemas.records import Delta, Finished, Started, TokenEvent, Usage
 from services.kafka import make_consumer, make_producer, record_headers, start_client
-from services.localbroker.runner import free_port
-from services.process import quiet_env
+from services.local.broker.runner import free_port
+from services.local.process import quiet_env
 from services.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -329,8 +329,8 @@ async def read_log_streams(settings: Settings, request_ids: Iterable[str]) -> di
     """The SSE events each request's log implies, built straight from the events topic (not through a gateway)."""
     from aiokafka import TopicPartition
 
-    from gateway.hub import make_out
-    from gateway.view import View
+    from gateway.fanout.subscription import make_out
+    from schemas.view import View
 
     wanted = set(request_ids)
     consumer = make_consumer(settings)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from schemas.codec import default_codec
 from schemas.ids import new_request_id
 from schemas.partitioning import partition_for_key
-from schemas.records import Delta, Failed, Finished, Started, TokenEvent, Usage
+from schemas.records import Accepted, Delta, Failed, Finished, Started, TokenEvent, Usage
 from services.kafka import producer, record_headers
 from services.settings import Settings
 
@@ -24,9 +24,12 @@ class Scripted:
 
 
 def script(
-    n: int, *, models: int = 2, tenants: int = 3, duplicate_finished: int = 0, failed: int = 0
+    n: int, *, models: int = 2, tenants: int = 3, duplicate_finished: int = 0, failed: int = 0, accepted: bool = False
 ) -> tuple[list[TokenEvent], Scripted]:
-    """``n`` finished requests and ``failed`` failed ones; the first ``duplicate_finished`` finish twice (a re-run)."""
+    """``n`` finished requests and ``failed`` failed ones; the first ``duplicate_finished`` finish twice (a re-run).
+
+    ``accepted``: each request's log starts with the Accepted a submit writes.
+    """
     events: list[TokenEvent] = []
     completion = prompt = 0
     by_model: dict[str, int] = {}
@@ -34,6 +37,8 @@ def script(
     for i in range(n + failed):
         rid, run = new_request_id(), uuid.uuid4().hex
         model, tokens = f"model-{i % models}", 2 + i % 7
+        if accepted:
+            events.append(TokenEvent(rid, "", 0, now, Accepted(model, tenant=f"key-{i % tenants}")))
         events.append(TokenEvent(rid, run, 0, now, Started("w", model, 5, 3 + i % 4, tenant=f"key-{i % tenants}")))
         if i >= n:
             events.append(TokenEvent(rid, run, 1, now + 5, Failed("deadline_exceeded", "too slow")))

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from services.localbroker.runner import free_port
+from services.local.broker.runner import free_port
 from services.settings import Settings
 from services.topics import ensure_topics
 from tests.integration.scripted_events import barrier, produce, script

@@ -17,7 +17,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from schemas.errors import BrokerError
-from services.localbroker.runner import free_port, metadata_ready
+from services.local.broker.runner import free_port, metadata_ready
 from tests.integration.conftest import LocalBrokerFactory
 
 pytestmark = pytest.mark.integration
@@ -116,7 +116,7 @@ def test_no_orphan_jvm_when_python_is_killed(tmp_path: Path) -> None:
         f"""
         import sys, time
         from pathlib import Path
-        from services.localbroker.runner import LocalBroker
+        from services.local.broker.runner import LocalBroker
         from services.settings import Settings
         broker = LocalBroker(Settings.from_env(), 0, Path({str(tmp_path)!r}), console=False)
         broker.start()

@@ -28,7 +28,7 @@ from tests.integration.gateway_support import (
 )
 
 CHROMIUM = "/usr/bin/chromium"
-STATIC = Path(__file__).resolve().parents[2] / "gateway" / "static"
+STATIC = Path(__file__).resolve().parents[2] / "gateway" / "http" / "static"
 ARGS = [
     "--headless",
     "--no-sandbox",

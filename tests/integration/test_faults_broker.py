@@ -15,7 +15,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from services.localbroker.runner import free_port
+from services.local.broker.runner import free_port
 from services.topics import ensure_topics
 from tests.integration.conftest import LocalBrokerFactory
 from tests.integration.gateway_support import (

@@ -19,7 +19,7 @@ from dataclasses import replace
 import aiohttp
 import pytest
 
-from gateway.cursor import decode_cursor, encode_cursor
+from gateway.fanout.cursor import decode_cursor, encode_cursor
 from schemas.codec import MAGIC, default_codec
 from schemas.ids import new_request_id
 from schemas.partitioning import partition_for_key

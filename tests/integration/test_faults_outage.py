@@ -16,7 +16,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from services.localbroker.runner import free_port
+from services.local.broker.runner import free_port
 from services.topics import ensure_topics
 from tests.integration.conftest import LocalBrokerFactory
 from tests.integration.gateway_support import Followed, follow_sse, gateway_settings, running_gateway, running_worker

@@ -17,7 +17,7 @@ import aiohttp
 import psutil
 import pytest
 
-from gateway.sse import parse
+from gateway.fanout.sse import parse
 from schemas.ids import new_request_id
 from schemas.records import Delta, Finished, Started, TokenEvent, Usage
 from services.topics import ensure_topics

@@ -12,10 +12,10 @@ import aiohttp
 import openai
 import pytest
 
-from gateway.responses import request_id_of_response
-from gateway.responses_events import response_id
+from gateway.api.responses import request_id_of_response
+from gateway.api.responses_events import response_id
 from schemas.ids import new_request_id
-from services.localbroker.runner import free_port
+from services.local.broker.runner import free_port
 from services.topics import ensure_topics
 from tests.integration.gateway_support import (
     gateway_settings,

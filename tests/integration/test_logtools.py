@@ -1,4 +1,4 @@
-"""`tokenrelay export` on a real broker: one line per event of the range, every record decoded."""
+"""`tokenrelay export` and `tail` on a real broker: a log with every payload type, every record decoded."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from services.logtools import export, tail
+from services.cli.logtools import export, tail
 from services.settings import Settings
 from services.topics import ensure_topics
 from tests.integration.scripted_events import produce, script
@@ -26,7 +26,7 @@ async def test_export_of_a_time_range(
     await produce(settings, before)
     await asyncio.sleep(0.05)
     since = int(time.time() * 1000)
-    events, expected = script(12, failed=1)
+    events, expected = script(12, failed=1, accepted=True)
     await produce(settings, events, extra_raw=[b"\xc3\x01 not a real record"])
     until = int(time.time() * 1000) + 1
     await asyncio.sleep(0.05)
@@ -55,4 +55,12 @@ async def test_export_of_a_time_range(
     printed = capsys.readouterr().out.splitlines()
     mine = [e for e in events if e.request_id == rid]
     assert len(printed) == len(mine) and all(rid in line for line in printed)
-    assert "done" in printed[-1]
+    assert " accepted " in printed[0] and " started " in printed[1] and " done " in printed[-1]
+    assert {e["event"]["type"] for e in decoded} == {"Accepted", "Started", "Delta", "Finished", "Failed"}
+
+    # and one that failed: it stops at Failed.
+    failed = events[-1].request_id
+    capsys.readouterr()
+    assert await tail(settings, request_id=failed) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 3 and " accepted " in printed[0] and " failed deadline_exceeded" in printed[-1]

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway.view import replay
 from schemas.ids import new_request_id
 from schemas.records import InferenceRequest
+from schemas.view import replay
 from services.settings import Settings
 from services.topics import ensure_topics
 from tests.integration.crash_worker import POISON

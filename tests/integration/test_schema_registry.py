@@ -17,8 +17,8 @@ from aiokafka import AIOKafkaProducer
 from schemas.codec import default_codec
 from schemas.ids import new_request_id
 from schemas.records import ControlEvent, InferenceRequest
+from services.cli.logtools import export
 from services.kafka import record_headers, start_client
-from services.logtools import export
 from services.schema_registry import prepare_codec
 from services.settings import Settings
 from services.topics import ensure_topics

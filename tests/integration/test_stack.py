@@ -18,8 +18,8 @@ from typing import Any
 import psutil
 import pytest
 
-from services.localbroker.runner import free_port
-from services.runstate import read_state
+from services.local.broker.runner import free_port
+from services.local.runstate import read_state
 from services.settings import Settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -20,8 +20,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from schemas.ids import is_request_id, new_request_id
 from schemas.records import Delta, Failed, Finished, InferenceRequest, Started
-from services.localbroker.runner import free_port
-from services.process import quiet_env
+from services.local.broker.runner import free_port
+from services.local.process import quiet_env
 from services.settings import Settings
 from services.topics import ensure_topics
 from tests.integration.worker_helpers import collect, produce, worker_process

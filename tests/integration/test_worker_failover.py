@@ -16,14 +16,14 @@ from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import GroupCoordinatorNotAvailableError
 
-from gateway.view import View
 from schemas.codec import default_codec
 from schemas.ids import new_request_id
 from schemas.partitioning import partition_for_key
 from schemas.records import Delta, Finished, InferenceRequest, Started, TokenEvent
 from schemas.sampling import SamplingParams
+from schemas.view import View
 from services.kafka import make_consumer, start_client
-from services.process import quiet_env
+from services.local.process import quiet_env
 from services.settings import Settings
 from services.topics import ensure_topics
 from tests.integration.worker_helpers import collect_records, produce

@@ -17,7 +17,7 @@ from aiokafka import TopicPartition
 from schemas.codec import default_codec
 from schemas.records import ControlEvent, InferenceRequest, ModelInfo, TokenEvent
 from services.kafka import make_consumer, make_producer, record_headers, start_client
-from services.process import quiet_env
+from services.local.process import quiet_env
 from services.settings import Settings
 from services.topics import ensure_topics
 from workers.engine.types import EngineLike

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from schemas.errors import ConfigError
-from services.localbroker import config
-from services.localbroker.cluster import PORT_RANGE, default_data_dir, free_port_block, node_ports
-from services.localbroker.quorum import describe_quorum_request, leader_from_response
+from services.local.broker import config
+from services.local.broker.cluster import PORT_RANGE, default_data_dir, free_port_block, node_ports
+from services.local.broker.quorum import describe_quorum_request, leader_from_response
 from services.settings import Settings
 from services.topics import replication_config
 

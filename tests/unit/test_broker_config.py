@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from services.localbroker import config
+from services.local.broker import config
 
 
 def render(**kwargs: object) -> dict[str, str]:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from schemas.errors import BrokerError, MissingToolError
-from services.localbroker.runner import ensure_jars, java_binary, maven_argv, mvn_binary, strip_ansi
+from services.local.broker.runner import ensure_jars, java_binary, maven_argv, mvn_binary, strip_ansi
 from services.settings import Settings
 
 

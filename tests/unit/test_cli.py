@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from services.cli import main
-from services.runstate import UpState, clear_state, read_state, write_state
+from services.local.runstate import UpState, clear_state, read_state, write_state
 from services.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -7,7 +7,7 @@ import base64
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from gateway.cursor import MAX_CURSOR_CHARS, VERSION, Cursor, decode_cursor, encode_cursor, event_epoch
+from gateway.fanout.cursor import MAX_CURSOR_CHARS, VERSION, Cursor, decode_cursor, encode_cursor, event_epoch
 from schemas.errors import CursorError
 
 cursors = st.builds(

@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from schemas.errors import BrokerError
-from services.foreground import run_foreground
+from services.local.foreground import run_foreground
 
 
 class Service:

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.app import render_error
-from gateway.view import EventName
+from gateway.http.app import render_error
 from schemas.errors import (
     BodyError,
     BodyTooLarge,
@@ -25,8 +24,9 @@ from schemas.errors import (
     Unauthorized,
     ValidationError,
 )
+from schemas.view import EventName
 
-PAGE = Path(__file__).resolve().parents[2] / "gateway" / "static" / "index.html"
+PAGE = Path(__file__).resolve().parents[2] / "gateway" / "http" / "static" / "index.html"
 
 
 @pytest.mark.parametrize(

@@ -1,14 +1,16 @@
-"""Two hubs over one log: unwatched keys go undecoded, a hub follows what the other reads through the subscribe/resume
-contract, and watched streams change owner mid-way with nothing lost or repeated."""
+"""Two relays over one log: unwatched keys go undecoded, a relay follows what the other reads through the
+subscribe/resume contract, and watched streams change owner mid-way with nothing lost or repeated."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 
-from gateway.cursor import Cursor, decode_cursor
-from gateway.hub import Entry, Hub
-from gateway.sse import parse
+from gateway.fanout.cursor import Cursor, decode_cursor
+from gateway.fanout.following import Sink
+from gateway.fanout.history import Entry
+from gateway.fanout.relay import Relay
+from gateway.fanout.sse import parse
 from schemas.codec import Codec, default_codec
 from schemas.errors import NotOwner
 from schemas.ids import new_request_id
@@ -26,21 +28,20 @@ class CountingCodec(Codec):
         return super().decode_event(data)
 
 
-class HubUpstream:
-    """Follows entries from another hub in-process, exactly as gateway.upstream does over HTTP: a forwarded
-    subscription resumed after the entry's last event, retried while the other hub does not own the partition."""
+class RelayUpstream:
+    """Follows entries from another relay in-process, exactly as gateway.cluster.upstream does over HTTP: a forwarded
+    subscription resumed after the entry's last event, retried while the other relay does not own the partition."""
 
-    def __init__(self, hub: Hub, owner: Hub):
-        self.hub, self.owner = hub, owner
-        hub.upstream = self
+    def __init__(self) -> None:
+        self.owner: Relay | None = None  # the other relay, once it exists
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.ready: dict[str, asyncio.Event] = {}
 
-    def follow(self, entry: Entry) -> None:
+    def follow(self, entry: Entry, sink: Sink) -> None:
         task = self.tasks.get(entry.request_id)
         if task is None or task.done():
             self.ready[entry.request_id] = asyncio.Event()
-            self.tasks[entry.request_id] = asyncio.create_task(self._run(entry))
+            self.tasks[entry.request_id] = asyncio.create_task(self._run(entry, sink))
 
     def stop(self, entry: Entry) -> None:
         task = self.tasks.pop(entry.request_id, None)
@@ -51,7 +52,8 @@ class HubUpstream:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.ready[entry.request_id].wait(), timeout_s)
 
-    async def _run(self, entry: Entry) -> None:
+    async def _run(self, entry: Entry, sink: Sink) -> None:
+        assert self.owner is not None
         while entry.terminal is None:
             last = entry.last_out
             after = Cursor(last.epoch, entry.partition, last.offset) if last is not None else None
@@ -65,11 +67,11 @@ class HubUpstream:
             self.ready[entry.request_id].set()
             try:
                 for old in sub.backlog:
-                    self.hub.feed(entry, old)
+                    sink.feed(entry, old)
                 while entry.terminal is None:
                     live = await sub.next(0.2)
                     if live is not None:
-                        self.hub.feed(entry, live)
+                        sink.feed(entry, live)
                     elif sub.closed is not None:
                         break  # moved: resume from whoever owns it now
             finally:
@@ -77,7 +79,7 @@ class HubUpstream:
 
 
 async def polled(source: MemorySource) -> None:
-    """Until the source has handed out every record of its log (the hub dispatches what it owns)."""
+    """Until the source has handed out every record of its log (the relay dispatches what it owns)."""
     for _ in range(200):
         if all(source.read.get(p) == len(records) for p, records in source.log.items()):
             await asyncio.sleep(0)
@@ -86,13 +88,13 @@ async def polled(source: MemorySource) -> None:
     raise AssertionError("source did not catch up")
 
 
-async def two_hubs(partitions: int = 1) -> tuple[MemorySource, MemorySource, Hub, Hub]:
-    """Hub a reads every partition; hub b reads the same log and owns none of it."""
+async def two_relays(partitions: int = 1) -> tuple[MemorySource, MemorySource, Relay, Relay]:
+    """Relay a reads every partition; relay b reads the same log and owns none of it."""
     source_a, source_b = MemorySource(partitions), MemorySource(partitions)
     source_b.log = source_a.log
-    a, b = Hub(source_a, memory_events=4), Hub(source_b, memory_events=4)
-    HubUpstream(a, b)
-    HubUpstream(b, a)
+    up_a, up_b = RelayUpstream(), RelayUpstream()
+    a, b = Relay(source_a, memory_events=4, upstream=up_a), Relay(source_b, memory_events=4, upstream=up_b)
+    up_a.owner, up_b.owner = b, a
     await a.start()
     await b.start()
     b.reassign({}, set(range(partitions)), 0)
@@ -102,23 +104,23 @@ async def two_hubs(partitions: int = 1) -> tuple[MemorySource, MemorySource, Hub
 async def test_records_of_keys_nobody_watches_are_not_decoded() -> None:
     source = MemorySource()
     codec = CountingCodec()
-    hub = Hub(source, codec=codec)
-    await hub.start()
+    relay = Relay(source, codec=codec)
+    await relay.start()
     ids = [new_request_id() for _ in range(20)]
     for rid in ids:
         for e in stream(rid, 10):
             source.append(e)
-    await settle(source, hub)
-    assert codec.decoded == 0 and not hub.entries
+    await settle(source, relay)
+    assert codec.decoded == 0 and not relay.history.entries
     # Asked for later, such a request comes whole from the source, and is followed live from then on.
-    events = parse((await drain(hub, await hub.subscribe(ids[3], None))).decode())  # type: ignore[arg-type]
+    events = parse((await drain(relay, await relay.subscribe(ids[3], None))).decode())  # type: ignore[arg-type]
     assert [e["event"] for e in events] == ["started"] + ["token"] * 10 + ["done"]
     assert source.replays == 1 and codec.decoded == 12
-    await hub.stop()
+    await relay.stop()
 
 
 async def test_a_hub_follows_what_another_reads_with_the_same_cursors() -> None:
-    source, _, a, b = await two_hubs()
+    source, _, a, b = await two_relays()
     rid = new_request_id()
     on_b = await b.subscribe(rid, None)
     on_a = await a.subscribe(rid, None)
@@ -140,12 +142,12 @@ async def test_a_hub_follows_what_another_reads_with_the_same_cursors() -> None:
 
 
 async def test_watched_streams_change_owner_midway_without_loss_or_repeat() -> None:
-    source_a, source_b, a, b = await two_hubs()
+    source_a, source_b, a, b = await two_relays()
     rid = new_request_id()
     evs = stream(rid, 30)
-    subs = [await hub.subscribe(rid, None) for hub in (a, b, a, b)]
+    subs = [await relay.subscribe(rid, None) for relay in (a, b, a, b)]
     assert all(s is not None for s in subs)
-    readers = [asyncio.create_task(drain(hub, s)) for hub, s in zip((a, b, a, b), subs, strict=True)]  # type: ignore[arg-type]
+    readers = [asyncio.create_task(drain(relay, s)) for relay, s in zip((a, b, a, b), subs, strict=True)]  # type: ignore[arg-type]
     for e in evs[:10]:
         source_a.append(e)
     await settle(source_a, a)
@@ -166,9 +168,9 @@ async def test_watched_streams_change_owner_midway_without_loss_or_repeat() -> N
 
 
 def test_an_owners_sse_event_parses_back_into_the_same_out() -> None:
-    from gateway.hub import make_out
-    from gateway.upstream import parse_block, reset_reason
-    from gateway.view import replay
+    from gateway.cluster.upstream import parse_block, reset_reason
+    from gateway.fanout.subscription import make_out
+    from schemas.view import replay
 
     rid = new_request_id()
     for offset, view_event in enumerate(replay(rid, list(enumerate(stream(rid, 3))))):
@@ -191,7 +193,7 @@ def test_a_framed_cursor_parses_like_a_client_cursor() -> None:
 
     import pytest
 
-    from gateway.cursor import decode_framed, encode_cursor
+    from gateway.fanout.cursor import decode_framed, encode_cursor
     from schemas.errors import CursorError
 
     rng = random.Random(3)

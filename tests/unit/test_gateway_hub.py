@@ -1,4 +1,4 @@
-"""Hub fan-out, replay handover and slow subscribers, with an in-memory event source."""
+"""The relay: fan-out, replay handover and slow subscribers, with an in-memory event source."""
 
 from __future__ import annotations
 
@@ -8,10 +8,12 @@ from dataclasses import replace
 
 import pytest
 
-from gateway.backfills import BackfillLimit
-from gateway.cursor import Cursor, decode_cursor, event_epoch
-from gateway.hub import Hub, SourceRecord, Subscription
-from gateway.sse import parse
+from gateway.fanout.backfills import BackfillLimit
+from gateway.fanout.cursor import Cursor, decode_cursor, event_epoch
+from gateway.fanout.relay import Relay
+from gateway.fanout.source import SourceRecord
+from gateway.fanout.sse import parse
+from gateway.fanout.subscription import Subscription
 from schemas.codec import default_codec
 from schemas.errors import CursorError, TooManyBackfills
 from schemas.ids import new_request_id
@@ -73,7 +75,7 @@ def stream(rid: str, n: int, run: str = "r1") -> list[TokenEvent]:
     return evs
 
 
-async def drain(hub: Hub, sub: Subscription) -> bytes:
+async def drain(relay: Relay, sub: Subscription) -> bytes:
     out = b"".join(sub.preamble) + b"".join(o.framed for o in sub.backlog)
     if any(o.event.terminal for o in sub.backlog):
         return out
@@ -82,236 +84,236 @@ async def drain(hub: Hub, sub: Subscription) -> bytes:
         assert item is not None, sub.closed
         out += item.framed
         if item.event.terminal:
-            hub.unsubscribe(sub)
+            relay.unsubscribe(sub)
             return out
 
 
-def slow_disconnects(hub: Hub) -> float | None:
-    return hub.metrics.registry.get_sample_value("tokenrelay_gateway_slow_subscriber_disconnects_total")
+def slow_disconnects(relay: Relay) -> float | None:
+    return relay.metrics.registry.get_sample_value("tokenrelay_gateway_slow_subscriber_disconnects_total")
 
 
-def attached(hub: Hub) -> float | None:
-    return hub.metrics.registry.get_sample_value("tokenrelay_gateway_subscribers")
+def attached(relay: Relay) -> float | None:
+    return relay.metrics.registry.get_sample_value("tokenrelay_gateway_subscribers")
 
 
-async def settle(source: MemorySource, hub: Hub) -> None:
+async def settle(source: MemorySource, relay: Relay) -> None:
     for _ in range(100):
-        if all(hub.positions[p] == len(source.log[p]) for p in source.log):
+        if all(relay.positions[p] == len(source.log[p]) for p in source.log):
             return
         await asyncio.sleep(0.01)
 
 
 async def test_fan_out_identical_and_resume_everywhere() -> None:
     source = MemorySource()
-    hub = Hub(source, memory_events=8)
-    await hub.start()
+    relay = Relay(source, memory_events=8)
+    await relay.start()
     rid = new_request_id()
-    subs = [await hub.subscribe(rid, None) for _ in range(20)]
+    subs = [await relay.subscribe(rid, None) for _ in range(20)]
     for e in stream(rid, 12):
         source.append(e)
-    outs = [await drain(hub, s) for s in subs if s is not None]
+    outs = [await drain(relay, s) for s in subs if s is not None]
     assert len(set(outs)) == 1
     events = parse(outs[0].decode())
     assert [e["event"] for e in events][:2] == ["started", "token"] and events[-1]["event"] == "done"
     # Resume after every event (memory holds only 8, older positions replay from the source): pieces == whole.
     for k, sse in enumerate(events):
-        sub = await hub.subscribe(rid, decode_cursor(sse["id"]))
+        sub = await relay.subscribe(rid, decode_cursor(sse["id"]))
         if sse["event"] == "done":
             assert sub is None
             continue
         assert sub is not None
-        rest = parse((await drain(hub, sub)).decode())
+        rest = parse((await drain(relay, sub)).decode())
         assert events[: k + 1] + rest == events
-    await hub.stop()
+    await relay.stop()
 
 
 async def test_late_subscriber_backfills_once_and_hands_over() -> None:
     source = MemorySource()
-    rid = new_request_id(now_ms=1)  # older than the hub's start: the hub cannot vouch for its beginning
+    rid = new_request_id(now_ms=1)  # older than the relay's start: the relay cannot vouch for its beginning
     evs = stream(rid, 6)
     for e in evs[:3]:
         source.append(e)
-    hub = Hub(source)
+    relay = Relay(source)
     source.read = {}
-    await hub.start()
+    await relay.start()
     for e in evs[3:5]:
         source.append(e)
-    await settle(source, hub)
-    sub_a, sub_b = await asyncio.gather(hub.subscribe(rid, None), hub.subscribe(rid, None))
+    await settle(source, relay)
+    sub_a, sub_b = await asyncio.gather(relay.subscribe(rid, None), relay.subscribe(rid, None))
     assert source.replays == 1
     for e in evs[5:]:
         source.append(e)
-    a = await drain(hub, sub_a)  # type: ignore[arg-type]
-    b = await drain(hub, sub_b)  # type: ignore[arg-type]
+    a = await drain(relay, sub_a)  # type: ignore[arg-type]
+    b = await drain(relay, sub_b)  # type: ignore[arg-type]
     assert a == b
     assert [x["data"] for x in parse(a.decode()) if x["event"] == "token"] == [
         f'{{"seq":{i},"text":"t{i}","token_ids":[{i}]}}' for i in range(1, 7)
     ]
-    await hub.stop()
+    await relay.stop()
 
 
 async def test_slow_subscriber_is_dropped_without_blocking_others() -> None:
     source = MemorySource()
-    hub = Hub(source, subscriber_buffer=4)
-    await hub.start()
+    relay = Relay(source, subscriber_buffer=4)
+    await relay.start()
     rid = new_request_id()
-    slow = await hub.subscribe(rid, None)
-    fast = await hub.subscribe(rid, None)
+    slow = await relay.subscribe(rid, None)
+    fast = await relay.subscribe(rid, None)
     assert slow is not None and fast is not None
-    assert hub.subscriber_count(rid) == 2 and attached(hub) == 2
-    reader = asyncio.create_task(drain(hub, fast))
+    assert relay.subscriber_count(rid) == 2 and attached(relay) == 2
+    reader = asyncio.create_task(drain(relay, fast))
     for e in stream(rid, 30):
         source.append(e)
         await asyncio.sleep(0)
         await asyncio.sleep(0.001)
     whole = await reader
-    assert slow.closed == "slow" and slow_disconnects(hub) == 1
-    assert hub.subscriber_count(rid) == 0 and attached(hub) == 0  # one dropped, one unsubscribed at its end
+    assert slow.closed == "slow" and slow_disconnects(relay) == 1
+    assert relay.subscriber_count(rid) == 0 and attached(relay) == 0  # one dropped, one unsubscribed at its end
     assert parse(whole.decode())[-1]["event"] == "done"
-    await hub.stop()
+    await relay.stop()
 
 
 async def test_unknown_cursor_gets_reset() -> None:
     source = MemorySource(partitions=1)
-    hub = Hub(source)
-    await hub.start()
+    relay = Relay(source)
+    await relay.start()
     rid = new_request_id()
     for e in stream(rid, 2):
         source.append(e)
-    await settle(source, hub)
-    first = parse((await drain(hub, await hub.subscribe(rid, None))).decode())  # type: ignore[arg-type]
+    await settle(source, relay)
+    first = parse((await drain(relay, await relay.subscribe(rid, None))).decode())  # type: ignore[arg-type]
     cursor = decode_cursor(first[1]["id"])
     forged = type(cursor)((cursor.epoch + 1) % 65536, cursor.partition, cursor.offset)
-    sub = await hub.subscribe(rid, forged)
+    sub = await relay.subscribe(rid, forged)
     assert sub is not None
-    again = parse((await drain(hub, sub)).decode())
+    again = parse((await drain(relay, sub)).decode())
     assert again[0] == {"event": "reset", "data": '{"reason": "unknown_cursor"}'} and again[1:] == first
-    await hub.stop()
+    await relay.stop()
 
 
 async def test_memory_budget_forgets_least_recently_used_finished_requests_and_replays_them() -> None:
     source = MemorySource()
-    hub = Hub(source, memory_events=8, memory_total_events=40, max_requests=100)
-    await hub.start()
+    relay = Relay(source, memory_events=8, memory_total_events=40, max_requests=100)
+    await relay.start()
     watched = new_request_id()
-    sub = await hub.subscribe(watched, None)
+    sub = await relay.subscribe(watched, None)
     assert sub is not None
     for e in stream(watched, 3)[:-1]:  # unfinished, with a subscriber: never forgotten
         source.append(e)
     finished = [new_request_id() for _ in range(12)]
     for i, rid in enumerate(finished):
-        watcher = await hub.subscribe(rid, None)  # watched while it runs: kept in memory after, for fast resume
+        watcher = await relay.subscribe(rid, None)  # watched while it runs: kept in memory after, for fast resume
         for e in stream(rid, 10):
             source.append(e)
-        await settle(source, hub)
-        await drain(hub, watcher)  # type: ignore[arg-type]
+        await settle(source, relay)
+        await drain(relay, watcher)  # type: ignore[arg-type]
         if i == 3:  # 3 + 4 x 8 events: all still in memory
-            assert all(r in hub.entries for r in finished[:4])
-            await hub.snapshot(finished[0])  # used recently: outlives the other early ones
+            assert all(r in relay.history.entries for r in finished[:4])
+            await relay.snapshot(finished[0])  # used recently: outlives the other early ones
         if i == 4:
-            assert finished[0] in hub.entries and finished[1] not in hub.entries
-        assert hub.memory_count <= 40
-        assert hub.memory_count == sum(len(e.outs) for e in hub.entries.values())
-    assert watched in hub.entries and sub.closed is None and finished[-1] in hub.entries
+            assert finished[0] in relay.history.entries and finished[1] not in relay.history.entries
+        assert relay.history.memory_count <= 40
+        assert relay.history.memory_count == sum(len(e.outs) for e in relay.history.entries.values())
+    assert watched in relay.history.entries and sub.closed is None and finished[-1] in relay.history.entries
     # Forgotten or not, every request replays exactly, from its start and from every cursor.
     for rid in finished:
-        whole = await drain(hub, await hub.subscribe(rid, None))  # type: ignore[arg-type]
+        whole = await drain(relay, await relay.subscribe(rid, None))  # type: ignore[arg-type]
         events = parse(whole.decode())
         assert [e["event"] for e in events] == ["started"] + ["token"] * 10 + ["done"]
-    events = parse((await drain(hub, await hub.subscribe(finished[2], None))).decode())  # type: ignore[arg-type]
+    events = parse((await drain(relay, await relay.subscribe(finished[2], None))).decode())  # type: ignore[arg-type]
     for k, sse in enumerate(events[:-1]):
-        rest = await hub.subscribe(finished[2], decode_cursor(sse["id"]))
+        rest = await relay.subscribe(finished[2], decode_cursor(sse["id"]))
         assert rest is not None
-        assert events[: k + 1] + parse((await drain(hub, rest)).decode()) == events
+        assert events[: k + 1] + parse((await drain(relay, rest)).decode()) == events
     source.append(stream(watched, 3)[-1])
-    assert parse((await drain(hub, sub)).decode())[-1]["event"] == "done"
-    await hub.stop()
+    assert parse((await drain(relay, sub)).decode())[-1]["event"] == "done"
+    await relay.stop()
 
 
 async def test_request_limit_forgets_finished_requests_which_then_replay_from_the_source() -> None:
     source = MemorySource(partitions=1)  # dispatched in submission order: ids[0] is the least recently used
-    hub = Hub(source, max_requests=4)
-    await hub.start()
+    relay = Relay(source, max_requests=4)
+    await relay.start()
     ids = [new_request_id() for _ in range(10)]
     for rid in ids:
         for e in stream(rid, 3):
             source.append(e)
-    await settle(source, hub)
-    assert len(hub.entries) <= 4
+    await settle(source, relay)
+    assert len(relay.history.entries) <= 4
     replays = source.replays
-    sub = await hub.subscribe(ids[0], None)  # forgotten: must come back whole, not as an empty stream
+    sub = await relay.subscribe(ids[0], None)  # forgotten: must come back whole, not as an empty stream
     assert sub is not None
-    events = parse((await drain(hub, sub)).decode())
+    events = parse((await drain(relay, sub)).decode())
     assert [e["event"] for e in events] == ["started", "token", "token", "token", "done"]
     assert source.replays == replays + 1
-    await hub.stop()
+    await relay.stop()
 
 
 async def test_a_burst_larger_than_the_buffer_in_one_poll_keeps_fast_readers() -> None:
     source = MemorySource()
-    hub = Hub(source, subscriber_buffer=64)
-    await hub.start()
+    relay = Relay(source, subscriber_buffer=64)
+    await relay.start()
     rid = new_request_id()
-    fast = await hub.subscribe(rid, None)
-    slow = await hub.subscribe(rid, None)
+    fast = await relay.subscribe(rid, None)
+    slow = await relay.subscribe(rid, None)
     assert fast is not None and slow is not None
-    reader = asyncio.create_task(drain(hub, fast))
+    reader = asyncio.create_task(drain(relay, fast))
     await asyncio.sleep(0)
     for e in stream(rid, 2000):  # one poll hands out all 2,002 records
         source.append(e)
     whole = await asyncio.wait_for(reader, 10)
     assert fast.closed is None and len(parse(whole.decode())) == 2002
-    assert slow.closed == "slow" and slow_disconnects(hub) == 1
-    await hub.stop()
+    assert slow.closed == "slow" and slow_disconnects(relay) == 1
+    await relay.stop()
 
 
 async def test_a_subscriber_dropped_as_slow_has_its_connection_aborted() -> None:
     source = MemorySource()
-    hub = Hub(source, subscriber_buffer=4)
-    await hub.start()
+    relay = Relay(source, subscriber_buffer=4)
+    await relay.start()
     rid = new_request_id()
-    slow = await hub.subscribe(rid, None)
-    gone = await hub.subscribe(rid, None)
+    slow = await relay.subscribe(rid, None)
+    gone = await relay.subscribe(rid, None)
     assert slow is not None and gone is not None
     aborted: list[str] = []
     slow.on_slow = lambda: aborted.append("slow")
     gone.on_slow = lambda: aborted.append("gone")
-    hub.unsubscribe(gone)  # a handler that left no longer gets callbacks
+    relay.unsubscribe(gone)  # a handler that left no longer gets callbacks
     for e in stream(rid, 20):
         source.append(e)
-    await settle(source, hub)
+    await settle(source, relay)
     assert slow.closed == "slow" and aborted == ["slow"]
-    await hub.stop()
+    await relay.stop()
 
 
 async def test_cursors_beyond_the_end_of_a_stream_are_refused_not_204_or_waiting() -> None:
     source = MemorySource(partitions=1)
-    hub = Hub(source)
-    await hub.start()
+    relay = Relay(source)
+    await relay.start()
     done, live = new_request_id(), new_request_id()
     for e in stream(done, 3):
         source.append(e)
     source.append(stream(live, 3)[0])  # only started
-    await settle(source, hub)
-    whole = parse((await drain(hub, await hub.subscribe(done, None))).decode())  # type: ignore[arg-type]
+    await settle(source, relay)
+    whole = parse((await drain(relay, await relay.subscribe(done, None))).decode())  # type: ignore[arg-type]
     terminal = decode_cursor(whole[-1]["id"])
-    assert await hub.subscribe(done, terminal) is None  # the real terminal cursor: 204
+    assert await relay.subscribe(done, terminal) is None  # the real terminal cursor: 204
     # Past the terminal event, with its check or any other: nothing of this request is there.
     for offset, epoch in [(terminal.offset + 1, terminal.epoch), (terminal.offset + 1, 7), (10**6, terminal.epoch)]:
         with pytest.raises(CursorError):
-            await hub.subscribe(done, replace(terminal, offset=offset, epoch=epoch))
+            await relay.subscribe(done, replace(terminal, offset=offset, epoch=epoch))
     # At the terminal's offset with a wrong check: a reset and the whole stream, not a silent end.
-    sub = await hub.subscribe(done, replace(terminal, epoch=(terminal.epoch + 1) % 65536))
+    sub = await relay.subscribe(done, replace(terminal, epoch=(terminal.epoch + 1) % 65536))
     assert sub is not None
-    assert parse((await drain(hub, sub)).decode())[1:] == whole
+    assert parse((await drain(relay, sub)).decode())[1:] == whole
     # An unfinished request and an offset the log has not reached: refused at once, not keepalives forever.
     with pytest.raises(CursorError):
-        await asyncio.wait_for(hub.subscribe(live, replace(terminal, offset=10**6)), 5)
-    await hub.stop()
+        await asyncio.wait_for(relay.subscribe(live, replace(terminal, offset=10**6)), 5)
+    await relay.stop()
 
 
 class LaggingSource(MemorySource):
-    """A source whose reader is held back: the log has records the hub has not read yet (a gateway behind another)."""
+    """A source whose reader is held back: the log has records the relay has not read yet (a gateway behind another)."""
 
     def __init__(self) -> None:
         super().__init__(partitions=1)
@@ -328,27 +330,27 @@ class LaggingSource(MemorySource):
 async def test_a_cursor_ahead_of_this_gateway_waits_until_it_is_read_then_resumes() -> None:
     source = LaggingSource()
     source.gate.set()
-    hub = Hub(source)
-    await hub.start()
+    relay = Relay(source)
+    await relay.start()
     rid = new_request_id()
     events = stream(rid, 4)
     source.append(events[0])
-    await settle(source, hub)
+    await settle(source, relay)
     source.gate.clear()
     await source.parked.wait()
     for e in events[1:]:
         source.append(e)
     # Another gateway handed out a cursor for the second token (offset 2); this one has read only offset 0.
     ahead = Cursor(event_epoch(rid, "r1", 2), 0, 2)
-    pending = asyncio.create_task(hub.subscribe(rid, ahead))
+    pending = asyncio.create_task(relay.subscribe(rid, ahead))
     finished, _ = await asyncio.wait({pending}, timeout=0.2)
-    assert not finished  # it cannot answer before the hub has read offset 2
+    assert not finished  # it cannot answer before the relay has read offset 2
     source.gate.set()
     sub = await asyncio.wait_for(pending, 5)
     assert sub is not None and not sub.preamble
-    rest = parse((await drain(hub, sub)).decode())
+    rest = parse((await drain(relay, sub)).decode())
     assert [e["event"] for e in rest] == ["token", "token", "done"]
-    await hub.stop()
+    await relay.stop()
 
 
 class GatedReplaySource(MemorySource):
@@ -392,26 +394,26 @@ class Recorder:
 async def test_backfills_wait_their_turn_per_client_and_overall() -> None:
     source = GatedReplaySource()
     seen = Recorder()
-    hub = Hub(source, backfills=BackfillLimit(per_client=1, total=2, queue_per_client=2, on_event=seen))
-    await hub.start()
-    old = [new_request_id(now_ms=1000 + i) for i in range(6)]  # older than the hub: unknown, so each is a scan
-    first = asyncio.create_task(hub.snapshot(old[0], "client-a"))
+    relay = Relay(source, backfills=BackfillLimit(per_client=1, total=2, queue_per_client=2, on_event=seen))
+    await relay.start()
+    old = [new_request_id(now_ms=1000 + i) for i in range(6)]  # older than the relay: unknown, so each is a scan
+    first = asyncio.create_task(relay.snapshot(old[0], "client-a"))
     await seen.until("started", 1)
     # Client a has its one scan running: its next look-ups wait their turn (the same id joins the running scan).
-    queued = [asyncio.create_task(hub.snapshot(rid, "client-a")) for rid in old[1:3]]
-    again = asyncio.create_task(hub.snapshot(old[0], "client-a"))
+    queued = [asyncio.create_task(relay.snapshot(rid, "client-a")) for rid in old[1:3]]
+    again = asyncio.create_task(relay.snapshot(old[0], "client-a"))
     await seen.until("waited_for_client", 2)
     with pytest.raises(TooManyBackfills):  # and past its queue, it is refused before any read
-        await hub.snapshot(old[3], "client-a")
+        await relay.snapshot(old[3], "client-a")
     # Client b does not wait behind client a: it takes the second slot at once.
-    other = asyncio.create_task(hub.snapshot(old[4], "client-b"))
+    other = asyncio.create_task(relay.snapshot(old[4], "client-b"))
     await seen.until("started", 2)
-    assert source.in_flight == 2 and hub.backfills.waiting("client-a") == 3
+    assert source.in_flight == 2 and relay.history.backfills.waiting("client-a") == 3
     source.gate.set()
     views = await asyncio.gather(first, again, other, *queued)
     assert [v.status for v in views] == ["queued"] * 5
     assert source.most == 2 and source.replays == 4  # never two of client a's at once
     assert seen.events.count("refused") == 1 and seen.events.count("started") == 4
-    assert hub.backfills.waiting("client-a") == 0 and hub.backfills.running == 0
-    await hub.snapshot(old[5], "client-a")
-    await hub.stop()
+    assert relay.history.backfills.waiting("client-a") == 0 and relay.history.backfills.running == 0
+    await relay.snapshot(old[5], "client-a")
+    await relay.stop()

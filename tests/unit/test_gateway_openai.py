@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from gateway.openai import AnswerFold, Completed, Completions, Failed, Rewritten, TextDelta
-from gateway.view import EventName, replay
+from gateway.api.openai import AnswerFold, Completed, Completions, Failed, Rewritten, TextDelta
 from schemas.records import Delta, Finished, Started, TokenEvent, Usage
 from schemas.records import Failed as FailedRecord
+from schemas.view import EventName, replay
 
 RID = "01890000-0000-7000-8000-000000000000"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 
-from gateway.owners import (
+from gateway.cluster.owners import (
     Member,
     Owners,
     decode_map,

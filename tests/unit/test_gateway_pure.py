@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from gateway.auth import CANCEL, SECRET_FILE, WATCH, Auth, key_id
-from gateway.cursor import Cursor, decode_cursor, encode_cursor, event_epoch
-from gateway.sse import KEEPALIVE, PREAMBLE, frame, parse
-from gateway.validation import BodyError, FieldError, parse_json_object, parse_sampling, parse_stream_flags
-from gateway.view import View, replay
+from gateway.api.auth import CANCEL, SECRET_FILE, WATCH, Auth, key_id
+from gateway.api.validation import BodyError, FieldError, parse_json_object, parse_sampling, parse_stream_flags
+from gateway.fanout.cursor import Cursor, decode_cursor, encode_cursor, event_epoch
+from gateway.fanout.sse import KEEPALIVE, PREAMBLE, frame, parse
 from schemas.errors import CursorError
 from schemas.records import Delta, Failed, Finished, Started, TokenEvent, Usage
+from schemas.view import View, replay
 from services.settings import Settings
 
 RID = "01890000-0000-7000-8000-000000000000"

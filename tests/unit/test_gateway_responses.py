@@ -10,17 +10,17 @@ import pytest
 from openai._models import construct_type
 from openai.types.responses import Response
 
-from gateway.openai import AnswerFold, Completed, Surface
-from gateway.responses import request_id_of_response
-from gateway.responses_body import parse_create
-from gateway.responses_events import ResponseEvents, ResponseOptions, response_id
-from gateway.sse import parse
-from gateway.view import replay
+from gateway.api.openai import AnswerFold, Completed, Surface
+from gateway.api.responses import request_id_of_response
+from gateway.api.responses_body import parse_create
+from gateway.api.responses_events import ResponseEvents, ResponseOptions, response_id
+from gateway.fanout.sse import parse
 from schemas.codec import default_codec
 from schemas.errors import FieldError, KafkaUnavailable, NotFound, Unsupported
 from schemas.ids import new_request_id
 from schemas.records import Accepted, Delta, Finished, InferenceRequest, Started, TokenEvent, Usage
 from schemas.records import Failed as FailedRecord
+from schemas.view import replay
 from services.requests import submit_request
 from services.settings import Settings
 

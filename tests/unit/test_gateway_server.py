@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from gateway.server import REFUSED, AcceptErrorLog, connection_cap
+from gateway.http.server import REFUSED, AcceptErrorLog, connection_cap
 
 
 def test_connection_cap_stays_below_the_fd_limit() -> None:
@@ -35,7 +35,7 @@ def test_accept_errors_are_reported_once_per_interval(caplog: pytest.LogCaptureF
     loop = asyncio.new_event_loop()
     context = {"message": "socket.accept() out of system resource", "exception": OSError(24, "Too many open files")}
     try:
-        with caplog.at_level(logging.WARNING, logger="gateway.server"):
+        with caplog.at_level(logging.WARNING, logger="gateway.http.server"):
             for second in range(30):  # 30 s of a hot accept loop: 2,048 failures a second
                 now[0] = float(second)
                 for _ in range(2048):

@@ -11,7 +11,7 @@ from aiokafka.structs import ConsumerRecord
 from schemas.codec import default_codec
 from schemas.errors import ConfigError
 from schemas.records import Delta, TokenEvent
-from services.logtools import export_line, parse_time, tail_line
+from services.cli.logtools import export_line, parse_time, tail_line
 
 NOW = 1_700_000_000_000
 RID = "01890a5d-ac96-774b-bcce-b302099a8057"
@@ -63,7 +63,7 @@ def test_export_and_tail_lines() -> None:
 
 def test_parquet_rows_flatten_the_payload() -> None:
     from schemas.records import Finished, Usage
-    from services.logtools import PARQUET_COLUMNS, parquet_row
+    from services.cli.logtools import PARQUET_COLUMNS, parquet_row
 
     delta = parquet_row(export_line(_record(default_codec().encode(TokenEvent(RID, "r", 1, NOW, Delta("ab", (1, 2)))))))
     assert set(delta) == set(PARQUET_COLUMNS)

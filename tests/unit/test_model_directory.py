@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gateway.models import ModelDirectory
+from schemas.models import ModelDirectory
 from schemas.records import ModelInfo
 
 

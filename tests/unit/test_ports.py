@@ -7,7 +7,7 @@ import socket
 import pytest
 
 from schemas.errors import ConfigError
-from services.ports import check_ports, listens, port_free
+from services.local.ports import check_ports, listens, port_free
 from services.settings import Settings
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from schemas.errors import ConfigError
-from services.registry.runner import apicurio_version, ccompat_url, jvm_command
+from services.local.registry.runner import apicurio_version, ccompat_url, jvm_command
 from services.schema_registry import client_config, subject_name, value_record, value_topics
 from services.settings import Settings
 

@@ -6,9 +6,9 @@ import io
 import sys
 from pathlib import Path
 
-from services.readiness import sse_events
+from services.local.readiness import sse_events
+from services.local.stack import Progress, banner, child_plan, curl_line
 from services.settings import Settings
-from services.stack import Progress, banner, child_plan, curl_line
 
 
 def test_children_share_the_cluster_and_start_in_order() -> None:

@@ -1,0 +1,214 @@
+"""The Responses API's shapes, pure: the answer fold's steps as numbered events and the response object."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, assert_never
+
+from gateway.api.openai import AnswerFold, Completed, Failed, Rewritten, TextDelta
+from gateway.fanout.sse import frame
+from schemas.ids import request_id_time_ms
+from schemas.view import EventName, View, ViewEvent
+
+RESPONSE_PREFIX = "resp_"
+ITEM_PREFIX = "msg_"
+
+# --- ids: a response id is the request id, spelled the OpenAI way (no gateway state maps one to the other) ---------
+
+
+def response_id(request_id: str) -> str:
+    return RESPONSE_PREFIX + uuid.UUID(request_id).hex
+
+
+def item_id(request_id: str) -> str:
+    return ITEM_PREFIX + uuid.UUID(request_id).hex
+
+
+# --- what a response echoes, from the create body or from the log's Accepted record ----------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseOptions:
+    """The options a response object shows; recorded in the request's Accepted event so every gateway knows them."""
+
+    model: str
+    background: bool = False
+    store: bool = True
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def of_view(cls, view: View, default_model: str) -> ResponseOptions:
+        accepted = view.log.accepted
+        if accepted is None:  # submitted another way (native API, straight onto Kafka): the defaults
+            return cls(view.model or default_model)
+        return cls(accepted.model or default_model, accepted.background, accepted.store, dict(accepted.metadata))
+
+
+# --- the surface: view events -> numbered Responses events and the response object (pure) -------------------------
+
+
+@dataclass(slots=True)
+class ResponseEvents:
+    """``/v1/responses``: the answer fold's steps as Responses events, numbered from 0 in log order.
+
+    The numbering depends only on the request's view events, which depend only on its log: every replay, from any
+    gateway, numbers the same events the same way. Events numbered ``after`` or lower are counted but not framed,
+    which is how ``starting_after`` resumes.
+    """
+
+    fold: AnswerFold
+    request_id: str
+    options: ResponseOptions
+    after: int = -1
+    seq: int = 0
+    status: str = ""
+    begun: bool = False
+    ended: bool = False
+    usage: dict[str, Any] | None = None
+    error: dict[str, str] | None = None
+    incomplete: dict[str, str] | None = None
+    item_status: str = "in_progress"
+
+    def __post_init__(self) -> None:
+        self.status = self.status or ("queued" if self.options.background else "in_progress")
+
+    # Surface
+    def opening(self) -> bytes:
+        return self._emit("response.created", {"response": self.object()})
+
+    def delta(self, text: str) -> bytes:
+        out = b"" if self.begun else self._begin()
+        return out + self._emit("response.output_text.delta", {**self._where(), "delta": text, "logprobs": []})
+
+    def completed(self, end: Completed) -> bytes:
+        return self._finish(end, cancelled=False)
+
+    def failed(self, code: str, message: str) -> bytes:
+        self.ended = True
+        self.status, self.error = "failed", {"code": code, "message": message}
+        if self.begun:
+            self.item_status = "incomplete"
+        return self._emit("response.failed", {"response": self.object()})
+
+    def whole(self, end: Completed) -> dict[str, Any]:
+        self.completed(end)
+        return self.object()
+
+    # the fold
+    def feed(self, ev: ViewEvent) -> bytes:
+        """Frames for one view event (nothing for those numbered ``after`` or lower); ``ended`` after the last."""
+        if self.ended:
+            return b""
+        out = b""
+        if ev.event == EventName.STARTED and not self.begun:
+            out += self._begin()
+        step = self.fold.feed(ev.event, ev.data)
+        match step:
+            case None:
+                pass
+            case TextDelta():
+                out += self.delta(step.text) if step.text else b""
+            case Completed():
+                out += self._finish(step, cancelled=ev.data.get("finish_reason") == "cancelled")
+            case Failed():
+                out += self.failed(step.code, step.message)
+            case Rewritten():  # a stream cannot take back what it sent; the object agrees with it
+                out += self.failed("restarted", "generation restarted and cannot be continued")
+            case _:
+                assert_never(step)
+        return out
+
+    def connection_error(self, code: str, message: str) -> bytes:
+        """An ``error`` event that ends this connection, not the response: the log does not number it.
+
+        It takes the next number without consuming it, so a resume (with that number or the one before) loses nothing.
+        """
+        body = {"type": "error", "sequence_number": self.seq, "code": code, "message": message, "param": None}
+        return frame("error", json.dumps(body, ensure_ascii=False, separators=(",", ":")))
+
+    def object(self) -> dict[str, Any]:
+        """The response object as of the events folded so far."""
+        return {
+            "id": response_id(self.request_id),
+            "object": "response",
+            "created_at": request_id_time_ms(self.request_id) // 1000,
+            "status": self.status,
+            "background": self.options.background,
+            "error": self.error,
+            "incomplete_details": self.incomplete,
+            "instructions": None,
+            "max_output_tokens": None,
+            "metadata": dict(self.options.metadata),
+            "model": self.fold.model,
+            "output": [self._item(self.item_status, self.fold.text)] if self.begun else [],
+            "parallel_tool_calls": False,
+            "previous_response_id": None,
+            "reasoning": None,
+            "store": self.options.store,
+            "temperature": None,
+            "text": {"format": {"type": "text"}},
+            "tool_choice": "none",
+            "tools": [],
+            "top_p": None,
+            "truncation": "disabled",
+            "usage": self.usage,
+            "user": None,
+        }
+
+    def _begin(self) -> bytes:
+        self.begun = True
+        self.status = "in_progress"
+        out = self._emit("response.in_progress", {"response": self.object()})
+        out += self._emit("response.output_item.added", {"output_index": 0, "item": self._item("in_progress", None)})
+        return out + self._emit("response.content_part.added", {**self._where(), "part": self._part("")})
+
+    def _finish(self, end: Completed, *, cancelled: bool) -> bytes:
+        self.ended = True
+        self.usage = {
+            "input_tokens": end.usage["prompt_tokens"],
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": end.usage["completion_tokens"],
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": end.usage["total_tokens"],
+        }
+        if cancelled:
+            self.status, self.item_status, kind = "cancelled", "incomplete", "response.cancelled"
+        elif end.finish_reason == "length":
+            self.status, self.item_status, kind = "incomplete", "incomplete", "response.incomplete"
+            self.incomplete = {"reason": "max_output_tokens"}
+        else:
+            self.status, self.item_status, kind = "completed", "completed", "response.completed"
+        out = b""
+        if self.begun:
+            text = self.fold.text
+            out += self._emit("response.output_text.done", {**self._where(), "text": text, "logprobs": []})
+            out += self._emit("response.content_part.done", {**self._where(), "part": self._part(text)})
+            item = self._item(self.item_status, text)
+            out += self._emit("response.output_item.done", {"output_index": 0, "item": item})
+        return out + self._emit(kind, {"response": self.object()})
+
+    def _where(self) -> dict[str, Any]:
+        return {"item_id": item_id(self.request_id), "output_index": 0, "content_index": 0}
+
+    def _part(self, text: str) -> dict[str, Any]:
+        return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+    def _item(self, status: str, text: str | None) -> dict[str, Any]:
+        content = [] if text is None else [self._part(text)]
+        return {
+            "id": item_id(self.request_id),
+            "type": "message",
+            "role": "assistant",
+            "status": status,
+            "content": content,
+        }
+
+    def _emit(self, kind: str, body: dict[str, Any]) -> bytes:
+        seq, self.seq = self.seq, self.seq + 1
+        if seq <= self.after:
+            return b""
+        data = json.dumps({"type": kind, "sequence_number": seq, **body}, ensure_ascii=False, separators=(",", ":"))
+        return frame(kind, data, str(seq))

@@ -1,0 +1,160 @@
+"""Validation of HTTP bodies at the edge: JSON bytes in, typed values out, field-level errors."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from schemas.errors import BodyError, FieldError
+from schemas.records import ChatMessage
+from schemas.sampling import INT64, SamplingParams
+
+MAX_PROMPT_CHARS = 200_000
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+def parse_json_object(body: bytes) -> dict[str, Any]:
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BodyError("body is not valid UTF-8") from None
+    try:
+        value = json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        # Not the parser's own message: it names Python internals ("Expecting value: line 1 column 1 (char 0)",
+        # "Exceeds the limit (4300 digits) for integer string conversion", ...).
+        raise BodyError("body is not valid JSON") from None
+    if not isinstance(value, dict):
+        raise BodyError("body must be a JSON object")
+    return value
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed")
+
+
+def _int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise FieldError(name, "must be an integer")
+    return value
+
+
+def _float(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise FieldError(name, "must be a number")
+    return float(value) if not isinstance(value, int) or abs(value) < INT64 else math.inf
+
+
+def _stop(name: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (_text(value, name),)
+    if isinstance(value, list):
+        return tuple(_text(s, name) for s in value)
+    raise FieldError(name, "must be a string or a list of strings")
+
+
+def _text(value: Any, name: str, limit: int = MAX_PROMPT_CHARS) -> str:
+    if not isinstance(value, str):
+        raise FieldError(name, "must be a string")
+    if len(value) > limit:
+        raise FieldError(name, f"must be at most {limit} characters")
+    if any(0xD800 <= ord(c) <= 0xDFFF for c in value):
+        raise FieldError(name, "contains a lone surrogate")
+    return value
+
+
+# The JSON type of each SamplingParams field (a unit test keeps the keys equal to its fields).
+SAMPLING_TYPES: dict[str, Callable[[str, Any], Any]] = {
+    "max_tokens": _int,
+    "temperature": _float,
+    "top_p": _float,
+    "top_k": _int,
+    "seed": _int,
+    "stop": _stop,
+}
+# Each SamplingParams field under its own name: what the native and completions APIs take.
+SAMPLING_NAMES = {name: name for name in SAMPLING_TYPES}
+
+
+def parse_sampling(
+    body: Mapping[str, Any],
+    max_tokens_limit: int,
+    *,
+    default_max_tokens: int = 16,
+    names: Mapping[str, str] = SAMPLING_NAMES,
+) -> SamplingParams:
+    """The sampling parameters of a body: their JSON types are checked here, their ranges by SamplingParams.check.
+
+    ``names`` maps each SamplingParams field an API takes to its name in that API's body (errors name it so too);
+    a field it leaves out, or that the body leaves out or sets to null, keeps SamplingParams' default.
+    """
+    values: dict[str, Any] = {"max_tokens": default_max_tokens}
+    for field, name in names.items():
+        if (value := body.get(name)) is not None:
+            values[field] = SAMPLING_TYPES[field](name, value)
+    try:
+        return SamplingParams(**values).check(max_tokens_limit)
+    except FieldError as exc:
+        raise FieldError(names.get(exc.field, exc.field), exc.reason) from None
+
+
+def parse_prompt(body: dict[str, Any]) -> str:
+    if "prompt" not in body:
+        raise FieldError("prompt", "is required")
+    prompt = body["prompt"]
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]  # OpenAI clients may send a one-element list
+    return _text(prompt, "prompt")
+
+
+def parse_messages(body: dict[str, Any]) -> tuple[ChatMessage, ...]:
+    raw = body.get("messages")
+    if not isinstance(raw, list) or not raw:
+        raise FieldError("messages", "must be a non-empty list")
+    if len(raw) > 256:
+        raise FieldError("messages", "at most 256 messages")
+    out = []
+    for i, m in enumerate(raw):
+        if not isinstance(m, dict):
+            raise FieldError(f"messages[{i}]", "must be an object")
+        role = m.get("role")
+        if role not in CHAT_ROLES:
+            raise FieldError(f"messages[{i}].role", f"must be one of {', '.join(CHAT_ROLES)}")
+        content = m.get("content")
+        if isinstance(content, list):  # OpenAI content parts: only text parts are supported
+            parts = []
+            for part in content:
+                if not isinstance(part, dict) or part.get("type") != "text":
+                    raise FieldError(f"messages[{i}].content", "only text parts are supported")
+                parts.append(_text(part.get("text"), f"messages[{i}].content"))
+            content = "".join(parts)
+        out.append(ChatMessage(role, _text(content, f"messages[{i}].content")))
+    return tuple(out)
+
+
+def parse_stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
+    """(stream, include_usage) of an OpenAI body; stream_options without stream is an error."""
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise FieldError("stream", "must be a boolean")
+    options = body.get("stream_options")
+    if options is None:
+        return stream, False
+    if not stream:
+        raise BodyError("stream_options is only allowed when stream is true")
+    if not isinstance(options, dict):
+        raise FieldError("stream_options", "must be an object")
+    include = options.get("include_usage", False)
+    if not isinstance(include, bool):
+        raise FieldError("stream_options.include_usage", "must be a boolean")
+    return stream, include
+
+
+def parse_n(body: dict[str, Any]) -> None:
+    n = body.get("n", 1)
+    if n is not None and (isinstance(n, bool) or n != 1):
+        raise FieldError("n", "only n=1 is supported")

@@ -1,0 +1,1 @@
+"""Fan-out of the events log to SSE subscribers: the hub, its history and backfills, cursors, SSE framing."""

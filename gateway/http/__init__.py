@@ -1,0 +1,1 @@
+"""The HTTP edge: the listener, the aiohttp application with its routes and middleware, static pages."""
