@@ -75,12 +75,12 @@ class LineTracker:
         tps = [TopicPartition(topic, p) for p in range(count)]
         self._consumer.assign(tps)
         starts = await self._consumer.offsets_for_times(dict.fromkeys(tps, max(0, self.since_ms)))
+        # Nothing that new yet: from the end as of now. Not seek_to_end, which resolves the end later and so skips
+        # whatever arrives in between.
+        ends = await self._consumer.end_offsets(tps)
         for tp in tps:
             at = starts.get(tp)
-            if at is None:
-                await self._consumer.seek_to_end(tp)
-            else:
-                self._consumer.seek(tp, at.offset)
+            self._consumer.seek(tp, ends[tp] if at is None else at.offset)
         return tps
 
     async def _run(self) -> None:

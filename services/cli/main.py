@@ -128,6 +128,23 @@ def _cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
     )
 
 
+def _cmd_batch(args: argparse.Namespace, settings: Settings) -> int:
+    from pathlib import Path
+
+    from services.cli.batch import run_batch
+
+    path = Path(args.file)
+    if not path.is_file():
+        raise TokenRelayError(f"{path}: no such file")
+    url = args.url or f"http://127.0.0.1:{settings.gateway_port}"
+    api_key = args.api_key or os.environ.get("OPENAI_API_KEY") or (settings.api_keys[0] if settings.api_keys else None)
+    data = path.read_bytes()
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as output:
+            return asyncio.run(run_batch(path.name, data, url, api_key, follow=args.follow, output=output))
+    return asyncio.run(run_batch(path.name, data, url, api_key, follow=args.follow))
+
+
 def _cmd_tail(args: argparse.Namespace, settings: Settings) -> int:
     from services.cli.logtools import parse_time, tail
 
@@ -249,6 +266,19 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
     submit.add_argument("--top-p", type=float, default=1.0)
     submit.add_argument("--follow", "-f", action="store_true", help="print the answer as it arrives")
+
+    batch = add(
+        "batch",
+        _cmd_batch,
+        "Run a Batch API file (JSONL of OpenAI requests) through the gateway; print the batch id, or with --follow "
+        "a progress bar and then the output file.",
+        kafka=False,
+    )
+    batch.add_argument("file", help="JSONL, one request a line: custom_id, method, url, body")
+    batch.add_argument("--follow", "-f", action="store_true", help="show progress, then print the output file")
+    batch.add_argument("--url", help="the gateway (default: http://127.0.0.1:TOKENRELAY_GATEWAY_PORT)")
+    batch.add_argument("--api-key", help="API key (default: OPENAI_API_KEY, else the first of TOKENRELAY_API_KEYS)")
+    batch.add_argument("--output", "-o", help="write the output file here instead of standard output")
 
     tail = add("tail", _cmd_tail, "Decode and print the token log.")
     tail.add_argument("--request-id", help="only this request")

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
+import sys
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -24,7 +27,7 @@ from tests.integration.batch_support import (
     wait_batch,
     without_volatile,
 )
-from tests.integration.gateway_support import GatewayProcess, gateway_settings, running_gateway, running_worker
+from tests.integration.gateway_support import ROOT, GatewayProcess, gateway_settings, running_gateway, running_worker
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -231,3 +234,30 @@ async def test_a_batch_past_its_window_expires_with_the_rest_in_the_error_file(
         assert {e["error"]["code"] for e in errors} == {"batch_expired"}
         assert json.dumps(errors[0]["error"]["message"]).startswith('"This request could not be executed')
         await client.close()
+
+
+async def test_the_command_line_runs_a_file_with_a_progress_bar(
+    kafka_bootstrap: str, topic_prefix: str, tmp_path: Path
+) -> None:
+    settings = gateway_settings(kafka_bootstrap, topic_prefix, api_keys=KEYS)
+    await ensure_topics(settings)
+    with running_gateway(settings) as gw, running_worker(settings, **SYNTHETIC):
+        source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+        source.write_bytes(jsonl([completion_line(i) for i in range(30)]))
+        args = ["batch", str(source), "--follow", "--url", gw.url, "--api-key", "key-one", "--output", str(out)]
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "services.cli", *args, cwd=ROOT, stderr=asyncio.subprocess.PIPE
+        )
+        _, stderr = await asyncio.wait_for(proc.communicate(), 120)
+        assert proc.returncode == 0, stderr.decode()
+        assert "completed: 30 completed, 0 failed" in stderr.decode() and "30/30" in stderr.decode()
+        lines = [json.loads(line) for line in out.read_text().splitlines()]
+        assert sorted(line["custom_id"] for line in lines) == sorted(f"line-{i}" for i in range(30))
+
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "services.cli", "batch", str(source), "--url", gw.url, cwd=ROOT,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        stdout, stderr = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 2 and b"401" in stderr and not stdout  # no key: one line, no traceback
+        assert b"Traceback" not in stderr
