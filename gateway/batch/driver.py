@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
+from collections.abc import Callable
 
 from gateway.api.context import Gateway, error_body, produce_cancel
 from gateway.batch.answers import LineRecord, LineResult, batch_record, line_record
@@ -90,6 +92,7 @@ class Drivers:
 
     async def _scan(self) -> None:
         while True:
+            changed = self.store.changed
             for batch_id, state in list(self.store.batches.items()):
                 running = self.runs.get(batch_id)
                 if running is not None and running.done():
@@ -97,18 +100,25 @@ class Drivers:
                     running = None
                 mine = state.status not in TERMINAL and self.ours(batch_id)
                 if mine and running is None:
-                    run = BatchRun(self.gw, self.store, BatchState.from_json(state.to_json()))
+                    copy = BatchState.from_json(state.to_json())
+                    run = BatchRun(self.gw, self.store, copy, functools.partial(self.ours, batch_id))
                     self.runs[batch_id] = asyncio.create_task(run.run(), name=f"batch-{batch_id}")
                 elif not mine and running is not None:
                     running.cancel()
-            await asyncio.sleep(SCAN_S)
+            with contextlib.suppress(TimeoutError):  # a new batch starts at once, moved ones within SCAN_S
+                await asyncio.wait_for(changed.wait(), SCAN_S)
+
+
+class Moved(Exception):
+    """The batch's events partition moved to another gateway, which drives the batch from now on."""
 
 
 class BatchRun:
     """One batch, driven by one gateway: validate, submit (resumable, no line twice), follow, finalize."""
 
-    def __init__(self, gw: Gateway, store: BatchStore, state: BatchState):
+    def __init__(self, gw: Gateway, store: BatchStore, state: BatchState, owned: Callable[[], bool] = lambda: True):
         self.gw = gw
+        self.owned = owned  # whether this gateway still drives the batch (its events partition moves on rebalance)
         self.settings = gw.settings
         self.store = store
         self.state = state
@@ -119,6 +129,8 @@ class BatchRun:
             await self._run()
         except asyncio.CancelledError:
             raise
+        except Moved:
+            log.info("batch %s moved to another gateway", self.state.id)
         except Exception:
             # Another scan starts it again from what Kafka holds.
             log.exception("batch %s: its run stopped; it will be taken up again", self.state.id)
@@ -128,7 +140,8 @@ class BatchRun:
         state = self.state
         if not await self._read_lines():
             return
-        tracker = LineTracker(self.settings, self.gw.codec, self.lines, state.created_ms)
+        partitions = self.gw.relay.source.partitions
+        tracker = LineTracker(self.settings, self.gw.codec, self.lines, state.created_ms, partitions)
         await tracker.start()
         try:
             if state.status in (IN_PROGRESS, FINALIZING):
@@ -201,6 +214,8 @@ class BatchRun:
         while start < len(self.lines):
             if self._cancel_asked() or now_s() >= state.expires_at:
                 return
+            if not self.owned():  # another gateway takes over from the cursor: not one more chunk from here
+                raise Moved(state.id)
             part = [
                 line
                 for line in self.lines[start : start + chunk]

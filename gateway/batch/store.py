@@ -47,6 +47,7 @@ class BatchStore:
         self._content_lock = asyncio.Lock()
         self._position = 0
         self._moved = asyncio.Event()
+        self.changed = asyncio.Event()  # set (and replaced) whenever a batch record is applied
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -90,6 +91,8 @@ class BatchStore:
                     self.files[text[len(FILE) :]] = FileMeta.from_json(value)
             elif text.startswith(BATCH) and value is not None:
                 self.batches[text[len(BATCH) :]] = BatchState.from_json(value)
+                self.changed.set()
+                self.changed = asyncio.Event()
             elif text.startswith(CANCEL) and value is not None:
                 self.cancels[text[len(CANCEL) :]] = json.loads(value)["cancelling_at"]
         except (ValueError, TypeError, KeyError) as exc:

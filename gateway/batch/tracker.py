@@ -16,7 +16,6 @@ from schemas.ids import CLOCK_SKEW_MS
 from schemas.view import View, ViewEvent
 from services.kafka import make_consumer, start_client
 from services.settings import Settings
-from services.topics import describe_topics
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +47,9 @@ class LineTracker:
     (another gateway, after a crash) reaches the same results.
     """
 
-    def __init__(self, settings: Settings, codec: Codec, lines: list[Line], since_ms: int):
+    def __init__(self, settings: Settings, codec: Codec, lines: list[Line], since_ms: int, partitions: int):
         self.settings = settings
+        self.partitions = partitions  # of the events topic
         self.codec = codec
         self.by_key = {line.request_id.encode(): line for line in lines if line.record is not None}
         self.since_ms = since_ms - CLOCK_SKEW_MS
@@ -71,8 +71,7 @@ class LineTracker:
 
     async def _seek(self) -> list[TopicPartition]:
         topic = self.settings.events_topic
-        count = (await describe_topics(self.settings, [topic]))[topic]
-        tps = [TopicPartition(topic, p) for p in range(count)]
+        tps = [TopicPartition(topic, p) for p in range(self.partitions)]
         self._consumer.assign(tps)
         starts = await self._consumer.offsets_for_times(dict.fromkeys(tps, max(0, self.since_ms)))
         # Nothing that new yet: from the end as of now. Not seek_to_end, which resolves the end later and so skips
