@@ -43,6 +43,9 @@ GOALS: dict[str, tuple[str, float]] = {
     "gateway_ingest_events_per_cpu_s_watched": (">=", 30_000.0),
     "gateway_scaleout_ratio_3": ("<=", 1.3),
     "gateway_scaleout_ratio_3_watched": ("info", 0.0),
+    # a Batch API batch against the same requests over HTTP (bench_batch)
+    "batch_vs_sequential_http_ratio_median": (">=", 1.0),
+    "batch_vs_concurrent_http_ratio_median": ("info", 0.0),
 }
 MODULES = [
     "bench.bench_engine",
@@ -52,6 +55,7 @@ MODULES = [
     "bench.bench_gateway",
     "bench.bench_cluster",
     "bench.bench_scaleout",
+    "bench.bench_batch",
 ]
 
 
