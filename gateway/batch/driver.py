@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 SCAN_S = 0.5  # how often a gateway looks for batches it should drive
 COUNTS_EVERY_S = 1.0  # how often a running batch's request_counts are written
 CANCEL_CHUNK = 512
+HANDOVER_S = 1.0  # how long a batch must have been ours before we take it over
 
 
 def lines_topic(settings: Settings, model: str) -> str:
@@ -75,6 +76,7 @@ class Drivers:
         self.gw = gw
         self.store = store
         self.runs: dict[str, asyncio.Task[None]] = {}
+        self._owned_since: dict[str, float] = {}
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -85,6 +87,12 @@ class Drivers:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _settled(self, batch_id: str, state: BatchState) -> bool:
+        """Whether to start driving: a new batch at once; one taken over from another gateway once it has been ours
+        for ``HANDOVER_S``, so that the last chunk its old driver had in flight is on its topic before we look."""
+        since = self._owned_since.setdefault(batch_id, time.monotonic())
+        return state.status == VALIDATING or time.monotonic() - since >= HANDOVER_S
 
     def ours(self, batch_id: str) -> bool:
         hub = self.gw.relay
@@ -99,12 +107,14 @@ class Drivers:
                     del self.runs[batch_id]
                     running = None
                 mine = state.status not in TERMINAL and self.ours(batch_id)
-                if mine and running is None:
+                if not mine:
+                    self._owned_since.pop(batch_id, None)
+                    if running is not None:
+                        running.cancel()
+                elif running is None and self._settled(batch_id, state):
                     copy = BatchState.from_json(state.to_json())
                     run = BatchRun(self.gw, self.store, copy, functools.partial(self.ours, batch_id))
                     self.runs[batch_id] = asyncio.create_task(run.run(), name=f"batch-{batch_id}")
-                elif not mine and running is not None:
-                    running.cancel()
             with contextlib.suppress(TimeoutError):  # a new batch starts at once, moved ones within SCAN_S
                 await asyncio.wait_for(changed.wait(), SCAN_S)
 
@@ -137,7 +147,11 @@ class BatchRun:
             await asyncio.sleep(SCAN_S)
 
     async def _run(self) -> None:
-        state = self.state
+        await self.store.sync()  # the batch as last written, not as this gateway's copy had it when the run began
+        latest = self.store.batches.get(self.state.id)
+        if latest is None or latest.status in TERMINAL:
+            return
+        self.state = state = BatchState.from_json(latest.to_json())
         if not await self._read_lines():
             return
         partitions = self.gw.relay.source.partitions
@@ -258,6 +272,8 @@ class BatchRun:
                 await self._cancel_unfinished()
                 await self._finish(EXPIRED)
                 return
+            if not self.owned():
+                raise Moved(state.id)
             self._count()
             if (state.completed, state.failed) != written and time.monotonic() - last_write >= COUNTS_EVERY_S:
                 await self.store.put_batch(state)

@@ -111,13 +111,14 @@ class BatchStore:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(moved.wait(), left)
 
-    # --- writes (acknowledged by the broker, then applied here at once) ----------------------------------------------
+    # --- writes (acknowledged by the broker, then read back like any other record) ---------------------------
 
     async def _put(self, key: str, value: bytes | None) -> None:
         with map_kafka_errors("cannot write to the batches topic"):
             async with asyncio.timeout(self.settings.producer_timeout_ms / 1000):
                 await self.producer.send_and_wait(self._tp.topic, value, key=key.encode(), headers=JSON_HEADERS)
-        self._apply(key.encode(), value)
+        # Not applied here: the copy changes only by reading the topic, in its order (a write applied early would be
+        # undone by an older record read after it). ``sync`` gives a caller its own writes.
 
     async def put_file(self, meta: FileMeta) -> None:
         await self._put(FILE + meta.id, meta.to_json())

@@ -261,3 +261,33 @@ async def test_the_command_line_runs_a_file_with_a_progress_bar(
         stdout, stderr = await asyncio.wait_for(proc.communicate(), 60)
         assert proc.returncode == 2 and b"401" in stderr and not stdout  # no key: one line, no traceback
         assert b"Traceback" not in stderr
+
+
+async def test_a_gateway_that_joins_mid_batch_takes_batches_over_without_doubles(
+    kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    """A rebalance hands batches (with their events partitions) to the new gateway mid-submit; each line runs once."""
+    settings = gateway_settings(kafka_bootstrap, topic_prefix, api_keys=KEYS, batch_submit_chunk=8)
+    await ensure_topics(settings)
+    with running_gateway(settings) as first, running_worker(settings, **SLOW_SYNTHETIC):
+        client = client_of(first.url)
+        batches, lines = [], [chat_line(i, max_tokens=4) for i in range(150)]
+        file = await client.files.create(file=("in.jsonl", jsonl(lines)), purpose="batch")
+        for _ in range(4):  # over 2 partitions: the newcomer takes some of them with its partition
+            batch = await client.batches.create(
+                input_file_id=file.id, endpoint="/v1/chat/completions", completion_window="24h"
+            )
+            batches.append(batch)
+        with running_gateway(gateway_settings(kafka_bootstrap, topic_prefix, api_keys=KEYS)) as second:
+            other_client = client_of(second.url)
+            for batch in batches:
+                done = await wait_batch(other_client, batch.id)
+                assert done.status == "completed", done
+                out = await read_file_lines(other_client, done.output_file_id)
+                assert custom_id_counts(out) == {line["custom_id"]: 1 for line in lines}
+                created_ms = int(batch_uuid(batch.id).replace("-", "")[:12], 16)
+                ids = {line_request_id(batch.id, i + 1, created_ms).encode() for i in range(len(lines))}
+                submitted = await keys_on_topic(settings, settings.requests_topic_for("default"), ids)
+                assert sorted(submitted.values()) == [1] * len(lines)
+            await other_client.close()
+        await client.close()
