@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import BodyPartReader, web
@@ -106,7 +107,7 @@ async def list_files(request: web.Request) -> web.Response:
     files = [f for f in store.files.values() if f.tenant == tenant and (purpose is None or f.purpose == purpose)]
     ascending = request.query.get("order", "desc") == "asc"
     files.sort(key=lambda f: (f.created_at, f.id), reverse=not ascending)
-    items, more = _after(request, [f.as_openai() for f in files], default_limit=10_000, max_limit=10_000)
+    items, more = page_after(request.query, [f.as_openai() for f in files], default_limit=10_000, max_limit=10_000)
     return web.json_response(page(items, len(items), more))
 
 
@@ -202,22 +203,22 @@ async def list_batches(request: web.Request) -> web.Response:
     batches = sorted(
         (b for b in store.batches.values() if b.tenant == tenant), key=lambda b: (b.created_ms, b.id), reverse=True
     )
-    items, more = _after(request, [b.as_openai(store.cancels.get(b.id)) for b in batches], 20, 100)
+    items, more = page_after(request.query, [b.as_openai(store.cancels.get(b.id)) for b in batches], 20, 100)
     return web.json_response(page(items, len(items), more))
 
 
-def _after(
-    request: web.Request, items: list[dict[str, Any]], default_limit: int, max_limit: int
+def page_after(
+    query: Mapping[str, str], items: list[dict[str, Any]], default_limit: int, max_limit: int
 ) -> tuple[list[dict[str, Any]], bool]:
     """The page after the item ``after`` names (from the start without it), ``limit`` long; and whether more follow."""
-    text = request.query.get("limit", str(default_limit))
+    text = query.get("limit", str(default_limit))
     try:
         limit = int(text)
     except ValueError:
         raise FieldError("limit", "must be an integer") from None
     if not 1 <= limit <= max_limit:
         raise FieldError("limit", f"must be between 1 and {max_limit}")
-    after = request.query.get("after")
+    after = query.get("after")
     if after is not None:
         ids = [item["id"] for item in items]
         items = items[ids.index(after) + 1 :] if after in ids else []

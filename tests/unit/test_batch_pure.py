@@ -10,6 +10,7 @@ from openai.types import Batch, FileObject
 
 from gateway.api.openai import AnswerFold, Completions, completion_request
 from gateway.batch.answers import line_result
+from gateway.batch.handlers import page_after
 from gateway.batch.lines import parse_lines
 from gateway.batch.objects import (
     CANCELLING,
@@ -23,10 +24,11 @@ from gateway.batch.objects import (
     output_line,
     page,
 )
-from schemas.errors import FieldError, NotFound
+from schemas.errors import FieldError, NotFound, TokenRelayError
 from schemas.ids import parse_request_id, request_id_time_ms
 from schemas.records import Delta, Failed, Finished, Started, TokenEvent, Usage
 from schemas.view import replay
+from services.cli.batch import endpoint_of
 
 NOW_MS = 1_796_000_000_000
 
@@ -192,3 +194,21 @@ def test_the_completions_record_function_is_the_endpoint_s() -> None:
     from gateway.batch import answers
 
     assert answers.openai.completion_request is completion_request
+
+
+def test_lists_page_after_an_id() -> None:
+    items = [{"id": f"b{i}"} for i in range(5)]
+    assert page_after({}, items, 2, 100) == (items[:2], True)
+    assert page_after({"after": "b1", "limit": "2"}, items, 20, 100) == (items[2:4], True)
+    assert page_after({"after": "b3"}, items, 20, 100) == (items[4:], False)
+    assert page_after({"after": "unknown"}, items, 20, 100) == ([], False)
+    for bad in ("0", "101", "x"):
+        with pytest.raises(FieldError):
+            page_after({"limit": bad}, items, 20, 100)
+
+
+def test_the_command_line_takes_the_endpoint_from_the_first_line() -> None:
+    data = b"\n" + line("a", url="/v1/responses") + b"\n" + line("b")
+    assert endpoint_of("f.jsonl", data) == "/v1/responses"
+    with pytest.raises(TokenRelayError, match=r"f\.jsonl"):
+        endpoint_of("f.jsonl", b"not json\n")
