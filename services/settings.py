@@ -373,6 +373,11 @@ class Settings:
         return self.requests_topic_for(self.served_model)
 
     @property
+    def files_retention_ms(self) -> int:
+        """How long the Batch API's file contents are kept: a batch's window and the margin after it."""
+        return self.batch_window_s * 1000 + self.batch_files_margin_ms
+
+    @property
     def files_topic(self) -> str:
         """Contents of the Batch API's files, in chunks keyed by file id."""
         return self.topic("files")

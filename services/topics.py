@@ -44,9 +44,10 @@ def batch_topic_spec(settings: Settings, model: str) -> TopicSpec:
 
 def batch_api_topic_specs(settings: Settings) -> list[TopicSpec]:
     """The Batch API's state: file contents (deleted after the window and a margin) and its compacted objects."""
-    files_retention = settings.batch_window_s * 1000 + settings.batch_files_margin_ms
     return [
-        TopicSpec(settings.files_topic, 1, {"retention.ms": str(files_retention), "cleanup.policy": "delete"}),
+        TopicSpec(
+            settings.files_topic, 1, {"retention.ms": str(settings.files_retention_ms), "cleanup.policy": "delete"}
+        ),
         TopicSpec(
             settings.batches_topic,
             1,

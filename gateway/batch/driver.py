@@ -235,7 +235,12 @@ class BatchRun:
                 for line in self.lines[start : start + chunk]
                 if line.record is not None and line.request_id.encode() not in present
             ]
-            await asyncio.gather(*(self._produce(line.record) for line in part if line.record is not None))
+            sent = await asyncio.gather(
+                *(self._produce(line.record) for line in part if line.record is not None), return_exceptions=True
+            )
+            # Every send has ended before anything is raised: none may land after a later run looked for it.
+            if failed := next((r for r in sent if isinstance(r, BaseException)), None):
+                raise failed
             start = min(start + chunk, len(self.lines))
             state.submitted, state.submitted_ms = start, now_ms()
             await self.store.put_batch(state)
@@ -325,7 +330,7 @@ class BatchRun:
             state.status, state.finalizing_at = FINALIZING, now_s()
             await self.store.put_batch(state)
         self._count()
-        code, message = CANCELLED_ERROR if status == CANCELLED else EXPIRED_ERROR
+        code, message = EXPIRED_ERROR if status == EXPIRED else CANCELLED_ERROR
         out, errors = [], []
         for line in self.lines:
             request_id = line.request_id if line.record is not None else ""
@@ -354,9 +359,9 @@ class BatchRun:
 
     async def _save(self, file_id: str, kind: str, data: bytes) -> str:
         created = now_s()
-        window_s = (self.settings.batch_window_s * 1000 + self.settings.batch_files_margin_ms) // 1000
+        expires = created + self.settings.files_retention_ms // 1000
         meta = FileMeta(
-            file_id, self.state.tenant, f"{self.state.id}_{kind}.jsonl", "batch_output", 0, created, created + window_s
+            file_id, self.state.tenant, f"{self.state.id}_{kind}.jsonl", "batch_output", 0, created, expires
         )
         await self.store.save_file(meta, data)
         return file_id

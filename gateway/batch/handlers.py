@@ -71,8 +71,8 @@ async def create_file(request: web.Request) -> web.Response:
     if not lines:
         raise BodyError("the file has no lines", code="invalid_file")
     created = int(time.time())
-    window_s = (gw.settings.batch_window_s * 1000 + gw.settings.batch_files_margin_ms) // 1000
-    meta = FileMeta(new_file_id(created * 1000), tenant, filename, purpose, len(data), created, created + window_s)
+    expires = created + gw.settings.files_retention_ms // 1000
+    meta = FileMeta(new_file_id(created * 1000), tenant, filename, purpose, len(data), created, expires)
     meta.lines = len(lines)
     await service.store.save_file(meta, data)
     return web.json_response(meta.as_openai())

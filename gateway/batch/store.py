@@ -176,10 +176,6 @@ class BatchStore:
         return b"".join(found[offset] for offset in meta.offsets)
 
 
-def owned(items: Iterable[FileMeta], tenant: str) -> list[FileMeta]:
-    return [item for item in items if item.tenant == tenant]
-
-
 async def produced_keys(settings: Settings, topics: Iterable[str], keys: set[bytes], since_ms: int) -> set[bytes]:
     """Which of ``keys`` have a record in ``topics`` from ``since_ms`` on (every partition, to its current end)."""
     found: set[bytes] = set()
