@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import openai
 import pytest
 
@@ -291,3 +292,49 @@ async def test_a_gateway_that_joins_mid_batch_takes_batches_over_without_doubles
                 assert sorted(submitted.values()) == [1] * len(lines)
             await other_client.close()
         await client.close()
+
+
+async def test_refusals_have_their_status_and_code(kafka_bootstrap: str, topic_prefix: str) -> None:
+    settings = gateway_settings(
+        kafka_bootstrap, topic_prefix, api_keys=KEYS, batch_max_file_bytes=4096, batch_max_lines=3
+    )
+    await ensure_topics(settings)
+    with running_gateway(settings) as gw, running_worker(settings, **SYNTHETIC):
+        client = client_of(gw.url)
+        with pytest.raises(openai.APIStatusError) as too_large:
+            await client.files.create(file=("big.jsonl", jsonl([chat_line(i) for i in range(40)])), purpose="batch")
+        assert too_large.value.status_code == 413
+        with pytest.raises(openai.BadRequestError, match="line 4: a batch file holds at most 3 requests"):
+            await client.files.create(file=("many.jsonl", jsonl([chat_line(i) for i in range(4)])), purpose="batch")
+        with pytest.raises(openai.UnprocessableEntityError, match="purpose"):
+            await client.files.create(file=("a.jsonl", jsonl([chat_line(0)])), purpose="assistants")
+        with pytest.raises(openai.BadRequestError, match="no lines"):
+            await client.files.create(file=("empty.jsonl", b"\n\n"), purpose="batch")
+        file = await client.files.create(file=("ok.jsonl", jsonl([chat_line(0)])), purpose="batch")
+        for endpoint, window, code in (
+            ("/v1/embeddings", "24h", 422),
+            ("/v1/chat/completions", "48h", 422),
+        ):
+            with pytest.raises(openai.APIStatusError) as refused:
+                await client.batches.create(input_file_id=file.id, endpoint=endpoint, completion_window=window)  # type: ignore[arg-type]
+            assert refused.value.status_code == code
+        with pytest.raises(openai.NotFoundError):
+            await client.batches.create(
+                input_file_id="file-nope", endpoint="/v1/chat/completions", completion_window="24h"
+            )
+        with pytest.raises(openai.NotFoundError):
+            await client.batches.retrieve("batch_nope")
+        batch = await client.batches.create(
+            input_file_id=file.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        assert (await wait_batch(client, batch.id)).status == "completed"
+        with pytest.raises(openai.ConflictError):
+            await client.batches.cancel(batch.id)
+        await client.close()
+        async with aiohttp.ClientSession(headers={"Authorization": "Bearer key-one"}) as session:
+            async with session.post(gw.url + "/v1/files", json={"purpose": "batch"}) as response:
+                assert response.status == 400 and (await response.json())["error"]["code"] == "invalid_json"
+            async with session.get(gw.url + "/v1/batches?limit=0") as response:
+                assert response.status == 422
+        async with aiohttp.ClientSession() as session, session.get(gw.url + "/v1/files") as response:
+            assert response.status == 401
