@@ -338,3 +338,52 @@ async def test_refusals_have_their_status_and_code(kafka_bootstrap: str, topic_p
                 assert response.status == 422
         async with aiohttp.ClientSession() as session, session.get(gw.url + "/v1/files") as response:
             assert response.status == 401
+
+
+@pytest.mark.slow
+async def test_1000_lines_with_a_gateway_and_a_worker_sigkilled_answer_as_without(
+    kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    """The built-in model, greedy: a batch whose driving gateway dies mid-submit and one of whose two workers dies
+    mid-run gives every line the body an undisturbed batch of the same lines gives."""
+    settings = gateway_settings(kafka_bootstrap, topic_prefix, api_keys=KEYS, batch_submit_chunk=32)
+    await ensure_topics(settings)
+    lines = [completion_line(i, max_tokens=32) for i in range(1000)]
+    first = GatewayProcess(settings)
+    first.start()
+    try:
+        with (
+            running_worker(settings, TOKENRELAY_ENGINE="model") as doomed,
+            running_worker(settings, TOKENRELAY_ENGINE="model"),
+        ):
+            client = client_of(first.url)
+            reference = await run_batch(client, lines, "/v1/completions")
+            assert reference.status == "completed", reference
+            expected = {o["custom_id"]: o["response"] for o in await read_file_lines(client, reference.output_file_id)}
+
+            file = await client.files.create(file=("in.jsonl", jsonl(lines)), purpose="batch")
+            batch = await client.batches.create(
+                input_file_id=file.id, endpoint="/v1/completions", completion_window="24h"
+            )
+            await wait_batch(client, batch.id, until=("in_progress", *TERMINAL), timeout_s=60)
+            first.kill()
+            await client.close()
+            assert (await stored_batch(settings, batch.id)).submitted < len(lines)
+            with running_gateway(settings) as second:
+                client = client_of(second.url)
+                mid = await wait_batch(client, batch.id, completed_at_least=100)
+                assert mid.status == "in_progress"  # the worker dies mid-batch
+                doomed.send_signal(signal.SIGKILL)
+                done = await wait_batch(client, batch.id)
+                assert done.status == "completed", done
+                out = await read_file_lines(client, done.output_file_id)
+                assert custom_id_counts(out) == {line["custom_id"]: 1 for line in lines}
+                differ = [
+                    o["custom_id"]
+                    for o in out
+                    if without_volatile(o["response"]["body"]) != without_volatile(expected[o["custom_id"]]["body"])
+                ]
+                assert differ == [], f"{len(differ)} lines differ, e.g. {differ[:5]}"
+                await client.close()
+    finally:
+        first.stop()
