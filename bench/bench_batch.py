@@ -17,7 +17,7 @@ from typing import Any
 
 import aiohttp
 
-from bench.support import bench_settings, bootstrap_from_env, load, running, start_gateway, start_worker
+from bench.support import bench_settings, bootstrap_from_env, load, pct, running, start_gateway, start_worker
 from services.cli.batch import TERMINAL, BatchClient
 
 POLL_S = 0.2
@@ -119,6 +119,63 @@ def run(requests: int = 500, max_tokens: int = 64, rounds: int = 3, concurrency:
     return out
 
 
+async def ttft_ms(session: aiohttp.ClientSession, url: str) -> float:
+    """Time to the first content chunk of one streaming interactive chat request."""
+    body = {
+        "model": "default",
+        "messages": [{"role": "user", "content": "Are you there?"}],
+        "max_tokens": 8,
+        "stream": True,
+    }
+    started = time.perf_counter()
+    async with session.post(url + "/v1/chat/completions", json=body) as response:
+        async for raw in response.content:
+            if raw.startswith(b"data: {") and b'"content"' in raw and b'"content":""' not in raw.replace(b" ", b""):
+                elapsed = (time.perf_counter() - started) * 1000
+                await response.read()
+                return elapsed
+    raise RuntimeError("the stream ended without content")
+
+
+async def _ttft_under_batch(url: str, lines_n: int, max_tokens: int, probes: int) -> tuple[list[float], list[float]]:
+    """Interactive TTFTs on the idle stack, then while a batch of ``lines_n`` lines runs (one probe every 0.5 s)."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
+        idle = [await ttft_ms(session, url) for _ in range(probes)]
+        batch = asyncio.create_task(as_batch(url, lines(lines_n, max_tokens, "flood")))
+        probing: list[asyncio.Task[float]] = []
+        await asyncio.sleep(2.0)  # the batch is submitted and running
+        while not batch.done():  # a probe every 0.5 s, each on its own: a slow one does not delay the next
+            probing.append(asyncio.create_task(ttft_ms(session, url)))
+            await asyncio.sleep(0.5)
+        await batch
+        busy = list(await asyncio.gather(*probing))
+    return idle, busy
+
+
+def run_ttft(lines_n: int = 10_000, max_tokens: int = 64, probes: int = 10) -> dict[str, float]:
+    """Interactive TTFT while a batch runs: the fair-service goal, through the Batch API."""
+    settings = bench_settings(bootstrap_from_env())
+    worker = start_worker(settings, TOKENRELAY_ENGINE="model")
+    gateway = start_gateway(settings)
+    url = f"http://127.0.0.1:{settings.gateway_port}"
+    with running(gateway, worker):
+        asyncio.run(_warm_up(url))
+        idle, busy = asyncio.run(_ttft_under_batch(url, lines_n, max_tokens, probes))
+    out = {
+        "batch_interactive_ttft_ms_p50_idle": statistics.median(idle),
+        "batch_interactive_ttft_ms_p99_idle": pct(idle, 0.99),
+        "batch_interactive_ttft_ms_p50_busy": statistics.median(busy),
+        "batch_interactive_ttft_ms_p99_busy": pct(busy, 0.99),
+    }
+    print(
+        f"interactive TTFT, idle: p50 {out['batch_interactive_ttft_ms_p50_idle']:.0f} ms, "
+        f"p99 {out['batch_interactive_ttft_ms_p99_idle']:.0f} ms ({len(idle)} probes); while a {lines_n}-line batch "
+        f"runs: p50 {out['batch_interactive_ttft_ms_p50_busy']:.0f} ms, "
+        f"p99 {out['batch_interactive_ttft_ms_p99_busy']:.0f} ms ({len(busy)} probes); {load()}"
+    )
+    return out
+
+
 async def _warm_up(url: str, timeout_s: float = 180.0) -> None:
     """Until the worker answers: the model is loaded and announced."""
     deadline = time.monotonic() + timeout_s
@@ -139,7 +196,13 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=32, help="HTTP requests in flight, and the worker's batch")
+    parser.add_argument(
+        "--ttft", type=int, metavar="LINES", help="instead: interactive TTFT while a batch of LINES lines runs"
+    )
     args = parser.parse_args()
+    if args.ttft:
+        print(json.dumps(run_ttft(args.ttft, args.max_tokens)))
+        return
     print(json.dumps(run(args.requests, args.max_tokens, args.rounds, args.concurrency)))
 
 
