@@ -13,6 +13,7 @@ import aiohttp
 import openai
 import pytest
 
+from gateway.batch.driver import lines_topic
 from gateway.batch.objects import batch_uuid, line_request_id
 from services.topics import ensure_topics
 from tests.integration.batch_support import (
@@ -211,7 +212,7 @@ async def test_a_gateway_and_a_worker_sigkilled_mid_batch_lose_and_double_nothin
                     assert body["usage"]["completion_tokens"] == 6
                 created_ms = int(batch_uuid(batch.id).replace("-", "")[:12], 16)
                 ids = {line_request_id(batch.id, i + 1, created_ms).encode() for i in range(len(lines))}
-                submitted = await keys_on_topic(settings, settings.requests_topic_for("default"), ids)
+                submitted = await keys_on_topic(settings, lines_topic(settings, "default"), ids)
                 assert sorted(submitted.values()) == [1] * len(lines)  # every line on its topic exactly once
                 await client.close()
     finally:
@@ -288,7 +289,7 @@ async def test_a_gateway_that_joins_mid_batch_takes_batches_over_without_doubles
                 assert custom_id_counts(out) == {line["custom_id"]: 1 for line in lines}
                 created_ms = int(batch_uuid(batch.id).replace("-", "")[:12], 16)
                 ids = {line_request_id(batch.id, i + 1, created_ms).encode() for i in range(len(lines))}
-                submitted = await keys_on_topic(settings, settings.requests_topic_for("default"), ids)
+                submitted = await keys_on_topic(settings, lines_topic(settings, "default"), ids)
                 assert sorted(submitted.values()) == [1] * len(lines)
             await other_client.close()
         await client.close()
