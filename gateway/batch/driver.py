@@ -35,7 +35,7 @@ from gateway.batch.objects import (
 )
 from gateway.batch.store import BatchStore, produced_keys
 from gateway.batch.tracker import Line, LineTracker
-from schemas.errors import TokenRelayError
+from schemas.errors import NotFound, TokenRelayError
 from schemas.ids import CLOCK_SKEW_MS
 from services.requests import submit_request
 from services.settings import Settings
@@ -169,11 +169,11 @@ class BatchRun:
     async def _read_lines(self) -> bool:
         """The batch's lines from its input file; a batch still validating fails here with its lines' errors."""
         state = self.state
-        meta = self.store.files.get(state.input_file_id)
-        if meta is None or meta.tenant != state.tenant:
-            await self._fail([{"code": "invalid_file", "message": f"the input file {state.input_file_id} is gone"}])
+        try:
+            data = await self.store.read_content(state.input_file())
+        except NotFound as exc:  # retention deleted it: only for a batch older than its window and the margin
+            await self._fail([{"code": "invalid_file", "message": exc.message}])
             return False
-        data = await self.store.read_content(meta)
         validating = state.status == VALIDATING
 
         def check(url: str, body: dict[str, object]) -> object:

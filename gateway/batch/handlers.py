@@ -163,6 +163,8 @@ async def create_batch(request: web.Request) -> web.Response:
         expires_at=created + gw.settings.batch_window_s,
         metadata=metadata,
         total=meta.lines,
+        input_partition=meta.partition,
+        input_offsets=list(meta.offsets),
     )
     await service.store.put_batch(state)
     return web.json_response(state.as_openai())

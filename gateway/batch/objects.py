@@ -158,6 +158,23 @@ class BatchState:
     cancelled_at: int | None = None
     submitted: int = 0  # lines [0, submitted) are on their topic
     submitted_ms: int = 0  # when the cursor was last written: lines after it were produced later
+    # Where the input file's chunks are: the batch runs on even if the file is deleted meanwhile.
+    input_partition: int = 0
+    input_offsets: list[int] = field(default_factory=list)
+
+    def input_file(self) -> FileMeta:
+        """The input file as the batch recorded it when created."""
+        return FileMeta(
+            id=self.input_file_id,
+            tenant=self.tenant,
+            filename="",
+            purpose="batch",
+            size=0,
+            created_at=self.created_at,
+            lines=self.total,
+            partition=self.input_partition,
+            offsets=list(self.input_offsets),
+        )
 
     def as_openai(self, cancelling_at: int | None = None) -> dict[str, Any]:
         """The OpenAI Batch object; ``cancelling_at`` is a cancel the driver has not taken up yet."""

@@ -194,6 +194,7 @@ async def test_a_gateway_and_a_worker_sigkilled_mid_batch_lose_and_double_nothin
             batch = await client.batches.create(
                 input_file_id=file.id, endpoint="/v1/chat/completions", completion_window="24h"
             )
+            await client.files.delete(file.id)  # the batch has what it needs: a gateway that takes over reads it too
             await wait_batch(client, batch.id, until=("in_progress", *TERMINAL), timeout_s=60)
             first.kill()  # mid-submit: the cursor moves every 16 lines
             await client.close()
