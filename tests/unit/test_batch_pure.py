@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from openai.types import Batch, FileObject
 
 from gateway.api.openai import AnswerFold, Completions, completion_request
-from gateway.batch.answers import line_result
+from gateway.batch.answers import LineRecord, LineResult, line_result
+from gateway.batch.driver import BatchRun
 from gateway.batch.handlers import page_after
 from gateway.batch.lines import parse_lines
 from gateway.batch.objects import (
@@ -24,9 +25,10 @@ from gateway.batch.objects import (
     output_line,
     page,
 )
+from gateway.batch.tracker import Line
 from schemas.errors import FieldError, NotFound, TokenRelayError
 from schemas.ids import parse_request_id, request_id_time_ms
-from schemas.records import Delta, Failed, Finished, Started, TokenEvent, Usage
+from schemas.records import Delta, Failed, Finished, InferenceRequest, Started, TokenEvent, Usage
 from schemas.view import replay
 from services.cli.batch import endpoint_of
 
@@ -212,3 +214,75 @@ def test_the_command_line_takes_the_endpoint_from_the_first_line() -> None:
     assert endpoint_of("f.jsonl", data) == "/v1/responses"
     with pytest.raises(TokenRelayError, match=r"f\.jsonl"):
         endpoint_of("f.jsonl", b"not json\n")
+
+
+class FakeStore:
+    """What a batch run writes, kept in lists."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, tuple[FileMeta, bytes]] = {}
+        self.states: list[BatchState] = []
+        self.cancels: dict[str, int] = {}
+
+    async def save_file(self, meta: FileMeta, data: bytes) -> FileMeta:
+        self.files[meta.id] = (meta, data)
+        return meta
+
+    async def put_batch(self, state: BatchState) -> None:
+        self.states.append(BatchState.from_json(state.to_json()))
+
+
+def finished_run(status_of_lines: list[LineResult | None]) -> tuple[BatchRun, FakeStore]:
+    from types import SimpleNamespace
+
+    from services.settings import Settings
+
+    store = FakeStore()
+    batch_id = new_batch_id(NOW_MS)
+    state = BatchState(batch_id, "k", "/v1/completions", "file-x", "24h", NOW_MS // 1000, NOW_MS, NOW_MS // 1000 + 9)
+    state.status, state.total, state.submitted = "in_progress", len(status_of_lines), len(status_of_lines)
+    run = BatchRun(cast(Any, SimpleNamespace(settings=Settings())), cast(Any, store), state)
+    for i, result in enumerate(status_of_lines, 1):
+        rid = line_request_id(batch_id, i, NOW_MS)
+        record = LineRecord(InferenceRequest(rid, "p", 4), None)
+        run.lines.append(Line(i, f"c{i}", "/v1/completions", record, result))
+    return run, store
+
+
+OK = LineResult(200, {"choices": []}, 3, 4)
+REFUSED = LineResult(400, {"error": {"code": "prompt_too_long", "message": "m"}}, 0, 0)
+STOPPED = LineResult(200, {"choices": []}, 3, 1, cancelled=True)
+
+
+async def test_a_completed_batch_writes_answers_to_the_output_and_refusals_to_the_error_file() -> None:
+    run, store = finished_run([OK, REFUSED, OK])
+    await run._finish("completed")
+    assert [s.status for s in store.states] == ["finalizing", "completed"]
+    final = store.states[-1]
+    assert (final.completed, final.failed, final.usage) == (2, 1, {"input_tokens": 6, "output_tokens": 8})
+    assert final.output_file_id and final.error_file_id and final.completed_at
+    output = [json.loads(x) for x in store.files[final.output_file_id][1].splitlines()]
+    errors = [json.loads(x) for x in store.files[final.error_file_id][1].splitlines()]
+    assert [o["custom_id"] for o in output] == ["c1", "c3"]
+    assert errors[0]["custom_id"] == "c2" and errors[0]["response"]["status_code"] == 400
+    assert store.files[final.output_file_id][0].purpose == "batch_output"
+
+
+@pytest.mark.parametrize(("status", "code"), [("cancelled", "batch_cancelled"), ("expired", "batch_expired")])
+async def test_a_batch_cut_short_keeps_its_finished_lines_and_lists_the_rest(status: str, code: str) -> None:
+    run, store = finished_run([OK, STOPPED, None])
+    await run._finish(status)
+    final = store.states[-1]
+    assert final.status == status and [s.status for s in store.states] == [status]
+    assert (final.cancelled_at is not None, final.expired_at is not None) == (
+        status == "cancelled",
+        status == "expired",
+    )
+    assert final.output_file_id is not None and final.error_file_id is not None
+    output = [json.loads(x) for x in store.files[final.output_file_id][1].splitlines()]
+    errors = [json.loads(x) for x in store.files[final.error_file_id][1].splitlines()]
+    assert [o["custom_id"] for o in output] == ["c1"]
+    assert [(e["custom_id"], e["error"]["code"], e["response"]) for e in errors] == [
+        ("c2", code, None),
+        ("c3", code, None),
+    ]
