@@ -179,7 +179,9 @@ class BatchRun:
         def check(url: str, body: dict[str, object]) -> object:
             return line_record(self.gw, url, body, state.tenant) if validating else None
 
-        parsed, errors = parse_lines(data, self.settings.batch_max_lines, check, state.endpoint)
+        parsed, errors = await asyncio.to_thread(
+            parse_lines, data, self.settings.batch_max_lines, check, state.endpoint
+        )
         if validating and (errors or not parsed):
             problems = [e.as_openai() for e in errors] or [{"code": "empty_file", "message": "the file has no lines"}]
             await self._fail(problems)

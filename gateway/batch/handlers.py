@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -25,11 +26,12 @@ from gateway.batch.objects import (
     page,
 )
 from gateway.batch.service import BATCH, BatchService, service_of
-from schemas.errors import BodyError, BodyTooLarge, Conflict, FieldError, NotFound
+from schemas.errors import BodyError, BodyTooLarge, Conflict, FieldError, NotFound, RequestTimeout
 
 READ_CHUNK = 64 * 1024
 MAX_SHOWN_ERRORS = 20
 PURPOSES = ("batch",)
+MAX_PURPOSE_BYTES = 64
 
 
 # --- files ---------------------------------------------------------------------------------------------------------
@@ -43,18 +45,12 @@ async def create_file(request: web.Request) -> web.Response:
         raise BodyTooLarge(f"a file may have at most {limit} bytes")
     if not request.content_type.startswith("multipart/"):
         raise BodyError("send the file as multipart/form-data with the fields purpose and file")
-    purpose, filename, data = None, "", None
-    reader = await request.multipart()
-    while (part := await reader.next()) is not None:
-        if not isinstance(part, BodyPartReader):
-            raise BodyError("nested multipart bodies are not supported")
-        if part.name == "purpose":
-            purpose = (await part.text()).strip()
-        elif part.name == "file":
-            filename = part.filename or "upload.jsonl"
-            data = await _read_limited(part, limit)
-        else:
-            await part.release()
+    timeout_s = gw.settings.http_body_timeout_s
+    try:
+        async with asyncio.timeout(timeout_s):
+            purpose, filename, data = await _read_form(request, limit)
+    except TimeoutError:
+        raise RequestTimeout(f"the upload did not arrive within {timeout_s:g} s") from None
     if purpose not in PURPOSES:
         raise FieldError("purpose", f"must be one of {', '.join(PURPOSES)}")
     if data is None:
@@ -63,7 +59,8 @@ async def create_file(request: web.Request) -> web.Response:
     def check(url: str, body: dict[str, Any]) -> object:
         return line_record(gw, url, body, tenant)
 
-    lines, errors = parse_lines(data, gw.settings.batch_max_lines, check)
+    # Off the event loop: a file of many lines takes a while to check, and streams share this loop.
+    lines, errors = await asyncio.to_thread(parse_lines, data, gw.settings.batch_max_lines, check)
     if errors:
         shown = "; ".join(str(e) for e in errors[:MAX_SHOWN_ERRORS])
         more = f" (and {len(errors) - MAX_SHOWN_ERRORS} more)" if len(errors) > MAX_SHOWN_ERRORS else ""
@@ -76,6 +73,23 @@ async def create_file(request: web.Request) -> web.Response:
     meta.lines = len(lines)
     await service.store.save_file(meta, data)
     return web.json_response(meta.as_openai())
+
+
+async def _read_form(request: web.Request, limit: int) -> tuple[str | None, str, bytes | None]:
+    """The ``purpose`` and ``file`` fields of a multipart upload (the file's name and bytes)."""
+    purpose, filename, data = None, "", None
+    reader = await request.multipart()
+    while (part := await reader.next()) is not None:
+        if not isinstance(part, BodyPartReader):
+            raise BodyError("nested multipart bodies are not supported")
+        if part.name == "purpose":
+            purpose = (await _read_limited(part, MAX_PURPOSE_BYTES)).decode("utf-8", "replace").strip()
+        elif part.name == "file":
+            filename = part.filename or "upload.jsonl"
+            data = await _read_limited(part, limit)
+        else:
+            await part.release()
+    return purpose, filename, data
 
 
 async def _read_limited(part: BodyPartReader, limit: int) -> bytes:
