@@ -53,6 +53,9 @@ GOALS: dict[str, tuple[str, float]] = {
     "quota_admitted_ratio_min": (">=", 0.9),
     "quota_admitted_ratio_max": ("<=", 1.1),
     "quota_submit_p50_ratio": ("info", 0.0),
+    # a Batch API batch against the same requests over HTTP (bench_batch)
+    "batch_vs_sequential_http_ratio_median": (">=", 1.0),
+    "batch_vs_concurrent_http_ratio_median": ("info", 0.0),
 }
 MODULES = [
     "bench.bench_engine",
@@ -64,6 +67,7 @@ MODULES = [
     "bench.bench_scaleout",
     "bench.bench_fair",
     "bench.bench_quotas",
+    "bench.bench_batch",
 ]
 
 

@@ -15,6 +15,8 @@ from aiohttp import web
 from gateway.api.auth import Auth, key_id, stream_token_secret
 from gateway.api.backlog import BacklogMonitor
 from gateway.api.context import Gateway
+from gateway.batch.handlers import add_routes as add_batch_routes
+from gateway.batch.service import BatchService
 from gateway.cluster.kafka_source import REPLAY_POOL_SIZE, KafkaEventSource
 from gateway.cluster.owners import Owners
 from gateway.cluster.peers import Peers
@@ -86,6 +88,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     runner: web.AppRunner | None = None
     following = asyncio.create_task(follower.run(), name="models")
     listener: Listener | None = None
+    batches: BatchService | None = None
     try:
         if quotas is not None:
             await quotas.start()
@@ -116,7 +119,11 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         )
         if not auth.enabled:
             log.warning("no API keys configured (TOKENRELAY_API_KEYS): the gateway is open to anyone who reaches it")
-        runner = web.AppRunner(build_app(gateway), handle_signals=False, shutdown_timeout=2.0, access_log=None)
+        batches = BatchService(gateway)
+        await batches.start()
+        app = build_app(gateway)
+        add_batch_routes(app, batches)
+        runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=2.0, access_log=None)
         await runner.setup()
         listener = Listener(runner, settings)
         await listener.start(backlog=2048)
@@ -128,6 +135,8 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         await asyncio.gather(following, return_exceptions=True)
         if listener is not None:
             listener.close()
+        if batches is not None:
+            await batches.stop()
         await relay.stop()  # closes every subscription, so streaming handlers return
         await watch.stop()
         if quotas is not None:

@@ -49,10 +49,16 @@ def new_inference_request(
 
 
 async def submit_request(
-    producer: Producer, settings: Settings, codec: Codec, request: InferenceRequest, accepted: Accepted | None = None
+    producer: Producer,
+    settings: Settings,
+    codec: Codec,
+    request: InferenceRequest,
+    accepted: Accepted | None = None,
+    *,
+    topic: str | None = None,
 ) -> None:
-    """Produce ``request`` to its class's topic (``requests.<model>`` or ``batch.<model>``), then record its
-    acceptance (with its tenant and class) in the events log.
+    """Produce ``request`` to its class's topic (``requests.<model>`` or ``batch.<model>``; or ``topic``), then record
+    its acceptance (with its tenant and class) in the events log.
 
     The Accepted record is what lets every gateway answer status, stream and cancel for the request at once, before
     any worker starts it. It follows the request: if it cannot be written the request still runs (it is in Kafka,
@@ -63,11 +69,12 @@ async def submit_request(
     submit before the request exists; if the request then cannot be produced, a Failed ends it for every reader.
     """
     key = request.request_id.encode()
+    topic = topic or settings.requests_topic_for(request.model, request.priority)
     if accepted is not None:
-        await _submit_accepted_first(producer, settings, codec, request, accepted)
+        await _submit_accepted_first(producer, settings, codec, request, accepted, topic)
         return
     await producer.send_and_wait(
-        settings.requests_topic_for(request.model, request.priority),
+        topic,
         codec.encode(request),
         key=key,
         headers=record_headers("InferenceRequest"),
@@ -88,7 +95,7 @@ async def submit_request(
 
 
 async def _submit_accepted_first(
-    producer: Producer, settings: Settings, codec: Codec, request: InferenceRequest, accepted: Accepted
+    producer: Producer, settings: Settings, codec: Codec, request: InferenceRequest, accepted: Accepted, topic: str
 ) -> None:
     key = request.request_id.encode()
     event = TokenEvent(request.request_id, "", 0, int(time.time() * 1000), accepted)
@@ -97,7 +104,7 @@ async def _submit_accepted_first(
     )
     try:
         await producer.send_and_wait(
-            settings.requests_topic_for(request.model, request.priority),
+            topic,
             codec.encode(request),
             key=key,
             headers=record_headers("InferenceRequest"),

@@ -449,6 +449,35 @@ class Settings:
         256, "TOKENRELAY_REGISTRY_HEAP_MB", "Java heap of the embedded schema registry in MB."
     )
 
+    batch_max_file_bytes: int = _setting(
+        64 * 1024 * 1024,
+        "TOKENRELAY_BATCH_MAX_FILE_BYTES",
+        "Largest file `POST /v1/files` takes, in bytes (the Batch API's input files).",
+    )
+    batch_max_lines: int = _setting(
+        50_000, "TOKENRELAY_BATCH_MAX_LINES", "Most requests (lines) one Batch API input file may hold."
+    )
+    batch_window_s: int = _setting(
+        24 * 3600,
+        "TOKENRELAY_BATCH_WINDOW_S",
+        "How long a batch's completion window ('24h') lasts, in seconds; lines not done by then end batch_expired.",
+    )
+    batch_files_margin_ms: int = _setting(
+        7 * 24 * 3600 * 1000,
+        "TOKENRELAY_BATCH_FILES_MARGIN_MS",
+        "How long file contents outlive a batch's window: the files topic's retention is the window plus this.",
+    )
+    batch_submit_chunk: int = _setting(
+        256,
+        "TOKENRELAY_BATCH_SUBMIT_CHUNK",
+        "Lines a batch submits between two writes of its submit cursor (what a gateway that takes over re-checks).",
+    )
+    batch_cancel_wait_s: float = _setting(
+        60.0,
+        "TOKENRELAY_BATCH_CANCEL_WAIT_S",
+        "How long a cancelling batch waits for its running lines to end before it is cancelled without them.",
+    )
+
     def __post_init__(self) -> None:
         problems = _problems(self)
         if problems:
@@ -509,6 +538,21 @@ class Settings:
     def quota_override_map(self) -> dict[str, str]:
         """TOKENRELAY_QUOTA_OVERRIDES as key (or key id) → 'RPM/TPM/CONCURRENT'."""
         return {name.strip(): limits.strip() for name, _, limits in (e.partition("=") for e in self.quota_overrides)}
+
+    @property
+    def files_retention_ms(self) -> int:
+        """How long the Batch API's file contents are kept: a batch's window and the margin after it."""
+        return self.batch_window_s * 1000 + self.batch_files_margin_ms
+
+    @property
+    def files_topic(self) -> str:
+        """Contents of the Batch API's files, in chunks keyed by file id."""
+        return self.topic("files")
+
+    @property
+    def batches_topic(self) -> str:
+        """Compacted: file metadata, batch objects and cancel requests of the Batch API, keyed by id."""
+        return self.topic("batches")
 
     @property
     def models_topic(self) -> str:

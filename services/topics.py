@@ -41,6 +41,20 @@ def requests_topic_specs(settings: Settings, model: str) -> list[TopicSpec]:
     ]
 
 
+def batch_api_topic_specs(settings: Settings) -> list[TopicSpec]:
+    """The Batch API's state: file contents (deleted after the window and a margin) and its compacted objects."""
+    return [
+        TopicSpec(
+            settings.files_topic, 1, {"retention.ms": str(settings.files_retention_ms), "cleanup.policy": "delete"}
+        ),
+        TopicSpec(
+            settings.batches_topic,
+            1,
+            {"cleanup.policy": "compact", "min.compaction.lag.ms": "0", "segment.ms": str(3600 * 1000)},
+        ),
+    ]
+
+
 def topic_specs(settings: Settings, models: Sequence[str] | None = None) -> list[TopicSpec]:
     """The design's topics with partitions and retention from settings; the request topics of ``models``.
 
@@ -76,6 +90,7 @@ def topic_specs(settings: Settings, models: Sequence[str] | None = None) -> list
                 "message.timestamp.type": "LogAppendTime",
             },
         ),
+        *batch_api_topic_specs(settings),
         # Compacted: the last announcement of each model stays, so a gateway that starts knows the models at once.
         TopicSpec(
             settings.models_topic,

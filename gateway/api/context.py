@@ -30,6 +30,7 @@ from schemas.errors import (
     QueueFull,
     RequestRefused,
     RequestTimeout,
+    TokenRelayError,
     Unauthorized,
     ValidationError,
 )
@@ -48,7 +49,7 @@ MAX_REMEMBERED_TENANTS = 100_000
 
 
 class Producer(Protocol):
-    async def send_and_wait(self, topic: str, value: bytes, key: bytes, headers: Any = None) -> Any: ...
+    async def send_and_wait(self, topic: str, value: bytes | None, key: bytes, headers: Any = None) -> Any: ...
 
 
 @dataclass
@@ -70,6 +71,14 @@ class Gateway:
 
 
 GATEWAY = web.AppKey("gateway", Gateway)
+
+
+def error_body(exc: TokenRelayError) -> dict[str, Any]:
+    """What the JSON ``{"error": ...}`` of an HTTP answer says about a project error: code, message (and field)."""
+    body: dict[str, Any] = {"code": exc.code, "message": exc.public_message or exc.message}
+    if isinstance(exc, FieldError):
+        body["field"] = exc.field
+    return body
 
 
 def gateway_of(request: web.Request) -> Gateway:
@@ -173,21 +182,28 @@ def parse_model(body: dict[str, Any]) -> str | None:
     return model
 
 
-async def resolve_model(gw: Gateway, requested: str | None) -> LiveModel:
+async def refresh_routes(gw: Gateway, requested: str | None) -> None:
+    """Re-list the cluster's topics when ``requested`` is announced but has no requests topic yet (one created since
+    the last listing), so that ``resolve_model`` then routes it; awaited by an endpoint before it builds its record."""
+    now_ms = int(time.time() * 1000)
+    name = requested or gw.settings.default_model
+    unresolved = gw.models.resolve(requested, gw.settings.default_model, now_ms) is None
+    if unresolved and gw.backlog is not None and gw.models.announced(name, now_ms):
+        await gw.backlog.refresh_topics()
+
+
+def resolve_model(gw: Gateway, requested: str | None) -> LiveModel:
     """The live model a request goes to; 404 model_not_found for a name no live worker serves, 404
-    model_not_routable for one announced whose requests topic does not exist (asked of the cluster once more)."""
+    model_not_routable for one announced whose requests topic does not exist (see ``refresh_routes``)."""
     now_ms = int(time.time() * 1000)
     model = gw.models.resolve(requested, gw.settings.default_model, now_ms)
     name = requested or gw.settings.default_model
     if model is None and gw.backlog is not None and gw.models.announced(name, now_ms):
-        await gw.backlog.refresh_topics()  # a topic created since the last listing
-        model = gw.models.resolve(requested, gw.settings.default_model, now_ms)
-        if model is None:
-            topic = gw.settings.requests_topic_for(name)
-            raise ModelNotFound(
-                f"the model {name!r} is announced, but its requests topic {topic!r} does not exist",
-                code="model_not_routable",
-            )
+        topic = gw.settings.requests_topic_for(name)
+        raise ModelNotFound(
+            f"the model {name!r} is announced, but its requests topic {topic!r} does not exist",
+            code="model_not_routable",
+        )
     if model is None:
         raise ModelNotFound(f"the model {name!r} does not exist or no worker serves it; GET /v1/models lists them")
     return model

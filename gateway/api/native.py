@@ -26,6 +26,7 @@ from gateway.api.context import (
     produce_cancel,
     produce_request,
     read_json,
+    refresh_routes,
     request_id_of,
     require_key,
     require_known,
@@ -58,7 +59,9 @@ async def submit(request: web.Request) -> web.Response:
     messages = parse_messages(body) if "messages" in body else None
     prompt = parse_prompt(body) if messages is None else ""  # a chat request's text travels once, in `messages`
     sampling = parse_sampling(body, gw.settings.max_tokens_limit)
-    model = await resolve_model(gw, parse_model(body))
+    requested = parse_model(body)
+    await refresh_routes(gw, requested)
+    model = resolve_model(gw, requested)
     check_limits(model, sampling, messages)
     check_backlog(gw, model.name)
     priority = parse_priority(body, request.headers.get(PRIORITY_HEADER))

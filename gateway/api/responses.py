@@ -7,6 +7,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 from aiohttp import web
 
@@ -24,16 +25,17 @@ from gateway.api.context import (
     produce_cancel,
     produce_request,
     read_json,
+    refresh_routes,
     require_key,
     resolve_model,
 )
 from gateway.api.openai import TOO_SLOW, AnswerFold, cancel_quietly, follow
-from gateway.api.responses_body import parse_create
+from gateway.api.responses_body import CreateSpec, parse_create
 from gateway.api.responses_events import RESPONSE_PREFIX, ResponseEvents, ResponseOptions, response_id
 from gateway.api.validation import PRIORITY_HEADER, parse_priority
 from schemas.errors import ClientClosed, Conflict, FieldError, NotFound, ValidationError, ended_with
 from schemas.ids import parse_request_id, request_id_time_ms
-from schemas.records import Accepted
+from schemas.records import Accepted, InferenceRequest
 from schemas.view import EventName, View, ViewEvent
 from services.requests import new_inference_request
 
@@ -69,17 +71,12 @@ async def create(request: web.Request) -> web.StreamResponse:
     gw = gateway_of(request)
     tenant = require_key(request)
     body = await read_json(request)
-    spec = parse_create(body, gw.settings.max_tokens_limit)
-    model = await resolve_model(gw, parse_model(body))
-    check_limits(model, spec.sampling, spec.messages)
-    check_backlog(gw, model.name)
+    await refresh_routes(gw, parse_model(body))
     priority = parse_priority(body, request.headers.get(PRIORITY_HEADER))
-    req = new_inference_request("", spec.sampling, tenant, spec.messages, model=model.name, priority=priority)
-    options = ResponseOptions(model.name, spec.background, spec.store, spec.metadata)
-    accepted = Accepted(
-        model.name, tenant, req.deadline_ms, spec.background, spec.store, spec.metadata, priority=req.priority
-    )
-    surface = ResponseEvents(AnswerFold(model.name), req.request_id, options)
+    spec, req, accepted = response_request(gw, body, tenant, priority)
+    check_backlog(gw, req.model)
+    options = ResponseOptions(req.model, spec.background, spec.store, spec.metadata)
+    surface = ResponseEvents(AnswerFold(req.model), req.request_id, options)
     if spec.background and not spec.stream:
         await produce_request(gw, req, accepted)
         answer = surface.object()
@@ -97,6 +94,22 @@ async def create(request: web.Request) -> web.StreamResponse:
         return await _whole(gw, surface, events)
     finally:
         gw.relay.unsubscribe(sub)
+
+
+def response_request(
+    gw: Gateway, body: dict[str, Any], tenant: str, priority: str = "interactive"
+) -> tuple[CreateSpec, InferenceRequest, Accepted]:
+    """What a ``/v1/responses`` body becomes, checked against the model's limits: the parsed options, the record and
+    its Accepted (background, store, metadata); the endpoint's, and each line's of a Batch API file."""
+    spec = parse_create(body, gw.settings.max_tokens_limit)
+    model = resolve_model(gw, parse_model(body))
+    check_limits(model, spec.sampling, spec.messages)
+    # The text travels once, in `messages`.
+    req = new_inference_request("", spec.sampling, tenant, spec.messages, model=model.name, priority=priority)
+    accepted = Accepted(
+        model.name, tenant, req.deadline_ms, spec.background, spec.store, spec.metadata, priority=req.priority
+    )
+    return spec, req, accepted
 
 
 async def _stream(
@@ -158,15 +171,23 @@ def _refuse_early(surface: ResponseEvents, ev: ViewEvent | None) -> None:
         raise ended_with(ev.data.get("code", "failed"), ev.data.get("message", ""))
 
 
+def whole_step(surface: ResponseEvents, ev: ViewEvent) -> dict[str, Any] | None:
+    """One view event into the whole response object: the object once the response ended, None before; the
+    request's error (``ended_with``) when it failed before anything was answered. The endpoint's answer and a Batch
+    API line's body."""
+    _refuse_early(surface, ev)
+    surface.feed(ev)
+    return surface.object() if surface.ended else None
+
+
 async def _whole(gw: Gateway, surface: ResponseEvents, events: AsyncIterator[ViewEvent | None]) -> web.Response:
     try:
         async for ev in events:
             if ev is None:
                 break
-            _refuse_early(surface, ev)
-            surface.feed(ev)
-            if surface.ended:
-                return web.json_response(surface.object(), headers={"X-Request-Id": surface.request_id})
+            body = whole_step(surface, ev)
+            if body is not None:
+                return web.json_response(body, headers={"X-Request-Id": surface.request_id})
     finally:
         if not surface.ended:
             await cancel_quietly(gw, surface.request_id)

@@ -12,9 +12,9 @@ from typing import Any
 from aiohttp import web
 
 from gateway.api import native, openai, responses
-from gateway.api.context import GATEWAY, Gateway, gateway_of
+from gateway.api.context import GATEWAY, Gateway, error_body, gateway_of
 from gateway.http import pages
-from schemas.errors import BodyTooLarge, FieldError, TokenRelayError
+from schemas.errors import BodyTooLarge, TokenRelayError
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +29,7 @@ def error_response(status: int, body: dict[str, Any], headers: dict[str, str] | 
 
 def render_error(exc: TokenRelayError) -> web.Response:
     """The one place a project error becomes an HTTP answer: JSON ``{"error": {code, message}}``, status, headers."""
-    body: dict[str, Any] = {"code": exc.code, "message": exc.public_message or exc.message}
-    if isinstance(exc, FieldError):
-        body["field"] = exc.field
-    return error_response(exc.http_status, body, exc.headers())
+    return error_response(exc.http_status, error_body(exc), exc.headers())
 
 
 @web.middleware

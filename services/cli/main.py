@@ -20,7 +20,7 @@ from services.settings import Settings, effective_table, settings_table, sources
 Command = Callable[[argparse.Namespace, Settings], int]
 
 # Commands whose output is the point: library INFO lines (aiokafka's, ours) would land in the middle of it.
-QUIET_COMMANDS = frozenset({"submit", "tail", "export", "topics", "settings", "up"})
+QUIET_COMMANDS = frozenset({"submit", "tail", "export", "topics", "settings", "up", "batch"})
 # Commands that follow a running `tokenrelay up` (its Kafka address and topic prefix) unless told otherwise.
 CLIENT_COMMANDS = frozenset(
     {"submit", "tail", "export", "topics", "settings", "worker", "gateway", "analytics", "registry"}
@@ -157,6 +157,31 @@ def _cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
             priority=args.priority,
         )
     )
+
+
+def _cmd_batch(args: argparse.Namespace, settings: Settings) -> int:
+    from pathlib import Path
+
+    from services.cli.batch import run_batch
+
+    path = Path(args.file)
+    if not path.is_file():
+        raise TokenRelayError(f"{path}: no such file")
+    url = args.url or _gateway_url(settings)
+    api_key = args.api_key or os.environ.get("OPENAI_API_KEY") or (settings.api_keys[0] if settings.api_keys else None)
+    data = path.read_bytes()
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as output:
+            return asyncio.run(run_batch(path.name, data, url, api_key, follow=args.follow, output=output))
+    return asyncio.run(run_batch(path.name, data, url, api_key, follow=args.follow))
+
+
+def _gateway_url(settings: Settings) -> str:
+    """The running `tokenrelay up`'s gateway, else this machine's on TOKENRELAY_GATEWAY_PORT."""
+    from services.local.runstate import read_state
+
+    state = read_state(settings)
+    return state.gateway_url if state is not None else f"http://127.0.0.1:{settings.gateway_port}"
 
 
 def _cmd_tail(args: argparse.Namespace, settings: Settings) -> int:
@@ -312,6 +337,22 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
     submit.add_argument("--top-p", type=float, default=1.0)
     submit.add_argument("--follow", "-f", action="store_true", help="print the answer as it arrives")
+
+    batch = add(
+        "batch",
+        _cmd_batch,
+        "Run a Batch API file (JSONL of OpenAI requests) through the gateway; print the batch id, or with --follow "
+        "a progress bar and then the output file.",
+        kafka=False,
+    )
+    batch.add_argument("file", help="JSONL, one request a line: custom_id, method, url, body")
+    batch.add_argument("--follow", "-f", action="store_true", help="show progress, then print the output file")
+    batch.add_argument(
+        "--url",
+        help="the gateway (default: the running `tokenrelay up`'s, else http://127.0.0.1:TOKENRELAY_GATEWAY_PORT)",
+    )
+    batch.add_argument("--api-key", help="API key (default: OPENAI_API_KEY, else the first of TOKENRELAY_API_KEYS)")
+    batch.add_argument("--output", "-o", help="write the output file here instead of standard output")
 
     tail = add("tail", _cmd_tail, "Decode and print the token log.")
     tail.add_argument("--request-id", help="only this request")
