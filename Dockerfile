@@ -5,7 +5,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     TOKENRELAY_CACHE_DIR=/var/cache/tokenrelay \
-    TOKENRELAY_GATEWAY_HOST=0.0.0.0
+    TOKENRELAY_GATEWAY_HOST=0.0.0.0 \
+    TOKENRELAY_WORKER_METRICS_HOST=0.0.0.0
 
 WORKDIR /app
 # CPU torch first, from its own index: the default PyPI wheel pulls in several GB of CUDA libraries.

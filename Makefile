@@ -38,16 +38,22 @@ $(VENV)/.registry: services/local/registry/pom.xml | $(STAMP)
 	$(BIN)/python -m services.local.registry.runner --resolve-only
 	@touch $@
 
-# quixstreams pins confluent-kafka<2.13: its integration test runs it from a venv of its own.
-QUIX_VENV := $(HOME)/.cache/tokenrelay/quix-venv
-quix-venv:
+# quixstreams pins confluent-kafka<2.13: its integration test runs it from a venv of its own (where the test looks).
+CACHE_DIR := $(or $(TOKENRELAY_CACHE_DIR),$(HOME)/.cache/tokenrelay)
+QUIX_VENV := $(CACHE_DIR)/quix-venv
+QUIXSTREAMS := quixstreams[avro]==3.28.1
+quix-venv: $(QUIX_VENV)/.installed
+
+$(QUIX_VENV)/.installed: Makefile
 	@test -x $(QUIX_VENV)/bin/python || $(PYTHON) -m venv $(QUIX_VENV)
-	$(QUIX_VENV)/bin/pip install --quiet 'quixstreams[avro]==3.28.1'
+	$(QUIX_VENV)/bin/pip install --quiet '$(QUIXSTREAMS)'
+	@touch $@
 
 browser:
 	@command -v chromium >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
-	  else echo "chromium not found: the browser tests will be skipped (apt-get install chromium)"; fi; }
+	  else echo "chromium not found: install it (apt-get install chromium) for the browser tests," \
+	    "or run make test PYTEST_ARGS='-m \"not browser\"'"; exit 1; fi; }
 
 lint: install
 	$(BIN)/ruff check .
@@ -64,8 +70,9 @@ types: install
 docs: install
 	$(BIN)/mkdocs build --strict --quiet
 
-test: install browser lint imports types docs vllm-venv
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+# Everything the suite needs is set up first, so a skipped test fails the run (TOKENRELAY_TEST_REQUIRE_ALL).
+test: install browser quix-venv vllm-venv lint imports types docs
+	TOKENRELAY_TEST_REQUIRE_ALL=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 unit: install
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)

@@ -47,6 +47,19 @@ GOALS: dict[str, tuple[str, float]] = {
     "gateway_ingest_events_per_cpu_s_watched": (">=", 30_000.0),
     "gateway_scaleout_ratio_3": ("<=", 1.3),
     "gateway_scaleout_ratio_3_watched": ("info", 0.0),
+    # fair service under a batch flood of 20x the batch capacity (bench_fair)
+    "fair_ttft_p50_vs_goal": ("<=", 1.0),  # flood p50 / (1.5 x idle p50 + one decode step)
+    "fair_ttft_p99_ratio": ("<=", 3.0),  # flood p99 / idle p99
+    "fair_batch_throughput_ratio_median": (">=", 0.9),
+    "fair_batch_throughput_vs_same_work_median": ("info", 0.0),  # the same short requests sent as batch work
+    "fair_preemptions_per_min": ("info", 0.0),
+    # fleet-wide quotas: admitted / limit with two gateways hammered at once, and the check's cost (bench_quotas)
+    "quota_admitted_ratio_min": (">=", 0.9),
+    "quota_admitted_ratio_max": ("<=", 1.1),
+    "quota_submit_p50_ratio": ("info", 0.0),
+    # a Batch API batch against the same requests over HTTP (bench_batch)
+    "batch_vs_sequential_http_ratio_median": (">=", 1.0),
+    "batch_vs_concurrent_http_ratio_median": ("info", 0.0),
 }
 MODULES = [
     "bench.bench_engine",
@@ -57,6 +70,9 @@ MODULES = [
     "bench.bench_gateway",
     "bench.bench_cluster",
     "bench.bench_scaleout",
+    "bench.bench_fair",
+    "bench.bench_quotas",
+    "bench.bench_batch",
 ]
 
 

@@ -10,7 +10,6 @@ import statistics
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from schemas.records import Delta, Finished, Started, TokenEvent, Usage
 from services.kafka import make_producer, record_headers, start_client
 from services.local.broker.runner import free_port
 from services.local.process import quiet_env
+from services.local.readiness import gateway_serving
 from services.settings import Settings
 from services.topics import ensure_topics
 
@@ -183,14 +183,10 @@ def run() -> dict[str, float]:
     results: dict[str, float] = {}
     try:
         deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(base + "/readyz", timeout=1):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
+        while not gateway_serving(base):
+            if time.monotonic() > deadline:
+                raise RuntimeError("gateway not serving after 60 s")
+            time.sleep(0.2)
 
         # 1. fan-out throughput: one request, FANOUT_CLIENTS subscribers in several client processes, events
         #    published as fast as possible (the gateway writes them in batches: its saturation figure)

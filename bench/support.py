@@ -29,6 +29,7 @@ from schemas.records import InferenceRequest
 from services.kafka import make_consumer, make_producer, record_headers, start_client
 from services.local.broker.runner import free_port
 from services.local.process import quiet_env
+from services.local.readiness import gateway_serving
 from services.settings import Settings
 from services.topics import ensure_topics
 
@@ -91,16 +92,15 @@ def stop_process(proc: subprocess.Popen[Any] | None, timeout_s: float = 20.0) ->
 
 
 def start_gateway(settings: Settings, timeout_s: float = 60.0, **env: str) -> subprocess.Popen[bytes]:
-    """`python -m gateway.main` for these settings; returns once /readyz answers 200."""
+    """`python -m gateway.main` for these settings; returns once it serves (workers may come later)."""
     proc = subprocess.Popen([sys.executable, "-m", "gateway.main"], cwd=ROOT, env=quiet_env(settings, **env))
-    url = f"http://127.0.0.1:{settings.gateway_port}/readyz"
+    url = f"http://127.0.0.1:{settings.gateway_port}"
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"gateway exited with {proc.returncode}")
-        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=1) as response:
-            if response.status == 200:
-                return proc
+        if gateway_serving(url):
+            return proc
         time.sleep(0.1)
     stop_process(proc)
     raise RuntimeError("gateway not ready")

@@ -9,15 +9,20 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Callable
 
 from aiohttp import web
 
-from gateway.api.auth import Auth, key_id
+from gateway.api.auth import Auth, key_id, stream_token_secret
 from gateway.api.backlog import BacklogMonitor
 from gateway.api.context import Gateway
+from gateway.batch.handlers import add_routes as add_batch_routes
+from gateway.batch.service import BatchService
 from gateway.cluster.kafka_source import REPLAY_POOL_SIZE, KafkaEventSource
 from gateway.cluster.owners import Owners
+from gateway.cluster.peers import Peers
+from gateway.cluster.queue_watch import QueueCollector, QueueWatch
+from gateway.cluster.quota_log import QuotaLog, limits_by_tenant, limits_configured
+from gateway.cluster.quotas import QuotaBook
 from gateway.cluster.upstream import Follower
 from gateway.fanout.backfills import BackfillLimit
 from gateway.fanout.relay import Relay
@@ -27,6 +32,7 @@ from gateway.metrics import GatewayMetrics
 from schemas.errors import TokenRelayError
 from schemas.models import ModelDirectory
 from services.kafka import make_consumer, make_producer, start_client
+from services.logs import configure_logging
 from services.models_source import ModelsFollower
 from services.schema_registry import prepare_codec
 from services.settings import Settings
@@ -47,7 +53,9 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     owners = Owners(settings.gateway_url)
     source = KafkaEventSource(settings, owners)
     auth = Auth(settings)
-    upstream = Follower(owners, token=_upstream_token(auth), keepalive_s=settings.keepalive_s, metrics=metrics)
+    # The secret the gateways share proves an owner to its followers (and a follower to its owner): not the API keys.
+    peers = Peers(stream_token_secret(settings), settings.gateway_url)
+    upstream = Follower(owners, peers=peers, keepalive_s=settings.keepalive_s, metrics=metrics)
     relay = Relay(
         source,
         memory_events=settings.hub_memory_events,
@@ -67,24 +75,55 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     directory = ModelDirectory()
     follower = ModelsFollower(make_consumer(settings), settings.models_topic, directory, codec)
     backlog = BacklogMonitor(settings, metrics.backlog, models=lambda: directory.live(_now_ms()))
+    directory.servable = backlog.servable
+    limits = limits_by_tenant(settings, key_id)
+    quotas = None
+    if limits_configured(settings):
+        book = QuotaBook(owners.me, limits, settings.quota_lease_ms)
+        quotas = QuotaLog(settings, producer, book, gateways=lambda: max(1, len(set(owners.urls.values()))))
+        quotas.metrics = metrics
+    watch = QueueWatch(settings, producer, codec, directory, quotas)
+    relay.tap = watch
+    metrics.registry.register(QueueCollector(watch))
     runner: web.AppRunner | None = None
     following = asyncio.create_task(follower.run(), name="models")
     listener: Listener | None = None
+    batches: BatchService | None = None
     try:
+        if quotas is not None:
+            await quotas.start()
         await relay.start()
+        await watch.start()
         await backlog.start()
 
-        async def ready() -> bool:
-            """Broker and topics there, and a live worker for every model the workers announced."""
-            topics = await backlog.topics_present({settings.events_topic, settings.control_topic})
-            return topics and not directory.unavailable(_now_ms())
+        async def not_ready() -> str:
+            """Why requests cannot be served yet as far as Kafka goes ("" when they can; /readyz adds the models)."""
+            if not follower.caught_up.is_set():
+                return "reading_models"  # until then a model that is served would answer 404
+            if not await backlog.topics_present({settings.events_topic, settings.control_topic}):
+                return "topics_missing"
+            return ""
 
         gateway = Gateway(
-            settings, relay, producer, metrics, auth, backlog=backlog, ready_check=ready, models=directory, codec=codec
+            settings,
+            relay,
+            producer,
+            metrics,
+            auth,
+            backlog=backlog,
+            ready_check=not_ready,
+            models=directory,
+            codec=codec,
+            quotas=quotas,
+            peers=peers,
         )
         if not auth.enabled:
             log.warning("no API keys configured (TOKENRELAY_API_KEYS): the gateway is open to anyone who reaches it")
-        runner = web.AppRunner(build_app(gateway), handle_signals=False, shutdown_timeout=2.0, access_log=None)
+        batches = BatchService(gateway)
+        await batches.start()
+        app = build_app(gateway)
+        add_batch_routes(app, batches)
+        runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=2.0, access_log=None)
         await runner.setup()
         listener = Listener(runner, settings)
         await listener.start(backlog=2048)
@@ -96,7 +135,12 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         await asyncio.gather(following, return_exceptions=True)
         if listener is not None:
             listener.close()
+        if batches is not None:
+            await batches.stop()
         await relay.stop()  # closes every subscription, so streaming handlers return
+        await watch.stop()
+        if quotas is not None:
+            await quotas.stop()
         await upstream.close()
         if runner is not None:
             await runner.cleanup()
@@ -106,15 +150,6 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
-
-
-def _upstream_token(auth: Auth) -> Callable[[str], str] | None:
-    """How this gateway authorises its upstream streams: a watch token minted with its first key (the owner checks
-    it like a client's; the client was already authorised here)."""
-    if not auth.enabled:
-        return None
-    tenant = key_id(auth.keys[0])
-    return lambda request_id: auth.sign(request_id, tenant)
 
 
 def _signal_event() -> asyncio.Event:
@@ -151,7 +186,7 @@ def run_gateway(settings: Settings) -> int:
 
 def main() -> int:
     settings = Settings.from_env()
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level)
     logging.getLogger("aiokafka").setLevel(logging.WARNING)
     return run_gateway(settings)
 

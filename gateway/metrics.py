@@ -72,6 +72,13 @@ class GatewayMetrics:
             ["event"],
             registry=r,
         )
+        self.quota_refusals = Counter(
+            "tokenrelay_gateway_quota_refusals",
+            "Submits refused with 429 for an API key over a quota, by the limit it was over (requests, tokens, "
+            "concurrent).",
+            ["dimension"],
+            registry=r,
+        )
         self.backlog = Gauge("tokenrelay_gateway_request_backlog", "Lag of the worker group on requests.", registry=r)
 
     def render(self) -> bytes:

@@ -10,6 +10,8 @@ TokenRelayError                 root; every error raised on purpose by tokenrela
 │   ├── BodyError               an HTTP body that is not a JSON object              400 invalid_json
 │   └── RequestRefused          the model cannot take this request (its limits)     400 (a code per reason)
 ├── BodyTooLarge                an HTTP body over the size limit                    413 body_too_large
+│   └── RecordTooLarge          a request whose Kafka record is over the cluster's  413 record_too_large
+│                               record size limit (permanent: not retriable)
 ├── CursorError                 an SSE cursor that cannot be parsed                 400 bad_cursor
 ├── Unauthorized                no valid API key (or stream token)                  401 unauthorized
 ├── Forbidden                   a valid stream token that does not allow this       403 forbidden
@@ -19,6 +21,7 @@ TokenRelayError                 root; every error raised on purpose by tokenrela
 ├── MalformedRequest            HTTP the parser refuses (framing, bytes, sizes)     400 malformed_request
 ├── RequestTimeout              a request head or body did not arrive in time       408 request_timeout
 ├── QueueFull                   too many requests wait for a worker                 429 queue_full, Retry-After
+├── RateLimited                 an API key is over a quota (rpm, tpm, concurrent)   429 rate_limit_exceeded, Retry-After
 ├── TooManyBackfills            one client has too many Kafka scans waiting         429 too_many_backfills, Retry-After
 ├── GenerationFailed            the request ended in an error (whole answers)       502 (the error's code)
 ├── ClientClosed                the client went away before its answer              499 client_closed
@@ -75,6 +78,11 @@ class DecodeError(TokenRelayError):
     code = "undecodable"
 
 
+class UnknownSchemaId(DecodeError):
+    """The registry does not know the record's schema id. Said once per id by the registry client, so readers
+    leave it out of their per-record warnings."""
+
+
 class SchemaUnavailable(DecodeError):
     """The bytes may be fine: the registry that knows their schema id did not answer."""
 
@@ -122,6 +130,10 @@ class RequestRefused(ValidationError):
 class BodyTooLarge(TokenRelayError):
     code = "body_too_large"
     http_status = 413
+
+
+class RecordTooLarge(BodyTooLarge):
+    code = "record_too_large"
 
 
 class CursorError(TokenRelayError):
@@ -172,6 +184,24 @@ class QueueFull(TokenRelayError):
     http_status = 429
     retriable = True
     retry_after_s = 2
+
+
+class RateLimited(TokenRelayError):
+    """An API key is over one of its quotas; says which (``dimension``) and when to try again."""
+
+    code = "rate_limit_exceeded"
+    http_status = 429
+    retriable = True
+
+    def __init__(self, message: str, *, dimension: str, retry_after_ms: int):
+        super().__init__(message)
+        self.dimension = dimension
+        self.retry_after_ms = retry_after_ms
+        self.retry_after_s = max(1, -(-retry_after_ms // 1000))
+
+    def headers(self) -> dict[str, str]:
+        # retry-after-ms: what OpenAI's SDKs read first, finer than Retry-After's whole seconds.
+        return {**super().headers(), "retry-after-ms": str(self.retry_after_ms)}
 
 
 class GenerationFailed(TokenRelayError):

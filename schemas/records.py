@@ -86,6 +86,7 @@ class Accepted:
     background: bool = False  # keeps running when its creating client disconnects; cancellable by id
     store: bool = True  # readable by id after it ends
     metadata: Mapping[str, str] = field(default_factory=dict)
+    priority: str = "interactive"  # the service class (PRIORITIES): the request topic it was written to
 
 
 # The closed vocabulary of the events log: every consumer matches on it exhaustively (`assert_never`), so mypy lists

@@ -142,6 +142,11 @@ class View:
         return self.log.started.tenant if self.log.started is not None else ""
 
     @property
+    def priority(self) -> str:
+        """The request's service class, as its Accepted records it ('interactive' when none is in the log)."""
+        return self.log.accepted.priority if self.log.accepted is not None else "interactive"
+
+    @property
     def prompt_tokens(self) -> int:
         return self.log.started.prompt_tokens if self.log.started is not None else 0
 

@@ -4,17 +4,26 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
+import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError
+from aiokafka.errors import (
+    KafkaConnectionError,
+    KafkaError,
+    KafkaTimeoutError,
+    MessageSizeTooLargeError,
+    SaslAuthenticationFailed,
+)
 from aiokafka.structs import ConsumerRecord
 
 from schemas.codec import CONTENT_TYPE
-from schemas.errors import KafkaUnavailable
+from schemas.errors import ConfigError, KafkaUnavailable, RecordTooLarge
+from services.kafka_auth import aiokafka_options
 from services.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -47,9 +56,10 @@ def make_producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:
         "max_batch_size": 256 * 1024,
         "request_timeout_ms": settings.producer_timeout_ms,
         "client_id": "tokenrelay",
+        **aiokafka_options(settings),
     }
     options.update(overrides)
-    return AIOKafkaProducer(**options)
+    return _remember(AIOKafkaProducer(**options), settings)
 
 
 def make_consumer(settings: Settings, *topics: str, **overrides: Any) -> AIOKafkaConsumer:
@@ -60,9 +70,10 @@ def make_consumer(settings: Settings, *topics: str, **overrides: Any) -> AIOKafk
         "auto_offset_reset": "earliest",
         "client_id": "tokenrelay",
         "fetch_max_wait_ms": 50,
+        **aiokafka_options(settings),
     }
     options.update(overrides)
-    return AIOKafkaConsumer(*topics, **options)
+    return _remember(AIOKafkaConsumer(*topics, **options), settings)
 
 
 @contextmanager
@@ -70,9 +81,12 @@ def map_kafka_errors(doing: str) -> Iterator[None]:
     """The boundary where aiokafka's errors, and a cluster that does not answer in time, become KafkaUnavailable.
 
     ``doing`` names the operation for the message ("cannot produce the request"); aiokafka's ``retriable`` is kept.
+    A record over the size limit (the producer's or the broker's) is RecordTooLarge: the same record never fits.
     """
     try:
         yield
+    except MessageSizeTooLargeError as exc:
+        raise RecordTooLarge(f"{doing}: the record is over the cluster's size limit ({exc})", retriable=False) from exc
     except KafkaError as exc:
         retriable = bool(exc.retriable) or isinstance(exc, KafkaTimeoutError)
         raise KafkaUnavailable(f"{doing}: {str(exc) or type(exc).__name__}", retriable=retriable) from exc
@@ -100,14 +114,60 @@ async def start_client(client: Startable, *, timeout_s: float | None = 60.0) -> 
             unreachable = isinstance(exc.__cause__, KafkaConnectionError | KafkaTimeoutError)
             if not unreachable or (deadline is not None and loop.time() > deadline):
                 raise
+            settings = _settings_of.get(client)
+            if attempt == 0 and settings is not None and aiokafka_options(settings)["security_protocol"] != "PLAINTEXT":
+                # aiokafka reports refused credentials or certificates as an unreachable cluster (the reason only in
+                # its log): ask once, so that a wrong password fails at once as the configuration error it is,
+                # instead of being retried as an outage.
+                refusal = await refused_because(settings)
+                if refusal is not None:
+                    raise ConfigError(
+                        f"Kafka at {settings.kafka_bootstrap} refuses this client: {refusal} (check "
+                        "TOKENRELAY_KAFKA_SASL_USERNAME / _PASSWORD, TOKENRELAY_KAFKA_SSL_CA_FILE and the mechanism)"
+                    ) from exc
             attempt += 1
             if attempt & (attempt - 1) == 0:  # 1, 2, 4, 8, ...: an outage of any length logs a few lines, not a flood
                 log.warning("Kafka not reachable yet (%s); retrying (attempt %d)", exc.__cause__, attempt)
             await asyncio.sleep(1.0)
 
 
+_settings_of: weakref.WeakKeyDictionary[object, Settings] = weakref.WeakKeyDictionary()
+
+_Client = TypeVar("_Client")
+
+
+def _remember(client: _Client, settings: Settings) -> _Client:
+    _settings_of[client] = settings
+    return client
+
+
+async def refused_because(settings: Settings, timeout_s: float = 10.0) -> str | None:
+    """Why the first bootstrap server that answers refuses the credentials or certificate of ``settings`` (failed
+    SASL authentication, an untrusted certificate); None when it accepts them or none answers."""
+    from aiokafka.conn import create_conn
+
+    for address in settings.kafka_bootstrap.split(","):
+        host, _, port = address.strip().rpartition(":")
+        if not host or not port.isdigit():
+            continue
+        try:
+            conn = await asyncio.wait_for(
+                create_conn(host.strip("[]"), int(port), **aiokafka_options(settings)), timeout_s
+            )
+        except (SaslAuthenticationFailed, ssl.SSLCertVerificationError) as exc:
+            return str(exc)
+        except (OSError, KafkaError, TimeoutError):
+            continue
+        conn.close()
+        return None
+    return None
+
+
 def make_admin(settings: Settings, client_id: str = "tokenrelay-admin") -> AIOKafkaAdminClient:
-    return AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, client_id=client_id)
+    client = AIOKafkaAdminClient(
+        bootstrap_servers=settings.kafka_bootstrap, client_id=client_id, **aiokafka_options(settings)
+    )
+    return _remember(client, settings)
 
 
 @asynccontextmanager

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from schemas.codec import Codec, default_codec
-from schemas.errors import DecodeError
+from schemas.errors import DecodeError, UnknownSchemaId
 from schemas.models import ModelDirectory
 from services.kafka import start_client
 
@@ -46,8 +47,18 @@ class ModelsFollower:
                     continue
                 for record in batches.get(self._tp, ()):
                     try:
-                        self.directory.feed(self._codec.decode_model_info(record.value or b""))
+                        info = self._codec.decode_model_info(record.value or b"")
                     except DecodeError as exc:
-                        log.warning("undecodable model announcement at offset %d: %s", record.offset, exc)
+                        if not isinstance(exc, UnknownSchemaId):
+                            log.warning("undecodable model announcement at offset %d: %s", record.offset, exc)
+                        continue
+                    if not self.directory.feed(info, int(time.time() * 1000)):
+                        log.warning(
+                            "model announcement at offset %d ignored: %s of worker %s is stamped %d ms in the future",
+                            record.offset,
+                            info.name,
+                            info.worker,
+                            info.ts_ms - int(time.time() * 1000),
+                        )
         finally:
             await consumer.stop()

@@ -28,6 +28,8 @@ def new_inference_request(
     messages: tuple[ChatMessage, ...] | None = None,
     *,
     model: str,
+    priority: str = "interactive",
+    deadline_ms: int | None = None,
 ) -> InferenceRequest:
     """The record a validated submit becomes (at the gateway or the command line), with a fresh UUIDv7 id.
 
@@ -40,14 +42,23 @@ def new_inference_request(
         model=model,
         tenant=tenant,
         created_ms=int(time.time() * 1000),
+        priority=priority,
+        deadline_ms=deadline_ms,
         **{f.name: getattr(sampling, f.name) for f in dataclasses.fields(sampling)},
     )
 
 
 async def submit_request(
-    producer: Producer, settings: Settings, codec: Codec, request: InferenceRequest, accepted: Accepted | None = None
+    producer: Producer,
+    settings: Settings,
+    codec: Codec,
+    request: InferenceRequest,
+    accepted: Accepted | None = None,
+    *,
+    topic: str | None = None,
 ) -> None:
-    """Produce ``request`` to ``requests.<model>``, then record its acceptance (with its tenant) in the events log.
+    """Produce ``request`` to its class's topic (``requests.<model>`` or ``batch.<model>``; or ``topic``), then record
+    its acceptance (with its tenant and class) in the events log.
 
     The Accepted record is what lets every gateway answer status, stream and cancel for the request at once, before
     any worker starts it. It follows the request: if it cannot be written the request still runs (it is in Kafka,
@@ -58,17 +69,22 @@ async def submit_request(
     submit before the request exists; if the request then cannot be produced, a Failed ends it for every reader.
     """
     key = request.request_id.encode()
+    topic = topic or settings.requests_topic_for(request.model, request.priority)
     if accepted is not None:
-        await _submit_accepted_first(producer, settings, codec, request, accepted)
+        await _submit_accepted_first(producer, settings, codec, request, accepted, topic)
         return
     await producer.send_and_wait(
-        settings.requests_topic_for(request.model),
+        topic,
         codec.encode(request),
         key=key,
         headers=record_headers("InferenceRequest"),
     )
     record = TokenEvent(
-        request.request_id, "", 0, int(time.time() * 1000), Accepted(request.model, request.tenant, request.deadline_ms)
+        request.request_id,
+        "",
+        0,
+        int(time.time() * 1000),
+        Accepted(request.model, request.tenant, request.deadline_ms, priority=request.priority),
     )
     try:
         await producer.send_and_wait(
@@ -79,7 +95,7 @@ async def submit_request(
 
 
 async def _submit_accepted_first(
-    producer: Producer, settings: Settings, codec: Codec, request: InferenceRequest, accepted: Accepted
+    producer: Producer, settings: Settings, codec: Codec, request: InferenceRequest, accepted: Accepted, topic: str
 ) -> None:
     key = request.request_id.encode()
     event = TokenEvent(request.request_id, "", 0, int(time.time() * 1000), accepted)
@@ -88,7 +104,7 @@ async def _submit_accepted_first(
     )
     try:
         await producer.send_and_wait(
-            settings.requests_topic_for(request.model),
+            topic,
             codec.encode(request),
             key=key,
             headers=record_headers("InferenceRequest"),

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from schemas.codec import Codec, SchemaRegistry, SchemaResolver, default_registry
-from schemas.errors import ConfigError, DecodeError, RegistryError, SchemaUnavailable
+from schemas.errors import ConfigError, DecodeError, RegistryError, SchemaUnavailable, UnknownSchemaId
 from services.settings import SUBJECT_STRATEGIES, Settings
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ def value_record(settings: Settings, topic: str) -> str | None:
     name = topic[len(settings.topic_prefix) :]
     if name == "requests.dlq":
         return None
-    if name == "requests" or name.startswith("requests."):
+    if name == "requests" or name.startswith(("requests.", "batch.")):
         return "InferenceRequest"
     return {"events": "TokenEvent", "control": "ControlEvent", "models": "ModelInfo"}.get(name)
 
@@ -125,7 +125,12 @@ class Subjects:
         schema = Schema(self.schemas.schema_json(record), "AVRO")
         try:
             if self.settings.schema_registry_auto_register:
-                return int(await self.client.register_schema(subject, schema))
+                if await self._set_compatibility(subject):
+                    return int(await self.client.register_schema(subject, schema))
+                # A registry that keeps config only for existing subjects (Apicurio): the first version, then the level.
+                schema_id = int(await self.client.register_schema(subject, schema))
+                await self._set_compatibility(subject)
+                return schema_id
             found = await self.client.lookup_schema(subject, schema)
             if found.schema_id is None:
                 raise RegistryError(f"the schema registry gave no id for {record} under {subject}")
@@ -137,6 +142,35 @@ class Subjects:
                     "is off (TOKENRELAY_SCHEMA_REGISTRY_AUTO_REGISTER=false): register schemas/avro/ there first"
                 ) from exc
             raise RegistryError(f"the schema registry refused {record} under {subject}: {exc}") from exc
+
+    async def _set_compatibility(self, subject: str) -> bool:
+        """Set the subject's compatibility level; False when the subject does not exist yet.
+
+        With NONE (a registry's default, Apicurio's among them) any schema, even a plain "string", could become the
+        subject's latest.
+        """
+        from confluent_kafka.schema_registry.error import SchemaRegistryError
+
+        level = self.settings.schema_registry_compatibility.upper()
+        try:
+            await self.client.set_compatibility(subject_name=subject, level=level)
+        except SchemaRegistryError as exc:
+            if exc.http_status_code == 404:
+                return False
+            if exc.http_status_code in (401, 403):
+                # A registry run by others may keep its config to its admins; registering still works.
+                log.warning("cannot set compatibility %s on subject %s (%s); registering anyway", level, subject, exc)
+                return True
+            if exc.http_status_code == 409:
+                # Apicurio answers a second PUT (another process set it first) with "rule already exists".
+                current = str(await self.client.get_compatibility(subject_name=subject)).upper()
+                if current != level:
+                    log.warning(
+                        "subject %s keeps compatibility %s (not %s): its owner chose it", subject, current, level
+                    )
+                return True
+            raise
+        return True
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -224,7 +258,7 @@ class _Resolver:
 
         with self._lock:
             if schema_id in self._unknown:
-                raise DecodeError(self._unknown[schema_id])
+                raise UnknownSchemaId(self._unknown[schema_id])
             if time.monotonic() < self._down_until:
                 raise SchemaUnavailable(f"schema id {schema_id}: the schema registry did not answer just now")
             try:
@@ -237,7 +271,15 @@ class _Resolver:
                     if len(self._unknown) >= _UNKNOWN_IDS_KEPT:
                         self._unknown.clear()
                     self._unknown[schema_id] = message
-                    raise DecodeError(message) from exc
+                    # Once per id and process: its further records fail from the cache without a word here.
+                    log.error(
+                        "%s at %s (HTTP %s): records carrying it cannot be decoded. Was the registry's storage reset "
+                        "or another registry configured? Writers register their schemas again when they restart.",
+                        message,
+                        self._conf["url"],
+                        exc.http_status_code,
+                    )
+                    raise UnknownSchemaId(message) from exc
                 self._down_until = time.monotonic() + _UNAVAILABLE_BACKOFF_S
                 raise SchemaUnavailable(f"schema id {schema_id}: the schema registry failed: {exc}") from exc
             except Exception as exc:  # transport errors of httpx, which the client lets through

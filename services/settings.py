@@ -27,13 +27,25 @@ ENGINES: dict[str, str] = {
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 SUBJECT_STRATEGIES = ("topic", "record", "topic_record")
+SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER")
+COMPATIBILITY_LEVELS = (
+    "BACKWARD",
+    "BACKWARD_TRANSITIVE",
+    "FORWARD",
+    "FORWARD_TRANSITIVE",
+    "FULL",
+    "FULL_TRANSITIVE",
+    "NONE",
+)
 # Variables with the prefix that are not settings: the test suite's own knobs.
 NON_SETTING_PREFIXES = ("TOKENRELAY_TEST_",)
+_QUOTA = re.compile(r"^\d*/\d*/\d*$")
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
-def _setting(default: Any, env: str, doc: str, choices: tuple[str, ...] = ()) -> Any:
-    return field(default=default, metadata={"env": env, "doc": doc, "choices": choices})
+def _setting(default: Any, env: str, doc: str, choices: tuple[str, ...] = (), *, secret: bool = False) -> Any:
+    return field(default=default, metadata={"env": env, "doc": doc, "choices": choices, "secret": secret})
 
 
 @dataclass(frozen=True)
@@ -44,6 +56,61 @@ class Settings:
         "127.0.0.1:9092",
         "TOKENRELAY_KAFKA_BOOTSTRAP",
         "Kafka bootstrap servers, comma separated.",
+    )
+    kafka_security_protocol: str = _setting(
+        "PLAINTEXT",
+        "TOKENRELAY_KAFKA_SECURITY_PROTOCOL",
+        "How every Kafka client (workers, gateways, analytics, the registry's storage, the tools) connects: "
+        "PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL (what managed Kafka services require).",
+        SECURITY_PROTOCOLS,
+    )
+    kafka_ssl_ca_file: str = _setting(
+        "",
+        "TOKENRELAY_KAFKA_SSL_CA_FILE",
+        "CA certificate(s), PEM, that verify the brokers' TLS certificates (SSL, SASL_SSL); empty: the system's "
+        "trust store.",
+    )
+    kafka_ssl_cert_file: str = _setting(
+        "",
+        "TOKENRELAY_KAFKA_SSL_CERT_FILE",
+        "Client certificate, PEM, for mutual TLS (with TOKENRELAY_KAFKA_SSL_KEY_FILE); empty: no client certificate.",
+    )
+    kafka_ssl_key_file: str = _setting(
+        "", "TOKENRELAY_KAFKA_SSL_KEY_FILE", "Private key, PEM (PKCS#8), of the client certificate."
+    )
+    kafka_ssl_key_password: str = _setting(
+        "", "TOKENRELAY_KAFKA_SSL_KEY_PASSWORD", "Password of an encrypted client key.", secret=True
+    )
+    kafka_ssl_check_hostname: bool = _setting(
+        True,
+        "TOKENRELAY_KAFKA_SSL_CHECK_HOSTNAME",
+        "Check that a broker's certificate names the host connected to (turn off only for brokers reached by an "
+        "address their certificate does not list).",
+    )
+    kafka_sasl_mechanism: str = _setting(
+        "PLAIN",
+        "TOKENRELAY_KAFKA_SASL_MECHANISM",
+        "SASL mechanism (SASL_PLAINTEXT, SASL_SSL): PLAIN, SCRAM-SHA-256, SCRAM-SHA-512 (user and password) or "
+        "OAUTHBEARER (a token from TOKENRELAY_KAFKA_SASL_OAUTH_TOKEN_FILE or _COMMAND).",
+        SASL_MECHANISMS,
+    )
+    kafka_sasl_username: str = _setting(
+        "", "TOKENRELAY_KAFKA_SASL_USERNAME", "SASL user (PLAIN, SCRAM): the principal whose ACLs apply."
+    )
+    kafka_sasl_password: str = _setting(
+        "", "TOKENRELAY_KAFKA_SASL_PASSWORD", "SASL password (PLAIN, SCRAM).", secret=True
+    )
+    kafka_sasl_oauth_token_file: str = _setting(
+        "",
+        "TOKENRELAY_KAFKA_SASL_OAUTH_TOKEN_FILE",
+        "OAUTHBEARER: file holding the current access token (JWT), read again at every (re)authentication, so an "
+        "outside agent may refresh it.",
+    )
+    kafka_sasl_oauth_token_command: str = _setting(
+        "",
+        "TOKENRELAY_KAFKA_SASL_OAUTH_TOKEN_COMMAND",
+        "OAUTHBEARER: shell command printing the current access token (run at every (re)authentication); the "
+        "Python clients only (the registry and Java tools need the token file).",
     )
     topic_prefix: str = _setting("tokenrelay.", "TOKENRELAY_TOPIC_PREFIX", "Prefix of every topic name.")
     requests_partitions: int = _setting(
@@ -151,12 +218,57 @@ class Settings:
     torch_threads: int = _setting(
         0, "TOKENRELAY_TORCH_THREADS", "Torch threads of the engine (0 = usable cores - 1, at least 1)."
     )
+    scheduler_lookahead: int = _setting(
+        512,
+        "TOKENRELAY_SCHEDULER_LOOKAHEAD",
+        "Requests of each class (interactive, batch) a worker reads ahead of its free slots, per served model: "
+        "admission picks among them by class and tenant; fairness between tenants holds within this window.",
+    )
+    scheduler_tenant_lookahead: int = _setting(
+        64,
+        "TOKENRELAY_SCHEDULER_TENANT_LOOKAHEAD",
+        "Requests of one tenant and class a worker holds in its look-ahead; the tenant's further requests are kept "
+        "as log positions only (up to 100,000 per class) and read again in turn, so the worker reads on past one "
+        "tenant's deep backlog to the others' requests.",
+    )
+    tenant_weights: tuple[str, ...] = _setting(
+        (),
+        "TOKENRELAY_TENANT_WEIGHTS",
+        "Comma-separated TENANT=WEIGHT shares of the fair scheduler (e.g. 'k_1a2b3c4d5e6f=2,nightly=1'); a tenant "
+        "is a request's `tenant` (the gateway records an API key's id, k_...); unlisted tenants weigh 1.",
+    )
+    fair_prompt_token_cost: float = _setting(
+        0.5,
+        "TOKENRELAY_FAIR_PROMPT_TOKEN_COST",
+        "What one prompt token costs a tenant in the fair scheduler, relative to one generated token.",
+    )
+    preemption: bool = _setting(
+        True,
+        "TOKENRELAY_PREEMPTION",
+        "Whether interactive requests that find every slot running batch work stop batch runs (continued later "
+        "from the log).",
+    )
+    preempt_after_steps: int = _setting(
+        0,
+        "TOKENRELAY_PREEMPT_AFTER_STEPS",
+        "Engine steps an interactive request waits for a slot to free before it preempts a batch run (0: at once; "
+        "more trades first-token latency for fewer preemptions, as a slot often frees meanwhile).",
+    )
+    preempt_min_tokens: int = _setting(
+        16,
+        "TOKENRELAY_PREEMPT_MIN_TOKENS",
+        "New tokens a preempted batch request's next run must generate before it may be preempted again (a first "
+        "preemption waits for one token): bounds the churn.",
+    )
     max_prompt_tokens: int = _setting(
         1024, "TOKENRELAY_MAX_PROMPT_TOKENS", "Longest prompt a worker accepts, in tokens."
     )
     max_tokens_limit: int = _setting(1024, "TOKENRELAY_MAX_TOKENS_LIMIT", "Largest max_tokens a request may ask for.")
     worker_metrics_port: int = _setting(
         9400, "TOKENRELAY_WORKER_METRICS_PORT", "Port of the worker's Prometheus endpoint (0 = off)."
+    )
+    worker_metrics_host: str = _setting(
+        "127.0.0.1", "TOKENRELAY_WORKER_METRICS_HOST", "Address the worker's Prometheus endpoint listens on."
     )
     worker_id: str = _setting("", "TOKENRELAY_WORKER_ID", "Name of this worker in Started events (default: host-pid).")
     worker_session_timeout_ms: int = _setting(
@@ -181,17 +293,48 @@ class Settings:
         "the others (the broker's group.min.session.timeout.ms, 6 s by default, is the lower bound).",
     )
     api_keys: tuple[str, ...] = _setting(
-        (), "TOKENRELAY_API_KEYS", "Comma-separated Bearer API keys; empty runs the gateway open."
+        (), "TOKENRELAY_API_KEYS", "Comma-separated Bearer API keys; empty runs the gateway open.", secret=True
     )
     stream_token_secret: str = _setting(
         "",
         "TOKENRELAY_STREAM_TOKEN_SECRET",
-        "Secret that signs stream tokens; independent of the API keys, so rotating keys leaves other keys' tokens "
-        "valid. Empty: a random secret kept in <cache dir>/stream-token-secret, shared by the gateways of one machine. "
-        "Set the same value on every gateway when they run on several machines.",
+        "Secret that signs stream tokens and that gateways prove to each other before one follows another; "
+        "independent of the API keys, so rotating keys leaves other keys' tokens valid. Empty: a random secret kept in "
+        "<cache dir>/stream-token-secret, shared by the gateways of one machine. Set the same value on every gateway "
+        "when they run on several machines (with or without API keys).",
+        secret=True,
     )
     stream_token_ttl_s: int = _setting(
         3600, "TOKENRELAY_STREAM_TOKEN_TTL_S", "Lifetime of a signed stream token in seconds."
+    )
+    quota_rpm: int = _setting(
+        0,
+        "TOKENRELAY_QUOTA_RPM",
+        "Requests per minute each API key may submit, over all gateways together (0 = no limit); over it: 429 with "
+        "Retry-After and OpenAI's x-ratelimit-* headers.",
+    )
+    quota_tpm: int = _setting(
+        0,
+        "TOKENRELAY_QUOTA_TPM",
+        "Tokens per minute each API key may use, over all gateways (0 = no limit): a submit reserves its prompt "
+        "(about 4 characters a token) plus max_tokens, and the request's real usage replaces that when it ends.",
+    )
+    quota_concurrent: int = _setting(
+        0,
+        "TOKENRELAY_QUOTA_CONCURRENT",
+        "Requests each API key may have queued or running at once, over all gateways (0 = no limit).",
+    )
+    quota_overrides: tuple[str, ...] = _setting(
+        (),
+        "TOKENRELAY_QUOTA_OVERRIDES",
+        "Comma-separated KEY=RPM/TPM/CONCURRENT limits of single keys instead of the three above (KEY: the API key "
+        "itself or its id k_..., as requests record it; 0 = no limit), e.g. 'k_1a2b3c4d5e6f=600/100000/8'.",
+    )
+    quota_lease_ms: int = _setting(
+        600_000,
+        "TOKENRELAY_QUOTA_LEASE_MS",
+        "How long an admitted request may hold a concurrent slot when the end of it is never seen (a gateway that "
+        "read its events partition died meanwhile); also how far back a starting gateway reads the quotas topic.",
     )
     cors_origins: tuple[str, ...] = _setting(
         (), "TOKENRELAY_CORS_ORIGINS", "Comma-separated origins allowed by CORS ('*' for any)."
@@ -289,10 +432,13 @@ class Settings:
         "alone then writes Avro single-object encoding, which most Kafka tools cannot read.",
     )
     schema_registry_basic_auth: str = _setting(
-        "", "TOKENRELAY_SCHEMA_REGISTRY_BASIC_AUTH", "user:password for HTTP basic auth to the schema registry."
+        "",
+        "TOKENRELAY_SCHEMA_REGISTRY_BASIC_AUTH",
+        "user:password for HTTP basic auth to the schema registry.",
+        secret=True,
     )
     schema_registry_bearer_token: str = _setting(
-        "", "TOKENRELAY_SCHEMA_REGISTRY_BEARER_TOKEN", "Static bearer token for the schema registry."
+        "", "TOKENRELAY_SCHEMA_REGISTRY_BEARER_TOKEN", "Static bearer token for the schema registry.", secret=True
     )
     schema_registry_ca_file: str = _setting(
         "", "TOKENRELAY_SCHEMA_REGISTRY_CA_FILE", "CA certificate (PEM) that verifies the registry's TLS certificate."
@@ -309,11 +455,47 @@ class Settings:
         "(<topic>-io.tokenrelay.<Name>).",
         SUBJECT_STRATEGIES,
     )
+    schema_registry_compatibility: str = _setting(
+        "BACKWARD",
+        "TOKENRELAY_SCHEMA_REGISTRY_COMPATIBILITY",
+        "Compatibility level set on each subject when its schema is registered (BACKWARD: a new version must read "
+        'what the previous one wrote; NONE lets any schema, even a plain "string", become the latest).',
+        COMPATIBILITY_LEVELS,
+    )
     registry_port: int = _setting(
         8081, "TOKENRELAY_REGISTRY_PORT", "Port of the embedded schema registry (`tokenrelay registry`)."
     )
     registry_heap_mb: int = _setting(
         256, "TOKENRELAY_REGISTRY_HEAP_MB", "Java heap of the embedded schema registry in MB."
+    )
+
+    batch_max_file_bytes: int = _setting(
+        64 * 1024 * 1024,
+        "TOKENRELAY_BATCH_MAX_FILE_BYTES",
+        "Largest file `POST /v1/files` takes, in bytes (the Batch API's input files).",
+    )
+    batch_max_lines: int = _setting(
+        50_000, "TOKENRELAY_BATCH_MAX_LINES", "Most requests (lines) one Batch API input file may hold."
+    )
+    batch_window_s: int = _setting(
+        24 * 3600,
+        "TOKENRELAY_BATCH_WINDOW_S",
+        "How long a batch's completion window ('24h') lasts, in seconds; lines not done by then end batch_expired.",
+    )
+    batch_files_margin_ms: int = _setting(
+        7 * 24 * 3600 * 1000,
+        "TOKENRELAY_BATCH_FILES_MARGIN_MS",
+        "How long file contents outlive a batch's window: the files topic's retention is the window plus this.",
+    )
+    batch_submit_chunk: int = _setting(
+        256,
+        "TOKENRELAY_BATCH_SUBMIT_CHUNK",
+        "Lines a batch submits between two writes of its submit cursor (what a gateway that takes over re-checks).",
+    )
+    batch_cancel_wait_s: float = _setting(
+        60.0,
+        "TOKENRELAY_BATCH_CANCEL_WAIT_S",
+        "How long a cancelling batch waits for its running lines to end before it is cancelled without them.",
     )
 
     def __post_init__(self) -> None:
@@ -350,6 +532,11 @@ class Settings:
         return self.topic(f"batch.{model}" if priority == "batch" else f"requests.{model}")
 
     @property
+    def tenant_weight_map(self) -> dict[str, float]:
+        """TOKENRELAY_TENANT_WEIGHTS as tenant → weight."""
+        return {name: float(weight) for name, weight in (_weight_entry(e) for e in self.tenant_weights)}
+
+    @property
     def served_model(self) -> str:
         """The name this worker's model is served under."""
         if self.served_name:
@@ -363,6 +550,30 @@ class Settings:
     def requests_topic(self) -> str:
         """Requests topic of the served model (a worker's intake; for a producer, that of the default model)."""
         return self.requests_topic_for(self.served_model)
+
+    @property
+    def quotas_topic(self) -> str:
+        return self.topic("quotas")
+
+    @property
+    def quota_override_map(self) -> dict[str, str]:
+        """TOKENRELAY_QUOTA_OVERRIDES as key (or key id) → 'RPM/TPM/CONCURRENT'."""
+        return {name.strip(): limits.strip() for name, _, limits in (e.partition("=") for e in self.quota_overrides)}
+
+    @property
+    def files_retention_ms(self) -> int:
+        """How long the Batch API's file contents are kept: a batch's window and the margin after it."""
+        return self.batch_window_s * 1000 + self.batch_files_margin_ms
+
+    @property
+    def files_topic(self) -> str:
+        """Contents of the Batch API's files, in chunks keyed by file id."""
+        return self.topic("files")
+
+    @property
+    def batches_topic(self) -> str:
+        """Compacted: file metadata, batch objects and cancel requests of the Batch API, keyed by id."""
+        return self.topic("batches")
 
     @property
     def models_topic(self) -> str:
@@ -466,9 +677,57 @@ def _problems(settings: Settings) -> list[str]:
             problems.append(f"{env}={value} is not a port number (0-65535)")
         if f.name.endswith("_partitions") and value < 1:
             problems.append(f"{env}={value}: a topic needs at least one partition")
+    for entry in settings.tenant_weights:
+        name, weight = _weight_entry(entry)
+        if not name or not _positive(weight):
+            problems.append(f"TOKENRELAY_TENANT_WEIGHTS entry {entry!r}: write TENANT=WEIGHT with a weight above 0")
+    if settings.scheduler_lookahead < 1:
+        problems.append(f"TOKENRELAY_SCHEDULER_LOOKAHEAD={settings.scheduler_lookahead}: must be at least 1")
+    for name, limits in settings.quota_override_map.items():
+        if not name or not _QUOTA.match(limits):
+            problems.append(f"TOKENRELAY_QUOTA_OVERRIDES entry {name}={limits}: write KEY=RPM/TPM/CONCURRENT")
     if not _DEVICE.match(settings.device):
         problems.append(f"TOKENRELAY_DEVICE={settings.device!r} is not 'auto', 'cpu', 'mps', 'cuda' or 'cuda:N'")
-    return problems
+    return problems + _security_problems(settings)
+
+
+def _security_problems(settings: Settings) -> list[str]:
+    """What makes these security settings unusable, one sentence each naming the variable (pure: no file access)."""
+    found = []
+    if bool(settings.kafka_ssl_cert_file) != bool(settings.kafka_ssl_key_file):
+        found.append("TOKENRELAY_KAFKA_SSL_CERT_FILE and TOKENRELAY_KAFKA_SSL_KEY_FILE go together (mutual TLS)")
+    if settings.kafka_ssl_cert_file and settings.kafka_security_protocol.upper() not in ("SSL", "SASL_SSL"):
+        found.append(
+            f"a client certificate needs TLS: TOKENRELAY_KAFKA_SECURITY_PROTOCOL={settings.kafka_security_protocol} "
+            "should be SSL or SASL_SSL"
+        )
+    if settings.kafka_security_protocol.upper() not in ("SASL_PLAINTEXT", "SASL_SSL"):
+        return found
+    if settings.kafka_sasl_mechanism.upper() == "OAUTHBEARER":
+        given = [bool(settings.kafka_sasl_oauth_token_file), bool(settings.kafka_sasl_oauth_token_command)]
+        if given.count(True) != 1:
+            found.append(
+                "OAUTHBEARER needs exactly one of TOKENRELAY_KAFKA_SASL_OAUTH_TOKEN_FILE and "
+                "TOKENRELAY_KAFKA_SASL_OAUTH_TOKEN_COMMAND"
+            )
+    elif not (settings.kafka_sasl_username and settings.kafka_sasl_password):
+        found.append(
+            f"{settings.kafka_security_protocol} with {settings.kafka_sasl_mechanism} needs "
+            "TOKENRELAY_KAFKA_SASL_USERNAME and TOKENRELAY_KAFKA_SASL_PASSWORD"
+        )
+    return found
+
+
+def _weight_entry(entry: str) -> tuple[str, str]:
+    name, _, weight = entry.partition("=")
+    return name.strip(), weight.strip()
+
+
+def _positive(number: str) -> bool:
+    try:
+        return float(number) > 0
+    except ValueError:
+        return False
 
 
 def variables() -> dict[str, str]:
@@ -513,11 +772,10 @@ def _shown(value: Any) -> str:
 
 def effective_table(settings: Settings, where: Mapping[str, str]) -> str:
     """The values in effect and where each came from, as aligned text for `tokenrelay settings`."""
-    secret = {"api_keys", "stream_token_secret"}
     rows = []
     for f in dataclasses.fields(settings):
         value = _shown(getattr(settings, f.name))
-        if f.name in secret and value:
+        if f.metadata["secret"] and value:
             value = "(set, hidden)"
         rows.append((f.metadata["env"], value or "(empty)", where.get(f.name, "default")))
     width = [max(len(r[i]) for r in rows) for i in range(2)]

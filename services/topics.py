@@ -8,9 +8,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import (
+    ClusterAuthorizationFailedError,
+    TopicAlreadyExistsError,
+    TopicAuthorizationFailedError,
+)
 
 from schemas.errors import ConfigError, KafkaUnavailable
+from schemas.records import PRIORITIES
 from services.kafka import admin as admin_client
 from services.settings import Settings
 
@@ -24,24 +29,41 @@ class TopicSpec:
     config: dict[str, str]
 
 
-def requests_topic_spec(settings: Settings, model: str) -> TopicSpec:
-    """The requests topic of one served model."""
-    return TopicSpec(
-        settings.requests_topic_for(model),
-        settings.requests_partitions,
-        {"retention.ms": str(settings.requests_retention_ms), "cleanup.policy": "delete"},
-    )
+def requests_topic_specs(settings: Settings, model: str) -> list[TopicSpec]:
+    """The request topics of one served model: one per service class (``requests.<model>``, ``batch.<model>``)."""
+    return [
+        TopicSpec(
+            settings.requests_topic_for(model, priority),
+            settings.requests_partitions,
+            {"retention.ms": str(settings.requests_retention_ms), "cleanup.policy": "delete"},
+        )
+        for priority in PRIORITIES
+    ]
+
+
+def batch_api_topic_specs(settings: Settings) -> list[TopicSpec]:
+    """The Batch API's state: file contents (deleted after the window and a margin) and its compacted objects."""
+    return [
+        TopicSpec(
+            settings.files_topic, 1, {"retention.ms": str(settings.files_retention_ms), "cleanup.policy": "delete"}
+        ),
+        TopicSpec(
+            settings.batches_topic,
+            1,
+            {"cleanup.policy": "compact", "min.compaction.lag.ms": "0", "segment.ms": str(3600 * 1000)},
+        ),
+    ]
 
 
 def topic_specs(settings: Settings, models: Sequence[str] | None = None) -> list[TopicSpec]:
-    """The design's topics with partitions and retention from settings; requests topics of ``models``.
+    """The design's topics with partitions and retention from settings; the request topics of ``models``.
 
     ``models`` defaults to the settings' served model, so a stack of one model needs no list.
     """
     requests_retention = str(settings.requests_retention_ms)
     names = [settings.served_model] if models is None else list(models)
     return [
-        *(requests_topic_spec(settings, name) for name in names),
+        *(spec for name in names for spec in requests_topic_specs(settings, name)),
         TopicSpec(
             settings.events_topic,
             settings.events_partitions,
@@ -58,6 +80,17 @@ def topic_specs(settings: Settings, models: Sequence[str] | None = None) -> list
             {"retention.ms": str(3600 * 1000), "cleanup.policy": "delete"},
         ),
         TopicSpec(settings.dlq_topic, 1, {"retention.ms": requests_retention, "cleanup.policy": "delete"}),
+        # Read whole by every gateway from a lease back: kept a little longer than that.
+        TopicSpec(
+            settings.quotas_topic,
+            1,
+            {
+                "retention.ms": str(settings.quota_lease_ms + 3600 * 1000),
+                "cleanup.policy": "delete",
+                "message.timestamp.type": "LogAppendTime",
+            },
+        ),
+        *batch_api_topic_specs(settings),
         # Compacted: the last announcement of each model stays, so a gateway that starts knows the models at once.
         TopicSpec(
             settings.models_topic,
@@ -110,6 +143,12 @@ async def ensure_topics(
             except TopicAlreadyExistsError:
                 continue  # another process created it between list and create
             for _name, code, *rest in getattr(response, "topic_errors", ()):
+                if code in (TopicAuthorizationFailedError.errno, ClusterAuthorizationFailedError.errno):
+                    who = settings.kafka_sasl_username or "this client"
+                    raise KafkaUnavailable(
+                        f"topic {spec.name} does not exist and {who} may not create it: an admin creates the topics "
+                        "(`tokenrelay topics` with an admin principal)"
+                    )  # retriable: a worker waits until the admin has made them
                 if code not in (0, TopicAlreadyExistsError.errno):
                     message = rest[0] if rest else ""
                     raise KafkaUnavailable(f"cannot create topic {spec.name}: error {code} {message}", retriable=False)

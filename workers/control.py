@@ -11,7 +11,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from schemas.codec import Codec, default_codec
-from schemas.errors import DecodeError
+from schemas.errors import DecodeError, UnknownSchemaId
 from services.kafka import start_client
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,8 @@ class ControlReader:
         try:
             event = self._codec.decode_control(value or b"")
         except DecodeError as exc:
-            log.warning("undecodable control record at offset %d: %s", offset, exc)
+            if not isinstance(exc, UnknownSchemaId):
+                log.warning("undecodable control record at offset %d: %s", offset, exc)
             return
         if event.action == "cancel":
             log.info("request %s: cancel received", event.request_id)

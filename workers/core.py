@@ -7,9 +7,10 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from schemas.errors import EngineRefused
-from schemas.records import Failed, Finished, Usage
+from schemas.records import Accepted, Failed, Finished, InferenceRequest, TokenEvent, Usage
 from workers import metrics
 from workers.admission import Admission, Limits, Refusal, admit, precheck
 from workers.control import CancelledIds
@@ -22,6 +23,32 @@ from workers.publisher import EventSink, RunStream
 log = logging.getLogger(__name__)
 
 INTERNAL = "the worker failed while {} this request"
+
+
+@dataclass(frozen=True, slots=True)
+class Handover:
+    """A preempted run: its ticket, the acknowledgement of its last event, and what the log holds of the request
+    once that acknowledgement arrives (what a worker reading the log after a death would find)."""
+
+    ticket: Ticket
+    last: asyncio.Future[None] | None
+    prior: Prior
+
+
+def owner_record(request: InferenceRequest, now_ms: int) -> TokenEvent | None:
+    """The Accepted a refusal writes before its Failed, for a request with a tenant.
+
+    A request produced straight to Kafka has no gateway's Accepted, and a Failed before any Started names no tenant:
+    without this its own tenant could not read its failure. After a gateway's Accepted it is ignored by every reader.
+    """
+    if not request.tenant:
+        return None
+    return TokenEvent(request.request_id, "", 0, now_ms, Accepted(request.model, request.tenant, request.deadline_ms))
+
+
+def _quietly(done: asyncio.Future[None]) -> None:
+    if not done.cancelled():
+        done.exception()  # retrieved: a lost Accepted only costs the tenant its read of the failure
 
 
 class ModelCore:
@@ -49,9 +76,13 @@ class ModelCore:
         # Installed by the intake (ServedModel): a request ended, or must be taken up again from the log.
         self.on_closed: Callable[[Ticket], None] = _ignore
         self.on_retake: Callable[[Ticket], None] = _ignore
+        self.on_tokens: Callable[[Ticket, int], None] = _ignore_tokens  # a run generated tokens (fair share)
         self.ledger = Ledger()
         self.solo: Active | None = None  # a suspect request running alone until its first token
         self.changed = asyncio.Event()  # set whenever a request leaves the ledger or the solo one makes progress
+        self.steps = 0  # engine steps done (as the runs see them: a turn of the loop in which runs got outputs)
+        self.wake_each_step = False  # set ``changed`` after every step too (the dispatcher waits on a step)
+        self._step_pending = False
         self._streams: set[asyncio.Task[None]] = set()
         self._expired: set[str] = set()  # runs aborted because their request's deadline passed
 
@@ -83,6 +114,9 @@ class ModelCore:
     def refuse(self, ticket: Ticket, failed: Failed) -> None:
         """End the request with ``failed`` before any Started."""
         log.info("request %s: refused: %s (%s)", ticket.request.request_id, failed.code, failed.message)
+        owner = owner_record(ticket.request, _now_ms())
+        if owner is not None:
+            self.publisher.publish(owner).add_done_callback(_quietly)  # best effort: the Failed is what matters
         stream = self._stream(ticket)
         self._close_when_acked(ticket, stream.finish(failed), None, None)
 
@@ -91,7 +125,15 @@ class ModelCore:
         request = ticket.request
         rid = request.request_id
         stream = self._stream(ticket)
-        active = Active(ticket, stream, len(prompt_ids), len(prior.token_ids), solo=admission.solo)
+        active = Active(
+            ticket,
+            stream,
+            len(prompt_ids),
+            len(prior.token_ids),
+            solo=admission.solo,
+            continued_ids=prior.token_ids,
+            continued_text=prior.text,
+        )
         self.ledger.add(active)
         ack = stream.emit(admission.started)
         metrics.QUEUE_TIME.observe(admission.started.queue_ms / 1000)
@@ -148,6 +190,7 @@ class ModelCore:
         try:
             async for out in self.engine.generate(request):
                 self.on_output(out)
+                self._step_seen()
                 metrics.RUNNING.set(self.engine.num_running)
                 metrics.WAITING.set(self.engine.num_waiting)
         except Exception as exc:
@@ -159,6 +202,19 @@ class ModelCore:
                 failed = Failed("internal", INTERNAL.format("running"))
             if self.ledger.get(active.request_id) is active and not active.stream.abandoned:
                 self._fail(active, failed)
+
+    def _step_seen(self) -> None:
+        """Count one engine step per turn of the event loop in which runs got outputs: a step's outputs reach
+        their runs' tasks together, and the count runs after them (so the dispatcher sees the step's tokens)."""
+        if not self._step_pending:
+            self._step_pending = True
+            asyncio.get_running_loop().call_soon(self._stepped)
+
+    def _stepped(self) -> None:
+        self._step_pending = False
+        self.steps += 1
+        if self.wake_each_step:
+            self.changed.set()
 
     def on_output(self, out: StepOutput) -> None:
         active = self.ledger.run(out.request_id)  # the engine's request id is the run id
@@ -178,6 +234,7 @@ class ModelCore:
             active.last_token = now
             active.completion += len(out.token_ids)
             metrics.GENERATION_TOKENS.inc(len(out.token_ids))
+            self.on_tokens(active.ticket, len(out.token_ids))
             if self.solo is active:
                 self._clear_solo()
         active.stream.tokens(out.token_ids, out.text)
@@ -264,6 +321,23 @@ class ModelCore:
             self._forget(active)
         return gone
 
+    def preempt(self, request_id: str) -> Handover | None:
+        """Stop a run at this step boundary without a terminal event, its pending tokens sent first, so a later run
+        continues it from the log; None if it is not running."""
+        active = self.ledger.get(request_id)
+        if active is None or not active.in_engine or active.stream.broken or self.solo is active:
+            return None
+        log.info("request %s: preempting run %s after %d tokens", request_id, active.run_id, active.completion)
+        stream = active.stream
+        last = stream.hand_over()
+        self.abandon(lambda ticket: ticket is active.ticket)
+        prior = Prior(
+            run_id=stream.run_id,
+            token_ids=active.continued_ids + tuple(stream.sent_ids),
+            text=active.continued_text + stream.sent_text,
+        )
+        return Handover(active.ticket, last, prior)
+
     async def wait_changed(self) -> None:
         self.changed.clear()
         await self.changed.wait()
@@ -275,6 +349,10 @@ class ModelCore:
 
 
 def _ignore(_: Ticket) -> None:
+    pass
+
+
+def _ignore_tokens(_: Ticket, __: int) -> None:
     pass
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from schemas.codec import Codec, default_codec
-from schemas.errors import DecodeError
+from schemas.errors import DecodeError, UnknownSchemaId
 from schemas.ids import CLOCK_SKEW_MS
 from schemas.partitioning import partition_for_key
 from schemas.records import TokenEvent
@@ -66,5 +66,6 @@ async def read_prior(
         try:
             events.append(codec.decode_event(record.value or b""))
         except DecodeError as exc:
-            log.warning("request %s: undecodable event at offset %d: %s", request_id, record.offset, exc)
+            if not isinstance(exc, UnknownSchemaId):
+                log.warning("request %s: undecodable event at offset %d: %s", request_id, record.offset, exc)
     return summarize(request_id, events)

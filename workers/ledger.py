@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from schemas.records import InferenceRequest
+from workers.history import Prior
 from workers.publisher import RunStream
 
 
@@ -18,6 +19,10 @@ class Ticket:
     request: InferenceRequest
     source: Any
     created_ms: int
+    priority: str = "interactive"  # the class of the topic it came from
+    check_log: bool = False  # the log may hold earlier runs of it: read them before it runs
+    preemptions: int = 0  # times this worker stopped its run for interactive work
+    handed_over: Prior | None = None  # a preempted run's state, as its acknowledged events left it in the log
 
 
 @dataclass(slots=True)
@@ -29,6 +34,8 @@ class Active:
     prompt_tokens: int
     completion: int
     solo: bool = False
+    continued_ids: tuple[int, ...] = ()  # tokens earlier runs left in the log: what this run started from
+    continued_text: str = ""
     in_engine: bool = False
     started: float = field(default_factory=time.monotonic)
     last_token: float | None = None
@@ -41,6 +48,11 @@ class Active:
     @property
     def run_id(self) -> str:
         return self.stream.run_id
+
+    @property
+    def progress(self) -> int:
+        """Tokens this run has generated itself."""
+        return self.completion - len(self.continued_ids)
 
 
 class Ledger:

@@ -21,6 +21,7 @@ from schemas.errors import ConfigError, KafkaUnavailable, TokenRelayError
 from schemas.ids import is_model_name
 from schemas.records import ModelInfo
 from services.kafka import make_consumer, make_producer
+from services.logs import configure_logging
 from services.schema_registry import prepare_codec
 from services.settings import ENGINES, Settings, engine_of
 from services.topics import describe_topics, ensure_topics
@@ -226,7 +227,10 @@ class Worker:
                 if self._stopping.is_set():
                     raise
                 attempt += 1
-                log.warning("cannot create the topics yet (%s); retrying (attempt %d)", exc.message, attempt)
+                if (
+                    attempt & (attempt - 1) == 0
+                ):  # 1, 2, 4, 8, ...: waiting for an admin logs a few lines, not one a second
+                    log.warning("cannot create the topics yet (%s); retrying (attempt %d)", exc.message, attempt)
                 await asyncio.sleep(1.0)
 
     async def _wait_or_stop(self, awaitable: Awaitable[object]) -> None:
@@ -244,7 +248,7 @@ class Worker:
 
     def _on_cancel(self, request_id: str) -> None:
         for served in self.models.values():
-            served.core.cancel(request_id)
+            served.cancel(request_id)
 
 
 async def serve(settings: Settings, engines: Mapping[str, EnginePort] | None = None) -> None:
@@ -257,7 +261,7 @@ async def serve(settings: Settings, engines: Mapping[str, EnginePort] | None = N
         codec = await codec_task
     finally:
         codec_task.cancel()
-    metrics.serve(settings.worker_metrics_port)
+    metrics.serve(settings.worker_metrics_port, settings.worker_metrics_host)
     worker = Worker(settings, engines, codec=codec)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -277,7 +281,5 @@ def run_worker(settings: Settings) -> int:
 
 if __name__ == "__main__":
     _settings = Settings.from_env()
-    logging.basicConfig(
-        level=_settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    configure_logging(_settings.log_level)
     sys.exit(run_worker(_settings))

@@ -103,7 +103,8 @@ class Publisher:
     def publish(self, event: TokenEvent) -> asyncio.Future[None]:
         """Queue an event; the future resolves when the broker has acknowledged it (RunBroken once its run broke)."""
         value = self._codec.encode(event)
-        return self._put(_Item(self._topic, event.request_id.encode(), value, _HEADERS, event.run_id, self._future()))
+        run_id = event.run_id or None  # an event of no run (an Accepted) has no run to break
+        return self._put(_Item(self._topic, event.request_id.encode(), value, _HEADERS, run_id, self._future()))
 
     def send(self, topic: str, key: bytes, value: bytes, headers: list[tuple[str, bytes]]) -> asyncio.Future[None]:
         """Queue any other record (DLQ copies, model announcements) on the same ordered path."""
@@ -205,6 +206,9 @@ class RunStream:
     abandoned: bool = False
     broken: bool = False
     on_broken: Callable[[RunStream], None] | None = None
+    last: asyncio.Future[None] | None = None  # acknowledgement of the latest event sent
+    sent_ids: list[int] = field(default_factory=list)  # tokens of the Deltas sent, in order
+    sent_text: str = ""
 
     def emit(self, payload: Payload) -> asyncio.Future[None]:
         if self.broken:
@@ -214,7 +218,7 @@ class RunStream:
             return refused
         event = TokenEvent(self.request_id, self.run_id, self.seq, int(time.time() * 1000), payload)
         self.seq += 1
-        done = self.publisher.publish(event)
+        done = self.last = self.publisher.publish(event)
         done.add_done_callback(self._watch)
         return done
 
@@ -232,8 +236,23 @@ class RunStream:
             self._send_delta(delta)
         return self.emit(payload)
 
+    def hand_over(self) -> asyncio.Future[None] | None:
+        """Send the pending tokens and stop here, without a terminal event, for a later run to continue from the
+        log; the acknowledgement of the run's last event (None when it sent none)."""
+        if not (self.abandoned or self.broken):
+            delta = self.coalescer.flush()
+            if delta is not None:
+                self._emit_delta(delta)
+        self.abandoned = True
+        return self.last
+
     def _send_delta(self, delta: Delta) -> None:
-        self.emit(delta).add_done_callback(self._on_ack)
+        self._emit_delta(delta).add_done_callback(self._on_ack)
+
+    def _emit_delta(self, delta: Delta) -> asyncio.Future[None]:
+        self.sent_ids.extend(delta.token_ids)
+        self.sent_text += delta.text
+        return self.emit(delta)
 
     def _watch(self, done: asyncio.Future[None]) -> None:
         if (done.cancelled() or done.exception() is not None) and not self.broken:

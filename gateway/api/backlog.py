@@ -32,6 +32,10 @@ class BacklogMonitor:
         self.interval_s = interval_s
         self.models = models or (lambda: [settings.default_model])
         self.backlogs: dict[str, int] = {}
+        # The cluster's topics as last listed (None until then): a model whose requests topic is not among them is
+        # not routed to, so a request is never parked on (or kept waiting for metadata of) a topic that is not there.
+        self.request_topics: set[str] | None = None
+        self._listed_at = 0.0
         self._task: asyncio.Task[None] | None = None
         self._admin: AIOKafkaAdminClient | None = None
         self._consumer: AIOKafkaConsumer | None = None
@@ -61,8 +65,27 @@ class BacklogMonitor:
     def backlog_of(self, model: str) -> int:
         return self.backlogs.get(model, -1)
 
+    def servable(self, model: str) -> bool:
+        """Whether ``model``'s requests topic exists as far as the last listing knows (True before any listing)."""
+        return self.request_topics is None or self.settings.requests_topic_for(model) in self.request_topics
+
+    async def refresh_topics(self, min_age_s: float = 1.0) -> None:
+        """List the cluster's topics again, unless that was done in the last ``min_age_s``."""
+        loop = asyncio.get_running_loop()
+        if self._admin is None or loop.time() - self._listed_at < min_age_s:
+            return
+        self._listed_at = loop.time()
+        with map_kafka_errors("cannot list topics"):
+            self.request_topics = set(await self._admin.list_topics())
+
     async def _run(self) -> None:
         while True:
+            try:
+                await self.refresh_topics(min_age_s=0.0)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("cannot list the cluster's topics: %s", exc)
             for model in list(self.models()):
                 try:
                     self.backlogs[model] = await self.measure(model)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -14,6 +15,9 @@ from aiohttp import web
 from gateway.api.auth import WATCH, Auth
 from gateway.api.backlog import BacklogMonitor
 from gateway.api.validation import parse_json_object
+from gateway.cluster.peers import Peers
+from gateway.cluster.quota_log import QuotaLog
+from gateway.cluster.quotas import estimate_tokens
 from gateway.fanout.relay import Relay
 from gateway.metrics import GatewayMetrics
 from schemas.codec import default_codec
@@ -26,6 +30,7 @@ from schemas.errors import (
     QueueFull,
     RequestRefused,
     RequestTimeout,
+    TokenRelayError,
     Unauthorized,
     ValidationError,
 )
@@ -44,7 +49,7 @@ MAX_REMEMBERED_TENANTS = 100_000
 
 
 class Producer(Protocol):
-    async def send_and_wait(self, topic: str, value: bytes, key: bytes, headers: Any = None) -> Any: ...
+    async def send_and_wait(self, topic: str, value: bytes | None, key: bytes, headers: Any = None) -> Any: ...
 
 
 @dataclass
@@ -57,13 +62,23 @@ class Gateway:
     metrics: GatewayMetrics
     auth: Auth
     backlog: BacklogMonitor | None = None
-    ready_check: Callable[[], Awaitable[bool]] | None = None
+    ready_check: Callable[[], Awaitable[str]] | None = None  # why the gateway is not ready; "" when it is
     tenants: dict[str, str] = field(default_factory=dict)
     codec: Any = field(default_factory=default_codec)
     models: ModelDirectory = field(default_factory=ModelDirectory)
+    quotas: QuotaLog | None = None
+    peers: Peers = field(default_factory=lambda: Peers(os.urandom(32), ""))  # this gateway among its peers
 
 
 GATEWAY = web.AppKey("gateway", Gateway)
+
+
+def error_body(exc: TokenRelayError) -> dict[str, Any]:
+    """What the JSON ``{"error": ...}`` of an HTTP answer says about a project error: code, message (and field)."""
+    body: dict[str, Any] = {"code": exc.code, "message": exc.public_message or exc.message}
+    if isinstance(exc, FieldError):
+        body["field"] = exc.field
+    return body
 
 
 def gateway_of(request: web.Request) -> Gateway:
@@ -167,11 +182,29 @@ def parse_model(body: dict[str, Any]) -> str | None:
     return model
 
 
+async def refresh_routes(gw: Gateway, requested: str | None) -> None:
+    """Re-list the cluster's topics when ``requested`` is announced but has no requests topic yet (one created since
+    the last listing), so that ``resolve_model`` then routes it; awaited by an endpoint before it builds its record."""
+    now_ms = int(time.time() * 1000)
+    name = requested or gw.settings.default_model
+    unresolved = gw.models.resolve(requested, gw.settings.default_model, now_ms) is None
+    if unresolved and gw.backlog is not None and gw.models.announced(name, now_ms):
+        await gw.backlog.refresh_topics()
+
+
 def resolve_model(gw: Gateway, requested: str | None) -> LiveModel:
-    """The live model a request goes to; 404 model_not_found for a name no live worker serves."""
-    model = gw.models.resolve(requested, gw.settings.default_model, int(time.time() * 1000))
+    """The live model a request goes to; 404 model_not_found for a name no live worker serves, 404
+    model_not_routable for one announced whose requests topic does not exist (see ``refresh_routes``)."""
+    now_ms = int(time.time() * 1000)
+    model = gw.models.resolve(requested, gw.settings.default_model, now_ms)
+    name = requested or gw.settings.default_model
+    if model is None and gw.backlog is not None and gw.models.announced(name, now_ms):
+        topic = gw.settings.requests_topic_for(name)
+        raise ModelNotFound(
+            f"the model {name!r} is announced, but its requests topic {topic!r} does not exist",
+            code="model_not_routable",
+        )
     if model is None:
-        name = requested or gw.settings.default_model
         raise ModelNotFound(f"the model {name!r} does not exist or no worker serves it; GET /v1/models lists them")
     return model
 
@@ -194,11 +227,20 @@ def check_limits(model: LiveModel, sampling: SamplingParams, messages: tuple[Cha
 
 
 async def produce_request(gw: Gateway, req: InferenceRequest, accepted: Accepted | None = None) -> None:
-    """Submit ``req``; an ``accepted`` of the caller's is recorded first (see ``submit_request``)."""
-    # Bounded: with the broker away, a send can wait for metadata longer than the producer's delivery timeout.
-    with map_kafka_errors("cannot produce the request"):
-        async with asyncio.timeout(gw.settings.producer_timeout_ms / 1000):
-            await submit_request(gw.producer, gw.settings, gw.codec, req, accepted)
+    """Submit ``req`` within its key's quotas (RateLimited when over one); an ``accepted`` of the caller's is recorded
+    first (see ``submit_request``)."""
+
+    async def submit() -> None:
+        # Bounded: with the broker away, a send can wait for metadata longer than the producer's delivery timeout.
+        with map_kafka_errors("cannot produce the request"):
+            async with asyncio.timeout(gw.settings.producer_timeout_ms / 1000):
+                await submit_request(gw.producer, gw.settings, gw.codec, req, accepted)
+
+    if gw.quotas is None:
+        await submit()
+    else:
+        tokens = estimate_tokens(len(req.prompt), req.max_tokens)
+        await gw.quotas.submit_within(req.request_id, req.tenant, tokens, submit)
     gw.metrics.requests_submitted.inc()
     if req.tenant:
         gw.tenants[req.request_id] = req.tenant

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import socket
 import time
@@ -25,15 +26,24 @@ from gateway.api.context import (
     produce_cancel,
     produce_request,
     read_json,
+    refresh_routes,
     request_id_of,
     require_key,
     require_known,
     resolve_model,
 )
-from gateway.api.validation import parse_messages, parse_prompt, parse_sampling
+from gateway.api.validation import (
+    PRIORITY_HEADER,
+    parse_deadline,
+    parse_messages,
+    parse_priority,
+    parse_prompt,
+    parse_sampling,
+)
+from gateway.cluster.peers import NONCE_HEADER, PEER_HEADER, PROOF_HEADER
 from gateway.cluster.upstream import FORWARDED_HEADER
 from gateway.fanout.cursor import Cursor, decode_cursor
-from gateway.fanout.sse import KEEPALIVE, PREAMBLE
+from gateway.fanout.sse import KEEPALIVE, PREAMBLE, frame
 from gateway.fanout.subscription import Subscription
 from schemas.view import EventName
 from services.requests import new_inference_request
@@ -47,12 +57,18 @@ async def submit(request: web.Request) -> web.Response:
     body = await read_json(request)
     # `messages` (chat turns, rendered with the model's chat template) is an optional alternative to `prompt`.
     messages = parse_messages(body) if "messages" in body else None
-    prompt = "\n".join(m.content for m in messages) if messages is not None else parse_prompt(body)
+    prompt = parse_prompt(body) if messages is None else ""  # a chat request's text travels once, in `messages`
     sampling = parse_sampling(body, gw.settings.max_tokens_limit)
-    model = resolve_model(gw, parse_model(body))
+    requested = parse_model(body)
+    await refresh_routes(gw, requested)
+    model = resolve_model(gw, requested)
     check_limits(model, sampling, messages)
     check_backlog(gw, model.name)
-    req = new_inference_request(prompt, sampling, tenant, messages, model=model.name)
+    priority = parse_priority(body, request.headers.get(PRIORITY_HEADER))
+    deadline_ms = parse_deadline(body, int(time.time() * 1000))
+    req = new_inference_request(
+        prompt, sampling, tenant, messages, model=model.name, priority=priority, deadline_ms=deadline_ms
+    )
     request_id = req.request_id
     await produce_request(gw, req)
     events_url = f"/v1/requests/{request_id}/events"
@@ -79,25 +95,33 @@ async def events(request: web.Request) -> web.StreamResponse:
     gw = gateway_of(request)
     request_id = request_id_of(request)
     cursor = _cursor_of(request)
-    await authorize_read(request, request_id)
-    forwarded = FORWARDED_HEADER in request.headers  # another gateway following a request this one reads
+    # Another gateway following a request this one reads proves it is one of the cluster's gateways (any API keys).
+    if not gw.peers.is_peer(request_id, request.headers.get(PEER_HEADER)):
+        await authorize_read(request, request_id)
+    forwarded = FORWARDED_HEADER in request.headers
+    headers = cors_headers(request)
+    if (nonce := request.headers.get(NONCE_HEADER)) is not None:
+        headers[PROOF_HEADER] = gw.peers.prove(nonce, request_id)  # so that a follower trusts this answer
     sub = await gw.relay.subscribe(request_id, cursor, client_of(request), forwarded=forwarded)
     if sub is None:
-        return web.Response(status=204, headers=cors_headers(request))
+        return web.Response(status=204, headers=headers)
     try:
-        require_known(gw, request_id, bool(sub.backlog) or gw.relay.entry(request_id).view.known)
-        return await stream_sse(request, gw, sub)
+        if sub.error is None:
+            require_known(gw, request_id, bool(sub.backlog) or gw.relay.entry(request_id).view.known)
+        return await stream_sse(request, gw, sub, headers)
     finally:
         gw.relay.unsubscribe(sub)
 
 
-async def stream_sse(request: web.Request, gw: Gateway, sub: Subscription) -> web.StreamResponse:
+async def stream_sse(
+    request: web.Request, gw: Gateway, sub: Subscription, headers: dict[str, str] | None = None
+) -> web.StreamResponse:
     response = web.StreamResponse(
         headers={
             "Content-Type": "text/event-stream; charset=utf-8",
             "Cache-Control": "no-cache, no-transform",
             "X-Accel-Buffering": "no",
-            **cors_headers(request),
+            **(cors_headers(request) if headers is None else headers),
         }
     )
     transport = request.transport
@@ -124,6 +148,8 @@ async def stream_sse(request: web.Request, gw: Gateway, sub: Subscription) -> we
         while True:
             out = await sub.next(gw.settings.keepalive_s)
             if out is None:
+                if sub.error is not None:  # no cursor: the client may resume from its last one elsewhere
+                    await response.write(frame(EventName.ERROR, json.dumps(sub.error)))
                 if sub.closed is not None:
                     break  # slow or shutting down: the client resumes with its cursor
                 await response.write(KEEPALIVE)
@@ -158,7 +184,8 @@ async def _state(gw: Gateway, request_id: str, client: str) -> dict[str, Any]:
     view = await gw.relay.snapshot(request_id, client)
     if not view.known and request_id not in gw.tenants:
         raise not_found(request_id)
-    answer: dict[str, Any] = {"id": request_id, "status": view.status, "text": view.text, "model": view.model}
+    answer: dict[str, Any] = {"id": request_id, "status": view.status, "priority": view.priority}
+    answer.update(text=view.text, model=view.model)
     if view.terminal is not None:
         done = view.terminal.event == EventName.DONE
         answer.update(view.terminal.data if done else {"error": view.terminal.data})

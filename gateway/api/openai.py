@@ -23,12 +23,21 @@ from gateway.api.context import (
     produce_cancel,
     produce_request,
     read_json,
+    refresh_routes,
     require_key,
     resolve_model,
 )
-from gateway.api.validation import parse_messages, parse_n, parse_prompt, parse_sampling, parse_stream_flags
+from gateway.api.validation import (
+    PRIORITY_HEADER,
+    parse_messages,
+    parse_n,
+    parse_priority,
+    parse_prompt,
+    parse_sampling,
+    parse_stream_flags,
+)
 from gateway.fanout.subscription import Subscription
-from schemas.errors import ClientClosed, ended_with
+from schemas.errors import ClientClosed, TokenRelayError, ended_with
 from schemas.records import ChatMessage, InferenceRequest
 from schemas.view import EventName, ViewEvent
 from services.requests import new_inference_request
@@ -231,6 +240,9 @@ async def follow(request: web.Request, sub: Subscription) -> AsyncIterator[ViewE
     while True:
         live = await sub.next(DISCONNECT_POLL_S)
         if live is None:
+            if sub.error is not None:  # the stream could not be followed: an error, not a slow client
+                yield ViewEvent(-1, EventName.ERROR, dict(sub.error), "", -1, int(time.time() * 1000))
+                return
             if sub.closed is not None:
                 yield None
                 return
@@ -308,19 +320,31 @@ async def _whole(
     ended = False
     try:
         async for ev in events:
-            step = fold.feed(ev.event, ev.data) if ev is not None else None
-            if isinstance(step, Completed):
-                ended = True
-                return web.json_response(surface.whole(step), headers={"X-Request-Id": request_id})
-            if isinstance(step, Failed):
-                ended = True
-                raise ended_with(step.code, step.message)
             if ev is None:
                 break  # dropped as too slow: like a client that went away
+            try:
+                body = whole_step(fold, surface, ev)
+            except TokenRelayError:
+                ended = True
+                raise
+            if body is not None:
+                ended = True
+                return web.json_response(body, headers={"X-Request-Id": request_id})
     finally:
         if not ended:
             await cancel_quietly(gw, request_id)
     raise ClientClosed("client went away")
+
+
+def whole_step(fold: AnswerFold, surface: Surface, ev: ViewEvent) -> dict[str, Any] | None:
+    """One view event into a whole (non-streaming) answer: its body once complete, None before; the request's error
+    (``ended_with``) when it failed. The endpoints' answer and a Batch API line's body."""
+    step = fold.feed(ev.event, ev.data)
+    if isinstance(step, Completed):
+        return surface.whole(step)
+    if isinstance(step, Failed):
+        raise ended_with(step.code, step.message)
+    return None
 
 
 async def _chain(first: ViewEvent | None, rest: AsyncIterator[ViewEvent | None]) -> AsyncIterator[ViewEvent | None]:
@@ -351,22 +375,32 @@ async def _completions(request: web.Request, *, chat: bool) -> web.StreamRespons
     gw = gateway_of(request)
     tenant = require_key(request)
     body = await read_json(request)
-    parse_n(body)
     stream, include_usage = parse_stream_flags(body)
+    await refresh_routes(gw, parse_model(body))
+    priority = parse_priority(body, request.headers.get(PRIORITY_HEADER))
+    req = completion_request(gw, body, tenant, chat=chat, priority=priority)
+    check_backlog(gw, req.model)
+    fold = AnswerFold(req.model)
+    surface = Completions(fold, req.request_id, chat, include_usage)
+    return await answer(request, req, fold, surface, stream=stream)
+
+
+def completion_request(
+    gw: Gateway, body: dict[str, Any], tenant: str, *, chat: bool, priority: str = "interactive"
+) -> InferenceRequest:
+    """The record a ``/v1/completions`` (or, ``chat``, ``/v1/chat/completions``) body becomes, checked against the
+    model's limits: the endpoint's, and each line's of a Batch API file."""
+    parse_n(body)
     messages: tuple[ChatMessage, ...] | None = None
     if chat:
         messages = parse_messages(body)
-        prompt = "\n".join(m.content for m in messages)
+        prompt = ""  # the text travels once, in `messages`
     else:
         prompt = parse_prompt(body)
     sampling = parse_sampling(body, gw.settings.max_tokens_limit, default_max_tokens=256 if chat else 16)
     model = resolve_model(gw, parse_model(body))
     check_limits(model, sampling, messages)
-    check_backlog(gw, model.name)
-    req = new_inference_request(prompt, sampling, tenant, messages, model=model.name)
-    fold = AnswerFold(model.name)
-    surface = Completions(fold, req.request_id, chat, include_usage)
-    return await answer(request, req, fold, surface, stream=stream)
+    return new_inference_request(prompt, sampling, tenant, messages, model=model.name, priority=priority)
 
 
 async def models(request: web.Request) -> web.Response:

@@ -7,30 +7,35 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 from aiohttp import web
 
+from gateway.api.auth import CANCEL, WATCH
 from gateway.api.context import (
     FUTURE_ID_MS,
     Gateway,
     authorize_read,
     check_backlog,
     check_limits,
+    client_of,
     cors_headers,
     gateway_of,
     parse_model,
     produce_cancel,
     produce_request,
     read_json,
+    refresh_routes,
     require_key,
     resolve_model,
 )
 from gateway.api.openai import TOO_SLOW, AnswerFold, cancel_quietly, follow
-from gateway.api.responses_body import parse_create
+from gateway.api.responses_body import CreateSpec, parse_create
 from gateway.api.responses_events import RESPONSE_PREFIX, ResponseEvents, ResponseOptions, response_id
+from gateway.api.validation import PRIORITY_HEADER, parse_priority
 from schemas.errors import ClientClosed, Conflict, FieldError, NotFound, ValidationError, ended_with
 from schemas.ids import parse_request_id, request_id_time_ms
-from schemas.records import Accepted
+from schemas.records import Accepted, InferenceRequest
 from schemas.view import EventName, View, ViewEvent
 from services.requests import new_inference_request
 
@@ -66,15 +71,12 @@ async def create(request: web.Request) -> web.StreamResponse:
     gw = gateway_of(request)
     tenant = require_key(request)
     body = await read_json(request)
-    spec = parse_create(body, gw.settings.max_tokens_limit)
-    model = resolve_model(gw, parse_model(body))
-    check_limits(model, spec.sampling, spec.messages)
-    check_backlog(gw, model.name)
-    prompt = "\n".join(m.content for m in spec.messages)
-    req = new_inference_request(prompt, spec.sampling, tenant, spec.messages, model=model.name)
-    options = ResponseOptions(model.name, spec.background, spec.store, spec.metadata)
-    accepted = Accepted(model.name, tenant, req.deadline_ms, spec.background, spec.store, spec.metadata)
-    surface = ResponseEvents(AnswerFold(model.name), req.request_id, options)
+    await refresh_routes(gw, parse_model(body))
+    priority = parse_priority(body, request.headers.get(PRIORITY_HEADER))
+    spec, req, accepted = response_request(gw, body, tenant, priority)
+    check_backlog(gw, req.model)
+    options = ResponseOptions(req.model, spec.background, spec.store, spec.metadata)
+    surface = ResponseEvents(AnswerFold(req.model), req.request_id, options)
     if spec.background and not spec.stream:
         await produce_request(gw, req, accepted)
         answer = surface.object()
@@ -92,6 +94,22 @@ async def create(request: web.Request) -> web.StreamResponse:
         return await _whole(gw, surface, events)
     finally:
         gw.relay.unsubscribe(sub)
+
+
+def response_request(
+    gw: Gateway, body: dict[str, Any], tenant: str, priority: str = "interactive"
+) -> tuple[CreateSpec, InferenceRequest, Accepted]:
+    """What a ``/v1/responses`` body becomes, checked against the model's limits: the parsed options, the record and
+    its Accepted (background, store, metadata); the endpoint's, and each line's of a Batch API file."""
+    spec = parse_create(body, gw.settings.max_tokens_limit)
+    model = resolve_model(gw, parse_model(body))
+    check_limits(model, spec.sampling, spec.messages)
+    # The text travels once, in `messages`.
+    req = new_inference_request("", spec.sampling, tenant, spec.messages, model=model.name, priority=priority)
+    accepted = Accepted(
+        model.name, tenant, req.deadline_ms, spec.background, spec.store, spec.metadata, priority=req.priority
+    )
+    return spec, req, accepted
 
 
 async def _stream(
@@ -153,22 +171,30 @@ def _refuse_early(surface: ResponseEvents, ev: ViewEvent | None) -> None:
         raise ended_with(ev.data.get("code", "failed"), ev.data.get("message", ""))
 
 
+def whole_step(surface: ResponseEvents, ev: ViewEvent) -> dict[str, Any] | None:
+    """One view event into the whole response object: the object once the response ended, None before; the
+    request's error (``ended_with``) when it failed before anything was answered. The endpoint's answer and a Batch
+    API line's body."""
+    _refuse_early(surface, ev)
+    surface.feed(ev)
+    return surface.object() if surface.ended else None
+
+
 async def _whole(gw: Gateway, surface: ResponseEvents, events: AsyncIterator[ViewEvent | None]) -> web.Response:
     try:
         async for ev in events:
             if ev is None:
                 break
-            _refuse_early(surface, ev)
-            surface.feed(ev)
-            if surface.ended:
-                return web.json_response(surface.object(), headers={"X-Request-Id": surface.request_id})
+            body = whole_step(surface, ev)
+            if body is not None:
+                return web.json_response(body, headers={"X-Request-Id": surface.request_id})
     finally:
         if not surface.ended:
             await cancel_quietly(gw, surface.request_id)
     raise ClientClosed("client went away")
 
 
-async def _known_view(request: web.Request, request_id: str) -> View:
+async def _known_view(request: web.Request, request_id: str, scope: int = WATCH) -> View:
     """The request's view once the log shows it (a young id may still be on its way); NotFound otherwise.
 
     A response's Accepted is its first record in its partition and retention deletes a partition's oldest records
@@ -179,13 +205,14 @@ async def _known_view(request: web.Request, request_id: str) -> View:
     if gw.auth.enabled and "token" not in request.query:
         require_key(request)  # before any waiting
     created_ms = request_id_time_ms(request_id)
+    client = client_of(request)  # every look-up scans on its caller's share, never on one common to all callers
     while True:
-        view = await gw.relay.snapshot(request_id)
+        view = await gw.relay.snapshot(request_id, client)
         if view.known or time.time() * 1000 >= created_ms + ACCEPT_GRACE_MS:
             break
         await asyncio.sleep(ACCEPT_POLL_S)
     if view.known:
-        await authorize_read(request, request_id)
+        await authorize_read(request, request_id, scope)
     if view.log.accepted is None and created_ms < time.time() * 1000 - gw.settings.events_retention_ms:
         raise NotFound(f"response {response_id(request_id)} is older than the log's retention window", code="expired")
     if not view.known:
@@ -221,7 +248,7 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
     view = await _known_view(request, request_id)
     options = ResponseOptions.of_view(view, gw.settings.default_model)
     surface = ResponseEvents(AnswerFold(options.model), request_id, options, after=after)
-    sub = await gw.relay.subscribe(request_id, None)
+    sub = await gw.relay.subscribe(request_id, None, client_of(request))
     assert sub is not None
     try:
         if stream and "starting_after" not in request.query and "Last-Event-ID" in request.headers:
@@ -244,12 +271,12 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
 async def cancel(request: web.Request) -> web.Response:
     gw = gateway_of(request)
     request_id = request_id_of_response(request.match_info["id"])
-    view = await _known_view(request, request_id)
+    view = await _known_view(request, request_id, CANCEL)
     options = ResponseOptions.of_view(view, gw.settings.default_model)
     if not options.background:
         raise Conflict("only background responses can be cancelled", code="not_background")
     surface = ResponseEvents(AnswerFold(options.model), request_id, options)
-    sub = await gw.relay.subscribe(request_id, None)
+    sub = await gw.relay.subscribe(request_id, None, client_of(request))
     assert sub is not None
     try:
         for out in sub.backlog:

@@ -16,13 +16,13 @@ MAX_INPUT_ITEMS = 256
 # Accepted and understood; each is parsed below.
 SUPPORTED = frozenset(
     {"model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "stream", "background", "store"}
-    | {"metadata"}
+    | {"metadata", "service_tier"}  # service_tier: parsed with the request's class (validation.parse_priority)
 )
 # The sampling parameters this API takes, by their names in its body.
 SAMPLING_NAMES = {"max_tokens": "max_output_tokens", "temperature": "temperature", "top_p": "top_p"}
 # Accepted and ignored: they change nothing a client can see here.
 IGNORED = frozenset(
-    {"user", "safety_identifier", "prompt_cache_key", "prompt_cache_retention", "service_tier", "stream_options"}
+    {"user", "safety_identifier", "prompt_cache_key", "prompt_cache_retention", "stream_options"}
     | {"parallel_tool_calls", "max_tool_calls"}
 )
 # What is refused with a clear error when asked for (a null, empty or default value asks for nothing).

@@ -7,8 +7,8 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from schemas.errors import BodyError, FieldError
-from schemas.records import ChatMessage
+from schemas.errors import BodyError, FieldError, RequestRefused, Unsupported
+from schemas.records import PRIORITIES, ChatMessage
 from schemas.sampling import INT64, SamplingParams
 
 MAX_PROMPT_CHARS = 200_000
@@ -158,3 +158,50 @@ def parse_n(body: dict[str, Any]) -> None:
     n = body.get("n", 1)
     if n is not None and (isinstance(n, bool) or n != 1):
         raise FieldError("n", "only n=1 is supported")
+
+
+PRIORITY_HEADER = "X-Tokenrelay-Priority"
+# OpenAI's service_tier values that name one of our classes: flex is OpenAI's slower, cheaper tier.
+SERVICE_TIERS = {"auto": "interactive", "default": "interactive", "flex": "batch"}
+
+
+def parse_priority(body: dict[str, Any], header: str | None) -> str:
+    """The service class a request asks for, 'interactive' unless told: the native body's ``priority``, OpenAI's
+    ``service_tier`` or the X-Tokenrelay-Priority header (any of them, in any API); asking for two is an error."""
+    asked: dict[str, str] = {}
+    priority = body.get("priority")
+    if priority is not None:
+        if priority not in PRIORITIES:
+            raise FieldError("priority", f"must be one of {', '.join(PRIORITIES)}")
+        asked["priority"] = priority
+    tier = body.get("service_tier")
+    if tier is not None:
+        if not isinstance(tier, str) or tier not in SERVICE_TIERS:
+            raise Unsupported(
+                "service_tier",
+                f"must be one of {', '.join(SERVICE_TIERS)} (auto and default: interactive, flex: batch)",
+            )
+        asked["service_tier"] = SERVICE_TIERS[tier]
+    if header is not None:
+        value = header.strip().lower()
+        if value not in PRIORITIES:
+            raise Unsupported(PRIORITY_HEADER, f"must be one of {', '.join(PRIORITIES)}")
+        asked[PRIORITY_HEADER] = value
+    if len(set(asked.values())) > 1:
+        raise RequestRefused(
+            "the request asks for two classes: " + ", ".join(f"{k} {v}" for k, v in asked.items()),
+            code="priority_conflict",
+        )
+    return next(iter(asked.values()), "interactive")
+
+
+def parse_deadline(body: dict[str, Any], now_ms: int) -> int | None:
+    """The native body's ``deadline_ms``: Unix time in ms by which the request must have started, else it ends
+    ``deadline_exceeded``; None when not given."""
+    raw = body.get("deadline_ms")
+    if raw is None:
+        return None
+    value = _int("deadline_ms", raw)
+    if value <= now_ms:
+        raise FieldError("deadline_ms", "has passed already (it is Unix time in milliseconds)")
+    return value

@@ -11,12 +11,12 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import aiohttp
 
 from gateway.cluster.owners import Owners
+from gateway.cluster.peers import NONCE_HEADER, PEER_HEADER, PROOF_HEADER, Peers
 from gateway.fanout.cursor import Cursor, decode_framed, encode_cursor
 from gateway.fanout.following import Sink
 from gateway.fanout.history import Entry
@@ -67,7 +67,21 @@ class UpstreamEnded(Exception):
 
 
 class UpstreamRefused(UpstreamEnded):
-    """The owner answered with a client error (other than "not the owner")."""
+    """The owner answered with a client error (other than "not the owner" or "too many requests")."""
+
+
+class UpstreamUntrusted(UpstreamEnded):
+    """The gateway the group names as the owner did not prove it holds the gateways' shared secret."""
+
+
+# What a client of a followed request is told when its stream cannot be relayed: (code, message).
+_FAILURES: dict[type[BaseException], tuple[str, str]] = {
+    UpstreamUntrusted: (
+        "upstream_untrusted",
+        "the gateway that reads this request's partition did not prove it is one of this cluster's gateways",
+    ),
+    UpstreamRefused: ("upstream_refused", "the gateway that reads this request's partition refused to stream it"),
+}
 
 
 @dataclass
@@ -76,7 +90,6 @@ class _Follow:
     sink: Sink
     task: asyncio.Task[None] | None = None
     attached: asyncio.Event = field(default_factory=asyncio.Event)
-    warned: bool = False
 
 
 class Follower:
@@ -86,14 +99,14 @@ class Follower:
         self,
         owners: Owners,
         *,
-        token: Callable[[str], str] | None = None,
+        peers: Peers,
         keepalive_s: float = 15.0,
         batch: int = 512,
         metrics: GatewayMetrics | None = None,
     ):
         self.owners = owners
         self.metrics = metrics or GatewayMetrics()
-        self.token = token
+        self.peers = peers
         self.read_timeout_s = 2 * keepalive_s + 5
         self.batch = batch
         self._follows: dict[str, _Follow] = {}
@@ -163,11 +176,14 @@ class Follower:
                 exc = reader.exception()
                 if exc is None:
                     return  # the terminal event came (or the owner says there is nothing after the last one)
-                if isinstance(exc, UpstreamRefused) and not state.warned:
-                    state.warned = True  # a misconfiguration (keys, secrets, versions) rather than a move: say so once
-                    log.warning("request %s: %s refuses to stream it (%s); retrying", entry.request_id, url, exc)
-                else:
-                    log.debug("request %s: upstream %s: %s; retrying", entry.request_id, url, exc)
+                failure = _FAILURES.get(type(exc))
+                if failure is not None:
+                    # Never relayed, and not waited on forever: the client's stream ends with the error.
+                    log.warning("request %s: not followed from %s: %s", entry.request_id, url, exc)
+                    state.sink.fail(entry, *failure)
+                    state.attached.set()  # answered, if only with a refusal: a subscriber waiting for it goes on
+                    return
+                log.debug("request %s: upstream %s: %s; retrying", entry.request_id, url, exc)
                 # Until the group moves the partition (a dead owner), or briefly (an owner that just restarted).
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.owners.changed(generation), delay)
@@ -192,21 +208,28 @@ class Follower:
 
     async def _read(self, base: str, state: _Follow) -> None:
         entry = state.entry
-        headers = {FORWARDED_HEADER: "1"}
+        nonce = self.peers.nonce()
+        headers = {
+            FORWARDED_HEADER: "1",
+            NONCE_HEADER: nonce,
+            PEER_HEADER: self.peers.credential(entry.request_id),
+        }
         if entry.last_out is not None:
             last = entry.last_out
             headers["Last-Event-ID"] = encode_cursor(Cursor(last.epoch, entry.partition, last.offset))
-        params = {"token": self.token(entry.request_id)} if self.token is not None else None
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=self.read_timeout_s)
         url = f"{base}/v1/requests/{entry.request_id}/events"
         self.metrics.upstream_connects.inc()
-        async with self._session_of().get(url, headers=headers, params=params, timeout=timeout) as response:
+        async with self._session_of().get(url, headers=headers, timeout=timeout) as response:
+            if response.status not in (200, 204):
+                body = (await response.read())[:200]
+                # 421: not the owner (yet); 429: its backfills are busy. Both pass.
+                refused = 400 <= response.status < 500 and response.status not in (421, 429)
+                raise (UpstreamRefused if refused else UpstreamEnded)(f"status {response.status}: {body!r}")
+            if not self.peers.is_owner(nonce, entry.request_id, base, response.headers.get(PROOF_HEADER)):
+                raise UpstreamUntrusted(f"{base} answered without a valid proof")
             if response.status == 204:
                 return  # its last event here is the terminal one: nothing follows
-            if response.status != 200:
-                body = (await response.read())[:200]
-                refused = 400 <= response.status < 500 and response.status != 421  # 421: not the owner (yet)
-                raise (UpstreamRefused if refused else UpstreamEnded)(f"status {response.status}: {body!r}")
             state.attached.set()
             buffer = b""
             async for chunk in response.content.iter_any():

@@ -32,6 +32,10 @@ class Sink(Protocol):
         """The owner cannot continue the stream after the entry's last event (topic recreated, retention)."""
         ...
 
+    def fail(self, entry: Entry, code: str, message: str) -> None:
+        """The stream cannot be followed at all (the owner refuses, or is not a gateway of this cluster)."""
+        ...
+
 
 class Upstream(Protocol):
     """Follows requests whose partition another gateway reads (gateway.cluster.upstream.Follower)."""
@@ -82,6 +86,13 @@ class Following:
     def reset(self, entry: Entry, reason: str) -> None:
         log.warning("request %s: the owner cannot continue its stream (%s)", entry.request_id, reason)
         self.drop(entry)
+
+    def fail(self, entry: Entry, code: str, message: str) -> None:
+        """End the entry's subscriptions with an error (no cursor: a client may resume elsewhere); a subscriber on its
+        way gets the same (see Relay.subscribe), and the one after that tries the owner again."""
+        if self.history.current(entry):
+            entry.failure = {"code": code, "message": message}
+            self.hub.end(entry.request_id, "failed", error=entry.failure)
 
     @staticmethod
     def position(entry: Entry) -> int:

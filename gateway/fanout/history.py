@@ -40,6 +40,7 @@ class Entry:
     last_out: Out | None = None
     terminal: Out | None = None
     progress: asyncio.Event | None = None  # set (and dropped) at the next event; created by whoever waits
+    failure: dict[str, str] | None = None  # a followed stream its owner would not (or could not prove to) give
 
 
 class History:
@@ -253,18 +254,13 @@ class History:
         stop = self.position(entry.partition)  # 0: the partition just moved away; the caller retries
         entry.pending = []
         try:
-            records = await self.source.replay(
-                entry.partition, start_time(entry.request_id), stop, entry.request_id.encode()
-            )
+            replayed = await self._replay(entry.partition, entry.request_id, stop)
             entry.view = View(entry.request_id)
             self.memory_count -= len(entry.outs)
             entry.outs.clear()
             entry.last_out = entry.terminal = None
             entry.trimmed = False
-            for record in records:
-                with contextlib.suppress(DecodeError):
-                    self.apply(entry, record.offset, self.codec.decode_event(record.value), live=False)
-            for offset, ev in entry.pending:
+            for offset, ev in replayed + entry.pending:
                 self.apply(entry, offset, ev, live=False)
             entry.complete = True
         finally:
@@ -272,27 +268,28 @@ class History:
 
     async def older_than_memory(self, entry: Entry, first_in_memory: int) -> list[Out]:
         """The request's events before ``first_in_memory``, read from Kafka."""
-        request_id = entry.request_id
-        records = await self.source.replay(
-            entry.partition, start_time(request_id), first_in_memory, request_id.encode()
-        )
-        view = View(request_id)
+        view = View(entry.request_id)
         prefix = []
-        for record in records:
-            with contextlib.suppress(DecodeError):
-                if (ev := view.feed(record.offset, self.codec.decode_event(record.value))) is not None:
-                    prefix.append(make_out(entry.partition, request_id, ev))
+        for offset, ev in await self._replay(entry.partition, entry.request_id, first_in_memory):
+            if (view_event := view.feed(offset, ev)) is not None:
+                prefix.append(make_out(entry.partition, entry.request_id, view_event))
         return prefix
 
     async def read_view(self, request_id: str, partition: int) -> View:
         """A request's view straight from its partition in Kafka (any gateway can read any partition)."""
-        stop = await self.source.log_end(partition)
-        records = await self.source.replay(partition, start_time(request_id), stop, request_id.encode())
         view = View(request_id)
+        for offset, ev in await self._replay(partition, request_id, await self.source.log_end(partition)):
+            view.feed(offset, ev)
+        return view
+
+    async def _replay(self, partition: int, request_id: str, stop: int) -> list[tuple[int, TokenEvent]]:
+        """The request's decodable events in ``partition`` before offset ``stop``, read from Kafka."""
+        records = await self.source.replay(partition, start_time(request_id), stop, request_id.encode())
+        events = []
         for record in records:
             with contextlib.suppress(DecodeError):
-                view.feed(record.offset, self.codec.decode_event(record.value))
-        return view
+                events.append((record.offset, self.codec.decode_event(record.value)))
+        return events
 
 
 def start_time(request_id: str) -> int:

@@ -49,12 +49,15 @@ class Hub:
                 self.metrics.slow_disconnects.inc()
                 log.info("request %s: slow subscriber disconnected", request_id)
 
-    def end(self, request_id: str, reason: str, *, forwarded_only: bool = False) -> None:
-        """Close the request's subscriptions (only other gateways' upstreams with ``forwarded_only``)."""
+    def end(
+        self, request_id: str, reason: str, *, forwarded_only: bool = False, error: dict[str, str] | None = None
+    ) -> None:
+        """Close the request's subscriptions (only other gateways' upstreams with ``forwarded_only``), telling each
+        ``error`` when given."""
         for sub in self.subscribers(request_id):
             if sub.forwarded or not forwarded_only:
                 self.detach(sub)
-                sub.close(reason)
+                sub.close(reason, error)
 
     def close_all(self, reason: str) -> None:
         for request_id in list(self._subscribers):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from typing import Protocol
 
 from gateway.fanout.backfills import BackfillLimit
 from gateway.fanout.cursor import Cursor
@@ -20,7 +21,7 @@ from gateway.fanout.source import EventSource, Record
 from gateway.fanout.subscription import Out, Subscription, reset_frame
 from gateway.metrics import GatewayMetrics
 from schemas.codec import Codec, default_codec
-from schemas.errors import CursorError, DecodeError, KafkaUnavailable, NotOwner
+from schemas.errors import CursorError, DecodeError, KafkaUnavailable, NotOwner, UnknownSchemaId
 from schemas.partitioning import partition_for_key
 from schemas.view import View
 
@@ -28,6 +29,15 @@ log = logging.getLogger(__name__)
 
 # How long a subscription on a following gateway waits for the owner to attach it (then events arrive when it does).
 UPSTREAM_ATTACH_S = 5.0
+
+
+class Tap(Protocol):
+    """Sees every record of the owned partitions, before the relay skips those nobody watches (it must be cheap: it
+    runs on the relay's read loop), and every change of those partitions."""
+
+    def record(self, record: Record) -> None: ...
+
+    def reassigned(self, gained: set[int], lost: set[int]) -> None: ...
 
 
 class Relay:
@@ -74,6 +84,7 @@ class Relay:
         )
         self.following = Following(source, self.history, self.hub, upstream)
         self.started = asyncio.Event()
+        self.tap: Tap | None = None
         self._task: asyncio.Task[None] | None = None
         self._catch_up: list[tuple[int, int, asyncio.Future[None]]] = []  # (partition, offset, until read past it)
 
@@ -121,6 +132,8 @@ class Relay:
         if partition not in self.positions:
             return  # read just before this gateway stopped owning the partition
         self.positions[partition] = record.offset + 1
+        if self.tap is not None:
+            self.tap.record(record)
         key = record.key
         entry = self.history.by_key(key) if key is not None else None
         if entry is None:
@@ -133,7 +146,10 @@ class Relay:
             ev = self.codec.decode_event(record.value)
         except DecodeError as exc:
             self.metrics.undecodable.inc()
-            log.warning("request %s: undecodable event at %d/%d: %s", entry.request_id, partition, record.offset, exc)
+            if not isinstance(exc, UnknownSchemaId):
+                log.warning(
+                    "request %s: undecodable event at %d/%d: %s", entry.request_id, partition, record.offset, exc
+                )
             return
         if not entry.complete:
             if entry.pending is not None:
@@ -177,6 +193,8 @@ class Relay:
             self.positions[p] = offset
             self.since_ms[p] = since_ms
         self.metrics.owned_partitions.set(len(self.positions))
+        if self.tap is not None:
+            self.tap.reassigned(set(gained), lost)
         self.following.moved(set(gained), lost)
 
     # --- what handlers ask ----------------------------------------------------------------------------------------
@@ -220,6 +238,11 @@ class Relay:
         # so live events are not filtered by its offset meanwhile.
         after_offset = after.offset if after is not None and after.partition == entry.partition else -1
         sub = Subscription(request_id, after_offset, self.subscriber_buffer, forwarded=forwarded)
+        if entry.failure is not None:
+            sub.close("failed", entry.failure)
+            if self.history.current(entry):
+                self.history.forget(entry)
+            return sub
         memory = list(entry.outs)
         self.hub.attach(sub)
         if entry.followed:

@@ -49,6 +49,7 @@ class Subscription:
         self.backlog: list[Out] = []
         self.queue: asyncio.Queue[Out] = asyncio.Queue(maxsize)
         self.closed: str | None = None
+        self.error: dict[str, str] | None = None  # why it was closed, for its client, when that is an error
         # Called when the hub drops this subscriber as slow: the handler aborts its connection there, since it may be
         # blocked writing to a peer that stopped reading (a dead peer would otherwise hold memory and an fd forever).
         self.on_slow: Callable[[], None] | None = None
@@ -65,8 +66,9 @@ class Subscription:
         self._wake()
         return True
 
-    def close(self, reason: str) -> None:
+    def close(self, reason: str, error: dict[str, str] | None = None) -> None:
         self.closed = reason
+        self.error = error
         self._wake()
         if reason == "slow" and self.on_slow is not None:
             on_slow, self.on_slow = self.on_slow, None

@@ -12,9 +12,9 @@ from typing import Any
 from aiohttp import web
 
 from gateway.api import native, openai, responses
-from gateway.api.context import GATEWAY, Gateway, gateway_of
+from gateway.api.context import GATEWAY, Gateway, error_body, gateway_of
 from gateway.http import pages
-from schemas.errors import BodyTooLarge, FieldError, TokenRelayError
+from schemas.errors import BodyTooLarge, TokenRelayError
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +29,7 @@ def error_response(status: int, body: dict[str, Any], headers: dict[str, str] | 
 
 def render_error(exc: TokenRelayError) -> web.Response:
     """The one place a project error becomes an HTTP answer: JSON ``{"error": {code, message}}``, status, headers."""
-    body: dict[str, Any] = {"code": exc.code, "message": exc.public_message or exc.message}
-    if isinstance(exc, FieldError):
-        body["field"] = exc.field
-    return error_response(exc.http_status, body, exc.headers())
+    return error_response(exc.http_status, error_body(exc), exc.headers())
 
 
 @web.middleware
@@ -94,21 +91,28 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
+    """200 once a request can be served: Kafka and topics there, and a live worker for every model announced (and
+    at least one). Why not, when not; the models themselves only for a caller with a key (or an open gateway)."""
     gw = gateway_of(request)
-    ok = gw.relay.started.is_set()
-    if ok and gw.ready_check is not None:
+    reason = "" if gw.relay.started.is_set() else "starting"
+    if not reason and gw.ready_check is not None:
         try:
-            ok = await asyncio.wait_for(gw.ready_check(), 5.0)
+            reason = await asyncio.wait_for(gw.ready_check(), 5.0)
         except Exception as exc:
             log.info("not ready: %s", exc)
-            ok = False
+            reason = "kafka"
     now = int(time.time() * 1000)
-    body = {
-        "status": "ready" if ok else "not_ready",
-        "models": {name: model.workers for name, model in gw.models.live(now).items()},
-        "unavailable_models": gw.models.unavailable(now),
-    }
-    return web.json_response(body, status=200 if ok else 503)
+    live = gw.models.live(now)
+    unavailable = gw.models.unavailable(now)
+    if not reason and unavailable:
+        reason = "model_unavailable"
+    if not reason and not live:
+        reason = "no_model"
+    body: dict[str, Any] = {"status": "not_ready", "reason": reason} if reason else {"status": "ready"}
+    if not gw.auth.enabled or gw.auth.tenant_of(request.headers.get("Authorization")) is not None:
+        body["models"] = {name: model.workers for name, model in live.items()}
+        body["unavailable_models"] = unavailable
+    return web.json_response(body, status=503 if reason else 200)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -120,6 +124,17 @@ async def playground(request: web.Request) -> web.FileResponse:
     return web.FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
 
+async def ratelimit_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """Every answer of the API says where its key stands against its quotas (OpenAI's ``x-ratelimit-*``), 429s and
+    streams included: this runs as the headers go out, whoever prepared the response."""
+    gw = gateway_of(request)
+    if gw.quotas is None or not request.path.startswith("/v1/"):
+        return
+    tenant = gw.auth.tenant_of(request.headers.get("Authorization")) if gw.auth.enabled else ""
+    if tenant is not None:
+        response.headers.update(gw.quotas.headers(tenant))
+
+
 def build_app(gateway: Gateway) -> web.Application:
     """The routes over an assembled Gateway (its relay and producer are started by the caller)."""
     app = web.Application(
@@ -127,6 +142,7 @@ def build_app(gateway: Gateway) -> web.Application:
         middlewares=[cors_middleware(gateway.settings.cors_origins), errors_middleware],
     )
     app[GATEWAY] = gateway
+    app.on_response_prepare.append(ratelimit_headers)
     app.router.add_post("/v1/requests", native.submit)
     app.router.add_get("/v1/requests/{id}/events", native.events)
     app.router.add_get("/v1/requests/{id}", native.status)

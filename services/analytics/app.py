@@ -14,6 +14,8 @@ from faust.web.drivers.aiohttp import Web as AiohttpWeb
 from schemas.errors import DecodeError
 from schemas.records import TokenEvent
 from services.analytics import aggregate, page
+from services.kafka_auth import faust_credentials
+from services.logs import limit_repeats
 from services.schema_registry import reading_codec
 from services.settings import Settings
 from services.topics import TopicSpec
@@ -96,6 +98,7 @@ def create_app(settings: Settings) -> faust.App:
     app = AnalyticsApp(
         app_id(settings),
         broker=faust_broker(settings.kafka_bootstrap),
+        broker_credentials=faust_credentials(settings),
         datadir=str(settings.cache_dir / "analytics" / app_id(settings)),
         store="memory://",
         topic_partitions=settings.events_partitions,
@@ -126,6 +129,10 @@ def create_app(settings: Settings) -> faust.App:
     requests = app.Table(TABLES[0], partitions=settings.events_partitions)
     partitions = app.Table(TABLES[1], partitions=settings.events_partitions)
     expiry = Expiry()
+
+    @app.task
+    async def limit_log_repeats() -> None:
+        limit_repeats()  # on faust's own handlers, which it sets up before its tasks start
 
     @app.agent(events)
     async def count(stream: faust.StreamT) -> None:

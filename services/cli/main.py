@@ -7,19 +7,20 @@ import asyncio
 import dataclasses
 import errno
 import importlib.metadata
-import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from schemas.errors import TokenRelayError
+from schemas.records import PRIORITIES
+from services.logs import configure_logging
 from services.settings import ENGINES, Settings, effective_table, settings_table, sources, unknown_variables
 
 Command = Callable[[argparse.Namespace, Settings], int]
 
 # Commands whose output is the point: library INFO lines (aiokafka's, ours) would land in the middle of it.
-QUIET_COMMANDS = frozenset({"submit", "tail", "export", "topics", "settings", "up"})
+QUIET_COMMANDS = frozenset({"submit", "tail", "export", "topics", "settings", "up", "batch"})
 # Commands that follow a running `tokenrelay up` (its Kafka address and topic prefix) unless told otherwise.
 CLIENT_COMMANDS = frozenset(
     {"submit", "tail", "export", "topics", "settings", "worker", "gateway", "analytics", "registry"}
@@ -41,9 +42,33 @@ def _cmd_broker(args: argparse.Namespace, settings: Settings) -> int:
         from services.local.broker.cluster import LocalCluster
 
         cluster_dir = Path(args.data_dir) if args.data_dir else None
-        return LocalCluster(settings, args.nodes, port=port, data_dir=cluster_dir).run_foreground()
+        return LocalCluster(settings, args.nodes, port=port, data_dir=cluster_dir, secure=args.secure).run_foreground()
     data_dir = Path(args.data_dir) if args.data_dir else settings.broker_data_dir
-    return LocalBroker(settings, port=port, data_dir=data_dir).run_foreground()
+    if args.secure and not args.data_dir:
+        # Never turn an existing plain broker's data into a secure one (or back): each has its own.
+        data_dir = data_dir.with_name(f"{data_dir.name}-secure")
+    return LocalBroker(settings, port=port, data_dir=data_dir, secure=args.secure).run_foreground()
+
+
+def _cmd_acls(args: argparse.Namespace, settings: Settings) -> int:
+    from services.acls import ROLES, acl_commands, apply_acls
+
+    models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else [settings.served_model]
+    principals = {role: f"User:{role}" for role in ROLES}
+    for given in args.principal or []:
+        role, _, principal = given.partition("=")
+        if role not in ROLES or not principal:
+            raise TokenRelayError(f"--principal {given!r}: use ROLE=PRINCIPAL with a role of {', '.join(ROLES)}")
+        principals[role] = principal
+    if not args.apply:
+        print("\n".join(acl_commands(settings, principals, models)))
+        return 0
+    _require_kafka(settings, args)
+    count = apply_acls(settings, principals, models)
+    print(
+        f"created {count} ACLs on {settings.kafka_bootstrap} for {', '.join(f'{r}={p}' for r, p in principals.items())}"
+    )
+    return 0
 
 
 def _cmd_registry(args: argparse.Namespace, settings: Settings) -> int:
@@ -105,27 +130,58 @@ def _cmd_up(args: argparse.Namespace, settings: Settings) -> int:
 
     source = args.sources["kafka_bootstrap"]
     existing = source in ("environment", "flag --bootstrap")
-    return run_stack(settings, local_broker=not existing, bootstrap_source=source, verbose=args.verbose)
+    if existing and args.secure:
+        raise TokenRelayError(
+            "--secure runs a secure local broker; for an existing cluster set TOKENRELAY_KAFKA_SECURITY_PROTOCOL "
+            "and its credentials instead"
+        )
+    return run_stack(
+        settings, local_broker=not existing, bootstrap_source=source, verbose=args.verbose, secure=args.secure
+    )
 
 
 def _cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
     from schemas.sampling import SamplingParams
     from services.cli.submit import submit
 
-    SamplingParams(args.max_tokens, args.temperature, args.top_p).check(settings.max_tokens_limit)
+    sampling = SamplingParams(args.max_tokens, args.temperature, args.top_p).check(settings.max_tokens_limit)
     _require_kafka(settings, args)
     return asyncio.run(
         submit(
             settings,
             args.prompt,
-            max_tokens=args.max_tokens,
-            temperature=args.temperature,
-            top_p=args.top_p,
+            sampling,
+            args.follow,
             chat=args.chat,
             model=args.request_model or "",
-            follow=args.follow,
+            priority=args.priority,
         )
     )
+
+
+def _cmd_batch(args: argparse.Namespace, settings: Settings) -> int:
+    from pathlib import Path
+
+    from services.cli.batch import run_batch
+
+    path = Path(args.file)
+    if not path.is_file():
+        raise TokenRelayError(f"{path}: no such file")
+    url = args.url or _gateway_url(settings)
+    api_key = args.api_key or os.environ.get("OPENAI_API_KEY") or (settings.api_keys[0] if settings.api_keys else None)
+    data = path.read_bytes()
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as output:
+            return asyncio.run(run_batch(path.name, data, url, api_key, follow=args.follow, output=output))
+    return asyncio.run(run_batch(path.name, data, url, api_key, follow=args.follow))
+
+
+def _gateway_url(settings: Settings) -> str:
+    """The running `tokenrelay up`'s gateway, else this machine's on TOKENRELAY_GATEWAY_PORT."""
+    from services.local.runstate import read_state
+
+    state = read_state(settings)
+    return state.gateway_url if state is not None else f"http://127.0.0.1:{settings.gateway_port}"
 
 
 def _cmd_tail(args: argparse.Namespace, settings: Settings) -> int:
@@ -151,7 +207,7 @@ def _require_kafka(settings: Settings, args: argparse.Namespace) -> None:
     """A one-line error at once when no broker answers, instead of a minute of retries."""
     from services.local.readiness import kafka_answers
 
-    if not kafka_answers(settings.kafka_bootstrap):
+    if not kafka_answers(settings.kafka_bootstrap, settings=settings):
         source = args.sources.get("kafka_bootstrap", "default")
         hint = (
             "start the stack with `tokenrelay up` (or a broker with `tokenrelay broker`), "
@@ -159,6 +215,11 @@ def _require_kafka(settings: Settings, args: argparse.Namespace) -> None:
             if source == "default"
             else "check the address"
         )
+        if settings.kafka_security_protocol.upper() != "PLAINTEXT":
+            hint += (
+                f", and that it speaks {settings.kafka_security_protocol} and accepts these credentials "
+                f"(user {settings.kafka_sasl_username or '-'}, CA {settings.kafka_ssl_ca_file or 'the system store'})"
+            )
         raise TokenRelayError(f"no Kafka broker answers at {settings.kafka_bootstrap} (from {source}): {hint}")
 
 
@@ -201,6 +262,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--model", help="model for the worker (default: the built-in model)")
     up.add_argument("--engine", choices=list(ENGINES), help="engine of the worker's models")
     up.add_argument("--verbose", action="store_true", help="show the components' logs here instead of in files")
+    up.add_argument(
+        "--secure",
+        action="store_true",
+        help="a local broker with SASL_SSL, SCRAM users and ACLs (as `broker --secure`); each component as its role",
+    )
 
     broker = add(
         "broker", _cmd_broker, "Run a local Kafka broker (KRaft) or cluster (--nodes 3) in the foreground.", kafka=False
@@ -208,6 +274,22 @@ def build_parser() -> argparse.ArgumentParser:
     broker.add_argument("--nodes", type=int, default=1, help="KRaft nodes: 3 runs a replicated cluster (default 1)")
     broker.add_argument("--port", type=int, help="listener port; a cluster listens on P..P+N-1 (default 9092)")
     broker.add_argument("--data-dir", help="data directory (default ~/.cache/tokenrelay/broker-data)")
+    broker.add_argument(
+        "--secure",
+        action="store_true",
+        help="SASL_SSL (SCRAM-SHA-512) with a CA of its own, a user per role and ACLs (data dir: broker-data-secure)",
+    )
+
+    acls = add(
+        "acls",
+        _cmd_acls,
+        "Print each role's Kafka ACLs as kafka-acls.sh commands, or create them (--apply, as an admin principal).",
+    )
+    acls.add_argument("--models", help="served models whose request topics workers read (default: TOKENRELAY_MODEL's)")
+    acls.add_argument(
+        "--principal", action="append", metavar="ROLE=PRINCIPAL", help="e.g. gateway=User:gw (default User:<role>)"
+    )
+    acls.add_argument("--apply", action="store_true", help="create them with the admin client of these settings")
 
     registry = add(
         "registry", _cmd_registry, "Run the embedded schema registry (Apicurio, storage on Kafka) in the foreground."
@@ -249,10 +331,32 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument(
         "--model", dest="request_model", metavar="NAME", help="served model name (default: TOKENRELAY_DEFAULT_MODEL)"
     )
+    submit.add_argument(
+        "--priority",
+        choices=PRIORITIES,
+        default="interactive",
+        help="service class: batch requests go to batch.<model> and run in the workers' free capacity",
+    )
     submit.add_argument("--max-tokens", type=int, default=64)
     submit.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
     submit.add_argument("--top-p", type=float, default=1.0)
     submit.add_argument("--follow", "-f", action="store_true", help="print the answer as it arrives")
+
+    batch = add(
+        "batch",
+        _cmd_batch,
+        "Run a Batch API file (JSONL of OpenAI requests) through the gateway; print the batch id, or with --follow "
+        "a progress bar and then the output file.",
+        kafka=False,
+    )
+    batch.add_argument("file", help="JSONL, one request a line: custom_id, method, url, body")
+    batch.add_argument("--follow", "-f", action="store_true", help="show progress, then print the output file")
+    batch.add_argument(
+        "--url",
+        help="the gateway (default: the running `tokenrelay up`'s, else http://127.0.0.1:TOKENRELAY_GATEWAY_PORT)",
+    )
+    batch.add_argument("--api-key", help="API key (default: OPENAI_API_KEY, else the first of TOKENRELAY_API_KEYS)")
+    batch.add_argument("--output", "-o", help="write the output file here instead of standard output")
 
     tail = add("tail", _cmd_tail, "Decode and print the token log.")
     tail.add_argument("--request-id", help="only this request")
@@ -336,7 +440,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level = settings.log_level.upper()
         if args.command in QUIET_COMMANDS and args.sources["log_level"] == "default" and not _verbose(args):
             level = "WARNING"
-        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+        configure_logging(level)
         return int(args.func(args, settings))
     except TokenRelayError as exc:
         print(f"tokenrelay: {exc.message}", file=sys.stderr)

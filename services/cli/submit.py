@@ -30,23 +30,21 @@ MODELS_WAIT_S = 10.0
 async def submit(
     settings: Settings,
     prompt: str,
-    max_tokens: int,
-    temperature: float,
+    sampling: SamplingParams,
     follow: bool,
     *,
-    top_p: float = 1.0,
     chat: bool | None = None,
     model: str = "",
+    priority: str = "interactive",
 ) -> int:
     """Produce one request, print its id; with ``follow`` print its text as it arrives. Exit code 0 on success.
 
-    ``chat`` sends the prompt as one user turn, which the worker renders with the model's chat template; None: chat
-    when the model announces a chat template.
+    ``sampling`` comes checked (``SamplingParams.check``). ``chat`` sends the prompt as one user turn, which the worker
+    renders with the model's chat template; None: chat when the model announces a chat template.
     """
-    sampling = SamplingParams(max_tokens, temperature, top_p).check(settings.max_tokens_limit)
     info = await _live_model(settings, model)
     name = info.name if info is not None else model or settings.default_model
-    topic = settings.requests_topic_for(name)
+    topic = settings.requests_topic_for(name, priority)
     if info is None:
         if not (await describe_topics(settings, [topic]))[topic]:
             raise ConfigError(
@@ -56,7 +54,7 @@ async def submit(
     # Chat unless told otherwise, when the model has a chat template (or is not announced to say it has none).
     as_chat = (info is None or info.has_chat_template) if chat is None else chat
     messages = (ChatMessage("user", prompt),) if as_chat else None
-    request = new_inference_request(prompt, sampling, "", messages, model=name)
+    request = new_inference_request(prompt, sampling, "", messages, model=name, priority=priority)
     request_id = request.request_id
     codec = await prepare_codec(settings, [topic, settings.events_topic])
     producer = make_producer(settings)

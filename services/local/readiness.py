@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import urllib.error
@@ -9,6 +10,9 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
+
+from schemas.view import EventName
+from services.settings import Settings
 
 # Longer than the gateway's keepalive interval, so an idle stream is never mistaken for a dead one.
 READ_TIMEOUT_S = 60.0
@@ -27,6 +31,19 @@ class ProbeResult:
 
 
 MODEL_POLL_S = 0.5
+
+
+def gateway_serving(gateway_url: str, timeout_s: float = 1.0) -> bool:
+    """Whether the gateway itself is up (its /readyz is 200, or 503 only because no worker serves a model yet):
+    for starting a gateway before any worker, as tests and benchmarks do."""
+    try:
+        with urllib.request.urlopen(gateway_url + "/readyz", timeout=timeout_s) as response:
+            return bool(response.status == 200)
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code == 503 and json.loads(exc.read() or b"{}").get("reason") == "no_model"
+    except (OSError, ValueError):
+        return False
 
 
 def _headers(api_key: str | None) -> dict[str, str]:
@@ -72,8 +89,8 @@ def probe(gateway_url: str, api_key: str | None = None, deadline_s: float = 600.
     """Submit one greedy 1-token request and wait for its ``done`` or ``error``; raises OSError if the gateway
     cannot be reached, TimeoutError past ``deadline_s``.
 
-    This proves what /readyz cannot yet: that a worker consumes the requests topic and answers. Once the gateway's
-    readiness includes a live worker per model (the `models` topic), polling /readyz can replace it.
+    This proves what /readyz cannot: /readyz knows a worker announces a model whose requests topic exists, the
+    probe that a worker consumes that topic and answers.
     """
     began = time.monotonic()
     submitted = _submit_when_served(gateway_url, api_key, began + deadline_s)
@@ -86,9 +103,9 @@ def probe(gateway_url: str, api_key: str | None = None, deadline_s: float = 600.
                 for name, data in sse_events(iter(response.readline, b"")):
                     if first is None:
                         first = time.monotonic() - began
-                    if name == "done":
+                    if name == EventName.DONE:
                         return ProbeResult(True, request_id, data["finish_reason"], first, time.monotonic() - began)
-                    if name == "error":
+                    if name == EventName.ERROR:
                         detail = f"{data.get('code')}: {data.get('message')}"
                         return ProbeResult(False, request_id, detail, first, time.monotonic() - began)
         except (TimeoutError, urllib.error.URLError, ConnectionError):
@@ -97,9 +114,13 @@ def probe(gateway_url: str, api_key: str | None = None, deadline_s: float = 600.
     raise TimeoutError(f"no answer to the probe request {request_id} in {deadline_s:.0f} s")
 
 
-def kafka_answers(bootstrap: str, timeout_s: float = 3.0) -> bool:
-    """True when a broker of ``bootstrap`` (comma-separated host:port) answers a metadata request."""
-    from services.local.broker.runner import metadata_ready
+def kafka_answers(bootstrap: str, timeout_s: float = 3.0, settings: Settings | None = None) -> bool:
+    """True when a broker of ``bootstrap`` (comma-separated host:port) answers a metadata request; over TLS/SASL
+    (``settings`` not PLAINTEXT) as the client of ``settings``, which also proves its credentials."""
+    from services.local.broker.runner import metadata_ready, secure_broker_count
+
+    if settings is not None and settings.kafka_security_protocol.upper() != "PLAINTEXT":
+        return secure_broker_count(dataclasses.replace(settings, kafka_bootstrap=bootstrap), timeout_s) > 0
 
     for address in bootstrap.split(","):
         host, _, port = address.strip().rpartition(":")

@@ -79,23 +79,36 @@ def _stack_env(settings: Settings, base_env: Mapping[str, str] | None) -> dict[s
     }
 
 
-def child_plan(settings: Settings, base_env: Mapping[str, str] | None = None, *, registry: bool = False) -> list[Child]:
+def child_plan(
+    settings: Settings,
+    base_env: Mapping[str, str] | None = None,
+    *,
+    registry: bool = False,
+    passwords: Mapping[str, str] | None = None,
+) -> list[Child]:
     """The processes of the stack in start order (stopped in reverse), each told the same cluster and prefix.
 
     ``registry``: the embedded schema registry comes first, at ``settings.schema_registry_url``; it is not awaited
     before the others (it takes ~30 s, while the worker loads its model), which wait for it when they register.
+    ``passwords`` (role → SASL password): each component connects as the Kafka user of its role.
     """
     env = _stack_env(settings, base_env)
+
+    def as_role(role: str) -> Mapping[str, str]:
+        if passwords is None:
+            return env
+        return {**env, "TOKENRELAY_KAFKA_SASL_USERNAME": role, "TOKENRELAY_KAFKA_SASL_PASSWORD": passwords[role]}
+
     cli = (sys.executable, "-m", "services.cli")
     url = settings.schema_registry_url
-    embedded = [
-        Child("registry", (*cli, "registry", "--port", str(settings.registry_port)), env, f"{url}/subjects", url)
-    ]
+    registry_argv = (*cli, "registry", "--port", str(settings.registry_port))
+    embedded = [Child("registry", registry_argv, as_role("registry"), f"{url}/subjects", url)]
+    gateway, analytics = gateway_url(settings), analytics_url(settings)
     return [
         *(embedded if registry else []),
-        Child("worker", (*cli, "worker"), env, None, model_label(settings)),
-        Child("gateway", (*cli, "gateway"), env, f"{gateway_url(settings)}/readyz", gateway_url(settings)),
-        Child("analytics", (*cli, "analytics"), env, f"{analytics_url(settings)}/usage", analytics_url(settings)),
+        Child("worker", (*cli, "worker"), as_role("worker"), None, model_label(settings)),
+        Child("gateway", (*cli, "gateway"), as_role("gateway"), f"{gateway}/readyz", gateway),
+        Child("analytics", (*cli, "analytics"), as_role("analytics"), f"{analytics}/usage", analytics),
     ]
 
 
@@ -272,7 +285,7 @@ class Stopped(Exception):
 
 def _check_cluster(settings: Settings, source: str) -> None:
     source = "TOKENRELAY_KAFKA_BOOTSTRAP" if source == "environment" else source
-    if kafka_answers(settings.kafka_bootstrap, timeout_s=5.0):
+    if kafka_answers(settings.kafka_bootstrap, timeout_s=5.0, settings=settings):
         return
     raise ConfigError(
         f"no Kafka broker answers at {settings.kafka_bootstrap} (from {source}); start it, fix the address, "
@@ -329,9 +342,17 @@ def _serving(settings: Settings, stack: Stack, progress: Progress) -> ProbeResul
 
 
 def run_stack(
-    settings: Settings, *, local_broker: bool, bootstrap_source: str = "default", verbose: bool = False
+    settings: Settings,
+    *,
+    local_broker: bool,
+    bootstrap_source: str = "default",
+    verbose: bool = False,
+    secure: bool = False,
 ) -> int:
-    """Run the whole stack in the foreground until SIGINT/SIGTERM or a component dies; returns an exit code."""
+    """Run the whole stack in the foreground until SIGINT/SIGTERM or a component dies; returns an exit code.
+
+    ``secure``: the local broker speaks SASL_SSL with ACLs on, and each component connects as its role.
+    """
     from services.topics import ensure_topics
 
     embedded_registry = not settings.schema_registry_url
@@ -364,9 +385,18 @@ def run_stack(
                 ensure_jars(settings)
                 progress.end("resolved")
             progress.begin("kafka", f"local broker on 127.0.0.1:{settings.broker_port}")
-            broker = LocalBroker(settings, settings.broker_port, settings.broker_data_dir, console=verbose)
+            data_dir = settings.broker_data_dir
+            if secure:
+                data_dir = data_dir.with_name(f"{data_dir.name}-secure")  # as `tokenrelay broker --secure`
+            broker = LocalBroker(settings, settings.broker_port, data_dir, console=verbose, secure=secure)
             settings = dataclasses.replace(settings, kafka_bootstrap=broker.start())
-            progress.end(f"ready, data in {_home(broker.data_dir)}")
+            if secure:
+                from services.local.broker.secure import ADMIN
+                from workers.main import served_models
+
+                settings = broker.client_settings(ADMIN, settings)  # topics; each component then as its role
+                broker.grant_roles(settings, list(served_models(settings)))
+            progress.end(f"ready, data in {_home(broker.data_dir)}" + (", SASL_SSL, ACLs on" if secure else ""))
         else:
             given = "TOKENRELAY_KAFKA_BOOTSTRAP" if bootstrap_source == "environment" else bootstrap_source
             progress.begin("kafka", f"existing cluster at {settings.kafka_bootstrap} (from {given})")
@@ -382,7 +412,8 @@ def run_stack(
                 ensure_app(settings, quiet=True)
                 progress.end("resolved")
             settings = dataclasses.replace(settings, schema_registry_url=ccompat_url(settings.registry_port))
-        stack.children = child_plan(settings, registry=embedded_registry)
+        passwords = broker.passwords if broker is not None and broker.files is not None else None
+        stack.children = child_plan(settings, registry=embedded_registry, passwords=passwords)
         # Children start in order; one marked `before_others` must answer before the next starts (e.g. a schema
         # registry the others register with), the rest start together and are awaited afterwards.
         waiting: list[Child] = []
@@ -411,6 +442,10 @@ def run_stack(
                 settings.schema_registry_url,
             ),
         )
+        if broker is not None and broker.files is not None:
+            from services.local.broker.runner import secure_ready_lines
+
+            print("\n".join(["", "kafka security:", *secure_ready_lines(broker.files, broker.passwords)]), flush=True)
         print(banner(settings, local_broker=local_broker, logs=logs), flush=True)
         while not stop.wait(0.5):
             dead = stack.died()

@@ -9,7 +9,7 @@ import os
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,14 +17,14 @@ import pytest
 from schemas.errors import BrokerError, MissingToolError
 from services.local.broker.runner import LocalBroker, ensure_jars, free_port, java_binary, metadata_ready
 from services.settings import Settings
+from tests.integration.brokers import LocalBrokerFactory
 from tests.integration.cluster_support import ClusterProcess
+from tests.integration.secure_support import SecureBootstrap
 
 log = logging.getLogger(__name__)
 
 KAFKA_IMAGE = os.environ.get("TOKENRELAY_TEST_KAFKA_IMAGE", "apache/kafka:4.1.2")
 CONTAINER_START_TIMEOUT_S = 120.0
-
-LocalBrokerFactory = Callable[..., LocalBroker]
 
 
 def _docker_answers() -> bool:
@@ -94,8 +94,35 @@ def _kafka_container() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Bootstrap address of a Kafka broker shared by the whole test session."""
+def kafka_bootstrap(request: pytest.FixtureRequest) -> str:
+    """Bootstrap address of a Kafka broker shared by the whole test session: the plain one, or (parametrised
+    ``secure``, see secure_support.SECURE_TOO) the secure one as a SecureBootstrap."""
+    kind = getattr(request, "param", "plain")
+    if kind not in ("plain", "secure"):
+        raise ValueError(f"kafka_bootstrap is 'plain' or 'secure', not {kind!r}")
+    bootstrap: str = request.getfixturevalue(f"{kind}_kafka_bootstrap")
+    return bootstrap
+
+
+@pytest.fixture(scope="session")
+def secure_kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureBootstrap]:
+    """`tokenrelay broker --secure` for the session: SASL_SSL with a SCRAM user per role, ACLs on."""
+    try:
+        java_binary()
+        ensure_jars(Settings.from_env(), quiet=True)
+    except MissingToolError as exc:
+        pytest.skip(f"the secure broker needs Java and Maven: {exc.message}")
+    broker = LocalBroker(Settings.from_env(), 0, tmp_path_factory.mktemp("kafka-secure"), console=False, secure=True)
+    try:
+        broker.start()
+        yield SecureBootstrap.of(broker)
+    finally:
+        broker.stop()
+
+
+@pytest.fixture(scope="session")
+def plain_kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Bootstrap address of the plain Kafka broker shared by the whole test session."""
     address = os.environ.get("TOKENRELAY_TEST_KAFKA", "").strip()
     if address:
         yield address
@@ -111,11 +138,12 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         broker.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def kafka_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterProcess]:
-    """`tokenrelay broker --nodes 3` for the whole session: three KRaft nodes that restart when killed.
+    """`tokenrelay broker --nodes 3` for one module: three KRaft nodes that restart when killed.
 
-    Only the cluster tests (marked slow) ask for it; three JVMs are heavy on a small machine.
+    Only the cluster tests (marked slow) ask for it; three JVMs are heavy on a small machine, so they stop when
+    that module ends rather than weigh on every later test of the session.
     """
     try:
         java_binary()

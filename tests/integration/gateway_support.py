@@ -25,9 +25,12 @@ from schemas.codec import default_codec
 from schemas.errors import DecodeError
 from schemas.records import Delta, Finished, Started, TokenEvent, Usage
 from services.kafka import make_consumer, make_producer, record_headers, start_client
-from services.local.broker.runner import free_port
-from services.local.process import quiet_env
+from services.local.broker.cluster import free_port_block
+from services.local.process import die_with_parent, quiet_env
+from services.local.readiness import gateway_serving
 from services.settings import Settings
+from tests.integration.secure_support import as_role, secured, security
+from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -38,12 +41,15 @@ def gateway_settings(bootstrap: str, prefix: str, **overrides: object) -> Settin
         "topic_prefix": prefix,
         "events_partitions": 2,
         "requests_partitions": 2,
-        "gateway_port": free_port(),
+        # Below the ephemeral range: a client reconnecting to a restarted gateway could otherwise connect to
+        # itself on its port and keep the gateway from binding it again.
+        "gateway_port": free_port_block(1),
         "hub_memory_events": 4,
         "keepalive_s": 1.0,
     }
+    values.update(security(bootstrap))
     values.update(overrides)
-    return Settings(**values)  # type: ignore[arg-type]
+    return secured(Settings(**values))  # type: ignore[arg-type]
 
 
 class GatewayProcess:
@@ -57,34 +63,54 @@ class GatewayProcess:
         self.log_path = log_path  # where its stderr goes (inherited when None)
         self.env = env
 
-    def _limit_files(self) -> None:
-        assert self.nofile is not None
-        resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
+    def _preexec(self) -> None:
+        self._die_with_parent()
+        if self.nofile is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
 
-    def start(self, timeout_s: float = 60.0) -> None:
+    def launch(self) -> None:
+        """Start the process and return at once (``start`` or ``start_async`` also wait until it is ready). It gets
+        SIGTERM when the thread that launched it ends: launch it from the test's own thread, not a worker thread."""
+        self._die_with_parent = die_with_parent()
         stderr = open(self.log_path, "ab") if self.log_path is not None else None  # noqa: SIM115 - the child keeps it
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "gateway.main"],
                 cwd=ROOT,
-                env=quiet_env(self.settings, **self.env),
+                env=quiet_env(as_role(self.settings, "gateway"), **self.env),
                 stderr=stderr,
-                preexec_fn=self._limit_files if self.nofile is not None else None,
+                preexec_fn=self._preexec,
             )
         finally:
             if stderr is not None:
                 stderr.close()
-        deadline = time.monotonic() + timeout_s
-        import urllib.request
 
+    def _alive(self) -> None:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"gateway exited with {self.proc.returncode}")
+
+    def start(self, timeout_s: float = 60.0) -> None:
+        """Launch and block until the gateway serves (/readyz 200, or 503 only for want of a worker)."""
+        self.launch()
+        deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"gateway exited with {self.proc.returncode}")
-            with contextlib.suppress(OSError), urllib.request.urlopen(self.url + "/readyz", timeout=1) as response:
-                if response.status == 200:
-                    return
+            self._alive()
+            if gateway_serving(self.url):
+                return
             time.sleep(0.1)
+        self.kill()  # not left running behind a failed test
         raise RuntimeError("gateway not ready")
+
+    async def start_async(self, timeout_s: float = 60.0) -> None:
+        """Launch at once (so that ``stop`` always finds the process), then wait until /readyz answers 200."""
+        self.launch()
+
+        async def ready() -> bool:
+            self._alive()
+            return await asyncio.to_thread(gateway_serving, self.url)
+
+        await wait_until(ready, f"gateway on {self.url} ready", timeout_s=timeout_s, interval_s=0.1)
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -135,27 +161,52 @@ def _in_thread(coro: Coroutine[Any, Any, None]) -> None:
         except BaseException as exc:
             errors.append(exc)
 
-    thread = threading.Thread(target=run)
+    thread = threading.Thread(target=run, daemon=True)  # its coroutine has a deadline; exit never waits for it
     thread.start()
     thread.join()
     if errors:
         raise errors[0]
 
 
-async def wait_subscribers(session: aiohttp.ClientSession, base_url: str, count: int, timeout_s: float = 60.0) -> None:
-    """Until the gateway's hub has ``count`` subscriptions attached: from then on each gets every live event."""
-    deadline = time.monotonic() + timeout_s
-    attached = 0.0
-    while time.monotonic() < deadline:
-        async with session.get(f"{base_url}/metrics") as response:
-            text = await response.text()
-        for family in text_string_to_metric_families(text):
-            if family.name == "tokenrelay_gateway_subscribers":
-                attached = family.samples[0].value
-        if attached >= count:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"{attached:.0f} of {count} subscribers attached after {timeout_s} s")
+async def metric(session: aiohttp.ClientSession, base_url: str, name: str) -> float:
+    """The samples called ``name`` on a gateway's /metrics, summed over their labels (a counter's sample ends in
+    ``_total``); 0 when there are none."""
+    async with session.get(f"{base_url}/metrics") as response:
+        text = await response.text()
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name)
+
+
+async def wait_subscribers(
+    session: aiohttp.ClientSession, base_url: str, count: int, timeout_s: float = 60.0, *, at_most: bool = False
+) -> None:
+    """Until the gateway's hub has ``count`` subscriptions attached (at least, or with ``at_most`` at most): from
+    then on each gets every live event."""
+
+    async def reached() -> bool:
+        attached = await metric(session, base_url, "tokenrelay_gateway_subscribers")
+        return attached <= count if at_most else attached >= count
+
+    await wait_until(
+        reached, f"{'at most' if at_most else 'at least'} {count} subscribers attached", timeout_s=timeout_s
+    )
+
+
+async def wait_log_grows(settings: Settings, by: int, timeout_s: float = 60.0) -> None:
+    """Until ``by`` more records are in the events topic than when called (a worker is producing)."""
+    from aiokafka import TopicPartition
+
+    consumer = make_consumer(settings)
+    await start_client(consumer)
+    try:
+        partitions = [TopicPartition(settings.events_topic, p) for p in range(settings.events_partitions)]
+        start = sum((await consumer.end_offsets(partitions)).values())
+
+        async def grown() -> bool:
+            return sum((await consumer.end_offsets(partitions)).values()) >= start + by
+
+        await wait_until(grown, f"{by} more records in {settings.events_topic}", timeout_s=timeout_s, interval_s=0.1)
+    finally:
+        await consumer.stop()
 
 
 def scripted_stream(rid: str, n: int, run: str = "run-1") -> list[TokenEvent]:

@@ -17,8 +17,9 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from schemas.errors import BrokerError
-from services.local.broker.runner import free_port, metadata_ready
-from tests.integration.conftest import LocalBrokerFactory
+from services.local.broker.cluster import free_port_block
+from services.local.broker.runner import metadata_ready
+from tests.integration.brokers import LocalBrokerFactory
 
 pytestmark = pytest.mark.integration
 
@@ -79,7 +80,7 @@ async def test_session_broker_round_trip(kafka_bootstrap: str, topic_prefix: str
 async def test_restart_keeps_acknowledged_records(
     local_broker_factory: LocalBrokerFactory, tmp_path: Path, topic_prefix: str, how: str
 ) -> None:
-    port = free_port()
+    port = free_port_block(1)  # restarted on it: below the ephemeral range
     broker = local_broker_factory(tmp_path / "data", port)
     bootstrap = await asyncio.to_thread(broker.start)
     topic = f"{topic_prefix}durable"

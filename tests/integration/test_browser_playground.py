@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +15,7 @@ import pytest
 
 from schemas.ids import new_request_id
 from services.topics import ensure_topics
+from tests.integration.browser_support import ARGS, CHROMIUM, needs_chromium, screenshots
 from tests.integration.gateway_support import (
     EventWriter,
     GatewayProcess,
@@ -27,24 +26,13 @@ from tests.integration.gateway_support import (
     scripted_stream,
 )
 
-CHROMIUM = "/usr/bin/chromium"
 STATIC = Path(__file__).resolve().parents[2] / "gateway" / "http" / "static"
-ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.browser,
     pytest.mark.timeout(240),
-    pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not installed (make browser)"),
+    needs_chromium,
 ]
 
 
@@ -88,12 +76,6 @@ async def test_eventsource_survives_gateway_restart(kafka_bootstrap: str, topic_
     finally:
         gw.stop()
     await asyncio.sleep(0)
-
-
-def _shots(tmp_path: Path) -> Path:
-    directory = Path(os.environ.get("TOKENRELAY_TEST_SCREENSHOTS") or tmp_path)
-    directory.mkdir(parents=True, exist_ok=True)
-    return directory
 
 
 async def test_markdown_renderer_builds_safe_elements() -> None:
@@ -157,7 +139,7 @@ async def test_stop_button_cancels_and_the_example_page_runs_as_given(
         await page.wait_for_function("window.tokenrelay.done !== null", timeout=30_000)
         state = await page.evaluate("window.tokenrelay")
         meta = await page.inner_text(".msg.assistant .meta")
-        await page.screenshot(path=str(_shots(tmp_path) / "playground-stopped.png"), full_page=True)
+        await page.screenshot(path=str(screenshots(tmp_path) / "playground-stopped.png"), full_page=True)
         assert state["done"]["finish_reason"] == "cancelled", state["done"]
         assert 3 <= state["done"]["usage"]["completion_tokens"] < 500
         assert meta.startswith("cancelled") and not await page.is_enabled("#stop")
@@ -171,7 +153,7 @@ async def test_stop_button_cancels_and_the_example_page_runs_as_given(
         await example.wait_for_function("window.answer !== undefined", timeout=60_000)
         answer = await example.evaluate("window.answer")
         shown = await example.inner_text("#out")
-        await example.screenshot(path=str(_shots(tmp_path) / "example.png"))
+        await example.screenshot(path=str(screenshots(tmp_path) / "example.png"))
         await browser.close()
     assert errors == []
     assert answer["finish_reason"] == "length" and answer["usage"]["completion_tokens"] == 64
@@ -215,7 +197,7 @@ async def test_playground_multi_turn_chat_with_the_built_in_model(
                 assert state["done"]["finish_reason"] in ("stop", "length"), state["done"]
                 answers.append("".join(state["tokens"]))
             bubbles = await page.locator(".msg.assistant .body").all_inner_texts()
-            await page.screenshot(path=str(_shots(tmp_path) / "playground-chat.png"), full_page=True)
+            await page.screenshot(path=str(screenshots(tmp_path) / "playground-chat.png"), full_page=True)
             await browser.close()
     assert len(sent) == 2
     assert sent[0]["messages"] == [{"role": "user", "content": "What is a Kafka topic?"}]
@@ -228,3 +210,30 @@ async def test_playground_multi_turn_chat_with_the_built_in_model(
     ]
     assert all(answer.strip() for answer in answers)
     assert [" ".join(b.split()) for b in bubbles] == [" ".join(a.split()) for a in answers]
+
+
+async def test_markdown_links_stay_on_this_origin_and_deep_quotes_render() -> None:
+    from playwright.async_api import async_playwright
+
+    links = "[a](//evil.example) [b](/\\evil.example) [c](/\\/evil.example) [ok](/v1/models) [ok2](./x) [ok3](#top)"
+    deep = ">" * 20_000 + " bottom"
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = await browser.new_page()
+        await page.set_content("<div id=o></div><div id=q></div>")
+        await page.add_script_tag(path=str(STATIC / "markdown.js"))
+        hrefs = await page.evaluate(
+            "(s) => { const o = document.getElementById('o'); o.append(renderMarkdown(s));"
+            " return [...o.querySelectorAll('a')].map(a => a.getAttribute('href')); }",
+            links,
+        )
+        quoted = await page.evaluate(
+            "(s) => { try { const q = document.getElementById('q'); q.append(renderMarkdown(s));"
+            " return [q.querySelectorAll('blockquote').length, q.textContent.includes('bottom')]; }"
+            " catch (e) { return String(e); } }",
+            deep,
+        )
+        await browser.close()
+    # Only links that stay on this origin (or name their scheme): a protocol-relative one goes elsewhere.
+    assert hrefs == ["/v1/models", "./x", "#top"]
+    assert isinstance(quoted, list) and 0 < quoted[0] <= 32 and quoted[1], quoted

@@ -3,22 +3,21 @@ SIGKILL and restart, resuming after its last sequence number."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import openai
 import pytest
 
 from services.topics import ensure_topics
+from tests.integration.browser_support import ARGS, CHROMIUM, needs_chromium, screenshots
 from tests.integration.gateway_support import GatewayProcess, gateway_settings, running_worker
-from tests.integration.test_browser_playground import ARGS, CHROMIUM, _shots
 
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.browser,
     pytest.mark.slow,
     pytest.mark.timeout(240),
-    pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not installed (make browser)"),
+    needs_chromium,
 ]
 
 
@@ -49,7 +48,7 @@ async def test_playground_resumes_a_background_response_after_a_gateway_restart(
                 await page.wait_for_function("window.tokenrelay.done !== null", timeout=60_000)
                 state = await page.evaluate("window.tokenrelay")
                 page_text = await page.inner_text("#out")
-                await page.screenshot(path=str(_shots(tmp_path) / "playground-responses.png"), full_page=True)
+                await page.screenshot(path=str(screenshots(tmp_path) / "playground-responses.png"), full_page=True)
                 await browser.close()
             api = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key="none", max_retries=0)
             whole = await api.responses.retrieve(state["id"])

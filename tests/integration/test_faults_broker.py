@@ -15,9 +15,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from services.local.broker.runner import free_port
+from services.local.broker.cluster import free_port_block
 from services.topics import ensure_topics
-from tests.integration.conftest import LocalBrokerFactory
+from tests.integration.brokers import LocalBrokerFactory
 from tests.integration.gateway_support import (
     Followed,
     Tally,
@@ -28,15 +28,18 @@ from tests.integration.gateway_support import (
     running_worker,
     tally,
 )
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+PER_PHASE = 20  # requests acknowledged before the restart, and again after it
 
 
 async def test_broker_restart_mid_run_loses_no_acknowledged_request(
     local_broker_factory: LocalBrokerFactory, tmp_path: Path, topic_prefix: str
 ) -> None:
     rng = random.Random(7)
-    broker = local_broker_factory(data_dir=tmp_path / "broker", port=free_port())
+    broker = local_broker_factory(data_dir=tmp_path / "broker", port=free_port_block(1))
     bootstrap = await asyncio.to_thread(broker.start)
     settings = gateway_settings(bootstrap, topic_prefix, hub_memory_events=16)
     await ensure_topics(settings)
@@ -51,10 +54,18 @@ async def test_broker_restart_mid_run_loses_no_acknowledged_request(
     ):
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
             stop_submitting = asyncio.Event()
+            submitting_now = False  # a submit is waiting for its answer
+            tokens = 0
+
+            def count(event: dict[str, str]) -> None:
+                nonlocal tokens
+                tokens += event["event"] == "token"
 
             async def submitter() -> None:
+                nonlocal submitting_now
                 while not stop_submitting.is_set():
                     body = {"prompt": "through a broker restart", "max_tokens": rng.randint(20, 40)}
+                    submitting_now = True
                     try:
                         async with session.post(
                             f"{gw.url}/v1/requests", json=body, timeout=aiohttp.ClientTimeout(total=90)
@@ -64,24 +75,28 @@ async def test_broker_restart_mid_run_loses_no_acknowledged_request(
                                 acknowledged.append(rid)
                                 url = f"{gw.url}/v1/requests/{rid}/events"
                                 followers[rid] = asyncio.create_task(
-                                    follow_sse(session, url, retry_s=0.25, deadline_s=180)
+                                    follow_sse(session, url, retry_s=0.25, deadline_s=180, on_event=count)
                                 )
                             else:
                                 refused[response.status] = refused.get(response.status, 0) + 1
                                 await response.read()
                     except (aiohttp.ClientError, TimeoutError):
                         refused[0] = refused.get(0, 0) + 1
-                    await asyncio.sleep(0.1)
+                    submitting_now = False
+                    await asyncio.sleep(0.1)  # a client submitting every 100 ms
 
             submitting = asyncio.create_task(submitter())
-            await asyncio.sleep(2.0)  # streams running, more being submitted
+            await wait_until(
+                lambda: len(acknowledged) >= PER_PHASE and tokens > 0, "requests acknowledged and streaming"
+            )
             before = len(acknowledged)
             t0 = time.monotonic()
             await asyncio.to_thread(broker.stop)
-            await asyncio.sleep(1.0)
+            await wait_until(lambda: submitting_now, "a submit waiting while the broker is away")
             await asyncio.to_thread(broker.start)
             restart_s = time.monotonic() - t0
-            await asyncio.sleep(3.0)  # keep submitting after the broker is back
+            back = len(acknowledged)
+            await wait_until(lambda: len(acknowledged) >= back + PER_PHASE, "requests acknowledged after the restart")
             stop_submitting.set()
             await submitting
             results = {rid: await task for rid, task in followers.items()}

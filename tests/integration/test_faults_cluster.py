@@ -32,8 +32,7 @@ from tests.integration.gateway_support import (
     running_gateway,
     tally,
 )
-from tests.integration.test_worker_failover import wait_group_members
-from tests.integration.worker_helpers import worker_process
+from tests.integration.worker_helpers import wait_group_members, worker_process
 from workers.engine.engine import Engine
 from workers.engine.types import EngineRequest
 from workers.model.registry import ensure_default_model

@@ -12,7 +12,6 @@ import asyncio
 import json
 import os
 import random
-import re
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
@@ -31,6 +30,7 @@ from tests.integration.gateway_support import (
     Tally,
     follow_sse,
     gateway_settings,
+    metric,
     raw_request,
     read_log_streams,
     read_sse,
@@ -39,6 +39,7 @@ from tests.integration.gateway_support import (
     stream_text,
     tally,
     token_keys,
+    wait_subscribers,
 )
 from tests.integration.worker_helpers import announce
 
@@ -58,12 +59,6 @@ async def poison(settings: Settings, records: list[tuple[bytes | None, bytes | N
         await producer.flush()
     finally:
         await producer.stop()
-
-
-async def metric(session: aiohttp.ClientSession, base: str, name: str) -> float:
-    text = await (await session.get(f"{base}/metrics")).text()
-    match = re.search(rf"^{name} (\S+)$", text, re.M)
-    return float(match.group(1)) if match else 0.0
 
 
 async def test_poison_event_records_are_skipped_and_others_keep_streaming(
@@ -97,7 +92,7 @@ async def test_poison_event_records_are_skipped_and_others_keep_streaming(
         ):
             urls = {rid: f"{gw.url}/v1/requests/{rid}/events" for rid in (victim, neighbour)}
             live = {rid: asyncio.create_task(follow_sse(session, url)) for rid, url in urls.items()}
-            await asyncio.sleep(0.5)
+            await wait_subscribers(session, gw.url, len(live))  # both live from the first event on
             before = await metric(session, gw.url, "tokenrelay_gateway_undecodable_events_total")
             for i in range(n + 2):
                 await writer.publish(victim_events[i], neighbour_events[i])

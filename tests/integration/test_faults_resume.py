@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Callable
 
 import aiohttp
 import pytest
@@ -27,7 +28,9 @@ from tests.integration.gateway_support import (
     running_gateway,
     running_worker,
     tally,
+    wait_log_grows,
 )
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -125,18 +128,33 @@ async def test_gateway_sigkill_and_restart_with_50_live_streams(kafka_bootstrap:
                     async with session.post(f"{gw.url}/v1/requests", json=body) as response:
                         assert response.status == 202
                         ids.append((await response.json())["id"])
+                received = [0] * n_streams  # events each client has received
+
+                def counter(i: int) -> Callable[[dict[str, str]], None]:
+                    def count(_: dict[str, str]) -> None:
+                        received[i] += 1
+
+                    return count
+
                 readers = [
-                    asyncio.create_task(follow_sse(session, f"{gw.url}/v1/requests/{rid}/events", retry_s=0.2))
-                    for rid in ids
+                    asyncio.create_task(
+                        follow_sse(session, f"{gw.url}/v1/requests/{rid}/events", retry_s=0.2, on_event=counter(i))
+                    )
+                    for i, rid in enumerate(ids)
                 ]
                 kills = 0
-                for pause in (1.5, 1.5):  # two SIGKILLs while the worker is producing
-                    await asyncio.sleep(pause)
+                for _ in range(2):  # two SIGKILLs while the worker is producing
+                    marks = list(received)
+
+                    def streaming(marks: list[int] = marks) -> bool:
+                        return all(n > m or r.done() for n, m, r in zip(received, marks, readers, strict=True))
+
+                    await wait_until(streaming, "every live client streaming through the (re)started gateway")
                     assert not all(r.done() for r in readers), "streams ended before the kill"
                     gw.kill()
                     kills += 1
-                    await asyncio.sleep(0.5)  # the worker keeps producing while no gateway is up
-                    await asyncio.to_thread(gw.start)
+                    await wait_log_grows(settings, n_streams)  # the worker keeps producing while no gateway is up
+                    await gw.start_async()
                 followed = await asyncio.gather(*readers)
                 results = dict(zip(ids, followed, strict=True))
                 vs_log, vs_fresh = await check_against_log_and_fresh_reads(settings, session, gw.url, results)

@@ -9,9 +9,9 @@ to exactly the whole stream.
 from __future__ import annotations
 
 import asyncio
-import re
 import socket
 import time
+from collections.abc import Callable
 
 import aiohttp
 import psutil
@@ -26,10 +26,13 @@ from tests.integration.gateway_support import (
     Tally,
     follow_sse,
     gateway_settings,
+    metric,
     read_log_streams,
     running_gateway,
     tally,
+    wait_subscribers,
 )
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -81,9 +84,21 @@ def rss(pid: int) -> int:
 
 
 async def slow_disconnects(session: aiohttp.ClientSession, base: str) -> float:
-    text = await (await session.get(f"{base}/metrics")).text()
-    match = re.search(r"^tokenrelay_gateway_slow_subscriber_disconnects_total (\S+)$", text, re.M)
-    return float(match.group(1)) if match else 0.0
+    return await metric(session, base, "tokenrelay_gateway_slow_subscriber_disconnects_total")
+
+
+def counter(seen: list[int], i: int) -> Callable[[dict[str, str]], None]:
+    """An ``on_event`` that counts subscriber ``i``'s events in ``seen``."""
+
+    def count(_: dict[str, str]) -> None:
+        seen[i] += 1
+
+    return count
+
+
+async def every_one_has(seen: list[int], events: int) -> None:
+    """Until every subscriber counted in ``seen`` has received ``events`` events."""
+    await wait_until(lambda: all(n >= events for n in seen), lambda: f"events per subscriber {seen}, not {events}")
 
 
 async def test_slow_subscribers_are_cut_with_a_resumable_cursor_and_memory_stays_bounded(
@@ -109,7 +124,11 @@ async def test_slow_subscribers_are_cut_with_a_resumable_cursor_and_memory_stays
             await writer.publish(TokenEvent(rid, run, 0, now, Started("scripted", "scripted-model", 4, 0)))
             baseline = rss(pid)
             slow = await asyncio.gather(*(SlowClient.connect(settings.gateway_port, path) for _ in range(N_SLOW)))
-            fast = [asyncio.create_task(follow_sse(session, gw.url + path, deadline_s=180)) for _ in range(N_FAST)]
+            fast_seen = [0] * N_FAST  # events each fast subscriber has received
+            fast = [
+                asyncio.create_task(follow_sse(session, gw.url + path, deadline_s=180, on_event=counter(fast_seen, i)))
+                for i in range(N_FAST)
+            ]
             after_connect = rss(pid)
             samples = []
             seq = 1
@@ -121,8 +140,8 @@ async def test_slow_subscribers_are_cut_with_a_resumable_cursor_and_memory_stays
                     seq += 1
                 for i in range(0, len(batch), CHUNK):
                     await writer.publish(*batch[i : i + CHUNK])
-                    await asyncio.sleep(0.05)
-                await asyncio.sleep(1.0)
+                    # A worker's pace: the next chunk once the fast subscribers have this one.
+                    await every_one_has(fast_seen, batch[min(i + CHUNK, len(batch)) - 1].seq + 1)
                 samples.append(rss(pid))
             await writer.publish(TokenEvent(rid, run, seq, now, Finished("length", Usage(4, n_tokens))))
             fast_results = await asyncio.gather(*fast)
@@ -130,7 +149,7 @@ async def test_slow_subscribers_are_cut_with_a_resumable_cursor_and_memory_stays
             peak = max(samples)
             # Every slow client now reads what it was sent, then resumes from its last complete event.
             slow_parts = [await client.read_rest() for client in slow]
-            await asyncio.sleep(0.5)
+            await wait_subscribers(session, gw.url, 0, at_most=True)
             after_slow_left = rss(pid)
             resumed = await asyncio.gather(
                 *(follow_sse(session, gw.url + path, cursor=part[-1]["id"]) for part in slow_parts)
@@ -199,26 +218,29 @@ async def test_a_slow_subscriber_blocked_in_a_write_is_aborted_and_resumes(
             stalled = await SlowClient.connect(settings.gateway_port, path)
             client_port = stalled.writer.get_extra_info("sockname")[1]
             assert _gateway_has_peer(pid, client_port)
+            seen = [0]  # events a subscriber that keeps up has received
+            reader = asyncio.create_task(follow_sse(session, gw.url + path, on_event=counter(seen, 0)))
             events = [
                 TokenEvent(rid, run, seq, now, Delta(f" {seq:06d}" + "x" * (TEXT_BYTES - 7), (seq,)))
                 for seq in range(1, n_tokens + 1)
             ]
             for i in range(0, len(events), CHUNK):
                 await writer.publish(*events[i : i + CHUNK])
-                await asyncio.sleep(0.02)
+                await every_one_has(seen, events[min(i + CHUNK, len(events)) - 1].seq + 1)
             await writer.publish(TokenEvent(rid, run, n_tokens + 1, now, Finished("length", Usage(4, n_tokens))))
+            await reader
             # The client still reads nothing: the gateway must drop it and let go of the connection by itself.
-            for _ in range(100):
-                if not _gateway_has_peer(pid, client_port):
-                    break
-                await asyncio.sleep(0.2)
-            still_connected = _gateway_has_peer(pid, client_port)
+            await wait_until(
+                lambda: not _gateway_has_peer(pid, client_port),
+                "the gateway let go of a dropped subscriber's connection",
+                timeout_s=20,
+                interval_s=0.2,
+            )
             disconnects = await slow_disconnects(session, gw.url)
             part = await stalled.read_rest()
             rest = await follow_sse(session, gw.url + path, cursor=part[-1]["id"])
             log_stream = (await read_log_streams(settings, [rid]))[rid]
     assert disconnects >= 1
-    assert not still_connected, "the gateway kept a dropped subscriber's connection open"
     assert len(part) < len(log_stream)
     result = tally(part + rest.events, log_stream)
     assert result.clean, result

@@ -15,7 +15,7 @@ import pytest
 from gateway.api.responses import request_id_of_response
 from gateway.api.responses_events import response_id
 from schemas.ids import new_request_id
-from services.local.broker.runner import free_port
+from services.local.broker.cluster import free_port_block
 from services.topics import ensure_topics
 from tests.integration.gateway_support import (
     gateway_settings,
@@ -24,6 +24,7 @@ from tests.integration.gateway_support import (
     running_gateway,
     running_worker,
 )
+from tests.integration.secure_support import SECURE_TOO
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(400)]
 
@@ -53,9 +54,10 @@ async def until_ended(api: openai.AsyncOpenAI, rid: str, deadline_s: float = 120
     raise AssertionError(f"response {rid} still {response.status} after {deadline_s} s")
 
 
+@SECURE_TOO
 async def test_background_stream_resumes_after_the_gateway_is_killed(kafka_bootstrap: str, topic_prefix: str) -> None:
     settings = gateway_settings(kafka_bootstrap, topic_prefix, api_keys=("key-one", "key-two"))
-    other_settings = dataclasses.replace(settings, gateway_port=free_port())
+    other_settings = dataclasses.replace(settings, gateway_port=free_port_block(1))
     await ensure_topics(settings)
     with (
         running_gateway(settings) as gw,

@@ -6,11 +6,11 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Callable
 
 import aiohttp
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from services.topics import ensure_topics
 from tests.integration.gateway_support import (
@@ -19,12 +19,14 @@ from tests.integration.gateway_support import (
     Tally,
     follow_sse,
     gateway_settings,
+    metric,
     read_log_streams,
     read_sse,
     running_worker,
     stream_text,
     tally,
 )
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -32,31 +34,27 @@ SEED = 20261125
 PARTITIONS = 6
 
 
-async def metric(session: aiohttp.ClientSession, base: str, name: str) -> float:
-    async with session.get(f"{base}/metrics") as response:
-        text = await response.text()
-    for family in text_string_to_metric_families(text):
-        if family.name == name:
-            return float(sum(s.value for s in family.samples))
-    return 0.0
-
-
 async def wait_partitions_shared(
     session: aiohttp.ClientSession, bases: list[str], partitions: int = PARTITIONS, timeout_s: float = 90.0
 ) -> None:
     """Until the group has given every partition to exactly one of these gateways, and each reads some."""
-    deadline = time.monotonic() + timeout_s
     owned: list[float] = []
-    while time.monotonic() < deadline:
+
+    async def shared() -> bool:
+        nonlocal owned
         owned = [await metric(session, base, "tokenrelay_gateway_owned_partitions") for base in bases]
-        if sum(owned) == partitions and all(owned):
-            return
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"partitions owned per gateway after {timeout_s} s: {owned}")
+        return sum(owned) == partitions and all(owned)
+
+    await wait_until(shared, lambda: f"partitions owned per gateway: {owned}", timeout_s=timeout_s, interval_s=0.2)
 
 
 async def follow_across(
-    session: aiohttp.ClientSession, bases: list[str], rid: str, first: int, deadline_s: float = 150.0
+    session: aiohttp.ClientSession,
+    bases: list[str],
+    rid: str,
+    first: int,
+    deadline_s: float = 150.0,
+    on_event: Callable[[dict[str, str]], None] | None = None,
 ) -> tuple[Followed, set[str]]:
     """A client that starts on ``bases[first]`` and, when a connection fails, resumes on the next gateway with its
     Last-Event-ID (an EventSource behind a load balancer). Returns what it saw and the gateways it used."""
@@ -68,7 +66,8 @@ async def follow_across(
     while time.monotonic() < deadline:
         base = bases[i % len(bases)]
         used.add(base)
-        part = await follow_sse(session, f"{base}/v1/requests/{rid}/events", cursor=cursor, deadline_s=0.3)
+        url = f"{base}/v1/requests/{rid}/events"
+        part = await follow_sse(session, url, cursor=cursor, deadline_s=0.3, on_event=on_event)
         total.events += part.events
         total.connections += part.connections
         total.errors += part.errors
@@ -97,9 +96,20 @@ async def openai_stream(base: str, prompt: str, max_tokens: int) -> tuple[str, s
     return rid, "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
 
 
+async def submit(session: aiohttp.ClientSession, bases: list[str], n: int, rng: random.Random) -> list[str]:
+    """Ids of ``n`` long requests, submitted through the given gateways in turn."""
+    ids = []
+    for k in range(n):
+        body = {"prompt": "a long answer", "max_tokens": rng.randint(150, 180)}
+        async with session.post(f"{bases[k % len(bases)]}/v1/requests", json=body) as response:
+            assert response.status == 202, await response.text()
+            ids.append((await response.json())["id"])
+    return ids
+
+
 async def test_a_third_gateway_joins_mid_run_then_is_sigkilled(kafka_bootstrap: str, topic_prefix: str) -> None:
     rng = random.Random(SEED)
-    n_requests = 24
+    n_early, n_late = 24, 8  # streams running when the third gateway joins; streams started once it has
     settings = [
         gateway_settings(
             kafka_bootstrap,
@@ -115,7 +125,7 @@ async def test_a_third_gateway_joins_mid_run_then_is_sigkilled(kafka_bootstrap: 
     began = time.monotonic()
     try:
         for gw in gateways[:2]:
-            await asyncio.to_thread(gw.start)
+            await gw.start_async()
         bases = [gw.url for gw in gateways]
         connector = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(connector=connector) as session:
@@ -126,32 +136,50 @@ async def test_a_third_gateway_joins_mid_run_then_is_sigkilled(kafka_bootstrap: 
                 TOKENRELAY_SYNTHETIC_TOKENS_PER_S="15",
                 TOKENRELAY_MAX_BATCH_SIZE="64",
             ):
-                ids = []
-                for k in range(n_requests):  # submitted through both gateways in turn
-                    body = {"prompt": "a long answer", "max_tokens": rng.randint(150, 180)}
-                    async with session.post(f"{bases[k % 2]}/v1/requests", json=body) as response:
-                        assert response.status == 202, await response.text()
-                        ids.append((await response.json())["id"])
+                early = await submit(session, bases[:2], n_early, rng)
                 watchers = {
-                    (rid, g): asyncio.create_task(follow_across(session, bases, rid, g)) for rid in ids for g in (0, 1)
+                    (rid, g): asyncio.create_task(follow_across(session, bases, rid, g))
+                    for rid in early
+                    for g in (0, 1)
                 }
                 # OpenAI streams on the two gateways that stay up: their requests' partitions move under them.
                 chats = [asyncio.create_task(openai_stream(bases[g], "hello there", 160)) for g in (0, 1, 0, 1)]
                 # A third gateway joins while the streams run (partitions move to it), is watched through too...
-                await asyncio.to_thread(gateways[2].start)
+                await gateways[2].start_async()
                 await wait_partitions_shared(session, bases)
-                for rid in ids:
+                late = await submit(session, bases[:2], n_late, rng)
+                tokens_via_newcomer = dict.fromkeys(late, 0)
+
+                def counter(rid: str) -> Callable[[dict[str, str]], None]:
+                    def count(event: dict[str, str]) -> None:
+                        tokens_via_newcomer[rid] += event["event"] == "token"
+
+                    return count
+
+                for rid in early:
                     watchers[(rid, 2)] = asyncio.create_task(follow_across(session, bases, rid, 2))
-                # ... and is SIGKILLed mid-run: its partitions move again, its clients resume on the others.
-                await asyncio.sleep(1.5)
-                assert not any(t.done() for t in watchers.values()), "streams ended before the kill"
+                for rid in late:
+                    watchers[(rid, 2)] = asyncio.create_task(
+                        follow_across(session, bases, rid, 2, on_event=counter(rid))
+                    )
+                    for g in (0, 1):
+                        watchers[(rid, g)] = asyncio.create_task(follow_across(session, bases, rid, g))
+                # ... and is SIGKILLed mid-run, once the late streams flow through it: its partitions move again, and
+                # every client of it still streaming resumes on the others.
+                await wait_until(
+                    lambda: all(tokens_via_newcomer.values()),
+                    lambda: f"tokens through the third gateway per late stream: {list(tokens_via_newcomer.values())}",
+                )
+                live_on_victim = {key for key, task in watchers.items() if key[1] == 2 and not task.done()}
+                assert {(rid, 2) for rid in late} <= live_on_victim, "the late streams ended before the kill"
                 gateways[2].kill()
                 killed_at = time.monotonic()
                 results = {key: await task for key, task in watchers.items()}
                 chat_results = [await t for t in chats]
                 survivors = bases[:2]
                 moved = [await metric(session, b, "tokenrelay_gateway_owned_partitions") for b in survivors]
-                upstreams = [await metric(session, b, "tokenrelay_gateway_upstream_connects") for b in survivors]
+                upstreams = [await metric(session, b, "tokenrelay_gateway_upstream_connects_total") for b in survivors]
+                ids = early + late
                 all_ids = ids + [rid for rid, _ in chat_results]
                 log_streams = await read_log_streams(settings[0], all_ids)
                 vs_log, vs_fresh = Tally(), Tally()
@@ -166,19 +194,18 @@ async def test_a_third_gateway_joins_mid_run_then_is_sigkilled(kafka_bootstrap: 
     finally:
         for gw in gateways:
             gw.stop()
-    moved_clients = sum(1 for (_rid, g), _ in results.items() if g == 2)
-    resumed = sum(1 for (_rid, g), (f, used) in results.items() if g == 2 and len(used) > 1)
+    resumed = sum(1 for key in live_on_victim if len(results[key][1]) > 1)
     print(
-        f"\n{n_requests} requests x 3 gateways = {len(results)} native streams + {len(chat_results)} OpenAI streams; "
-        f"gateway 3 SIGKILLed {killed_at - began:.1f}s in; {resumed}/{moved_clients} of its clients resumed elsewhere; "
-        f"survivors now read {moved} partitions and opened {upstreams} upstream streams\n"
-        f"  against the log: {vs_log}\n  fresh reads:     {vs_fresh}"
+        f"\n{n_early} + {n_late} requests x 3 gateways = {len(results)} native streams + {len(chat_results)} OpenAI "
+        f"streams; gateway 3 SIGKILLed {killed_at - began:.1f}s in; {resumed}/{len(live_on_victim)} of its clients "
+        f"still streaming resumed elsewhere; survivors now read {moved} partitions and opened {upstreams} upstream "
+        f"streams\n  against the log: {vs_log}\n  fresh reads:     {vs_fresh}"
     )
     assert sum(moved) == PARTITIONS  # the victim's partitions moved to the survivors
     assert all(upstreams)  # each survivor followed requests from the others
-    assert resumed == moved_clients  # every client of the victim finished on another gateway
+    assert resumed == len(live_on_victim)  # every client of the victim still streaming finished on another gateway
     assert vs_log.clean and vs_fresh.clean, (vs_log, vs_fresh)
-    assert vs_log.streams == 3 * n_requests
+    assert vs_log.streams == 3 * len(ids)
 
 
 async def test_a_gateway_follows_another_with_keys_on(kafka_bootstrap: str, topic_prefix: str) -> None:
@@ -190,7 +217,7 @@ async def test_a_gateway_follows_another_with_keys_on(kafka_bootstrap: str, topi
     gateways = [GatewayProcess(s) for s in settings]
     try:
         for gw in gateways:
-            await asyncio.to_thread(gw.start)
+            await gw.start_async()
         bases = [gw.url for gw in gateways]
         auth = {"Authorization": "Bearer key-one"}
         async with aiohttp.ClientSession() as session:
@@ -204,7 +231,7 @@ async def test_a_gateway_follows_another_with_keys_on(kafka_bootstrap: str, topi
                         assert response.status == 202, await response.text()
                         ids.append((await response.json())["id"])
                 streams = [await read_sse(session, f"{bases[1]}/v1/requests/{rid}/events", headers=auth) for rid in ids]
-                followed = await metric(session, bases[1], "tokenrelay_gateway_upstream_connects")
+                followed = await metric(session, bases[1], "tokenrelay_gateway_upstream_connects_total")
                 log_streams = await read_log_streams(settings[0], ids)
     finally:
         for gw in gateways:

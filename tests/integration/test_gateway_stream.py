@@ -19,6 +19,7 @@ from tests.integration.gateway_support import (
     scripted_stream,
     wait_subscribers,
 )
+from tests.integration.secure_support import SECURE_TOO
 from tests.integration.worker_helpers import announce
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
@@ -52,6 +53,7 @@ async def test_resume_after_k_events_equals_whole_stream(kafka_bootstrap: str, t
             assert 'tokenrelay_gateway_replays_total{source="kafka"}' in metrics
 
 
+@SECURE_TOO
 async def test_resume_across_gateway_sigkill(kafka_bootstrap: str, topic_prefix: str) -> None:
     settings = gateway_settings(kafka_bootstrap, topic_prefix)
     await ensure_topics(settings)

@@ -11,7 +11,6 @@ import pytest
 
 from services.topics import ensure_topics
 from tests.integration.gateway_support import gateway_settings, read_sse, running_gateway, running_worker
-from tests.tinymodel import build_tiny_model
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -19,11 +18,11 @@ TINY_CONTEXT = 256  # max_position_embeddings of the test model
 
 
 async def test_each_request_is_answered_by_the_model_it_names(
-    kafka_bootstrap: str, topic_prefix: str, tmp_path: Path
+    kafka_bootstrap: str, topic_prefix: str, tiny_model_dir: Path
 ) -> None:
     settings = gateway_settings(kafka_bootstrap, topic_prefix)
     await ensure_topics(settings, models=["tiny", "synth"])
-    tiny = str(build_tiny_model(tmp_path / "tiny"))
+    tiny = str(tiny_model_dir)
     with (
         running_gateway(settings) as gw,
         running_worker(settings, TOKENRELAY_MODEL=tiny, TOKENRELAY_SERVED_NAME="tiny", TOKENRELAY_DEVICE="cpu"),

@@ -16,7 +16,6 @@ from services.settings import Settings
 from services.topics import ensure_topics
 from tests.integration.crash_worker import POISON
 from tests.integration.worker_helpers import collect_records, dlq_records, produce, worker_process
-from tests.tinymodel import build_tiny_model
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -25,9 +24,9 @@ DEADLINE_S = 420.0
 
 
 async def test_a_request_that_kills_every_worker_ends_in_the_dlq_with_an_error(
-    kafka_bootstrap: str, topic_prefix: str, tmp_path: Path
+    kafka_bootstrap: str, topic_prefix: str, tiny_model_dir: Path
 ) -> None:
-    model_dir = build_tiny_model(tmp_path / "tiny")
+    model_dir = tiny_model_dir
     settings = Settings.from_env(
         {},
         kafka_bootstrap=kafka_bootstrap,

@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from subprocess import PIPE
 from typing import Any
 
 import pytest
@@ -23,6 +24,7 @@ from services.schema_registry import prepare_codec
 from services.settings import Settings
 from services.topics import ensure_topics
 from tests.integration.worker_helpers import worker_process
+from tests.isolation import in_thread
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -42,6 +44,7 @@ MINIMAL_REQUEST_SCHEMA = """{
   ]
 }"""
 MAX_TOKENS = 8
+REGISTRY_TIMEOUT_S = 10  # confluent-kafka's registry client waits without end by default
 
 
 def _settings(kafka_bootstrap: str, topic_prefix: str, registry: str) -> Settings:
@@ -67,75 +70,106 @@ def _payload_type(payload: dict[str, Any]) -> str:
 
 
 class RegistryOnlyReader:
-    """confluent-kafka's Consumer and AvroDeserializer, configured with nothing but the broker and registry URL."""
+    """confluent-kafka's Consumer and AvroDeserializer, configured with nothing but the broker and registry URL.
+
+    Each read runs in a thread of its own (confluent-kafka blocks) with a consumer of its own, made, polled and
+    closed in that thread: with a deadline, and ending soon after its test is cancelled (``in_thread``).
+    """
 
     def __init__(self, bootstrap: str, registry: str):
-        from confluent_kafka import Consumer
         from confluent_kafka.schema_registry import SchemaRegistryClient
         from confluent_kafka.schema_registry.avro import AvroDeserializer
 
-        self.consumer = Consumer(
-            {"bootstrap.servers": bootstrap, "group.id": f"reader-{new_request_id()}", "enable.auto.commit": False}
-        )
-        self.registry = SchemaRegistryClient({"url": registry})
+        self.bootstrap = bootstrap
+        self.registry = SchemaRegistryClient({"url": registry, "timeout": REGISTRY_TIMEOUT_S})
         self.deserialize = AvroDeserializer(self.registry)
 
-    def read_topic(self, topic: str, partitions: int) -> list[tuple[bytes, Any]]:
+    async def read_topic(self, topic: str, partitions: int, timeout_s: float = 60.0) -> list[tuple[bytes, Any]]:
         """Every (raw value, decoded value) of ``topic`` from the beginning to its current end."""
-        from confluent_kafka import TopicPartition
-        from confluent_kafka.serialization import MessageField, SerializationContext
+        return await in_thread(lambda stop: self._read_topic(stop, topic, partitions, timeout_s))
 
-        watermarks = self.consumer.get_watermark_offsets
-        ends = {p: watermarks(TopicPartition(topic, p), timeout=10)[1] for p in range(partitions)}
-        self.consumer.assign([TopicPartition(topic, p, 0) for p in range(partitions)])
-        out: list[tuple[bytes, Any]] = []
-        seen = dict.fromkeys(ends, 0)
-        deadline = time.monotonic() + 60
-        while any(seen[p] < ends[p] for p in ends):
-            assert time.monotonic() < deadline, f"{topic}: read {seen} of {ends}"
-            message = self.consumer.poll(0.5)
-            if message is None or message.error() is not None:
-                continue
-            partition, offset, raw = message.partition(), message.offset(), message.value()
-            assert partition is not None and offset is not None and raw is not None
-            seen[partition] = offset + 1
-            out.append((raw, self.deserialize(raw, SerializationContext(topic, MessageField.VALUE))))
-        self.consumer.unassign()
-        return out
-
-    def events_until(self, topic: str, partitions: int, done: Callable[[list[dict[str, Any]]], bool]) -> list[Any]:
+    async def events_until(
+        self, topic: str, partitions: int, done: Callable[[list[dict[str, Any]]], bool], timeout_s: float = 90.0
+    ) -> list[Any]:
         """Decoded events of ``topic`` from the beginning, polled until ``done(events)``."""
+        return await in_thread(lambda stop: self._events_until(stop, topic, partitions, done, timeout_s))
+
+    def _consumer(self, topic: str, partitions: int) -> Any:
+        from confluent_kafka import Consumer, TopicPartition
+
+        consumer = Consumer(
+            {"bootstrap.servers": self.bootstrap, "group.id": f"reader-{new_request_id()}", "enable.auto.commit": False}
+        )
+        consumer.assign([TopicPartition(topic, p, 0) for p in range(partitions)])
+        return consumer
+
+    def _read_topic(
+        self, stop: threading.Event, topic: str, partitions: int, timeout_s: float
+    ) -> list[tuple[bytes, Any]]:
         from confluent_kafka import TopicPartition
         from confluent_kafka.serialization import MessageField, SerializationContext
 
-        self.consumer.assign([TopicPartition(topic, p, 0) for p in range(partitions)])
-        events: list[dict[str, Any]] = []
-        deadline = time.monotonic() + 90
-        while not done(events):
-            assert time.monotonic() < deadline, f"{len(events)} events so far"
-            message = self.consumer.poll(0.5)
-            if message is None or message.error() is not None:
-                continue
-            events.append(self.deserialize(message.value(), SerializationContext(topic, MessageField.VALUE)))
-        self.consumer.unassign()
-        return events
+        consumer = self._consumer(topic, partitions)
+        try:
+            watermarks = consumer.get_watermark_offsets
+            ends = {p: watermarks(TopicPartition(topic, p), timeout=10)[1] for p in range(partitions)}
+            out: list[tuple[bytes, Any]] = []
+            seen = dict.fromkeys(ends, 0)
+            deadline = time.monotonic() + timeout_s
+            while any(seen[p] < ends[p] for p in ends) and not stop.is_set():
+                assert time.monotonic() < deadline, f"{topic}: read {seen} of {ends} in {timeout_s} s"
+                message = consumer.poll(0.5)
+                if message is None or message.error() is not None:
+                    continue
+                partition, offset, raw = message.partition(), message.offset(), message.value()
+                assert partition is not None and offset is not None and raw is not None
+                seen[partition] = offset + 1
+                out.append((raw, self.deserialize(raw, SerializationContext(topic, MessageField.VALUE))))
+            return out
+        finally:
+            consumer.close()
+
+    def _events_until(
+        self,
+        stop: threading.Event,
+        topic: str,
+        partitions: int,
+        done: Callable[[list[dict[str, Any]]], bool],
+        timeout_s: float,
+    ) -> list[Any]:
+        from confluent_kafka.serialization import MessageField, SerializationContext
+
+        consumer = self._consumer(topic, partitions)
+        try:
+            events: list[dict[str, Any]] = []
+            deadline = time.monotonic() + timeout_s
+            while not done(events) and not stop.is_set():
+                assert time.monotonic() < deadline, f"{len(events)} events of {topic} in {timeout_s} s"
+                message = consumer.poll(0.5)
+                if message is None or message.error() is not None:
+                    continue
+                events.append(self.deserialize(message.value(), SerializationContext(topic, MessageField.VALUE)))
+            return events
+        finally:
+            consumer.close()
 
     def close(self) -> None:
-        self.consumer.close()
         self.registry.close()
 
 
-def _serializer_producer(settings: Settings, registry: str, request_ids: list[str]) -> None:
+def _serializer_producer(stop: threading.Event, settings: Settings, registry: str, request_ids: list[str]) -> None:
     """A backend service: confluent-kafka's Producer and AvroSerializer, straight onto the requests topic."""
     from confluent_kafka import Producer
     from confluent_kafka.schema_registry import SchemaRegistryClient
     from confluent_kafka.schema_registry.avro import AvroSerializer
     from confluent_kafka.serialization import MessageField, SerializationContext
 
-    with SchemaRegistryClient({"url": registry}) as client:
+    with SchemaRegistryClient({"url": registry, "timeout": REGISTRY_TIMEOUT_S}) as client:
         serialize = AvroSerializer(client, MINIMAL_REQUEST_SCHEMA)
         producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, "enable.idempotence": True})
         for rid in request_ids:
+            if stop.is_set():
+                return
             value = {"request_id": rid, "prompt": "Once upon a time", "max_tokens": MAX_TOKENS}
             producer.produce(
                 settings.requests_topic,
@@ -171,7 +205,7 @@ async def test_registry_alone_decodes_every_topic_and_a_serializer_producer_is_s
     try:
         with worker_process(settings):
             served = [new_request_id() for _ in range(3)]
-            await asyncio.to_thread(_serializer_producer, settings, schema_registry_url, served)
+            await in_thread(lambda stop: _serializer_producer(stop, settings, schema_registry_url, served))
             # A long request, cancelled through the control topic by tokenrelay's own (Confluent-framed) writer.
             codec = await prepare_codec(settings)
             long_id = new_request_id()
@@ -181,14 +215,14 @@ async def test_registry_alone_decodes_every_topic_and_a_serializer_producer_is_s
             def started(events: list[dict[str, Any]]) -> bool:
                 return any(e["request_id"] == long_id and "worker" in e["payload"] for e in events)
 
-            await asyncio.to_thread(reader.events_until, settings.events_topic, 2, started)
+            await reader.events_until(settings.events_topic, 2, started)
             cancel = codec.encode(ControlEvent(long_id, "cancel", int(time.time() * 1000), "test"))
             await _send(settings, settings.control_topic, long_id, cancel, "ControlEvent")
 
             def all_ended(events: list[dict[str, Any]]) -> bool:
                 return all(_terminal(events, rid) is not None for rid in [*served, long_id])
 
-            events = await asyncio.to_thread(reader.events_until, settings.events_topic, 2, all_ended)
+            events = await reader.events_until(settings.events_topic, 2, all_ended)
 
         for rid in served:
             finished = _terminal(events, rid)
@@ -207,13 +241,13 @@ async def test_registry_alone_decodes_every_topic_and_a_serializer_producer_is_s
             (settings.control_topic, 1),
             (settings.models_topic, 1),
         ):
-            records = await asyncio.to_thread(reader.read_topic, topic, partitions)
+            records = await reader.read_topic(topic, partitions)
             assert all(raw[:1] == b"\x00" for raw, _ in records), topic
             assert all(isinstance(value, dict) for _, value in records), topic
             counts[topic] = len(records)
         assert counts[settings.requests_topic] == 4 and counts[settings.control_topic] == 1
         assert counts[settings.events_topic] >= 4 * 3
-        assert (await asyncio.to_thread(reader.read_topic, settings.dlq_topic, 1)) == []
+        assert (await reader.read_topic(settings.dlq_topic, 1)) == []
     finally:
         reader.close()
 
@@ -253,9 +287,7 @@ async def test_single_object_records_still_work(
     try:
         with worker_process(settings):
             await _send(settings, settings.requests_topic, rid, legacy, "InferenceRequest")
-            events = await asyncio.to_thread(
-                reader.events_until, settings.events_topic, 2, lambda evs: _terminal(evs, rid) is not None
-            )
+            events = await reader.events_until(settings.events_topic, 2, lambda evs: _terminal(evs, rid) is not None)
     finally:
         reader.close()
     finished = _terminal(events, rid)
@@ -268,7 +300,7 @@ async def test_single_object_records_still_work(
     "or set TOKENRELAY_TEST_QUIX_PYTHON)",
 )
 async def test_quixstreams_counts_the_tokens_of_each_request(
-    kafka_bootstrap: str, topic_prefix: str, schema_registry_url: str
+    kafka_bootstrap: str, topic_prefix: str, schema_registry_url: str, tmp_path: Path
 ) -> None:
     settings = _settings(kafka_bootstrap, topic_prefix, schema_registry_url)
     await ensure_topics(settings)
@@ -280,20 +312,24 @@ async def test_quixstreams_counts_the_tokens_of_each_request(
             for n, rid in enumerate(ids):
                 request = codec.encode(InferenceRequest(rid, f"story {n}", MAX_TOKENS + n))
                 await _send(settings, settings.requests_topic, rid, request, "InferenceRequest")
-            await asyncio.to_thread(
-                reader.events_until,
-                settings.events_topic,
-                2,
-                lambda evs: all(_terminal(evs, rid) is not None for rid in ids),
+            await reader.events_until(
+                settings.events_topic, 2, lambda evs: all(_terminal(evs, rid) is not None for rid in ids)
             )
     finally:
         reader.close()
     argv = [str(QUIX_PYTHON), str(QUIX_APP), kafka_bootstrap, schema_registry_url, settings.events_topic, *ids]
     # Its own environment: nothing of this venv or of tokenrelay leaks into the quixstreams process.
     env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp")}
-    result = await asyncio.to_thread(subprocess.run, argv, capture_output=True, text=True, timeout=240, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    counts = json.loads(result.stdout.strip().splitlines()[-1])
+    # Its cwd is a temporary directory: quixstreams keeps its state directory there.
+    quix = await asyncio.create_subprocess_exec(*argv, stdout=PIPE, stderr=PIPE, env=env, cwd=tmp_path)
+    try:
+        stdout, stderr = await asyncio.wait_for(quix.communicate(), 240)
+    finally:
+        if quix.returncode is None:
+            quix.kill()
+            await quix.wait()
+    assert quix.returncode == 0, stderr.decode()[-3000:]
+    counts = json.loads(stdout.decode().strip().splitlines()[-1])
     assert set(counts) == set(ids)
     for n, rid in enumerate(ids):
         assert counts[rid]["delta_tokens"] == counts[rid]["usage"] == MAX_TOKENS + n, counts
@@ -314,3 +350,21 @@ async def test_auto_register_off_looks_up_the_registered_ids(topic_prefix: str, 
     assert looked_up.schema_ids == {
         name: registered.schema_ids[name] for name in ("InferenceRequest", "TokenEvent", "ControlEvent", "ModelInfo")
     }
+
+
+async def test_subjects_are_backward_compatible_so_a_string_schema_is_refused(
+    topic_prefix: str, schema_registry_url: str
+) -> None:
+    """The review registered `"string"` as the latest tokenrelay.events-value (compatibility NONE)."""
+    from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
+    from confluent_kafka.schema_registry.error import SchemaRegistryError
+
+    settings = Settings(topic_prefix=topic_prefix, schema_registry_url=schema_registry_url)
+    codec = await prepare_codec(settings, [settings.events_topic])
+    subject = f"{settings.events_topic}-value"
+    with SchemaRegistryClient({"url": schema_registry_url}) as client:
+        assert client.get_compatibility(subject) == "BACKWARD"
+        with pytest.raises(SchemaRegistryError) as refused:
+            client.register_schema(subject, Schema('"string"', "AVRO"))
+        assert refused.value.http_status_code == 409
+        assert client.get_latest_version(subject).schema_id == codec.schema_ids["TokenEvent"]

@@ -227,3 +227,41 @@ def test_up_with_an_unreachable_cluster_is_one_line(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert done.stderr.startswith("tokenrelay: no Kafka broker answers at 127.0.0.1:") and done.stderr.count("\n") == 1
     assert "(from TOKENRELAY_KAFKA_BOOTSTRAP)" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_up_secure_runs_each_component_as_its_role(tmp_path: Path, topic_prefix: str, schema_registry_url: str) -> None:
+    gateway_port, analytics_port, broker_port = free_port(), free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENRELAY_") or k == "TOKENRELAY_CACHE_DIR"}
+    env |= {
+        "TOKENRELAY_BROKER_DATA_DIR": str(tmp_path / "broker"),
+        "TOKENRELAY_TOPIC_PREFIX": topic_prefix,
+        "TOKENRELAY_ANALYTICS_WINDOW_S": "5",
+        "TOKENRELAY_SCHEMA_REGISTRY_URL": schema_registry_url,
+    }
+    argv = ["up", "--secure", "--engine", "synthetic", "--broker-port", str(broker_port), "--metrics-port", "0"]
+    argv += ["--gateway-port", str(gateway_port), "--analytics-port", str(analytics_port)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.cli", *argv], env=env, stdout=subprocess.PIPE, text=True, bufsize=1
+    )
+    try:
+        banner = _wait_for_banner(proc, time.monotonic() + READY_S)
+        assert "SASL_SSL with SCRAM-SHA-512, ACLs on" in banner
+        assert f"{tmp_path / 'broker-secure' / 'security' / 'ca.pem'}" in banner
+        assert "export TOKENRELAY_KAFKA_SASL_USERNAME=admin" in banner
+        # Each child was started with its own user (the gateway's environment is visible to us).
+        children = psutil.Process(proc.pid).children(recursive=True)
+        users = {p.environ().get("TOKENRELAY_KAFKA_SASL_USERNAME") for p in children if "java" not in p.name()}
+        assert {"worker", "gateway", "analytics"} <= users and "admin" not in users
+        item = _post(f"http://127.0.0.1:{gateway_port}/v1/requests", {"prompt": "one two", "max_tokens": 5})
+        events = _sse_events(f"http://127.0.0.1:{gateway_port}{item['events_url']}")
+        assert events[-1][0] == "done" and _tokens(events) == 5
+        deadline = time.monotonic() + 120
+        while _get(f"http://127.0.0.1:{analytics_port}/usage")["totals"]["requests"] < 2:  # the probe and ours
+            assert time.monotonic() < deadline, "analytics never counted the requests"
+            time.sleep(1)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(90)
+        assert proc.stdout is not None
+        proc.stdout.close()
+    assert proc.returncode == 0

@@ -28,10 +28,13 @@ async def test_topic_creation_is_idempotent(kafka_bootstrap: str, topic_prefix: 
     assert sorted(first) == sorted(
         [
             settings.requests_topic,
+            settings.requests_topic_for(settings.served_model, "batch"),
             settings.events_topic,
             settings.control_topic,
             settings.dlq_topic,
             settings.models_topic,
+            settings.files_topic,
+            settings.batches_topic,
         ]
     )
     assert second == []

@@ -3,31 +3,26 @@ client following the log loses and repeats no token."""
 
 from __future__ import annotations
 
-import asyncio
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 from aiokafka import TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.errors import GroupCoordinatorNotAvailableError
 
 from schemas.codec import default_codec
 from schemas.ids import new_request_id
 from schemas.partitioning import partition_for_key
-from schemas.records import Delta, Finished, InferenceRequest, Started, TokenEvent
+from schemas.records import Delta, Finished, InferenceRequest, Started
 from schemas.sampling import SamplingParams
-from schemas.view import View
 from services.kafka import make_consumer, start_client
 from services.local.process import quiet_env
 from services.settings import Settings
 from services.topics import ensure_topics
-from tests.integration.worker_helpers import collect_records, produce
-from tests.tinymodel import build_tiny_model
+from tests.integration.secure_support import SECURE_TOO, as_role, secured, security
+from tests.integration.worker_helpers import client_view, collect_records, describe, produce, wait_group_members
 from workers.engine.engine import Engine
 from workers.engine.types import EngineRequest
 
@@ -43,58 +38,6 @@ SESSION_TIMEOUT_MS = "6000"  # the broker's default group.min.session.timeout.ms
 MIN_CAUGHT = 5
 
 
-@dataclass
-class ClientView:
-    """What a client following the request's log (through the gateway's view) ends up showing."""
-
-    token_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    seamless: int = 0
-    restarts: int = 0
-    terminals: list[str] = field(default_factory=list)
-
-
-def client_view(request_id: str, records: list[tuple[int, TokenEvent]]) -> ClientView:
-    """Replay the log through the gateway's View: seamless continuations keep the tokens, a restart replaces them."""
-    view = View(request_id)
-    run_tokens: dict[str, list[int]] = {}  # tokens each run stands for (inherited + its own), from the log
-    out = ClientView()
-    for offset, ev in records:
-        payload = ev.payload
-        if isinstance(payload, Started):
-            inherited = run_tokens.get(payload.continues_run_id or "", [])
-            run_tokens[ev.run_id] = inherited[: payload.continued_tokens]
-        elif isinstance(payload, Delta):
-            run_tokens.setdefault(ev.run_id, []).extend(payload.token_ids)
-        previous_run = view.run_id
-        shown = view.feed(offset, ev)
-        if shown is None:
-            if isinstance(payload, Started) and previous_run not in (None, ev.run_id) and view.run_id == ev.run_id:
-                out.seamless += 1
-            continue
-        if shown.event in ("started", "restart"):
-            out.restarts += shown.event == "restart"
-            out.token_ids = list(run_tokens[ev.run_id])
-            out.text = shown.data.get("text", "")
-        elif shown.event == "token":
-            out.token_ids += shown.data["token_ids"]
-            out.text += shown.data["text"]
-        elif shown.terminal:
-            out.terminals.append(shown.event)
-    return out
-
-
-def describe(ev: TokenEvent) -> str:
-    """One line per event, for a failure message."""
-    p = ev.payload
-    if isinstance(p, Started):
-        base = (p.continues_run_id or "-")[:6]
-        return f"{ev.run_id[:6]} {ev.seq} Started by {p.worker}, continues {base} at {p.continued_tokens}"
-    if isinstance(p, Delta):
-        return f"{ev.run_id[:6]} {ev.seq} Delta {len(p.token_ids)}"
-    return f"{ev.run_id[:6]} {ev.seq} {p}"
-
-
 def balanced_requests() -> list[InferenceRequest]:
     """PER_PARTITION requests on every requests partition, so each worker surely gets a full batch."""
     per: dict[int, list[InferenceRequest]] = {p: [] for p in range(REQUEST_PARTITIONS)}
@@ -106,29 +49,6 @@ def balanced_requests() -> list[InferenceRequest]:
             bucket.append(InferenceRequest(rid, f"The quick brown fox {i}", MAX_TOKENS, temperature=0.0))
             i += 1
     return [r for v in per.values() for r in v]
-
-
-async def wait_group_members(settings: Settings, count: int, timeout_s: float = 90.0) -> None:
-    """Until the worker group is Stable with ``count`` members that all hold partitions."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
-    await admin.start()
-    try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                (response,) = await admin.describe_consumer_groups([settings.worker_group])
-            except GroupCoordinatorNotAvailableError:  # a fresh broker creates its offsets topic on first use
-                assert time.monotonic() < deadline, "no group coordinator"
-                await asyncio.sleep(0.2)
-                continue
-            group = response.groups[0]
-            state, members = group[2], group[5]
-            if state == "Stable" and len(members) == count and all(len(m[-1]) > 8 for m in members):
-                return
-            assert time.monotonic() < deadline, f"group {state} with {len(members)} members"
-            await asyncio.sleep(0.2)
-    finally:
-        await admin.close()
 
 
 async def kill_when_mid_generation(settings: Settings, victim: subprocess.Popen[bytes], worker: str) -> int:
@@ -162,7 +82,7 @@ async def kill_when_mid_generation(settings: Settings, victim: subprocess.Popen[
 
 def spawn(settings: Settings, model_dir: Path, name: str) -> subprocess.Popen[bytes]:
     env = quiet_env(
-        settings,
+        as_role(settings, "worker"),
         TOKENRELAY_MODEL=str(model_dir),
         TOKENRELAY_SERVED_NAME=settings.served_model,
         TOKENRELAY_DEVICE="cpu",
@@ -175,18 +95,22 @@ def spawn(settings: Settings, model_dir: Path, name: str) -> subprocess.Popen[by
     return subprocess.Popen([sys.executable, "-m", "tests.integration.slow_worker"], cwd=ROOT, env=env)
 
 
+@SECURE_TOO
 async def test_sigkill_one_of_two_workers_mid_generation(
-    kafka_bootstrap: str, topic_prefix: str, tmp_path: Path
+    kafka_bootstrap: str, topic_prefix: str, tiny_model_dir: Path
 ) -> None:
-    settings = Settings.from_env(
-        {},
-        kafka_bootstrap=kafka_bootstrap,
-        topic_prefix=topic_prefix,
-        requests_partitions=REQUEST_PARTITIONS,
-        events_partitions=2,
+    settings = secured(
+        Settings.from_env(
+            {},
+            kafka_bootstrap=kafka_bootstrap,
+            topic_prefix=topic_prefix,
+            requests_partitions=REQUEST_PARTITIONS,
+            events_partitions=2,
+            **security(kafka_bootstrap),
+        )
     )
     await ensure_topics(settings)
-    model_dir = build_tiny_model(tmp_path / "tiny")
+    model_dir = tiny_model_dir
     requests = balanced_requests()
     ids = [r.request_id for r in requests]
     workers = [spawn(settings, model_dir, "w1"), spawn(settings, model_dir, "w2")]

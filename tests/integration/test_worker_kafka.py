@@ -18,16 +18,10 @@ from schemas.sampling import SamplingParams
 from services.settings import Settings
 from services.topics import ensure_topics
 from tests.integration.worker_helpers import cancel, collect, dlq_records, produce, produce_raw, running_worker
-from tests.tinymodel import build_tiny_model
 from workers.engine.engine import Engine
 from workers.engine.types import EngineRequest, StepOutput
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def engine(tmp_path_factory: pytest.TempPathFactory) -> Engine:
-    return Engine.load(str(build_tiny_model(tmp_path_factory.mktemp("tiny"))), device="cpu", max_batch_size=8)
 
 
 @pytest.fixture

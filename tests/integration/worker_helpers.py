@@ -9,17 +9,22 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from aiokafka import TopicPartition
+from aiokafka.errors import GroupCoordinatorNotAvailableError
 
 from schemas.codec import default_codec
-from schemas.records import ControlEvent, InferenceRequest, ModelInfo, TokenEvent
-from services.kafka import make_consumer, make_producer, record_headers, start_client
-from services.local.process import quiet_env
+from schemas.records import ControlEvent, Delta, InferenceRequest, ModelInfo, Started, TokenEvent
+from schemas.view import View
+from services.kafka import make_admin, make_consumer, make_producer, record_headers, start_client
+from services.local.process import die_with_parent, quiet_env
 from services.settings import Settings
 from services.topics import ensure_topics
+from tests.integration.secure_support import as_role
+from tests.waiting import wait_until
 from workers.engine.types import EngineLike
 from workers.main import Worker
 
@@ -28,8 +33,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @contextlib.contextmanager
 def worker_process(settings: Settings, module: str = "workers.main", **env: str) -> Iterator[subprocess.Popen[bytes]]:
-    """A worker subprocess (``python -m module``) on the broker and topics of ``settings``, plus ``env``."""
-    proc = subprocess.Popen([sys.executable, "-m", module], cwd=ROOT, env=quiet_env(settings, **env))
+    """A worker subprocess (``python -m module``) on the broker and topics of ``settings``, plus ``env``; it dies
+    with the thread that started it, should the test process die without stopping it."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", module],
+        cwd=ROOT,
+        env=quiet_env(as_role(settings, "worker"), **env),
+        preexec_fn=die_with_parent(),
+    )
     try:
         yield proc
     finally:
@@ -60,13 +71,15 @@ async def running_worker(settings: Settings, engine: EngineLike) -> AsyncIterato
         await asyncio.wait_for(task, 60)
 
 
-async def produce(settings: Settings, requests: Iterable[InferenceRequest]) -> None:
+async def produce(settings: Settings, requests: Iterable[InferenceRequest], topic: str | None = None) -> None:
+    """Write ``requests`` to ``topic``, by default their class's topic of the served model, as a plain Kafka
+    producer would."""
     producer = make_producer(settings)
     await start_client(producer)
     try:
         for r in requests:
             await producer.send(
-                settings.requests_topic,
+                topic or settings.requests_topic_for(settings.served_model, r.priority),
                 default_codec().encode(r),
                 key=r.request_id.encode(),
                 headers=record_headers("InferenceRequest"),
@@ -183,3 +196,80 @@ async def wait_announced(
                     return
     finally:
         await consumer.stop()
+
+
+async def wait_group_members(settings: Settings, count: int, timeout_s: float = 90.0) -> None:
+    """Until the worker group is Stable with ``count`` members that all hold partitions."""
+    admin = make_admin(settings)
+    await admin.start()
+    seen = "no group coordinator yet"
+
+    async def stable() -> bool:
+        nonlocal seen
+        try:
+            (response,) = await admin.describe_consumer_groups([settings.worker_group])
+        except GroupCoordinatorNotAvailableError:  # a fresh broker creates its offsets topic on first use
+            return False
+        group = response.groups[0]
+        state, members = group[2], group[5]
+        seen = f"group {state} with {len(members)} members"
+        return state == "Stable" and len(members) == count and all(len(m[-1]) > 8 for m in members)
+
+    try:
+        await wait_until(
+            stable, lambda: f"{count} workers holding partitions ({seen})", timeout_s=timeout_s, interval_s=0.2
+        )
+    finally:
+        await admin.close()
+
+
+@dataclass
+class ClientView:
+    """What a client following the request's log (through the gateway's view) ends up showing."""
+
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    seamless: int = 0
+    restarts: int = 0
+    terminals: list[str] = field(default_factory=list)
+
+
+def client_view(request_id: str, records: list[tuple[int, TokenEvent]]) -> ClientView:
+    """Replay the log through the gateway's View: seamless continuations keep the tokens, a restart replaces them."""
+    view = View(request_id)
+    run_tokens: dict[str, list[int]] = {}  # tokens each run stands for (inherited + its own), from the log
+    out = ClientView()
+    for offset, ev in records:
+        payload = ev.payload
+        if isinstance(payload, Started):
+            inherited = run_tokens.get(payload.continues_run_id or "", [])
+            run_tokens[ev.run_id] = inherited[: payload.continued_tokens]
+        elif isinstance(payload, Delta):
+            run_tokens.setdefault(ev.run_id, []).extend(payload.token_ids)
+        previous_run = view.run_id
+        shown = view.feed(offset, ev)
+        if shown is None:
+            if isinstance(payload, Started) and previous_run not in (None, ev.run_id) and view.run_id == ev.run_id:
+                out.seamless += 1
+            continue
+        if shown.event in ("started", "restart"):
+            out.restarts += shown.event == "restart"
+            out.token_ids = list(run_tokens[ev.run_id])
+            out.text = shown.data.get("text", "")
+        elif shown.event == "token":
+            out.token_ids += shown.data["token_ids"]
+            out.text += shown.data["text"]
+        elif shown.terminal:
+            out.terminals.append(shown.event)
+    return out
+
+
+def describe(ev: TokenEvent) -> str:
+    """One line per event, for a failure message."""
+    p = ev.payload
+    if isinstance(p, Started):
+        base = (p.continues_run_id or "-")[:6]
+        return f"{ev.run_id[:6]} {ev.seq} Started by {p.worker}, continues {base} at {p.continued_tokens}"
+    if isinstance(p, Delta):
+        return f"{ev.run_id[:6]} {ev.seq} Delta {len(p.token_ids)}"
+    return f"{ev.run_id[:6]} {ev.seq} {p}"

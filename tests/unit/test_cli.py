@@ -105,3 +105,24 @@ def test_tail_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
     done = subprocess.run(["sh", "-c", script], env=_env(tmp_path), capture_output=True, text=True, timeout=60)
     assert done.stdout.startswith("| variable |")
     assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
+
+
+def test_acls_prints_each_roles_kafka_acls_lines(tmp_path: Path) -> None:
+    result = _run(tmp_path, "acls", "--models", "a,b", "--principal", "gateway=User:gw-prod")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "# gateway (User:gw-prod)" in lines
+    assert any(
+        "--allow-principal User:worker --operation Read --topic 'tokenrelay.requests.b'" in line for line in lines
+    )
+    assert any(
+        "--allow-principal User:gw-prod --operation Read --group 'tokenrelay.gateways'" in line for line in lines
+    )
+    wrong = _run(tmp_path, "acls", "--principal", "janitor=User:x")
+    assert wrong.returncode != 0 and "ROLE=PRINCIPAL" in wrong.stderr and "Traceback" not in wrong.stderr
+
+
+def test_secure_settings_missing_a_password_are_one_line(tmp_path: Path) -> None:
+    result = _run(tmp_path, "settings", TOKENRELAY_KAFKA_SECURITY_PROTOCOL="SASL_SSL")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "needs TOKENRELAY_KAFKA_SASL_USERNAME and TOKENRELAY_KAFKA_SASL_PASSWORD" in result.stderr

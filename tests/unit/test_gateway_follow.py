@@ -15,7 +15,8 @@ from schemas.codec import Codec, default_codec
 from schemas.errors import NotOwner
 from schemas.ids import new_request_id
 from schemas.records import TokenEvent
-from tests.unit.test_gateway_hub import MemorySource, drain, settle, stream
+from tests.unit.hub_support import MemorySource, drain, settle, stream
+from tests.waiting import wait_until
 
 
 class CountingCodec(Codec):
@@ -80,12 +81,12 @@ class RelayUpstream:
 
 async def polled(source: MemorySource) -> None:
     """Until the source has handed out every record of its log (the relay dispatches what it owns)."""
-    for _ in range(200):
-        if all(source.read.get(p) == len(records) for p, records in source.log.items()):
-            await asyncio.sleep(0)
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("source did not catch up")
+    await wait_until(
+        lambda: all(source.read.get(p) == len(records) for p, records in source.log.items()),
+        lambda: f"source handed out {source.read} of {[len(r) for r in source.log.values()]} records",
+        timeout_s=5,
+        interval_s=0.01,
+    )
 
 
 async def two_relays(partitions: int = 1) -> tuple[MemorySource, MemorySource, Relay, Relay]:
@@ -147,10 +148,18 @@ async def test_watched_streams_change_owner_midway_without_loss_or_repeat() -> N
     evs = stream(rid, 30)
     subs = [await relay.subscribe(rid, None) for relay in (a, b, a, b)]
     assert all(s is not None for s in subs)
-    readers = [asyncio.create_task(drain(relay, s)) for relay, s in zip((a, b, a, b), subs, strict=True)]  # type: ignore[arg-type]
+    seen: list[list[bytes]] = [[] for _ in subs]
+    readers = [
+        asyncio.create_task(drain(relay, s, into))  # type: ignore[arg-type]
+        for relay, s, into in zip((a, b, a, b), subs, seen, strict=True)
+    ]
+
+    async def every_reader_has(n: int) -> None:
+        await wait_until(lambda: all(len(s) >= n for s in seen), lambda: f"readers saw {[len(s) for s in seen]} of {n}")
+
     for e in evs[:10]:
         source_a.append(e)
-    await settle(source_a, a)
+    await every_reader_has(10)
     # The group moves the partition from a to b (a revokes first, as in a rebalance), then back again.
     for old, new, new_source in ((a, b, source_b), (b, a, source_a)):
         old.reassign({}, {0}, 0)
@@ -158,7 +167,7 @@ async def test_watched_streams_change_owner_midway_without_loss_or_repeat() -> N
         new.reassign({0: new_source.read[0]}, set(), 0)
         for e in evs[10:20] if new is b else evs[20:]:
             new_source.append(e)
-        await asyncio.sleep(0.1)
+        await every_reader_has(20 if new is b else len(evs))
     outs = [parse(x.decode()) for x in await asyncio.wait_for(asyncio.gather(*readers), 10)]
     whole = parse((await drain(a, await a.subscribe(rid, None))).decode())  # type: ignore[arg-type]
     assert [e["event"] for e in whole] == ["started"] + ["token"] * 30 + ["done"]

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from aiokafka.errors import KafkaConnectionError, NotLeaderForPartitionError, UnknownError
+from aiokafka.errors import KafkaConnectionError, MessageSizeTooLargeError, NotLeaderForPartitionError, UnknownError
 
-from schemas.errors import KafkaUnavailable
+from schemas.errors import KafkaUnavailable, RecordTooLarge
 from services.kafka import map_kafka_errors, start_client
 
 
@@ -21,6 +21,14 @@ def test_aiokafka_errors_become_kafka_unavailable_with_their_retriable_flag() ->
         raise TimeoutError
     with pytest.raises(ValueError), map_kafka_errors("unrelated"):
         raise ValueError("not Kafka's")
+
+
+def test_a_record_too_large_is_a_permanent_413_not_a_retriable_503() -> None:
+    with pytest.raises(RecordTooLarge) as caught, map_kafka_errors("cannot produce the request"):
+        raise MessageSizeTooLargeError("The message is 1200000 bytes when serialized")
+    error = caught.value
+    assert (error.http_status, error.code, error.retriable) == (413, "record_too_large", False)
+    assert "Retry-After" not in error.headers()
 
 
 class Flaky:

@@ -24,6 +24,7 @@ def test_every_avro_topic_names_its_record() -> None:
     settings = Settings(topic_prefix="x.")
     assert value_record(settings, "x.requests.default") == "InferenceRequest"
     assert value_record(settings, "x.requests.other-model") == "InferenceRequest"
+    assert value_record(settings, "x.batch.default") == "InferenceRequest"
     assert value_record(settings, "x.events") == "TokenEvent"
     assert value_record(settings, "x.control") == "ControlEvent"
     assert value_record(settings, "x.models") == "ModelInfo"
@@ -31,6 +32,7 @@ def test_every_avro_topic_names_its_record() -> None:
     assert value_record(settings, "y.events") is None
     topics = value_topics(settings)
     assert settings.events_topic in topics and settings.dlq_topic not in topics
+    assert settings.requests_topic_for("default", "batch") in topics
 
 
 def test_client_config_passes_auth_and_ca_through() -> None:
@@ -97,3 +99,85 @@ async def test_prepare_codec_waits_for_a_registry_then_gives_up_clearly() -> Non
     with pytest.raises(RegistryError) as info:
         await prepare_codec(settings, [settings.events_topic], wait_s=1.5)
     assert info.value.retriable and "did not answer" in info.value.message
+
+
+class _Registry:
+    """A registry client that keeps config only for subjects that exist (as Apicurio does)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+        self.subjects: set[str] = set()
+        self.level: str | None = None
+
+    async def set_compatibility(self, subject_name: str, level: str) -> str:
+        from confluent_kafka.schema_registry.error import SchemaRegistryError
+
+        if subject_name not in self.subjects:
+            raise SchemaRegistryError(404, 40401, "subject not found")
+        if self.level is not None:
+            raise SchemaRegistryError(409, 0, "A rule named 'COMPATIBILITY' already exists.")
+        self.level = level
+        self.calls.append(("compatibility", level))
+        return level
+
+    async def get_compatibility(self, subject_name: str) -> str:
+        assert self.level is not None
+        return self.level
+
+    async def register_schema(self, subject: str, schema: object) -> int:
+        self.subjects.add(subject)
+        self.calls.append(("register", subject))
+        return 7
+
+
+async def test_each_subject_gets_the_compatibility_level_around_its_first_registration() -> None:
+    from services.schema_registry import Subjects
+
+    client = _Registry()
+    subjects = Subjects(Settings(schema_registry_url="http://sr"), client=client)
+    assert await subjects.ensure("tokenrelay.events") == 7
+    assert client.calls == [("register", "tokenrelay.events-value"), ("compatibility", "BACKWARD")]
+    client.calls.clear()
+    client.level = None
+    again = Subjects(Settings(schema_registry_url="http://sr", schema_registry_compatibility="full"), client=client)
+    await again.ensure("tokenrelay.events")  # an existing subject: the level first, then the schema is checked
+    assert client.calls == [("compatibility", "FULL"), ("register", "tokenrelay.events-value")]
+    client.calls.clear()
+    # Another process set it first (Apicurio: 409 "rule already exists"): registering goes on.
+    third = Subjects(Settings(schema_registry_url="http://sr"), client=client)
+    assert await third.ensure("tokenrelay.events") == 7
+    assert client.calls == [("register", "tokenrelay.events-value")]
+
+
+def test_an_unknown_schema_id_is_reported_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from confluent_kafka.schema_registry.error import SchemaRegistryError
+
+    from schemas.errors import UnknownSchemaId
+    from services import schema_registry
+
+    lookups = []
+
+    class Client:
+        def __init__(self, conf: object) -> None:
+            pass
+
+        def __enter__(self) -> Client:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+        def get_schema(self, schema_id: int) -> object:
+            lookups.append(schema_id)
+            raise SchemaRegistryError(404, 40403, "Schema not found")
+
+    monkeypatch.setattr("confluent_kafka.schema_registry.SchemaRegistryClient", Client)
+    resolve = schema_registry.registry_resolver(Settings(schema_registry_url="http://sr"))
+    for _ in range(1000):
+        with pytest.raises(UnknownSchemaId, match="schema id 41 is not in the schema registry"):
+            resolve(41)
+    assert lookups == [41]
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "http://sr" in errors[0].getMessage()

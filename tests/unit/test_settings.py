@@ -107,3 +107,15 @@ def test_the_default_model_cache_follows_the_cache_dir_setting(tmp_path: Path) -
     from workers.model.registry import DEFAULT_MODEL_NAME, _cache_dir
 
     assert _cache_dir(tmp_path) == tmp_path / "models" / DEFAULT_MODEL_NAME
+
+
+def test_tenant_weights_and_the_class_topics() -> None:
+    s = Settings.from_env({"TOKENRELAY_TENANT_WEIGHTS": "k_0123456789ab=3, nightly=0.5"})
+    assert s.tenant_weight_map == {"k_0123456789ab": 3.0, "nightly": 0.5}
+    assert s.requests_topic_for("m") == "tokenrelay.requests.m"
+    assert s.requests_topic_for("m", "batch") == "tokenrelay.batch.m"
+    for bad in ("a", "a=0", "a=-1", "=2", "a=x"):
+        with pytest.raises(ConfigError, match="TOKENRELAY_TENANT_WEIGHTS"):
+            Settings.from_env({"TOKENRELAY_TENANT_WEIGHTS": bad})
+    with pytest.raises(ConfigError, match="TOKENRELAY_SCHEDULER_LOOKAHEAD"):
+        Settings.from_env({"TOKENRELAY_SCHEDULER_LOOKAHEAD": "0"})

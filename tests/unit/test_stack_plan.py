@@ -88,3 +88,20 @@ def test_the_embedded_registry_starts_first_and_everyone_is_told_its_url() -> No
     assert not plan[0].before_others  # it starts while the worker loads its model
     assert all(c.env["TOKENRELAY_SCHEMA_REGISTRY_URL"] == url for c in plan)
     assert [c.name for c in child_plan(settings, base_env={})] == ["worker", "gateway", "analytics"]
+
+
+def test_a_secure_stack_runs_each_child_as_its_role() -> None:
+    settings = Settings(
+        kafka_security_protocol="SASL_SSL",
+        kafka_sasl_mechanism="SCRAM-SHA-512",
+        kafka_sasl_username="admin",
+        kafka_sasl_password="admin-pw",
+        schema_registry_url="http://127.0.0.1:8081/apis/ccompat/v7",
+    )
+    passwords = {role: f"{role}-pw" for role in ("worker", "gateway", "analytics", "producer", "registry")}
+    plan = child_plan(settings, base_env={}, registry=True, passwords=passwords)
+    for child in plan:
+        assert child.env["TOKENRELAY_KAFKA_SECURITY_PROTOCOL"] == "SASL_SSL"
+        assert child.env["TOKENRELAY_KAFKA_SASL_USERNAME"] == child.name
+        assert child.env["TOKENRELAY_KAFKA_SASL_PASSWORD"] == f"{child.name}-pw"
+    assert "admin-pw" not in str([c.env for c in plan])

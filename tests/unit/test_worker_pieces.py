@@ -1,6 +1,8 @@
-"""Offset tracking, Delta coalescing, log history folding, synthetic engine."""
+"""Offset tracking, Delta coalescing, log history folding, synthetic engine, queue metrics."""
 
 from __future__ import annotations
+
+import time
 
 import pytest
 
@@ -107,3 +109,27 @@ def test_one_worker_serves_one_model_or_several_named_ones_each_on_its_engine() 
     for bad in ("a=/x,/y", "a=/x,a=/y", "dlq=/x,b=/y", "a b=/x,c=/y"):
         with pytest.raises(ConfigError):
             served_models(Settings(model=bad))
+
+
+def test_queue_metrics_by_model_class_and_tenant() -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from workers.metrics import QueueCollector, QueueSample
+
+    collector = QueueCollector()
+    registry = CollectorRegistry()
+    registry.register(collector)
+    now_ms = int(time.time() * 1000)
+    samples = (
+        QueueSample("m", "batch", "k_a", 3, now_ms - 5_000),
+        QueueSample("m", "interactive", "", 1, now_ms),
+        QueueSample("m", "batch", None, 40, None),  # read by nobody yet
+    )
+    collector.add(lambda: samples)
+    text = generate_latest(registry).decode()
+    assert 'queue_depth{model="m",priority="batch",tenant="k_a"} 3.0' in text
+    assert 'queue_unread{model="m",priority="batch"} 40.0' in text
+    oldest = next(
+        line for line in text.splitlines() if line.startswith('queue_oldest_wait_seconds{model="m",priority="batch"')
+    )
+    assert 4.9 <= float(oldest.rsplit(" ", 1)[1]) < 60

@@ -10,14 +10,13 @@ import pytest
 from schemas.ids import new_request_id
 from schemas.records import ChatMessage, Delta, Failed, Finished, InferenceRequest, Started, TokenEvent
 from schemas.sampling import SamplingParams
-from tests.tinymodel import build_tiny_model
 from workers.admission import Admission, Limits, Refusal
 from workers.control import CancelledIds
 from workers.core import ModelCore
 from workers.engine.engine import Engine
 from workers.engine.port import StepLoopPort
 from workers.engine.types import EngineRequest
-from workers.history import Prior
+from workers.history import Prior, summarize
 from workers.ledger import Ticket
 
 MAX_TOKENS = 12
@@ -38,11 +37,6 @@ class Recorder:
             self.events.append(event)
             done.set_result(None)
         return done
-
-
-@pytest.fixture(scope="module")
-def engine(tmp_path_factory: pytest.TempPathFactory) -> Engine:
-    return Engine.load(str(build_tiny_model(tmp_path_factory.mktemp("tiny"))), device="cpu", max_batch_size=4)
 
 
 def _core(engine: Engine, sink: Recorder, **limits: object) -> tuple[ModelCore, StepLoopPort]:
@@ -211,3 +205,40 @@ def core_deadline(request: InferenceRequest) -> float:
     """The loop time at which the request's deadline has passed (its timer fires then)."""
     assert request.deadline_ms is not None
     return asyncio.get_running_loop().time() + max(0.0, request.deadline_ms / 1000 - time.time()) + 0.05
+
+
+async def test_a_preempted_run_hands_over_exactly_what_the_log_holds(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(engine, "eos_ids", frozenset())  # all MAX_TOKENS tokens, whatever the random tiny model says
+    sink = Recorder()
+    core, port = _core(engine, sink)
+    request = InferenceRequest(new_request_id(), "The quick brown fox", MAX_TOKENS, temperature=0.0)
+    rid = request.request_id
+    (expected, expected_text, _) = engine.generate(
+        [EngineRequest("direct", engine.encode_prompt(request.prompt), SamplingParams(MAX_TOKENS, 0.0))]
+    )["direct"]
+    await _take(core, request)
+    port.feed()
+    for _ in range(4):
+        port.dispatch(engine.step())
+    await asyncio.sleep(0)  # the run takes the four steps at once: later tokens pile up unsent behind the first Delta
+    running = core.ledger.get(rid)
+    assert running is not None and running.progress >= 2
+    handover = core.preempt(rid)
+    assert handover is not None and core.ledger.get(rid) is None
+    await _settle()
+    assert handover.last is not None and handover.last.done() and handover.last.exception() is None
+    assert not any(e.is_terminal for e in sink.events)
+    assert summarize(rid, sink.events) == handover.prior  # what a worker reading the log would continue from
+    assert 2 <= len(handover.prior.token_ids) < len(expected) == MAX_TOKENS
+    await _step(port)  # the engine drops the stopped run at its next step
+    await _take(core, request, handover.prior)
+    await _step(port)
+    while engine.has_work():
+        await _step(port)
+    terminal = [e.payload for e in sink.events if e.is_terminal]
+    assert len(terminal) == 1 and isinstance(terminal[0], Finished)
+    assert terminal[0].usage.completion_tokens == len(expected)
+    continued = summarize(rid, [e for e in sink.events if not e.is_terminal])
+    assert list(continued.token_ids) == expected and continued.text == expected_text

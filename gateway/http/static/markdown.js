@@ -4,7 +4,9 @@
 "use strict";
 
 (function (global) {
-  const SAFE_URL = /^(https?:\/\/|\/|\.\/|#)/i;
+  // http(s), or a path on this origin: not "//host" (protocol-relative), and no backslash anywhere (browsers read
+  // "/\host" as "//host").
+  const SAFE_URL = /^(https?:\/\/|\/(?!\/)|\.\/|#)[^\\]*$/i;
 
   function el(tag, children, attrs) {
     const node = document.createElement(tag);
@@ -50,8 +52,12 @@
     return out;
   }
 
+  // Block quotes nest this deep at most; deeper ">" stay text (20,000 of them overflowed the stack).
+  const MAX_QUOTE_DEPTH = 16;
+
   // Block structure, line by line. An unclosed code fence (the answer is still streaming) runs to the end.
-  function render(source, marks) {
+  function render(source, marks, depth) {
+    depth = depth || 0;
     const root = document.createDocumentFragment();
     const lines = source.replace(/\r\n?/g, "\n").split("\n");
     let i = 0;
@@ -97,7 +103,8 @@
       if (/^\s*>/.test(line)) {
         const quoted = [];
         while (i < lines.length && /^\s*>/.test(lines[i])) quoted.push(lines[i++].replace(/^\s*>\s?/, ""));
-        root.append(el("blockquote", [render(quoted.join("\n"), marks)]));
+        const inner = depth < MAX_QUOTE_DEPTH ? render(quoted.join("\n"), marks, depth + 1) : el("p", withBreaks(quoted, marks));
+        root.append(el("blockquote", [inner]));
         continue;
       }
       if (!line.trim()) { i += 1; continue; }

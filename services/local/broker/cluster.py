@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from schemas.errors import BrokerError
-from services.local.broker import config
+from services.local.broker import config, secure
 from services.local.broker.runner import (
     READY_TIMEOUT_S,
     STOP_TIMEOUT_S,
@@ -20,7 +20,8 @@ from services.local.broker.runner import (
     LocalBroker,
     ensure_jars,
     java_binary,
-    metadata_broker_count,
+    secure_files,
+    secure_ready_lines,
 )
 from services.local.foreground import Service
 from services.local.ports import port_free
@@ -77,6 +78,7 @@ class LocalCluster(Service):
         ready_timeout_s: float = CLUSTER_READY_TIMEOUT_S,
         console: bool = True,
         report: Callable[[str], None] | None = None,
+        secure: bool = False,
     ) -> None:
         if nodes < 2:
             raise ValueError("a cluster has at least two nodes; use LocalBroker for one")
@@ -89,6 +91,7 @@ class LocalCluster(Service):
         self.ready_timeout_s = ready_timeout_s
         self.console = console
         self.report = report or (lambda line: print(line, file=sys.stderr, flush=True))
+        self.secure = secure
         self.nodes: dict[int, LocalBroker] = {}
         self.restarts: list[tuple[int, int | None]] = []  # (node id, exit code) of every node restarted
         self.start_seconds: float | None = None
@@ -127,6 +130,8 @@ class LocalCluster(Service):
                     f"ports {busy} on {config.HOST} are in use: a {self.size}-node cluster at --port {base} needs "
                     f"{base}..{base + 2 * self.size - 1} free; choose another with --port / TOKENRELAY_BROKER_PORT"
                 )
+            if self.secure:
+                secure.ensure_material(secure_files(self.data_dir))  # once, before the nodes start side by side
             voters = {i + 1: port for i, port in enumerate(controllers)}
             cluster_id = self._cluster_id()
             self.nodes = {
@@ -138,6 +143,7 @@ class LocalCluster(Service):
                     ready_timeout_s=self.ready_timeout_s,
                     console=self.console,
                     node=ClusterNode(node_id, voters, cluster_id),
+                    security_dir=secure_files(self.data_dir).directory if self.secure else None,
                 )
                 for node_id in voters
             }
@@ -148,6 +154,8 @@ class LocalCluster(Service):
                 raise BrokerError("; ".join(f"{name}: {exc}" for name, exc in errors.items()))
             try:
                 self._wait_all_registered(began)
+                if self.secure:
+                    self.nodes[1].grant_roles()
             except BaseException:
                 self._stop_nodes(STOP_TIMEOUT_S)
                 raise
@@ -201,6 +209,9 @@ class LocalCluster(Service):
             f"export TOKENRELAY_REPLICATION_FACTOR={replicas}",
             f"export TOKENRELAY_MIN_INSYNC_REPLICAS={min_isr}",
         ]
+        first = self.nodes[1]
+        if first.files is not None:
+            lines += secure_ready_lines(first.files, first.passwords)
         return lines
 
     def check(self) -> int | None:
@@ -220,7 +231,7 @@ class LocalCluster(Service):
     def _wait_all_registered(self, began: float) -> None:
         deadline = began + self.ready_timeout_s
         while True:
-            counts = [metadata_broker_count(config.HOST, n.requested_port) for n in self.nodes.values()]
+            counts = [n.broker_count() for n in self.nodes.values()]
             if all(count >= self.size for count in counts):
                 return
             if self._stopping.is_set():

@@ -6,6 +6,7 @@ import argparse
 import atexit
 import collections
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import logging
@@ -28,10 +29,11 @@ from pathlib import Path
 from typing import IO
 
 from schemas.errors import BrokerError, MissingToolError
-from services.local.broker import config
+from services.local.broker import config, secure
 from services.local.foreground import Service
 from services.local.ports import port_free
 from services.local.process import die_with_parent, terminate
+from services.logs import configure_logging
 from services.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -248,6 +250,9 @@ class LocalBroker(Service):
         ready_timeout_s: float = READY_TIMEOUT_S,
         console: bool = True,
         node: ClusterNode | None = None,
+        secure: bool = False,
+        security_dir: Path | None = None,
+        extra_properties: Mapping[str, str] | None = None,
     ) -> None:
         self.settings = settings
         self.node = node
@@ -256,6 +261,10 @@ class LocalBroker(Service):
         self.heap_mb = settings.broker_heap_mb if heap_mb is None else heap_mb
         self.ready_timeout_s = ready_timeout_s
         self.console = console
+        # SASL_SSL with SCRAM users per role and ACLs; a cluster's nodes share one security_dir.
+        self.files = secure_files(self.data_dir, security_dir) if secure or security_dir else None
+        self.extra_properties = dict(extra_properties or {})  # server.properties keys on top (tests)
+        self.passwords: dict[str, str] = {}
         self.port: int | None = None
         self.controller_port: int | None = None
         self.start_seconds: float | None = None
@@ -322,7 +331,14 @@ class LocalBroker(Service):
                 if not port_free(config.HOST, controller_port):
                     raise BrokerError(f"controller port {controller_port} on {config.HOST} is already in use")
             self.data_dir.mkdir(parents=True, exist_ok=True)
+            extra: dict[str, str] = {}
+            if self.files is not None:
+                self.passwords = secure.ensure_material(self.files)
+                extra = secure.server_properties(self.files, self.passwords, port, controller_port)
+            extra.update(self.extra_properties)
             properties = self.data_dir / "server.properties"
+            properties.touch(mode=0o600)
+            properties.chmod(0o600)  # the broker's own SCRAM password when secure
             properties.write_text(
                 config.render_server_properties(
                     port=port,
@@ -330,6 +346,7 @@ class LocalBroker(Service):
                     data_dir=self.data_dir,
                     node_id=self.node.node_id if self.node else config.NODE_ID,
                     voters=self.node.voters if self.node else None,
+                    extra=extra,
                 )
             )
             log4j = self.data_dir / "log4j2.xml"
@@ -344,11 +361,30 @@ class LocalBroker(Service):
                 self._terminate()
                 self.port = None
                 raise
+            if self.files is not None and self.node is None:
+                self.grant_roles()
             self.start_seconds = time.monotonic() - began
             log.info(
                 "Kafka broker ready on %s in %.1fs (data in %s)", self.bootstrap, self.start_seconds, self.data_dir
             )
             return self.bootstrap
+
+    def client_settings(self, user: str, base: Settings | None = None) -> Settings:
+        """Settings of a client of this (secure) broker connecting as ``user`` (admin or a role)."""
+        if self.files is None:
+            raise BrokerError("the local broker is not secure: it has no users")
+        base = dataclasses.replace(base or self.settings, kafka_bootstrap=self.bootstrap_address)
+        return secure.client_settings(base, self.files, self.passwords, user)
+
+    def grant_roles(self, settings: Settings | None = None, models: Sequence[str] | None = None) -> int:
+        """Create the roles' ACLs (for the prefix of ``settings`` and its served model, unless ``models`` are given)
+        as the admin; idempotent."""
+        from services.acls import apply_acls
+
+        settings = settings or self.settings
+        admin = self.client_settings(secure.ADMIN, settings)
+        principals = {role: f"User:{role}" for role in secure.ROLES}
+        return apply_acls(admin, principals, models or [settings.served_model])
 
     def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> int | None:
         """Stop the broker: SIGTERM (controlled shutdown), then SIGKILL after ``timeout_s``; returns its exit code."""
@@ -365,10 +401,13 @@ class LocalBroker(Service):
         self._abort.set()
 
     def ready_lines(self, address: str) -> list[str]:
-        return [
+        lines = [
             f"Kafka broker ready on {address} (data: {self.data_dir}, log: {self.log_file})",
             f"export TOKENRELAY_KAFKA_BOOTSTRAP={address}",
         ]
+        if self.files is not None:
+            lines += secure_ready_lines(self.files, self.passwords)
+        return lines
 
     def check(self) -> int | None:
         proc = self._proc
@@ -392,6 +431,17 @@ class LocalBroker(Service):
 
     # -- internals
 
+    def _answers(self) -> bool:
+        return self.broker_count() > 0
+
+    def broker_count(self) -> int:
+        """How many live brokers this node lists in its metadata (0 when it does not answer); as the admin when
+        secure."""
+        if self.files is None:
+            return metadata_broker_count(config.HOST, self.port or self.requested_port)
+        admin = self.client_settings(secure.ADMIN)
+        return secure_broker_count(dataclasses.replace(admin, kafka_bootstrap=self.bootstrap_address))
+
     def _format_storage(self, base: Sequence[str], properties: Path) -> None:
         if (self.data_dir / "logs" / "meta.properties").exists():
             return
@@ -411,6 +461,7 @@ class LocalBroker(Service):
             "-c",
             str(properties),
             "--ignore-formatted",
+            *(secure.scram_arguments(self.passwords) if self.files is not None else ()),
         ]
         log.info("formatting Kafka storage in %s (cluster id %s)", self.data_dir, cluster_id)
         result = subprocess.run(
@@ -495,7 +546,7 @@ class LocalBroker(Service):
                 raise BrokerError(f"the Kafka broker exited during start (code {code})\n{self.output_tail()}")
             if self._abort.is_set():
                 raise BrokerError("the Kafka broker start was interrupted")
-            if metadata_ready(config.HOST, self.port):
+            if self._answers():
                 return
             if time.monotonic() > deadline:
                 raise BrokerError(
@@ -527,6 +578,53 @@ def _stop_all() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- readiness
+
+
+def secure_files(data_dir: Path, security_dir: Path | None = None) -> secure.SecureFiles:
+    return secure.SecureFiles(security_dir or data_dir / "security")
+
+
+def secure_ready_lines(files: secure.SecureFiles, passwords: Mapping[str, str]) -> list[str]:
+    """What a secure broker or cluster prints: the admin's client settings, each role's user, the Java tools' file."""
+    for user in secure.USERS:
+        write_client_properties(files, user, passwords[user])
+    lines = [
+        f"SASL_SSL with {secure.MECHANISM}, ACLs on; CA {files.ca_cert}; passwords in {files.credentials}",
+        "# as the admin: topics, ACLs, `tokenrelay up`; the Java tools take "
+        f"--command-config {files.client_properties(secure.ADMIN)}",
+        *secure.env_lines(files, secure.ADMIN, passwords[secure.ADMIN]),
+        "# each component as its role (same settings, another user):",
+    ]
+    lines += [
+        f"#   {role:9} TOKENRELAY_KAFKA_SASL_USERNAME={role} TOKENRELAY_KAFKA_SASL_PASSWORD={passwords[role]}"
+        for role in secure.ROLES
+    ]
+    return lines
+
+
+def write_client_properties(files: secure.SecureFiles, user: str, password: str) -> Path:
+    """``<security dir>/<user>.properties``: the Java client properties (kafka tools' --command-config)."""
+    from services.kafka_auth import java_client_properties
+
+    settings = Settings(**secure.client_fields(files, user, password))  # type: ignore[arg-type]
+    target = files.client_properties(user)
+    target.touch(mode=0o600)
+    target.chmod(0o600)
+    target.write_text(config.render_properties(java_client_properties(settings)))
+    return target
+
+
+def secure_broker_count(settings: Settings, timeout_s: float = 2.0) -> int:
+    """How many live brokers a SASL/TLS cluster lists to the client of ``settings`` (0 when it does not answer)."""
+    from confluent_kafka import KafkaException
+
+    from services.kafka_auth import confluent_admin
+
+    client = confluent_admin(settings)
+    try:
+        return len(client.list_topics(timeout=timeout_s).brokers)
+    except KafkaException:
+        return 0
 
 
 def metadata_ready(host: str, port: int, timeout_s: float = 2.0) -> bool:
@@ -597,7 +695,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path, default=None, help="data directory (persists across restarts)")
     args = parser.parse_args(argv)
     settings = Settings.from_env()
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level)
     try:
         if args.resolve_only:
             classpath = ensure_jars(settings)

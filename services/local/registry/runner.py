@@ -19,6 +19,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from schemas.errors import MissingToolError, RegistryError, TokenRelayError
+from services.kafka_auth import apicurio_properties
+from services.local.broker.config import render_properties
 from services.local.foreground import Service
 from services.local.ports import port_free
 from services.local.process import die_with_parent, terminate
@@ -161,6 +163,18 @@ def jvm_command(
     ]
 
 
+def write_kafka_config(workdir: Path, settings: Settings) -> Path:
+    """The storage's Kafka security properties in ``workdir/config/application.properties``, which Quarkus reads
+    from the JVM's working directory: secrets stay off the command line, the file readable by its owner only."""
+    target = workdir / "config" / "application.properties"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="latin-1", errors="strict") as out:
+        out.write(render_properties(apicurio_properties(settings)))
+    os.chmod(target, 0o600)
+    return target
+
+
 class LocalRegistry(Service):
     """Apicurio Registry in a child JVM on 127.0.0.1, its schemas kept in a journal topic on the Kafka cluster."""
 
@@ -215,6 +229,7 @@ class LocalRegistry(Service):
     def _spawn(self, port: int) -> None:
         self.port = port
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        write_kafka_config(self.log_dir, self.settings)
         argv = jvm_command(
             self._java,
             self._jar,
