@@ -242,3 +242,28 @@ async def test_a_preempted_run_hands_over_exactly_what_the_log_holds(
     assert terminal[0].usage.completion_tokens == len(expected)
     continued = summarize(rid, [e for e in sink.events if not e.is_terminal])
     assert list(continued.token_ids) == expected and continued.text == expected_text
+
+
+async def test_each_engine_step_counts_once_and_wakes_the_dispatcher_when_asked(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(engine, "eos_ids", frozenset())  # every run lasts MAX_TOKENS steps
+    sink = Recorder()
+    core, port = _core(engine, sink)
+    core.wake_each_step = True
+    for _ in range(3):
+        await _take(core, InferenceRequest(new_request_id(), "The quick brown fox", MAX_TOKENS, temperature=0.0))
+    port.feed()
+    for step in range(1, 4):  # three runs get an output at each step: one step counted, one wake
+        core.changed.clear()
+        port.dispatch(engine.step())
+        await _settle()
+        assert core.steps == step and core.changed.is_set()
+    core.wake_each_step = False
+    core.changed.clear()
+    port.dispatch(engine.step())
+    await _settle()
+    assert core.steps == 4 and not core.changed.is_set()
+    while engine.has_work():
+        await _step(port)
+    assert len([e for e in sink.events if e.is_terminal]) == 3
