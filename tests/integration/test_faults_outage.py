@@ -60,6 +60,7 @@ async def test_an_outage_longer_than_the_producer_timeout_loses_no_token_silentl
         running_gateway(settings) as gw,
         running_worker(settings, TOKENRELAY_ENGINE="synthetic", TOKENRELAY_SYNTHETIC_TOKENS_PER_S=TOKENS_PER_S),
     ):
+        await gw.wait_serving()
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
             followers = []
             tokens = [0] * STREAMS

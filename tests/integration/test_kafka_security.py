@@ -129,6 +129,7 @@ async def test_a_wrong_password_or_an_unknown_ca_fails_at_once(stack: Settings) 
         await write(untrusted, stack.requests_topic, start_timeout_s=60)
 
 
+@pytest.mark.timeout(420)  # the registry's own start may take up to its 300 s ready timeout on a loaded machine
 async def test_the_registry_keeps_its_schemas_on_the_secure_broker_as_its_role(stack: Settings, tmp_path: Path) -> None:
     """Apicurio's KafkaSQL storage gets the security settings (as Java client properties) and needs no more than
     the registry role's ACLs."""

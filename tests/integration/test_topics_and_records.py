@@ -35,6 +35,7 @@ async def test_topic_creation_is_idempotent(kafka_bootstrap: str, topic_prefix: 
             settings.models_topic,
             settings.files_topic,
             settings.batches_topic,
+            settings.quotas_topic,
         ]
     )
     assert second == []
