@@ -33,14 +33,18 @@ class ProbeResult:
 MODEL_POLL_S = 0.5
 
 
-def gateway_serving(gateway_url: str, timeout_s: float = 1.0) -> bool:
+def gateway_serving(gateway_url: str, timeout_s: float = 1.0, *, model_served: bool = False) -> bool:
     """Whether the gateway itself is up (its /readyz is 200, or 503 only because no worker serves a model yet):
-    for starting a gateway before any worker, as tests and benchmarks do."""
+    for starting a gateway before any worker, as tests and benchmarks do. ``model_served``: only a 200 counts, i.e.
+    this gateway has read a live model's announcement (a worker having announced it does not mean every gateway
+    has read it yet)."""
     try:
         with urllib.request.urlopen(gateway_url + "/readyz", timeout=timeout_s) as response:
             return bool(response.status == 200)
     except urllib.error.HTTPError as exc:
         with exc:
+            if model_served:
+                return False
             return exc.code == 503 and json.loads(exc.read() or b"{}").get("reason") == "no_model"
     except (OSError, ValueError):
         return False

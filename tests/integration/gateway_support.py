@@ -11,7 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -104,18 +103,10 @@ class GatewayProcess:
         raise RuntimeError("gateway not ready")
 
     async def wait_serving(self, timeout_s: float = 60.0) -> None:
-        """Until /readyz answers 200, i.e. this gateway has read a live model's announcement: a worker having
-        announced it does not mean every gateway has read it yet."""
-
-        def served() -> bool:
-            try:
-                with urllib.request.urlopen(self.url + "/readyz", timeout=1) as response:
-                    return bool(response.status == 200)
-            except (OSError, ValueError):
-                return False
+        """Until /readyz answers 200: this gateway has read a live model's announcement."""
 
         async def ready() -> bool:
-            return await asyncio.to_thread(served)
+            return await asyncio.to_thread(gateway_serving, self.url, model_served=True)
 
         await wait_until(ready, f"gateway on {self.url} serving a model", timeout_s=timeout_s, interval_s=0.1)
 
