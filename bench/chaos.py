@@ -46,10 +46,10 @@ from schemas.records import TokenEvent
 from services.kafka import make_consumer, start_client
 from services.schema_registry import reading_codec
 from services.settings import Settings
+from tests.integration.cluster_support import ClusterProcess
 
 RESULTS = Path(__file__).parent / "results"
 RECOVER_TIMEOUT_S = 300.0
-DRAIN_TIMEOUT_S = 900.0
 SAMPLE_EVERY_S = 10.0
 
 
@@ -64,11 +64,20 @@ class Plan:
     stop_s: tuple[float, float] = (1.0, 20.0)
     producer_timeout_ms: int = 10_000
     outage_extra_s: tuple[float, float] = (3.0, 8.0)
+    settle_s: float = 600.0  # how long clients and the log may take to end after the load stops
 
     @classmethod
     def short(cls, minutes: float, seed: int) -> Plan:
         """The test's run: a lower load, faults closer together, short stops."""
-        return cls(minutes, seed, rate_per_s=0.6, fault_gap_s=(8.0, 20.0), stop_s=(1.0, 6.0), producer_timeout_ms=6000)
+        return cls(
+            minutes,
+            seed,
+            rate_per_s=0.6,
+            fault_gap_s=(8.0, 20.0),
+            stop_s=(1.0, 6.0),
+            producer_timeout_ms=6000,
+            settle_s=180.0,
+        )
 
 
 @dataclass
@@ -97,6 +106,7 @@ class Report:
         out["every component healthy again"] = bool(self.health) and all(self.health.values())
         out["no component died on its own"] = not self.unexpected_exits
         out["memory of every process bounded"] = self.memory_bounded
+        out["no client still waiting at the end"] = not self.clients_cut_off
         return out
 
     @property
@@ -293,13 +303,13 @@ async def _run(system: System, settings: Settings, plan: Plan, references: dict[
     print(f"load and faults stopped at {plan.minutes:g} min; waiting for the last fault and every client", flush=True)
     await loading
     await faulting
-    report.clients_cut_off = await load_gen.drain(DRAIN_TIMEOUT_S)
+    report.clients_cut_off = await load_gen.drain(plan.settle_s)
     report.health = await asyncio.to_thread(system.wait_healthy, RECOVER_TIMEOUT_S)
     report.unexpected_exits += await asyncio.to_thread(system.reap)
     stop_sampling.set()
     await sampling
     traces = load_gen.traces
-    log = await settled_log(settings, traces, RECOVER_TIMEOUT_S)
+    log = await settled_log(settings, traces, plan.settle_s / 2)
     report.verdict = check(traces, log, references)
     report.log_totals = log_totals(log)
     report.analytics = await settled_analytics(system.analytics_port, report.log_totals, 180.0)
@@ -381,16 +391,17 @@ def write_report(report: Report, path: Path) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
-def run(plan: Plan, results: Path | None = RESULTS / "chaos.json") -> Report:
-    """Start the system, run the plan, check, print and write the report."""
+def run(plan: Plan, results: Path | None = RESULTS / "chaos.json", cluster: ClusterProcess | None = None) -> Report:
+    """Start the system (on ``cluster`` when given), run the plan, check, print and write the report."""
     raise_fd_limit()
     print(f"chaos: seed {plan.seed}, {plan.minutes:g} min, {plan.rate_per_s:g} requests/s; {load()}", flush=True)
     references = greedy_references()
     workdir = Path(tempfile.mkdtemp(prefix="tokenrelay-chaos-"))
-    system = System(workdir, plan.producer_timeout_ms)
+    system = System(workdir, plan.producer_timeout_ms, cluster)
+    began = time.monotonic()
     try:
         settings = system.start()
-        print(f"system up (logs in {workdir}); {load()}", flush=True)
+        print(f"system up in {time.monotonic() - began:.0f}s (logs in {workdir}); {load()}", flush=True)
         report = asyncio.run(_run(system, settings, plan, references))
     finally:
         system.stop()

@@ -81,6 +81,12 @@ class Load:
     _session: aiohttp.ClientSession | None = None
     _producer: Any = None
     _apis: dict[str, openai.AsyncOpenAI] = field(default_factory=dict)
+    phases: dict[asyncio.Task[Any], str] = field(default_factory=dict)  # what each running client is doing
+
+    def _at(self, what: str) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self.phases[task] = what
 
     async def run(self, stop: asyncio.Event) -> None:
         """Start clients at the seeded rate until ``stop``; every client runs to its end (or its deadline)."""
@@ -97,6 +103,7 @@ class Load:
                 task = asyncio.create_task(self._client(kind, client_rng))
                 self.tasks.add(task)
                 task.add_done_callback(self.tasks.discard)
+                task.add_done_callback(lambda t: self.phases.pop(t, None))
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), self.rng.expovariate(self.rate_per_s))
         except asyncio.CancelledError:
@@ -104,9 +111,16 @@ class Load:
 
     async def drain(self, timeout_s: float) -> int:
         """Wait for every client to end; returns how many were still running at the deadline (then cancelled)."""
-        pending: set[asyncio.Task[None]] = set()
-        if self.tasks:
-            _, pending = await asyncio.wait(set(self.tasks), timeout=timeout_s)
+        pending: set[asyncio.Task[None]] = set(self.tasks)
+        deadline = time.monotonic() + timeout_s
+        while pending and time.monotonic() < deadline:
+            _, pending = await asyncio.wait(pending, timeout=min(30.0, deadline - time.monotonic()))
+            if pending:
+                doing = Counter(self.phases.get(t, "?").split(" ", 1)[0] for t in pending)
+                print(f"  {len(pending)} clients still running: {dict(doing)}", flush=True)
+                for task in list(pending)[:3]:
+                    print(f"    {self.phases.get(task, '?')}", flush=True)
+        if pending:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
@@ -185,6 +199,7 @@ class Load:
         return rid
 
     async def _native(self, kind: str, rng: random.Random, prompt: str, max_tokens: int, greedy: bool) -> None:
+        self._at(f"{kind} submitting")
         if kind == "kafka":
             rid = await self._submit_kafka(prompt, max_tokens, greedy)
         else:
@@ -205,6 +220,7 @@ class Load:
         deadline = time.monotonic() + CLIENT_DEADLINE_S
         while time.monotonic() < deadline:
             url = f"{self._gateway(rng)}/v1/requests/{trace.request_id}/events"
+            self._at(f"{trace.kind} following {url} ({len(trace.events)} events, {trace.resumes} resumes)")
             headers = {}
             if last_id is not None:
                 if rng.random() < 0.3:  # a browser's first request carries the cursor in the query
@@ -279,7 +295,9 @@ class Load:
     async def _chat(self, rng: random.Random, prompt: str, max_tokens: int, greedy: bool) -> None:
         """An OpenAI chat stream (the official SDK). It cannot resume: a cut leaves the client a prefix."""
         leave_at = rng.randint(1, max_tokens) if rng.random() < 0.1 else None
-        api = self._api(self._gateway(rng))
+        url = self._gateway(rng)
+        self._at(f"chat streaming from {url}")
+        api = self._api(url)
         try:
             stream = await api.chat.completions.create(
                 model="default",
@@ -318,6 +336,7 @@ class Load:
     async def _responses(self, rng: random.Random, prompt: str, max_tokens: int, greedy: bool) -> None:
         """A Responses background stream, resumed with ``starting_after`` on a random gateway after every cut."""
         cuts = sorted(rng.randint(1, max_tokens + 4) for _ in range(rng.choice((0, 1, 1, 2))))
+        self._at("responses creating")
         try:
             stream = await self._api(self._gateway(rng)).responses.create(
                 model="default",
@@ -369,6 +388,7 @@ class Load:
                 return
 
     async def _retry_retrieve(self, rng: random.Random, response_id: str, after: int, deadline: float) -> Any:
+        self._at(f"responses resuming {response_id} after {after}")
         while time.monotonic() < deadline:
             try:
                 return await self._api(self._gateway(rng)).responses.retrieve(

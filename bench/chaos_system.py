@@ -52,10 +52,12 @@ class Member:
 class System:
     """Starts every component, tells their pids, signals them, restarts what a fault stopped, says who is healthy."""
 
-    def __init__(self, workdir: Path, producer_timeout_ms: int) -> None:
+    def __init__(self, workdir: Path, producer_timeout_ms: int, cluster: ClusterProcess | None = None) -> None:
+        """``cluster``: a running 3-node cluster to use (a test's fixture); by default the system starts its own."""
         self.workdir = workdir
         self.producer_timeout_ms = producer_timeout_ms
-        self.cluster = ClusterProcess(workdir / "cluster")
+        self.own_cluster = cluster is None
+        self.cluster = cluster or ClusterProcess(workdir / "cluster")
         self.registry: LocalRegistry | None = None
         self.gateways: list[GatewayProcess] = []
         self.members: dict[str, Member] = {}
@@ -65,7 +67,8 @@ class System:
     # --- start and stop ---------------------------------------------------------------------------------------
 
     def start(self) -> Settings:
-        self.cluster.start()
+        if self.own_cluster:
+            self.cluster.start()
         base = Settings.from_env(
             {},
             kafka_bootstrap=self.cluster.bootstrap,
@@ -122,7 +125,8 @@ class System:
                     member.proc.wait()
         if self.registry is not None:
             self.registry.stop()
-        self.cluster.stop()
+        if self.own_cluster:
+            self.cluster.stop()
 
     # --- the members ------------------------------------------------------------------------------------------
 
