@@ -73,7 +73,7 @@ class Plan:
             minutes,
             seed,
             rate_per_s=0.6,
-            fault_gap_s=(8.0, 20.0),
+            fault_gap_s=(5.0, 12.0),
             stop_s=(1.0, 6.0),
             producer_timeout_ms=6000,
             settle_s=180.0,
@@ -204,7 +204,7 @@ async def fault_loop(system: System, plan: Plan, rng: random.Random, stop: async
     while not stop.is_set():
         try:
             await asyncio.wait_for(stop.wait(), rng.uniform(*plan.fault_gap_s))
-            return
+            break
         except TimeoutError:
             pass
         outage = not outage_done and time.monotonic() >= outage_at

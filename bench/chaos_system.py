@@ -84,8 +84,10 @@ class System:
             worker_session_timeout_ms=10_000,
         )
         self.registry = LocalRegistry(base, free_port_block(1), log_dir=self.workdir / "registry")
-        url = self.registry.start()
-        settings = dataclasses.replace(base, schema_registry_url=url)
+        # The services wait for a registry that is still starting (services.schema_registry.prepare_codec): all of
+        # them start at once.
+        self.registry.launch()
+        settings = dataclasses.replace(base, schema_registry_url=self.registry.url)
         self.settings = settings
         asyncio.run(ensure_topics(settings))
         for i in range(1, 4):
@@ -104,7 +106,11 @@ class System:
         for name, member in self.members.items():
             if member.role in ("worker", "analytics", "gateway"):
                 self.launch(name)
-        self.wait_healthy(START_TIMEOUT_S)
+        self.registry.wait_ready()
+        health = self.wait_healthy(START_TIMEOUT_S)
+        if not all(health.values()):
+            sick = sorted(n for n, ok in health.items() if not ok)
+            raise RuntimeError(f"not healthy {START_TIMEOUT_S:.0f}s after the start: {sick} (logs in {self.workdir})")
         return settings
 
     def stop(self) -> None:

@@ -1,6 +1,6 @@
 """A short chaos run (bench/chaos.py): random faults on every tier under a mixed load break no invariant.
 
-Two minutes of the seeded load (native SSE clients that cut and resume on either gateway, cancels, batch-class
+A minute and a half of the seeded load (native SSE clients that cut and resume on either gateway, cancels, batch-class
 requests, OpenAI chat streams, Responses background streams resumed with ``starting_after``, requests written
 straight to Kafka) while SIGKILL, SIGSTOP and SIGTERM hit brokers, workers, gateways, the registry and analytics
 one at a time, plus one whole-cluster outage longer than the producer timeout. Every invariant is checked against
@@ -18,7 +18,7 @@ from tests.integration.cluster_support import ClusterProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1200)]
 
-MINUTES = 2.0
+MINUTES = 1.5
 SEED = 26
 
 
