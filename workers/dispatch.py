@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 from schemas.errors import TokenRelayError
 from schemas.records import InferenceRequest
+from services import tracing
 from services.settings import Settings
 from workers import metrics
 from workers.admission import Refusal
@@ -65,6 +66,8 @@ class Dispatcher:
     def queue(self, ticket: Ticket, *, front: bool = False, arrival: bool = True) -> bool:
         """Put a request in the look-ahead; False when a request of that id already waits there."""
         request = ticket.request
+        if tracing.enabled():
+            ticket.queued_ns = time.time_ns()
         waiting = Waiting(
             request.request_id,
             ticket.priority,
@@ -183,7 +186,8 @@ class Dispatcher:
         """Admit in a task of its own (its log may have to be read first): the scheduling loop never waits on Kafka,
         and the slot stays reserved meanwhile."""
         self._admitting += 1
-        task = asyncio.create_task(self._admit_reserved(ticket), name=f"admit-{ticket.request.request_id}")
+        with tracing.attached(ticket.trace):  # the admission's task has the request's trace context current
+            task = asyncio.create_task(self._admit_reserved(ticket), name=f"admit-{ticket.request.request_id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
