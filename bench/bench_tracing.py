@@ -1,0 +1,141 @@
+"""Tracing's cost: the same load through two stacks (gateway + synthetic-engine worker), one exporting its traces to
+a local OTLP receiver and one with tracing off, in interleaved rounds on one broker.
+
+Per round and stack: STREAMS requests submitted over HTTP (each a submit span at the gateway, queue wait, prefill,
+decode and publish spans at the worker, a first-byte span at the delivering gateway), then every stream read to its
+end by client processes. Tokens/s = tokens received / (last - first receipt); CPU per token = CPU seconds of the
+stack's processes during the round / tokens. Ratios are on / off of the same round pair; min / median / max.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from bench.otlp_receiver import OtlpReceiver
+from bench.support import (
+    StreamSpec,
+    bench_settings,
+    bootstrap_from_env,
+    gather_results,
+    load,
+    spawn_clients,
+    start_gateway,
+    start_worker,
+    stop_process,
+    tree_cpu_seconds,
+)
+from services.settings import Settings
+from services.tracing import FIRST_BYTE
+
+STREAMS = int(os.environ.get("BENCH_TRACING_STREAMS", "64"))
+TOKENS = int(os.environ.get("BENCH_TRACING_TOKENS", "600"))
+RATE = float(os.environ.get("BENCH_TRACING_RATE", "200"))  # tokens/s per stream (synthetic engine)
+ROUNDS = int(os.environ.get("BENCH_TRACING_ROUNDS", "5"))
+CLIENT_PROCESSES = 2
+
+
+@dataclass
+class Stack:
+    name: str
+    settings: Settings
+    procs: list[Any]
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.settings.gateway_port}"
+
+
+def _stack(name: str, bootstrap: str, env: dict[str, str]) -> Stack:
+    settings = bench_settings(bootstrap, max_batch_size=STREAMS, engine="synthetic", synthetic_tokens_per_s=RATE)
+    gateway = start_gateway(settings, 60.0, **env)
+    worker = start_worker(settings, **env)
+    return Stack(name, settings, [gateway, worker])
+
+
+async def _submit(stack: Stack, count: int, tokens: int = TOKENS) -> list[str]:
+    async with aiohttp.ClientSession() as session:
+
+        async def one() -> str:
+            body = {"prompt": "bench", "max_tokens": tokens}
+            async with session.post(f"{stack.base}/v1/requests", json=body) as response:
+                if response.status != 202:
+                    raise RuntimeError(f"submit: {response.status} {await response.text()}")
+                return str((await response.json())["id"])
+
+        return list(await asyncio.gather(*(one() for _ in range(count))))
+
+
+async def _wait_serving(stack: Stack, timeout_s: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            await _submit(stack, 1, tokens=4)
+            return
+        except (RuntimeError, aiohttp.ClientError):
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.5)
+
+
+def _round(stack: Stack) -> tuple[float, float, int]:
+    """Tokens/s, CPU seconds per 1,000 tokens, and tokens of one round."""
+    cpu_before = sum(tree_cpu_seconds(p.pid) for p in stack.procs)
+    ids = asyncio.run(_submit(stack, STREAMS))
+    specs = [StreamSpec(f"{stack.base}/v1/requests/{rid}/events") for rid in ids]
+    result = gather_results(spawn_clients(specs, CLIENT_PROCESSES))
+    cpu = sum(tree_cpu_seconds(p.pid) for p in stack.procs) - cpu_before
+    if result.done != STREAMS:
+        raise RuntimeError(f"{stack.name}: {result.done} of {STREAMS} streams ended")
+    return result.tokens_per_s, 1000 * cpu / max(1, result.tokens), result.tokens
+
+
+def _summary(values: list[float]) -> str:
+    return f"min {min(values):.3f} / median {statistics.median(values):.3f} / max {max(values):.3f}"
+
+
+def run() -> dict[str, float]:
+    bootstrap = bootstrap_from_env()
+    with OtlpReceiver() as receiver:
+        stacks = [_stack("on", bootstrap, receiver.env()), _stack("off", bootstrap, {})]
+        try:
+            for stack in stacks:
+                asyncio.run(_wait_serving(stack))
+            tokens_ratio: list[float] = []
+            cpu_ratio: list[float] = []
+            for r in range(ROUNDS):
+                measured: dict[str, tuple[float, float, int]] = {}
+                for stack in stacks if r % 2 == 0 else stacks[::-1]:
+                    measured[stack.name] = _round(stack)
+                    tps, cpu, tokens = measured[stack.name]
+                    print(
+                        f"round {r + 1} tracing {stack.name:3}: {tps:,.0f} tokens/s, {cpu:.3f} CPU s per 1k tokens "
+                        f"({tokens} tokens); {load()}",
+                        flush=True,
+                    )
+                tokens_ratio.append(measured["on"][0] / measured["off"][0])
+                cpu_ratio.append(measured["on"][1] / measured["off"][1])
+            time.sleep(1.0)  # the last spans' export (every 100 ms)
+            first_bytes = sum(1 for s in receiver.received() if s.name == FIRST_BYTE)
+        finally:
+            for stack in stacks:
+                for proc in stack.procs:
+                    stop_process(proc)
+    print(f"spans received: {len(receiver.received())} ({first_bytes} first-byte spans) in {receiver.requests} exports")
+    print(f"tokens/s, tracing on / off: {_summary(tokens_ratio)}")
+    print(f"CPU per token, tracing on / off: {_summary(cpu_ratio)}")
+    return {
+        "tracing_tokens_per_s_ratio_median": statistics.median(tokens_ratio),
+        "tracing_tokens_per_s_ratio_min": min(tokens_ratio),
+        "tracing_cpu_per_token_ratio_median": statistics.median(cpu_ratio),
+    }
+
+
+if __name__ == "__main__":
+    run()
