@@ -404,7 +404,7 @@ class ClientProcess:
                 if result.first == 0.0:
                     result.first = float("inf")
                 return result
-        raise RuntimeError(f"client process gave no result (exit {self.proc.returncode})")
+        raise RuntimeError(f"client process gave no result (exit {self.proc.returncode}): {out[-300:]!r}")
 
     def kill(self) -> None:
         if self.proc.poll() is None:
