@@ -10,12 +10,13 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from schemas.codec import default_codec
 from schemas.ids import new_request_id
-from schemas.records import Delta, Finished, InferenceRequest, TokenEvent
+from schemas.records import ControlEvent, Delta, Finished, InferenceRequest, TokenEvent
 from services import tracing
 from services.kafka import Headers, record_headers
 from workers.admission import Admission, Limits
-from workers.control import CancelledIds
+from workers.control import CancelledIds, ControlReader
 from workers.core import ModelCore
 from workers.engine.engine import Engine
 from workers.engine.port import StepLoopPort
@@ -161,3 +162,17 @@ async def test_a_run_s_spans_hang_under_the_request_s_context_and_its_events_car
     assert prefill.attributes is not None and prefill.attributes["gen_ai.usage.input_tokens"] == len(prompt_ids)
     assert decode.attributes is not None and decode.attributes["gen_ai.usage.output_tokens"] == tokens
     assert decode.attributes["gen_ai.response.finish_reasons"] == ("length",)
+
+
+def test_a_cancel_that_carries_a_context_is_a_span_in_its_trace(exported: InMemorySpanExporter) -> None:
+    cancelled: list[str] = []
+    reader = ControlReader(None, "control", cancelled.append)  # _take reads no Kafka
+    rid = new_request_id()
+    trace = tracing.http_trace({"traceparent": PARENT})
+    value = default_codec().encode(ControlEvent(rid, "cancel", 0, "client_request"))
+    reader._take(0, value, record_headers("ControlEvent", trace))
+    reader._take(1, value, record_headers("ControlEvent"))  # no context: cancelled all the same, no span
+    assert cancelled == [rid, rid]
+    (span,) = exported.get_finished_spans()
+    assert span.name == tracing.CANCEL and span.parent is not None and span.parent.span_id == 0xB7AD6B7169203331
+    assert span.attributes is not None and span.attributes["tokenrelay.reason"] == "client_request"
