@@ -1,15 +1,17 @@
 """Tracing's cost: the same load through two stacks (gateway + synthetic-engine worker), one exporting its traces to
 a local OTLP receiver and one with tracing off, in interleaved rounds on one broker.
 
-Per round and stack: STREAMS requests submitted over HTTP (each a submit span at the gateway, queue wait, prefill,
-decode and publish spans at the worker, a first-byte span at the delivering gateway), then every stream read to its
-end by client processes. Tokens/s = tokens received / (last - first receipt); CPU per token = CPU seconds of the
-stack's processes during the round / tokens. Ratios are on / off of the same round pair; min / median / max.
+Per round and stack: STREAMS OpenAI streaming completions at once, each submitted and streamed in one HTTP request
+(a submit span at the gateway; queue wait, prefill, decode and publish spans at the worker; a first-byte span at
+the gateway), TOKENS tokens each from a synthetic engine fast enough that the pipeline, not the engine, sets the
+pace. Tokens/s = all completion tokens / the round's wall time; CPU per token = CPU seconds of the stack's processes
+in the round / tokens. Ratios are on / off of the same round pair (the order alternates); min / median / max.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import statistics
 import time
@@ -20,12 +22,9 @@ import aiohttp
 
 from bench.otlp_receiver import OtlpReceiver
 from bench.support import (
-    StreamSpec,
     bench_settings,
     bootstrap_from_env,
-    gather_results,
     load,
-    spawn_clients,
     start_gateway,
     start_worker,
     stop_process,
@@ -35,10 +34,9 @@ from services.settings import Settings
 from services.tracing import FIRST_BYTE
 
 STREAMS = int(os.environ.get("BENCH_TRACING_STREAMS", "64"))
-TOKENS = int(os.environ.get("BENCH_TRACING_TOKENS", "600"))
-RATE = float(os.environ.get("BENCH_TRACING_RATE", "200"))  # tokens/s per stream (synthetic engine)
-ROUNDS = int(os.environ.get("BENCH_TRACING_ROUNDS", "5"))
-CLIENT_PROCESSES = 2
+TOKENS = int(os.environ.get("BENCH_TRACING_TOKENS", "1000"))
+RATE = float(os.environ.get("BENCH_TRACING_RATE", "500"))  # tokens/s per stream (synthetic engine)
+ROUNDS = int(os.environ.get("BENCH_TRACING_ROUNDS", "6"))
 
 
 @dataclass
@@ -84,16 +82,43 @@ async def _wait_serving(stack: Stack, timeout_s: float = 90.0) -> None:
             await asyncio.sleep(0.5)
 
 
+async def _stream_all(stack: Stack) -> tuple[int, float]:
+    """STREAMS OpenAI streaming completions at once (each submits and streams in one request); their completion
+    tokens (from the usage chunk) and the wall time from the first submit to the last [DONE]."""
+    connector = aiohttp.TCPConnector(limit=0)
+    timeout = aiohttp.ClientTimeout(total=600)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+
+        async def one() -> int:
+            body = {
+                "prompt": "bench",
+                "max_tokens": TOKENS,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
+            tokens = 0
+            async with session.post(f"{stack.base}/v1/completions", json=body) as response:
+                if response.status != 200:
+                    raise RuntimeError(f"{stack.name}: {response.status} {await response.text()}")
+                async for line in response.content:
+                    if line.startswith(b"data: {") and b'"usage"' in line:
+                        usage = json.loads(line[6:]).get("usage") or {}
+                        tokens = int(usage.get("completion_tokens", tokens))
+            return tokens
+
+        started = time.perf_counter()
+        counts = await asyncio.gather(*(one() for _ in range(STREAMS)))
+        return sum(counts), time.perf_counter() - started
+
+
 def _round(stack: Stack) -> tuple[float, float, int]:
-    """Tokens/s, CPU seconds per 1,000 tokens, and tokens of one round."""
+    """Tokens/s, CPU seconds of the stack per 1,000 tokens, and tokens of one round."""
     cpu_before = sum(tree_cpu_seconds(p.pid) for p in stack.procs)
-    ids = asyncio.run(_submit(stack, STREAMS))
-    specs = [StreamSpec(f"{stack.base}/v1/requests/{rid}/events") for rid in ids]
-    result = gather_results(spawn_clients(specs, CLIENT_PROCESSES))
+    tokens, wall_s = asyncio.run(_stream_all(stack))
     cpu = sum(tree_cpu_seconds(p.pid) for p in stack.procs) - cpu_before
-    if result.done != STREAMS:
-        raise RuntimeError(f"{stack.name}: {result.done} of {STREAMS} streams ended")
-    return result.tokens_per_s, 1000 * cpu / max(1, result.tokens), result.tokens
+    if tokens != STREAMS * TOKENS:
+        raise RuntimeError(f"{stack.name}: {tokens} tokens of {STREAMS * TOKENS}")
+    return tokens / wall_s, 1000 * cpu / tokens, tokens
 
 
 def _summary(values: list[float]) -> str:
