@@ -64,6 +64,7 @@ GOALS: dict[str, tuple[str, float]] = {
     "tracing_tokens_per_s_ratio_median": (">=", 0.97),
     "tracing_tokens_per_s_ratio_min": ("info", 0.0),
     "tracing_cpu_per_token_ratio_median": ("info", 0.0),
+    "tracing_span_cpu_share": ("<=", 0.03),  # a request's spans, made and exported / its CPU with tracing off
 }
 MODULES = [
     "bench.bench_engine",

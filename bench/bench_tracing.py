@@ -30,8 +30,13 @@ from bench.support import (
     stop_process,
     tree_cpu_seconds,
 )
+from schemas.ids import new_request_id
+from schemas.records import InferenceRequest
+from services import tracing
+from services.kafka import record_headers
 from services.settings import Settings
 from services.tracing import FIRST_BYTE
+from workers.spans import RunSpans
 
 STREAMS = int(os.environ.get("BENCH_TRACING_STREAMS", "64"))
 TOKENS = int(os.environ.get("BENCH_TRACING_TOKENS", "1000"))
@@ -121,6 +126,41 @@ def _round(stack: Stack) -> tuple[float, float, int]:
     return tokens / wall_s, 1000 * cpu / tokens, tokens
 
 
+def _span_cost_ms(endpoint: str, requests: int = 2000) -> float:
+    """CPU milliseconds per request of what tracing adds in-process: a request's six spans made as the services make
+    them (submit, queue wait, prefill, decode, publish, first byte), its context put in and read from headers, and the
+    spans' export by the SDK's batch processor and OTLP/HTTP exporter (its thread counts: process time)."""
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    provider = TracerProvider()
+    exporter = OTLPSpanExporter(endpoint=f"{endpoint}/v1/traces")
+    provider.add_span_processor(BatchSpanProcessor(exporter, max_queue_size=6 * requests + 64))  # none dropped
+    tracing.install_for_tests(provider)
+    try:
+        request = InferenceRequest(new_request_id(), "bench", TOKENS, model="default")
+        started = time.process_time()
+        for _ in range(requests):
+            submit = tracing.start_span(
+                tracing.SUBMIT, None, kind="producer", attributes=tracing.request_attributes(request)
+            )
+            trace = tracing.record_trace(record_headers("InferenceRequest", tracing.trace_of(submit)))
+            submit.end()
+            spans = RunSpans(request, trace, "run", "w", queued_from_ns=time.time_ns(), prompt_tokens=1)
+            spans.in_engine()
+            spans.first_token()
+            spans.ended("length", TOKENS, TOKENS)
+            spans.published(True)
+            first = tracing.start_span(tracing.FIRST_BYTE, trace, kind="server", attributes={"a": 1})
+            first.end()
+        provider.force_flush()
+        return 1000 * (time.process_time() - started) / requests
+    finally:
+        tracing.install_for_tests(None)
+        provider.shutdown()
+
+
 def _summary(values: list[float]) -> str:
     return f"min {min(values):.3f} / median {statistics.median(values):.3f} / max {max(values):.3f}"
 
@@ -134,6 +174,7 @@ def run() -> dict[str, float]:
                 asyncio.run(_wait_serving(stack))
             tokens_ratio: list[float] = []
             cpu_ratio: list[float] = []
+            cpu_off: list[float] = []  # CPU seconds per token
             for r in range(ROUNDS):
                 measured: dict[str, tuple[float, float, int]] = {}
                 for stack in stacks if r % 2 == 0 else stacks[::-1]:
@@ -145,9 +186,11 @@ def run() -> dict[str, float]:
                         flush=True,
                     )
                 tokens_ratio.append(measured["on"][0] / measured["off"][0])
+                cpu_off.append(measured["off"][1] / 1000)
                 cpu_ratio.append(measured["on"][1] / measured["off"][1])
             time.sleep(1.0)  # the last spans' export (every 100 ms)
             first_bytes = sum(1 for s in receiver.received() if s.name == FIRST_BYTE)
+            span_ms = _span_cost_ms(receiver.endpoint)
         finally:
             for stack in stacks:
                 for proc in stack.procs:
@@ -155,10 +198,17 @@ def run() -> dict[str, float]:
     print(f"spans received: {len(receiver.received())} ({first_bytes} first-byte spans) in {receiver.requests} exports")
     print(f"tokens/s, tracing on / off: {_summary(tokens_ratio)}")
     print(f"CPU per token, tracing on / off: {_summary(cpu_ratio)}")
+    off_ms = 1000 * statistics.median(cpu_off) * TOKENS  # CPU ms per request with tracing off (median round)
+    print(
+        f"spans of one request, made and exported in-process: {span_ms:.3f} CPU ms = {100 * span_ms / off_ms:.2f} % of "
+        f"the {off_ms:.1f} CPU ms the stack spends per {TOKENS}-token request with tracing off"
+    )
     return {
         "tracing_tokens_per_s_ratio_median": statistics.median(tokens_ratio),
         "tracing_tokens_per_s_ratio_min": min(tokens_ratio),
         "tracing_cpu_per_token_ratio_median": statistics.median(cpu_ratio),
+        "tracing_span_cpu_ms_per_request": span_ms,
+        "tracing_span_cpu_share": span_ms / off_ms,
     }
 
 
