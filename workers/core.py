@@ -192,9 +192,9 @@ class ModelCore:
         self, ticket: Ticket, run_id: str, prompt_tokens: int, prior: Prior, refused: str | None = None
     ) -> RunSpans:
         continues = prior.run_id
-        return RunSpans(
+        spans = RunSpans(
             ticket.request,
-            ticket.trace,
+            ticket.trace or prior.trace,  # a request produced without a context: the trace its first run started
             run_id,
             self.worker_id,
             queued_from_ns=queue_start_ns(ticket.appended_ms, ticket.queued_ns, continues is not None),
@@ -203,6 +203,8 @@ class ModelCore:
             continued_tokens=len(prior.token_ids),
             refused=refused,
         )
+        ticket.trace = spans.trace  # a later run here (preempted, or after a lost event) continues the same trace
+        return spans
 
     def _stream(self, ticket: Ticket) -> RunStream:
         stream = RunStream(self.publisher, ticket.request.request_id, uuid.uuid4().hex)

@@ -117,10 +117,7 @@ async def _settle() -> None:
         await asyncio.sleep(0)
 
 
-async def test_a_run_s_spans_hang_under_the_request_s_context_and_its_events_carry_it(
-    exported: InMemorySpanExporter, engine: Engine
-) -> None:
-    sink = Recorder()
+def _core(engine: Engine, sink: Recorder, worker: str = "w-1") -> tuple[ModelCore, StepLoopPort]:
     limits = Limits(
         model="default",
         context_length=engine.max_positions,
@@ -130,19 +127,32 @@ async def test_a_run_s_spans_hang_under_the_request_s_context_and_its_events_car
         max_stalled_runs=3,
     )
     port = StepLoopPort(engine)
-    core = ModelCore(port, limits, sink, "w-1", CancelledIds())  # type: ignore[arg-type]
-    request = InferenceRequest(new_request_id(), "The quick brown fox", 6, temperature=0.0, model="default")
-    trace = tracing.http_trace({"traceparent": PARENT})
-    ticket = Ticket(request, None, 0, trace=trace, appended_ms=1_700_000_000_000, queued_ns=1_700_000_000_500_000_000)
-    decision, prompt_ids = core.decide(ticket, Prior())
+    return ModelCore(port, limits, sink, worker, CancelledIds()), port  # type: ignore[arg-type]
+
+
+async def _run(core: ModelCore, port: StepLoopPort, ticket: Ticket, prior: Prior, engine: Engine) -> list[int]:
+    """Admit and run ``ticket`` to its end; its prompt's token ids."""
+    decision, prompt_ids = core.decide(ticket, prior)
     assert isinstance(decision, Admission)
-    core.run(ticket, decision, prompt_ids, Prior())
+    core.run(ticket, decision, prompt_ids, prior)
     await _settle()
     port.feed()
     while engine.has_work():
         port.feed()
         port.dispatch(engine.step())
         await _settle()
+    return prompt_ids
+
+
+async def test_a_run_s_spans_hang_under_the_request_s_context_and_its_events_carry_it(
+    exported: InMemorySpanExporter, engine: Engine
+) -> None:
+    sink = Recorder()
+    core, port = _core(engine, sink)
+    request = InferenceRequest(new_request_id(), "The quick brown fox", 6, temperature=0.0, model="default")
+    trace = tracing.http_trace({"traceparent": PARENT})
+    ticket = Ticket(request, None, 0, trace=trace, appended_ms=1_700_000_000_000, queued_ns=1_700_000_000_500_000_000)
+    prompt_ids = await _run(core, port, ticket, Prior(), engine)
 
     assert all(headers is not None and list(trace) == headers[1:] for _, headers in sink.events)
     assert isinstance(sink.events[-1][0].payload, Finished)
@@ -176,3 +186,29 @@ def test_a_cancel_that_carries_a_context_is_a_span_in_its_trace(exported: InMemo
     (span,) = exported.get_finished_spans()
     assert span.name == tracing.CANCEL and span.parent is not None and span.parent.span_id == 0xB7AD6B7169203331
     assert span.attributes is not None and span.attributes["tokenrelay.reason"] == "client_request"
+
+
+async def test_a_request_without_a_context_starts_its_trace_and_a_continuation_joins_it(
+    exported: InMemorySpanExporter, engine: Engine
+) -> None:
+    sink = Recorder()
+    core, port = _core(engine, sink)
+    request = InferenceRequest(new_request_id(), "The quick brown fox", 4, temperature=0.0, model="default")
+    await _run(core, port, Ticket(request, None, 0), Prior(), engine)
+    first = {s.name: s for s in exported.get_finished_spans()}
+    queue, decode = first[tracing.QUEUE_WAIT], first[tracing.DECODE]
+    assert queue.parent is None and queue.context is not None  # the root: the request came without a context
+    assert decode.parent is not None and decode.parent.span_id == queue.context.span_id
+    carried = {tracing.trace_id_of(tracing.record_trace(headers)) for _, headers in sink.events}
+    assert carried == {f"{queue.context.trace_id:032x}"}
+
+    # Another worker continues it from the log: the trace comes from its events' headers (Prior.trace).
+    exported.clear()
+    other, port = _core(engine, Recorder(), "w-2")
+    headers = sink.events[-1][1]
+    prior = Prior(run_id=sink.events[-1][0].run_id, trace=tracing.record_trace(headers))
+    await _run(other, port, Ticket(request, None, 0), prior, engine)
+    again = {s.name: s for s in exported.get_finished_spans()}
+    assert all(s.context is not None and s.context.trace_id == queue.context.trace_id for s in again.values())
+    attributes = again[tracing.QUEUE_WAIT].attributes
+    assert attributes is not None and attributes["tokenrelay.continues_run_id"] == prior.run_id
