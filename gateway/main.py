@@ -186,7 +186,7 @@ def run_gateway(settings: Settings) -> int:
 
 def main() -> int:
     settings = Settings.from_env()
-    configure_logging(settings.log_level)
+    configure_logging(settings)
     logging.getLogger("aiokafka").setLevel(logging.WARNING)
     return run_gateway(settings)
 

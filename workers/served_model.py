@@ -16,6 +16,7 @@ from schemas.errors import DecodeError, TokenRelayError, ValidationError
 from schemas.ids import is_request_id, request_id_time_ms
 from schemas.records import PRIORITIES, InferenceRequest
 from services.kafka import start_client
+from services.logs import request_context
 from services.settings import Settings
 from workers import metrics
 from workers.core import ModelCore
@@ -166,6 +167,12 @@ class ServedModel:
             await self.dead_letter(record, exc)
             self._done(tp, record.offset)
             return
+        with request_context(request.request_id):
+            await self._queue(tp, record, request, reread)
+
+    async def _queue(
+        self, tp: TopicPartition, record: ConsumerRecord[bytes, bytes], request: InferenceRequest, reread: bool
+    ) -> None:
         rid = request.request_id
         created_ms = request.created_ms or request_id_time_ms(rid)
         # The topic, not the field, says the class: a plain producer picks one by where it writes.

@@ -15,7 +15,6 @@ from schemas.errors import DecodeError
 from schemas.records import TokenEvent
 from services.analytics import aggregate, page
 from services.kafka_auth import faust_credentials
-from services.logs import limit_repeats
 from services.schema_registry import reading_codec
 from services.settings import Settings
 from services.topics import TopicSpec
@@ -129,10 +128,6 @@ def create_app(settings: Settings) -> faust.App:
     requests = app.Table(TABLES[0], partitions=settings.events_partitions)
     partitions = app.Table(TABLES[1], partitions=settings.events_partitions)
     expiry = Expiry()
-
-    @app.task
-    async def limit_log_repeats() -> None:
-        limit_repeats()  # on faust's own handlers, which it sets up before its tasks start
 
     @app.agent(events)
     async def count(stream: faust.StreamT) -> None:

@@ -440,7 +440,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level = settings.log_level.upper()
         if args.command in QUIET_COMMANDS and args.sources["log_level"] == "default" and not _verbose(args):
             level = "WARNING"
-        configure_logging(level)
+        configure_logging(settings, level)
         return int(args.func(args, settings))
     except TokenRelayError as exc:
         print(f"tokenrelay: {exc.message}", file=sys.stderr)
