@@ -40,7 +40,7 @@ def _log_lines(path: Path) -> list[dict[str, Any]]:
 async def test_trace_of_one_request_and_its_json_logs(kafka_bootstrap: str, topic_prefix: str, tmp_path: Path) -> None:
     settings = gateway_settings(kafka_bootstrap, topic_prefix)
     worker_log, gateway_log = tmp_path / "worker.log", tmp_path / "gateway.log"
-    gateway = GatewayProcess(settings, log_path=gateway_log, **JSON_LOGS)
+    gateway = GatewayProcess(settings, log_path=gateway_log, TOKENRELAY_LOG_FORMAT="json", TOKENRELAY_LOG_LEVEL="INFO")
     with worker_process(settings, log_path=worker_log, TOKENRELAY_WORKER_METRICS_PORT="0", **SYNTHETIC, **JSON_LOGS):
         await asyncio.to_thread(_in_thread, wait_announced(settings, "default"))
         try:
