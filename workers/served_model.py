@@ -267,6 +267,11 @@ class ServedModel:
         for priority, tenant, count, oldest_ms in self.deferred.stats():
             depth, oldest = rows.get((priority, tenant), (0, oldest_ms))
             rows[(priority, tenant)] = (depth + count, min(oldest, oldest_ms))
+        metrics.BATCH_SLOTS.labels(self.name).set(self.settings.max_batch_size)
+        metrics.BATCH_SLOTS_USED.labels(self.name).set(len(self.core.ledger))
+        kv = getattr(self.core.engine, "kv_cache_usage", None)  # engines that know their cache's fill
+        if kv is not None:
+            metrics.KV_CACHE_USAGE.labels(self.name).set(kv)
         samples = [metrics.QueueSample(self.name, p, t, d, o) for (p, t), (d, o) in rows.items()]
         for priority, topic in self.topics.items():
             unread = 0
@@ -403,6 +408,9 @@ class ServedModel:
 
     async def close(self) -> None:
         metrics.QUEUES.remove(self.queue_samples)
+        for gauge in (metrics.BATCH_SLOTS, metrics.BATCH_SLOTS_USED, metrics.KV_CACHE_USAGE):
+            with contextlib.suppress(KeyError):
+                gauge.remove(self.name)
         await self.consumer.stop()
         await self.history.stop()
         self.core.close()

@@ -42,6 +42,8 @@ def _worker_class() -> type[Any]:
             self.tokenrelay_settings = settings
 
         def on_setup_root_logger(self, logger: logging.Logger, level: int) -> None:
+            if self.tokenrelay_settings.log_format.lower() == "json":
+                self.spinner = None  # its cursor codes would land between the JSON lines
             super().on_setup_root_logger(logger, level)
             adopt_handlers(self.tokenrelay_settings, logger.handlers)
 
