@@ -4,20 +4,22 @@ log alone, as JSON and as a table, and every log line of the two is one JSON obj
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
-from services.local.process import child_env
+from services.local.process import child_env, die_with_parent, quiet_env, terminate
 from services.settings import Settings
 from tests.integration.gateway_support import ROOT, GatewayProcess, _in_thread, gateway_settings, read_sse
 from tests.integration.secure_support import as_role
-from tests.integration.worker_helpers import wait_announced, worker_process
+from tests.integration.worker_helpers import wait_announced
 
 pytestmark = pytest.mark.integration
 
@@ -33,6 +35,20 @@ def _cli(settings: Settings, *argv: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@contextlib.contextmanager
+def _logged_worker(settings: Settings, log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """A synthetic-engine worker that logs JSON lines at INFO to ``log_path``."""
+    env = quiet_env(as_role(settings, "worker"), TOKENRELAY_WORKER_METRICS_PORT="0", **SYNTHETIC, **JSON_LOGS)
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "workers.main"], cwd=ROOT, env=env, stderr=log, preexec_fn=die_with_parent()
+        )
+    try:
+        yield proc
+    finally:
+        terminate(proc, 20, "worker")
+
+
 def _log_lines(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
@@ -41,7 +57,7 @@ async def test_trace_of_one_request_and_its_json_logs(kafka_bootstrap: str, topi
     settings = gateway_settings(kafka_bootstrap, topic_prefix)
     worker_log, gateway_log = tmp_path / "worker.log", tmp_path / "gateway.log"
     gateway = GatewayProcess(settings, log_path=gateway_log, TOKENRELAY_LOG_FORMAT="json", TOKENRELAY_LOG_LEVEL="INFO")
-    with worker_process(settings, log_path=worker_log, TOKENRELAY_WORKER_METRICS_PORT="0", **SYNTHETIC, **JSON_LOGS):
+    with _logged_worker(settings, worker_log):
         await asyncio.to_thread(_in_thread, wait_announced(settings, "default"))
         try:
             await gateway.start_async()

@@ -32,24 +32,15 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @contextlib.contextmanager
-def worker_process(
-    settings: Settings, module: str = "workers.main", log_path: Path | None = None, **env: str
-) -> Iterator[subprocess.Popen[bytes]]:
+def worker_process(settings: Settings, module: str = "workers.main", **env: str) -> Iterator[subprocess.Popen[bytes]]:
     """A worker subprocess (``python -m module``) on the broker and topics of ``settings``, plus ``env``; it dies
-    with the thread that started it, should the test process die without stopping it. Its stderr goes to
-    ``log_path`` (inherited when None)."""
-    stderr = open(log_path, "ab") if log_path is not None else None  # noqa: SIM115 - the child keeps it
-    try:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", module],
-            cwd=ROOT,
-            env=quiet_env(as_role(settings, "worker"), **env),
-            stderr=stderr,
-            preexec_fn=die_with_parent(),
-        )
-    finally:
-        if stderr is not None:
-            stderr.close()
+    with the thread that started it, should the test process die without stopping it."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", module],
+        cwd=ROOT,
+        env=quiet_env(as_role(settings, "worker"), **env),
+        preexec_fn=die_with_parent(),
+    )
     try:
         yield proc
     finally:
