@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from services.local.process import child_env, die_with_parent, quiet_env, terminate
+from services.local.process import child_env, quiet_env, spawn, terminate
 from services.settings import Settings
 from tests.integration.gateway_support import ROOT, GatewayProcess, _in_thread, gateway_settings, read_sse
 from tests.integration.secure_support import as_role
@@ -40,9 +40,7 @@ def _logged_worker(settings: Settings, log_path: Path) -> Iterator[subprocess.Po
     """A synthetic-engine worker that logs JSON lines at INFO to ``log_path``."""
     env = quiet_env(as_role(settings, "worker"), TOKENRELAY_WORKER_METRICS_PORT="0", **SYNTHETIC, **JSON_LOGS)
     with log_path.open("ab") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "workers.main"], cwd=ROOT, env=env, stderr=log, preexec_fn=die_with_parent()
-        )
+        proc = spawn([sys.executable, "-m", "workers.main"], cwd=ROOT, env=env, stderr=log)
     try:
         yield proc
     finally:
