@@ -1,5 +1,6 @@
-"""One request through a gateway and a worker that log JSON lines; then `tokenrelay trace` tells its timeline from the
-log alone, as JSON and as a table, and every log line of the two is one JSON object naming the request it was about."""
+"""One request through a gateway and a worker that log JSON lines (and export the dashboards' metrics); then
+`tokenrelay trace` tells its timeline from the log alone, as JSON and as a table, and every log line of the two is
+one JSON object naming the request it was about."""
 
 from __future__ import annotations
 
@@ -15,11 +16,13 @@ from typing import Any
 import aiohttp
 import pytest
 
+from services.local.broker.cluster import free_port_block
 from services.local.process import child_env, quiet_env, spawn, terminate
 from services.settings import Settings
-from tests.integration.gateway_support import ROOT, GatewayProcess, _in_thread, gateway_settings, read_sse
+from tests.integration.gateway_support import ROOT, GatewayProcess, _in_thread, gateway_settings, metric, read_sse
 from tests.integration.secure_support import as_role
 from tests.integration.worker_helpers import wait_announced
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -38,7 +41,7 @@ def _cli(settings: Settings, *argv: str) -> subprocess.CompletedProcess[str]:
 @contextlib.contextmanager
 def _logged_worker(settings: Settings, log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
     """A synthetic-engine worker that logs JSON lines at INFO to ``log_path``."""
-    env = quiet_env(as_role(settings, "worker"), TOKENRELAY_WORKER_METRICS_PORT="0", **SYNTHETIC, **JSON_LOGS)
+    env = quiet_env(as_role(settings, "worker"), **SYNTHETIC, **JSON_LOGS)
     with log_path.open("ab") as log:
         proc = spawn([sys.executable, "-m", "workers.main"], cwd=ROOT, env=env, stderr=log)
     try:
@@ -52,7 +55,7 @@ def _log_lines(path: Path) -> list[dict[str, Any]]:
 
 
 async def test_trace_of_one_request_and_its_json_logs(kafka_bootstrap: str, topic_prefix: str, tmp_path: Path) -> None:
-    settings = gateway_settings(kafka_bootstrap, topic_prefix)
+    settings = gateway_settings(kafka_bootstrap, topic_prefix, worker_metrics_port=free_port_block(1))
     worker_log, gateway_log = tmp_path / "worker.log", tmp_path / "gateway.log"
     gateway = GatewayProcess(settings, log_path=gateway_log, TOKENRELAY_LOG_FORMAT="json", TOKENRELAY_LOG_LEVEL="INFO")
     with _logged_worker(settings, worker_log):
@@ -66,7 +69,14 @@ async def test_trace_of_one_request_and_its_json_logs(kafka_bootstrap: str, topi
                     assert response.status == 202
                     rid = (await response.json())["id"]
                 status, events = await read_sse(session, f"{gateway.url}/v1/requests/{rid}/events", timeout_s=60)
-            assert status == 200 and events[-1]["event"] == "done"
+                assert status == 200 and events[-1]["event"] == "done"
+                assert await metric(session, gateway.url, "tokenrelay_gateway_connections") >= 1  # this one
+                worker_url = f"http://127.0.0.1:{settings.worker_metrics_port}"
+
+                async def slots_sampled() -> bool:
+                    return await metric(session, worker_url, "batch_slots") == settings.max_batch_size
+
+                await wait_until(slots_sampled, "the worker's batch slots on its /metrics", timeout_s=30)
         finally:
             gateway.stop()
 
