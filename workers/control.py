@@ -14,6 +14,7 @@ from schemas.codec import Codec, default_codec
 from schemas.errors import DecodeError, UnknownSchemaId
 from services import tracing
 from services.kafka import start_client
+from services.logs import request_context
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +90,9 @@ class ControlReader:
                 log.warning("undecodable control record at offset %d: %s", offset, exc)
             return
         if event.action == "cancel":
-            log.info("request %s: cancel received", event.request_id)
-            if tracing.enabled() and (trace := tracing.record_trace(headers)):
-                attributes = {"tokenrelay.request_id": event.request_id, "tokenrelay.reason": event.reason or ""}
-                tracing.start_span(tracing.CANCEL, trace, kind="consumer", attributes=attributes).end()
-            self._on_cancel(event.request_id)
+            with request_context(event.request_id):
+                log.info("request %s: cancel received", event.request_id)
+                if tracing.enabled() and (trace := tracing.record_trace(headers)):
+                    attributes = {"tokenrelay.request_id": event.request_id, "tokenrelay.reason": event.reason or ""}
+                    tracing.start_span(tracing.CANCEL, trace, kind="consumer", attributes=attributes).end()
+                self._on_cancel(event.request_id)

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from schemas.errors import TokenRelayError
 from schemas.records import InferenceRequest
 from services import tracing
+from services.logs import request_context
 from services.settings import Settings
 from workers import metrics
 from workers.admission import Refusal
@@ -186,8 +187,7 @@ class Dispatcher:
         """Admit in a task of its own (its log may have to be read first): the scheduling loop never waits on Kafka,
         and the slot stays reserved meanwhile."""
         self._admitting += 1
-        with tracing.attached(ticket.trace):  # the admission's task has the request's trace context current
-            task = asyncio.create_task(self._admit_reserved(ticket), name=f"admit-{ticket.request.request_id}")
+        task = asyncio.create_task(self._admit_reserved(ticket), name=f"admit-{ticket.request.request_id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -197,11 +197,14 @@ class Dispatcher:
         await self._admit_reserved(ticket)
 
     async def _admit_reserved(self, ticket: Ticket) -> None:
-        try:
-            if self.intake.owns(ticket):  # else revoked while it waited; the new owner reads it again
-                await self._admit_owned(ticket)
-        finally:
-            self._admitting -= 1
+        # The run's callbacks and task are made in here: they keep logging with the request id (and, tracing on,
+        # with its trace context current).
+        with request_context(ticket.request.request_id), tracing.attached(ticket.trace):
+            try:
+                if self.intake.owns(ticket):  # else revoked while it waited; the new owner reads it again
+                    await self._admit_owned(ticket)
+            finally:
+                self._admitting -= 1
 
     async def _admit_owned(self, ticket: Ticket) -> None:
         prior: Prior | None

@@ -40,6 +40,7 @@ from schemas.records import Accepted, ChatMessage, ControlEvent, InferenceReques
 from schemas.sampling import SamplingParams
 from services import tracing
 from services.kafka import map_kafka_errors, record_headers
+from services.logs import bind_request
 from services.requests import submit_request
 from services.settings import Settings
 from services.tracing import NO_TRACE
@@ -134,6 +135,7 @@ def request_id_of(request: web.Request) -> str:
         raise not_found(request_id) from None
     if request_id_time_ms(request_id) > time.time() * 1000 + FUTURE_ID_MS:
         raise not_found(request_id)
+    bind_request(request_id)
     return request_id
 
 
@@ -232,6 +234,7 @@ async def produce_request(gw: Gateway, req: InferenceRequest, accepted: Accepted
     """Submit ``req`` within its key's quotas (RateLimited when over one); an ``accepted`` of the caller's is recorded
     first (see ``submit_request``). Tracing on, this is the request's ``submit`` span, a child of the client's
     context (see ``trace_middleware``), and its records carry the span's context."""
+    bind_request(req.request_id)
     if not tracing.enabled():
         await _produce_request(gw, req, accepted, NO_TRACE)
         return
