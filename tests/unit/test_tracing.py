@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 from collections.abc import Iterator
 
 import pytest
@@ -15,6 +17,7 @@ from schemas.ids import new_request_id
 from schemas.records import ControlEvent, Delta, Finished, InferenceRequest, TokenEvent
 from services import tracing
 from services.kafka import Headers, record_headers
+from services.logs import JsonFormatter
 from workers.admission import Admission, Limits
 from workers.control import CancelledIds, ControlReader
 from workers.core import ModelCore
@@ -212,3 +215,33 @@ async def test_a_request_without_a_context_starts_its_trace_and_a_continuation_j
     assert all(s.context is not None and s.context.trace_id == queue.context.trace_id for s in again.values())
     attributes = again[tracing.QUEUE_WAIT].attributes
     assert attributes is not None and attributes["tokenrelay.continues_run_id"] == prior.run_id
+
+
+class JsonLines(logging.Handler):
+    """Formats each record as it is logged (where the code runs, with its context current)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[dict[str, str]] = []
+        self.formatter_ = JsonFormatter()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(json.loads(self.formatter_.format(record)))
+
+
+async def test_a_run_logs_with_its_request_s_trace_id(exported: InMemorySpanExporter, engine: Engine) -> None:
+    lines = JsonLines()
+    logger = logging.getLogger("workers.core")
+    level = logger.level
+    logger.addHandler(lines)
+    logger.setLevel(logging.INFO)
+    try:
+        core, port = _core(engine, Recorder())
+        request = InferenceRequest(new_request_id(), "The quick brown fox", 4, temperature=0.0, model="default")
+        trace = tracing.http_trace({"traceparent": PARENT})
+        await _run(core, port, Ticket(request, None, 0, trace=trace), Prior(), engine)
+    finally:
+        logger.removeHandler(lines)
+        logger.setLevel(level)
+    finished = [line for line in lines.lines if "finished" in line["message"]]
+    assert finished and finished[0]["trace_id"] == tracing.trace_id_of(trace)
