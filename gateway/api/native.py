@@ -152,7 +152,7 @@ async def stream_sse(
             sub.on_slow = transport.abort
         chunk = [PREAMBLE, *sub.preamble, *(o.framed for o in sub.backlog)]
         await response.write(b"".join(chunk))
-        if delivery is not None:
+        if delivery is not None and delivery.pending:
             delivery.wrote_all(o.event for o in sub.backlog)
         gw.metrics.events_delivered.inc(len(sub.backlog))
         if any(o.event.terminal for o in sub.backlog):
@@ -171,7 +171,7 @@ async def stream_sse(
             while not sub.queue.empty() and not batch[-1].event.terminal:
                 batch.append(sub.queue.get_nowait())
             await response.write(b"".join(o.framed for o in batch) if len(batch) > 1 else out.framed)
-            if delivery is not None:
+            if delivery is not None and delivery.pending:
                 delivery.wrote_all(o.event for o in batch)
             now = time.time()
             gw.metrics.events_delivered.inc(len(batch))
