@@ -31,6 +31,7 @@ from gateway.http.server import AcceptErrorLog, Listener, raise_fd_limit
 from gateway.metrics import GatewayMetrics
 from schemas.errors import TokenRelayError
 from schemas.models import ModelDirectory
+from services import tracing
 from services.kafka import make_consumer, make_producer, start_client
 from services.logs import configure_logging
 from services.models_source import ModelsFollower
@@ -177,11 +178,14 @@ def tune_gc() -> None:
 def run_gateway(settings: Settings) -> int:
     tune_gc()
     raise_fd_limit()
+    tracing.configure("tokenrelay-gateway")
     try:
         asyncio.run(serve(settings))
     except TokenRelayError as exc:
         log.error("gateway failed: %s", exc)
         return 1
+    finally:
+        tracing.shutdown()
     return 0
 
 
