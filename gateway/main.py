@@ -31,6 +31,7 @@ from gateway.http.server import AcceptErrorLog, Listener, raise_fd_limit
 from gateway.metrics import GatewayMetrics
 from schemas.errors import TokenRelayError
 from schemas.models import ModelDirectory
+from services import tracing
 from services.kafka import make_consumer, make_producer, start_client
 from services.logs import configure_logging
 from services.models_source import ModelsFollower
@@ -126,6 +127,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=2.0, access_log=None)
         await runner.setup()
         listener = Listener(runner, settings)
+        metrics.connections.set_function(lambda: listener.open if listener is not None else 0)
         await listener.start(backlog=2048)
         log.info("gateway listening on http://%s:%d/", settings.gateway_host, settings.gateway_port)
         await stop.wait()
@@ -176,17 +178,20 @@ def tune_gc() -> None:
 def run_gateway(settings: Settings) -> int:
     tune_gc()
     raise_fd_limit()
+    tracing.configure("tokenrelay-gateway")
     try:
         asyncio.run(serve(settings))
     except TokenRelayError as exc:
         log.error("gateway failed: %s", exc)
         return 1
+    finally:
+        tracing.shutdown()
     return 0
 
 
 def main() -> int:
     settings = Settings.from_env()
-    configure_logging(settings.log_level)
+    configure_logging(settings)
     logging.getLogger("aiokafka").setLevel(logging.WARNING)
     return run_gateway(settings)
 

@@ -5,14 +5,16 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from schemas.codec import Codec, default_codec
 from schemas.errors import DecodeError, UnknownSchemaId
+from services import tracing
 from services.kafka import start_client
+from services.logs import request_context
 
 log = logging.getLogger(__name__)
 
@@ -74,13 +76,13 @@ class ControlReader:
                     continue
                 for records in batches.values():
                     for record in records:
-                        self._take(record.offset, record.value)
+                        self._take(record.offset, record.value, record.headers)
                 if not behind:
                     self.ready.set()
         finally:
             await consumer.stop()
 
-    def _take(self, offset: int, value: bytes | None) -> None:
+    def _take(self, offset: int, value: bytes | None, headers: Sequence[tuple[str, bytes]] = ()) -> None:
         try:
             event = self._codec.decode_control(value or b"")
         except DecodeError as exc:
@@ -88,5 +90,9 @@ class ControlReader:
                 log.warning("undecodable control record at offset %d: %s", offset, exc)
             return
         if event.action == "cancel":
-            log.info("request %s: cancel received", event.request_id)
-            self._on_cancel(event.request_id)
+            with request_context(event.request_id):
+                log.info("request %s: cancel received", event.request_id)
+                if tracing.enabled() and (trace := tracing.record_trace(headers)):
+                    attributes = {"tokenrelay.request_id": event.request_id, "tokenrelay.reason": event.reason or ""}
+                    tracing.start_span(tracing.CANCEL, trace, kind="consumer", attributes=attributes).end()
+                self._on_cancel(event.request_id)

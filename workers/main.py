@@ -20,6 +20,7 @@ from schemas.codec import Codec, default_codec
 from schemas.errors import ConfigError, KafkaUnavailable, TokenRelayError
 from schemas.ids import is_model_name
 from schemas.records import ModelInfo
+from services import tracing
 from services.kafka import make_consumer, make_producer
 from services.logs import configure_logging
 from services.schema_registry import prepare_codec
@@ -271,15 +272,18 @@ async def serve(settings: Settings, engines: Mapping[str, EnginePort] | None = N
 
 
 def run_worker(settings: Settings) -> int:
+    tracing.configure("tokenrelay-worker")
     try:
         asyncio.run(serve(settings))
     except TokenRelayError as exc:
         log.error("worker failed: %s", exc.message)
         return 1
+    finally:
+        tracing.shutdown()
     return 0
 
 
 if __name__ == "__main__":
     _settings = Settings.from_env()
-    configure_logging(_settings.log_level)
+    configure_logging(_settings)
     sys.exit(run_worker(_settings))

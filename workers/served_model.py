@@ -15,7 +15,9 @@ from schemas.codec import Codec, default_codec
 from schemas.errors import DecodeError, TokenRelayError, ValidationError
 from schemas.ids import is_request_id, request_id_time_ms
 from schemas.records import PRIORITIES, InferenceRequest
+from services import tracing
 from services.kafka import start_client
+from services.logs import request_context
 from services.settings import Settings
 from workers import metrics
 from workers.core import ModelCore
@@ -166,20 +168,26 @@ class ServedModel:
             await self.dead_letter(record, exc)
             self._done(tp, record.offset)
             return
+        with request_context(request.request_id):
+            await self._queue(tp, record, request, reread)
+
+    async def _queue(
+        self, tp: TopicPartition, record: ConsumerRecord[bytes, bytes], request: InferenceRequest, reread: bool
+    ) -> None:
         rid = request.request_id
         created_ms = request.created_ms or request_id_time_ms(rid)
         # The topic, not the field, says the class: a plain producer picks one by where it writes.
         priority = self._priority_of.get(record.topic, INTERACTIVE)
         check_log = record.offset < self._assigned_end.get(tp, 0)
         if rid in self.core.cancelled:  # cancelled before it was read: it ends now, not in its turn
-            self.dispatcher.end_cancelled(Ticket(request, (tp, record), created_ms, priority, check_log))
+            self.dispatcher.end_cancelled(_ticket(request, tp, record, created_ms, priority, check_log))
             return
         holding = self.scheduler.holding(priority, request.tenant)
         # Requests with a deadline stay in memory: the worker must be able to end them at their deadline.
         if not reread and request.deadline_ms is None and self.deferred.should_defer(priority, request.tenant, holding):
             self.deferred.add(priority, request.tenant, (tp, record.offset), created_ms)
             return
-        ticket = Ticket(request, (tp, record), created_ms, priority, check_log)
+        ticket = _ticket(request, tp, record, created_ms, priority, check_log)
         if not self.dispatcher.queue(ticket, arrival=not reread):
             log.info("request %s: read again while it waits; the later record is dropped", rid)
             self._done(tp, record.offset)
@@ -260,6 +268,11 @@ class ServedModel:
         for priority, tenant, count, oldest_ms in self.deferred.stats():
             depth, oldest = rows.get((priority, tenant), (0, oldest_ms))
             rows[(priority, tenant)] = (depth + count, min(oldest, oldest_ms))
+        metrics.BATCH_SLOTS.labels(self.name).set(self.settings.max_batch_size)
+        metrics.BATCH_SLOTS_USED.labels(self.name).set(len(self.core.ledger))
+        kv = getattr(self.core.engine, "kv_cache_usage", None)  # engines that know their cache's fill
+        if kv is not None:
+            metrics.KV_CACHE_USAGE.labels(self.name).set(kv)
         samples = [metrics.QueueSample(self.name, p, t, d, o) for (p, t), (d, o) in rows.items()]
         for priority, topic in self.topics.items():
             unread = 0
@@ -396,6 +409,9 @@ class ServedModel:
 
     async def close(self) -> None:
         metrics.QUEUES.remove(self.queue_samples)
+        for gauge in (metrics.BATCH_SLOTS, metrics.BATCH_SLOTS_USED, metrics.KV_CACHE_USAGE):
+            with contextlib.suppress(KeyError):
+                gauge.remove(self.name)
         await self.consumer.stop()
         await self.history.stop()
         self.core.close()
@@ -422,6 +438,20 @@ class _Listener(ConsumerRebalanceListener):
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def _ticket(
+    request: InferenceRequest,
+    tp: TopicPartition,
+    record: ConsumerRecord[bytes, bytes],
+    created_ms: int,
+    priority: str,
+    check_log: bool,
+) -> Ticket:
+    ticket = Ticket(request, (tp, record), created_ms, priority, check_log)
+    if tracing.enabled():  # the request's trace context, and when its record was appended (its queue wait's start)
+        ticket.trace, ticket.appended_ms = tracing.record_trace(record.headers), record.timestamp
+    return ticket
 
 
 def _checked(request: InferenceRequest) -> InferenceRequest:

@@ -29,6 +29,7 @@ from gateway.api.context import (
     require_key,
     resolve_model,
 )
+from gateway.api.delivery import first_byte
 from gateway.api.openai import TOO_SLOW, AnswerFold, cancel_quietly, follow
 from gateway.api.responses_body import CreateSpec, parse_create
 from gateway.api.responses_events import RESPONSE_PREFIX, ResponseEvents, ResponseOptions, response_id
@@ -37,6 +38,7 @@ from schemas.errors import ClientClosed, Conflict, FieldError, NotFound, Validat
 from schemas.ids import parse_request_id, request_id_time_ms
 from schemas.records import Accepted, InferenceRequest
 from schemas.view import EventName, View, ViewEvent
+from services.logs import bind_request
 from services.requests import new_inference_request
 
 log = logging.getLogger(__name__)
@@ -119,6 +121,7 @@ async def _stream(
     events: AsyncIterator[ViewEvent | None],
     *,
     foreground: bool = False,
+    resumed: bool = False,
 ) -> web.StreamResponse:
     """Stream the surface's frames; a foreground stream's client that leaves cancels the response.
 
@@ -134,6 +137,7 @@ async def _stream(
         }
     )
     gw.metrics.active_streams.inc()
+    delivery = first_byte(request, gw, surface.request_id, resumed=resumed, api="responses")
     try:
         if not foreground:
             await _open(request, response, surface)
@@ -147,12 +151,16 @@ async def _stream(
                 break
             if frames := surface.feed(ev):
                 await response.write(frames)
+                if delivery is not None:
+                    delivery.wrote(ev)
             if surface.ended:
                 break
     except (ConnectionResetError, asyncio.CancelledError):
         pass
     finally:
         gw.metrics.active_streams.dec()
+        if delivery is not None:
+            delivery.close()
         if not surface.ended and foreground:
             await cancel_quietly(gw, surface.request_id)
     return response
@@ -243,6 +251,7 @@ def _query_bool(request: web.Request, name: str) -> bool:
 async def retrieve(request: web.Request) -> web.StreamResponse:
     gw = gateway_of(request)
     request_id = request_id_of_response(request.match_info["id"])
+    bind_request(request_id)
     stream = _query_bool(request, "stream")
     after = _starting_after(request) if stream else -1
     view = await _known_view(request, request_id)
@@ -260,7 +269,7 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
             if scratch.ended and scratch.seq - 1 <= after:
                 return web.Response(status=204, headers=cors_headers(request))
         if stream:
-            return await _stream(request, gw, surface, follow(request, sub), foreground=False)
+            return await _stream(request, gw, surface, follow(request, sub), resumed=after >= 0)
         for out in sub.backlog:
             surface.feed(out.event)
         return web.json_response(surface.object())
@@ -271,6 +280,7 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
 async def cancel(request: web.Request) -> web.Response:
     gw = gateway_of(request)
     request_id = request_id_of_response(request.match_info["id"])
+    bind_request(request_id)
     view = await _known_view(request, request_id, CANCEL)
     options = ResponseOptions.of_view(view, gw.settings.default_model)
     if not options.background:
