@@ -172,6 +172,7 @@ def _pause(system: System, names: Sequence[str], seconds: float) -> str:
 def inject(system: System, plan: Plan, rng: random.Random, outage: bool) -> Fault:
     """One fault, then wait until every component is healthy again."""
     began = time.monotonic()
+    stale: set[str] = set()
     if outage:
         seconds = plan.producer_timeout_ms / 1000 + rng.uniform(*plan.outage_extra_s)
         kind, target = "outage", "cluster"
@@ -179,11 +180,14 @@ def inject(system: System, plan: Plan, rng: random.Random, outage: bool) -> Faul
     else:
         kind = rng.choices(["sigkill", "sigstop", "sigterm"], [4, 3, 2])[0]
         target = _pick_target(system, rng)
+        if kind != "sigstop" and target.startswith("worker"):
+            # Until the stopped worker has left the group: its requests have moved and the new process has joined.
+            stale = system.worker_members()
         if kind == "sigstop":
             detail = _pause(system, [target], rng.uniform(*plan.stop_s))
         else:
             detail = _stop_and_restart(system, target, signal.SIGKILL if kind == "sigkill" else signal.SIGTERM)
-    health = system.wait_healthy(RECOVER_TIMEOUT_S)
+    health = system.wait_healthy(RECOVER_TIMEOUT_S, stale)
     sick = sorted(n for n, ok in health.items() if not ok)
     if sick:
         detail += f"; still unhealthy after {RECOVER_TIMEOUT_S:.0f}s: {', '.join(sick)}"

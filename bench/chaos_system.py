@@ -19,6 +19,7 @@ from typing import Any
 
 import psutil
 
+from services.kafka import make_admin
 from services.local.broker.cluster import free_port_block
 from services.local.process import quiet_env, spawn
 from services.local.readiness import gateway_serving
@@ -217,8 +218,30 @@ class System:
 
     # --- health -------------------------------------------------------------------------------------------------
 
-    def health(self) -> dict[str, bool]:
-        """Every member's health now: brokers listed by all nodes with full ISRs, /readyz, group membership."""
+    def worker_members(self) -> set[str]:
+        """Member ids of the workers' consumer group now (empty when it cannot be read)."""
+        settings = self.settings
+        assert settings is not None
+
+        async def read() -> set[str]:
+            admin = make_admin(settings)
+            await admin.start()
+            try:
+                (response,) = await admin.describe_consumer_groups([settings.worker_group])
+                return {str(m[0]) for m in response.groups[0][5]}
+            finally:
+                await admin.close()
+
+        try:
+            return asyncio.run(read())
+        except Exception:
+            return set()
+
+    def health(self, stale_workers: set[str] | None = None) -> dict[str, bool]:
+        """Every member's health now: brokers listed by all nodes with full ISRs, /readyz, group membership.
+
+        ``stale_workers``: group member ids of a worker that was stopped; the workers count as healthy only once none
+        of them is in the group (a dead member stays until its session times out, and the group looks whole)."""
         settings = self.settings
         assert settings is not None
         out: dict[str, bool] = {}
@@ -231,19 +254,21 @@ class System:
         for i, gw in enumerate(self.gateways, 1):
             out[f"gateway-{i}"] = gateway_serving(gw.url, timeout_s=3.0, model_served=True)
         workers = _quietly(wait_group_members(settings, WORKERS, timeout_s=0.1))
+        if workers and stale_workers:
+            workers = not (self.worker_members() & stale_workers)
         for i in range(1, WORKERS + 1):
             out[f"worker-{i}"] = workers
         out["analytics"] = analytics_usage(self.analytics_port) is not None
         return out
 
-    def wait_healthy(self, timeout_s: float) -> dict[str, bool]:
+    def wait_healthy(self, timeout_s: float, stale_workers: set[str] | None = None) -> dict[str, bool]:
         """Until every member is healthy (restarting whatever died meanwhile), or the deadline; the last health."""
         deadline = time.monotonic() + timeout_s
         while True:
             self.reap()
             if self.registry is not None and self.registry.port is not None and not self.registry.is_running():
                 self.launch("registry")
-            health = self.health()
+            health = self.health(stale_workers)
             if all(health.values()) or time.monotonic() > deadline:
                 return health
             time.sleep(1.0)
