@@ -64,7 +64,7 @@ class Plan:
     stop_s: tuple[float, float] = (1.0, 20.0)
     producer_timeout_ms: int = 10_000
     outage_extra_s: tuple[float, float] = (3.0, 8.0)
-    settle_s: float = 600.0  # how long clients and the log may take to end after the load stops
+    settle_s: float = 300.0  # how long clients and the log may take to end after the load stops
 
     @classmethod
     def short(cls, minutes: float, seed: int) -> Plan:

@@ -184,6 +184,9 @@ class System:
                 "TOKENRELAY_WORKER_ID": name,
                 "TOKENRELAY_TEST_STEP_DELAY_S": STEP_DELAY_S,
                 "OMP_NUM_THREADS": "1",
+                # What a worker did with each request (taken, skipped, abandoned, assigned) is the evidence a lost
+                # request needs; the log file is per run.
+                "TOKENRELAY_LOG_LEVEL": "INFO",
             }
             member.proc = self._spawn(["-m", "tests.integration.slow_worker"], name, quiet_env(settings, **env))
         elif member.role == "analytics":
