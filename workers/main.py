@@ -22,6 +22,7 @@ from schemas.ids import is_model_name
 from schemas.records import ModelInfo
 from services import tracing
 from services.kafka import make_consumer, make_producer
+from services.lifecycle import exit_after
 from services.logs import configure_logging
 from services.schema_registry import prepare_codec
 from services.settings import ENGINES, Settings, engine_of
@@ -265,9 +266,14 @@ async def serve(settings: Settings, engines: Mapping[str, EnginePort] | None = N
     metrics.serve(settings.worker_metrics_port, settings.worker_metrics_host)
     worker = Worker(settings, engines, codec=codec)
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        exit_after(what="worker")
+        worker.stop()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, worker.stop)
+            loop.add_signal_handler(sig, on_signal)
     await worker.run()
 
 
