@@ -4,7 +4,7 @@ The system is a 3-node cluster (RF 3, min ISR 2), the schema registry, 2 workers
 and analytics. Clients of every kind submit, disconnect, resume on a random gateway and cancel while faults hit one
 component at a time (SIGKILL, SIGSTOP for 1-20 s, SIGTERM and restart; one whole-cluster outage longer than the
 producer timeout). At the end every client's trace is checked against the events topic read straight from Kafka.
-Exits 1 when an invariant is broken; the seed replays the same choices (the timing of a shared machine does not).
+Exits 1 when an invariant is broken; the seed replays the same choices (not the timing of a shared machine).
 """
 
 from __future__ import annotations
