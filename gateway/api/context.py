@@ -239,7 +239,7 @@ async def produce_request(gw: Gateway, req: InferenceRequest, accepted: Accepted
     if gw.quotas is None:
         await submit()
     else:
-        tokens = estimate_tokens(len(req.prompt), req.max_tokens)
+        tokens = estimate_tokens(len(req.prompt), req.max_tokens * req.n)
         await gw.quotas.submit_within(req.request_id, req.tenant, tokens, submit)
     gw.metrics.requests_submitted.inc()
     if req.tenant:

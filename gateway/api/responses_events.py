@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, assert_never
 
+from gateway.api.logprobs import chat_content
 from gateway.api.openai import AnswerFold, Completed, Failed, Rewritten, TextDelta
 from gateway.fanout.sse import frame
 from schemas.ids import request_id_time_ms
@@ -79,9 +80,12 @@ class ResponseEvents:
     def opening(self) -> bytes:
         return self._emit("response.created", {"response": self.object()})
 
-    def delta(self, text: str) -> bytes:
+    def delta(self, step: TextDelta) -> bytes:
         out = b"" if self.begun else self._begin()
-        return out + self._emit("response.output_text.delta", {**self._where(), "delta": text, "logprobs": []})
+        logprobs = chat_content(step.logprobs)
+        return out + self._emit(
+            "response.output_text.delta", {**self._where(), "delta": step.text, "logprobs": logprobs}
+        )
 
     def completed(self, end: Completed) -> bytes:
         return self._finish(end, cancelled=False)
@@ -110,7 +114,7 @@ class ResponseEvents:
             case None:
                 pass
             case TextDelta():
-                out += self.delta(step.text) if step.text else b""
+                out += self.delta(step) if step.text or step.logprobs else b""
             case Completed():
                 out += self._finish(step, cancelled=ev.data.get("finish_reason") == "cancelled")
             case Failed():
@@ -184,7 +188,8 @@ class ResponseEvents:
         out = b""
         if self.begun:
             text = self.fold.text
-            out += self._emit("response.output_text.done", {**self._where(), "text": text, "logprobs": []})
+            logprobs = chat_content(self.fold.logprobs_of(0))
+            out += self._emit("response.output_text.done", {**self._where(), "text": text, "logprobs": logprobs})
             out += self._emit("response.content_part.done", {**self._where(), "part": self._part(text)})
             item = self._item(self.item_status, text)
             out += self._emit("response.output_item.done", {"output_index": 0, "item": item})
@@ -194,7 +199,8 @@ class ResponseEvents:
         return {"item_id": item_id(self.request_id), "output_index": 0, "content_index": 0}
 
     def _part(self, text: str) -> dict[str, Any]:
-        return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+        logprobs = chat_content(self.fold.logprobs_of(0)) if text else []
+        return {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs}
 
     def _item(self, status: str, text: str | None) -> dict[str, Any]:
         content = [] if text is None else [self._part(text)]

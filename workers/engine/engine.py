@@ -270,7 +270,8 @@ class Engine:
 
     def _advance(self, seq: _Seq, choice: _Choice, picked: Sampled) -> StepOutput:
         """The output of one choice's new token; sets the choice's finish reason when it ends."""
-        token, logprobs = picked.token, (picked.logprob,) if picked.logprob is not None else ()
+        token = picked.token
+        logprobs = (self.codec.with_bytes(picked.logprob),) if picked.logprob is not None else ()
         rid, index = seq.request_id, choice.index
         if token in self.eos_ids:
             choice.finish_reason = "stop"

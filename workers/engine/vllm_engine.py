@@ -131,7 +131,9 @@ class VllmEngine:
                 reason = completion.finish_reason
                 if reason == "stop" and completion.stop_reason is None and ids and ids[-1] in self.eos_ids:
                     ids.pop()  # the end-of-sequence token is not part of the answer (as in the built-in engine)
-                logprobs = _logprobs(ids, completion.logprobs, request.params.top_logprobs)
+                logprobs = tuple(
+                    self.codec.with_bytes(lp) for lp in _logprobs(ids, completion.logprobs, request.params.top_logprobs)
+                )
                 step = _step_output(rid, ids, text, reason, logprobs)
                 if step.finish_reason is None and rid in self._aborted:
                     yield StepOutput(rid, step.token_ids, step.text + text.final(), "aborted", logprobs=step.logprobs)
