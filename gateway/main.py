@@ -80,7 +80,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     quotas = None
     if limits_configured(settings):
         book = QuotaBook(owners.me, limits, settings.quota_lease_ms)
-        quotas = QuotaLog(settings, producer, book, gateways=lambda: max(1, len(set(owners.urls.values()))))
+        quotas = QuotaLog(settings, producer, book)
         quotas.metrics = metrics
     watch = QueueWatch(settings, producer, codec, directory, quotas)
     relay.tap = watch
