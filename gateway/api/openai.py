@@ -7,7 +7,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, assert_never
 
@@ -285,11 +285,18 @@ async def answer(
         gw.relay.unsubscribe(sub)
 
 
-async def follow(request: web.Request, sub: Subscription) -> AsyncIterator[ViewEvent | None]:
+async def follow(
+    request: web.Request,
+    sub: Subscription,
+    idle: Callable[[], Awaitable[None]] | None = None,
+    idle_s: float = 15.0,
+) -> AsyncIterator[ViewEvent | None]:
     """The subscription's view events to the terminal one; a last None when the hub dropped it as too slow.
 
-    Ends early, without a terminal event, when the client went away.
+    Ends early, without a terminal event, when the client went away. ``idle`` is awaited after each ``idle_s``
+    without an event (a stream's keep-alive).
     """
+    quiet_since = time.monotonic()
     for out in sub.backlog:
         yield out.event
         if out.event.terminal:
@@ -306,7 +313,11 @@ async def follow(request: web.Request, sub: Subscription) -> AsyncIterator[ViewE
             transport = request.transport
             if transport is None or transport.is_closing():
                 return
+            if idle is not None and time.monotonic() - quiet_since >= idle_s:
+                quiet_since = time.monotonic()
+                await idle()
             continue
+        quiet_since = time.monotonic()
         yield live.event
         if live.event.terminal:
             return

@@ -12,6 +12,7 @@ from gateway.api.logprobs import chat_content
 from gateway.api.openai import AnswerFold, Completed, Failed, Rewritten, TextDelta
 from gateway.fanout.sse import frame
 from schemas.ids import request_id_time_ms
+from schemas.records import Accepted
 from schemas.view import EventName, View, ViewEvent
 
 RESPONSE_PREFIX = "resp_"
@@ -39,13 +40,19 @@ class ResponseOptions:
     background: bool = False
     store: bool = True
     metadata: Mapping[str, str] = field(default_factory=dict)
+    echo: Mapping[str, Any] = field(default_factory=dict)  # the create options the object shows (Accepted.response)
+
+    @classmethod
+    def of_accepted(cls, accepted: Accepted | None, model: str) -> ResponseOptions:
+        if accepted is None:  # submitted another way (native API, straight onto Kafka): the defaults
+            return cls(model)
+        echo = json.loads(accepted.response) if accepted.response else {}
+        return cls(accepted.model or model, accepted.background, accepted.store, dict(accepted.metadata), echo)
 
     @classmethod
     def of_view(cls, view: View, default_model: str) -> ResponseOptions:
         accepted = view.log.accepted
-        if accepted is None:  # submitted another way (native API, straight onto Kafka): the defaults
-            return cls(view.model or default_model)
-        return cls(accepted.model or default_model, accepted.background, accepted.store, dict(accepted.metadata))
+        return cls.of_accepted(accepted, (accepted.model if accepted else "") or view.model or default_model)
 
 
 # --- the surface: view events -> numbered Responses events and the response object (pure) -------------------------
@@ -135,6 +142,7 @@ class ResponseEvents:
 
     def object(self) -> dict[str, Any]:
         """The response object as of the events folded so far."""
+        echo = self.options.echo
         return {
             "id": response_id(self.request_id),
             "object": "response",
@@ -143,20 +151,21 @@ class ResponseEvents:
             "background": self.options.background,
             "error": self.error,
             "incomplete_details": self.incomplete,
-            "instructions": None,
-            "max_output_tokens": None,
+            "instructions": echo.get("instructions"),
+            "max_output_tokens": echo.get("max_output_tokens"),
             "metadata": dict(self.options.metadata),
             "model": self.fold.model,
             "output": [self._item(self.item_status, self.fold.text)] if self.begun else [],
-            "parallel_tool_calls": False,
-            "previous_response_id": None,
+            "parallel_tool_calls": echo.get("parallel_tool_calls", False),
+            "previous_response_id": echo.get("previous_response_id"),
             "reasoning": None,
             "store": self.options.store,
-            "temperature": None,
-            "text": {"format": {"type": "text"}},
-            "tool_choice": "none",
-            "tools": [],
-            "top_p": None,
+            "temperature": echo.get("temperature"),
+            "text": echo.get("text", {"format": {"type": "text"}}),
+            "tool_choice": echo.get("tool_choice", "none"),
+            "tools": echo.get("tools", []),
+            "top_logprobs": echo.get("top_logprobs"),
+            "top_p": echo.get("top_p"),
             "truncation": "disabled",
             "usage": self.usage,
             "user": None,

@@ -183,7 +183,8 @@ def test_create_bodies_in_and_refused() -> None:
     refused: list[dict[str, Any]] = [
         {"input": "x", "tools": [{"type": "function", "name": "f"}]},
         {"input": "x", "reasoning": {"effort": "high"}},
-        {"input": "x", "previous_response_id": "resp_1"},
+        {"input": "x", "include": ["reasoning.encrypted_content"]},
+        {"input": "x", "conversation": "conv_1"},
         {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "http://x"}]}]},
         {"input": [{"type": "function_call_output", "call_id": "c", "output": "o"}]},
         {"input": "x", "text": {"format": {"type": "json_object"}}},
@@ -194,12 +195,49 @@ def test_create_bodies_in_and_refused() -> None:
         with pytest.raises(Unsupported) as caught:
             parse_create(body, 64)
         assert caught.value.http_status == 400 and caught.value.code == "unsupported_parameter"
+    for body in ({"input": "x", "top_logprobs": 21}, {"input": "x", "previous_response_id": 7}):
+        with pytest.raises(FieldError):
+            parse_create(body, 64)
     with pytest.raises(FieldError) as bad:
         parse_create({"input": "x", "max_output_tokens": 100}, 64)
     assert bad.value.field == "max_output_tokens"
     for body in ({}, {"input": []}, {"input": "x", "stream": "yes"}, {"input": "x", "metadata": {"k": 1}}):
         with pytest.raises(FieldError):
             parse_create(body, 64)
+
+
+def test_the_create_body_asks_for_logprobs_and_names_what_the_object_echoes() -> None:
+    spec = parse_create(
+        {
+            "input": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+            "instructions": "be brief",
+            "include": ["message.output_text.logprobs"],
+            "top_logprobs": 3,
+            "temperature": 0,
+            "max_output_tokens": 9,
+            "previous_response_id": "resp_x",
+        },
+        64,
+    )
+    assert spec.sampling.logprobs and spec.sampling.top_logprobs == 3
+    assert spec.echo == {
+        "instructions": "be brief",
+        "temperature": 0.0,
+        "top_p": 1.0,
+        "max_output_tokens": 9,
+        "top_logprobs": 3,
+        "previous_response_id": "resp_x",
+        "text": {"format": {"type": "text"}},
+    }
+    assert [(i["role"], i["content"][0]["type"]) for i in spec.items] == [
+        ("user", "input_text"),
+        ("assistant", "output_text"),
+    ]
+    earlier = [{"id": "msg_1", "type": "message", "role": "user", "content": [{"type": "input_text", "text": "first"}]}]
+    turns = [(m.role, m.content) for m in spec.conversation(earlier)]
+    assert turns == [("system", "be brief"), ("user", "first"), ("user", "q"), ("assistant", "a")]
+    assert parse_create({"input": "x", "top_logprobs": 2}, 64).sampling.logprobs  # top_logprobs alone asks too
+    assert not parse_create({"input": "x"}, 64).sampling.logprobs
 
 
 def test_a_connection_error_takes_the_next_number_without_consuming_it() -> None:
