@@ -2,25 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from openai._models import construct_type
 from openai.types.responses import Response
 
-from gateway.api.openai import AnswerFold, Completed, Surface
+from gateway.api.openai import AnswerFold, Completed, Surface, follow
 from gateway.api.responses import request_id_of_response
 from gateway.api.responses_body import parse_create
 from gateway.api.responses_events import ResponseEvents, ResponseOptions, response_id
 from gateway.fanout.sse import parse
+from gateway.fanout.subscription import Subscription, make_out
 from schemas.codec import default_codec
 from schemas.errors import FieldError, KafkaUnavailable, NotFound, Unsupported
 from schemas.ids import new_request_id
 from schemas.records import Accepted, Delta, Finished, InferenceRequest, Started, TokenEvent, Usage
 from schemas.records import Failed as FailedRecord
-from schemas.view import replay
+from schemas.view import EventName, ViewEvent, replay
 from services.requests import submit_request
 from services.settings import Settings
 
@@ -276,3 +279,23 @@ async def test_a_responses_submit_records_its_options_before_the_request_and_end
         await submit_request(failing, settings, default_codec(), request, accepted)
     ended = [record for _, record in failing.sent]
     assert [type(e.payload).__name__ for e in ended if isinstance(e, TokenEvent)] == ["Accepted", "Failed"]
+
+
+async def test_an_idle_follow_calls_its_keepalive_until_the_next_event() -> None:
+    """Responses streams send a keep-alive comment when idle: ``follow`` awaits ``idle`` between events."""
+    sub = Subscription(RID, -1, 8)
+    request: Any = SimpleNamespace(transport=SimpleNamespace(is_closing=lambda: False))
+    idled = asyncio.Event()
+
+    async def idle() -> None:
+        idled.set()
+
+    async def end_later() -> None:
+        await asyncio.wait_for(idled.wait(), 30)
+        done = ViewEvent(5, EventName.DONE, {"finish_reason": "stop", "usage": {}}, "r", 1, 0)
+        sub.offer(make_out(0, RID, done))
+
+    ender = asyncio.create_task(end_later())
+    events = [ev async for ev in follow(request, sub, idle, idle_s=0.0)]
+    await ender
+    assert idled.is_set() and [ev.event for ev in events if ev is not None] == [EventName.DONE]
