@@ -681,7 +681,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path, default=None, help="data directory (persists across restarts)")
     args = parser.parse_args(argv)
     settings = Settings.from_env()
-    configure_logging(settings.log_level)
+    configure_logging(settings)
     try:
         if args.resolve_only:
             classpath = ensure_jars(settings)

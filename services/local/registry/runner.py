@@ -24,6 +24,7 @@ from services.local.broker.config import render_properties
 from services.local.foreground import Service
 from services.local.ports import port_free
 from services.local.process import spawn, terminate
+from services.logs import configure_logging
 from services.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -339,6 +340,7 @@ class LocalRegistry(Service):
 def main() -> int:
     """``python -m services.local.registry.runner --resolve-only``: fetch and unpack the app (for `make install`)."""
     settings = Settings.from_env()
+    configure_logging(settings)
     if "--resolve-only" in sys.argv[1:]:
         try:
             jar = ensure_app(settings)
