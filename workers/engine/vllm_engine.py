@@ -59,6 +59,7 @@ def engine_args(settings: Settings, model_path: str, device: str) -> dict[str, A
 def sampling_params(params: SamplingParams, max_tokens: int) -> Any:
     """vLLM's SamplingParams for ours; stop strings stay with the worker (they must see an earlier run's text)."""
     from vllm import SamplingParams as VllmSamplingParams
+    from vllm.exceptions import VLLMValidationError
     from vllm.sampling_params import RequestOutputKind
 
     refusal = unsupported(params, SUPPORTED, "vLLM")
@@ -81,7 +82,7 @@ def sampling_params(params: SamplingParams, max_tokens: int) -> Any:
             output_kind=RequestOutputKind.DELTA,
             detokenize=False,
         )
-    except ValueError as exc:  # vLLM's validation errors are ValueErrors: say which parameter it cannot take
+    except (ValueError, VLLMValidationError) as exc:  # say which parameter it cannot take (e.g. n > 1 when greedy)
         raise EngineRefused(f"the vLLM engine cannot take these sampling parameters: {exc}") from exc
 
 
