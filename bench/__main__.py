@@ -60,6 +60,10 @@ GOALS: dict[str, tuple[str, float]] = {
     # a Batch API batch against the same requests over HTTP (bench_batch)
     "batch_vs_sequential_http_ratio_median": (">=", 1.0),
     "batch_vs_concurrent_http_ratio_median": ("info", 0.0),
+    # the OpenAI sampling options in the built-in engine (bench_sampling): options / plain tokens/s at 32 concurrent
+    "sampling_options_ratio_32_median": ("info", 0.0),
+    "sampling_options_ratio_32_min": ("info", 0.0),
+    "sampling_n4_vs_4_requests_ratio_median": ("info", 0.0),
 }
 MODULES = [
     "bench.bench_engine",
@@ -73,6 +77,7 @@ MODULES = [
     "bench.bench_fair",
     "bench.bench_quotas",
     "bench.bench_batch",
+    "bench.bench_sampling",
 ]
 
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections.abc import Sequence
 from functools import cache
 from typing import Any
 
-from schemas.records import TokenLogprob
+from schemas.records import TokenLogprob, TopLogprob
 from workers.engine.detokenizer import IncrementalDetokenizer
 from workers.engine.stops import StopMatcher
 
@@ -56,8 +55,8 @@ class TextCodec:
 
     def with_bytes(self, logprob: TokenLogprob) -> TokenLogprob:
         """A sampled token's logprob with the bytes of it and of its alternatives (what OpenAI's answers show)."""
-        top = tuple(dataclasses.replace(t, token_bytes=self.token_bytes(t.token_id)) for t in logprob.top)
-        return dataclasses.replace(logprob, token_bytes=self.token_bytes(logprob.token_id), top=top)
+        top = tuple(TopLogprob(t.token_id, t.logprob, self.token_bytes(t.token_id)) for t in logprob.top)
+        return TokenLogprob(logprob.token_id, logprob.logprob, top, self.token_bytes(logprob.token_id))
 
 
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
