@@ -64,6 +64,11 @@ GOALS: dict[str, tuple[str, float]] = {
     "sampling_options_ratio_32_median": ("info", 0.0),
     "sampling_options_ratio_32_min": ("info", 0.0),
     "sampling_n4_vs_4_requests_ratio_median": ("info", 0.0),
+    # tracing on (exporting to a local OTLP receiver) / off, same load, interleaved (bench_tracing)
+    "tracing_tokens_per_s_ratio_median": (">=", 0.97),
+    "tracing_tokens_per_s_ratio_min": ("info", 0.0),
+    "tracing_cpu_per_token_ratio_median": ("info", 0.0),
+    "tracing_span_cpu_share": ("<=", 0.03),  # a request's spans, made and exported / its CPU with tracing off
 }
 MODULES = [
     "bench.bench_engine",
@@ -78,6 +83,7 @@ MODULES = [
     "bench.bench_quotas",
     "bench.bench_batch",
     "bench.bench_sampling",
+    "bench.bench_tracing",
 ]
 
 
