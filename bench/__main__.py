@@ -60,6 +60,10 @@ GOALS: dict[str, tuple[str, float]] = {
     # a Batch API batch against the same requests over HTTP (bench_batch)
     "batch_vs_sequential_http_ratio_median": (">=", 1.0),
     "batch_vs_concurrent_http_ratio_median": ("info", 0.0),
+    # the OpenAI sampling options in the built-in engine (bench_sampling): options / plain tokens/s at 32 concurrent
+    "sampling_options_ratio_32_median": ("info", 0.0),
+    "sampling_options_ratio_32_min": ("info", 0.0),
+    "sampling_n4_vs_4_requests_ratio_median": ("info", 0.0),
     # tracing on (exporting to a local OTLP receiver) / off, same load, interleaved (bench_tracing)
     "tracing_tokens_per_s_ratio_median": (">=", 0.97),
     "tracing_tokens_per_s_ratio_min": ("info", 0.0),
@@ -78,6 +82,7 @@ MODULES = [
     "bench.bench_fair",
     "bench.bench_quotas",
     "bench.bench_batch",
+    "bench.bench_sampling",
     "bench.bench_tracing",
 ]
 

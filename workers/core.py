@@ -271,8 +271,9 @@ class ModelCore:
             self.on_tokens(active.ticket, len(out.token_ids))
             if self.solo is active:
                 self._clear_solo()
-        active.stream.tokens(out.token_ids, out.text)
+        active.stream.tokens(out.token_ids, out.text, out.index, out.logprobs)
         if out.finish_reason is not None:
+            active.choice_finish_reasons = out.choice_finish_reasons
             if out.request_id in self._expired:
                 self._expired.discard(out.request_id)
                 deadline = active.ticket.request.deadline_ms
@@ -289,6 +290,7 @@ class ModelCore:
             usage=Usage(active.prompt_tokens, active.completion),
             ttft_ms=active.first_token_ms,
             total_ms=int((time.monotonic() - active.started) * 1000),
+            choice_finish_reasons=_choice_reasons(active, reason),
         )
         log.info("request %s: finished (%s, %d tokens)", active.request_id, reason, active.completion)
         metrics.E2E.observe(max(0.0, _now_ms() - active.ticket.created_ms) / 1000)
@@ -398,6 +400,14 @@ class ModelCore:
         for task in self._streams:
             task.cancel()
         self.engine.close()
+
+
+def _choice_reasons(active: Active, reason: str) -> tuple[str, ...]:
+    """Each choice's finish reason for a request with n > 1 (the engine's, or ``reason`` for all when it ended
+    before the engine said)."""
+    n = active.ticket.request.n
+    reasons = tuple("cancelled" if r == "aborted" else r for r in active.choice_finish_reasons)
+    return (reasons if len(reasons) == n else (reason,) * n) if n > 1 else ()
 
 
 def _ignore(_: Ticket) -> None:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from workers.engine.port import StepLoopPort
-from workers.engine.types import EngineRequest, StepOutput
+from workers.engine.types import EngineRequest, StepOutput, unsupported
 
 if TYPE_CHECKING:
     from services.settings import Settings
@@ -50,6 +50,9 @@ class SyntheticEngine:
         return "".join(f" {_WORDS[i % len(_WORDS)]}" for i in ids)
 
     def add(self, request: EngineRequest) -> None:
+        refusal = unsupported(request.params, frozenset(), "synthetic")
+        if refusal is not None:
+            raise refusal
         self._waiting.append(request)
 
     def abort(self, request_id: str) -> bool:

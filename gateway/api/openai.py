@@ -7,7 +7,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, assert_never
 
@@ -28,15 +28,18 @@ from gateway.api.context import (
     resolve_model,
 )
 from gateway.api.delivery import first_byte
+from gateway.api.logprobs import Entry, chat_content, completions_logprobs, text_length
 from gateway.api.validation import (
+    CHAT_SAMPLING_NAMES,
     PRIORITY_HEADER,
+    parse_completions_logprobs,
     parse_messages,
-    parse_n,
     parse_priority,
     parse_prompt,
     parse_sampling,
     parse_stream_flags,
 )
+from gateway.fanout.sse import KEEPALIVE
 from gateway.fanout.subscription import Subscription
 from schemas.errors import ClientClosed, TokenRelayError, ended_with
 from schemas.records import ChatMessage, InferenceRequest
@@ -53,9 +56,11 @@ DISCONNECT_POLL_S = 1.0
 
 @dataclass(frozen=True, slots=True)
 class TextDelta:
-    """Text that extends what the answer said so far."""
+    """Text that extends what choice ``index`` of the answer said so far, with its tokens' logprobs when asked."""
 
     text: str
+    index: int = 0
+    logprobs: tuple[Entry, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +74,15 @@ class Rewritten:
 class Completed:
     finish_reason: str  # OpenAI's: "stop" or "length"
     usage: dict[str, int]  # prompt_tokens, completion_tokens, total_tokens
+    choice_finish_reasons: tuple[str, ...] = ()  # each choice's (n > 1)
+
+    def reason_of(self, index: int) -> str:
+        reasons = self.choice_finish_reasons
+        return reasons[index] if index < len(reasons) else self.finish_reason
+
+
+def _openai_reason(reason: str) -> str:
+    return "length" if reason == "length" else "stop"
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,11 +100,20 @@ TOO_SLOW = Failed("too_slow", "the client did not keep up with the stream")
 class AnswerFold:
     """Folds one request's view events, in order, into steps: text deltas, then one Completed or Failed.
 
-    ``model`` and ``text`` are the answer so far (the model as the worker reports it once started).
+    ``model`` and ``text`` are the answer so far (the model as the worker reports it once started); ``text`` is
+    choice 0's, ``choices`` the others' (n > 1), ``logprobs`` each choice's token logprobs when the request asked.
     """
 
     model: str
     text: str = ""
+    choices: dict[int, str] = field(default_factory=dict)
+    logprobs: dict[int, list[Entry]] = field(default_factory=dict)
+
+    def text_of(self, index: int) -> str:
+        return self.text if index == 0 else self.choices.get(index, "")
+
+    def logprobs_of(self, index: int) -> list[Entry]:
+        return self.logprobs.get(index, [])
 
     def feed(self, name: EventName, data: dict[str, Any]) -> Step | None:
         match name:
@@ -102,16 +125,27 @@ class AnswerFold:
                     return TextDelta(continued)
                 return None
             case EventName.TOKEN:
-                self.text += data["text"]
-                return TextDelta(data["text"])
+                index, text, entries = data.get("index", 0), data["text"], data.get("logprobs", [])
+                if index:
+                    self.choices[index] = self.choices.get(index, "") + text
+                else:
+                    self.text += text
+                if entries:
+                    self.logprobs.setdefault(index, []).extend(entries)
+                return TextDelta(text, index, tuple(entries))
             case EventName.RESTART:
                 text = data.get("text", "")
                 said, self.text = self.text, text
-                return TextDelta(text[len(said) :]) if text.startswith(said) else Rewritten(text)
+                if text.startswith(said) and not self.choices:
+                    return TextDelta(text[len(said) :])
+                self.choices.clear()  # a run of several choices starts them all over
+                self.logprobs.clear()
+                return Rewritten(text)
             case EventName.DONE:
                 usage = dict(data["usage"])
                 usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-                return Completed("length" if data["finish_reason"] == "length" else "stop", usage)
+                reasons = tuple(_openai_reason(r) for r in data.get("choice_finish_reasons", ()))
+                return Completed(_openai_reason(data["finish_reason"]), usage, reasons)
             case EventName.ERROR:
                 return Failed(data.get("code", "failed"), data.get("message", ""))
             case EventName.RESET:
@@ -130,7 +164,7 @@ class Surface(Protocol):
         """Frames before any step."""
         ...
 
-    def delta(self, text: str) -> bytes: ...
+    def delta(self, step: TextDelta) -> bytes: ...
 
     def completed(self, end: Completed) -> bytes:
         """The last frames of a stream that completed."""
@@ -154,26 +188,44 @@ DONE_FRAME = b"data: [DONE]\n\n"
 
 @dataclass(slots=True)
 class Completions:
-    """``/v1/completions`` (text_completion) and ``/v1/chat/completions`` (chat.completion[.chunk])."""
+    """``/v1/completions`` (text_completion) and ``/v1/chat/completions`` (chat.completion[.chunk]).
+
+    ``n`` choices, each streamed with its ``index``; ``logprobs``: the request asked for them (else null).
+    """
 
     fold: AnswerFold
     request_id: str
     chat: bool
     include_usage: bool = False
+    n: int = 1
+    logprobs: bool = False
     created: int = field(default_factory=lambda: int(time.time()))
+    offsets: dict[int, int] = field(default_factory=dict)  # completions: where each choice's next token starts
 
     @property
     def id(self) -> str:
         return ("chatcmpl-" if self.chat else "cmpl-") + self.request_id
 
-    def _chunk(self, text: str | None, finish: str | None, *, role: bool = False) -> bytes:
+    def _logprobs(self, index: int, entries: Sequence[Entry]) -> dict[str, Any] | None:
+        if not self.logprobs:
+            return None
+        if self.chat:
+            return {"content": chat_content(entries), "refusal": None}
+        offset = self.offsets.get(index, 0)
+        self.offsets[index] = offset + text_length(entries)
+        return completions_logprobs(entries, offset)
+
+    def _chunk(
+        self, text: str | None, finish: str | None, *, index: int = 0, role: bool = False, entries: Sequence[Entry] = ()
+    ) -> bytes:
+        logprobs = self._logprobs(index, entries) if entries else None
         if self.chat:
             delta: dict[str, Any] = {"role": "assistant"} if role else {}
             if text is not None:
                 delta["content"] = text
-            choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            choice: dict[str, Any] = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         else:
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
         body = self._object("chat.completion.chunk" if self.chat else "text_completion", [choice])
         if self.include_usage:
             body["usage"] = None
@@ -183,13 +235,13 @@ class Completions:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.fold.model, "choices": choices}
 
     def opening(self) -> bytes:
-        return self._chunk("", None, role=True) if self.chat else b""
+        return b"".join(self._chunk("", None, index=i, role=True) for i in range(self.n)) if self.chat else b""
 
-    def delta(self, text: str) -> bytes:
-        return self._chunk(text, None)
+    def delta(self, step: TextDelta) -> bytes:
+        return self._chunk(step.text, None, index=step.index, entries=step.logprobs)
 
     def completed(self, end: Completed) -> bytes:
-        frames = self._chunk(None if self.chat else "", end.finish_reason)
+        frames = b"".join(self._chunk(None if self.chat else "", end.reason_of(i), index=i) for i in range(self.n))
         if self.include_usage:
             kind = "chat.completion.chunk" if self.chat else "text_completion"
             frames += data_frame({**self._object(kind, []), "usage": end.usage})
@@ -199,12 +251,18 @@ class Completions:
         return data_frame({"error": {"code": code, "message": message, "type": "server_error"}}) + DONE_FRAME
 
     def whole(self, end: Completed) -> dict[str, Any]:
-        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": end.finish_reason}
-        if self.chat:
-            choice["message"] = {"role": "assistant", "content": self.fold.text}
-        else:
-            choice["text"] = self.fold.text
-        body = self._object("chat.completion" if self.chat else "text_completion", [choice])
+        choices = []
+        for i in range(self.n):
+            choice: dict[str, Any] = {"index": i, "logprobs": None, "finish_reason": end.reason_of(i)}
+            if self.logprobs:
+                self.offsets.pop(i, None)
+                choice["logprobs"] = self._logprobs(i, self.fold.logprobs_of(i))
+            if self.chat:
+                choice["message"] = {"role": "assistant", "content": self.fold.text_of(i)}
+            else:
+                choice["text"] = self.fold.text_of(i)
+            choices.append(choice)
+        body = self._object("chat.completion" if self.chat else "text_completion", choices)
         body["usage"] = end.usage
         return body
 
@@ -221,19 +279,25 @@ async def answer(
     assert sub is not None  # no cursor: a subscription always starts
     try:
         await produce_request(gw, req)
-        events = follow(request, sub)
         if stream:
-            return await _stream(request, gw, req.request_id, fold, surface, events)
-        return await _whole(gw, req.request_id, fold, surface, events)
+            return await _stream(request, gw, req.request_id, fold, surface, sub)
+        return await _whole(gw, req.request_id, fold, surface, follow(request, sub))
     finally:
         gw.relay.unsubscribe(sub)
 
 
-async def follow(request: web.Request, sub: Subscription) -> AsyncIterator[ViewEvent | None]:
+async def follow(
+    request: web.Request,
+    sub: Subscription,
+    idle: Callable[[], Awaitable[None]] | None = None,
+    idle_s: float = 15.0,
+) -> AsyncIterator[ViewEvent | None]:
     """The subscription's view events to the terminal one; a last None when the hub dropped it as too slow.
 
-    Ends early, without a terminal event, when the client went away.
+    Ends early, without a terminal event, when the client went away. ``idle`` is awaited after each ``idle_s``
+    without an event (a stream's keep-alive).
     """
+    quiet_since = time.monotonic()
     for out in sub.backlog:
         yield out.event
         if out.event.terminal:
@@ -250,10 +314,26 @@ async def follow(request: web.Request, sub: Subscription) -> AsyncIterator[ViewE
             transport = request.transport
             if transport is None or transport.is_closing():
                 return
+            if idle is not None and time.monotonic() - quiet_since >= idle_s:
+                quiet_since = time.monotonic()
+                await idle()
             continue
+        quiet_since = time.monotonic()
         yield live.event
         if live.event.terminal:
             return
+
+
+def follow_streamed(
+    request: web.Request, sub: Subscription, response: web.StreamResponse, idle_s: float
+) -> AsyncIterator[ViewEvent | None]:
+    """``follow`` for a stream: a `: keepalive` comment every ``idle_s`` while idle, once its headers are out."""
+
+    async def keepalive() -> None:
+        if response.prepared:
+            await response.write(KEEPALIVE)
+
+    return follow(request, sub, keepalive, idle_s)
 
 
 async def _stream(
@@ -262,8 +342,10 @@ async def _stream(
     request_id: str,
     fold: AnswerFold,
     surface: Surface,
-    events: AsyncIterator[ViewEvent | None],
+    sub: Subscription,
 ) -> web.StreamResponse:
+    """The surface's frames as the events come; a `: keepalive` comment every ``TOKENRELAY_KEEPALIVE_S`` while idle
+    once the headers are out (they wait for the first event, see below)."""
     response = web.StreamResponse(
         headers={
             "Content-Type": "text/event-stream; charset=utf-8",
@@ -272,6 +354,7 @@ async def _stream(
             **cors_headers(request),
         }
     )
+    events = follow_streamed(request, sub, response, gw.settings.keepalive_s)
     gw.metrics.active_streams.inc()
     delivery = first_byte(request, gw, request_id, resumed=False, api="openai")
     ended = False
@@ -290,7 +373,7 @@ async def _stream(
             if step is None:
                 continue
             if isinstance(step, TextDelta):
-                await response.write(surface.delta(step.text))
+                await response.write(surface.delta(step))
                 if delivery is not None:
                     delivery.wrote(ev)
                 continue
@@ -389,7 +472,7 @@ async def _completions(request: web.Request, *, chat: bool) -> web.StreamRespons
     req = completion_request(gw, body, tenant, chat=chat, priority=priority)
     check_backlog(gw, req.model)
     fold = AnswerFold(req.model)
-    surface = Completions(fold, req.request_id, chat, include_usage)
+    surface = Completions(fold, req.request_id, chat, include_usage, req.n, req.logprobs)
     return await answer(request, req, fold, surface, stream=stream)
 
 
@@ -398,14 +481,16 @@ def completion_request(
 ) -> InferenceRequest:
     """The record a ``/v1/completions`` (or, ``chat``, ``/v1/chat/completions``) body becomes, checked against the
     model's limits: the endpoint's, and each line's of a Batch API file."""
-    parse_n(body)
     messages: tuple[ChatMessage, ...] | None = None
     if chat:
         messages = parse_messages(body)
         prompt = ""  # the text travels once, in `messages`
     else:
         prompt = parse_prompt(body)
-    sampling = parse_sampling(body, gw.settings.max_tokens_limit, default_max_tokens=256 if chat else 16)
+        body = parse_completions_logprobs(body)
+    sampling = parse_sampling(
+        body, gw.settings.max_tokens_limit, default_max_tokens=256 if chat else 16, names=CHAT_SAMPLING_NAMES
+    )
     model = resolve_model(gw, parse_model(body))
     check_limits(model, sampling, messages)
     return new_inference_request(prompt, sampling, tenant, messages, model=model.name, priority=priority)

@@ -8,9 +8,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, assert_never
 
+from gateway.api.logprobs import chat_content
 from gateway.api.openai import AnswerFold, Completed, Failed, Rewritten, TextDelta
 from gateway.fanout.sse import frame
 from schemas.ids import request_id_time_ms
+from schemas.records import Accepted
 from schemas.view import EventName, View, ViewEvent
 
 RESPONSE_PREFIX = "resp_"
@@ -38,13 +40,19 @@ class ResponseOptions:
     background: bool = False
     store: bool = True
     metadata: Mapping[str, str] = field(default_factory=dict)
+    echo: Mapping[str, Any] = field(default_factory=dict)  # the create options the object shows (Accepted.response)
+
+    @classmethod
+    def of_accepted(cls, accepted: Accepted | None, model: str) -> ResponseOptions:
+        if accepted is None:  # submitted another way (native API, straight onto Kafka): the defaults
+            return cls(model)
+        echo = json.loads(accepted.response) if accepted.response else {}
+        return cls(accepted.model or model, accepted.background, accepted.store, dict(accepted.metadata), echo)
 
     @classmethod
     def of_view(cls, view: View, default_model: str) -> ResponseOptions:
         accepted = view.log.accepted
-        if accepted is None:  # submitted another way (native API, straight onto Kafka): the defaults
-            return cls(view.model or default_model)
-        return cls(accepted.model or default_model, accepted.background, accepted.store, dict(accepted.metadata))
+        return cls.of_accepted(accepted, (accepted.model if accepted else "") or view.model or default_model)
 
 
 # --- the surface: view events -> numbered Responses events and the response object (pure) -------------------------
@@ -79,9 +87,12 @@ class ResponseEvents:
     def opening(self) -> bytes:
         return self._emit("response.created", {"response": self.object()})
 
-    def delta(self, text: str) -> bytes:
+    def delta(self, step: TextDelta) -> bytes:
         out = b"" if self.begun else self._begin()
-        return out + self._emit("response.output_text.delta", {**self._where(), "delta": text, "logprobs": []})
+        logprobs = chat_content(step.logprobs)
+        return out + self._emit(
+            "response.output_text.delta", {**self._where(), "delta": step.text, "logprobs": logprobs}
+        )
 
     def completed(self, end: Completed) -> bytes:
         return self._finish(end, cancelled=False)
@@ -110,7 +121,7 @@ class ResponseEvents:
             case None:
                 pass
             case TextDelta():
-                out += self.delta(step.text) if step.text else b""
+                out += self.delta(step) if step.text or step.logprobs else b""
             case Completed():
                 out += self._finish(step, cancelled=ev.data.get("finish_reason") == "cancelled")
             case Failed():
@@ -131,6 +142,7 @@ class ResponseEvents:
 
     def object(self) -> dict[str, Any]:
         """The response object as of the events folded so far."""
+        echo = self.options.echo
         return {
             "id": response_id(self.request_id),
             "object": "response",
@@ -139,20 +151,21 @@ class ResponseEvents:
             "background": self.options.background,
             "error": self.error,
             "incomplete_details": self.incomplete,
-            "instructions": None,
-            "max_output_tokens": None,
+            "instructions": echo.get("instructions"),
+            "max_output_tokens": echo.get("max_output_tokens"),
             "metadata": dict(self.options.metadata),
             "model": self.fold.model,
             "output": [self._item(self.item_status, self.fold.text)] if self.begun else [],
-            "parallel_tool_calls": False,
-            "previous_response_id": None,
+            "parallel_tool_calls": echo.get("parallel_tool_calls", False),
+            "previous_response_id": echo.get("previous_response_id"),
             "reasoning": None,
             "store": self.options.store,
-            "temperature": None,
-            "text": {"format": {"type": "text"}},
-            "tool_choice": "none",
-            "tools": [],
-            "top_p": None,
+            "temperature": echo.get("temperature"),
+            "text": echo.get("text", {"format": {"type": "text"}}),
+            "tool_choice": echo.get("tool_choice", "none"),
+            "tools": echo.get("tools", []),
+            "top_logprobs": echo.get("top_logprobs"),
+            "top_p": echo.get("top_p"),
             "truncation": "disabled",
             "usage": self.usage,
             "user": None,
@@ -184,7 +197,8 @@ class ResponseEvents:
         out = b""
         if self.begun:
             text = self.fold.text
-            out += self._emit("response.output_text.done", {**self._where(), "text": text, "logprobs": []})
+            logprobs = chat_content(self.fold.logprobs_of(0))
+            out += self._emit("response.output_text.done", {**self._where(), "text": text, "logprobs": logprobs})
             out += self._emit("response.content_part.done", {**self._where(), "part": self._part(text)})
             item = self._item(self.item_status, text)
             out += self._emit("response.output_item.done", {"output_index": 0, "item": item})
@@ -194,7 +208,8 @@ class ResponseEvents:
         return {"item_id": item_id(self.request_id), "output_index": 0, "content_index": 0}
 
     def _part(self, text: str) -> dict[str, Any]:
-        return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+        logprobs = chat_content(self.fold.logprobs_of(0)) if text else []
+        return {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs}
 
     def _item(self, status: str, text: str | None) -> dict[str, Any]:
         content = [] if text is None else [self._part(text)]

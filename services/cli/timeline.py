@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, assert_never
 
-from schemas.records import Accepted, Delta, Failed, Finished, Started, TokenEvent
+from schemas.records import Accepted, Deleted, Delta, Failed, Finished, Started, TokenEvent
 from schemas.runlog import Change, RunLog
 
 
@@ -121,6 +121,9 @@ def build_timeline(
     runs: dict[str, RunInfo] = {}
     for where, ev in events:
         change = fold.feed(ev)
+        if isinstance(ev.payload, Deleted):  # it changes no run (RunLog.feed answers None): shown where it is
+            t.steps.append(Step("deleted", ev.ts_ms, where, "", {"tenant": ev.payload.tenant}))
+            continue
         if change is None:
             continue
         run = runs.get(ev.run_id)
@@ -163,6 +166,8 @@ def build_timeline(
                 t.status = "finished" if isinstance(p, Finished) else "failed"
                 if run is not None:
                     run.ended = t.status
+            case Deleted():
+                pass  # above
             case _:
                 assert_never(p)
     if not fold.known:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import subprocess
@@ -13,9 +14,10 @@ from typing import TYPE_CHECKING, Any
 import psutil
 
 from schemas.errors import ConfigError, EngineError, EngineRefused
-from schemas.sampling import SamplingParams
+from schemas.records import TokenLogprob, TopLogprob
+from schemas.sampling import MAX_TOP_LOGPROBS, SamplingParams
 from workers.engine.text import TextCodec, TextStream
-from workers.engine.types import EngineRequest, StepOutput
+from workers.engine.types import EngineRequest, StepOutput, unsupported
 
 if TYPE_CHECKING:
     from services.settings import Settings
@@ -23,6 +25,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CPU_KV_CACHE_MB = 1024  # vLLM's CPU KV cache when TOKENRELAY_KV_CACHE_MB is 0
+# What vLLM does beyond the basic sampling parameters (workers.engine.types.OPTIONS).
+SUPPORTED = frozenset(
+    {"presence_penalty", "frequency_penalty", "repetition_penalty", "min_p", "logit_bias", "logprobs", "top_logprobs"}
+    | {"n"}
+)
 
 
 def engine_args(settings: Settings, model_path: str, device: str) -> dict[str, Any]:
@@ -35,6 +42,10 @@ def engine_args(settings: Settings, model_path: str, device: str) -> dict[str, A
         "enforce_eager": settings.vllm_enforce_eager,
         "seed": 0,
         "disable_log_stats": True,
+        # Logprobs of the distribution the token was drawn from (after bias, penalties and temperature), as the
+        # built-in engine gives them; vLLM's default is the raw model's.
+        "logprobs_mode": "processed_logprobs",
+        "max_logprobs": MAX_TOP_LOGPROBS,
     }
     if settings.kv_cache_mb:
         args["kv_cache_memory_bytes"] = settings.kv_cache_mb << 20
@@ -48,20 +59,30 @@ def engine_args(settings: Settings, model_path: str, device: str) -> dict[str, A
 def sampling_params(params: SamplingParams, max_tokens: int) -> Any:
     """vLLM's SamplingParams for ours; stop strings stay with the worker (they must see an earlier run's text)."""
     from vllm import SamplingParams as VllmSamplingParams
+    from vllm.exceptions import VLLMValidationError
     from vllm.sampling_params import RequestOutputKind
 
+    refusal = unsupported(params, SUPPORTED, "vLLM")
+    if refusal is not None:
+        raise refusal
     try:
         return VllmSamplingParams(
-            n=1,
+            n=params.n,
             max_tokens=max_tokens,
             temperature=params.temperature,
             top_p=params.top_p,
             top_k=params.top_k,
+            min_p=params.min_p,
+            presence_penalty=params.presence_penalty,
+            frequency_penalty=params.frequency_penalty,
+            repetition_penalty=params.repetition_penalty,
+            logit_bias=params.bias() or None,
+            logprobs=params.top_logprobs if params.logprobs else None,
             seed=params.seed,
             output_kind=RequestOutputKind.DELTA,
             detokenize=False,
         )
-    except ValueError as exc:  # vLLM's validation errors are ValueErrors: say which parameter it cannot take
+    except (ValueError, VLLMValidationError) as exc:  # say which parameter it cannot take (e.g. n > 1 when greedy)
         raise EngineRefused(f"the vLLM engine cannot take these sampling parameters: {exc}") from exc
 
 
@@ -100,25 +121,51 @@ class VllmEngine:
 
         rid = request.request_id
         done = len(request.resume_ids)
-        # A continued run: the earlier runs' tokens extend the prompt (exact for greedy requests).
+        n = request.params.n
+        # A continued run: the earlier runs' tokens extend the prompt (exact for greedy requests). With n > 1 choices
+        # vLLM prefills the prompt once and forks it for each choice; each choice has its own text.
         params = sampling_params(request.params, request.params.max_tokens - done)
-        text = TextStream(self.codec, request.params.stop, request.resume_ids, request.resume_text)
+        texts = [TextStream(self.codec, request.params.stop, request.resume_ids, request.resume_text) for _ in range(n)]
+        ended: dict[int, str] = {}
         prompt = {"prompt_token_ids": [*request.prompt_ids, *request.resume_ids]}
         self._live.add(rid)
         outputs = self.llm.generate(prompt, params, rid)
         try:
             async for out in outputs:
-                completion = out.outputs[0]
-                ids = list(completion.token_ids)
-                reason = completion.finish_reason
-                if reason == "stop" and completion.stop_reason is None and ids and ids[-1] in self.eos_ids:
-                    ids.pop()  # the end-of-sequence token is not part of the answer (as in the built-in engine)
-                step = _step_output(rid, ids, text, reason)
-                if step.finish_reason is None and rid in self._aborted:
-                    yield StepOutput(rid, step.token_ids, step.text + text.final(), "aborted")
-                    return
-                yield step
-                if step.finish_reason is not None:
+                steps: list[StepOutput] = []
+                for completion in out.outputs:
+                    index = int(getattr(completion, "index", 0))
+                    if index in ended:
+                        continue  # cut by a stop string here while vLLM went on
+                    ids = list(completion.token_ids)
+                    reason = completion.finish_reason
+                    if reason == "stop" and completion.stop_reason is None and ids and ids[-1] in self.eos_ids:
+                        ids.pop()  # the end-of-sequence token is not part of the answer (as in the built-in engine)
+                    top = request.params.top_logprobs
+                    logprobs = tuple(self.codec.with_bytes(lp) for lp in _logprobs(ids, completion.logprobs, top))
+                    step = _step_output(rid, ids, texts[index], reason, logprobs)
+                    if step.finish_reason is not None:
+                        ended[index] = step.finish_reason
+                    steps.append(dataclasses.replace(step, finish_reason=None, index=index))
+                aborted = rid in self._aborted and len(ended) < n
+                if aborted or len(ended) == n:
+                    if aborted:  # every choice still running ends here, with what it holds back
+                        for index in range(n):
+                            if index not in ended:
+                                ended[index] = "aborted"
+                                steps.append(StepOutput(rid, (), texts[index].final(), index=index))
+                    last = steps[-1] if steps else StepOutput(rid, (), "")
+                    reasons = tuple(ended[i] for i in range(n))
+                    steps[-1:] = [
+                        dataclasses.replace(
+                            last,
+                            finish_reason="aborted" if aborted else reasons[0],
+                            choice_finish_reasons=reasons if n > 1 else (),
+                        )
+                    ]
+                for step in steps:
+                    yield step
+                if aborted or len(ended) == n:
                     return
         except VLLMClientError as exc:
             raise EngineRefused(f"the vLLM engine refused the request: {exc}") from exc
@@ -173,20 +220,35 @@ class Reaper:
         os.close(self._write)
 
 
-def _step_output(rid: str, ids: list[int], text: TextStream, reason: str | None) -> StepOutput:
+def _logprobs(ids: list[int], positions: Any, top: int) -> tuple[TokenLogprob, ...]:
+    """vLLM's per-position logprobs (a dict of token id -> Logprob with its rank, holding the sampled token and the
+    ``top`` likeliest) as ours; empty when the request asked for none."""
+    if not positions:
+        return ()
+    out = []
+    for token, entries in zip(ids, positions, strict=False):
+        ranked = sorted((e.rank, t, e.logprob) for t, e in entries.items() if e.rank is not None and e.rank <= top)
+        chosen = entries[token].logprob if token in entries else float("-inf")
+        out.append(TokenLogprob(token, float(chosen), tuple(TopLogprob(t, float(lp)) for _, t, lp in ranked)))
+    return tuple(out)
+
+
+def _step_output(
+    rid: str, ids: list[int], text: TextStream, reason: str | None, logprobs: tuple[TokenLogprob, ...] = ()
+) -> StepOutput:
     """One vLLM delta as our output: token by token through the text stream, ending at a stop string."""
     emitted = ""
     for i, token in enumerate(ids):
         piece, stopped = text.push(token)
         emitted += piece
         if stopped:
-            return StepOutput(rid, tuple(ids[: i + 1]), emitted, "stop")
+            return StepOutput(rid, tuple(ids[: i + 1]), emitted, "stop", logprobs=logprobs[: i + 1])
     if reason is None:
-        return StepOutput(rid, tuple(ids), emitted)
+        return StepOutput(rid, tuple(ids), emitted, logprobs=logprobs)
     finish = {"stop": "stop", "length": "length", "abort": "aborted"}.get(reason)
     if finish is None:
         raise EngineError(f"the vLLM engine ended a request with {reason!r}")
-    return StepOutput(rid, tuple(ids), emitted + text.final(), finish)
+    return StepOutput(rid, tuple(ids), emitted + text.final(), finish, logprobs=logprobs)
 
 
 def load(settings: Settings, name: str, source: str) -> VllmEngine:
