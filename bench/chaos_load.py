@@ -94,20 +94,17 @@ class Load:
         self._session = aiohttp.ClientSession(connector=connector)
         self._producer = make_producer(self.settings)
         await start_client(self._producer)
-        try:
-            kinds, weights = list(KINDS), list(KINDS.values())
-            while not stop.is_set():
-                kind = self.rng.choices(kinds, weights)[0]
-                # Each client gets a generator of its own: its choices do not depend on when other clients run.
-                client_rng = random.Random(self.rng.getrandbits(64))
-                task = asyncio.create_task(self._client(kind, client_rng))
-                self.tasks.add(task)
-                task.add_done_callback(self.tasks.discard)
-                task.add_done_callback(lambda t: self.phases.pop(t, None))
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), self.rng.expovariate(self.rate_per_s))
-        except asyncio.CancelledError:
-            raise
+        kinds, weights = list(KINDS), list(KINDS.values())
+        while not stop.is_set():
+            kind = self.rng.choices(kinds, weights)[0]
+            # Each client gets a generator of its own: its choices do not depend on when other clients run.
+            client_rng = random.Random(self.rng.getrandbits(64))
+            task = asyncio.create_task(self._client(kind, client_rng))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+            task.add_done_callback(lambda t: self.phases.pop(t, None))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.rng.expovariate(self.rate_per_s))
 
     async def drain(self, timeout_s: float) -> int:
         """Wait for every client to end; returns how many were still running at the deadline (then cancelled)."""
