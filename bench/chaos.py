@@ -97,6 +97,7 @@ class Report:
     refused: dict[str, int] = field(default_factory=dict)
     clients_cut_off: int = 0
     resumes: int = 0
+    traces: list[Trace] = field(default_factory=list)
 
     def invariants(self) -> dict[str, bool]:
         out = self.verdict.invariants()
@@ -312,7 +313,7 @@ async def _run(system: System, settings: Settings, plan: Plan, references: dict[
     report.unexpected_exits += await asyncio.to_thread(system.reap)
     stop_sampling.set()
     await sampling
-    traces = load_gen.traces
+    traces = report.traces = load_gen.traces
     log = await settled_log(settings, traces, plan.settle_s / 2)
     report.verdict = check(traces, log, references)
     report.log_totals = log_totals(log)
@@ -363,6 +364,9 @@ def print_report(report: Report) -> None:
     print("  invariants:")
     for name, held in report.invariants().items():
         print(f"    {'ok  ' if held else 'FAIL'} {name}")
+    unfinished = {t.request_id: t for t in report.traces if t.request_id in v.client_unfinished}
+    for rid, t in list(unfinished.items())[:10]:
+        print(f"  client unfinished: {t.kind} {rid}: {len(t.events)} events, {t.resumes} resumes {t.failure}".rstrip())
     for what in ("unended", "log_only_unended", "gaps", "repeats", "repeated_end", "text_mismatch", "greedy_mismatch"):
         ids = getattr(v, what)
         if ids:

@@ -228,7 +228,8 @@ class Load:
                 async with self._session.get(
                     url, headers=headers, timeout=aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=30)
                 ) as response:
-                    if response.status == 204:
+                    if response.status == 204:  # the cursor is at the end: only right after the terminal event
+                        trace.failure = trace.failure or "204 before the client saw an end"
                         return
                     if response.status != 200:
                         await response.read()
