@@ -1,0 +1,100 @@
+"""Grammar-constrained decoding (xgrammar): a constraint compiled once per model, a matcher per request that masks
+the tokens its grammar does not allow and advances on each token the request generates."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+import xgrammar
+
+from schemas.errors import EngineError, EngineRefused
+from schemas.structured import Constraint
+
+log = logging.getLogger(__name__)
+
+CACHE_SIZE = 256  # compiled grammars kept per model (one per distinct schema or tool set)
+
+
+class Matcher:
+    """One request's place in its grammar; the end-of-sequence tokens are allowed only where the grammar may end."""
+
+    def __init__(self, compiled: xgrammar.CompiledGrammar, vocab_size: int):
+        self._matcher = xgrammar.GrammarMatcher(compiled)
+        self.vocab_size = vocab_size
+
+    def fill(self, bitmask: torch.Tensor, row: int) -> None:
+        """Write the tokens allowed next into row ``row`` of ``bitmask`` (one bit per token)."""
+        self._matcher.fill_next_token_bitmask(bitmask, row)
+
+    def accept(self, token: int) -> bool:
+        """Advance over ``token``; False (the state unchanged) when the grammar does not allow it."""
+        return bool(self._matcher.accept_token(token))
+
+    def replay(self, tokens: Iterable[int]) -> None:
+        """Advance over tokens an earlier run generated (a continued request): its grammar state is rebuilt."""
+        for n, token in enumerate(tokens):
+            if not self.accept(token):
+                raise EngineError(f"the grammar does not allow token {token} at position {n} of the continued run")
+
+    @property
+    def done(self) -> bool:
+        """The grammar has ended (an end-of-sequence token was accepted where it may end)."""
+        return bool(self._matcher.is_terminated())
+
+
+class Grammars:
+    """Compiles constraints for one tokenizer, each once (the most recent CACHE_SIZE are kept)."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int, stop_ids: Iterable[int]):
+        self.vocab_size = vocab_size
+        info = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=sorted(stop_ids))
+        self._compiler = xgrammar.GrammarCompiler(info, max_threads=1, cache_enabled=False)
+        self._cache: OrderedDict[Constraint, xgrammar.CompiledGrammar] = OrderedDict()
+        self.compiles = 0
+
+    def compile(self, constraint: Constraint) -> xgrammar.CompiledGrammar:
+        compiled = self._cache.get(constraint)
+        if compiled is not None:
+            self._cache.move_to_end(constraint)
+            return compiled
+        try:
+            if constraint.kind == "json_schema":
+                # Compact JSON (no free whitespace): a model cannot pad its answer with blanks up to max_tokens.
+                compiled = self._compiler.compile_json_schema(
+                    constraint.spec, any_whitespace=False, separators=(",", ":")
+                )
+            else:
+                compiled = self._compiler.compile_structural_tag(json.loads(constraint.spec))
+        except (RuntimeError, ValueError, TypeError) as exc:
+            what = "the tools' parameter schemas" if constraint.kind == "structural_tag" else "the JSON schema"
+            raise EngineRefused(f"{what} cannot be compiled to a grammar: {exc}", code="response_format_invalid") from None
+        self.compiles += 1
+        self._cache[constraint] = compiled
+        if len(self._cache) > CACHE_SIZE:
+            self._cache.popitem(last=False)
+        return compiled
+
+    def matcher(self, constraint: Constraint, replay: Sequence[int] = ()) -> Matcher:
+        """A new matcher of ``constraint``, advanced over ``replay`` (the tokens of earlier runs)."""
+        matcher = Matcher(self.compile(constraint), self.vocab_size)
+        matcher.replay(replay)
+        return matcher
+
+
+def mask(logits: torch.Tensor, matchers: Sequence[Matcher | None]) -> None:
+    """Set to -inf, in place, the logits [B, V] of tokens each row's grammar does not allow (rows without one pay
+    nothing)."""
+    rows = [i for i, m in enumerate(matchers) if m is not None]
+    if not rows:
+        return
+    bitmask = xgrammar.allocate_token_bitmask(len(matchers), logits.shape[-1])
+    for i in rows:
+        matcher = matchers[i]
+        assert matcher is not None
+        matcher.fill(bitmask, i)
+    xgrammar.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), indices=rows)
