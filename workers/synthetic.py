@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from workers.engine.port import StepLoopPort
-from workers.engine.types import EngineRequest, StepOutput
+from workers.engine.text import template_turn
+from workers.engine.types import EngineRequest, StepOutput, Turn
 
 if TYPE_CHECKING:
     from services.settings import Settings
@@ -42,9 +43,12 @@ class SyntheticEngine:
         self._streams: dict[str, _Stream] = {}
         self._waiting: list[EngineRequest] = []
 
-    def encode_prompt(self, prompt: str, messages: Sequence[tuple[str, str]] | None = None) -> list[int]:
-        text = " ".join(content for _, content in messages) if messages else prompt
+    def encode_prompt(self, prompt: str, messages: Sequence[Turn] | None = None, tools: str | None = None) -> list[int]:
+        text = " ".join(template_turn(m)["content"] for m in messages) if messages else prompt
         return [len(word) for word in text.split()] or [0]
+
+    def prepare(self, params: SamplingParams) -> None:
+        """It writes words, whatever the request asks: a constraint is not refused, and not followed."""
 
     def decode(self, ids: Sequence[int]) -> str:
         return "".join(f" {_WORDS[i % len(_WORDS)]}" for i in ids)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -35,10 +36,13 @@ from gateway.api.validation import (
     parse_prompt,
     parse_sampling,
     parse_stream_flags,
+    parse_structured,
 )
 from gateway.fanout.subscription import Subscription
 from schemas.errors import ClientClosed, TokenRelayError, ended_with
 from schemas.records import ChatMessage, InferenceRequest
+from schemas.structured import calls_tools, tool_names
+from schemas.toolcalls import ToolCall, ToolCallParser, call_id, openai_calls, split_calls
 from schemas.view import EventName, ViewEvent
 from services.requests import new_inference_request
 
@@ -153,13 +157,21 @@ DONE_FRAME = b"data: [DONE]\n\n"
 
 @dataclass(slots=True)
 class Completions:
-    """``/v1/completions`` (text_completion) and ``/v1/chat/completions`` (chat.completion[.chunk])."""
+    """``/v1/completions`` (text_completion) and ``/v1/chat/completions`` (chat.completion[.chunk]); with ``tools``
+    (a chat request that may call them: the names), ``<tool_call>`` blocks of the output are ``tool_calls``."""
 
     fold: AnswerFold
     request_id: str
     chat: bool
     include_usage: bool = False
     created: int = field(default_factory=lambda: int(time.time()))
+    tools: list[str] | None = None
+    parser: ToolCallParser | None = None
+    calls: int = 0
+
+    def __post_init__(self) -> None:
+        if self.tools is not None:
+            self.parser = ToolCallParser(self.tools)
 
     @property
     def id(self) -> str:
@@ -185,10 +197,35 @@ class Completions:
         return self._chunk("", None, role=True) if self.chat else b""
 
     def delta(self, text: str) -> bytes:
-        return self._chunk(text, None)
+        if self.parser is None:
+            return self._chunk(text, None)
+        shown, calls = self.parser.feed(text)
+        return self._text_and_calls(shown, calls)
+
+    def _text_and_calls(self, shown: str, calls: list[ToolCall]) -> bytes:
+        frames = self._chunk(shown, None) if shown else b""
+        for call in calls:
+            self.calls += 1
+            start = {"index": call.index, "id": call_id(self.request_id, call.index), "type": "function"}
+            frames += self._delta({"tool_calls": [{**start, "function": {"name": call.name, "arguments": ""}}]})
+            frames += self._delta({"tool_calls": [{"index": call.index, "function": {"arguments": call.arguments}}]})
+        return frames
+
+    def _delta(self, delta: dict[str, Any]) -> bytes:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
+        body = self._object("chat.completion.chunk", [choice])
+        if self.include_usage:
+            body["usage"] = None
+        return data_frame(body)
+
+    def _finish_reason(self, end: Completed, called: bool) -> str:
+        return "tool_calls" if called and end.finish_reason == "stop" else end.finish_reason
 
     def completed(self, end: Completed) -> bytes:
-        frames = self._chunk(None if self.chat else "", end.finish_reason)
+        frames = b""
+        if self.parser is not None:
+            frames += self._text_and_calls(*self.parser.finish())
+        frames += self._chunk(None if self.chat else "", self._finish_reason(end, self.calls > 0))
         if self.include_usage:
             kind = "chat.completion.chunk" if self.chat else "text_completion"
             frames += data_frame({**self._object(kind, []), "usage": end.usage})
@@ -199,7 +236,14 @@ class Completions:
 
     def whole(self, end: Completed) -> dict[str, Any]:
         choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": end.finish_reason}
-        if self.chat:
+        if self.chat and self.tools is not None:
+            content, calls = split_calls(self.fold.text, self.tools)
+            message: dict[str, Any] = {"role": "assistant", "content": content if content.strip() or not calls else None}
+            if calls:
+                message["tool_calls"] = openai_calls(self.request_id, calls)
+            choice["message"] = message
+            choice["finish_reason"] = self._finish_reason(end, bool(calls))
+        elif self.chat:
             choice["message"] = {"role": "assistant", "content": self.fold.text}
         else:
             choice["text"] = self.fold.text
@@ -381,8 +425,13 @@ async def _completions(request: web.Request, *, chat: bool) -> web.StreamRespons
     req = completion_request(gw, body, tenant, chat=chat, priority=priority)
     check_backlog(gw, req.model)
     fold = AnswerFold(req.model)
-    surface = Completions(fold, req.request_id, chat, include_usage)
+    surface = Completions(fold, req.request_id, chat, include_usage, tools=tools_called(req))
     return await answer(request, req, fold, surface, stream=stream)
+
+
+def tools_called(req: InferenceRequest) -> list[str] | None:
+    """The names of the functions a request's model may call (its output is then parsed for calls), else None."""
+    return tool_names(req.tools) if calls_tools(req.tools, req.tool_choice) else None
 
 
 def completion_request(
@@ -398,6 +447,8 @@ def completion_request(
     else:
         prompt = parse_prompt(body)
     sampling = parse_sampling(body, gw.settings.max_tokens_limit, default_max_tokens=256 if chat else 16)
+    if chat:
+        sampling = dataclasses.replace(sampling, **parse_structured(body))
     model = resolve_model(gw, parse_model(body))
     check_limits(model, sampling, messages)
     return new_inference_request(prompt, sampling, tenant, messages, model=model.name, priority=priority)

@@ -29,7 +29,7 @@ from gateway.api.context import (
     require_key,
     resolve_model,
 )
-from gateway.api.openai import TOO_SLOW, AnswerFold, cancel_quietly, follow
+from gateway.api.openai import TOO_SLOW, AnswerFold, cancel_quietly, follow, tools_called
 from gateway.api.responses_body import CreateSpec, parse_create
 from gateway.api.responses_events import RESPONSE_PREFIX, ResponseEvents, ResponseOptions, response_id
 from gateway.api.validation import PRIORITY_HEADER, parse_priority
@@ -75,7 +75,10 @@ async def create(request: web.Request) -> web.StreamResponse:
     priority = parse_priority(body, request.headers.get(PRIORITY_HEADER))
     spec, req, accepted = response_request(gw, body, tenant, priority)
     check_backlog(gw, req.model)
-    options = ResponseOptions(req.model, spec.background, spec.store, spec.metadata)
+    called = tools_called(req)
+    options = ResponseOptions(
+        req.model, spec.background, spec.store, spec.metadata, tuple(called) if called is not None else None
+    )
     surface = ResponseEvents(AnswerFold(req.model), req.request_id, options)
     if spec.background and not spec.stream:
         await produce_request(gw, req, accepted)

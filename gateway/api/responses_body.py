@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.api.validation import CHAT_ROLES, MAX_PROMPT_CHARS, parse_sampling
-from schemas.errors import FieldError, Unsupported
+from gateway.api.validation import MAX_PROMPT_CHARS, parse_sampling
+from schemas.errors import FieldError, InvalidParameter, Unsupported
 from schemas.records import ChatMessage
 from schemas.sampling import SamplingParams
+from schemas.structured import parse_text_format, parse_tool_choice, parse_tools
+
+INPUT_ROLES = ("system", "user", "assistant")
 
 MAX_METADATA = 16
 MAX_INPUT_ITEMS = 256
@@ -17,6 +22,7 @@ MAX_INPUT_ITEMS = 256
 SUPPORTED = frozenset(
     {"model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "stream", "background", "store"}
     | {"metadata", "service_tier"}  # service_tier: parsed with the request's class (validation.parse_priority)
+    | {"text", "tools", "tool_choice"}
 )
 # The sampling parameters this API takes, by their names in its body.
 SAMPLING_NAMES = {"max_tokens": "max_output_tokens", "temperature": "temperature", "top_p": "top_p"}
@@ -27,14 +33,11 @@ IGNORED = frozenset(
 )
 # What is refused with a clear error when asked for (a null, empty or default value asks for nothing).
 REFUSED = {
-    "tools": "tools (function calling, built-in tools) are not supported",
-    "tool_choice": "tools are not supported",
     "reasoning": "reasoning options are not supported",
     "previous_response_id": "previous_response_id is not supported: send the whole conversation as input",
     "conversation": "conversations are not supported: send the whole conversation as input",
     "prompt": "prompt templates are not supported",
     "include": "include is not supported",
-    "text": "only plain text output is supported",
     "top_logprobs": "logprobs are not supported",
     "truncation": "only truncation 'disabled' is supported",
     "background_options": "background_options are not supported",
@@ -56,13 +59,8 @@ class CreateSpec:
 def _asks_nothing(name: str, value: Any) -> bool:
     if value is None or value == [] or value == {} or value is False:
         return True
-    if name == "tool_choice":
-        return value in ("none", "auto")
     if name == "truncation":
         return value == "disabled"
-    if name == "text" and isinstance(value, dict):
-        fmt = value.get("format")
-        return set(value) <= {"format", "verbosity"} and (fmt is None or fmt == {"type": "text"})
     return False
 
 
@@ -88,6 +86,7 @@ def parse_create(body: dict[str, Any], max_tokens_limit: int) -> CreateSpec:
             raise Unsupported(name, "unknown or unsupported parameter")
     messages = parse_input(body.get("input"), body.get("instructions"))
     sampling = parse_sampling(body, max_tokens_limit, default_max_tokens=max_tokens_limit, names=SAMPLING_NAMES)
+    sampling = dataclasses.replace(sampling, **parse_structured(body))
     stream = _bool(body, "stream", False)
     background = _bool(body, "background", False)
     store = _bool(body, "store", True)
@@ -101,6 +100,19 @@ def parse_create(body: dict[str, Any], max_tokens_limit: int) -> CreateSpec:
         store,
         parse_metadata(body.get("metadata")),
     )
+
+
+def parse_structured(body: dict[str, Any]) -> dict[str, str | None]:
+    """``text.format``, ``tools`` and ``tool_choice`` (the Responses API's flat shapes) as the record's fields."""
+    text = body.get("text")
+    if text is not None and not isinstance(text, dict):
+        raise InvalidParameter("text", "must be an object")
+    tools = parse_tools(body.get("tools"), flat=True)
+    return {
+        "response_format": parse_text_format((text or {}).get("format")),
+        "tools": tools,
+        "tool_choice": parse_tool_choice(body.get("tool_choice"), tools, flat=True),
+    }
 
 
 def parse_metadata(value: Any) -> dict[str, str]:
@@ -130,7 +142,8 @@ def _text_of(content: Any, where: str, part_type: str) -> str:
 
 
 def parse_input(raw: Any, instructions: Any) -> tuple[ChatMessage, ...]:
-    """``input`` (a string, or a list of messages with text content) and ``instructions`` as chat turns."""
+    """``input`` (a string, or a list of messages with text content, function calls and their outputs) and
+    ``instructions`` as chat turns: consecutive function calls are one assistant turn, an output a tool turn."""
     out: list[ChatMessage] = []
     if instructions is not None:
         if not isinstance(instructions, str):
@@ -141,14 +154,25 @@ def parse_input(raw: Any, instructions: Any) -> tuple[ChatMessage, ...]:
     elif isinstance(raw, list) and raw:
         if len(raw) > MAX_INPUT_ITEMS:
             raise FieldError("input", f"at most {MAX_INPUT_ITEMS} items")
+        names: dict[str, str] = {}  # call id -> function name, for the tool turns that answer them
         for i, item in enumerate(raw):
             if not isinstance(item, dict):
                 raise FieldError(f"input[{i}]", "must be an object")
             kind = item.get("type", "message")
+            if kind == "function_call":
+                out.append(_function_call(item, i, out, names))
+                continue
+            if kind == "function_call_output":
+                call = item.get("call_id")
+                output = item.get("output")
+                if not isinstance(call, str) or not isinstance(output, str):
+                    raise InvalidParameter(f"input[{i}]", "a function_call_output needs call_id and output (strings)")
+                out.append(ChatMessage("tool", output, None, call, names.get(call)))
+                continue
             if kind != "message":
                 raise Unsupported(f"input[{i}]", f"input items of type {str(kind)[:40]!r} are not supported")
             role = "system" if item.get("role") == "developer" else item.get("role")
-            if role not in CHAT_ROLES:
+            if role not in INPUT_ROLES:
                 raise FieldError(f"input[{i}].role", "must be one of user, system, developer, assistant")
             part_type = "output_text" if role == "assistant" else "input_text"
             out.append(ChatMessage(role, _text_of(item.get("content"), f"input[{i}].content", part_type)))
@@ -158,3 +182,16 @@ def parse_input(raw: Any, instructions: Any) -> tuple[ChatMessage, ...]:
         if len(m.content) > MAX_PROMPT_CHARS or any(0xD800 <= ord(c) <= 0xDFFF for c in m.content):
             raise FieldError("input", f"a message is over {MAX_PROMPT_CHARS} characters or holds a lone surrogate")
     return tuple(out)
+
+
+def _function_call(item: dict[str, Any], i: int, out: list[ChatMessage], names: dict[str, str]) -> ChatMessage:
+    """A function_call input item as an assistant turn's call; it joins the assistant turn of the call before it."""
+    call, name, arguments = item.get("call_id"), item.get("name"), item.get("arguments", "{}")
+    if not all(isinstance(v, str) for v in (call, name, arguments)):
+        raise InvalidParameter(f"input[{i}]", "a function_call needs call_id, name and arguments (strings)")
+    names[call] = name
+    entry = {"id": call, "type": "function", "function": {"name": name, "arguments": arguments}}
+    if out and out[-1].role == "assistant" and out[-1].tool_calls is not None:
+        previous = out.pop()
+        return dataclasses.replace(previous, tool_calls=json.dumps([*json.loads(previous.tool_calls or "[]"), entry]))
+    return ChatMessage("assistant", "", json.dumps([entry]))

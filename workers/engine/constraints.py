@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -48,7 +49,8 @@ class Matcher:
 
 
 class Grammars:
-    """Compiles constraints for one tokenizer, each once (the most recent CACHE_SIZE are kept)."""
+    """Compiles constraints for one tokenizer, each once (the most recent CACHE_SIZE are kept); thread-safe (the
+    worker compiles at admission, on its event loop; the engine at ``add``, on its step thread)."""
 
     def __init__(self, tokenizer: Any, vocab_size: int, stop_ids: Iterable[int]):
         self.vocab_size = vocab_size
@@ -56,8 +58,13 @@ class Grammars:
         self._compiler = xgrammar.GrammarCompiler(info, max_threads=1, cache_enabled=False)
         self._cache: OrderedDict[Constraint, xgrammar.CompiledGrammar] = OrderedDict()
         self.compiles = 0
+        self._lock = threading.Lock()
 
     def compile(self, constraint: Constraint) -> xgrammar.CompiledGrammar:
+        with self._lock:
+            return self._compile(constraint)
+
+    def _compile(self, constraint: Constraint) -> xgrammar.CompiledGrammar:
         compiled = self._cache.get(constraint)
         if compiled is not None:
             self._cache.move_to_end(constraint)

@@ -10,8 +10,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from schemas.errors import EngineError
+from schemas.sampling import SamplingParams
+from schemas.structured import constraint_of
 from workers.engine.architectures import check_architecture, context_length
 from workers.engine.attention import register as register_attention
+from workers.engine.constraints import Grammars, Matcher, mask
 from workers.engine.cpu_linear import can_pack, pack_linears
 from workers.engine.port import StepLoopPort
 from workers.engine.resources import default_kv_cache_bytes, set_torch_threads
@@ -19,7 +22,7 @@ from workers.engine.runner import ModelRunner, pick_device
 from workers.engine.sampling import RowSampler, sample
 from workers.engine.scheduler import Scheduler
 from workers.engine.text import TextCodec, TextStream
-from workers.engine.types import EngineRequest, StepOutput
+from workers.engine.types import EngineRequest, StepOutput, Turn
 
 if TYPE_CHECKING:
     from services.settings import Settings
@@ -35,6 +38,7 @@ class _Seq:
     completion: int
     prompt: list[int]
     reserve: int
+    matcher: Matcher | None = None  # the request's grammar, when its output is constrained
     next_token: int | None = None
 
     @property
@@ -73,6 +77,7 @@ class Engine:
         self.max_positions = context_length(model.config)
         self.codec = TextCodec(tokenizer)
         self.has_chat_template = self.codec.has_chat_template
+        self._grammars: Grammars | None = None
         budget_bytes = kv_cache_bytes or default_kv_cache_bytes(device)
         self.runner = ModelRunner(model, device, 1 << 62, max_batch_size)
         per_token = self.runner.bytes_per_token
@@ -144,11 +149,26 @@ class Engine:
     def context_length(self) -> int:
         return self.max_positions
 
-    def encode_prompt(self, prompt: str, messages: Sequence[tuple[str, str]] | None = None) -> list[int]:
-        return self.codec.encode_prompt(prompt, messages)
+    def encode_prompt(self, prompt: str, messages: Sequence[Turn] | None = None, tools: str | None = None) -> list[int]:
+        return self.codec.encode_prompt(prompt, messages, tools)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.codec.decode(ids)
+
+    @property
+    def grammars(self) -> Grammars:
+        """The compiler of this model's constraints (its tokenizer's vocabulary is read on first use)."""
+        if self._grammars is None:
+            vocab = int(self.model.config.get_text_config().vocab_size)
+            self._grammars = Grammars(self.tokenizer, vocab, self.eos_ids)
+        return self._grammars
+
+    def prepare(self, params: SamplingParams) -> None:
+        """Compile the request's constraint now (cached), so that a schema the grammar cannot take is refused
+        before the request starts: EngineRefused."""
+        constraint = constraint_of(params.response_format, params.tools, params.tool_choice)
+        if constraint is not None:
+            self.grammars.compile(constraint)
 
     def add(self, request: EngineRequest) -> None:
         prompt = request.prompt_ids + request.resume_ids
@@ -157,6 +177,8 @@ class Engine:
             raise EngineError(f"a prompt of {len(prompt)} tokens does not fit a context of {self.max_positions}")
         completion = len(request.resume_ids)
         reserve = min(self.max_positions, len(prompt) + max(1, request.params.max_tokens - completion))
+        params = request.params
+        constraint = constraint_of(params.response_format, params.tools, params.tool_choice)
         seq = _Seq(
             request,
             RowSampler(request.params),
@@ -164,6 +186,8 @@ class Engine:
             completion,
             prompt,
             reserve,
+            # A continued run replays the tokens the log holds through the grammar: its state is where they left it.
+            self.grammars.matcher(constraint, request.resume_ids) if constraint is not None else None,
         )
         self.scheduler.add(seq)
 
@@ -205,7 +229,9 @@ class Engine:
             rows.extend(c.seq for c in plan.prefill if c.last)
         if not rows:
             return outputs
-        tokens = sample(torch.cat(logits, dim=0), [s.sampler for s in rows])
+        scores = torch.cat(logits, dim=0)
+        mask(scores, [s.matcher for s in rows])
+        tokens = sample(scores, [s.sampler for s in rows])
         outputs.extend(self._advance(seq, token) for seq, token in zip(rows, tokens, strict=True))
         finished = {o.request_id for o in outputs if o.finish_reason is not None}
         for seq in rows:
@@ -215,6 +241,10 @@ class Engine:
         return outputs
 
     def _advance(self, seq: _Seq, token: int) -> StepOutput:
+        if seq.matcher is not None and not seq.matcher.accept(token):
+            # Only a grammar that already ended allows nothing (the mask left every logit at -inf): end it there.
+            log.error("run %s: token %d is outside its grammar; stopping the run", seq.request_id, token)
+            return StepOutput(seq.request_id, (), self._final_text(seq, ""), "stop")
         if token in self.eos_ids:
             return StepOutput(seq.request_id, (), self._final_text(seq, ""), "stop")
         seq.completion += 1

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
+from schemas.errors import EngineRefused
+from schemas.structured import tool_names, tools_of
 from workers.engine.detokenizer import IncrementalDetokenizer
+from workers.engine.types import Turn
 from workers.engine.stops import StopMatcher
 
 
@@ -17,19 +21,44 @@ class TextCodec:
         self.has_chat_template = getattr(tokenizer, "chat_template", None) is not None
         self._rust = getattr(tokenizer, "_tokenizer", None)
 
-    def encode_prompt(self, prompt: str, messages: Sequence[tuple[str, str]] | None = None) -> list[int]:
+    def encode_prompt(self, prompt: str, messages: Sequence[Turn] | None = None, tools: str | None = None) -> list[int]:
+        """The prompt's token ids; chat turns go through the chat template, with ``tools`` (the record's JSON) when
+        the model may call them: a template that does not show the model the tools refuses the request."""
         if messages:
-            chat = [{"role": role, "content": content} for role, content in messages]
-            ids = self.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
-            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-                ids = ids["input_ids"]
-            return [int(t) for t in ids]
+            chat = [template_turn(m) for m in messages]
+            functions = tools_of(tools) or None
+            text = self.tokenizer.apply_chat_template(chat, tools=functions, add_generation_prompt=True, tokenize=False)
+            if functions and not all(name in text for name in tool_names(tools)):
+                raise EngineRefused("this model's chat template does not show tools to the model; send no tools")
+            return [int(t) for t in self.tokenizer(text, add_special_tokens=False)["input_ids"]]
         return [int(t) for t in self.tokenizer(prompt)["input_ids"]]
 
     def decode(self, ids: Sequence[int]) -> str:
         if self._rust is not None:
             return str(self._rust.decode(list(ids), skip_special_tokens=True))
         return str(self.tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False))
+
+
+def template_turn(turn: Turn) -> dict[str, Any]:
+    """A chat turn as transformers' chat templates take it: an assistant's tool calls with their arguments as objects
+    (templates write them with ``tojson``), a tool's answer with the call it answers."""
+    if isinstance(turn, tuple):
+        return {"role": turn[0], "content": turn[1]}
+    out: dict[str, Any] = {"role": turn.role, "content": turn.content}
+    if turn.tool_calls:
+        calls = json.loads(turn.tool_calls)
+        for call in calls:
+            function = call.get("function", {})
+            try:
+                function["arguments"] = json.loads(function.get("arguments") or "{}")
+            except ValueError:
+                pass  # not JSON: the template gets the text as the client sent it
+        out["tool_calls"] = calls
+    if turn.tool_call_id is not None:
+        out["tool_call_id"] = turn.tool_call_id
+    if turn.name is not None:
+        out["name"] = turn.name
+    return out
 
 
 class TextStream:

@@ -14,8 +14,9 @@ import psutil
 
 from schemas.errors import ConfigError, EngineError, EngineRefused
 from schemas.sampling import SamplingParams
+from schemas.structured import Constraint, constraint_of
 from workers.engine.text import TextCodec, TextStream
-from workers.engine.types import EngineRequest, StepOutput
+from workers.engine.types import EngineRequest, StepOutput, Turn
 
 if TYPE_CHECKING:
     from services.settings import Settings
@@ -50,8 +51,10 @@ def sampling_params(params: SamplingParams, max_tokens: int) -> Any:
     from vllm import SamplingParams as VllmSamplingParams
     from vllm.sampling_params import RequestOutputKind
 
+    constraint = constraint_of(params.response_format, params.tools, params.tool_choice)
     try:
         return VllmSamplingParams(
+            structured_outputs=structured_outputs(constraint) if constraint is not None else None,
             n=1,
             max_tokens=max_tokens,
             temperature=params.temperature,
@@ -63,6 +66,16 @@ def sampling_params(params: SamplingParams, max_tokens: int) -> Any:
         )
     except ValueError as exc:  # vLLM's validation errors are ValueErrors: say which parameter it cannot take
         raise EngineRefused(f"the vLLM engine cannot take these sampling parameters: {exc}") from exc
+
+
+def structured_outputs(constraint: Constraint) -> Any:
+    """vLLM's structured outputs for a constraint: the same JSON schema (compact, as the built-in engine writes it)
+    or xgrammar structural tag."""
+    from vllm.sampling_params import StructuredOutputsParams
+
+    if constraint.kind == "json_schema":
+        return StructuredOutputsParams(json=constraint.spec, disable_any_whitespace=True)
+    return StructuredOutputsParams(structural_tag=constraint.spec)
 
 
 class VllmEngine:
@@ -91,8 +104,11 @@ class VllmEngine:
     def num_waiting(self) -> int:
         return 0  # vLLM queues inside; every request handed to it counts as running here
 
-    def encode_prompt(self, prompt: str, messages: Sequence[tuple[str, str]] | None = None) -> list[int]:
-        return self.codec.encode_prompt(prompt, messages)
+    def encode_prompt(self, prompt: str, messages: Sequence[Turn] | None = None, tools: str | None = None) -> list[int]:
+        return self.codec.encode_prompt(prompt, messages, tools)
+
+    def prepare(self, params: SamplingParams) -> None:
+        """vLLM checks a request's constraint when it gets the request (an error then fails the run)."""
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[StepOutput]:
         from vllm.exceptions import VLLMClientError
@@ -100,6 +116,10 @@ class VllmEngine:
 
         rid = request.request_id
         done = len(request.resume_ids)
+        p = request.params
+        if done and constraint_of(p.response_format, p.tools, p.tool_choice) is not None:
+            # vLLM would start the grammar over at the continued tokens (they are prompt to it): refuse, not garble.
+            raise EngineRefused("the vLLM engine cannot continue a structured output after a worker death")
         # A continued run: the earlier runs' tokens extend the prompt (exact for greedy requests).
         params = sampling_params(request.params, request.params.max_tokens - done)
         text = TextStream(self.codec, request.params.stop, request.resume_ids, request.resume_text)
