@@ -15,6 +15,9 @@ PRIORITIES = ("interactive", "batch")
 class ChatMessage:
     role: str
     content: str
+    tool_calls: str | None = None  # an assistant turn's calls, OpenAI's JSON array
+    tool_call_id: str | None = None  # a tool turn answers this call
+    name: str | None = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -35,6 +38,17 @@ class InferenceRequest:
     priority: str = "interactive"
     batch_id: str = ""
     custom_id: str = ""
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_p: float = 0.0
+    logit_bias: Mapping[str, float] = field(default_factory=dict)  # token id (decimal) -> bias
+    n: int = 1  # choices of the one prompt, prefilled once; each Delta names its choice
+    logprobs: bool = False
+    top_logprobs: int = 0
+    response_format: str | None = None  # JSON: {"type": "json_object"} or {"type": "json_schema", ...}
+    tools: str | None = None  # JSON array of function tools
+    tool_choice: str | None = None  # JSON
 
 
 @dataclass(slots=True, frozen=True)
@@ -50,9 +64,26 @@ class Started:
 
 
 @dataclass(slots=True, frozen=True)
+class TopLogprob:
+    token_id: int
+    logprob: float
+
+
+@dataclass(slots=True, frozen=True)
+class TokenLogprob:
+    """A generated token's log probability in the distribution it was drawn from, with the likeliest alternatives."""
+
+    token_id: int
+    logprob: float
+    top: tuple[TopLogprob, ...] = ()
+
+
+@dataclass(slots=True, frozen=True)
 class Delta:
     text: str
     token_ids: tuple[int, ...]
+    index: int = 0  # the choice (n > 1)
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token id when the request asked for logprobs
 
 
 @dataclass(slots=True, frozen=True)
@@ -67,6 +98,8 @@ class Finished:
     usage: Usage
     ttft_ms: int = 0
     total_ms: int = 0
+    choice_finish_reasons: tuple[str, ...] = ()  # n > 1: each choice's, by index
+    tool_calls: str | None = None  # choice 0's parsed tool calls, OpenAI's JSON array
 
 
 @dataclass(slots=True, frozen=True)
@@ -87,11 +120,20 @@ class Accepted:
     store: bool = True  # readable by id after it ends
     metadata: Mapping[str, str] = field(default_factory=dict)
     priority: str = "interactive"  # the service class (PRIORITIES): the request topic it was written to
+    response: str | None = None  # Responses API: the create options a response object echoes (JSON object)
+    input_items: str | None = None  # Responses API: the whole input as Responses items (JSON array)
+
+
+@dataclass(slots=True, frozen=True)
+class Deleted:
+    """A stored response was deleted: every gateway answers 404 for it from then on."""
+
+    tenant: str = ""
 
 
 # The closed vocabulary of the events log: every consumer matches on it exhaustively (`assert_never`), so mypy lists
 # each place a new payload type must be handled (tests/unit/test_vocabulary.py runs them all over every type).
-Payload = Started | Delta | Finished | Failed | Accepted
+Payload = Started | Delta | Finished | Failed | Accepted | Deleted
 
 
 @dataclass(slots=True, frozen=True)
@@ -108,7 +150,7 @@ class TokenEvent:
         match payload:
             case Finished() | Failed():
                 return True
-            case Started() | Delta() | Accepted():
+            case Started() | Delta() | Accepted() | Deleted():
                 return False
             case _:
                 assert_never(payload)
@@ -150,6 +192,7 @@ _PAYLOAD_TYPES: dict[str, type[Payload]] = {
     "io.tokenrelay.Finished": Finished,
     "io.tokenrelay.Failed": Failed,
     "io.tokenrelay.Accepted": Accepted,
+    "io.tokenrelay.Deleted": Deleted,
 }
 _PAYLOAD_NAMES = {cls: name for name, cls in _PAYLOAD_TYPES.items()}
 PAYLOAD_TYPES: tuple[type[Payload], ...] = tuple(_PAYLOAD_TYPES.values())  # each member of Payload, by Avro name
@@ -170,10 +213,24 @@ def to_avro(record: Record) -> dict[str, Any]:
                     },
                     "ttft_ms": payload.ttft_ms,
                     "total_ms": payload.total_ms,
+                    "choice_finish_reasons": list(payload.choice_finish_reasons),
+                    "tool_calls": payload.tool_calls,
                 }
             case Delta():
-                body = {"text": payload.text, "token_ids": list(payload.token_ids)}
-            case Started() | Failed() | Accepted():
+                body = {
+                    "text": payload.text,
+                    "token_ids": list(payload.token_ids),
+                    "index": payload.index,
+                    "logprobs": [
+                        {
+                            "token_id": lp.token_id,
+                            "logprob": lp.logprob,
+                            "top": [{"token_id": t.token_id, "logprob": t.logprob} for t in lp.top],
+                        }
+                        for lp in payload.logprobs
+                    ],
+                }
+            case Started() | Failed() | Accepted() | Deleted():
                 body = _fields(payload)
             case _:
                 assert_never(payload)
@@ -187,8 +244,9 @@ def to_avro(record: Record) -> dict[str, Any]:
     if isinstance(record, InferenceRequest):
         out = _fields(record)
         out["stop"] = list(record.stop)
+        out["logit_bias"] = dict(record.logit_bias)
         if record.messages is not None:
-            out["messages"] = [{"role": m.role, "content": m.content} for m in record.messages]
+            out["messages"] = [_fields(m) for m in record.messages]
         return out
     return _fields(record)
 
@@ -205,9 +263,21 @@ def from_avro(kind: str, data: dict[str, Any]) -> Record:
                 usage=Usage(**body["usage"]),
                 ttft_ms=body["ttft_ms"],
                 total_ms=body["total_ms"],
+                choice_finish_reasons=tuple(body["choice_finish_reasons"]),
+                tool_calls=body["tool_calls"],
             )
         elif cls is Delta:
-            payload = Delta(text=body["text"], token_ids=tuple(body["token_ids"]))
+            payload = Delta(
+                text=body["text"],
+                token_ids=tuple(body["token_ids"]),
+                index=body["index"],
+                logprobs=tuple(
+                    TokenLogprob(
+                        lp["token_id"], lp["logprob"], tuple(TopLogprob(t["token_id"], t["logprob"]) for t in lp["top"])
+                    )
+                    for lp in body["logprobs"]
+                ),
+            )
         else:
             payload = cls(**body)
         return TokenEvent(data["request_id"], data["run_id"], data["seq"], data["ts_ms"], payload)
@@ -215,7 +285,7 @@ def from_avro(kind: str, data: dict[str, Any]) -> Record:
         values = dict(data)
         values["stop"] = tuple(values["stop"])
         if values["messages"] is not None:
-            values["messages"] = tuple(ChatMessage(m["role"], m["content"]) for m in values["messages"])
+            values["messages"] = tuple(ChatMessage(**m) for m in values["messages"])
         return InferenceRequest(**values)
     if kind == "ControlEvent":
         return ControlEvent(**data)
@@ -239,6 +309,7 @@ __all__ = [
     "Accepted",
     "ChatMessage",
     "ControlEvent",
+    "Deleted",
     "Delta",
     "Failed",
     "Finished",
@@ -248,6 +319,8 @@ __all__ = [
     "Record",
     "Started",
     "TokenEvent",
+    "TokenLogprob",
+    "TopLogprob",
     "Usage",
     "from_avro",
     "kind_of",

@@ -6,7 +6,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import assert_never
 
-from schemas.records import Accepted, Delta, Failed, Finished, Started, TokenEvent
+from schemas.records import Accepted, Deleted, Delta, Failed, Finished, Started, TokenEvent
 
 
 class Change(enum.Enum):
@@ -56,13 +56,19 @@ class RunLog:
     accepted: Accepted | None = None
     started: Started | None = None
     terminal: TokenEvent | None = None
+    deleted: Deleted | None = None
     old_runs: set[str] = field(default_factory=set)
     _stalled_before: int = 0
 
     def feed(self, ev: TokenEvent) -> Change | None:
-        if self.terminal is not None or ev.request_id != self.request_id:
+        if ev.request_id != self.request_id:
             return None
         payload = ev.payload
+        if isinstance(payload, Deleted):  # usually after the end: it hides the stored answer, it changes no run
+            self.deleted = self.deleted or payload
+            return None
+        if self.terminal is not None:
+            return None
         match payload:
             case Accepted():
                 if self.accepted is not None:
@@ -73,6 +79,8 @@ class RunLog:
                 return self._start(ev, payload)
             case Delta() | Finished() | Failed():
                 return self._in_run(ev, payload)
+            case Deleted():
+                return None
             case _:
                 assert_never(payload)
 
@@ -92,6 +100,8 @@ class RunLog:
         run.last_seq = ev.seq
         match payload:
             case Delta():
+                if payload.index:  # n > 1: a run's text is its choice 0's (such a run is restarted, not continued)
+                    return Change.DELTA
                 run.tokens += len(payload.token_ids)
                 run.text += payload.text
                 if run.token_ids is not None:

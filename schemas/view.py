@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, assert_never
 
-from schemas.records import Accepted, Delta, Failed, Finished, Started, TokenEvent
+from schemas.records import Accepted, Deleted, Delta, Failed, Finished, Started, TokenEvent
 from schemas.runlog import Change, RunLog
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ class View:
             )
             return None
         match payload:
-            case Accepted():
+            case Accepted() | Deleted():
                 return None  # the log knows the request now (Change.ACCEPTED); a client sees nothing of it
             case Started():
                 if change is Change.RESTARTED:

@@ -48,6 +48,24 @@ def _float(name: str, value: Any) -> float:
     return float(value) if not isinstance(value, int) or abs(value) < INT64 else math.inf
 
 
+def _bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise FieldError(name, "must be a boolean")
+    return value
+
+
+def _bias(name: str, value: Any) -> dict[str, float]:
+    """OpenAI's logit_bias: an object of token id (a JSON key) -> number; the ids' form is checked by check()."""
+    if not isinstance(value, dict):
+        raise FieldError(name, "must be an object of token id -> bias")
+    return {str(key): _float(name, bias) for key, bias in value.items()}
+
+
+def _json_text(name: str, value: Any) -> str:
+    """A JSON value the record carries as compact JSON text (response_format, tools, tool_choice)."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
 def _stop(name: str, value: Any) -> tuple[str, ...]:
     if isinstance(value, str):
         return (_text(value, name),)
@@ -74,9 +92,20 @@ SAMPLING_TYPES: dict[str, Callable[[str, Any], Any]] = {
     "top_k": _int,
     "seed": _int,
     "stop": _stop,
+    "presence_penalty": _float,
+    "frequency_penalty": _float,
+    "repetition_penalty": _float,
+    "min_p": _float,
+    "logit_bias": _bias,
+    "n": _int,
+    "logprobs": _bool,
+    "top_logprobs": _int,
+    "response_format": _json_text,
+    "tools": _json_text,
+    "tool_choice": _json_text,
 }
-# Each SamplingParams field under its own name: what the native and completions APIs take.
-SAMPLING_NAMES = {name: name for name in SAMPLING_TYPES}
+# The SamplingParams fields the native and completions APIs take, each under its own name.
+SAMPLING_NAMES = {name: name for name in ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop")}
 
 
 def parse_sampling(

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, assert_never
 
-from schemas.records import Accepted, Delta, Failed, Finished, Started, TokenEvent
+from schemas.records import Accepted, Deleted, Delta, Failed, Finished, Started, TokenEvent
 
 # Buckets grow by 2**(1/8): a percentile read from a bucket is within ~4.4 % of the true value,
 # and 1 ms .. 1 h fits in ~180 buckets whatever the traffic, so table values stay small.
@@ -226,7 +226,7 @@ def apply_event(
                 add_failed(state, info)
             state["offset"] = offset
             return Outcome(request=entry if counted_at is None else None, state_changed=True)
-        case Accepted() | Delta():
+        case Accepted() | Delta() | Deleted():
             return Outcome()  # neither counts: usage and latency come from Started and the terminal event
         case _:
             assert_never(payload)

@@ -21,7 +21,7 @@ from schemas.codec import Codec, default_codec
 from schemas.errors import ConfigError, DecodeError, KafkaUnavailable
 from schemas.ids import is_request_id, request_id_time_ms
 from schemas.partitioning import partition_for_key
-from schemas.records import Accepted, Delta, Failed, Finished, Started, TokenEvent
+from schemas.records import Accepted, Deleted, Delta, Failed, Finished, Started, TokenEvent
 from services.kafka import make_consumer, start_client
 from services.schema_registry import reading_codec
 from services.settings import Settings
@@ -117,6 +117,8 @@ def tail_line(record: ConsumerRecord[bytes, bytes], codec: Codec | None = None) 
             )
         case Failed():
             return f"{head} failed {p.code}: {p.message}{' (retriable)' if p.retriable else ''}"
+        case Deleted():
+            return f"{head} deleted{f' tenant={p.tenant}' if p.tenant else ''}"
         case _:
             assert_never(p)
 
@@ -185,6 +187,7 @@ PAYLOAD_COLUMNS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "Delta": lambda p: {"text": p["text"], "token_count": len(p["token_ids"])},
     "Finished": _finished_columns,
     "Failed": lambda p: {"error_code": p["code"]},
+    "Deleted": lambda p: {},
 }
 
 
@@ -334,7 +337,7 @@ def _ends_request(record: ConsumerRecord[bytes, bytes], codec: Codec) -> bool:
             return True
         case Failed():
             return not p.retriable
-        case Accepted() | Started() | Delta():
+        case Accepted() | Started() | Delta() | Deleted():
             return False
         case _:
             assert_never(p)

@@ -17,14 +17,18 @@ from schemas.codec import AVRO_DIR, HEADER_LEN, MAGIC, Codec, SchemaRegistry, cr
 from schemas.errors import DecodeError, TokenRelayError
 from schemas.ids import new_request_id
 from schemas.records import (
+    Accepted,
     ChatMessage,
     ControlEvent,
+    Deleted,
     Delta,
     Failed,
     Finished,
     InferenceRequest,
     Started,
     TokenEvent,
+    TokenLogprob,
+    TopLogprob,
     Usage,
 )
 
@@ -58,6 +62,40 @@ RECORDS = [
     _event(Finished("length", Usage(5, 16), ttft_ms=3, total_ms=40), seq=2),
     _event(Failed("deadline_exceeded", "too late", retriable=False), seq=1),
     ControlEvent(RID, "cancel", 1_700_000_000_000, reason="client_disconnected"),
+    # v3 / v5 fields: sampling options, structured output, tools, logprobs, choices, Responses state, deletion.
+    InferenceRequest(
+        RID,
+        "",
+        8,
+        messages=(
+            ChatMessage("user", "weather?"),
+            ChatMessage("assistant", "", tool_calls='[{"id":"c1"}]'),
+            ChatMessage("tool", "sunny", tool_call_id="c1", name="get_weather"),
+        ),
+        presence_penalty=0.5,
+        frequency_penalty=-1.0,
+        repetition_penalty=1.2,
+        min_p=0.05,
+        logit_bias={"17": -100.0, "3": 2.5},
+        n=3,
+        logprobs=True,
+        top_logprobs=2,
+        response_format='{"type":"json_object"}',
+        tools='[{"type":"function","function":{"name":"get_weather"}}]',
+        tool_choice='"auto"',
+    ),
+    _event(
+        Delta(
+            "ab",
+            (4, 5),
+            index=2,
+            logprobs=(TokenLogprob(4, -0.25, (TopLogprob(4, -0.25), TopLogprob(9, -2.0))), TokenLogprob(5, -1.5)),
+        ),
+        seq=1,
+    ),
+    _event(Finished("stop", Usage(5, 6), choice_finish_reasons=("stop", "length"), tool_calls="[]"), seq=2),
+    TokenEvent(RID, "", 0, 1, Accepted("m", response='{"instructions":"hi"}', input_items="[]")),
+    TokenEvent(RID, "", 0, 1, Deleted("team-a")),
 ]
 
 
@@ -87,7 +125,7 @@ def test_plain_fastavro_reads_codec_output_with_avsc_alone() -> None:
     record = RECORDS[1]
     assert isinstance(record, InferenceRequest)
     data = default_codec().encode(record)
-    schema = json.loads((AVRO_DIR / "InferenceRequest.v2.avsc").read_text())
+    schema = json.loads((AVRO_DIR / "InferenceRequest.v3.avsc").read_text())
     # The spec's framing: 2-byte marker, 8-byte little-endian CRC-64-AVRO, then the body.
     assert data[:2] == b"\xc3\x01"
     assert data[2:10].hex() == fastavro_fingerprint(to_parsing_canonical_form(schema), "CRC-64-AVRO")
@@ -113,8 +151,8 @@ def _defaults(schema: dict[str, Any]) -> dict[str, Any]:
 
 
 def _evolved_request_schema() -> dict[str, Any]:
-    schema = copy.deepcopy(json.loads((AVRO_DIR / "InferenceRequest.v2.avsc").read_text()))
-    schema["fields"].append({"name": "evolved", "type": "int", "default": 0, "doc": "added in v3"})
+    schema = copy.deepcopy(json.loads((AVRO_DIR / "InferenceRequest.v3.avsc").read_text()))
+    schema["fields"].append({"name": "evolved", "type": "int", "default": 0, "doc": "added in v4"})
     return schema
 
 
@@ -127,7 +165,7 @@ def _registry_with(schema: dict[str, Any], version: int) -> SchemaRegistry:
 def test_new_reader_reads_old_writer() -> None:
     """A newer reader fills the added field's default when reading a v1 record."""
     old = default_codec().encode(InferenceRequest(RID, "x", 4))
-    new_codec = Codec(_registry_with(_evolved_request_schema(), version=3))
+    new_codec = Codec(_registry_with(_evolved_request_schema(), version=4))
     name, value = new_codec.decode_dict(old)
     assert name == "InferenceRequest"
     assert value["evolved"] == 0
@@ -137,7 +175,7 @@ def test_new_reader_reads_old_writer() -> None:
 def test_old_reader_reads_new_writer() -> None:
     """An older reader that knows the newer writer schema drops the field it does not know."""
     v2 = _evolved_request_schema()
-    writer = Codec(_registry_with(v2, version=3))
+    writer = Codec(_registry_with(v2, version=4))
     data = writer.encode_dict(
         "InferenceRequest", {**_defaults(v2), "request_id": RID, "prompt": "y", "max_tokens": 2, "evolved": 9}
     )
@@ -180,3 +218,34 @@ def test_expected_kind_is_enforced() -> None:
 def test_header_length_constant() -> None:
     data = default_codec().encode(InferenceRequest(new_request_id(), "p", 1))
     assert len(data) > HEADER_LEN
+
+
+def test_records_of_the_previous_versions_read_with_the_new_defaults() -> None:
+    """InferenceRequest v2 and TokenEvent v4 records (written before the sampling contract) decode with defaults."""
+    for name, fields in (
+        (
+            "InferenceRequest.v2",
+            {"request_id": RID, "prompt": "p", "max_tokens": 3, "messages": [{"role": "user", "content": "c"}]},
+        ),
+        (
+            "TokenEvent.v4",
+            {
+                "request_id": RID,
+                "run_id": "r",
+                "seq": 1,
+                "ts_ms": 2,
+                "payload": ("io.tokenrelay.Delta", {"text": "t", "token_ids": [7]}),
+            },
+        ),
+    ):
+        schema = json.loads((AVRO_DIR / f"{name}.avsc").read_text())
+        buf = io.BytesIO()
+        buf.write(b"\xc3\x01" + fingerprint(schema))
+        fastavro.schemaless_writer(buf, fastavro.parse_schema(schema), {**_defaults(schema), **fields})
+        record = default_codec().decode(buf.getvalue())
+        if isinstance(record, InferenceRequest):
+            assert record.n == 1 and record.logit_bias == {} and record.repetition_penalty == 1.0
+            assert record.messages == (ChatMessage("user", "c"),)
+        else:
+            assert isinstance(record, TokenEvent)
+            assert record.payload == Delta("t", (7,), index=0, logprobs=())

@@ -47,7 +47,7 @@ def test_confluent_framing_round_trips(record: Record) -> None:
 
 def test_plain_fastavro_reads_the_body_after_five_bytes() -> None:
     data = _writer().encode(RECORDS[0])
-    schema = json.loads((AVRO_DIR / "InferenceRequest.v2.avsc").read_text())
+    schema = json.loads((AVRO_DIR / "InferenceRequest.v3.avsc").read_text())
     body = fastavro.schemaless_reader(io.BytesIO(data[5:]), fastavro.parse_schema(schema))
     assert isinstance(body, dict)
     assert body["prompt"] == "hello" and body["stop"] == ["\n"]

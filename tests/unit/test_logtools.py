@@ -54,7 +54,12 @@ def test_export_and_tail_lines() -> None:
     raw = default_codec().encode(TokenEvent(RID, "run1", 2, NOW, Delta(" hi", (5, 6))))
     line = json.loads(json.dumps(export_line(_record(raw))))
     assert line["partition"] == 3 and line["offset"] == 42 and line["key"] == RID
-    assert line["event"]["type"] == "Delta" and line["event"]["payload"] == {"text": " hi", "token_ids": [5, 6]}
+    assert line["event"]["type"] == "Delta" and line["event"]["payload"] == {
+        "text": " hi",
+        "token_ids": [5, 6],
+        "index": 0,
+        "logprobs": [],
+    }
     assert 'token " hi" [5, 6]' in tail_line(_record(raw))
     bad = export_line(_record(b"\x00garbage"))
     assert "error" in bad and "event" not in bad

@@ -74,3 +74,43 @@ def test_the_responses_api_names_its_own_fields() -> None:
     with pytest.raises(FieldError) as info:
         parse_create({"input": "hi", "max_output_tokens": LIMIT + 1}, LIMIT)
     assert info.value.field == "max_output_tokens" and str(info.value).startswith("max_output_tokens: ")
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("presence_penalty", 2.5, "presence_penalty: must be between -2.0 and 2.0"),
+        ("frequency_penalty", -3.0, "frequency_penalty: must be between -2.0 and 2.0"),
+        ("frequency_penalty", float("nan"), "frequency_penalty: must be between"),
+        ("repetition_penalty", 0.0, "repetition_penalty: must be greater than 0.0"),
+        ("min_p", 1.5, "min_p: must be between 0.0 and 1.0"),
+        ("logit_bias", {"x": 1.0}, "logit_bias: keys must be token ids"),
+        ("logit_bias", {"-1": 1.0}, "logit_bias: keys must be token ids"),
+        ("logit_bias", {"5": 101.0}, "logit_bias: biases must be between -100 and 100"),
+        ("logit_bias", {str(i): 1.0 for i in range(301)}, "logit_bias: at most 300 tokens"),
+        ("n", 0, "n: must be between 1 and 16"),
+        ("n", 17, "n: must be between 1 and 16"),
+        ("top_logprobs", 21, "top_logprobs: must be between 0 and 20"),
+        ("top_logprobs", 2, "top_logprobs: needs logprobs set to true"),
+    ],
+)
+def test_check_refuses_the_openai_sampling_options_out_of_range(field: str, value: Any, message: str) -> None:
+    with pytest.raises(FieldError) as info:
+        SamplingParams(**{"max_tokens": 4, field: value}).check(LIMIT)
+    assert info.value.field == field and str(info.value).startswith(message)
+
+
+def test_check_keeps_the_openai_sampling_options_in_range() -> None:
+    params = SamplingParams(
+        4,
+        presence_penalty=-2.0,
+        frequency_penalty=2.0,
+        repetition_penalty=1.3,
+        min_p=0.1,
+        logit_bias={"0": -100.0, "42": 100},
+        n=16,
+        logprobs=True,
+        top_logprobs=20,
+    ).check(LIMIT)
+    assert params.penalized and params.bias() == {0: -100.0, 42: 100}
+    assert not SamplingParams(4).penalized

@@ -18,6 +18,7 @@ from schemas.codec import default_codec
 from schemas.records import (
     PAYLOAD_TYPES,
     Accepted,
+    Deleted,
     Delta,
     Failed,
     Finished,
@@ -44,11 +45,18 @@ EXAMPLES: dict[type[Payload], tuple[str, int, Payload]] = {
     Delta: ("run1", 1, Delta(" hi", (5, 6))),
     Finished: ("run1", 2, Finished("stop", Usage(7, 2), ttft_ms=4, total_ms=9)),
     Failed: ("run1", 2, Failed("deadline_exceeded", "too slow", retriable=True)),
+    Deleted: ("", 0, Deleted("key-1")),
 }
 # What each consumer makes of each type (a new type needs a row in each).
-RUNLOG = {Accepted: Change.ACCEPTED, Started: Change.STARTED, Delta: Change.DELTA}
-VIEW = {Accepted: None, Started: EventName.STARTED, Delta: EventName.TOKEN, Finished: EventName.DONE}
-TAIL = {Accepted: "accepted model=m", Started: "started model=m", Delta: 'token " hi"', Finished: "done stop"}
+RUNLOG = {Accepted: Change.ACCEPTED, Started: Change.STARTED, Delta: Change.DELTA, Deleted: None}
+VIEW = {Accepted: None, Started: EventName.STARTED, Delta: EventName.TOKEN, Finished: EventName.DONE, Deleted: None}
+TAIL = {
+    Accepted: "accepted model=m",
+    Started: "started model=m",
+    Delta: 'token " hi"',
+    Finished: "done stop",
+    Deleted: "deleted tenant=key-1",
+}
 TERMINAL = {Finished, Failed}
 
 
@@ -63,7 +71,7 @@ def _record(value: bytes, offset: int = 42) -> ConsumerRecord[bytes, bytes]:
 
 def _lead_in(kind: type[Payload]) -> list[TokenEvent]:
     """The events a log holds before one of ``kind`` (a run's events need its Started and the seqs before)."""
-    if kind in (Accepted, Started):
+    if kind in (Accepted, Started, Deleted):
         return []
     before = [_event(Started)]
     if kind is not Delta:
