@@ -126,7 +126,7 @@ def _outlines(tokenizer: Any, vocab: int) -> tuple[Walk, float]:
         if token_id == eos or token in tokenizer.all_special_tokens:
             continue
         entries.setdefault(bytes(byte_of[c] for c in token), []).append(token_id)
-    vocabulary = Vocabulary(eos, entries)  # type: ignore[arg-type]
+    vocabulary = Vocabulary(eos, entries)
     start = time.perf_counter()
     index = Index(build_regex_from_schema(json.dumps(SCHEMA), r"[\n ]?"), vocabulary)
     compile_ms = (time.perf_counter() - start) * 1000

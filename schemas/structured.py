@@ -3,12 +3,14 @@ constraint (a JSON schema or a tool-call structural tag) a request's output must
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from schemas.errors import InvalidParameter
+from schemas.sampling import SamplingParams
 
 NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 MAX_TOOLS = 128
@@ -32,6 +34,20 @@ class Constraint:
 
 
 JSON_OBJECT = Constraint("json_schema", '{"type": "object"}')
+
+
+@dataclass(frozen=True, slots=True)
+class Structured:
+    """A request's response_format, tools and tool_choice as the record carries them (normalized JSON or None)."""
+
+    response_format: str | None = None
+    tools: str | None = None
+    tool_choice: str | None = None
+
+    def apply(self, params: SamplingParams) -> SamplingParams:
+        return dataclasses.replace(
+            params, response_format=self.response_format, tools=self.tools, tool_choice=self.tool_choice
+        )
 
 
 def _dumps(value: Any) -> str:

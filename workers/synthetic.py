@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from schemas.sampling import SamplingParams
 from workers.engine.port import StepLoopPort
 from workers.engine.text import template_turn
 from workers.engine.types import EngineRequest, StepOutput, Turn

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import logging
 import time
@@ -238,7 +237,10 @@ class Completions:
         choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": end.finish_reason}
         if self.chat and self.tools is not None:
             content, calls = split_calls(self.fold.text, self.tools)
-            message: dict[str, Any] = {"role": "assistant", "content": content if content.strip() or not calls else None}
+            message: dict[str, Any] = {
+                "role": "assistant",
+                "content": content if content.strip() or not calls else None,
+            }
             if calls:
                 message["tool_calls"] = openai_calls(self.request_id, calls)
             choice["message"] = message
@@ -448,7 +450,7 @@ def completion_request(
         prompt = parse_prompt(body)
     sampling = parse_sampling(body, gw.settings.max_tokens_limit, default_max_tokens=256 if chat else 16)
     if chat:
-        sampling = dataclasses.replace(sampling, **parse_structured(body))
+        sampling = parse_structured(body).apply(sampling)
     model = resolve_model(gw, parse_model(body))
     check_limits(model, sampling, messages)
     return new_inference_request(prompt, sampling, tenant, messages, model=model.name, priority=priority)

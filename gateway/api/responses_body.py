@@ -11,7 +11,7 @@ from gateway.api.validation import MAX_PROMPT_CHARS, parse_sampling
 from schemas.errors import FieldError, InvalidParameter, Unsupported
 from schemas.records import ChatMessage
 from schemas.sampling import SamplingParams
-from schemas.structured import parse_text_format, parse_tool_choice, parse_tools
+from schemas.structured import Structured, parse_text_format, parse_tool_choice, parse_tools
 
 INPUT_ROLES = ("system", "user", "assistant")
 
@@ -86,7 +86,7 @@ def parse_create(body: dict[str, Any], max_tokens_limit: int) -> CreateSpec:
             raise Unsupported(name, "unknown or unsupported parameter")
     messages = parse_input(body.get("input"), body.get("instructions"))
     sampling = parse_sampling(body, max_tokens_limit, default_max_tokens=max_tokens_limit, names=SAMPLING_NAMES)
-    sampling = dataclasses.replace(sampling, **parse_structured(body))
+    sampling = parse_structured(body).apply(sampling)
     stream = _bool(body, "stream", False)
     background = _bool(body, "background", False)
     store = _bool(body, "store", True)
@@ -102,17 +102,14 @@ def parse_create(body: dict[str, Any], max_tokens_limit: int) -> CreateSpec:
     )
 
 
-def parse_structured(body: dict[str, Any]) -> dict[str, str | None]:
+def parse_structured(body: dict[str, Any]) -> Structured:
     """``text.format``, ``tools`` and ``tool_choice`` (the Responses API's flat shapes) as the record's fields."""
     text = body.get("text")
     if text is not None and not isinstance(text, dict):
         raise InvalidParameter("text", "must be an object")
     tools = parse_tools(body.get("tools"), flat=True)
-    return {
-        "response_format": parse_text_format((text or {}).get("format")),
-        "tools": tools,
-        "tool_choice": parse_tool_choice(body.get("tool_choice"), tools, flat=True),
-    }
+    choice = parse_tool_choice(body.get("tool_choice"), tools, flat=True)
+    return Structured(parse_text_format((text or {}).get("format")), tools, choice)
 
 
 def parse_metadata(value: Any) -> dict[str, str]:
@@ -187,7 +184,7 @@ def parse_input(raw: Any, instructions: Any) -> tuple[ChatMessage, ...]:
 def _function_call(item: dict[str, Any], i: int, out: list[ChatMessage], names: dict[str, str]) -> ChatMessage:
     """A function_call input item as an assistant turn's call; it joins the assistant turn of the call before it."""
     call, name, arguments = item.get("call_id"), item.get("name"), item.get("arguments", "{}")
-    if not all(isinstance(v, str) for v in (call, name, arguments)):
+    if not (isinstance(call, str) and isinstance(name, str) and isinstance(arguments, str)):
         raise InvalidParameter(f"input[{i}]", "a function_call needs call_id, name and arguments (strings)")
     names[call] = name
     entry = {"id": call, "type": "function", "function": {"name": name, "arguments": arguments}}

@@ -210,7 +210,9 @@ class ResponseEvents:
     def _output(self) -> list[dict[str, Any]]:
         if self.parser is None:
             return [self._item(self.item_status, self.fold.text)] if self.begun else []
-        return [self._item(self.item_status, self.text) if c is None else self._call(c, c.arguments) for c in self.items]
+        return [
+            self._item(self.item_status, self.text) if c is None else self._call(c, c.arguments) for c in self.items
+        ]
 
     def _progress(self) -> bytes:
         if self.progressed:

@@ -10,7 +10,7 @@ from typing import Any
 from schemas.errors import BodyError, FieldError, InvalidParameter, RequestRefused, Unsupported
 from schemas.records import PRIORITIES, ChatMessage
 from schemas.sampling import INT64, SamplingParams
-from schemas.structured import parse_response_format, parse_tool_choice, parse_tools
+from schemas.structured import Structured, parse_response_format, parse_tool_choice, parse_tools
 
 MAX_PROMPT_CHARS = 200_000
 CHAT_ROLES = ("system", "user", "assistant", "tool")
@@ -201,14 +201,12 @@ def _tool_calls(value: Any, field: str) -> str | None:
     return json.dumps(calls, ensure_ascii=False)
 
 
-def parse_structured(body: Mapping[str, Any]) -> dict[str, str | None]:
+def parse_structured(body: Mapping[str, Any]) -> Structured:
     """Chat's ``response_format``, ``tools`` and ``tool_choice``, as the record's fields of those names."""
     tools = parse_tools(body.get("tools"))
-    return {
-        "response_format": parse_response_format(body.get("response_format")),
-        "tools": tools,
-        "tool_choice": parse_tool_choice(body.get("tool_choice"), tools),
-    }
+    return Structured(
+        parse_response_format(body.get("response_format")), tools, parse_tool_choice(body.get("tool_choice"), tools)
+    )
 
 
 def parse_stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:

@@ -54,7 +54,9 @@ class Grammars:
 
     def __init__(self, tokenizer: Any, vocab_size: int, stop_ids: Iterable[int]):
         self.vocab_size = vocab_size
-        info = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=sorted(stop_ids))
+        info = xgrammar.TokenizerInfo.from_huggingface(
+            tokenizer, vocab_size=vocab_size, stop_token_ids=sorted(stop_ids)
+        )
         self._compiler = xgrammar.GrammarCompiler(info, max_threads=1, cache_enabled=False)
         self._cache: OrderedDict[Constraint, xgrammar.CompiledGrammar] = OrderedDict()
         self.compiles = 0
@@ -79,7 +81,9 @@ class Grammars:
                 compiled = self._compiler.compile_structural_tag(json.loads(constraint.spec))
         except (RuntimeError, ValueError, TypeError) as exc:
             what = "the tools' parameter schemas" if constraint.kind == "structural_tag" else "the JSON schema"
-            raise EngineRefused(f"{what} cannot be compiled to a grammar: {exc}", code="response_format_invalid") from None
+            raise EngineRefused(
+                f"{what} cannot be compiled to a grammar: {exc}", code="response_format_invalid"
+            ) from None
         self.compiles += 1
         self._cache[constraint] = compiled
         if len(self._cache) > CACHE_SIZE:

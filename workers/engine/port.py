@@ -31,7 +31,9 @@ class EnginePort(Protocol):
     has_chat_template: bool
     device: str
 
-    def encode_prompt(self, prompt: str, messages: Sequence[Turn] | None = None, tools: str | None = None) -> list[int]: ...
+    def encode_prompt(
+        self, prompt: str, messages: Sequence[Turn] | None = None, tools: str | None = None
+    ) -> list[int]: ...
     def prepare(self, params: SamplingParams) -> None:
         """Raise ``EngineRefused`` for what the engine cannot do (a schema its grammar cannot take), before the
         request starts; compiles what it can ahead of the run."""

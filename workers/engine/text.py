@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Sequence
 from typing import Any
@@ -9,8 +10,8 @@ from typing import Any
 from schemas.errors import EngineRefused
 from schemas.structured import tool_names, tools_of
 from workers.engine.detokenizer import IncrementalDetokenizer
-from workers.engine.types import Turn
 from workers.engine.stops import StopMatcher
+from workers.engine.types import Turn
 
 
 class TextCodec:
@@ -49,10 +50,8 @@ def template_turn(turn: Turn) -> dict[str, Any]:
         calls = json.loads(turn.tool_calls)
         for call in calls:
             function = call.get("function", {})
-            try:
+            with contextlib.suppress(ValueError):  # not JSON: the template gets the text as the client sent it
                 function["arguments"] = json.loads(function.get("arguments") or "{}")
-            except ValueError:
-                pass  # not JSON: the template gets the text as the client sent it
         out["tool_calls"] = calls
     if turn.tool_call_id is not None:
         out["tool_call_id"] = turn.tool_call_id

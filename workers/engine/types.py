@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 from schemas.records import ChatMessage
 from schemas.sampling import SamplingParams
@@ -41,7 +41,9 @@ class EngineLike(Protocol):
     max_positions: int
     has_chat_template: bool
 
-    def encode_prompt(self, prompt: str, messages: Sequence[Turn] | None = None, tools: str | None = None) -> list[int]: ...
+    def encode_prompt(
+        self, prompt: str, messages: Sequence[Turn] | None = None, tools: str | None = None
+    ) -> list[int]: ...
     def prepare(self, params: SamplingParams) -> None: ...
     def add(self, request: EngineRequest) -> None: ...
     def abort(self, request_id: str) -> bool: ...
