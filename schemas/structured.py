@@ -51,7 +51,8 @@ class Structured:
 
 
 def _dumps(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+    # Keys keep their order: a schema's properties are generated in the order it declares them.
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
 def _schema(value: Any, field: str) -> dict[str, Any]:

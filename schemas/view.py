@@ -104,7 +104,9 @@ class View:
                     "prompt_tokens": payload.usage.prompt_tokens,
                     "completion_tokens": payload.usage.completion_tokens,
                 }
-                done = {"finish_reason": payload.finish_reason, "usage": usage}
+                done: dict[str, Any] = {"finish_reason": payload.finish_reason, "usage": usage}
+                if payload.tool_calls is not None:
+                    done["tool_calls"] = json.loads(payload.tool_calls)
                 self.terminal = self._out(offset, ev, EventName.DONE, done)
                 return self.terminal
             case Failed():

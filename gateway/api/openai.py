@@ -71,6 +71,7 @@ class Rewritten:
 class Completed:
     finish_reason: str  # OpenAI's: "stop" or "length"
     usage: dict[str, int]  # prompt_tokens, completion_tokens, total_tokens
+    tool_calls: list[dict[str, Any]] | None = None  # the calls the worker found in the answer
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +114,8 @@ class AnswerFold:
             case EventName.DONE:
                 usage = dict(data["usage"])
                 usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-                return Completed("length" if data["finish_reason"] == "length" else "stop", usage)
+                reason = "length" if data["finish_reason"] == "length" else "stop"
+                return Completed(reason, usage, data.get("tool_calls"))
             case EventName.ERROR:
                 return Failed(data.get("code", "failed"), data.get("message", ""))
             case EventName.RESET:
@@ -235,8 +237,11 @@ class Completions:
 
     def whole(self, end: Completed) -> dict[str, Any]:
         choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": end.finish_reason}
-        if self.chat and self.tools is not None:
-            content, calls = split_calls(self.fold.text, self.tools)
+        names = self.tools
+        if names is None and end.tool_calls:  # a Batch API line: the worker's record names the functions called
+            names = [c["function"]["name"] for c in end.tool_calls]
+        if self.chat and names is not None:
+            content, calls = split_calls(self.fold.text, names)
             message: dict[str, Any] = {
                 "role": "assistant",
                 "content": content if content.strip() or not calls else None,
