@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -22,7 +23,7 @@ from schemas.structured import (
     parse_tool_choice,
     parse_tools,
 )
-from schemas.toolcalls import ToolCallParser, call_id, openai_calls, split_calls
+from schemas.toolcalls import ToolCall, ToolCallParser, call_id, openai_calls, split_calls
 from tests.tinymodel import build_random_qwen_tools
 from workers.engine.constraints import Grammars, mask
 from workers.engine.engine import Engine
@@ -39,7 +40,7 @@ SCHEMA = {
     "required": ["name", "count", "ok"],
     "additionalProperties": False,
 }
-WEATHER = {
+WEATHER: dict[str, Any] = {
     "type": "function",
     "function": {
         "name": "get_weather",
@@ -55,7 +56,7 @@ WEATHER = {
 CLOCK = {"type": "function", "function": {"name": "clock"}}
 
 
-def _valid(schema: dict[str, object], value: dict[str, object]) -> None:
+def _valid(schema: dict[str, Any], value: dict[str, Any]) -> None:
     import jsonschema
 
     jsonschema.validate(value, schema)
@@ -112,7 +113,8 @@ def test_the_constraint_a_request_asks_for() -> None:
     assert constraint_of(None, None, None) is None
     assert constraint_of(parse_response_format({"type": "json_object"}), None, None) == JSON_OBJECT
     assert constraint_of(fmt, None, None) == constraint_of(fmt, None, None)  # one cache key per schema
-    assert constraint_of(fmt, tools, None) is not None and constraint_of(fmt, tools, None).kind == "json_schema"
+    with_tools = constraint_of(fmt, tools, None)
+    assert with_tools is not None and with_tools.kind == "json_schema"
     assert constraint_of(None, tools, '"auto"') is None  # auto: free text, parsed for calls afterwards
     forced = constraint_of(fmt, tools, parse_tool_choice("required", tools))
     assert forced is not None and forced.kind == "structural_tag"  # a forced call wins over response_format
@@ -139,7 +141,7 @@ def test_calls_split_from_text_whatever_the_chunking() -> None:
     assert whole_text == 'Let me look.\n<tool_call>{"name": "nope"}</tool_call> <tool'  # unknown: text after all
     for size in (1, 2, 3, 7, 13):
         parser = ToolCallParser(["get_weather", "clock"])
-        shown, calls = "", []
+        shown, calls = "", list[ToolCall]()
         for i in range(0, len(text), size):
             s, c = parser.feed(text[i : i + size])
             shown, calls = shown + s, calls + c
@@ -234,7 +236,7 @@ def test_a_forced_tool_call_is_a_valid_call(qwen: Engine) -> None:
         assert reason == "stop" and shown == "" and len(calls) == 1, text
         if isinstance(choice, dict):
             assert calls[0].name == "get_weather"
-            _valid(WEATHER["function"]["parameters"], json.loads(calls[0].arguments))  # type: ignore[index,arg-type]
+            _valid(WEATHER["function"]["parameters"], json.loads(calls[0].arguments))
 
 
 def test_the_chat_template_shows_tools_or_the_request_is_refused(qwen: Engine, tiny_model_dir: Path) -> None:
