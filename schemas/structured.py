@@ -249,6 +249,11 @@ def _call_tag(function: dict[str, Any]) -> dict[str, Any]:
     return {
         "type": "tag",
         "begin": CALL_PREFIX + function["name"] + ARGUMENTS_PREFIX,
-        "content": {"type": "json_schema", "json_schema": function.get("parameters") or {"type": "object"}},
+        # At most one blank in a row: a model cannot pad its arguments up to max_tokens.
+        "content": {
+            "type": "json_schema",
+            "json_schema": function.get("parameters") or {"type": "object"},
+            "max_whitespace_cnt": 1,
+        },
         "end": CALL_SUFFIX,
     }

@@ -90,7 +90,7 @@ class ToolCallParser:
 
     def _parse(self, body: str) -> ToolCall | None:
         try:
-            value = json.loads(body)
+            value = json.loads(body, strict=False)  # a raw line break in a string: the arguments are re-encoded
         except ValueError:
             return None
         if not isinstance(value, dict) or value.get("name") not in self.names:
@@ -98,7 +98,7 @@ class ToolCallParser:
         arguments = value.get("arguments", value.get("parameters", {}))
         if isinstance(arguments, str):
             try:
-                arguments = json.loads(arguments)
+                arguments = json.loads(arguments, strict=False)
             except ValueError:
                 return None
         if not isinstance(arguments, dict):

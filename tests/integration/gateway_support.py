@@ -149,9 +149,7 @@ def running_gateway(settings: Settings) -> Iterator[GatewayProcess]:
 
 
 @contextlib.contextmanager
-def running_worker(
-    settings: Settings, module: str = "workers.main", **env: str
-) -> Iterator[subprocess.Popen[bytes]]:
+def running_worker(settings: Settings, module: str = "workers.main", **env: str) -> Iterator[subprocess.Popen[bytes]]:
     """A worker subprocess (``python -m module``), yielded once it has announced its model (so that gateways route
     to it)."""
     from tests.integration.worker_helpers import wait_announced, worker_process

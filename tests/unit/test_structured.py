@@ -175,7 +175,6 @@ def test_a_matcher_masks_to_its_grammar_and_compiles_once(qwen: Engine) -> None:
     constraint = constraint_of(fmt, None, None)
     assert constraint is not None
     matcher = grammars.matcher(constraint)
-    grammars.matcher(constraint)
     assert grammars.compiles == 1
     ids = qwen.tokenizer.encode('{"name":"ab","count":7,"ok":true}', add_special_tokens=False)
     eos = next(iter(qwen.eos_ids))
@@ -184,6 +183,10 @@ def test_a_matcher_masks_to_its_grammar_and_compiles_once(qwen: Engine) -> None:
         mask(logits, [matcher])
         assert logits[0, token] == 0 and logits[0, eos] == float("-inf")  # no end inside the object
         assert matcher.accept(token)
+    logits = torch.zeros(2, 4096)
+    mask(logits, [grammars.matcher(constraint), None])
+    controls = [t for t in range(4096) if any(c < " " for c in qwen.tokenizer.decode([t]))]
+    assert controls and all(logits[0, t] == float("-inf") for t in controls)  # raw control characters: never JSON
     logits = torch.zeros(2, 4096)
     mask(logits, [matcher, None])
     assert torch.isfinite(logits[0]).nonzero().flatten().tolist() == [eos]  # complete: only the end

@@ -21,16 +21,24 @@ log = logging.getLogger(__name__)
 CACHE_SIZE = 256  # compiled grammars kept per model (one per distinct schema or tool set)
 
 
+# Control characters a constrained output may hold raw: none in JSON (xgrammar's strings would let them through,
+# and JSON parsers refuse them), the line breaks and tab of a tool call's tags and blanks.
+JSON_CONTROLS = b""
+TAG_CONTROLS = b"\t\n\r"
+
+
 class Matcher:
     """One request's place in its grammar; the end-of-sequence tokens are allowed only where the grammar may end."""
 
-    def __init__(self, compiled: xgrammar.CompiledGrammar, vocab_size: int):
+    def __init__(self, compiled: xgrammar.CompiledGrammar, vocab_size: int, allowed: torch.Tensor):
         self._matcher = xgrammar.GrammarMatcher(compiled)
         self.vocab_size = vocab_size
+        self._allowed = allowed
 
     def fill(self, bitmask: torch.Tensor, row: int) -> None:
         """Write the tokens allowed next into row ``row`` of ``bitmask`` (one bit per token)."""
         self._matcher.fill_next_token_bitmask(bitmask, row)
+        bitmask[row] &= self._allowed
 
     def accept(self, token: int) -> bool:
         """Advance over ``token``; False (the state unchanged) when the grammar does not allow it."""
@@ -57,6 +65,11 @@ class Grammars:
         info = xgrammar.TokenizerInfo.from_huggingface(
             tokenizer, vocab_size=vocab_size, stop_token_ids=sorted(stop_ids)
         )
+        pieces = list(info.decoded_vocab)
+        self._allowed = {
+            "json_schema": _without_controls(pieces, vocab_size, JSON_CONTROLS),
+            "structural_tag": _without_controls(pieces, vocab_size, TAG_CONTROLS),
+        }
         self._compiler = xgrammar.GrammarCompiler(info, max_threads=1, cache_enabled=False)
         self._cache: OrderedDict[Constraint, xgrammar.CompiledGrammar] = OrderedDict()
         self.compiles = 0
@@ -92,9 +105,20 @@ class Grammars:
 
     def matcher(self, constraint: Constraint, replay: Sequence[int] = ()) -> Matcher:
         """A new matcher of ``constraint``, advanced over ``replay`` (the tokens of earlier runs)."""
-        matcher = Matcher(self.compile(constraint), self.vocab_size)
+        matcher = Matcher(self.compile(constraint), self.vocab_size, self._allowed[constraint.kind])
         matcher.replay(replay)
         return matcher
+
+
+def _without_controls(pieces: Sequence[bytes], vocab_size: int, keep: bytes) -> torch.Tensor:
+    """A bitmask row (xgrammar's layout: bit j of word k is token 32k + j) of the tokens with no control character
+    other than ``keep``."""
+    bits = [0] * ((vocab_size + 31) // 32)
+    for token in range(vocab_size):
+        piece = pieces[token] if token < len(pieces) else b""
+        if not any(b < 0x20 and b not in keep for b in piece):
+            bits[token >> 5] |= 1 << (token & 31)
+    return torch.tensor([b - (1 << 32) if b >= 1 << 31 else b for b in bits], dtype=torch.int32)
 
 
 def mask(logits: torch.Tensor, matchers: Sequence[Matcher | None]) -> None:
