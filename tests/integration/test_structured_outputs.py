@@ -269,6 +269,7 @@ def test_a_structured_stream_cut_by_a_worker_sigkill_resumes_into_valid_json(sta
                 stack.worker.send_signal(signal.SIGKILL)
                 stack.worker.wait()
                 stop.enter_context(running_worker(stack.settings, SLOW_WORKER, **stack.env))
+    assert pieces > 6 and stack.worker.returncode == -signal.SIGKILL  # the kill came mid-stream
     assert reasons == ["stop"], text
     Words.model_validate_json(text)
     client.close()
