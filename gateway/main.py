@@ -80,7 +80,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     quotas = None
     if limits_configured(settings):
         book = QuotaBook(owners.me, limits, settings.quota_lease_ms)
-        quotas = QuotaLog(settings, producer, book, gateways=lambda: max(1, len(set(owners.urls.values()))))
+        quotas = QuotaLog(settings, producer, book)
         quotas.metrics = metrics
     watch = QueueWatch(settings, producer, codec, directory, quotas)
     relay.tap = watch
@@ -126,6 +126,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=2.0, access_log=None)
         await runner.setup()
         listener = Listener(runner, settings)
+        metrics.connections.set_function(lambda: listener.open if listener is not None else 0)
         await listener.start(backlog=2048)
         log.info("gateway listening on http://%s:%d/", settings.gateway_host, settings.gateway_port)
         await stop.wait()
@@ -186,7 +187,7 @@ def run_gateway(settings: Settings) -> int:
 
 def main() -> int:
     settings = Settings.from_env()
-    configure_logging(settings.log_level)
+    configure_logging(settings)
     logging.getLogger("aiokafka").setLevel(logging.WARNING)
     return run_gateway(settings)
 

@@ -14,6 +14,11 @@ class GatewayMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        self.connections = Gauge(
+            "tokenrelay_gateway_connections",
+            "Open HTTP connections (TOKENRELAY_HTTP_MAX_CONNECTIONS caps them).",
+            registry=r,
+        )
         self.active_streams = Gauge(
             "tokenrelay_gateway_active_streams", "Open SSE and streaming responses.", registry=r
         )

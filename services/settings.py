@@ -26,6 +26,7 @@ ENGINES: dict[str, str] = {
 }
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_FORMATS = ("text", "json")
 SUBJECT_STRATEGIES = ("topic", "record", "topic_record")
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER")
@@ -423,6 +424,13 @@ class Settings:
     )
     log_level: str = _setting(
         "INFO", "TOKENRELAY_LOG_LEVEL", "Python log level: DEBUG, INFO, WARNING, ERROR or CRITICAL.", LOG_LEVELS
+    )
+    log_format: str = _setting(
+        "text",
+        "TOKENRELAY_LOG_FORMAT",
+        "Log lines of every component: 'text' (time, level, logger, message) or 'json' (one JSON object a line with "
+        "time, level, logger, message, and request_id and trace_id where known).",
+        LOG_FORMATS,
     )
     schema_registry_url: str = _setting(
         "",

@@ -13,6 +13,7 @@ from aiokafka.errors import KafkaError
 from schemas.codec import Codec, default_codec
 from schemas.errors import DecodeError, UnknownSchemaId
 from services.kafka import start_client
+from services.logs import request_context
 
 log = logging.getLogger(__name__)
 
@@ -88,5 +89,6 @@ class ControlReader:
                 log.warning("undecodable control record at offset %d: %s", offset, exc)
             return
         if event.action == "cancel":
-            log.info("request %s: cancel received", event.request_id)
-            self._on_cancel(event.request_id)
+            with request_context(event.request_id):
+                log.info("request %s: cancel received", event.request_id)
+                self._on_cancel(event.request_id)

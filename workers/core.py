@@ -323,7 +323,8 @@ class ModelCore:
         """Stop these runs without a terminal event (another worker continues them from the log)."""
         gone = self.ledger.select(lambda a: which(a.ticket))
         for active in gone:
-            log.info("request %s: abandoning run %s", active.request_id, active.run_id)
+            rid = active.request_id
+            log.info("request %s: abandoning run %s", rid, active.run_id, extra={"request_id": rid})
             active.stream.abandoned = True
             if active.in_engine:
                 self.engine.abort(active.run_id)
@@ -336,7 +337,13 @@ class ModelCore:
         active = self.ledger.get(request_id)
         if active is None or not active.in_engine or active.stream.broken or self.solo is active:
             return None
-        log.info("request %s: preempting run %s after %d tokens", request_id, active.run_id, active.completion)
+        log.info(
+            "request %s: preempting run %s after %d tokens",
+            request_id,
+            active.run_id,
+            active.completion,
+            extra={"request_id": request_id},
+        )
         stream = active.stream
         last = stream.hand_over()
         self.abandon(lambda ticket: ticket is active.ticket)

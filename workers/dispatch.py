@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 from schemas.errors import TokenRelayError
 from schemas.records import InferenceRequest
+from services.logs import request_context
 from services.settings import Settings
 from workers import metrics
 from workers.admission import Refusal
@@ -193,11 +194,13 @@ class Dispatcher:
         await self._admit_reserved(ticket)
 
     async def _admit_reserved(self, ticket: Ticket) -> None:
-        try:
-            if self.intake.owns(ticket):  # else revoked while it waited; the new owner reads it again
-                await self._admit_owned(ticket)
-        finally:
-            self._admitting -= 1
+        # The run's callbacks and task are made in here: they keep logging with the request id.
+        with request_context(ticket.request.request_id):
+            try:
+                if self.intake.owns(ticket):  # else revoked while it waited; the new owner reads it again
+                    await self._admit_owned(ticket)
+            finally:
+                self._admitting -= 1
 
     async def _admit_owned(self, ticket: Ticket) -> None:
         prior: Prior | None

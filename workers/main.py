@@ -281,5 +281,5 @@ def run_worker(settings: Settings) -> int:
 
 if __name__ == "__main__":
     _settings = Settings.from_env()
-    configure_logging(_settings.log_level)
+    configure_logging(_settings)
     sys.exit(run_worker(_settings))

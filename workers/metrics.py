@@ -62,6 +62,26 @@ PROMPT_TOKENS = Counter("prompt_tokens", "Prompt tokens processed.", registry=RE
 GENERATION_TOKENS = Counter("generation_tokens", "Tokens generated.", registry=REGISTRY)
 SUCCESS = Counter("request_success", "Requests finished, by reason.", ["finished_reason"], registry=REGISTRY)
 
+BATCH_SLOTS = Gauge(
+    "batch_slots",
+    "Requests a served model may run at once on this worker (TOKENRELAY_MAX_BATCH_SIZE), by model.",
+    ["model"],
+    registry=REGISTRY,
+)
+BATCH_SLOTS_USED = Gauge(
+    "batch_slots_used",
+    "Requests a served model runs on this worker now (starting or in the engine).",
+    ["model"],
+    registry=REGISTRY,
+)
+KV_CACHE_USAGE = Gauge(
+    "kv_cache_usage_perc",
+    "Fraction of the engine's KV-cache budget the running requests reserve (1 = full), by model; engines that "
+    "report it (the built-in one).",
+    ["model"],
+    registry=REGISTRY,
+)
+
 PREEMPTIONS = Counter(
     "num_preemptions", "Batch runs stopped for interactive requests (continued later).", ["model"], registry=REGISTRY
 )

@@ -16,6 +16,7 @@ from schemas.errors import DecodeError, TokenRelayError, ValidationError
 from schemas.ids import is_request_id, request_id_time_ms
 from schemas.records import PRIORITIES, InferenceRequest
 from services.kafka import start_client
+from services.logs import request_context
 from services.settings import Settings
 from workers import metrics
 from workers.core import ModelCore
@@ -166,6 +167,12 @@ class ServedModel:
             await self.dead_letter(record, exc)
             self._done(tp, record.offset)
             return
+        with request_context(request.request_id):
+            await self._queue(tp, record, request, reread)
+
+    async def _queue(
+        self, tp: TopicPartition, record: ConsumerRecord[bytes, bytes], request: InferenceRequest, reread: bool
+    ) -> None:
         rid = request.request_id
         created_ms = request.created_ms or request_id_time_ms(rid)
         # The topic, not the field, says the class: a plain producer picks one by where it writes.
@@ -260,6 +267,11 @@ class ServedModel:
         for priority, tenant, count, oldest_ms in self.deferred.stats():
             depth, oldest = rows.get((priority, tenant), (0, oldest_ms))
             rows[(priority, tenant)] = (depth + count, min(oldest, oldest_ms))
+        metrics.BATCH_SLOTS.labels(self.name).set(self.settings.max_batch_size)
+        metrics.BATCH_SLOTS_USED.labels(self.name).set(len(self.core.ledger))
+        kv = getattr(self.core.engine, "kv_cache_usage", None)  # engines that know their cache's fill
+        if kv is not None:
+            metrics.KV_CACHE_USAGE.labels(self.name).set(kv)
         samples = [metrics.QueueSample(self.name, p, t, d, o) for (p, t), (d, o) in rows.items()]
         for priority, topic in self.topics.items():
             unread = 0
@@ -396,6 +408,9 @@ class ServedModel:
 
     async def close(self) -> None:
         metrics.QUEUES.remove(self.queue_samples)
+        for gauge in (metrics.BATCH_SLOTS, metrics.BATCH_SLOTS_USED, metrics.KV_CACHE_USAGE):
+            with contextlib.suppress(KeyError):
+                gauge.remove(self.name)
         await self.consumer.stop()
         await self.history.stop()
         self.core.close()

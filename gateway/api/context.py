@@ -39,6 +39,7 @@ from schemas.models import LiveModel, ModelDirectory
 from schemas.records import Accepted, ChatMessage, ControlEvent, InferenceRequest
 from schemas.sampling import SamplingParams
 from services.kafka import map_kafka_errors, record_headers
+from services.logs import bind_request
 from services.requests import submit_request
 from services.settings import Settings
 
@@ -132,6 +133,7 @@ def request_id_of(request: web.Request) -> str:
         raise not_found(request_id) from None
     if request_id_time_ms(request_id) > time.time() * 1000 + FUTURE_ID_MS:
         raise not_found(request_id)
+    bind_request(request_id)
     return request_id
 
 
@@ -229,6 +231,7 @@ def check_limits(model: LiveModel, sampling: SamplingParams, messages: tuple[Cha
 async def produce_request(gw: Gateway, req: InferenceRequest, accepted: Accepted | None = None) -> None:
     """Submit ``req`` within its key's quotas (RateLimited when over one); an ``accepted`` of the caller's is recorded
     first (see ``submit_request``)."""
+    bind_request(req.request_id)
 
     async def submit() -> None:
         # Bounded: with the broker away, a send can wait for metadata longer than the producer's delivery timeout.

@@ -37,6 +37,7 @@ from schemas.errors import ClientClosed, Conflict, FieldError, NotFound, Validat
 from schemas.ids import parse_request_id, request_id_time_ms
 from schemas.records import Accepted, InferenceRequest
 from schemas.view import EventName, View, ViewEvent
+from services.logs import bind_request
 from services.requests import new_inference_request
 
 log = logging.getLogger(__name__)
@@ -246,6 +247,7 @@ def _query_bool(request: web.Request, name: str) -> bool:
 async def retrieve(request: web.Request) -> web.StreamResponse:
     gw = gateway_of(request)
     request_id = request_id_of_response(request.match_info["id"])
+    bind_request(request_id)
     stream = _query_bool(request, "stream")
     after = _starting_after(request) if stream else -1
     view = await _known_view(request, request_id)
@@ -274,6 +276,7 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
 async def cancel(request: web.Request) -> web.Response:
     gw = gateway_of(request)
     request_id = request_id_of_response(request.match_info["id"])
+    bind_request(request_id)
     view = await _known_view(request, request_id, CANCEL)
     options = ResponseOptions.of_view(view, gw.settings.default_model)
     if not options.background:

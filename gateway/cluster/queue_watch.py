@@ -21,6 +21,7 @@ from schemas.errors import DecodeError
 from schemas.models import ModelDirectory
 from schemas.records import Failed, TokenEvent
 from services.kafka import map_kafka_errors, record_headers
+from services.logs import bind_request
 from services.requests import Producer
 from services.settings import Settings
 
@@ -99,6 +100,7 @@ class QueueWatch:
 
     async def _expire(self, waiting: Waiting, now: int) -> None:
         """End a request whose deadline passed while no worker served its model (its end comes back to the tap)."""
+        bind_request(waiting.request_id)  # a task of its own (_spawn)
         message = f"the deadline passed while the request waited; no worker serves model {waiting.model!r}"
         event = TokenEvent(waiting.request_id, "", 0, now, Failed("deadline_exceeded", message))
         try:

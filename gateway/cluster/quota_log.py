@@ -7,11 +7,14 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import NoReturn
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from gateway.cluster.quotas import (
+    BUCKET_MS,
     WINDOW_MS,
+    Dimension,
     Limits,
     QuotaBook,
     Refusal,
@@ -61,15 +64,14 @@ class QuotaLog:
         settings: Settings,
         producer: Producer,
         book: QuotaBook,
-        gateways: Callable[[], int],
         metrics: GatewayMetrics | None = None,
     ):
         self.settings = settings
         self.topic = settings.quotas_topic
         self.producer = producer
         self.book = book
-        self.gateways = gateways
         self.metrics = metrics
+        self._verdicts: dict[str, asyncio.Future[bool]] = {}
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -111,8 +113,12 @@ class QuotaLog:
         for records in batches.values():
             for record in records:
                 decoded = decode_record(record.value) if record.value is not None else None
-                if decoded is not None:
-                    self.book.apply(decoded)
+                if decoded is None:
+                    continue
+                granted = self.book.apply(decoded)
+                verdict = self._verdicts.get(decoded.request_id) if isinstance(decoded, Reserve) else None
+                if verdict is not None and not verdict.done():
+                    verdict.set_result(granted)
 
     async def _run(self, consumer: AIOKafkaConsumer) -> None:
         expired = 0
@@ -147,31 +153,48 @@ class QuotaLog:
     ) -> None:
         """Run ``submit`` if ``tenant``'s quotas have room for the request (RateLimited when not), reserving it.
 
-        The reservation is written while the request is: the submit's outcome is the answer. A reservation that
-        could not be written still counts here until it would have been read back (PENDING_MS); a submit that failed
-        settles its reservation to nothing.
+        The reservation is written first and read back: the log's verdict is the answer (every gateway folds the
+        same one). A reservation whose verdict does not come in time, or a submit that failed, is settled to nothing.
         """
         if not self.enabled_for(tenant):
             await submit()
             return
-        out = self.book.admit(request_id, tenant, tokens, int(time.time() * 1000), self.gateways())
+        out = self.book.admit(request_id, tenant, tokens, int(time.time() * 1000))
         if isinstance(out, Refusal):
-            if self.metrics is not None:
-                self.metrics.quota_refusals.labels(out.dimension.value).inc()
-            raise RateLimited(out.message, dimension=out.dimension.value, retry_after_ms=out.retry_after_ms)
-        written = asyncio.ensure_future(self._write(out))
+            self._refused(out)
+        verdict = self._verdicts[request_id] = asyncio.get_running_loop().create_future()
+        try:
+            await self._write(out)
+            try:
+                async with asyncio.timeout(self.settings.producer_timeout_ms / 1000):
+                    granted = await verdict
+            except TimeoutError:
+                raise KafkaUnavailable("the quotas topic was not read back in time: try again") from None
+        except BaseException:
+            await self._void(request_id, tenant)
+            raise
+        finally:
+            self._verdicts.pop(request_id, None)
+        if not granted:
+            refusal = self.book.check(tenant, tokens, int(time.time() * 1000))
+            self._refused(refusal or Refusal(Dimension.REQUESTS, BUCKET_MS, "rate limit reached"))
         try:
             await submit()
         except BaseException:
-            self.book.release(request_id)
-            with contextlib.suppress(Exception):  # a reservation that was not written needs no settling
-                await asyncio.shield(written)
-                await asyncio.shield(self.settle(request_id, tenant, 0))
+            await self._void(request_id, tenant)
             raise
-        try:
-            await written
-        except KafkaUnavailable as exc:
-            log.warning("request %s: its quota reservation was not written (%s)", request_id, exc)
+
+    def _refused(self, refusal: Refusal) -> NoReturn:
+        if self.metrics is not None:
+            self.metrics.quota_refusals.labels(refusal.dimension.value).inc()
+        raise RateLimited(refusal.message, dimension=refusal.dimension.value, retry_after_ms=refusal.retry_after_ms)
+
+    async def _void(self, request_id: str, tenant: str) -> None:
+        """Free a reservation whose request was not submitted (a Settle of 0 tokens; harmless if it was never
+        granted)."""
+        self.book.release(request_id)
+        with contextlib.suppress(Exception):
+            await asyncio.shield(self.settle(request_id, tenant, 0))
 
     async def settle(self, request_id: str, tenant: str, tokens: int) -> None:
         """Record what a request used in the end (0 when it was not submitted after all); frees its slot."""

@@ -1,15 +1,15 @@
 """Per-key quotas of the whole fleet, as a pure fold of the quotas log: sliding windows, reservations, settlement.
 
-Every gateway reads the whole ``quotas`` topic and folds the same records, so each knows the fleet's usage per key:
-requests and tokens in the last minute, and requests admitted that have not ended. A gateway that admits a request
-writes a ``Reserve`` (its tokens: prompt estimate + max_tokens); the gateway that reads the request's events
-partition writes a ``Settle`` with the real usage when the request ends, which corrects the tokens at the time of the
-reservation and frees its concurrent slot.
+Every gateway reads the whole ``quotas`` topic and folds the same records in the same order (records are keyed by
+tenant, so one tenant's records share one partition). A gateway that would admit a request writes a ``Reserve`` (its
+tokens: prompt estimate + max_tokens) and waits to read it back: **the log decides**. A Reserve that fits the limits
+at its place in the log (counting only the reservations before it that fitted) is granted, any other is void; every
+gateway's fold reaches the same verdict, so the fleet never admits more than the limit, however late the gateways
+read each other. The gateway that reads the request's events partition writes a ``Settle`` with the real usage when
+the request ends, which corrects the tokens at the time of the reservation and frees its concurrent slot.
 
-Between its write and reading it back, a reservation is ``pending`` here only. So that gateways admitting at the same
-moment cannot together overshoot a limit, a gateway's pending reservations may use at most its share (1/n for n
-gateways) of the headroom the log shows; near a limit that costs a 429 with a short Retry-After. What remains is
-what one gateway admitted while the others had not read it yet (a few requests: bench/bench_quotas.py).
+Before writing, a gateway checks its own view (the log plus its reservations not read back yet) and refuses at once
+what surely does not fit: that answer needs no write.
 """
 
 from __future__ import annotations
@@ -203,33 +203,39 @@ class QuotaBook:
 
     # --- the log ---
 
-    def apply(self, record: QuotaRecord) -> None:
-        """Fold one record of the quotas log (in log order; duplicates change nothing)."""
+    def apply(self, record: QuotaRecord) -> bool:
+        """Fold one record of the quotas log (in log order; duplicates change nothing). For a Reserve, whether the
+        log grants it: it fits the limits at its place in the log (a void one counts for nothing)."""
         if isinstance(record, Reserve):
             self.pending.pop(record.request_id, None)
             usage = self._usage(record.tenant)
             if record.request_id in usage.open:
-                return
-            usage.requests.add(record.ts_ms, 1)
+                return True
             settled = self.early.pop(record.request_id, None)
+            if self._refusals(record.tenant, record.tokens, record.ts_ms, with_pending=False):
+                return False
+            usage.requests.add(record.ts_ms, 1)
             if settled is not None:
                 usage.tokens.add(record.ts_ms, settled.tokens if settled.tokens >= 0 else record.tokens)
-                return
+                return True
             usage.tokens.add(record.ts_ms, record.tokens)
             usage.open[record.request_id] = record
-            return
+            return True
         usage = self._usage(record.tenant)
         reserved = usage.open.pop(record.request_id, None)
-        if reserved is not None and record.tokens >= 0:
-            usage.tokens.add(reserved.ts_ms, record.tokens - reserved.tokens)
-        else:
+        if reserved is None:
             self.early[record.request_id] = record  # its Reserve is not read yet (or it ended twice: harmless)
+        elif record.tokens >= 0:
+            usage.tokens.add(reserved.ts_ms, record.tokens - reserved.tokens)
+        return False
 
     def expire(self, now_ms: int) -> None:
         """Forget what can no longer count: old buckets, reservations past their lease, unread pending ones."""
+        # Buckets are kept PENDING_MS longer than the window: a Reserve read that late is still judged at its own
+        # time with the same buckets on every gateway.
         for tenant, usage in list(self.usage.items()):
-            usage.requests.prune(now_ms)
-            usage.tokens.prune(now_ms)
+            usage.requests.prune(now_ms - PENDING_MS)
+            usage.tokens.prune(now_ms - PENDING_MS)
             for request_id, reserve in list(usage.open.items()):
                 if now_ms - reserve.ts_ms > self.lease_ms:
                     del usage.open[request_id]  # its end was never seen (see lease_ms): its slot comes back
@@ -244,10 +250,10 @@ class QuotaBook:
 
     # --- admission ---
 
-    def _used(self, tenant: str, dimension: Dimension, now_ms: int) -> tuple[int, int]:
-        """(fleet usage including this gateway's pending reservations, the pending part alone)."""
+    def _used(self, tenant: str, dimension: Dimension, now_ms: int, *, with_pending: bool = True) -> int:
+        """The fleet's usage as the log shows it, plus (``with_pending``) this gateway's reservations not read back."""
         usage = self.usage.get(tenant)
-        mine = [r for r in self.pending.values() if r.tenant == tenant]
+        mine = [r for r in self.pending.values() if r.tenant == tenant] if with_pending else []
         if dimension is Dimension.REQUESTS:
             logged = usage.requests.total(now_ms) if usage is not None else 0
             pending = sum(1 for r in mine if now_ms - r.ts_ms < WINDOW_MS)
@@ -257,10 +263,9 @@ class QuotaBook:
         else:
             logged = len(usage.open) if usage is not None else 0
             pending = len(mine)
-        return logged + pending, pending
+        return logged + pending
 
-    def check(self, tenant: str, tokens: int, now_ms: int, gateways: int) -> Refusal | None:
-        """Why a request of ``tokens`` would be refused now (the dimension that waits longest), or None."""
+    def _refusals(self, tenant: str, tokens: int, now_ms: int, *, with_pending: bool) -> list[Refusal]:
         limits = self.limits_of(tenant)
         refusals = []
         for dimension, cost in ((Dimension.REQUESTS, 1), (Dimension.TOKENS, tokens), (Dimension.CONCURRENT, 1)):
@@ -272,18 +277,24 @@ class QuotaBook:
                     Refusal(dimension, WINDOW_MS, f"this request needs {cost} {dimension} but the limit is {limit}")
                 )
                 continue
-            used, pending = self._used(tenant, dimension, now_ms)
-            # The headroom the log shows is shared with the other gateways: pending reservations take only a 1/n
-            # share of it (one at a time when the share is below one request).
-            share = (limit - (used - pending)) / max(1, gateways)
-            if used + cost <= limit and (pending == 0 or pending + cost <= share):
-                continue
-            refusals.append(Refusal(dimension, self._retry_after(tenant, dimension, used + cost - limit, now_ms), ""))
+            used = self._used(tenant, dimension, now_ms, with_pending=with_pending)
+            if used + cost > limit:
+                retry = self._retry_after(tenant, dimension, used + cost - limit, now_ms)
+                refusals.append(Refusal(dimension, retry, ""))
+        return refusals
+
+    def check(self, tenant: str, tokens: int, now_ms: int) -> Refusal | None:
+        """Why a request of ``tokens`` would be refused now (the dimension that waits longest), or None."""
+        refusals = self._refusals(tenant, tokens, now_ms, with_pending=True)
         if not refusals:
             return None
         worst = max(refusals, key=lambda r: r.retry_after_ms)
-        message = worst.message or f"rate limit reached for {worst.dimension} ({limits.of(worst.dimension)})"
-        return Refusal(worst.dimension, worst.retry_after_ms, message)
+        limit = self.limits_of(tenant).of(worst.dimension)
+        return Refusal(
+            worst.dimension,
+            worst.retry_after_ms,
+            worst.message or f"rate limit reached for {worst.dimension} ({limit})",
+        )
 
     def _retry_after(self, tenant: str, dimension: Dimension, excess: int, now_ms: int) -> int:
         usage = self.usage.get(tenant)
@@ -292,9 +303,9 @@ class QuotaBook:
         window = usage.requests if dimension is Dimension.REQUESTS else usage.tokens
         return max(BUCKET_MS // 10, window.until_free(now_ms, excess))
 
-    def admit(self, request_id: str, tenant: str, tokens: int, now_ms: int, gateways: int) -> Reserve | Refusal:
-        """A Reserve to write to the quotas log (held as pending until read back), or why not."""
-        refusal = self.check(tenant, tokens, now_ms, gateways)
+    def admit(self, request_id: str, tenant: str, tokens: int, now_ms: int) -> Reserve | Refusal:
+        """A Reserve to write to the quotas log (held as pending until read back: its verdict), or why not."""
+        refusal = self.check(tenant, tokens, now_ms)
         if refusal is not None:
             return refusal
         reserve = Reserve(request_id, tenant, self.gateway, now_ms, tokens)
@@ -316,7 +327,7 @@ class QuotaBook:
             limit = limits.of(dimension)
             if not limit:
                 continue
-            used, _ = self._used(tenant, dimension, now_ms)
+            used = self._used(tenant, dimension, now_ms)
             reset = 0
             if usage is not None and dimension is not Dimension.CONCURRENT:
                 window = usage.requests if dimension is Dimension.REQUESTS else usage.tokens

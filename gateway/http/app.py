@@ -15,6 +15,7 @@ from gateway.api import native, openai, responses
 from gateway.api.context import GATEWAY, Gateway, error_body, gateway_of
 from gateway.http import pages
 from schemas.errors import BodyTooLarge, TokenRelayError
+from services.logs import request_context
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,12 @@ def render_error(exc: TokenRelayError) -> web.Response:
 
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    # A handler that learns its request id binds it for its log lines (``bind_request``); this scope ends with it.
+    with request_context(None):
+        return await _answer_errors(request, handler)
+
+
+async def _answer_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except web.HTTPRequestEntityTooLarge:

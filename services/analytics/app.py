@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 import logging
 from typing import Any
@@ -10,12 +11,13 @@ import aiohttp
 import faust
 from faust.web import Request, Response, View
 from faust.web.drivers.aiohttp import Web as AiohttpWeb
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 
-from schemas.errors import DecodeError
+from schemas.errors import DecodeError, TokenRelayError
 from schemas.records import TokenEvent
 from services.analytics import aggregate, page
 from services.kafka_auth import faust_credentials
-from services.logs import limit_repeats
+from services.lag import LAG_INTERVAL_S, LagCollector, LagReader
 from services.schema_registry import reading_codec
 from services.settings import Settings
 from services.topics import TopicSpec
@@ -83,6 +85,23 @@ def deadline(entry: dict[str, Any]) -> int:
     return int(entry.get("ts", 0)) + (DONE_TTL_MS if done else OPEN_TTL_MS)
 
 
+class AnalyticsMetrics:
+    """Prometheus metrics of one analytics instance: what it folded, and the stack's consumer lag."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.events = Counter(
+            "tokenrelay_analytics_events", "Events-topic records this instance folded.", registry=self.registry
+        )
+        self.undecodable = Counter(
+            "tokenrelay_analytics_undecodable_events",
+            "Events-topic records this instance could not decode (skipped).",
+            registry=self.registry,
+        )
+        self.lag = LagCollector()
+        self.registry.register(self.lag)
+
+
 class _Web(AiohttpWeb):
     # faust's placeholder index ({"status": "OK"}) would take "/", where the charts page goes.
     production_blueprints = []
@@ -129,10 +148,7 @@ def create_app(settings: Settings) -> faust.App:
     requests = app.Table(TABLES[0], partitions=settings.events_partitions)
     partitions = app.Table(TABLES[1], partitions=settings.events_partitions)
     expiry = Expiry()
-
-    @app.task
-    async def limit_log_repeats() -> None:
-        limit_repeats()  # on faust's own handlers, which it sets up before its tasks start
+    metrics = AnalyticsMetrics()
 
     @app.agent(events)
     async def count(stream: faust.StreamT) -> None:
@@ -142,9 +158,25 @@ def create_app(settings: Settings) -> faust.App:
             try:
                 token_event = codec.decode_event(event.value)
             except DecodeError as exc:
+                metrics.undecodable.inc()
                 log.warning("skipping undecodable record %s@%d: %s", tp, offset, exc.message)
                 continue
+            metrics.events.inc()
             _apply(token_event, tp.partition, offset)
+
+    @app.task
+    async def read_lag() -> None:
+        """The stack's consumer lag for /metrics, read every LAG_INTERVAL_S (faust cancels this at stop)."""
+        reader = LagReader(settings, metrics.lag)
+        try:
+            while True:
+                try:
+                    await reader.read()
+                except TokenRelayError as exc:
+                    log.warning("cannot read the consumer groups' lag: %s", exc.message)
+                await asyncio.sleep(LAG_INTERVAL_S)
+        finally:
+            await reader.close()
 
     def _apply(token_event: TokenEvent, partition: int, offset: int) -> None:
         if not expiry.known(partition):
@@ -208,6 +240,11 @@ def create_app(settings: Settings) -> faust.App:
     class LocalReportView(View):
         async def get(self, request: Request) -> Response:
             return self.json(local_report())
+
+    @app.page("/metrics")
+    class MetricsView(View):
+        async def get(self, request: Request) -> Response:
+            return self.bytes(generate_latest(metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     @app.page("/usage")
     class UsageView(View):

@@ -32,8 +32,8 @@ log = logging.getLogger(__name__)
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)\s*$")
 _UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000}
 # A request's events start a little after its id was made; the slack covers clock skew between producer and broker.
-_REQUEST_START_SLACK_MS = 60_000
-_POLL_MS = 500
+REQUEST_START_SLACK_MS = 60_000
+POLL_MS = 500
 
 
 def parse_time(text: str, now_ms: int | None = None) -> int:
@@ -123,7 +123,7 @@ def tail_line(record: ConsumerRecord[bytes, bytes], codec: Codec | None = None) 
             assert_never(p)
 
 
-async def _assign(
+async def assign_events(
     settings: Settings, only: Iterable[int] | None = None
 ) -> tuple[AIOKafkaConsumer, list[TopicPartition]]:
     count = (await describe_topics(settings)).get(settings.events_topic, 0)
@@ -138,7 +138,7 @@ async def _assign(
     return consumer, tps
 
 
-async def _offsets_at(consumer: AIOKafkaConsumer, tps: list[TopicPartition], ts_ms: int) -> dict[TopicPartition, int]:
+async def offsets_at(consumer: AIOKafkaConsumer, tps: list[TopicPartition], ts_ms: int) -> dict[TopicPartition, int]:
     """First offset at or after ``ts_ms`` per partition; the end offset where no record is that new."""
     found = await consumer.offsets_for_times(dict.fromkeys(tps, ts_ms))
     ends = await consumer.end_offsets(tps)
@@ -252,19 +252,19 @@ async def export(
     if end_ms < start_ms:
         raise ConfigError("--until is before --since")
     codec = reading_codec(settings)
-    consumer, tps = await _assign(settings)
+    consumer, tps = await assign_events(settings)
     sink: _JsonlSink | _ParquetSink = _ParquetSink(out) if fmt == "parquet" and out else _JsonlSink(out)
     count = 0
     try:
-        starts = await _offsets_at(consumer, tps, start_ms)
-        stops = await _offsets_at(consumer, tps, end_ms)
+        starts = await offsets_at(consumer, tps, start_ms)
+        stops = await offsets_at(consumer, tps, end_ms)
         pending = {tp for tp in tps if starts[tp] < stops[tp]}
         for tp in tps:
             consumer.seek(tp, starts[tp])
         if len(pending) < len(tps):
             consumer.pause(*[tp for tp in tps if tp not in pending])
         while pending:
-            batches = await consumer.getmany(*pending, timeout_ms=_POLL_MS)
+            batches = await consumer.getmany(*pending, timeout_ms=POLL_MS)
             for tp, records in batches.items():
                 for record in records:
                     if record.offset >= stops[tp]:
@@ -292,14 +292,14 @@ async def tail(
     if request_id is not None:
         if not is_request_id(request_id):
             raise ConfigError(f"{request_id!r} is not a request id (UUIDv7)")
-        only = [partition_for_key(request_id, await _partition_count(settings))]
+        only = [partition_for_key(request_id, await events_partition_count(settings))]
     codec = reading_codec(settings)
-    consumer, tps = await _assign(settings, only)
+    consumer, tps = await assign_events(settings, only)
     try:
         if since_ms is not None:
-            starts = await _offsets_at(consumer, tps, since_ms)
+            starts = await offsets_at(consumer, tps, since_ms)
         elif request_id is not None:
-            starts = await _offsets_at(consumer, tps, request_id_time_ms(request_id) - _REQUEST_START_SLACK_MS)
+            starts = await offsets_at(consumer, tps, request_id_time_ms(request_id) - REQUEST_START_SLACK_MS)
         elif follow:
             starts = await consumer.end_offsets(tps)
         else:
@@ -308,7 +308,7 @@ async def tail(
         for tp in tps:
             consumer.seek(tp, starts[tp])
         while True:
-            batches = await consumer.getmany(*tps, timeout_ms=_POLL_MS)
+            batches = await consumer.getmany(*tps, timeout_ms=POLL_MS)
             for records in batches.values():
                 for record in records:
                     if request_id is not None and (record.key or b"").decode("utf-8", "replace") != request_id:
@@ -322,7 +322,7 @@ async def tail(
         await consumer.stop()
 
 
-async def _partition_count(settings: Settings) -> int:
+async def events_partition_count(settings: Settings) -> int:
     return (await describe_topics(settings)).get(settings.events_topic, 0) or settings.events_partitions
 
 

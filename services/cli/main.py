@@ -20,10 +20,10 @@ from services.settings import ENGINES, Settings, effective_table, settings_table
 Command = Callable[[argparse.Namespace, Settings], int]
 
 # Commands whose output is the point: library INFO lines (aiokafka's, ours) would land in the middle of it.
-QUIET_COMMANDS = frozenset({"submit", "tail", "export", "topics", "settings", "up", "batch"})
+QUIET_COMMANDS = frozenset({"submit", "tail", "trace", "export", "topics", "settings", "up", "batch"})
 # Commands that follow a running `tokenrelay up` (its Kafka address and topic prefix) unless told otherwise.
 CLIENT_COMMANDS = frozenset(
-    {"submit", "tail", "export", "topics", "settings", "worker", "gateway", "analytics", "registry"}
+    {"submit", "tail", "trace", "export", "topics", "settings", "worker", "gateway", "analytics", "registry"}
 )
 
 
@@ -191,6 +191,14 @@ def _cmd_tail(args: argparse.Namespace, settings: Settings) -> int:
         parse_time(args.since)
     _require_kafka(settings, args)
     return asyncio.run(tail(settings, request_id=args.request_id, since=args.since, follow=not args.no_follow))
+
+
+def _cmd_trace(args: argparse.Namespace, settings: Settings) -> int:
+    from services.cli.trace import check_request_id, trace
+
+    check_request_id(args.request_id)
+    _require_kafka(settings, args)
+    return asyncio.run(trace(settings, args.request_id, as_json=args.json))
 
 
 def _cmd_export(args: argparse.Namespace, settings: Settings) -> int:
@@ -363,6 +371,15 @@ def build_parser() -> argparse.ArgumentParser:
     tail.add_argument("--since", help="start time: ISO 8601, or a duration ago like 10m, 2h")
     tail.add_argument("--no-follow", action="store_true", help="stop at the end of the log")
 
+    trace = add(
+        "trace",
+        _cmd_trace,
+        "One request's timeline from the log alone: accepted, queued, started, first token, each run and "
+        "continuation, end (ms since accepted).",
+    )
+    trace.add_argument("request_id", help="the request's id (UUIDv7)")
+    trace.add_argument("--json", action="store_true", help="the timeline as one JSON object instead of a table")
+
     export = add("export", _cmd_export, "Export the token log of a time range as JSON Lines or Parquet.")
     export.add_argument("--since", required=True, help="ISO 8601 time or a duration ago like 1h")
     export.add_argument("--until", help="ISO 8601 time (default: now)")
@@ -440,7 +457,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level = settings.log_level.upper()
         if args.command in QUIET_COMMANDS and args.sources["log_level"] == "default" and not _verbose(args):
             level = "WARNING"
-        configure_logging(level)
+        configure_logging(settings, level)
         return int(args.func(args, settings))
     except TokenRelayError as exc:
         print(f"tokenrelay: {exc.message}", file=sys.stderr)

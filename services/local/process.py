@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import ctypes
 import logging
 import os
 import signal
 import subprocess
+import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -34,6 +36,36 @@ def die_with_parent() -> Callable[[], None]:
             os._exit(1)
 
     return preexec
+
+
+_spawner: concurrent.futures.ThreadPoolExecutor | None = None
+_spawner_lock = threading.Lock()
+
+
+def spawn(argv: list[str], *, preexec: Callable[[], None] | None = None, **popen: Any) -> subprocess.Popen[Any]:
+    """``subprocess.Popen(argv, **popen)`` for a child that gets SIGTERM when this process dies (then ``preexec``).
+
+    PDEATHSIG fires when the *thread* that forked the child ends, not the process: a child forked from a short-lived
+    thread (``asyncio.to_thread``, a test's executor) would be stopped as soon as that thread returned. So every
+    child is forked from one spawner thread that lives as long as the process."""
+    global _spawner
+    dies_with_us = die_with_parent()
+
+    def preexec_fn() -> None:
+        dies_with_us()
+        if preexec is not None:
+            preexec()
+
+    with _spawner_lock:
+        if _spawner is None:
+            # One thread, never idle-reaped: ThreadPoolExecutor keeps its workers until shutdown.
+            _spawner = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="spawner")
+        spawner = _spawner
+
+    def fork() -> subprocess.Popen[Any]:
+        return subprocess.Popen(argv, preexec_fn=preexec_fn, **popen)
+
+    return spawner.submit(fork).result()
 
 
 def child_env(

@@ -23,7 +23,7 @@ from typing import IO, TypeVar
 
 from schemas.errors import ConfigError
 from services.local.ports import check_ports, listens
-from services.local.process import child_env, die_with_parent
+from services.local.process import child_env, spawn
 from services.local.readiness import ProbeResult, kafka_answers, probe
 from services.local.runstate import UpState, clear_state, write_state
 from services.settings import NON_SETTING_PREFIXES, Settings, variables
@@ -212,13 +212,12 @@ class Stack:
         out = path.open("wb") if path is not None else None
         try:
             # Own process group: a terminal's Ctrl-C reaches only us, and we stop the children in order.
-            proc = subprocess.Popen(
+            proc = spawn(
                 list(child.argv),
                 env=dict(child.env),
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT if out is not None else None,
-                preexec_fn=die_with_parent(),
                 start_new_session=True,
             )
         finally:

@@ -21,7 +21,7 @@ from schemas.errors import BrokerError
 from services.local.broker.cluster import free_port_block
 from services.local.broker.quorum import active_controller
 from services.local.broker.runner import metadata_broker_count
-from services.local.process import die_with_parent
+from services.local.process import spawn
 
 ROOT = Path(__file__).resolve().parents[2]
 NODES = 3
@@ -47,7 +47,7 @@ class ClusterProcess:
         env = {**os.environ, "TOKENRELAY_BROKER_HEAP_MB": str(HEAP_MB), "PYTHONUNBUFFERED": "1"}
         argv = [sys.executable, "-m", "services.cli", "broker", "--nodes", str(self.size)]
         argv += ["--port", str(self.base_port), "--data-dir", str(self.data_dir)]
-        self.proc = subprocess.Popen(
+        self.proc = spawn(
             argv,
             cwd=ROOT,
             env=env,
@@ -55,7 +55,6 @@ class ClusterProcess:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            preexec_fn=die_with_parent(),
             start_new_session=True,
         )
         threading.Thread(target=self._read, daemon=True, name="cluster-output").start()

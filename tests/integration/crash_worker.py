@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from services.logs import configure_logging
 from services.settings import Settings
 from workers.engine.engine import Engine
 from workers.engine.types import EngineRequest, StepOutput
@@ -53,5 +54,5 @@ def _install() -> None:
 if __name__ == "__main__":
     _install()
     settings = Settings.from_env()
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings)
     sys.exit(run_worker(settings))

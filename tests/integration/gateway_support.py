@@ -26,7 +26,7 @@ from schemas.errors import DecodeError
 from schemas.records import Delta, Finished, Started, TokenEvent, Usage
 from services.kafka import make_consumer, make_producer, record_headers, start_client
 from services.local.broker.cluster import free_port_block
-from services.local.process import die_with_parent, quiet_env
+from services.local.process import quiet_env, spawn
 from services.local.readiness import gateway_serving
 from services.settings import Settings
 from tests.integration.secure_support import as_role, secured, security
@@ -64,22 +64,19 @@ class GatewayProcess:
         self.env = env
 
     def _preexec(self) -> None:
-        self._die_with_parent()
         if self.nofile is not None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
 
     def launch(self) -> None:
-        """Start the process and return at once (``start`` or ``start_async`` also wait until it is ready). It gets
-        SIGTERM when the thread that launched it ends: launch it from the test's own thread, not a worker thread."""
-        self._die_with_parent = die_with_parent()
+        """Start the process and return at once (``start`` or ``start_async`` also wait until it is ready)."""
         stderr = open(self.log_path, "ab") if self.log_path is not None else None  # noqa: SIM115 - the child keeps it
         try:
-            self.proc = subprocess.Popen(
+            self.proc = spawn(
                 [sys.executable, "-m", "gateway.main"],
                 cwd=ROOT,
                 env=quiet_env(as_role(self.settings, "gateway"), **self.env),
                 stderr=stderr,
-                preexec_fn=self._preexec,
+                preexec=self._preexec,
             )
         finally:
             if stderr is not None:

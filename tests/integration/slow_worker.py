@@ -7,11 +7,11 @@ decode step; everything else is the real worker and the real engine.
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 import time
 
+from services.logs import configure_logging
 from services.settings import Settings
 from workers.engine.engine import Engine
 from workers.engine.types import StepOutput
@@ -29,5 +29,5 @@ def _slow_step(self: Engine) -> list[StepOutput]:
 if __name__ == "__main__":
     Engine.step = _slow_step  # type: ignore[method-assign]
     settings = Settings.from_env()
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings)
     sys.exit(run_worker(settings))

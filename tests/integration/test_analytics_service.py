@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from services.local.broker.runner import free_port
 from services.settings import Settings
@@ -32,6 +33,13 @@ def _get(url: str) -> dict[str, Any] | None:
             return json.loads(response.read())
     except OSError:
         return None
+
+
+def _metrics(port: int) -> dict[str, float]:
+    """Unlabelled samples of the analytics /metrics page, by name."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples if not s.labels}
 
 
 class Analytics:
@@ -79,6 +87,7 @@ def analytics(kafka_bootstrap: str, topic_prefix: str, tmp_path: Path) -> Iterat
         "TOKENRELAY_CACHE_DIR": str(tmp_path / "cache"),
         "TOKENRELAY_EVENTS_PARTITIONS": "4",
         "TOKENRELAY_LOG_LEVEL": "WARNING",
+        "TOKENRELAY_LOG_FORMAT": "json",
     }
     settings = Settings.from_env(env)
     service = Analytics(env, port, tmp_path / "analytics.log")
@@ -110,6 +119,9 @@ def test_usage_counts_exactly_and_survives_restarts(analytics: tuple[Settings, A
     assert latency is not None and latency["recent"]["ttft"]["count"] == expected.finished + fenced.finished
     with urllib.request.urlopen(f"http://127.0.0.1:{service.port}/", timeout=5) as page:
         assert b"<svg" in page.read()
+    metrics = _metrics(service.port)
+    assert metrics["tokenrelay_analytics_undecodable_events_total"] == 1
+    assert metrics["tokenrelay_analytics_events_total"] >= len(events) + len(fence)  # replays may count twice
 
     # Killed right after counting: offsets are likely not committed yet, so the restart replays events.
     assert service.stop(signal.SIGKILL) != 0
@@ -132,6 +144,9 @@ def test_usage_counts_exactly_and_survives_restarts(analytics: tuple[Settings, A
     assert final["prompt_tokens"] == again["prompt_tokens"] + fenced_c.prompt_tokens
     assert final["requests"] == again["requests"] + fenced_c.finished
     assert final["failed"] == again["failed"] == 2
+    # faust's own log handlers write our JSON lines too (the undecodable record's warning is one of them).
+    lines = [json.loads(line) for line in service.log.read_text().splitlines() if line.strip()]
+    assert any("undecodable" in line["message"] for line in lines)
 
 
 def _wait_equal(service: Analytics, path: str, expected: dict[str, Any], timeout_s: float = 120.0) -> None:

@@ -163,7 +163,7 @@ async def test_tokens_are_reserved_then_settled_and_concurrent_slots_free_when_r
             assert (await submit(session, gw.url, KEY_B))[0] == 202
 
 
-async def test_two_gateways_admit_within_ten_percent_of_the_limit(kafka_bootstrap: str, topic_prefix: str) -> None:
+async def test_two_gateways_never_admit_more_than_the_limit(kafka_bootstrap: str, topic_prefix: str) -> None:
     limit = 40
     one = quota_settings(kafka_bootstrap, topic_prefix, quota_rpm=limit)
     two = second_gateway(one)
@@ -182,7 +182,7 @@ async def test_two_gateways_admit_within_ten_percent_of_the_limit(kafka_bootstra
             statuses = [s for batch in await asyncio.gather(*(client(i) for i in range(16))) for s in batch]
     admitted = statuses.count(202)
     assert statuses.count(202) + statuses.count(429) == len(statuses) == 160
-    assert limit * 0.9 <= admitted <= limit * 1.1, admitted
+    assert limit * 0.9 <= admitted <= limit, admitted  # the log decides: never above; near it all traffic being there
 
 
 async def test_a_deadline_with_no_live_worker_ends_the_request_once(kafka_bootstrap: str, topic_prefix: str) -> None:

@@ -20,7 +20,7 @@ from schemas.codec import default_codec
 from schemas.records import ControlEvent, Delta, InferenceRequest, ModelInfo, Started, TokenEvent
 from schemas.view import View
 from services.kafka import make_admin, make_consumer, make_producer, record_headers, start_client
-from services.local.process import die_with_parent, quiet_env
+from services.local.process import quiet_env, spawn
 from services.settings import Settings
 from services.topics import ensure_topics
 from tests.integration.secure_support import as_role
@@ -34,13 +34,8 @@ ROOT = Path(__file__).resolve().parents[2]
 @contextlib.contextmanager
 def worker_process(settings: Settings, module: str = "workers.main", **env: str) -> Iterator[subprocess.Popen[bytes]]:
     """A worker subprocess (``python -m module``) on the broker and topics of ``settings``, plus ``env``; it dies
-    with the thread that started it, should the test process die without stopping it."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", module],
-        cwd=ROOT,
-        env=quiet_env(as_role(settings, "worker"), **env),
-        preexec_fn=die_with_parent(),
-    )
+    with the test process, should that die without stopping it."""
+    proc = spawn([sys.executable, "-m", module], cwd=ROOT, env=quiet_env(as_role(settings, "worker"), **env))
     try:
         yield proc
     finally:

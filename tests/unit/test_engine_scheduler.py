@@ -107,3 +107,17 @@ def test_a_request_alone_always_runs() -> None:
 def test_rejects_zero_limits(bad: dict[str, int]) -> None:
     with pytest.raises(ValueError):
         Scheduler(**bad)
+
+
+def test_kv_reserved_is_the_cache_rectangle_of_the_running_rows() -> None:
+    sched: Scheduler[Any] = Scheduler(4, kv_tokens=64)
+    assert sched.kv_reserved() == 0
+    short, long = _Seq("a", reserve=8), _Seq("b", reserve=20)
+    sched.add(short)
+    sched.add(long)
+    sched.schedule()
+    assert sched.kv_reserved() == 2 * 20  # every row is as wide as the widest reservation
+    sched.finish(long)
+    assert sched.kv_reserved() == 8
+    sched.finish(short)
+    assert sched.kv_reserved() == 0

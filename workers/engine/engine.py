@@ -205,6 +205,11 @@ class Engine:
     def num_waiting(self) -> int:
         return self.scheduler.num_waiting
 
+    @property
+    def kv_cache_usage(self) -> float:
+        """Fraction of the KV budget the running requests reserve (0 to 1)."""
+        return self.scheduler.kv_reserved() / self.kv_budget_tokens
+
     def step(self) -> list[StepOutput]:
         """One iteration: running requests advance one token, prompts advance one chunk (their last gives a token)."""
         plan = self.scheduler.schedule()

@@ -89,6 +89,12 @@ class StepLoopPort:
     def num_waiting(self) -> int:
         return self.engine.num_waiting
 
+    @property
+    def kv_cache_usage(self) -> float | None:
+        """The engine's KV-cache fill (0 to 1), if it reports one."""
+        usage = getattr(self.engine, "kv_cache_usage", None)
+        return None if usage is None else float(usage)
+
     def encode_prompt(self, prompt: str, messages: Sequence[Turn] | None = None, tools: str | None = None) -> list[int]:
         return self.engine.encode_prompt(prompt, messages, tools)
 

@@ -131,6 +131,11 @@ class Scheduler(Generic[S]):
     def num_running(self) -> int:
         return len(self.running)
 
+    def kv_reserved(self) -> int:
+        """KV-cache tokens the running requests hold: the cache is rows x the widest reservation."""
+        running = self.running  # one list: another thread (the metrics reader) sees a consistent snapshot
+        return len(running) * max((s.reserve for s in running), default=0)
+
     @property
     def num_waiting(self) -> int:
         return len(self.waiting)

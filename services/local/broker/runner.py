@@ -32,7 +32,7 @@ from schemas.errors import BrokerError, MissingToolError
 from services.local.broker import config, secure
 from services.local.foreground import Service
 from services.local.ports import port_free
-from services.local.process import die_with_parent, terminate
+from services.local.process import die_with_parent, spawn, terminate
 from services.logs import configure_logging
 from services.settings import Settings
 
@@ -478,54 +478,40 @@ class LocalBroker(Service):
 
     def _spawn(self, argv: list[str]) -> None:
         self._output.clear()
-        box: list[subprocess.Popen[str] | BaseException] = []
-        spawned = threading.Event()
-
-        dies_with_us = die_with_parent()
         in_our_group = self.node is not None
 
         def preexec() -> None:
-            dies_with_us()
             if in_our_group:
                 # An ignored SIGINT stays ignored across exec, and the JVM then installs no handler for it.
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
 
-        # PDEATHSIG fires when the *thread* that forked the child exits, so fork from a thread that lives exactly
-        # as long as the JVM: a start() from a short-lived thread must not take the broker down with it.
-        def run() -> None:
-            try:
-                proc = subprocess.Popen(
-                    argv,
-                    cwd=self.data_dir,
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT,
-                    text=True,
-                    errors="replace",
-                    bufsize=1,
-                    preexec_fn=preexec,
-                    # A single node gets its own process group: a terminal's Ctrl-C reaches only us, and we stop
-                    # the broker last.
-                    process_group=None if in_our_group else 0,
-                )
-            except BaseException as exc:
-                box.append(exc)
-                spawned.set()
-                return
-            box.append(proc)
-            spawned.set()
+        try:
+            proc: subprocess.Popen[str] = spawn(
+                argv,
+                preexec=preexec,
+                cwd=self.data_dir,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                errors="replace",
+                bufsize=1,
+                # A single node gets its own process group: a terminal's Ctrl-C reaches only us, and we stop the
+                # broker last.
+                process_group=None if in_our_group else 0,
+            )
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise BrokerError(f"cannot start the broker JVM: {exc}") from exc
+
+        def pump() -> None:
             assert proc.stdout is not None
             with proc.stdout:
                 self._pump(proc.stdout)
             proc.wait()
 
-        waiter = threading.Thread(target=run, name="kafka-broker", daemon=True)
+        waiter = threading.Thread(target=pump, name="kafka-broker", daemon=True)
         waiter.start()
-        spawned.wait()
-        result = box[0]
-        if isinstance(result, BaseException):
-            raise BrokerError(f"cannot start the broker JVM: {result}") from result
-        self._proc, self._waiter = result, waiter
+        self._proc, self._waiter = proc, waiter
         _live.add(self)
 
     def _pump(self, stream: IO[str]) -> None:
@@ -695,7 +681,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path, default=None, help="data directory (persists across restarts)")
     args = parser.parse_args(argv)
     settings = Settings.from_env()
-    configure_logging(settings.log_level)
+    configure_logging(settings)
     try:
         if args.resolve_only:
             classpath = ensure_jars(settings)

@@ -23,7 +23,8 @@ from services.kafka_auth import apicurio_properties
 from services.local.broker.config import render_properties
 from services.local.foreground import Service
 from services.local.ports import port_free
-from services.local.process import die_with_parent, terminate
+from services.local.process import spawn, terminate
+from services.logs import configure_logging
 from services.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -242,14 +243,8 @@ class LocalRegistry(Service):
         log.info("starting the schema registry: %s", " ".join(argv))
         with open(self.log_file, "wb") as out:
             # Own process group: a terminal's Ctrl-C reaches only us, and we stop the registry ourselves.
-            self._proc = subprocess.Popen(
-                argv,
-                cwd=self.log_dir,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                preexec_fn=die_with_parent(),
-                process_group=0,
+            self._proc = spawn(
+                argv, cwd=self.log_dir, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, process_group=0
             )
 
     def wait_ready(self) -> str:
@@ -345,6 +340,7 @@ class LocalRegistry(Service):
 def main() -> int:
     """``python -m services.local.registry.runner --resolve-only``: fetch and unpack the app (for `make install`)."""
     settings = Settings.from_env()
+    configure_logging(settings)
     if "--resolve-only" in sys.argv[1:]:
         try:
             jar = ensure_app(settings)
