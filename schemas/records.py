@@ -67,6 +67,7 @@ class Started:
 class TopLogprob:
     token_id: int
     logprob: float
+    token_bytes: bytes = b""  # the token's bytes as the tokenizer spells it alone (OpenAI's `bytes`)
 
 
 @dataclass(slots=True, frozen=True)
@@ -76,6 +77,7 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: tuple[TopLogprob, ...] = ()
+    token_bytes: bytes = b""
 
 
 @dataclass(slots=True, frozen=True)
@@ -225,7 +227,8 @@ def to_avro(record: Record) -> dict[str, Any]:
                         {
                             "token_id": lp.token_id,
                             "logprob": lp.logprob,
-                            "top": [{"token_id": t.token_id, "logprob": t.logprob} for t in lp.top],
+                            "token_bytes": lp.token_bytes,
+                            "top": [_fields(t) for t in lp.top],
                         }
                         for lp in payload.logprobs
                     ],
@@ -273,7 +276,7 @@ def from_avro(kind: str, data: dict[str, Any]) -> Record:
                 index=body["index"],
                 logprobs=tuple(
                     TokenLogprob(
-                        lp["token_id"], lp["logprob"], tuple(TopLogprob(t["token_id"], t["logprob"]) for t in lp["top"])
+                        lp["token_id"], lp["logprob"], tuple(TopLogprob(**t) for t in lp["top"]), lp["token_bytes"]
                     )
                     for lp in body["logprobs"]
                 ),

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, assert_never
 
-from schemas.records import Accepted, Deleted, Delta, Failed, Finished, Started, TokenEvent
+from schemas.records import Accepted, Deleted, Delta, Failed, Finished, Started, TokenEvent, TokenLogprob
 from schemas.runlog import Change, RunLog
 
 log = logging.getLogger(__name__)
@@ -98,6 +98,10 @@ class View:
                 if self.first_token_ts_ms is None:
                     self.first_token_ts_ms = ev.ts_ms
                 data = {"seq": ev.seq, "text": payload.text, "token_ids": list(payload.token_ids)}
+                if payload.index:
+                    data["index"] = payload.index
+                if payload.logprobs:
+                    data["logprobs"] = [logprob_json(lp) for lp in payload.logprobs]
                 return self._out(offset, ev, EventName.TOKEN, data)
             case Finished():
                 usage = {
@@ -107,6 +111,8 @@ class View:
                 done: dict[str, Any] = {"finish_reason": payload.finish_reason, "usage": usage}
                 if payload.tool_calls is not None:
                     done["tool_calls"] = json.loads(payload.tool_calls)
+                if payload.choice_finish_reasons:
+                    done["choice_finish_reasons"] = list(payload.choice_finish_reasons)
                 self.terminal = self._out(offset, ev, EventName.DONE, done)
                 return self.terminal
             case Failed():
@@ -162,6 +168,13 @@ class View:
         if self.terminal is not None:
             return "done" if self.terminal.event == EventName.DONE else "failed"
         return "running" if self.run_id is not None else "queued"
+
+
+def logprob_json(lp: TokenLogprob) -> dict[str, Any]:
+    """A token's logprob in a ``token`` event: ``token_id``, ``logprob``, ``bytes`` (a list of ints, as OpenAI's) and
+    ``top``, the likeliest alternatives in the same form."""
+    top = [{"token_id": t.token_id, "logprob": t.logprob, "bytes": list(t.token_bytes)} for t in lp.top]
+    return {"token_id": lp.token_id, "logprob": lp.logprob, "bytes": list(lp.token_bytes), "top": top}
 
 
 def replay(request_id: str, log: Iterable[tuple[int, TokenEvent]]) -> list[ViewEvent]:

@@ -75,7 +75,10 @@ def admit(
     created_ms: int,
     now_ms: int,
 ) -> Refusal | Admission:
-    """Refuse a prompt the model cannot hold, else the Started record of a new run continuing ``prior``."""
+    """Refuse a prompt the model cannot hold, else the Started record of a new run continuing ``prior`` (a request
+    with n > 1 choices starts over: a run's continuable text is one choice's)."""
+    if request.n > 1:
+        prior = dataclasses.replace(prior, token_ids=(), text="")
     if prompt_tokens > limits.max_prompt_tokens:
         message = f"prompt has {prompt_tokens} tokens; the limit is {limits.max_prompt_tokens}"
         return Refusal(Failed("prompt_too_long", message))

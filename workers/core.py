@@ -244,9 +244,11 @@ class ModelCore:
             self.on_tokens(active.ticket, len(out.token_ids))
             if self.solo is active:
                 self._clear_solo()
-        active.stream.tokens(out.token_ids, out.text)
-        active.text += out.text
+        active.stream.tokens(out.token_ids, out.text, out.index, out.logprobs)
+        if out.index == 0:
+            active.text += out.text
         if out.finish_reason is not None:
+            active.choice_finish_reasons = out.choice_finish_reasons
             if out.request_id in self._expired:
                 self._expired.discard(out.request_id)
                 deadline = active.ticket.request.deadline_ms
@@ -264,6 +266,7 @@ class ModelCore:
             ttft_ms=active.first_token_ms,
             total_ms=int((time.monotonic() - active.started) * 1000),
             tool_calls=_tool_calls(active),
+            choice_finish_reasons=_choice_reasons(active, reason),
         )
         log.info("request %s: finished (%s, %d tokens)", active.request_id, reason, active.completion)
         metrics.E2E.observe(max(0.0, _now_ms() - active.ticket.created_ms) / 1000)
@@ -371,6 +374,14 @@ def _tool_calls(active: Active) -> str | None:
         return None
     _, calls = split_calls(active.text, tool_names(request.tools))
     return json.dumps(openai_calls(request.request_id, calls), ensure_ascii=False) if calls else None
+
+
+def _choice_reasons(active: Active, reason: str) -> tuple[str, ...]:
+    """Each choice's finish reason for a request with n > 1 (the engine's, or ``reason`` for all when it ended
+    before the engine said)."""
+    n = active.ticket.request.n
+    reasons = tuple("cancelled" if r == "aborted" else r for r in active.choice_finish_reasons)
+    return (reasons if len(reasons) == n else (reason,) * n) if n > 1 else ()
 
 
 def _ignore(_: Ticket) -> None:

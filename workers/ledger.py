@@ -41,6 +41,7 @@ class Active:
     started: float = field(default_factory=time.monotonic)
     last_token: float | None = None
     first_token_ms: int = 0
+    choice_finish_reasons: tuple[str, ...] = ()  # n > 1: each choice's, from the engine's last output
 
     @property
     def request_id(self) -> str:

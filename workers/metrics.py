@@ -59,6 +59,11 @@ QUEUE_TIME = Histogram(
 RUNNING = Gauge("num_requests_running", "Requests in the running batch.", registry=REGISTRY)
 WAITING = Gauge("num_requests_waiting", "Requests waiting for a place in the batch.", registry=REGISTRY)
 PROMPT_TOKENS = Counter("prompt_tokens", "Prompt tokens processed.", registry=REGISTRY)
+PREFILL_TOKENS = Counter(
+    "prefill_tokens",
+    "Prompt tokens run through the built-in model (a request with n choices is prefilled once).",
+    registry=REGISTRY,
+)
 GENERATION_TOKENS = Counter("generation_tokens", "Tokens generated.", registry=REGISTRY)
 SUCCESS = Counter("request_success", "Requests finished, by reason.", ["finished_reason"], registry=REGISTRY)
 

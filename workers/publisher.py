@@ -15,7 +15,7 @@ from aiokafka import AIOKafkaProducer
 
 from schemas.codec import Codec, default_codec
 from schemas.errors import TokenRelayError
-from schemas.records import Delta, Payload, TokenEvent
+from schemas.records import Delta, Payload, TokenEvent, TokenLogprob
 from services.kafka import record_headers, start_client
 
 log = logging.getLogger(__name__)
@@ -24,32 +24,43 @@ _HEADERS = record_headers("TokenEvent")
 
 
 @dataclass(slots=True)
-class DeltaCoalescer:
-    """Sends a Delta at once unless this request's previous Delta is still unacknowledged; then tokens pile up."""
-
-    in_flight: bool = False
+class _Pending:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
-    def add(self, token_ids: tuple[int, ...], text: str) -> Delta | None:
-        self.token_ids.extend(token_ids)
-        self.text += text
-        if self.in_flight or not (self.token_ids or self.text):
-            return None
+
+@dataclass(slots=True)
+class DeltaCoalescer:
+    """Sends a Delta at once unless this request's previous Delta is still unacknowledged; then tokens pile up, one
+    Delta's worth per choice (n > 1), sent in the order the choices first had tokens pending."""
+
+    in_flight: bool = False
+    pending: dict[int, _Pending] = field(default_factory=dict)
+
+    def add(
+        self, token_ids: tuple[int, ...], text: str, index: int = 0, logprobs: tuple[TokenLogprob, ...] = ()
+    ) -> list[Delta]:
+        if token_ids or text:
+            piece = self.pending.setdefault(index, _Pending())
+            piece.token_ids.extend(token_ids)
+            piece.text += text
+            piece.logprobs.extend(logprobs)
+        return [] if self.in_flight else self._take()
+
+    def acked(self) -> list[Delta]:
+        self.in_flight = False
         return self._take()
 
-    def acked(self) -> Delta | None:
-        self.in_flight = False
-        return self._take() if (self.token_ids or self.text) else None
-
-    def flush(self) -> Delta | None:
+    def flush(self) -> list[Delta]:
         """Whatever is pending, regardless of acks (before the terminal event)."""
-        return self._take() if (self.token_ids or self.text) else None
+        return self._take()
 
-    def _take(self) -> Delta:
-        delta = Delta(self.text, tuple(self.token_ids))
-        self.text, self.token_ids, self.in_flight = "", [], True
-        return delta
+    def _take(self) -> list[Delta]:
+        deltas = [Delta(p.text, tuple(p.token_ids), i, tuple(p.logprobs)) for i, p in self.pending.items()]
+        self.pending = {}
+        self.in_flight = self.in_flight or bool(deltas)
+        return deltas
 
 
 class EventSink(Protocol):
@@ -222,17 +233,17 @@ class RunStream:
         done.add_done_callback(self._watch)
         return done
 
-    def tokens(self, token_ids: tuple[int, ...], text: str) -> None:
+    def tokens(
+        self, token_ids: tuple[int, ...], text: str, index: int = 0, logprobs: tuple[TokenLogprob, ...] = ()
+    ) -> None:
         if self.abandoned or self.broken:
             return
-        delta = self.coalescer.add(token_ids, text)
-        if delta is not None:
+        for delta in self.coalescer.add(token_ids, text, index, logprobs):
             self._send_delta(delta)
 
     def finish(self, payload: Payload) -> asyncio.Future[None]:
         """Send what is pending, then the terminal event; resolves when the terminal event is acknowledged."""
-        delta = self.coalescer.flush()
-        if delta is not None:
+        for delta in self.coalescer.flush():
             self._send_delta(delta)
         return self.emit(payload)
 
@@ -240,8 +251,7 @@ class RunStream:
         """Send the pending tokens and stop here, without a terminal event, for a later run to continue from the
         log; the acknowledgement of the run's last event (None when it sent none)."""
         if not (self.abandoned or self.broken):
-            delta = self.coalescer.flush()
-            if delta is not None:
+            for delta in self.coalescer.flush():
                 self._emit_delta(delta)
         self.abandoned = True
         return self.last
@@ -250,8 +260,9 @@ class RunStream:
         self._emit_delta(delta).add_done_callback(self._on_ack)
 
     def _emit_delta(self, delta: Delta) -> asyncio.Future[None]:
-        self.sent_ids.extend(delta.token_ids)
-        self.sent_text += delta.text
+        if delta.index == 0:  # what a later run continues from is choice 0's text
+            self.sent_ids.extend(delta.token_ids)
+            self.sent_text += delta.text
         return self.emit(delta)
 
     def _watch(self, done: asyncio.Future[None]) -> None:
@@ -263,6 +274,5 @@ class RunStream:
     def _on_ack(self, done: asyncio.Future[None]) -> None:
         if self.abandoned or self.broken or done.cancelled() or done.exception() is not None:
             return
-        delta = self.coalescer.acked()
-        if delta is not None:
+        for delta in self.coalescer.acked():
             self._send_delta(delta)

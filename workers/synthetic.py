@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from schemas.sampling import SamplingParams
 from workers.engine.port import StepLoopPort
 from workers.engine.text import template_turn
-from workers.engine.types import EngineRequest, StepOutput, Turn
+from workers.engine.types import EngineRequest, StepOutput, Turn, unsupported
 
 if TYPE_CHECKING:
     from services.settings import Settings
@@ -49,12 +49,18 @@ class SyntheticEngine:
         return [len(word) for word in text.split()] or [0]
 
     def prepare(self, params: SamplingParams) -> None:
-        """It writes words, whatever the request asks: a constraint is not refused, and not followed."""
+        """It writes words: a request that asks for more (a constraint, logprobs, ...) is refused before it starts."""
+        refusal = unsupported(params, frozenset(), "synthetic")
+        if refusal is not None:
+            raise refusal
 
     def decode(self, ids: Sequence[int]) -> str:
         return "".join(f" {_WORDS[i % len(_WORDS)]}" for i in ids)
 
     def add(self, request: EngineRequest) -> None:
+        refusal = unsupported(request.params, frozenset(), "synthetic")
+        if refusal is not None:
+            raise refusal
         self._waiting.append(request)
 
     def abort(self, request_id: str) -> bool:

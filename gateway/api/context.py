@@ -36,7 +36,7 @@ from schemas.errors import (
 )
 from schemas.ids import parse_request_id, request_id_time_ms
 from schemas.models import LiveModel, ModelDirectory
-from schemas.records import Accepted, ChatMessage, ControlEvent, InferenceRequest
+from schemas.records import Accepted, ChatMessage, ControlEvent, InferenceRequest, TokenEvent
 from schemas.sampling import SamplingParams
 from services.kafka import map_kafka_errors, record_headers
 from services.logs import bind_request
@@ -242,7 +242,7 @@ async def produce_request(gw: Gateway, req: InferenceRequest, accepted: Accepted
     if gw.quotas is None:
         await submit()
     else:
-        tokens = estimate_tokens(len(req.prompt), req.max_tokens)
+        tokens = estimate_tokens(len(req.prompt), req.max_tokens * req.n)
         await gw.quotas.submit_within(req.request_id, req.tenant, tokens, submit)
     gw.metrics.requests_submitted.inc()
     if req.tenant:
@@ -250,6 +250,18 @@ async def produce_request(gw: Gateway, req: InferenceRequest, accepted: Accepted
         if len(gw.tenants) > MAX_REMEMBERED_TENANTS:
             gw.tenants.pop(next(iter(gw.tenants)))
     log.info("request %s submitted (tenant %s)", req.request_id, req.tenant or "-")
+
+
+async def produce_event(gw: Gateway, event: TokenEvent) -> None:
+    """Write one event of no run (a Deleted) to the request's events partition."""
+    with map_kafka_errors("cannot write the event"):
+        async with asyncio.timeout(gw.settings.producer_timeout_ms / 1000):
+            await gw.producer.send_and_wait(
+                gw.settings.events_topic,
+                gw.codec.encode(event),
+                key=event.request_id.encode(),
+                headers=record_headers("TokenEvent"),
+            )
 
 
 async def produce_cancel(gw: Gateway, request_id: str, reason: str) -> None:

@@ -33,6 +33,7 @@ from gateway.api.context import (
     resolve_model,
 )
 from gateway.api.validation import (
+    NATIVE_SAMPLING_NAMES,
     PRIORITY_HEADER,
     parse_deadline,
     parse_messages,
@@ -58,7 +59,7 @@ async def submit(request: web.Request) -> web.Response:
     # `messages` (chat turns, rendered with the model's chat template) is an optional alternative to `prompt`.
     messages = parse_messages(body) if "messages" in body else None
     prompt = parse_prompt(body) if messages is None else ""  # a chat request's text travels once, in `messages`
-    sampling = parse_sampling(body, gw.settings.max_tokens_limit)
+    sampling = parse_sampling(body, gw.settings.max_tokens_limit, names=NATIVE_SAMPLING_NAMES)
     requested = parse_model(body)
     await refresh_routes(gw, requested)
     model = resolve_model(gw, requested)

@@ -7,7 +7,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, assert_never
 
@@ -27,10 +27,12 @@ from gateway.api.context import (
     require_key,
     resolve_model,
 )
+from gateway.api.logprobs import Entry, chat_content, completions_logprobs, text_length
 from gateway.api.validation import (
+    CHAT_SAMPLING_NAMES,
     PRIORITY_HEADER,
+    parse_completions_logprobs,
     parse_messages,
-    parse_n,
     parse_priority,
     parse_prompt,
     parse_sampling,
@@ -55,9 +57,11 @@ DISCONNECT_POLL_S = 1.0
 
 @dataclass(frozen=True, slots=True)
 class TextDelta:
-    """Text that extends what the answer said so far."""
+    """Text that extends what choice ``index`` of the answer said so far, with its tokens' logprobs when asked."""
 
     text: str
+    index: int = 0
+    logprobs: tuple[Entry, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +75,16 @@ class Rewritten:
 class Completed:
     finish_reason: str  # OpenAI's: "stop" or "length"
     usage: dict[str, int]  # prompt_tokens, completion_tokens, total_tokens
-    tool_calls: list[dict[str, Any]] | None = None  # the calls the worker found in the answer
+    choice_finish_reasons: tuple[str, ...] = ()  # each choice's (n > 1)
+    tool_calls: list[dict[str, Any]] | None = None  # the calls the worker found in choice 0's answer
+
+    def reason_of(self, index: int) -> str:
+        reasons = self.choice_finish_reasons
+        return reasons[index] if index < len(reasons) else self.finish_reason
+
+
+def _openai_reason(reason: str) -> str:
+    return "length" if reason == "length" else "stop"
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,11 +102,20 @@ TOO_SLOW = Failed("too_slow", "the client did not keep up with the stream")
 class AnswerFold:
     """Folds one request's view events, in order, into steps: text deltas, then one Completed or Failed.
 
-    ``model`` and ``text`` are the answer so far (the model as the worker reports it once started).
+    ``model`` and ``text`` are the answer so far (the model as the worker reports it once started); ``text`` is
+    choice 0's, ``choices`` the others' (n > 1), ``logprobs`` each choice's token logprobs when the request asked.
     """
 
     model: str
     text: str = ""
+    choices: dict[int, str] = field(default_factory=dict)
+    logprobs: dict[int, list[Entry]] = field(default_factory=dict)
+
+    def text_of(self, index: int) -> str:
+        return self.text if index == 0 else self.choices.get(index, "")
+
+    def logprobs_of(self, index: int) -> list[Entry]:
+        return self.logprobs.get(index, [])
 
     def feed(self, name: EventName, data: dict[str, Any]) -> Step | None:
         match name:
@@ -105,17 +127,27 @@ class AnswerFold:
                     return TextDelta(continued)
                 return None
             case EventName.TOKEN:
-                self.text += data["text"]
-                return TextDelta(data["text"])
+                index, text, entries = data.get("index", 0), data["text"], data.get("logprobs", [])
+                if index:
+                    self.choices[index] = self.choices.get(index, "") + text
+                else:
+                    self.text += text
+                if entries:
+                    self.logprobs.setdefault(index, []).extend(entries)
+                return TextDelta(text, index, tuple(entries))
             case EventName.RESTART:
                 text = data.get("text", "")
                 said, self.text = self.text, text
-                return TextDelta(text[len(said) :]) if text.startswith(said) else Rewritten(text)
+                if text.startswith(said) and not self.choices:
+                    return TextDelta(text[len(said) :])
+                self.choices.clear()  # a run of several choices starts them all over
+                self.logprobs.clear()
+                return Rewritten(text)
             case EventName.DONE:
                 usage = dict(data["usage"])
                 usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-                reason = "length" if data["finish_reason"] == "length" else "stop"
-                return Completed(reason, usage, data.get("tool_calls"))
+                reasons = tuple(_openai_reason(r) for r in data.get("choice_finish_reasons", ()))
+                return Completed(_openai_reason(data["finish_reason"]), usage, reasons, data.get("tool_calls"))
             case EventName.ERROR:
                 return Failed(data.get("code", "failed"), data.get("message", ""))
             case EventName.RESET:
@@ -134,7 +166,7 @@ class Surface(Protocol):
         """Frames before any step."""
         ...
 
-    def delta(self, text: str) -> bytes: ...
+    def delta(self, step: TextDelta) -> bytes: ...
 
     def completed(self, end: Completed) -> bytes:
         """The last frames of a stream that completed."""
@@ -158,34 +190,48 @@ DONE_FRAME = b"data: [DONE]\n\n"
 
 @dataclass(slots=True)
 class Completions:
-    """``/v1/completions`` (text_completion) and ``/v1/chat/completions`` (chat.completion[.chunk]); with ``tools``
-    (a chat request that may call them: the names), ``<tool_call>`` blocks of the output are ``tool_calls``."""
+    """``/v1/completions`` (text_completion) and ``/v1/chat/completions`` (chat.completion[.chunk]).
+
+    ``n`` choices, each streamed with its ``index``; ``logprobs``: the request asked for them (else null). With
+    ``tools`` (a chat request that may call them: their names), each choice's ``<tool_call>`` blocks are its
+    ``tool_calls`` (its content chunks then carry no logprobs).
+    """
 
     fold: AnswerFold
     request_id: str
     chat: bool
     include_usage: bool = False
+    n: int = 1
+    logprobs: bool = False
     created: int = field(default_factory=lambda: int(time.time()))
+    offsets: dict[int, int] = field(default_factory=dict)  # completions: where each choice's next token starts
     tools: list[str] | None = None
-    parser: ToolCallParser | None = None
-    calls: int = 0
-
-    def __post_init__(self) -> None:
-        if self.tools is not None:
-            self.parser = ToolCallParser(self.tools)
+    parsers: dict[int, ToolCallParser] = field(default_factory=dict)  # each choice's, with tools
 
     @property
     def id(self) -> str:
         return ("chatcmpl-" if self.chat else "cmpl-") + self.request_id
 
-    def _chunk(self, text: str | None, finish: str | None, *, role: bool = False) -> bytes:
+    def _logprobs(self, index: int, entries: Sequence[Entry]) -> dict[str, Any] | None:
+        if not self.logprobs:
+            return None
+        if self.chat:
+            return {"content": chat_content(entries), "refusal": None}
+        offset = self.offsets.get(index, 0)
+        self.offsets[index] = offset + text_length(entries)
+        return completions_logprobs(entries, offset)
+
+    def _chunk(
+        self, text: str | None, finish: str | None, *, index: int = 0, role: bool = False, entries: Sequence[Entry] = ()
+    ) -> bytes:
+        logprobs = self._logprobs(index, entries) if entries else None
         if self.chat:
             delta: dict[str, Any] = {"role": "assistant"} if role else {}
             if text is not None:
                 delta["content"] = text
-            choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            choice: dict[str, Any] = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         else:
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
         body = self._object("chat.completion.chunk" if self.chat else "text_completion", [choice])
         if self.include_usage:
             body["usage"] = None
@@ -195,38 +241,47 @@ class Completions:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.fold.model, "choices": choices}
 
     def opening(self) -> bytes:
-        return self._chunk("", None, role=True) if self.chat else b""
+        return b"".join(self._chunk("", None, index=i, role=True) for i in range(self.n)) if self.chat else b""
 
-    def delta(self, text: str) -> bytes:
-        if self.parser is None:
-            return self._chunk(text, None)
-        shown, calls = self.parser.feed(text)
-        return self._text_and_calls(shown, calls)
+    def delta(self, step: TextDelta) -> bytes:
+        if self.tools is None or not self.chat:
+            return self._chunk(step.text, None, index=step.index, entries=step.logprobs)
+        return self._text_and_calls(step.index, *self._parser(step.index).feed(step.text))
 
-    def _text_and_calls(self, shown: str, calls: list[ToolCall]) -> bytes:
-        frames = self._chunk(shown, None) if shown else b""
+    def _parser(self, index: int) -> ToolCallParser:
+        return self.parsers.setdefault(index, ToolCallParser(self.tools or ()))
+
+    def _text_and_calls(self, index: int, shown: str, calls: list[ToolCall]) -> bytes:
+        frames = self._chunk(shown, None, index=index) if shown else b""
         for call in calls:
-            self.calls += 1
-            start = {"index": call.index, "id": call_id(self.request_id, call.index), "type": "function"}
-            frames += self._delta({"tool_calls": [{**start, "function": {"name": call.name, "arguments": ""}}]})
-            frames += self._delta({"tool_calls": [{"index": call.index, "function": {"arguments": call.arguments}}]})
+            start = {"index": call.index, "id": self._call_id(index, call), "type": "function"}
+            frames += self._delta(index, {"tool_calls": [{**start, "function": {"name": call.name, "arguments": ""}}]})
+            arguments = {"index": call.index, "function": {"arguments": call.arguments}}
+            frames += self._delta(index, {"tool_calls": [arguments]})
         return frames
 
-    def _delta(self, delta: dict[str, Any]) -> bytes:
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
+    def _call_id(self, index: int, call: ToolCall) -> str:
+        return call_id(self.request_id if index == 0 else f"{self.request_id}-{index}", call.index)
+
+    def _delta(self, index: int, delta: dict[str, Any]) -> bytes:
+        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": None}
         body = self._object("chat.completion.chunk", [choice])
         if self.include_usage:
             body["usage"] = None
         return data_frame(body)
 
-    def _finish_reason(self, end: Completed, called: bool) -> str:
-        return "tool_calls" if called and end.finish_reason == "stop" else end.finish_reason
+    def _reason(self, end: Completed, index: int, called: bool) -> str:
+        reason = end.reason_of(index)
+        return "tool_calls" if called and reason == "stop" else reason
 
     def completed(self, end: Completed) -> bytes:
         frames = b""
-        if self.parser is not None:
-            frames += self._text_and_calls(*self.parser.finish())
-        frames += self._chunk(None if self.chat else "", self._finish_reason(end, self.calls > 0))
+        for i in range(self.n):
+            parser = self.parsers.get(i)
+            if parser is not None:
+                frames += self._text_and_calls(i, *parser.finish())
+            called = parser is not None and bool(parser.calls)
+            frames += self._chunk(None if self.chat else "", self._reason(end, i, called), index=i)
         if self.include_usage:
             kind = "chat.completion.chunk" if self.chat else "text_completion"
             frames += data_frame({**self._object(kind, []), "usage": end.usage})
@@ -236,25 +291,34 @@ class Completions:
         return data_frame({"error": {"code": code, "message": message, "type": "server_error"}}) + DONE_FRAME
 
     def whole(self, end: Completed) -> dict[str, Any]:
-        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": end.finish_reason}
-        names = self.tools
-        if names is None and end.tool_calls:  # a Batch API line: the worker's record names the functions called
-            names = [c["function"]["name"] for c in end.tool_calls]
-        if self.chat and names is not None:
-            content, calls = split_calls(self.fold.text, names)
-            message: dict[str, Any] = {
-                "role": "assistant",
-                "content": content if content.strip() or not calls else None,
-            }
-            if calls:
-                message["tool_calls"] = openai_calls(self.request_id, calls)
-            choice["message"] = message
-            choice["finish_reason"] = self._finish_reason(end, bool(calls))
-        elif self.chat:
-            choice["message"] = {"role": "assistant", "content": self.fold.text}
-        else:
-            choice["text"] = self.fold.text
-        body = self._object("chat.completion" if self.chat else "text_completion", [choice])
+        choices = []
+        for i in range(self.n):
+            choice: dict[str, Any] = {"index": i, "logprobs": None, "finish_reason": end.reason_of(i)}
+            if self.logprobs:
+                self.offsets.pop(i, None)
+                choice["logprobs"] = self._logprobs(i, self.fold.logprobs_of(i))
+            names = self.tools
+            if names is None and i == 0 and end.tool_calls:  # a Batch API line: the record names the functions
+                names = [c["function"]["name"] for c in end.tool_calls]
+            if self.chat and names is not None:
+                content, calls = split_calls(self.fold.text_of(i), names)
+                message: dict[str, Any] = {
+                    "role": "assistant",
+                    "content": content if content.strip() or not calls else None,
+                }
+                if calls:
+                    message["tool_calls"] = [
+                        {**entry, "id": self._call_id(i, call)}
+                        for entry, call in zip(openai_calls(self.request_id, calls), calls, strict=True)
+                    ]
+                choice["message"] = message
+                choice["finish_reason"] = self._reason(end, i, bool(calls))
+            elif self.chat:
+                choice["message"] = {"role": "assistant", "content": self.fold.text_of(i)}
+            else:
+                choice["text"] = self.fold.text_of(i)
+            choices.append(choice)
+        body = self._object("chat.completion" if self.chat else "text_completion", choices)
         body["usage"] = end.usage
         return body
 
@@ -279,11 +343,18 @@ async def answer(
         gw.relay.unsubscribe(sub)
 
 
-async def follow(request: web.Request, sub: Subscription) -> AsyncIterator[ViewEvent | None]:
+async def follow(
+    request: web.Request,
+    sub: Subscription,
+    idle: Callable[[], Awaitable[None]] | None = None,
+    idle_s: float = 15.0,
+) -> AsyncIterator[ViewEvent | None]:
     """The subscription's view events to the terminal one; a last None when the hub dropped it as too slow.
 
-    Ends early, without a terminal event, when the client went away.
+    Ends early, without a terminal event, when the client went away. ``idle`` is awaited after each ``idle_s``
+    without an event (a stream's keep-alive).
     """
+    quiet_since = time.monotonic()
     for out in sub.backlog:
         yield out.event
         if out.event.terminal:
@@ -300,7 +371,11 @@ async def follow(request: web.Request, sub: Subscription) -> AsyncIterator[ViewE
             transport = request.transport
             if transport is None or transport.is_closing():
                 return
+            if idle is not None and time.monotonic() - quiet_since >= idle_s:
+                quiet_since = time.monotonic()
+                await idle()
             continue
+        quiet_since = time.monotonic()
         yield live.event
         if live.event.terminal:
             return
@@ -339,7 +414,7 @@ async def _stream(
             if step is None:
                 continue
             if isinstance(step, TextDelta):
-                await response.write(surface.delta(step.text))
+                await response.write(surface.delta(step))
                 continue
             ended = True
             await response.write(_last_frames(surface, step))
@@ -432,7 +507,7 @@ async def _completions(request: web.Request, *, chat: bool) -> web.StreamRespons
     req = completion_request(gw, body, tenant, chat=chat, priority=priority)
     check_backlog(gw, req.model)
     fold = AnswerFold(req.model)
-    surface = Completions(fold, req.request_id, chat, include_usage, tools=tools_called(req))
+    surface = Completions(fold, req.request_id, chat, include_usage, req.n, req.logprobs, tools=tools_called(req))
     return await answer(request, req, fold, surface, stream=stream)
 
 
@@ -446,14 +521,16 @@ def completion_request(
 ) -> InferenceRequest:
     """The record a ``/v1/completions`` (or, ``chat``, ``/v1/chat/completions``) body becomes, checked against the
     model's limits: the endpoint's, and each line's of a Batch API file."""
-    parse_n(body)
     messages: tuple[ChatMessage, ...] | None = None
     if chat:
         messages = parse_messages(body)
         prompt = ""  # the text travels once, in `messages`
     else:
         prompt = parse_prompt(body)
-    sampling = parse_sampling(body, gw.settings.max_tokens_limit, default_max_tokens=256 if chat else 16)
+        body = parse_completions_logprobs(body)
+    sampling = parse_sampling(
+        body, gw.settings.max_tokens_limit, default_max_tokens=256 if chat else 16, names=CHAT_SAMPLING_NAMES
+    )
     if chat:
         sampling = parse_structured(body).apply(sampling)
     model = resolve_model(gw, parse_model(body))

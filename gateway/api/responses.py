@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import uuid
@@ -23,19 +24,22 @@ from gateway.api.context import (
     gateway_of,
     parse_model,
     produce_cancel,
+    produce_event,
     produce_request,
     read_json,
     refresh_routes,
     require_key,
     resolve_model,
 )
-from gateway.api.openai import TOO_SLOW, AnswerFold, cancel_quietly, follow, tools_called
+from gateway.api.openai import TOO_SLOW, AnswerFold, cancel_quietly, follow
 from gateway.api.responses_body import CreateSpec, parse_create
-from gateway.api.responses_events import RESPONSE_PREFIX, ResponseEvents, ResponseOptions, response_id
+from gateway.api.responses_events import RESPONSE_PREFIX, ResponseEvents, ResponseOptions, item_id, response_id
 from gateway.api.validation import PRIORITY_HEADER, parse_priority
-from schemas.errors import ClientClosed, Conflict, FieldError, NotFound, ValidationError, ended_with
+from gateway.fanout.sse import KEEPALIVE
+from gateway.fanout.subscription import Subscription
+from schemas.errors import ClientClosed, Conflict, FieldError, NotFound, Unsupported, ValidationError, ended_with
 from schemas.ids import parse_request_id, request_id_time_ms
-from schemas.records import Accepted, InferenceRequest
+from schemas.records import Accepted, Deleted, InferenceRequest, TokenEvent
 from schemas.view import EventName, View, ViewEvent
 from services.logs import bind_request
 from services.requests import new_inference_request
@@ -74,13 +78,11 @@ async def create(request: web.Request) -> web.StreamResponse:
     body = await read_json(request)
     await refresh_routes(gw, parse_model(body))
     priority = parse_priority(body, request.headers.get(PRIORITY_HEADER))
-    spec, req, accepted = response_request(gw, body, tenant, priority)
+    previous = body.get("previous_response_id")
+    earlier = await previous_conversation(request, previous) if isinstance(previous, str) else []
+    spec, req, accepted = response_request(gw, body, tenant, priority, earlier)
     check_backlog(gw, req.model)
-    called = tools_called(req)
-    options = ResponseOptions(
-        req.model, spec.background, spec.store, spec.metadata, tuple(called) if called is not None else None
-    )
-    surface = ResponseEvents(AnswerFold(req.model), req.request_id, options)
+    surface = ResponseEvents(AnswerFold(req.model), req.request_id, ResponseOptions.of_accepted(accepted, req.model))
     if spec.background and not spec.stream:
         await produce_request(gw, req, accepted)
         answer = surface.object()
@@ -91,40 +93,84 @@ async def create(request: web.Request) -> web.StreamResponse:
     assert sub is not None  # no cursor: a subscription always starts
     try:
         await produce_request(gw, req, accepted)
-        events = follow(request, sub)
         if spec.stream:
             # A foreground stream's client that leaves cancels the response; a background one keeps running.
-            return await _stream(request, gw, surface, events, foreground=not spec.background)
-        return await _whole(gw, surface, events)
+            return await _stream(request, gw, surface, sub, foreground=not spec.background)
+        return await _whole(gw, surface, follow(request, sub))
     finally:
         gw.relay.unsubscribe(sub)
 
 
 def response_request(
-    gw: Gateway, body: dict[str, Any], tenant: str, priority: str = "interactive"
+    gw: Gateway,
+    body: dict[str, Any],
+    tenant: str,
+    priority: str = "interactive",
+    earlier: list[dict[str, Any]] | None = None,
 ) -> tuple[CreateSpec, InferenceRequest, Accepted]:
     """What a ``/v1/responses`` body becomes, checked against the model's limits: the parsed options, the record and
-    its Accepted (background, store, metadata); the endpoint's, and each line's of a Batch API file."""
+    its Accepted (background, store, metadata, the options the object echoes and the whole input as items); the
+    endpoint's, and each line's of a Batch API file (``earlier`` None: previous_response_id is refused there).
+    ``earlier`` holds the items of the previous response's conversation (``previous_conversation``)."""
     spec = parse_create(body, gw.settings.max_tokens_limit)
+    if spec.previous_response_id is not None and earlier is None:
+        raise Unsupported("previous_response_id", "previous_response_id is not supported in a batch")
+    earlier = earlier or []
+    messages = spec.conversation(earlier)
     model = resolve_model(gw, parse_model(body))
-    check_limits(model, spec.sampling, spec.messages)
+    check_limits(model, spec.sampling, messages)
     # The text travels once, in `messages`.
-    req = new_inference_request("", spec.sampling, tenant, spec.messages, model=model.name, priority=priority)
+    req = new_inference_request("", spec.sampling, tenant, messages, model=model.name, priority=priority)
+    own = [{"id": f"{item_id(req.request_id)}_{i}", **item} for i, item in enumerate(spec.items)]
     accepted = Accepted(
-        model.name, tenant, req.deadline_ms, spec.background, spec.store, spec.metadata, priority=req.priority
+        model.name,
+        tenant,
+        req.deadline_ms,
+        spec.background,
+        spec.store,
+        spec.metadata,
+        priority=req.priority,
+        response=json.dumps(spec.echo, ensure_ascii=False, separators=(",", ":")),
+        input_items=json.dumps([*earlier, *own], ensure_ascii=False, separators=(",", ":")),
     )
     return spec, req, accepted
+
+
+async def previous_conversation(request: web.Request, previous: str) -> list[dict[str, Any]]:
+    """The items a response continuing ``previous`` starts from, read from the log: the earlier response's whole
+    input and its output message. 404 ``previous_response_not_found`` when the log does not hold it (any more)."""
+    try:
+        view = await _known_view(request, request_id_of_response(previous))
+    except NotFound:
+        raise NotFound(f"previous response {previous[:80]!r} not found", code="previous_response_not_found") from None
+    accepted = view.log.accepted
+    if accepted is None or accepted.input_items is None:
+        raise NotFound(
+            f"previous response {previous[:80]!r} was not created by the Responses API",
+            code="previous_response_not_found",
+        )
+    if view.terminal is None:
+        raise Conflict(f"previous response {previous[:80]!r} has not ended yet", code="previous_response_in_progress")
+    items: list[dict[str, Any]] = json.loads(accepted.input_items)
+    if view.terminal.event == EventName.DONE and view.text:
+        output = {"type": "output_text", "text": view.text, "annotations": []}
+        rid = view.request_id
+        items.append(
+            {"id": item_id(rid), "type": "message", "role": "assistant", "content": [output], "status": "completed"}
+        )
+    return items
 
 
 async def _stream(
     request: web.Request,
     gw: Gateway,
     surface: ResponseEvents,
-    events: AsyncIterator[ViewEvent | None],
+    sub: Subscription,
     *,
     foreground: bool = False,
 ) -> web.StreamResponse:
-    """Stream the surface's frames; a foreground stream's client that leaves cancels the response.
+    """Stream the surface's frames; a foreground stream's client that leaves cancels the response. An idle stream
+    gets a keep-alive comment every ``TOKENRELAY_KEEPALIVE_S``, as the native one does.
 
     A foreground stream sends its headers with the first event, so that a request the worker refuses is an HTTP
     error, as for the other OpenAI endpoints; a background one at once, so that its client has the id to resume with.
@@ -137,6 +183,12 @@ async def _stream(
             **cors_headers(request),
         }
     )
+
+    async def keepalive() -> None:
+        if response.prepared:
+            await response.write(KEEPALIVE)
+
+    events = follow(request, sub, keepalive, gw.settings.keepalive_s)
     gw.metrics.active_streams.inc()
     try:
         if not foreground:
@@ -219,7 +271,7 @@ async def _known_view(request: web.Request, request_id: str, scope: int = WATCH)
         await authorize_read(request, request_id, scope)
     if view.log.accepted is None and created_ms < time.time() * 1000 - gw.settings.events_retention_ms:
         raise NotFound(f"response {response_id(request_id)} is older than the log's retention window", code="expired")
-    if not view.known:
+    if not view.known or view.log.deleted is not None:
         raise NotFound(f"no response {response_id(request_id)}")
     if not ResponseOptions.of_view(view, gw.settings.default_model).store:
         raise NotFound(f"no response {response_id(request_id)} (created with store=false)")
@@ -265,7 +317,7 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
             if scratch.ended and scratch.seq - 1 <= after:
                 return web.Response(status=204, headers=cors_headers(request))
         if stream:
-            return await _stream(request, gw, surface, follow(request, sub), foreground=False)
+            return await _stream(request, gw, surface, sub, foreground=False)
         for out in sub.backlog:
             surface.feed(out.event)
         return web.json_response(surface.object())
@@ -300,7 +352,64 @@ async def cancel(request: web.Request) -> web.Response:
         gw.relay.unsubscribe(sub)
 
 
+async def delete(request: web.Request) -> web.Response:
+    """Delete a stored response: a Deleted record in its log (every gateway answers 404 for it from then on); a
+    response still running is cancelled first. Answers once this gateway's relay has read the record back."""
+    gw = gateway_of(request)
+    request_id = request_id_of_response(request.match_info["id"])
+    view = await _known_view(request, request_id, CANCEL)
+    if view.terminal is None:
+        await produce_cancel(gw, request_id, "deleted")
+    await produce_event(gw, TokenEvent(request_id, "", 0, int(time.time() * 1000), Deleted(view.tenant)))
+    deadline = time.monotonic() + CANCEL_WAIT_S
+    client = client_of(request)
+    while view.log.deleted is None and time.monotonic() < deadline:
+        await asyncio.sleep(ACCEPT_POLL_S)
+        view = await gw.relay.snapshot(request_id, client)
+    return web.json_response({"id": response_id(request_id), "object": "response.deleted", "deleted": True})
+
+
+MAX_ITEMS_PAGE = 100
+
+
+async def input_items(request: web.Request) -> web.Response:
+    """The whole input of a response as items (``order`` desc by default, ``after`` an item id, ``limit`` 1-100)."""
+    request_id = request_id_of_response(request.match_info["id"])
+    view = await _known_view(request, request_id)
+    accepted = view.log.accepted
+    items: list[dict[str, Any]] = json.loads(accepted.input_items) if accepted and accepted.input_items else []
+    order = request.query.get("order", "desc")
+    if order not in ("asc", "desc"):
+        raise FieldError("order", "must be asc or desc")
+    try:
+        limit = int(request.query.get("limit", "20"))
+    except ValueError:
+        raise FieldError("limit", "must be an integer") from None
+    if not 1 <= limit <= MAX_ITEMS_PAGE:
+        raise FieldError("limit", f"must be between 1 and {MAX_ITEMS_PAGE}")
+    if order == "desc":
+        items.reverse()
+    after = request.query.get("after")
+    if after is not None:
+        ids = [item.get("id") for item in items]
+        if after not in ids:
+            raise FieldError("after", f"no item {after[:80]!r} in this response's input")
+        items = items[ids.index(after) + 1 :]
+    page = items[:limit]
+    return web.json_response(
+        {
+            "object": "list",
+            "data": page,
+            "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None,
+            "has_more": len(items) > limit,
+        }
+    )
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/responses", create)
     app.router.add_get("/v1/responses/{id}", retrieve)
+    app.router.add_delete("/v1/responses/{id}", delete)
+    app.router.add_get("/v1/responses/{id}/input_items", input_items)
     app.router.add_post("/v1/responses/{id}/cancel", cancel)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.api.validation import MAX_PROMPT_CHARS, parse_sampling
@@ -22,10 +23,19 @@ MAX_INPUT_ITEMS = 256
 SUPPORTED = frozenset(
     {"model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "stream", "background", "store"}
     | {"metadata", "service_tier"}  # service_tier: parsed with the request's class (validation.parse_priority)
+    | {"top_logprobs", "include", "previous_response_id"}
     | {"text", "tools", "tool_choice"}
 )
 # The sampling parameters this API takes, by their names in its body.
-SAMPLING_NAMES = {"max_tokens": "max_output_tokens", "temperature": "temperature", "top_p": "top_p"}
+SAMPLING_NAMES = {
+    "max_tokens": "max_output_tokens",
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_logprobs": "top_logprobs",
+    "logprobs": "logprobs",  # not a body field: set from `include` (or top_logprobs) by parse_create
+}
+# What `include` may ask for here; OpenAI's other values name tools and inputs this service does not have.
+INCLUDES = ("message.output_text.logprobs",)
 # Accepted and ignored: they change nothing a client can see here.
 IGNORED = frozenset(
     {"user", "safety_identifier", "prompt_cache_key", "prompt_cache_retention", "stream_options"}
@@ -34,11 +44,8 @@ IGNORED = frozenset(
 # What is refused with a clear error when asked for (a null, empty or default value asks for nothing).
 REFUSED = {
     "reasoning": "reasoning options are not supported",
-    "previous_response_id": "previous_response_id is not supported: send the whole conversation as input",
-    "conversation": "conversations are not supported: send the whole conversation as input",
+    "conversation": "conversations are not supported: send the conversation as input, or previous_response_id",
     "prompt": "prompt templates are not supported",
-    "include": "include is not supported",
-    "top_logprobs": "logprobs are not supported",
     "truncation": "only truncation 'disabled' is supported",
     "background_options": "background_options are not supported",
 }
@@ -54,6 +61,16 @@ class CreateSpec:
     background: bool
     store: bool
     metadata: dict[str, str]
+    items: tuple[dict[str, Any], ...] = ()  # the input as Responses message items (no ids yet)
+    instructions: str | None = None
+    previous_response_id: str | None = None
+    echo: dict[str, Any] = field(default_factory=dict)  # what the response object shows of the body
+
+    def conversation(self, earlier: Sequence[dict[str, Any]]) -> tuple[ChatMessage, ...]:
+        """The chat turns the model gets after ``earlier`` items (a previous response's input and output):
+        this body's instructions (an earlier response's are not carried over, as OpenAI does), then every item."""
+        head = (ChatMessage("system", self.instructions),) if self.instructions is not None else ()
+        return head + tuple(message_of(item) for item in (*earlier, *self.items))
 
 
 def _asks_nothing(name: str, value: Any) -> bool:
@@ -85,13 +102,35 @@ def parse_create(body: dict[str, Any], max_tokens_limit: int) -> CreateSpec:
         if value is not None:
             raise Unsupported(name, "unknown or unsupported parameter")
     messages = parse_input(body.get("input"), body.get("instructions"))
-    sampling = parse_sampling(body, max_tokens_limit, default_max_tokens=max_tokens_limit, names=SAMPLING_NAMES)
-    sampling = parse_structured(body).apply(sampling)
+    include = body.get("include") or []
+    if not isinstance(include, list) or any(value not in INCLUDES for value in include):
+        raise Unsupported("include", f"only {', '.join(INCLUDES)} is supported")
+    asked = {**body, "logprobs": "message.output_text.logprobs" in include or bool(body.get("top_logprobs"))}
+    sampling = parse_sampling(asked, max_tokens_limit, default_max_tokens=max_tokens_limit, names=SAMPLING_NAMES)
+    structured = parse_structured(body)
+    sampling = structured.apply(sampling)
+    previous = body.get("previous_response_id")
+    if previous is not None and not isinstance(previous, str):
+        raise FieldError("previous_response_id", "must be a string")
     stream = _bool(body, "stream", False)
     background = _bool(body, "background", False)
     store = _bool(body, "store", True)
     if background and not store:
         raise Unsupported("store", "a background response must be stored (store=true)")
+    instructions = messages[0].content if body.get("instructions") is not None else None
+    items = tuple(item for m in (messages[1:] if instructions is not None else messages) for item in _items(m))
+    echo = {
+        "instructions": instructions,
+        "temperature": sampling.temperature,
+        "top_p": sampling.top_p,
+        "max_output_tokens": body.get("max_output_tokens"),
+        "top_logprobs": sampling.top_logprobs,
+        "previous_response_id": previous,
+        "text": body.get("text") or {"format": {"type": "text"}},
+        "tools": body.get("tools") or [],
+        "tool_choice": body.get("tool_choice") or ("auto" if structured.tools else "none"),
+        "parallel_tool_calls": bool(structured.tools),
+    }
     return CreateSpec(
         messages,
         sampling,
@@ -99,6 +138,10 @@ def parse_create(body: dict[str, Any], max_tokens_limit: int) -> CreateSpec:
         background,
         store,
         parse_metadata(body.get("metadata")),
+        items,
+        instructions,
+        previous,
+        echo,
     )
 
 
@@ -110,6 +153,48 @@ def parse_structured(body: dict[str, Any]) -> Structured:
     tools = parse_tools(body.get("tools"), flat=True)
     choice = parse_tool_choice(body.get("tool_choice"), tools, flat=True)
     return Structured(parse_text_format((text or {}).get("format")), tools, choice)
+
+
+def _items(message: ChatMessage) -> list[dict[str, Any]]:
+    """A chat turn as Responses input items: a message, an assistant's calls as function_call items, a tool's
+    answer as a function_call_output."""
+    if message.role == "tool":
+        return [{"type": "function_call_output", "call_id": message.tool_call_id, "output": message.content}]
+    out: list[dict[str, Any]] = []
+    if message.content or not message.tool_calls:
+        kind = "output_text" if message.role == "assistant" else "input_text"
+        content: list[dict[str, Any]] = [{"type": kind, "text": message.content}]
+        if kind == "output_text":
+            content[0]["annotations"] = []
+        out.append({"type": "message", "role": message.role, "content": content, "status": "completed"})
+    for call in json.loads(message.tool_calls or "[]"):
+        function = call["function"]
+        out.append(
+            {
+                "type": "function_call",
+                "call_id": call["id"],
+                "name": function["name"],
+                "arguments": function["arguments"],
+                "status": "completed",
+            }
+        )
+    return out
+
+
+def message_of(item: dict[str, Any]) -> ChatMessage:
+    """The chat turn of a stored item (a message's text parts joined; developer turns are system turns)."""
+    kind = item.get("type", "message")
+    if kind == "function_call":
+        call = {
+            "id": item["call_id"],
+            "type": "function",
+            "function": {"name": item["name"], "arguments": item["arguments"]},
+        }
+        return ChatMessage("assistant", "", json.dumps([call]))
+    if kind == "function_call_output":
+        return ChatMessage("tool", str(item.get("output", "")), None, item.get("call_id"))
+    role = "system" if item.get("role") == "developer" else str(item.get("role"))
+    return ChatMessage(role, "".join(part.get("text", "") for part in item.get("content", [])))
 
 
 def parse_metadata(value: Any) -> dict[str, str]:

@@ -8,9 +8,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, assert_never
 
+from gateway.api.logprobs import chat_content
 from gateway.api.openai import AnswerFold, Completed, Failed, Rewritten, TextDelta
 from gateway.fanout.sse import frame
 from schemas.ids import request_id_time_ms
+from schemas.records import Accepted
 from schemas.toolcalls import ToolCall, ToolCallParser, call_id
 from schemas.view import EventName, View, ViewEvent
 
@@ -44,14 +46,26 @@ class ResponseOptions:
     background: bool = False
     store: bool = True
     metadata: Mapping[str, str] = field(default_factory=dict)
-    tools: tuple[str, ...] | None = None  # the functions the model may call: its output is parsed for calls
+    echo: Mapping[str, Any] = field(default_factory=dict)  # the create options the object shows (Accepted.response)
+
+    @property
+    def tools(self) -> tuple[str, ...] | None:
+        """The functions the model may call (its output is then parsed for calls), from the echoed create options:
+        every gateway that reads the Accepted record parses the same way."""
+        names = tuple(t.get("name", "") for t in self.echo.get("tools", []) if isinstance(t, dict))
+        return names if names and self.echo.get("tool_choice") != "none" else None
+
+    @classmethod
+    def of_accepted(cls, accepted: Accepted | None, model: str) -> ResponseOptions:
+        if accepted is None:  # submitted another way (native API, straight onto Kafka): the defaults
+            return cls(model)
+        echo = json.loads(accepted.response) if accepted.response else {}
+        return cls(accepted.model or model, accepted.background, accepted.store, dict(accepted.metadata), echo)
 
     @classmethod
     def of_view(cls, view: View, default_model: str) -> ResponseOptions:
         accepted = view.log.accepted
-        if accepted is None:  # submitted another way (native API, straight onto Kafka): the defaults
-            return cls(view.model or default_model)
-        return cls(accepted.model or default_model, accepted.background, accepted.store, dict(accepted.metadata))
+        return cls.of_accepted(accepted, (accepted.model if accepted else "") or view.model or default_model)
 
 
 # --- the surface: view events -> numbered Responses events and the response object (pure) -------------------------
@@ -86,20 +100,25 @@ class ResponseEvents:
 
     def __post_init__(self) -> None:
         self.status = self.status or ("queued" if self.options.background else "in_progress")
-        if self.options.tools is not None:
-            self.parser = ToolCallParser(self.options.tools)
+        tools = self.options.tools
+        if tools is not None:
+            self.parser = ToolCallParser(tools)
 
     # Surface
     def opening(self) -> bytes:
         return self._emit("response.created", {"response": self.object()})
 
-    def delta(self, text: str) -> bytes:
+    def delta(self, step: TextDelta) -> bytes:
         if self.parser is not None:
-            return self._shown_and_calls(*self.parser.feed(text))
+            return self._shown_and_calls(*self.parser.feed(step.text))
         out = b"" if self.begun else self._begin()
-        return out + self._emit("response.output_text.delta", {**self._where(), "delta": text, "logprobs": []})
+        logprobs = chat_content(step.logprobs)
+        return out + self._emit(
+            "response.output_text.delta", {**self._where(), "delta": step.text, "logprobs": logprobs}
+        )
 
     def _shown_and_calls(self, shown: str, calls: list[ToolCall]) -> bytes:
+        """With tools: the message's text (no logprobs), and a function_call item with its events per call."""
         out = b""
         if shown and (self.begun or shown.strip()):
             out += b"" if self.begun else self._begin()
@@ -159,7 +178,7 @@ class ResponseEvents:
             case None:
                 pass
             case TextDelta():
-                out += self.delta(step.text) if step.text else b""
+                out += self.delta(step) if step.text or step.logprobs else b""
             case Completed():
                 out += self._finish(step, cancelled=ev.data.get("finish_reason") == "cancelled")
             case Failed():
@@ -180,6 +199,7 @@ class ResponseEvents:
 
     def object(self) -> dict[str, Any]:
         """The response object as of the events folded so far."""
+        echo = self.options.echo
         return {
             "id": response_id(self.request_id),
             "object": "response",
@@ -188,20 +208,21 @@ class ResponseEvents:
             "background": self.options.background,
             "error": self.error,
             "incomplete_details": self.incomplete,
-            "instructions": None,
-            "max_output_tokens": None,
+            "instructions": echo.get("instructions"),
+            "max_output_tokens": echo.get("max_output_tokens"),
             "metadata": dict(self.options.metadata),
             "model": self.fold.model,
             "output": self._output(),
-            "parallel_tool_calls": False,
-            "previous_response_id": None,
+            "parallel_tool_calls": echo.get("parallel_tool_calls", False),
+            "previous_response_id": echo.get("previous_response_id"),
             "reasoning": None,
             "store": self.options.store,
-            "temperature": None,
-            "text": {"format": {"type": "text"}},
-            "tool_choice": "none",
-            "tools": [],
-            "top_p": None,
+            "temperature": echo.get("temperature"),
+            "text": echo.get("text", {"format": {"type": "text"}}),
+            "tool_choice": echo.get("tool_choice", "none"),
+            "tools": echo.get("tools", []),
+            "top_logprobs": echo.get("top_logprobs"),
+            "top_p": echo.get("top_p"),
             "truncation": "disabled",
             "usage": self.usage,
             "user": None,
@@ -251,7 +272,8 @@ class ResponseEvents:
             self.status, self.item_status, kind = "completed", "completed", "response.completed"
         if self.begun:
             text = self.text
-            out += self._emit("response.output_text.done", {**self._where(), "text": text, "logprobs": []})
+            logprobs = chat_content(self.fold.logprobs_of(0)) if self.parser is None else []
+            out += self._emit("response.output_text.done", {**self._where(), "text": text, "logprobs": logprobs})
             out += self._emit("response.content_part.done", {**self._where(), "part": self._part(text)})
             item = self._item(self.item_status, text)
             out += self._emit("response.output_item.done", {"output_index": self._index(), "item": item})
@@ -261,7 +283,8 @@ class ResponseEvents:
         return {"item_id": item_id(self.request_id), "output_index": self._index(), "content_index": 0}
 
     def _part(self, text: str) -> dict[str, Any]:
-        return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+        logprobs = chat_content(self.fold.logprobs_of(0)) if text and self.parser is None else []
+        return {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs}
 
     def _item(self, status: str, text: str | None) -> dict[str, Any]:
         content = [] if text is None else [self._part(text)]

@@ -104,8 +104,18 @@ SAMPLING_TYPES: dict[str, Callable[[str, Any], Any]] = {
     "tools": _json_text,
     "tool_choice": _json_text,
 }
-# The SamplingParams fields the native and completions APIs take, each under its own name.
-SAMPLING_NAMES = {name: name for name in ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop")}
+# The SamplingParams fields the native and completions APIs take, each under its own name (the chat API also takes
+# logprobs and top_logprobs so; the completions API's logprobs is a number, see parse_completions_logprobs).
+SAMPLING_NAMES = {
+    name: name
+    for name in (
+        *("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "presence_penalty"),
+        *("frequency_penalty", "repetition_penalty", "min_p", "logit_bias", "n"),
+    )
+}
+CHAT_SAMPLING_NAMES = {**SAMPLING_NAMES, "logprobs": "logprobs", "top_logprobs": "top_logprobs"}
+NATIVE_SAMPLING_NAMES = CHAT_SAMPLING_NAMES
+MAX_COMPLETIONS_LOGPROBS = 5
 
 
 def parse_sampling(
@@ -229,10 +239,24 @@ def parse_stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
     return stream, include
 
 
-def parse_n(body: dict[str, Any]) -> None:
-    n = body.get("n", 1)
-    if n is not None and (isinstance(n, bool) or n != 1):
-        raise FieldError("n", "only n=1 is supported")
+def parse_completions_logprobs(body: dict[str, Any]) -> dict[str, Any]:
+    """The completions API's ``logprobs`` (a number of alternatives, 0 to 5) as the chat API's two fields; a body
+    without it unchanged. Refuses what that API has and this service does not do (``echo``, ``suffix``,
+    ``best_of`` other than n)."""
+    for name, asks in (("echo", lambda v: v is True), ("suffix", lambda v: bool(v))):
+        if asks(body.get(name)):
+            raise Unsupported(name, f"{name} is not supported")
+    best_of = body.get("best_of")
+    if best_of is not None and best_of != body.get("n", 1):
+        raise Unsupported("best_of", "best_of is not supported (only equal to n)")
+    raw = body.get("logprobs")
+    out = {k: v for k, v in body.items() if k not in ("logprobs", "top_logprobs")}
+    if raw is None:
+        return out
+    count = _int("logprobs", raw)
+    if not 0 <= count <= MAX_COMPLETIONS_LOGPROBS:
+        raise FieldError("logprobs", f"must be between 0 and {MAX_COMPLETIONS_LOGPROBS}")
+    return {**out, "logprobs": True, "top_logprobs": count}
 
 
 PRIORITY_HEADER = "X-Tokenrelay-Priority"

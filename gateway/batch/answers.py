@@ -58,9 +58,15 @@ class LineResult:
 
 
 def line_result(
-    url: str, request_id: str, model: str, accepted: Accepted | None, events: Iterable[ViewEvent]
+    url: str,
+    request_id: str,
+    model: str,
+    accepted: Accepted | None,
+    events: Iterable[ViewEvent],
+    request: InferenceRequest | None = None,
 ) -> LineResult:
-    """The answer the endpoint gives for a request with these view events (up to the terminal one)."""
+    """The answer the endpoint gives for a request with these view events (up to the terminal one); ``request``
+    says how many choices and whether logprobs were asked for."""
     events = list(events)
     done = next((ev for ev in events if ev.event == EventName.DONE), None)
     usage = done.data["usage"] if done is not None else {"prompt_tokens": 0, "completion_tokens": 0}
@@ -68,14 +74,13 @@ def line_result(
     cancelled = done is not None and done.data.get("finish_reason") == "cancelled"
     try:
         if url == RESPONSES:
-            options = ResponseOptions(model, False, True, {})
-            if accepted is not None:
-                options = ResponseOptions(model, accepted.background, accepted.store, dict(accepted.metadata))
+            options = ResponseOptions.of_accepted(accepted, model)
             surface = ResponseEvents(openai.AnswerFold(model), request_id, options)
             body = _first(responses.whole_step(surface, ev) for ev in events)
         else:
             fold = openai.AnswerFold(model)
-            whole = openai.Completions(fold, request_id, url == CHAT)
+            n, logprobs = (request.n, request.logprobs) if request is not None else (1, False)
+            whole = openai.Completions(fold, request_id, url == CHAT, n=n, logprobs=logprobs)
             body = _first(openai.whole_step(fold, whole, ev) for ev in events)
     except TokenRelayError as exc:
         return LineResult(exc.http_status, {"error": error_body(exc)}, prompt_tokens, completion_tokens)

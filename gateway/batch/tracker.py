@@ -124,6 +124,8 @@ class LineTracker:
         if out.terminal:
             assert line.record is not None
             request = line.record.request
-            line.result = line_result(line.url, request.request_id, request.model, line.record.accepted, line.events)
+            line.result = line_result(
+                line.url, request.request_id, request.model, line.record.accepted, line.events, request
+            )
             line.view, line.events = None, []
             self.ended += 1

@@ -69,8 +69,13 @@ def event_json(event: TokenEvent) -> dict[str, Any]:
         "seq": event.seq,
         "ts_ms": event.ts_ms,
         "type": type(event.payload).__name__,
-        "payload": dataclasses.asdict(event.payload),
+        "payload": dataclasses.asdict(event.payload, dict_factory=_plain),
     }
+
+
+def _plain(items: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A dataclass's fields as JSON takes them: bytes (a logprob's token bytes) as a list of ints, as OpenAI's."""
+    return {k: list(v) if isinstance(v, bytes) else v for k, v in items}
 
 
 def export_line(record: ConsumerRecord[bytes, bytes], codec: Codec | None = None) -> dict[str, Any]:

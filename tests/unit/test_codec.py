@@ -89,7 +89,10 @@ RECORDS = [
             "ab",
             (4, 5),
             index=2,
-            logprobs=(TokenLogprob(4, -0.25, (TopLogprob(4, -0.25), TopLogprob(9, -2.0))), TokenLogprob(5, -1.5)),
+            logprobs=(
+                TokenLogprob(4, -0.25, (TopLogprob(4, -0.25, b"ab"), TopLogprob(9, -2.0, b"\xe6")), b"ab"),
+                TokenLogprob(5, -1.5),
+            ),
         ),
         seq=1,
     ),

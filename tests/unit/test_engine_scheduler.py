@@ -15,6 +15,7 @@ class _Seq:
     request_id: str
     prompt_len: int = 4
     reserve: int = 8
+    rows: int = 1
 
 
 def _ids(seqs: list[Any]) -> list[str]:

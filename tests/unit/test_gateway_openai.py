@@ -84,7 +84,7 @@ def test_stream_and_whole_say_the_same() -> None:
         for name, data in script:
             step = fold.feed(name, data)
             if isinstance(step, TextDelta):
-                streamed += frames(surface.delta(step.text))
+                streamed += frames(surface.delta(step))
             elif isinstance(step, Completed):
                 end = step
                 streamed += frames(surface.completed(step))

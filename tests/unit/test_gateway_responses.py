@@ -2,25 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from openai._models import construct_type
 from openai.types.responses import Response
 
-from gateway.api.openai import AnswerFold, Completed, Surface
+from gateway.api.openai import AnswerFold, Completed, Surface, follow
 from gateway.api.responses import request_id_of_response
 from gateway.api.responses_body import parse_create
 from gateway.api.responses_events import ResponseEvents, ResponseOptions, response_id
 from gateway.fanout.sse import parse
+from gateway.fanout.subscription import Subscription, make_out
 from schemas.codec import default_codec
 from schemas.errors import FieldError, KafkaUnavailable, NotFound
 from schemas.ids import new_request_id
 from schemas.records import Accepted, Delta, Finished, InferenceRequest, Started, TokenEvent, Usage
 from schemas.records import Failed as FailedRecord
-from schemas.view import replay
+from schemas.view import EventName, ViewEvent, replay
 from services.requests import submit_request
 from services.settings import Settings
 
@@ -200,7 +203,8 @@ def test_create_bodies_in_and_refused() -> None:
     refused: list[dict[str, Any]] = [
         {"input": "x", "tools": [{"type": "web_search"}]},
         {"input": "x", "reasoning": {"effort": "high"}},
-        {"input": "x", "previous_response_id": "resp_1"},
+        {"input": "x", "include": ["reasoning.encrypted_content"]},
+        {"input": "x", "conversation": "conv_1"},
         {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "http://x"}]}]},
         {"input": "x", "frobnicate": 1},
         {"input": "x", "background": True, "store": False},
@@ -209,12 +213,49 @@ def test_create_bodies_in_and_refused() -> None:
         with pytest.raises(FieldError) as caught:  # Unsupported, or InvalidParameter for a tool type
             parse_create(body, 64)
         assert caught.value.http_status == 400
+    for body in ({"input": "x", "top_logprobs": 21}, {"input": "x", "previous_response_id": 7}):
+        with pytest.raises(FieldError):
+            parse_create(body, 64)
     with pytest.raises(FieldError) as bad:
         parse_create({"input": "x", "max_output_tokens": 100}, 64)
     assert bad.value.field == "max_output_tokens"
     for body in ({}, {"input": []}, {"input": "x", "stream": "yes"}, {"input": "x", "metadata": {"k": 1}}):
         with pytest.raises(FieldError):
             parse_create(body, 64)
+
+
+def test_the_create_body_asks_for_logprobs_and_names_what_the_object_echoes() -> None:
+    spec = parse_create(
+        {
+            "input": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+            "instructions": "be brief",
+            "include": ["message.output_text.logprobs"],
+            "top_logprobs": 3,
+            "temperature": 0,
+            "max_output_tokens": 9,
+            "previous_response_id": "resp_x",
+        },
+        64,
+    )
+    assert spec.sampling.logprobs and spec.sampling.top_logprobs == 3
+    assert spec.echo == {
+        "instructions": "be brief",
+        "temperature": 0.0,
+        "top_p": 1.0,
+        "max_output_tokens": 9,
+        "top_logprobs": 3,
+        "previous_response_id": "resp_x",
+        "text": {"format": {"type": "text"}},
+    }
+    assert [(i["role"], i["content"][0]["type"]) for i in spec.items] == [
+        ("user", "input_text"),
+        ("assistant", "output_text"),
+    ]
+    earlier = [{"id": "msg_1", "type": "message", "role": "user", "content": [{"type": "input_text", "text": "first"}]}]
+    turns = [(m.role, m.content) for m in spec.conversation(earlier)]
+    assert turns == [("system", "be brief"), ("user", "first"), ("user", "q"), ("assistant", "a")]
+    assert parse_create({"input": "x", "top_logprobs": 2}, 64).sampling.logprobs  # top_logprobs alone asks too
+    assert not parse_create({"input": "x"}, 64).sampling.logprobs
 
 
 def test_a_connection_error_takes_the_next_number_without_consuming_it() -> None:
@@ -253,3 +294,23 @@ async def test_a_responses_submit_records_its_options_before_the_request_and_end
         await submit_request(failing, settings, default_codec(), request, accepted)
     ended = [record for _, record in failing.sent]
     assert [type(e.payload).__name__ for e in ended if isinstance(e, TokenEvent)] == ["Accepted", "Failed"]
+
+
+async def test_an_idle_follow_calls_its_keepalive_until_the_next_event() -> None:
+    """Responses streams send a keep-alive comment when idle: ``follow`` awaits ``idle`` between events."""
+    sub = Subscription(RID, -1, 8)
+    request: Any = SimpleNamespace(transport=SimpleNamespace(is_closing=lambda: False))
+    idled = asyncio.Event()
+
+    async def idle() -> None:
+        idled.set()
+
+    async def end_later() -> None:
+        await asyncio.wait_for(idled.wait(), 30)
+        done = ViewEvent(5, EventName.DONE, {"finish_reason": "stop", "usage": {}}, "r", 1, 0)
+        sub.offer(make_out(0, RID, done))
+
+    ender = asyncio.create_task(end_later())
+    events = [ev async for ev in follow(request, sub, idle, idle_s=0.0)]
+    await ender
+    assert idled.is_set() and [ev.event for ev in events if ev is not None] == [EventName.DONE]

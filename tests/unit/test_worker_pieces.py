@@ -7,7 +7,7 @@ import time
 import pytest
 
 from schemas.errors import ConfigError
-from schemas.records import Delta, Finished, Started, TokenEvent, Usage
+from schemas.records import Delta, Finished, Started, TokenEvent, TokenLogprob, Usage
 from schemas.sampling import SamplingParams
 from services.settings import Settings
 from workers.engine.types import EngineRequest
@@ -34,14 +34,24 @@ def test_offset_tracker_commits_only_contiguous_finished_offsets() -> None:
 
 def test_coalescer_sends_first_token_at_once_and_piles_up_while_behind() -> None:
     c = DeltaCoalescer()
-    assert c.add((1,), "a") == Delta("a", (1,))
-    assert c.add((2,), "b") is None
-    assert c.add((3,), "c") is None
-    assert c.acked() == Delta("bc", (2, 3))
-    assert c.acked() is None
-    assert c.add((4,), "d") == Delta("d", (4,))
-    assert c.add((5,), "") is None
-    assert c.flush() == Delta("", (5,))
+    assert c.add((1,), "a") == [Delta("a", (1,))]
+    assert c.add((2,), "b") == []
+    assert c.add((3,), "c") == []
+    assert c.acked() == [Delta("bc", (2, 3))]
+    assert c.acked() == []
+    assert c.add((4,), "d") == [Delta("d", (4,))]
+    assert c.add((5,), "") == []
+    assert c.flush() == [Delta("", (5,))]
+
+
+def test_coalescer_keeps_choices_and_logprobs_apart() -> None:
+    lp = [TokenLogprob(t, -0.5 * t) for t in range(1, 6)]
+    c = DeltaCoalescer()
+    assert c.add((1,), "a", 0, (lp[0],)) == [Delta("a", (1,), 0, (lp[0],))]
+    assert c.add((2,), "b", 1, (lp[1],)) == []
+    assert c.add((3,), "c", 0, (lp[2],)) == []
+    assert c.add((4,), "d", 1, (lp[3],)) == []
+    assert c.acked() == [Delta("bd", (2, 4), 1, (lp[1], lp[3])), Delta("c", (3,), 0, (lp[2],))]
 
 
 def _ev(run: str, seq: int, payload: object) -> TokenEvent:

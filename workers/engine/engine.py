@@ -9,9 +9,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from schemas.errors import EngineError
+from schemas.errors import EngineError, EngineRefused
 from schemas.sampling import SamplingParams
 from schemas.structured import constraint_of
+from workers import metrics
 from workers.engine.architectures import check_architecture, context_length
 from workers.engine.attention import register as register_attention
 from workers.engine.constraints import Grammars, Matcher, mask
@@ -19,10 +20,10 @@ from workers.engine.cpu_linear import can_pack, pack_linears
 from workers.engine.port import StepLoopPort
 from workers.engine.resources import default_kv_cache_bytes, set_torch_threads
 from workers.engine.runner import ModelRunner, pick_device
-from workers.engine.sampling import RowSampler, sample
+from workers.engine.sampling import RowSampler, Sampled, sample_rows
 from workers.engine.scheduler import Scheduler
 from workers.engine.text import TextCodec, TextStream
-from workers.engine.types import EngineRequest, StepOutput, Turn
+from workers.engine.types import EngineRequest, StepOutput, Turn, unsupported
 
 if TYPE_CHECKING:
     from services.settings import Settings
@@ -30,16 +31,36 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+# What the built-in engine does beyond the basic sampling parameters (workers.engine.types.OPTIONS).
+SUPPORTED = frozenset(
+    {"presence_penalty", "frequency_penalty", "repetition_penalty", "min_p", "logit_bias", "n"}
+    | {"logprobs", "top_logprobs"}
+    | {"response_format", "tools", "tool_choice"}
+)
+
+
 @dataclass(slots=True)
-class _Seq:
-    request: EngineRequest
+class _Choice:
+    """One of a request's n choices: its cache row (choice 0's is the request's own), sampler and text."""
+
+    index: int
+    row_id: str
     sampler: RowSampler
     text: TextStream
     completion: int
+    matcher: Matcher | None = None  # the choice's place in the request's grammar, when its output is constrained
+    next_token: int | None = None
+    finish_reason: str | None = None
+
+
+@dataclass(slots=True)
+class _Seq:
+    """A request as the scheduler sees it: one prompt, prefilled once, then ``rows`` choices decoding."""
+
+    request: EngineRequest
+    choices: list[_Choice]
     prompt: list[int]
     reserve: int
-    matcher: Matcher | None = None  # the request's grammar, when its output is constrained
-    next_token: int | None = None
 
     @property
     def request_id(self) -> str:
@@ -48,6 +69,13 @@ class _Seq:
     @property
     def prompt_len(self) -> int:
         return len(self.prompt)
+
+    @property
+    def rows(self) -> int:
+        return len(self.choices)
+
+    def live(self) -> list[_Choice]:
+        return [c for c in self.choices if c.finish_reason is None]
 
 
 class Engine:
@@ -164,8 +192,11 @@ class Engine:
         return self._grammars
 
     def prepare(self, params: SamplingParams) -> None:
-        """Compile the request's constraint now (cached), so that a schema the grammar cannot take is refused
-        before the request starts: EngineRefused."""
+        """Refuse what this engine does not do, and compile the request's constraint now (cached), so that a schema
+        the grammar cannot take is refused before the request starts: EngineRefused."""
+        refusal = unsupported(params, SUPPORTED, "built-in")
+        if refusal is not None:
+            raise refusal
         constraint = constraint_of(params.response_format, params.tools, params.tool_choice)
         if constraint is not None:
             self.grammars.compile(constraint)
@@ -175,21 +206,29 @@ class Engine:
         if not request.prompt_ids or len(prompt) >= self.max_positions:
             # The worker's admission refuses these; past it they would write outside the cache.
             raise EngineError(f"a prompt of {len(prompt)} tokens does not fit a context of {self.max_positions}")
-        completion = len(request.resume_ids)
-        reserve = min(self.max_positions, len(prompt) + max(1, request.params.max_tokens - completion))
         params = request.params
+        refusal = unsupported(params, SUPPORTED, "built-in")
+        if refusal is not None:
+            raise refusal
+        vocab = self.model.config.vocab_size
+        if any(token >= vocab for token in params.bias()):
+            raise EngineRefused(f"logit_bias names a token id outside the vocabulary of {vocab} tokens")
+        completion = len(request.resume_ids)
+        reserve = min(self.max_positions, len(prompt) + max(1, params.max_tokens - completion))
         constraint = constraint_of(params.response_format, params.tools, params.tool_choice)
-        seq = _Seq(
-            request,
-            RowSampler(request.params),
-            TextStream(self.codec, request.params.stop, request.resume_ids, request.resume_text),
-            completion,
-            prompt,
-            reserve,
-            # A continued run replays the tokens the log holds through the grammar: its state is where they left it.
-            self.grammars.matcher(constraint, request.resume_ids) if constraint is not None else None,
-        )
-        self.scheduler.add(seq)
+        choices = [
+            _Choice(
+                index,
+                request.request_id if index == 0 else f"{request.request_id}#{index}",
+                RowSampler(params, request.prompt_ids, request.resume_ids, index),
+                TextStream(self.codec, params.stop, request.resume_ids, request.resume_text),
+                completion,
+                # A continued run replays the tokens the log holds through the grammar: its state is where they left it.
+                self.grammars.matcher(constraint, request.resume_ids) if constraint is not None else None,
+            )
+            for index in range(params.n)
+        ]
+        self.scheduler.add(_Seq(request, choices, prompt, reserve))
 
     def abort(self, request_id: str) -> bool:
         return self.scheduler.abort(request_id)
@@ -213,58 +252,95 @@ class Engine:
     def step(self) -> list[StepOutput]:
         """One iteration: running requests advance one token, prompts advance one chunk (their last gives a token)."""
         plan = self.scheduler.schedule()
-        outputs = [StepOutput(s.request_id, (), self._final_text(s, ""), "aborted") for s in plan.aborted]
+        outputs: list[StepOutput] = []
         for seq in plan.aborted:
-            self.runner.remove(seq.request_id)
+            live = seq.live()
+            for choice in live:
+                choice.finish_reason = "aborted"
+            ends = [StepOutput(seq.request_id, (), c.text.final(), index=c.index) for c in live]
+            ends = ends or [StepOutput(seq.request_id, (), "")]
+            ends[-1] = self._last(seq, ends[-1], "aborted")
+            outputs.extend(ends)
+            for choice in seq.choices:
+                self.runner.remove(choice.row_id)
         if plan.admitted:
             widest = max(s.reserve for s in self.scheduler.running)
             for seq in plan.admitted:
                 self.runner.add(seq.request_id, widest)
-        rows: list[_Seq] = []
+        rows: list[tuple[_Seq, _Choice]] = []
         logits: list[torch.Tensor] = []
         if plan.decode:
-            logits.append(
-                self.runner.decode([s.request_id for s in plan.decode], [s.next_token or 0 for s in plan.decode])
-            )
-            rows.extend(plan.decode)
+            decoding = [(seq, c) for seq in plan.decode for c in seq.live()]
+            logits.append(self.runner.decode([c.row_id for _, c in decoding], [c.next_token or 0 for _, c in decoding]))
+            rows.extend(decoding)
         if plan.prefill:
             chunks = [c.seq.prompt[c.start : c.start + c.length] for c in plan.prefill]
             want = [c.last for c in plan.prefill]
-            logits.append(self.runner.prefill([c.seq.request_id for c in plan.prefill], chunks, want))
-            rows.extend(c.seq for c in plan.prefill if c.last)
+            metrics.PREFILL_TOKENS.inc(sum(len(c) for c in chunks))
+            prefilled = self.runner.prefill([c.seq.request_id for c in plan.prefill], chunks, want)
+            ended = [c.seq for c in plan.prefill if c.last]
+            for seq in ended:  # each further choice starts from a copy of the prompt's cache: one prefill for n
+                for choice in seq.choices[1:]:
+                    self.runner.fork(seq.request_id, choice.row_id)
+            if any(seq.rows > 1 for seq in ended):  # every choice samples its first token from the prompt's logits
+                each = [i for i, seq in enumerate(ended) for _ in range(seq.rows)]
+                prefilled = prefilled.index_select(0, torch.tensor(each, device=prefilled.device))
+            logits.append(prefilled)
+            rows.extend((seq, c) for seq in ended for c in seq.choices)
         if not rows:
             return outputs
         scores = torch.cat(logits, dim=0)
-        mask(scores, [s.matcher for s in rows])
-        tokens = sample(scores, [s.sampler for s in rows])
-        outputs.extend(self._advance(seq, token) for seq, token in zip(rows, tokens, strict=True))
-        finished = {o.request_id for o in outputs if o.finish_reason is not None}
-        for seq in rows:
-            if seq.request_id in finished:
-                self.scheduler.finish(seq)
-                self.runner.remove(seq.request_id)
+        mask(scores, [c.matcher for _, c in rows])  # only constrained rows pay
+        picks = sample_rows(scores, [c.sampler for _, c in rows])
+        for (seq, choice), picked in zip(rows, picks, strict=True):
+            out = self._advance(seq, choice, picked)
+            if choice.finish_reason is not None:
+                self.runner.remove(choice.row_id)
+                if not seq.live():
+                    self.scheduler.finish(seq)
+                    out = self._last(seq, out)
+            outputs.append(out)
         return outputs
 
-    def _advance(self, seq: _Seq, token: int) -> StepOutput:
-        if seq.matcher is not None and not seq.matcher.accept(token):
+    def _advance(self, seq: _Seq, choice: _Choice, picked: Sampled) -> StepOutput:
+        """The output of one choice's new token; sets the choice's finish reason when it ends."""
+        token = picked.token
+        logprobs = (self.codec.with_bytes(picked.logprob),) if picked.logprob is not None else ()
+        rid, index = seq.request_id, choice.index
+        if choice.matcher is not None and not choice.matcher.accept(token):
             # Only a grammar that already ended allows nothing (the mask left every logit at -inf): end it there.
-            log.error("run %s: token %d is outside its grammar; stopping the run", seq.request_id, token)
-            return StepOutput(seq.request_id, (), self._final_text(seq, ""), "stop")
+            log.error("run %s: token %d is outside its grammar; stopping the choice", rid, token)
+            choice.finish_reason = "stop"
+            return StepOutput(rid, (), choice.text.final(), index=index)
         if token in self.eos_ids:
-            return StepOutput(seq.request_id, (), self._final_text(seq, ""), "stop")
-        seq.completion += 1
-        seq.next_token = token
-        text, stopped = seq.text.push(token)
+            choice.finish_reason = "stop"
+            return StepOutput(rid, (), choice.text.final(), index=index)
+        choice.completion += 1
+        choice.next_token = token
+        text, stopped = choice.text.push(token)
         if stopped:
-            return StepOutput(seq.request_id, (token,), text, "stop")
-        total = len(seq.request.prompt_ids) + seq.completion
-        if seq.completion >= seq.request.params.max_tokens or total >= self.max_positions:
-            return StepOutput(seq.request_id, (token,), self._final_text(seq, text), "length")
-        return StepOutput(seq.request_id, (token,), text)
+            choice.finish_reason = "stop"
+            return StepOutput(rid, (token,), text, index=index, logprobs=logprobs)
+        total = len(seq.request.prompt_ids) + choice.completion
+        if choice.completion >= seq.request.params.max_tokens or total >= self.max_positions:
+            choice.finish_reason = "length"
+            return StepOutput(rid, (token,), text + choice.text.final(), index=index, logprobs=logprobs)
+        return StepOutput(rid, (token,), text, index=index, logprobs=logprobs)
 
     @staticmethod
-    def _final_text(seq: _Seq, text: str) -> str:
-        return text + seq.text.final()
+    def _last(seq: _Seq, out: StepOutput, reason: str | None = None) -> StepOutput:
+        """The request's last output: it ends the request with ``reason`` or choice 0's (and, for n > 1, each
+        choice's in ``choice_finish_reasons``)."""
+        reasons = tuple(c.finish_reason or "aborted" for c in seq.choices)
+        return StepOutput(
+            out.request_id,
+            out.token_ids,
+            out.text,
+            reason or reasons[0],
+            out.index,
+            out.logprobs,
+            reasons if len(reasons) > 1 else (),
+        )
 
     def generate(self, requests: Sequence[EngineRequest]) -> dict[str, tuple[list[int], str, str]]:
         """Run requests to completion: id → (token ids, text, finish reason). For tests and benchmarks."""
@@ -273,6 +349,8 @@ class Engine:
         results: dict[str, tuple[list[int], str, str]] = {r.request_id: ([], "", "") for r in requests}
         while self.has_work():
             for out in self.step():
+                if out.index:
+                    continue  # choice 0's only
                 ids, text, _ = results[out.request_id]
                 results[out.request_id] = (ids + list(out.token_ids), text + out.text, out.finish_reason or "")
         return results

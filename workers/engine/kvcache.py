@@ -68,7 +68,7 @@ class SlotCache:
         self.rows, self.width = rows, width
 
     def move_row(self, src: int, dst: int, used_width: int) -> None:
-        """Copy row ``src`` into row ``dst`` (compaction when a request leaves)."""
+        """Copy row ``src`` into row ``dst`` (compaction when a request leaves; a fork of a prefilled prompt)."""
         for k, v in zip(self.keys, self.values, strict=True):
             k[dst, :, :used_width] = k[src, :, :used_width]
             v[dst, :, :used_width] = v[src, :, :used_width]

@@ -95,6 +95,15 @@ class ModelRunner:
         self.lengths.append(0)
         self._ensure(len(self.slots), width + 1)  # one spare column takes padding's writes
 
+    def fork(self, row_id: str, new_id: str) -> None:
+        """Give ``new_id`` a slot holding a copy of ``row_id``'s cache (a further choice of one prefilled prompt)."""
+        src = self._slot_of[row_id]
+        self._slot_of[new_id] = len(self.slots)
+        self.slots.append(new_id)
+        self.lengths.append(self.lengths[src])
+        self._ensure(len(self.slots), self.cache.width)
+        self.cache.move_row(src, len(self.slots) - 1, self.lengths[src])
+
     def remove(self, row_id: str) -> None:
         slot = self._slot_of.pop(row_id, None)
         if slot is None:

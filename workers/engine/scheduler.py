@@ -4,7 +4,8 @@ Each step decodes one token for every request whose prompt is in the cache, and 
 (counting padding: rows x longest chunk) on prompts, in arrival order; a long prompt is cut into chunks over several
 steps, so it never stalls the running batch for more than one chunk. A request is admitted only while the KV cache
 the batch may grow to fits the budget: rows x the longest reservation (prompt + max_tokens) -- the cache is one
-rectangle -- otherwise it waits at the head of the queue.
+rectangle -- otherwise it waits at the head of the queue. A request with n choices counts n rows (its prompt is
+prefilled once, then its cache row copied to each choice).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ class Schedulable(Protocol):
     def prompt_len(self) -> int: ...
     @property
     def reserve(self) -> int: ...
+    @property
+    def rows(self) -> int: ...
 
 
 S = TypeVar("S", bound=Schedulable)
@@ -84,7 +87,7 @@ class Scheduler(Generic[S]):
         if not rows:
             return True  # alone it always runs: the engine sizes the budget to hold one full context
         widest = max(max(r.reserve for r in rows), seq.reserve)
-        return (len(rows) + 1) * widest <= self.kv_tokens
+        return (sum(r.rows for r in rows) + seq.rows) * widest <= self.kv_tokens
 
     def schedule(self) -> Schedule[S]:
         out: Schedule[S] = Schedule()
@@ -100,7 +103,7 @@ class Scheduler(Generic[S]):
             done = self.computed[seq.request_id]
             if done < seq.prompt_len and not self._take(out, seq, done):
                 return out
-        while self.waiting and len(self.running) < self.max_running and self.fits(self.waiting[0], self.running):
+        while self.waiting and self._room(self.waiting[0]) and self.fits(self.waiting[0], self.running):
             seq = self.waiting[0]
             if not self._take(out, seq, 0):
                 break
@@ -108,6 +111,11 @@ class Scheduler(Generic[S]):
             self.running.append(seq)
             out.admitted.append(seq)
         return out
+
+    def _room(self, seq: S) -> bool:
+        """Whether ``seq``'s rows fit beside the running ones (a request wider than the batch runs alone)."""
+        taken = sum(r.rows for r in self.running)
+        return taken + seq.rows <= self.max_running or not self.running
 
     def _take(self, out: Schedule[S], seq: S, done: int) -> bool:
         """Add the next chunk of ``seq``'s prompt if the step's prefill budget has room; False when full."""

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+import re
 from collections.abc import Sequence
+from functools import cache
 from typing import Any
 
 from schemas.errors import EngineRefused
+from schemas.records import TokenLogprob
 from schemas.structured import tool_names, tools_of
 from workers.engine.detokenizer import IncrementalDetokenizer
 from workers.engine.stops import StopMatcher
@@ -21,6 +25,9 @@ class TextCodec:
         self.tokenizer = tokenizer
         self.has_chat_template = getattr(tokenizer, "chat_template", None) is not None
         self._rust = getattr(tokenizer, "_tokenizer", None)
+        decoder = getattr(self._rust, "decoder", None)
+        self._byte_level = decoder is not None and "ByteLevel" in repr(decoder)
+        self._bytes: dict[int, bytes] = {}
 
     def encode_prompt(self, prompt: str, messages: Sequence[Turn] | None = None, tools: str | None = None) -> list[int]:
         """The prompt's token ids; chat turns go through the chat template, with ``tools`` (the record's JSON) when
@@ -38,6 +45,43 @@ class TextCodec:
         if self._rust is not None:
             return str(self._rust.decode(list(ids), skip_special_tokens=True))
         return str(self.tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False))
+
+    def token_bytes(self, token: int) -> bytes:
+        """The token's bytes as the tokenizer spells it alone: byte-level BPE pieces map to their bytes, a
+        SentencePiece byte token (``<0xE6>``) to its byte, anything else to the UTF-8 of its decoded text."""
+        found = self._bytes.get(token)
+        if found is None:
+            piece = self.tokenizer.convert_ids_to_tokens(token)
+            table = _byte_decoder()
+            if isinstance(piece, str) and self._byte_level and all(c in table for c in piece):
+                found = bytes(table[c] for c in piece)
+            elif isinstance(piece, str) and _BYTE_TOKEN.fullmatch(piece):
+                found = bytes([int(piece[3:5], 16)])
+            else:
+                found = self.decode([token]).encode()
+            self._bytes[token] = found
+        return found
+
+    def with_bytes(self, logprob: TokenLogprob) -> TokenLogprob:
+        """A sampled token's logprob with the bytes of it and of its alternatives (what OpenAI's answers show)."""
+        top = tuple(dataclasses.replace(t, token_bytes=self.token_bytes(t.token_id)) for t in logprob.top)
+        return dataclasses.replace(logprob, token_bytes=self.token_bytes(logprob.token_id), top=top)
+
+
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+@cache
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, reversed: the printable character each byte is spelled with -> the byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = list(printable), 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
 
 
 def template_turn(turn: Turn) -> dict[str, Any]:

@@ -6,7 +6,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from schemas.records import ChatMessage
+from schemas.errors import EngineRefused
+from schemas.records import ChatMessage, TokenLogprob
 from schemas.sampling import SamplingParams
 
 Turn = ChatMessage | tuple[str, str]  # a chat turn: the record's, or (role, content)
@@ -25,12 +26,42 @@ class EngineRequest:
 
 @dataclass(slots=True, frozen=True)
 class StepOutput:
-    """New tokens of one request in one step; ``finish_reason`` (stop, length, aborted) set on its last output."""
+    """New tokens of one request's choice ``index`` in one step; ``finish_reason`` (stop, length, aborted) set on the
+    request's last output only: with n > 1 choices, that of choice 0, and each choice's in ``choice_finish_reasons``.
+    ``logprobs`` has one entry per token id when the request asked for logprobs."""
 
     request_id: str
     token_ids: tuple[int, ...]
     text: str
     finish_reason: str | None = None
+    index: int = 0
+    logprobs: tuple[TokenLogprob, ...] = ()
+    choice_finish_reasons: tuple[str, ...] = ()
+
+
+# What a request may ask for beyond max_tokens, temperature, top_p, top_k, seed and stop: each SamplingParams field
+# and the value that asks for nothing. An engine names the ones it does; it refuses a request that asks for another.
+OPTIONS: dict[str, object] = {
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+    "repetition_penalty": 1.0,
+    "min_p": 0.0,
+    "logit_bias": {},
+    "n": 1,
+    "logprobs": False,
+    "top_logprobs": 0,
+    "response_format": None,
+    "tools": None,
+    "tool_choice": None,
+}
+
+
+def unsupported(params: SamplingParams, supported: frozenset[str], engine: str) -> EngineRefused | None:
+    """The refusal for the first option ``params`` asks for that the engine does not do; None when it does them all."""
+    for name, default in OPTIONS.items():
+        if name not in supported and getattr(params, name) != default:
+            return EngineRefused(f"the {engine} engine does not support {name}")
+    return None
 
 
 class EngineLike(Protocol):

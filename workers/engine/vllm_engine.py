@@ -13,10 +13,11 @@ from typing import TYPE_CHECKING, Any
 import psutil
 
 from schemas.errors import ConfigError, EngineError, EngineRefused
-from schemas.sampling import SamplingParams
+from schemas.records import TokenLogprob, TopLogprob
+from schemas.sampling import MAX_TOP_LOGPROBS, SamplingParams
 from schemas.structured import Constraint, constraint_of
 from workers.engine.text import TextCodec, TextStream
-from workers.engine.types import EngineRequest, StepOutput, Turn
+from workers.engine.types import EngineRequest, StepOutput, Turn, unsupported
 
 if TYPE_CHECKING:
     from services.settings import Settings
@@ -24,6 +25,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CPU_KV_CACHE_MB = 1024  # vLLM's CPU KV cache when TOKENRELAY_KV_CACHE_MB is 0
+# What vLLM does beyond the basic sampling parameters (workers.engine.types.OPTIONS); n > 1 is not mapped yet.
+SUPPORTED = frozenset(
+    {"presence_penalty", "frequency_penalty", "repetition_penalty", "min_p", "logit_bias", "logprobs", "top_logprobs"}
+    | {"response_format", "tools", "tool_choice"}
+)
 
 
 def engine_args(settings: Settings, model_path: str, device: str) -> dict[str, Any]:
@@ -36,6 +42,10 @@ def engine_args(settings: Settings, model_path: str, device: str) -> dict[str, A
         "enforce_eager": settings.vllm_enforce_eager,
         "seed": 0,
         "disable_log_stats": True,
+        # Logprobs of the distribution the token was drawn from (after bias, penalties and temperature), as the
+        # built-in engine gives them; vLLM's default is the raw model's.
+        "logprobs_mode": "processed_logprobs",
+        "max_logprobs": MAX_TOP_LOGPROBS,
     }
     if settings.kv_cache_mb:
         args["kv_cache_memory_bytes"] = settings.kv_cache_mb << 20
@@ -51,6 +61,9 @@ def sampling_params(params: SamplingParams, max_tokens: int) -> Any:
     from vllm import SamplingParams as VllmSamplingParams
     from vllm.sampling_params import RequestOutputKind
 
+    refusal = unsupported(params, SUPPORTED, "vLLM")
+    if refusal is not None:
+        raise refusal
     constraint = constraint_of(params.response_format, params.tools, params.tool_choice)
     try:
         return VllmSamplingParams(
@@ -60,6 +73,12 @@ def sampling_params(params: SamplingParams, max_tokens: int) -> Any:
             temperature=params.temperature,
             top_p=params.top_p,
             top_k=params.top_k,
+            min_p=params.min_p,
+            presence_penalty=params.presence_penalty,
+            frequency_penalty=params.frequency_penalty,
+            repetition_penalty=params.repetition_penalty,
+            logit_bias=params.bias() or None,
+            logprobs=params.top_logprobs if params.logprobs else None,
             seed=params.seed,
             output_kind=RequestOutputKind.DELTA,
             detokenize=False,
@@ -108,7 +127,11 @@ class VllmEngine:
         return self.codec.encode_prompt(prompt, messages, tools)
 
     def prepare(self, params: SamplingParams) -> None:
-        """vLLM checks a request's constraint when it gets the request (an error then fails the run)."""
+        """Refuse what this engine does not do before the request starts; vLLM checks a constraint itself when it
+        gets the request (an error then fails the run)."""
+        refusal = unsupported(params, SUPPORTED, "vLLM")
+        if refusal is not None:
+            raise refusal
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[StepOutput]:
         from vllm.exceptions import VLLMClientError
@@ -133,9 +156,12 @@ class VllmEngine:
                 reason = completion.finish_reason
                 if reason == "stop" and completion.stop_reason is None and ids and ids[-1] in self.eos_ids:
                     ids.pop()  # the end-of-sequence token is not part of the answer (as in the built-in engine)
-                step = _step_output(rid, ids, text, reason)
+                logprobs = tuple(
+                    self.codec.with_bytes(lp) for lp in _logprobs(ids, completion.logprobs, request.params.top_logprobs)
+                )
+                step = _step_output(rid, ids, text, reason, logprobs)
                 if step.finish_reason is None and rid in self._aborted:
-                    yield StepOutput(rid, step.token_ids, step.text + text.final(), "aborted")
+                    yield StepOutput(rid, step.token_ids, step.text + text.final(), "aborted", logprobs=step.logprobs)
                     return
                 yield step
                 if step.finish_reason is not None:
@@ -193,20 +219,35 @@ class Reaper:
         os.close(self._write)
 
 
-def _step_output(rid: str, ids: list[int], text: TextStream, reason: str | None) -> StepOutput:
+def _logprobs(ids: list[int], positions: Any, top: int) -> tuple[TokenLogprob, ...]:
+    """vLLM's per-position logprobs (a dict of token id -> Logprob with its rank, holding the sampled token and the
+    ``top`` likeliest) as ours; empty when the request asked for none."""
+    if not positions:
+        return ()
+    out = []
+    for token, entries in zip(ids, positions, strict=False):
+        ranked = sorted((e.rank, t, e.logprob) for t, e in entries.items() if e.rank is not None and e.rank <= top)
+        chosen = entries[token].logprob if token in entries else float("-inf")
+        out.append(TokenLogprob(token, float(chosen), tuple(TopLogprob(t, float(lp)) for _, t, lp in ranked)))
+    return tuple(out)
+
+
+def _step_output(
+    rid: str, ids: list[int], text: TextStream, reason: str | None, logprobs: tuple[TokenLogprob, ...] = ()
+) -> StepOutput:
     """One vLLM delta as our output: token by token through the text stream, ending at a stop string."""
     emitted = ""
     for i, token in enumerate(ids):
         piece, stopped = text.push(token)
         emitted += piece
         if stopped:
-            return StepOutput(rid, tuple(ids[: i + 1]), emitted, "stop")
+            return StepOutput(rid, tuple(ids[: i + 1]), emitted, "stop", logprobs=logprobs[: i + 1])
     if reason is None:
-        return StepOutput(rid, tuple(ids), emitted)
+        return StepOutput(rid, tuple(ids), emitted, logprobs=logprobs)
     finish = {"stop": "stop", "length": "length", "abort": "aborted"}.get(reason)
     if finish is None:
         raise EngineError(f"the vLLM engine ended a request with {reason!r}")
-    return StepOutput(rid, tuple(ids), emitted + text.final(), finish)
+    return StepOutput(rid, tuple(ids), emitted + text.final(), finish, logprobs=logprobs)
 
 
 def load(settings: Settings, name: str, source: str) -> VllmEngine:
