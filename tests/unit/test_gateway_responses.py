@@ -246,6 +246,9 @@ def test_the_create_body_asks_for_logprobs_and_names_what_the_object_echoes() ->
         "top_logprobs": 3,
         "previous_response_id": "resp_x",
         "text": {"format": {"type": "text"}},
+        "tools": [],
+        "tool_choice": "none",
+        "parallel_tool_calls": False,
     }
     assert [(i["role"], i["content"][0]["type"]) for i in spec.items] == [
         ("user", "input_text"),
