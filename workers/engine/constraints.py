@@ -63,7 +63,7 @@ class Grammars:
     def __init__(self, tokenizer: Any, vocab_size: int, stop_ids: Iterable[int]):
         self.vocab_size = vocab_size
         info = xgrammar.TokenizerInfo.from_huggingface(
-            tokenizer, vocab_size=vocab_size, stop_token_ids=sorted(stop_ids)
+            tokenizer, vocab_size=vocab_size, stop_token_ids=sorted(stop_ids) or None
         )
         pieces = list(info.decoded_vocab)
         self._allowed = {
