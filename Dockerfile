@@ -14,7 +14,8 @@ WORKDIR /app
 # (the compose `gpu` profile does); the code picks cuda with bf16 at start when torch sees a GPU.
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 RUN pip install torch --index-url "${TORCH_INDEX}"
-# Optional extras, e.g. --build-arg EXTRAS='[vllm]' for the vLLM engine on a GPU (the compose `vllm` profile);
+# Optional extras, e.g. --build-arg EXTRAS='[tracing]' for OpenTelemetry traces (on when OTEL_* asks for them), or
+# EXTRAS='[vllm]' for the vLLM engine on a GPU (the compose `vllm` profile);
 # vLLM then installs the torch it pins (PyPI's CUDA build: give TORCH_INDEX=https://pypi.org/simple with it).
 ARG EXTRAS=
 

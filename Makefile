@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	    echo "CPU torch index not reachable: installing torch from PyPI"; \
 	  fi; \
 	fi
-	$(BIN)/pip install -e '.[dev]'
+	$(BIN)/pip install -e '.[dev,tracing]'
 	@touch $(STAMP)
 
 $(VENV)/.jars: services/local/broker/pom.xml | $(STAMP)

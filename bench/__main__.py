@@ -60,10 +60,15 @@ GOALS: dict[str, tuple[str, float]] = {
     # a Batch API batch against the same requests over HTTP (bench_batch)
     "batch_vs_sequential_http_ratio_median": (">=", 1.0),
     "batch_vs_concurrent_http_ratio_median": ("info", 0.0),
-    # constrained (JSON schema) over free decoding per generated token, built-in engine, 32 concurrent (bench_structured)
+    # constrained (JSON schema) over free decoding per token, built-in engine, 32 concurrent (bench_structured)
     "structured_cost_ratio_median": ("<=", 1.10),
     # the grammar library's own cost per token (bench_grammar: only the libraries installed are measured)
     "grammar_us_per_token_xgrammar_median": ("info", 0.0),
+    # tracing on (exporting to a local OTLP receiver) / off, same load, interleaved (bench_tracing)
+    "tracing_tokens_per_s_ratio_median": (">=", 0.97),
+    "tracing_tokens_per_s_ratio_min": ("info", 0.0),
+    "tracing_cpu_per_token_ratio_median": ("info", 0.0),
+    "tracing_span_cpu_share": ("<=", 0.03),  # a request's spans, made and exported / its CPU with tracing off
 }
 MODULES = [
     "bench.bench_engine",
@@ -79,6 +84,7 @@ MODULES = [
     "bench.bench_batch",
     "bench.bench_structured",
     "bench.bench_grammar",
+    "bench.bench_tracing",
 ]
 
 

@@ -395,7 +395,12 @@ class ClientProcess:
             raise RuntimeError(f"client process failed: {line!r}")
 
     def result(self, timeout_s: float = 600.0) -> ClientResult:
-        out, _ = self.proc.communicate(timeout=timeout_s)
+        assert self.proc.stdout is not None
+        # Through the file object, not communicate(): ready()'s readline may have buffered the RESULT line already
+        # (a client whose streams all ended before it was asked), and communicate() reads past that buffer. The
+        # client ends by its own deadline.
+        out = self.proc.stdout.read()
+        self.proc.wait(timeout_s)
         for line in out.splitlines():
             if line.startswith("RESULT "):
                 data = json.loads(line.removeprefix("RESULT "))
@@ -404,7 +409,7 @@ class ClientProcess:
                 if result.first == 0.0:
                     result.first = float("inf")
                 return result
-        raise RuntimeError(f"client process gave no result (exit {self.proc.returncode})")
+        raise RuntimeError(f"client process gave no result (exit {self.proc.returncode}): {out[-300:]!r}")
 
     def kill(self) -> None:
         if self.proc.poll() is None:

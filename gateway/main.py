@@ -31,7 +31,9 @@ from gateway.http.server import AcceptErrorLog, Listener, raise_fd_limit
 from gateway.metrics import GatewayMetrics
 from schemas.errors import TokenRelayError
 from schemas.models import ModelDirectory
+from services import tracing
 from services.kafka import make_consumer, make_producer, start_client
+from services.lifecycle import exit_after
 from services.logs import configure_logging
 from services.models_source import ModelsFollower
 from services.schema_registry import prepare_codec
@@ -156,9 +158,14 @@ def _now_ms() -> int:
 def _signal_event() -> asyncio.Event:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        exit_after(what="gateway")
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal)
     return stop
 
 
@@ -177,11 +184,14 @@ def tune_gc() -> None:
 def run_gateway(settings: Settings) -> int:
     tune_gc()
     raise_fd_limit()
+    tracing.configure("tokenrelay-gateway")
     try:
         asyncio.run(serve(settings))
     except TokenRelayError as exc:
         log.error("gateway failed: %s", exc)
         return 1
+    finally:
+        tracing.shutdown()
     return 0
 
 

@@ -25,18 +25,17 @@ from schemas.codec import CONTENT_TYPE
 from schemas.errors import ConfigError, KafkaUnavailable, RecordTooLarge
 from services.kafka_auth import aiokafka_options
 from services.settings import Settings
+from services.tracing import NO_TRACE, TraceHeaders
 
 log = logging.getLogger(__name__)
 
 Headers = list[tuple[str, bytes]]
 
 
-def record_headers(name: str, traceparent: str | None = None) -> Headers:
-    """Kafka headers of a framed Avro record: content type and, when known, W3C trace context."""
-    headers = [("content-type", f"{CONTENT_TYPE}; schema=io.tokenrelay.{name}".encode())]
-    if traceparent:
-        headers.append(("traceparent", traceparent.encode()))
-    return headers
+def record_headers(name: str, trace: TraceHeaders = NO_TRACE) -> Headers:
+    """Kafka headers of a framed Avro record: content type and, when known, the W3C trace context (traceparent and
+    tracestate, see services.tracing)."""
+    return [("content-type", f"{CONTENT_TYPE}; schema=io.tokenrelay.{name}".encode()), *trace]
 
 
 def header_value(headers: Sequence[tuple[str, bytes]] | None, name: str) -> str | None:

@@ -13,6 +13,7 @@ from schemas.records import Accepted, ChatMessage, Failed, InferenceRequest, Tok
 from schemas.sampling import SamplingParams
 from services.kafka import record_headers
 from services.settings import Settings
+from services.tracing import NO_TRACE, TraceHeaders
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ async def submit_request(
     accepted: Accepted | None = None,
     *,
     topic: str | None = None,
+    trace: TraceHeaders = NO_TRACE,
 ) -> None:
     """Produce ``request`` to its class's topic (``requests.<model>`` or ``batch.<model>``; or ``topic``), then record
     its acceptance (with its tenant and class) in the events log.
@@ -67,17 +69,19 @@ async def submit_request(
     An ``accepted`` given by the caller carries what its answers depend on (the Responses API's background, store and
     metadata): it must be in the log before any worker's event, so it goes first and a failure to write it fails the
     submit before the request exists; if the request then cannot be produced, a Failed ends it for every reader.
+
+    ``trace``: the W3C trace context every record of the request carries in its headers (see services.tracing).
     """
     key = request.request_id.encode()
     topic = topic or settings.requests_topic_for(request.model, request.priority)
     if accepted is not None:
-        await _submit_accepted_first(producer, settings, codec, request, accepted, topic)
+        await _submit_accepted_first(producer, settings, codec, request, accepted, topic, trace)
         return
     await producer.send_and_wait(
         topic,
         codec.encode(request),
         key=key,
-        headers=record_headers("InferenceRequest"),
+        headers=record_headers("InferenceRequest", trace),
     )
     record = TokenEvent(
         request.request_id,
@@ -88,26 +92,32 @@ async def submit_request(
     )
     try:
         await producer.send_and_wait(
-            settings.events_topic, codec.encode(record), key=key, headers=record_headers("TokenEvent")
+            settings.events_topic, codec.encode(record), key=key, headers=record_headers("TokenEvent", trace)
         )
     except Exception as exc:
         log.warning("request %s: accepted, but its Accepted record was not written: %s", request.request_id, exc)
 
 
 async def _submit_accepted_first(
-    producer: Producer, settings: Settings, codec: Codec, request: InferenceRequest, accepted: Accepted, topic: str
+    producer: Producer,
+    settings: Settings,
+    codec: Codec,
+    request: InferenceRequest,
+    accepted: Accepted,
+    topic: str,
+    trace: TraceHeaders,
 ) -> None:
     key = request.request_id.encode()
     event = TokenEvent(request.request_id, "", 0, int(time.time() * 1000), accepted)
     await producer.send_and_wait(
-        settings.events_topic, codec.encode(event), key=key, headers=record_headers("TokenEvent")
+        settings.events_topic, codec.encode(event), key=key, headers=record_headers("TokenEvent", trace)
     )
     try:
         await producer.send_and_wait(
             topic,
             codec.encode(request),
             key=key,
-            headers=record_headers("InferenceRequest"),
+            headers=record_headers("InferenceRequest", trace),
         )
     except BaseException:
         ended = TokenEvent(
@@ -115,7 +125,7 @@ async def _submit_accepted_first(
         )
         try:
             await producer.send_and_wait(
-                settings.events_topic, codec.encode(ended), key=key, headers=record_headers("TokenEvent")
+                settings.events_topic, codec.encode(ended), key=key, headers=record_headers("TokenEvent", trace)
             )
         except Exception as exc:
             log.warning("request %s: not submitted, and its end was not recorded: %s", request.request_id, exc)

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from schemas.codec import Codec, default_codec
 from schemas.errors import DecodeError, UnknownSchemaId
+from services import tracing
 from services.kafka import start_client
 from services.logs import request_context
 
@@ -75,13 +76,13 @@ class ControlReader:
                     continue
                 for records in batches.values():
                     for record in records:
-                        self._take(record.offset, record.value)
+                        self._take(record.offset, record.value, record.headers)
                 if not behind:
                     self.ready.set()
         finally:
             await consumer.stop()
 
-    def _take(self, offset: int, value: bytes | None) -> None:
+    def _take(self, offset: int, value: bytes | None, headers: Sequence[tuple[str, bytes]] = ()) -> None:
         try:
             event = self._codec.decode_control(value or b"")
         except DecodeError as exc:
@@ -91,4 +92,7 @@ class ControlReader:
         if event.action == "cancel":
             with request_context(event.request_id):
                 log.info("request %s: cancel received", event.request_id)
+                if tracing.enabled() and (trace := tracing.record_trace(headers)):
+                    attributes = {"tokenrelay.request_id": event.request_id, "tokenrelay.reason": event.reason or ""}
+                    tracing.start_span(tracing.CANCEL, trace, kind="consumer", attributes=attributes).end()
                 self._on_cancel(event.request_id)

@@ -14,6 +14,8 @@ from schemas.errors import EngineRefused
 from schemas.records import Accepted, Failed, Finished, InferenceRequest, TokenEvent, Usage
 from schemas.structured import calls_tools, tool_names
 from schemas.toolcalls import openai_calls, split_calls
+from services import tracing
+from services.kafka import record_headers
 from workers import metrics
 from workers.admission import Admission, Limits, Refusal, admit, precheck, sampling_of
 from workers.control import CancelledIds
@@ -22,6 +24,7 @@ from workers.engine.types import EngineRequest, StepOutput
 from workers.history import Prior
 from workers.ledger import Active, Ledger, Ticket
 from workers.publisher import EventSink, RunStream
+from workers.spans import RunSpans, queue_start_ns
 
 log = logging.getLogger(__name__)
 
@@ -120,10 +123,13 @@ class ModelCore:
     def refuse(self, ticket: Ticket, failed: Failed) -> None:
         """End the request with ``failed`` before any Started."""
         log.info("request %s: refused: %s (%s)", ticket.request.request_id, failed.code, failed.message)
-        owner = owner_record(ticket.request, _now_ms())
-        if owner is not None:
-            self.publisher.publish(owner).add_done_callback(_quietly)  # best effort: the Failed is what matters
         stream = self._stream(ticket)
+        if tracing.enabled():
+            spans = self._spans(ticket, stream.run_id, 0, Prior(), refused=failed.code)
+            stream.headers = record_headers("TokenEvent", spans.trace)
+        owner = owner_record(ticket.request, _now_ms())
+        if owner is not None:  # best effort: the Failed is what matters
+            self.publisher.publish(owner, stream.headers).add_done_callback(_quietly)
         self._close_when_acked(ticket, stream.finish(failed), None, None)
 
     def run(self, ticket: Ticket, admission: Admission, prompt_ids: list[int], prior: Prior) -> None:
@@ -141,6 +147,9 @@ class ModelCore:
             continued_text=prior.text,
             text=prior.text,
         )
+        if tracing.enabled():
+            active.spans = self._spans(ticket, stream.run_id, len(prompt_ids), prior)
+            stream.headers = record_headers("TokenEvent", active.spans.trace)
         self.ledger.add(active)
         ack = stream.emit(admission.started)
         metrics.QUEUE_TIME.observe(admission.started.queue_ms / 1000)
@@ -165,7 +174,12 @@ class ModelCore:
             self._finish(active, "cancelled")
             return
         self.ledger.running(active)
-        task = asyncio.create_task(self._stream_outputs(active, request), name=f"run-{request.request_id}")
+        trace = tracing.NO_TRACE
+        if active.spans is not None:
+            active.spans.in_engine()
+            trace = active.spans.trace
+        with tracing.attached(trace):  # the run's task (and what it logs) has the request's trace context current
+            task = asyncio.create_task(self._stream_outputs(active, request), name=f"run-{request.request_id}")
         self._streams.add(task)
         task.add_done_callback(self._streams.discard)
         deadline_ms = active.ticket.request.deadline_ms
@@ -180,6 +194,24 @@ class ModelCore:
         if self.ledger.get(active.request_id) is active and active.in_engine and not active.stream.abandoned:
             self._expired.add(active.run_id)
             self.engine.abort(active.run_id)
+
+    def _spans(
+        self, ticket: Ticket, run_id: str, prompt_tokens: int, prior: Prior, refused: str | None = None
+    ) -> RunSpans:
+        continues = prior.run_id
+        spans = RunSpans(
+            ticket.request,
+            ticket.trace or prior.trace,  # a request produced without a context: the trace its first run started
+            run_id,
+            self.worker_id,
+            queued_from_ns=queue_start_ns(ticket.appended_ms, ticket.queued_ns, continues is not None),
+            prompt_tokens=prompt_tokens,
+            continues=continues,
+            continued_tokens=len(prior.token_ids),
+            refused=refused,
+        )
+        ticket.trace = spans.trace  # a later run here (preempted, or after a lost event) continues the same trace
+        return spans
 
     def _stream(self, ticket: Ticket) -> RunStream:
         stream = RunStream(self.publisher, ticket.request.request_id, uuid.uuid4().hex)
@@ -236,6 +268,8 @@ class ModelCore:
             if active.last_token is None:
                 metrics.TTFT.observe(now - active.started)
                 active.first_token_ms = int((now - active.started) * 1000)
+                if active.spans is not None:
+                    active.spans.first_token()
             else:
                 metrics.ITL.observe(now - active.last_token)
             active.last_token = now
@@ -270,10 +304,14 @@ class ModelCore:
         )
         log.info("request %s: finished (%s, %d tokens)", active.request_id, reason, active.completion)
         metrics.E2E.observe(max(0.0, _now_ms() - active.ticket.created_ms) / 1000)
+        if active.spans is not None:
+            active.spans.ended(reason, active.completion, active.progress)
         self._close_when_acked(active.ticket, active.stream.finish(finished), reason, active)
 
     def _fail(self, active: Active, failed: Failed) -> None:
         log.warning("request %s: failed: %s", active.request_id, failed.message)
+        if active.spans is not None:
+            active.spans.ended(failed.code, active.completion, active.progress, failed=True)
         self._close_when_acked(active.ticket, active.stream.finish(failed), None, active)
 
     def _close_when_acked(
@@ -282,9 +320,12 @@ class ModelCore:
         """Close the ticket once the terminal event is in the log; ``reason`` None for a Failed."""
 
         def acked(done: asyncio.Future[None]) -> None:
+            ok = not done.cancelled() and done.exception() is None
             if active is not None:
+                if active.spans is not None:
+                    active.spans.published(ok)
                 self._forget(active)
-            if done.cancelled() or done.exception() is not None:
+            if not ok:
                 return  # the run broke: on_broken has the request taken up again
             if reason is not None:  # request_success_total counts Finished requests only, as vLLM's does
                 metrics.SUCCESS.labels(finished_reason=reason).inc()
@@ -299,6 +340,8 @@ class ModelCore:
         if active is not None and active.stream is stream:
             if active.in_engine:
                 self.engine.abort(active.run_id)
+            if active.spans is not None:
+                active.spans.stopped("event_lost", active.completion, active.progress)
             self._forget(active)
         log.warning("request %s: run %s lost an event; taking the request up again", rid, stream.run_id)
         self.on_retake(ticket)
@@ -322,12 +365,14 @@ class ModelCore:
         if active is not None and active.in_engine:
             self.engine.abort(active.run_id)
 
-    def abandon(self, which: Callable[[Ticket], bool]) -> list[Active]:
+    def abandon(self, which: Callable[[Ticket], bool], why: str = "abandoned") -> list[Active]:
         """Stop these runs without a terminal event (another worker continues them from the log)."""
         gone = self.ledger.select(lambda a: which(a.ticket))
         for active in gone:
             rid = active.request_id
             log.info("request %s: abandoning run %s", rid, active.run_id, extra={"request_id": rid})
+            if active.spans is not None:
+                active.spans.stopped(why, active.completion, active.progress)
             active.stream.abandoned = True
             if active.in_engine:
                 self.engine.abort(active.run_id)
@@ -349,7 +394,7 @@ class ModelCore:
         )
         stream = active.stream
         last = stream.hand_over()
-        self.abandon(lambda ticket: ticket is active.ticket)
+        self.abandon(lambda ticket: ticket is active.ticket, "preempted")
         prior = Prior(
             run_id=stream.run_id,
             token_ids=active.continued_ids + tuple(stream.sent_ids),

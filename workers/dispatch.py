@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 from schemas.errors import TokenRelayError
 from schemas.records import InferenceRequest
+from services import tracing
 from services.logs import request_context
 from services.settings import Settings
 from workers import metrics
@@ -66,6 +67,8 @@ class Dispatcher:
     def queue(self, ticket: Ticket, *, front: bool = False, arrival: bool = True) -> bool:
         """Put a request in the look-ahead; False when a request of that id already waits there."""
         request = ticket.request
+        if tracing.enabled():
+            ticket.queued_ns = time.time_ns()
         waiting = Waiting(
             request.request_id,
             ticket.priority,
@@ -194,8 +197,9 @@ class Dispatcher:
         await self._admit_reserved(ticket)
 
     async def _admit_reserved(self, ticket: Ticket) -> None:
-        # The run's callbacks and task are made in here: they keep logging with the request id.
-        with request_context(ticket.request.request_id):
+        # The run's callbacks and task are made in here: they keep logging with the request id (and, tracing on,
+        # with its trace context current).
+        with request_context(ticket.request.request_id), tracing.attached(ticket.trace):
             try:
                 if self.intake.owns(ticket):  # else revoked while it waited; the new owner reads it again
                     await self._admit_owned(ticket)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -14,7 +15,9 @@ from schemas.ids import CLOCK_SKEW_MS
 from schemas.partitioning import partition_for_key
 from schemas.records import TokenEvent
 from schemas.runlog import RunLog
+from services import tracing
 from services.kafka import read_key
+from services.tracing import NO_TRACE, TraceHeaders
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +35,7 @@ class Prior:
     token_ids: tuple[int, ...] = ()
     text: str = ""
     stalled_runs: int = 0
+    trace: TraceHeaders = NO_TRACE  # the trace context the request's events carry (read only while tracing is on)
 
 
 def summarize(request_id: str, events: Sequence[TokenEvent]) -> Prior:
@@ -62,10 +66,14 @@ async def read_prior(
     end = (await consumer.end_offsets([tp]))[tp]
     codec = codec or default_codec()
     events: list[TokenEvent] = []
+    trace = NO_TRACE
     async for record in read_key(consumer, tp, request_id.encode(), since_ms - CLOCK_SKEW_MS, end):
+        if not trace and tracing.enabled():
+            trace = tracing.record_trace(record.headers)
         try:
             events.append(codec.decode_event(record.value or b""))
         except DecodeError as exc:
             if not isinstance(exc, UnknownSchemaId):
                 log.warning("request %s: undecodable event at offset %d: %s", request_id, record.offset, exc)
-    return summarize(request_id, events)
+    prior = summarize(request_id, events)
+    return dataclasses.replace(prior, trace=trace) if trace else prior

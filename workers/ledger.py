@@ -8,8 +8,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from schemas.records import InferenceRequest
+from services.tracing import NO_TRACE, TraceHeaders
 from workers.history import Prior
 from workers.publisher import RunStream
+from workers.spans import RunSpans
 
 
 @dataclass(slots=True)
@@ -23,6 +25,9 @@ class Ticket:
     check_log: bool = False  # the log may hold earlier runs of it: read them before it runs
     preemptions: int = 0  # times this worker stopped its run for interactive work
     handed_over: Prior | None = None  # a preempted run's state, as its acknowledged events left it in the log
+    trace: TraceHeaders = NO_TRACE  # the request record's W3C trace context (read only while tracing is on)
+    appended_ms: int = 0  # the request record's timestamp
+    queued_ns: int = 0  # when this worker last queued it (set only while tracing is on)
 
 
 @dataclass(slots=True)
@@ -42,6 +47,7 @@ class Active:
     last_token: float | None = None
     first_token_ms: int = 0
     choice_finish_reasons: tuple[str, ...] = ()  # n > 1: each choice's, from the engine's last output
+    spans: RunSpans | None = None  # while tracing is on
 
     @property
     def request_id(self) -> str:

@@ -20,7 +20,9 @@ from schemas.codec import Codec, default_codec
 from schemas.errors import ConfigError, KafkaUnavailable, TokenRelayError
 from schemas.ids import is_model_name
 from schemas.records import ModelInfo
+from services import tracing
 from services.kafka import make_consumer, make_producer
+from services.lifecycle import exit_after
 from services.logs import configure_logging
 from services.schema_registry import prepare_codec
 from services.settings import ENGINES, Settings, engine_of
@@ -264,18 +266,26 @@ async def serve(settings: Settings, engines: Mapping[str, EnginePort] | None = N
     metrics.serve(settings.worker_metrics_port, settings.worker_metrics_host)
     worker = Worker(settings, engines, codec=codec)
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        exit_after(what="worker")
+        worker.stop()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, worker.stop)
+            loop.add_signal_handler(sig, on_signal)
     await worker.run()
 
 
 def run_worker(settings: Settings) -> int:
+    tracing.configure("tokenrelay-worker")
     try:
         asyncio.run(serve(settings))
     except TokenRelayError as exc:
         log.error("worker failed: %s", exc.message)
         return 1
+    finally:
+        tracing.shutdown()
     return 0
 
 

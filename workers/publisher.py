@@ -16,7 +16,7 @@ from aiokafka import AIOKafkaProducer
 from schemas.codec import Codec, default_codec
 from schemas.errors import TokenRelayError
 from schemas.records import Delta, Payload, TokenEvent, TokenLogprob
-from services.kafka import record_headers, start_client
+from services.kafka import Headers, record_headers, start_client
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class DeltaCoalescer:
 class EventSink(Protocol):
     """Where runs publish their events: the Publisher, or a recorder in unit tests."""
 
-    def publish(self, event: TokenEvent) -> asyncio.Future[None]: ...
+    def publish(self, event: TokenEvent, headers: Headers | None = None) -> asyncio.Future[None]: ...
 
 
 class RunBroken(TokenRelayError):
@@ -111,11 +111,13 @@ class Publisher:
         self.healthy.set()
         self._task = asyncio.create_task(self._run(), name="publisher")
 
-    def publish(self, event: TokenEvent) -> asyncio.Future[None]:
-        """Queue an event; the future resolves when the broker has acknowledged it (RunBroken once its run broke)."""
+    def publish(self, event: TokenEvent, headers: Headers | None = None) -> asyncio.Future[None]:
+        """Queue an event (``headers``: its request's, with the trace context; else the plain ones); the future resolves
+        when the broker has acknowledged it (RunBroken once its run broke)."""
         value = self._codec.encode(event)
         run_id = event.run_id or None  # an event of no run (an Accepted) has no run to break
-        return self._put(_Item(self._topic, event.request_id.encode(), value, _HEADERS, run_id, self._future()))
+        item = _Item(self._topic, event.request_id.encode(), value, headers or _HEADERS, run_id, self._future())
+        return self._put(item)
 
     def send(self, topic: str, key: bytes, value: bytes, headers: list[tuple[str, bytes]]) -> asyncio.Future[None]:
         """Queue any other record (DLQ copies, model announcements) on the same ordered path."""
@@ -220,6 +222,7 @@ class RunStream:
     last: asyncio.Future[None] | None = None  # acknowledgement of the latest event sent
     sent_ids: list[int] = field(default_factory=list)  # tokens of the Deltas sent, in order
     sent_text: str = ""
+    headers: Headers | None = None  # the run's events' Kafka headers when they carry a trace context
 
     def emit(self, payload: Payload) -> asyncio.Future[None]:
         if self.broken:
@@ -229,7 +232,7 @@ class RunStream:
             return refused
         event = TokenEvent(self.request_id, self.run_id, self.seq, int(time.time() * 1000), payload)
         self.seq += 1
-        done = self.last = self.publisher.publish(event)
+        done = self.last = self.publisher.publish(event, self.headers)
         done.add_done_callback(self._watch)
         return done
 

@@ -15,6 +15,7 @@ from schemas.codec import Codec, default_codec
 from schemas.errors import DecodeError, TokenRelayError, ValidationError
 from schemas.ids import is_request_id, request_id_time_ms
 from schemas.records import PRIORITIES, InferenceRequest
+from services import tracing
 from services.kafka import start_client
 from services.logs import request_context
 from services.settings import Settings
@@ -179,14 +180,14 @@ class ServedModel:
         priority = self._priority_of.get(record.topic, INTERACTIVE)
         check_log = record.offset < self._assigned_end.get(tp, 0)
         if rid in self.core.cancelled:  # cancelled before it was read: it ends now, not in its turn
-            self.dispatcher.end_cancelled(Ticket(request, (tp, record), created_ms, priority, check_log))
+            self.dispatcher.end_cancelled(_ticket(request, tp, record, created_ms, priority, check_log))
             return
         holding = self.scheduler.holding(priority, request.tenant)
         # Requests with a deadline stay in memory: the worker must be able to end them at their deadline.
         if not reread and request.deadline_ms is None and self.deferred.should_defer(priority, request.tenant, holding):
             self.deferred.add(priority, request.tenant, (tp, record.offset), created_ms)
             return
-        ticket = Ticket(request, (tp, record), created_ms, priority, check_log)
+        ticket = _ticket(request, tp, record, created_ms, priority, check_log)
         if not self.dispatcher.queue(ticket, arrival=not reread):
             log.info("request %s: read again while it waits; the later record is dropped", rid)
             self._done(tp, record.offset)
@@ -437,6 +438,20 @@ class _Listener(ConsumerRebalanceListener):
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def _ticket(
+    request: InferenceRequest,
+    tp: TopicPartition,
+    record: ConsumerRecord[bytes, bytes],
+    created_ms: int,
+    priority: str,
+    check_log: bool,
+) -> Ticket:
+    ticket = Ticket(request, (tp, record), created_ms, priority, check_log)
+    if tracing.enabled():  # the request's trace context, and when its record was appended (its queue wait's start)
+        ticket.trace, ticket.appended_ms = tracing.record_trace(record.headers), record.timestamp
+    return ticket
 
 
 def _checked(request: InferenceRequest) -> InferenceRequest:

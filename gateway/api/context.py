@@ -38,10 +38,12 @@ from schemas.ids import parse_request_id, request_id_time_ms
 from schemas.models import LiveModel, ModelDirectory
 from schemas.records import Accepted, ChatMessage, ControlEvent, InferenceRequest, TokenEvent
 from schemas.sampling import SamplingParams
+from services import tracing
 from services.kafka import map_kafka_errors, record_headers
 from services.logs import bind_request
 from services.requests import submit_request
 from services.settings import Settings
+from services.tracing import NO_TRACE
 
 log = logging.getLogger(__name__)
 
@@ -230,14 +232,30 @@ def check_limits(model: LiveModel, sampling: SamplingParams, messages: tuple[Cha
 
 async def produce_request(gw: Gateway, req: InferenceRequest, accepted: Accepted | None = None) -> None:
     """Submit ``req`` within its key's quotas (RateLimited when over one); an ``accepted`` of the caller's is recorded
-    first (see ``submit_request``)."""
+    first (see ``submit_request``). Tracing on, this is the request's ``submit`` span, a child of the client's
+    context (see ``trace_middleware``), and its records carry the span's context."""
     bind_request(req.request_id)
+    if not tracing.enabled():
+        await _produce_request(gw, req, accepted, NO_TRACE)
+        return
+    attributes = {
+        **tracing.request_attributes(req),
+        "messaging.system": "kafka",
+        "messaging.operation.type": "send",
+        "messaging.destination.name": gw.settings.requests_topic_for(req.model, req.priority),
+    }
+    with tracing.current(tracing.start_span(tracing.SUBMIT, None, kind="producer", attributes=attributes)) as span:
+        await _produce_request(gw, req, accepted, tracing.trace_of(span))
 
+
+async def _produce_request(
+    gw: Gateway, req: InferenceRequest, accepted: Accepted | None, trace: tracing.TraceHeaders
+) -> None:
     async def submit() -> None:
         # Bounded: with the broker away, a send can wait for metadata longer than the producer's delivery timeout.
         with map_kafka_errors("cannot produce the request"):
             async with asyncio.timeout(gw.settings.producer_timeout_ms / 1000):
-                await submit_request(gw.producer, gw.settings, gw.codec, req, accepted)
+                await submit_request(gw.producer, gw.settings, gw.codec, req, accepted, trace=trace)
 
     if gw.quotas is None:
         await submit()
@@ -265,13 +283,15 @@ async def produce_event(gw: Gateway, event: TokenEvent) -> None:
 
 
 async def produce_cancel(gw: Gateway, request_id: str, reason: str) -> None:
+    """Send a cancel, with the request's trace context when tracing is on (else the client's, if it sent one)."""
     event = ControlEvent(request_id, "cancel", int(time.time() * 1000), reason)
+    trace = (gw.relay.trace_of(request_id) or tracing.current_trace()) if tracing.enabled() else NO_TRACE
     with map_kafka_errors("cannot send the cancel"):
         async with asyncio.timeout(gw.settings.producer_timeout_ms / 1000):
             await gw.producer.send_and_wait(
                 gw.settings.control_topic,
                 gw.codec.encode(event),
                 key=request_id.encode(),
-                headers=record_headers("ControlEvent"),
+                headers=record_headers("ControlEvent", trace),
             )
     log.info("request %s: cancel sent (%s)", request_id, reason)

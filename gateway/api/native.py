@@ -32,6 +32,7 @@ from gateway.api.context import (
     require_known,
     resolve_model,
 )
+from gateway.api.delivery import FirstByte, first_byte
 from gateway.api.validation import (
     NATIVE_SAMPLING_NAMES,
     PRIORITY_HEADER,
@@ -47,6 +48,7 @@ from gateway.fanout.cursor import Cursor, decode_cursor
 from gateway.fanout.sse import KEEPALIVE, PREAMBLE, frame
 from gateway.fanout.subscription import Subscription
 from schemas.view import EventName
+from services import tracing
 from services.requests import new_inference_request
 
 log = logging.getLogger(__name__)
@@ -109,13 +111,21 @@ async def events(request: web.Request) -> web.StreamResponse:
     try:
         if sub.error is None:
             require_known(gw, request_id, bool(sub.backlog) or gw.relay.entry(request_id).view.known)
-        return await stream_sse(request, gw, sub, headers)
+        if forwarded:  # the follower delivers: it learns the request's trace context from this answer
+            headers.update(tracing.as_http(gw.relay.trace_of(request_id)))
+            return await stream_sse(request, gw, sub, headers)
+        delivery = first_byte(request, gw, request_id, resumed=cursor is not None, api="native")
+        return await stream_sse(request, gw, sub, headers, delivery)
     finally:
         gw.relay.unsubscribe(sub)
 
 
 async def stream_sse(
-    request: web.Request, gw: Gateway, sub: Subscription, headers: dict[str, str] | None = None
+    request: web.Request,
+    gw: Gateway,
+    sub: Subscription,
+    headers: dict[str, str] | None = None,
+    delivery: FirstByte | None = None,
 ) -> web.StreamResponse:
     response = web.StreamResponse(
         headers={
@@ -143,6 +153,8 @@ async def stream_sse(
             sub.on_slow = transport.abort
         chunk = [PREAMBLE, *sub.preamble, *(o.framed for o in sub.backlog)]
         await response.write(b"".join(chunk))
+        if delivery is not None and delivery.pending:
+            delivery.wrote_all(o.event for o in sub.backlog)
         gw.metrics.events_delivered.inc(len(sub.backlog))
         if any(o.event.terminal for o in sub.backlog):
             return response
@@ -160,6 +172,8 @@ async def stream_sse(
             while not sub.queue.empty() and not batch[-1].event.terminal:
                 batch.append(sub.queue.get_nowait())
             await response.write(b"".join(o.framed for o in batch) if len(batch) > 1 else out.framed)
+            if delivery is not None and delivery.pending:
+                delivery.wrote_all(o.event for o in batch)
             now = time.time()
             gw.metrics.events_delivered.inc(len(batch))
             for o in batch:
@@ -170,6 +184,8 @@ async def stream_sse(
         log.debug("request %s: subscriber went away", sub.request_id)
     finally:
         gw.metrics.active_streams.dec()
+        if delivery is not None:
+            delivery.close()
     return response
 
 

@@ -27,6 +27,7 @@ from gateway.api.context import (
     require_key,
     resolve_model,
 )
+from gateway.api.delivery import first_byte
 from gateway.api.logprobs import Entry, chat_content, completions_logprobs, text_length
 from gateway.api.validation import (
     CHAT_SAMPLING_NAMES,
@@ -398,6 +399,7 @@ async def _stream(
         }
     )
     gw.metrics.active_streams.inc()
+    delivery = first_byte(request, gw, request_id, resumed=False, api="openai")
     ended = False
     try:
         # Headers wait for the first event: a request the worker refuses (its prompt is too long for the model, say)
@@ -415,14 +417,20 @@ async def _stream(
                 continue
             if isinstance(step, TextDelta):
                 await response.write(surface.delta(step))
+                if delivery is not None:
+                    delivery.wrote(ev)
                 continue
             ended = True
             await response.write(_last_frames(surface, step))
+            if delivery is not None:
+                delivery.wrote(ev)
             break
     except (ConnectionResetError, asyncio.CancelledError):
         pass
     finally:
         gw.metrics.active_streams.dec()
+        if delivery is not None:
+            delivery.close()
         if not ended:
             await cancel_quietly(gw, request_id)
     return response

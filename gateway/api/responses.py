@@ -31,6 +31,7 @@ from gateway.api.context import (
     require_key,
     resolve_model,
 )
+from gateway.api.delivery import first_byte
 from gateway.api.openai import TOO_SLOW, AnswerFold, cancel_quietly, follow
 from gateway.api.responses_body import CreateSpec, parse_create
 from gateway.api.responses_events import RESPONSE_PREFIX, ResponseEvents, ResponseOptions, item_id, response_id
@@ -168,6 +169,7 @@ async def _stream(
     sub: Subscription,
     *,
     foreground: bool = False,
+    resumed: bool = False,
 ) -> web.StreamResponse:
     """Stream the surface's frames; a foreground stream's client that leaves cancels the response. An idle stream
     gets a keep-alive comment every ``TOKENRELAY_KEEPALIVE_S``, as the native one does.
@@ -190,6 +192,7 @@ async def _stream(
 
     events = follow(request, sub, keepalive, gw.settings.keepalive_s)
     gw.metrics.active_streams.inc()
+    delivery = first_byte(request, gw, surface.request_id, resumed=resumed, api="responses")
     try:
         if not foreground:
             await _open(request, response, surface)
@@ -203,12 +206,16 @@ async def _stream(
                 break
             if frames := surface.feed(ev):
                 await response.write(frames)
+                if delivery is not None:
+                    delivery.wrote(ev)
             if surface.ended:
                 break
     except (ConnectionResetError, asyncio.CancelledError):
         pass
     finally:
         gw.metrics.active_streams.dec()
+        if delivery is not None:
+            delivery.close()
         if not surface.ended and foreground:
             await cancel_quietly(gw, surface.request_id)
     return response
@@ -317,7 +324,7 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
             if scratch.ended and scratch.seq - 1 <= after:
                 return web.Response(status=204, headers=cors_headers(request))
         if stream:
-            return await _stream(request, gw, surface, sub, foreground=False)
+            return await _stream(request, gw, surface, sub, foreground=False, resumed=after >= 0)
         for out in sub.backlog:
             surface.feed(out.event)
         return web.json_response(surface.object())

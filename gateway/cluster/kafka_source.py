@@ -86,7 +86,9 @@ class KafkaEventSource:
 
     @staticmethod
     async def _collect(records: AsyncIterator[ConsumerRecord[bytes, bytes]]) -> list[SourceRecord]:
-        return [SourceRecord(r.partition, r.offset, r.key, r.value or b"", r.timestamp) async for r in records]
+        return [
+            SourceRecord(r.partition, r.offset, r.key, r.value or b"", r.timestamp, r.headers) async for r in records
+        ]
 
     async def log_start(self, partition: int) -> int:
         consumer = await self._borrow()

@@ -24,6 +24,7 @@ from gateway.fanout.subscription import Out
 from gateway.metrics import GatewayMetrics
 from schemas.errors import CursorError
 from schemas.view import EventName, ViewEvent
+from services import tracing
 
 log = logging.getLogger(__name__)
 
@@ -230,6 +231,8 @@ class Follower:
                 raise UpstreamUntrusted(f"{base} answered without a valid proof")
             if response.status == 204:
                 return  # its last event here is the terminal one: nothing follows
+            if tracing.enabled() and (trace := tracing.http_trace(response.headers)):
+                entry.trace = trace  # the owner read it from the request's records
             state.attached.set()
             buffer = b""
             async for chunk in response.content.iter_any():

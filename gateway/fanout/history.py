@@ -20,6 +20,8 @@ from schemas.errors import DecodeError, ValidationError
 from schemas.ids import CLOCK_SKEW_MS, request_id_time_ms
 from schemas.records import TokenEvent
 from schemas.view import EventName, View
+from services import tracing
+from services.tracing import NO_TRACE, TraceHeaders
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,7 @@ class Entry:
     terminal: Out | None = None
     progress: asyncio.Event | None = None  # set (and dropped) at the next event; created by whoever waits
     failure: dict[str, str] | None = None  # a followed stream its owner would not (or could not prove to) give
+    trace: TraceHeaders = NO_TRACE  # the request's W3C trace context, from its records' headers (tracing on only)
 
 
 class History:
@@ -254,7 +257,7 @@ class History:
         stop = self.position(entry.partition)  # 0: the partition just moved away; the caller retries
         entry.pending = []
         try:
-            replayed = await self._replay(entry.partition, entry.request_id, stop)
+            replayed = await self._replay(entry.partition, entry.request_id, stop, entry)
             entry.view = View(entry.request_id)
             self.memory_count -= len(entry.outs)
             entry.outs.clear()
@@ -270,7 +273,7 @@ class History:
         """The request's events before ``first_in_memory``, read from Kafka."""
         view = View(entry.request_id)
         prefix = []
-        for offset, ev in await self._replay(entry.partition, entry.request_id, first_in_memory):
+        for offset, ev in await self._replay(entry.partition, entry.request_id, first_in_memory, entry):
             if (view_event := view.feed(offset, ev)) is not None:
                 prefix.append(make_out(entry.partition, entry.request_id, view_event))
         return prefix
@@ -282,11 +285,16 @@ class History:
             view.feed(offset, ev)
         return view
 
-    async def _replay(self, partition: int, request_id: str, stop: int) -> list[tuple[int, TokenEvent]]:
-        """The request's decodable events in ``partition`` before offset ``stop``, read from Kafka."""
+    async def _replay(
+        self, partition: int, request_id: str, stop: int, entry: Entry | None = None
+    ) -> list[tuple[int, TokenEvent]]:
+        """The request's decodable events in ``partition`` before offset ``stop``, read from Kafka (and the trace
+        context they carry into ``entry``)."""
         records = await self.source.replay(partition, start_time(request_id), stop, request_id.encode())
         events = []
         for record in records:
+            if entry is not None and not entry.trace and tracing.enabled():
+                entry.trace = tracing.record_trace(record.headers)
             with contextlib.suppress(DecodeError):
                 events.append((record.offset, self.codec.decode_event(record.value)))
         return events

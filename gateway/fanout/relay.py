@@ -24,6 +24,8 @@ from schemas.codec import Codec, default_codec
 from schemas.errors import CursorError, DecodeError, KafkaUnavailable, NotOwner, UnknownSchemaId
 from schemas.partitioning import partition_for_key
 from schemas.view import View
+from services import tracing
+from services.tracing import NO_TRACE, TraceHeaders
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +144,8 @@ class Relay:
             return  # nobody watches it: not decoded; a subscriber backfills it from Kafka
         if record.value is None:
             return
+        if not entry.trace and tracing.enabled():
+            entry.trace = tracing.record_trace(record.headers)
         try:
             ev = self.codec.decode_event(record.value)
         except DecodeError as exc:
@@ -209,6 +213,11 @@ class Relay:
     def entry(self, request_id: str) -> Entry:
         partition = self.partition_of(request_id)
         return self.history.entry(request_id, partition, self.since_ms.get(partition))
+
+    def trace_of(self, request_id: str) -> TraceHeaders:
+        """The request's W3C trace context as its records carry it, when this gateway holds it (tracing on only)."""
+        entry = self.history.entries.get(request_id)
+        return entry.trace if entry is not None else NO_TRACE
 
     def subscriber_count(self, request_id: str) -> int:
         """Subscriptions attached to the request now: from then on each gets every live event."""

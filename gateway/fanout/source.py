@@ -14,6 +14,7 @@ class SourceRecord:
     key: bytes | None
     value: bytes
     timestamp_ms: int
+    headers: Sequence[tuple[str, bytes]] = ()
 
 
 class Record(Protocol):
@@ -27,6 +28,8 @@ class Record(Protocol):
     def key(self) -> bytes | None: ...
     @property
     def value(self) -> bytes | None: ...
+    @property
+    def headers(self) -> Sequence[tuple[str, bytes]]: ...
 
 
 class EventSource(Protocol):

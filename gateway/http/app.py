@@ -15,6 +15,7 @@ from gateway.api import native, openai, responses
 from gateway.api.context import GATEWAY, Gateway, error_body, gateway_of
 from gateway.http import pages
 from schemas.errors import BodyTooLarge, TokenRelayError
+from services import tracing
 from services.logs import request_context
 
 log = logging.getLogger(__name__)
@@ -142,12 +143,20 @@ async def ratelimit_headers(request: web.Request, response: web.StreamResponse) 
         response.headers.update(gw.quotas.headers(tenant))
 
 
+@web.middleware
+async def trace_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Tracing on: the W3C context the client sent (``traceparent``) is current while its request is handled, so a
+    submit span is its child."""
+    with tracing.attached(tracing.http_trace(request.headers)):
+        return await handler(request)
+
+
 def build_app(gateway: Gateway) -> web.Application:
     """The routes over an assembled Gateway (its relay and producer are started by the caller)."""
-    app = web.Application(
-        client_max_size=gateway.settings.max_body_bytes,
-        middlewares=[cors_middleware(gateway.settings.cors_origins), errors_middleware],
-    )
+    middlewares = [cors_middleware(gateway.settings.cors_origins), errors_middleware]
+    if tracing.enabled():
+        middlewares.append(trace_middleware)
+    app = web.Application(client_max_size=gateway.settings.max_body_bytes, middlewares=middlewares)
     app[GATEWAY] = gateway
     app.on_response_prepare.append(ratelimit_headers)
     app.router.add_post("/v1/requests", native.submit)

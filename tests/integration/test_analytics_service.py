@@ -18,6 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.local.broker.runner import free_port
+from services.local.process import spawn
 from services.settings import Settings
 from services.topics import ensure_topics
 from tests.integration.scripted_events import barrier, produce, script
@@ -49,7 +50,7 @@ class Analytics:
 
     def start(self) -> None:
         with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
+            self.proc = spawn(
                 [sys.executable, "-m", "services.cli", "analytics"], env=self.env, cwd=ROOT, stdout=out, stderr=out
             )
 

@@ -23,7 +23,7 @@ from schemas.ids import new_request_id
 from schemas.records import ChatMessage, Delta, Failed, Finished, InferenceRequest, Started, TokenEvent
 from schemas.sampling import SamplingParams
 from services.kafka import make_consumer, start_client
-from services.local.process import quiet_env, terminate
+from services.local.process import quiet_env, spawn, terminate
 from services.settings import Settings
 from tests.integration.test_worker_failover import client_view
 from tests.integration.worker_helpers import cancel, collect, collect_records, produce, wait_announced
@@ -69,7 +69,7 @@ class Engine:
 
     def start(self, settings: Settings, worker: str) -> subprocess.Popen[bytes]:
         with open(self.logs / f"{worker}.log", "ab") as log:  # the child keeps its own descriptor
-            return subprocess.Popen(
+            return spawn(
                 [self.python, "-m", "workers.main"], cwd=ROOT, env=self.env(settings, worker), stdout=log, stderr=log
             )
 

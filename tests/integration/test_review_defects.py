@@ -31,7 +31,7 @@ from schemas.records import Accepted, InferenceRequest, ModelInfo, TokenEvent
 from schemas.view import replay
 from services.kafka import make_consumer, make_producer, record_headers, start_client
 from services.local.broker.runner import free_port
-from services.local.process import quiet_env
+from services.local.process import quiet_env, spawn
 from services.settings import Settings
 from services.topics import ensure_topics
 from tests.integration.conftest import LocalBrokerFactory
@@ -297,7 +297,7 @@ def logged_worker(settings: Settings, log_path: Path) -> subprocess.Popen[bytes]
     """A synthetic-engine worker whose stderr goes to ``log_path`` (and nothing to the test's stdout)."""
     env = quiet_env(settings, TOKENRELAY_ENGINE="synthetic", TOKENRELAY_WORKER_METRICS_PORT="0")
     with open(log_path, "wb") as log_file:
-        return subprocess.Popen(
+        return spawn(
             [sys.executable, "-m", "workers.main"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log_file
         )
 

@@ -18,7 +18,7 @@ from schemas.partitioning import partition_for_key
 from schemas.records import Delta, Finished, InferenceRequest, Started
 from schemas.sampling import SamplingParams
 from services.kafka import make_consumer, start_client
-from services.local.process import quiet_env
+from services.local.process import quiet_env, spawn
 from services.settings import Settings
 from services.topics import ensure_topics
 from tests.integration.secure_support import SECURE_TOO, as_role, secured, security
@@ -80,7 +80,7 @@ async def kill_when_mid_generation(settings: Settings, victim: subprocess.Popen[
         await consumer.stop()
 
 
-def spawn(settings: Settings, model_dir: Path, name: str) -> subprocess.Popen[bytes]:
+def start_worker(settings: Settings, model_dir: Path, name: str) -> subprocess.Popen[bytes]:
     env = quiet_env(
         as_role(settings, "worker"),
         TOKENRELAY_MODEL=str(model_dir),
@@ -92,7 +92,7 @@ def spawn(settings: Settings, model_dir: Path, name: str) -> subprocess.Popen[by
         TOKENRELAY_WORKER_SESSION_TIMEOUT_MS=SESSION_TIMEOUT_MS,
         TOKENRELAY_TEST_STEP_DELAY_S=STEP_DELAY_S,
     )
-    return subprocess.Popen([sys.executable, "-m", "tests.integration.slow_worker"], cwd=ROOT, env=env)
+    return spawn([sys.executable, "-m", "tests.integration.slow_worker"], cwd=ROOT, env=env)
 
 
 @SECURE_TOO
@@ -113,7 +113,7 @@ async def test_sigkill_one_of_two_workers_mid_generation(
     model_dir = tiny_model_dir
     requests = balanced_requests()
     ids = [r.request_id for r in requests]
-    workers = [spawn(settings, model_dir, "w1"), spawn(settings, model_dir, "w2")]
+    workers = [start_worker(settings, model_dir, "w1"), start_worker(settings, model_dir, "w2")]
     started = time.monotonic()
     try:
         await wait_group_members(settings, 2)  # both hold partitions before the work arrives

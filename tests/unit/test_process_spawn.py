@@ -1,4 +1,5 @@
-"""A child tied to its parent dies with the process, not with the thread that happened to start it."""
+"""Children tied to their parent die with the process, not with the thread that started them; a stop that hangs
+ends at its deadline."""
 
 from __future__ import annotations
 
@@ -69,3 +70,16 @@ def test_spawn_runs_the_extra_preexec_in_the_child() -> None:
     )
     out, _ = proc.communicate(timeout=30)
     assert out.strip() == "set-in-child"
+
+
+def test_a_stop_that_hangs_ends_at_its_deadline_and_arming_twice_changes_nothing() -> None:
+    """services.lifecycle.exit_after: the process exits 1 even while its main thread is stuck."""
+    code = (
+        "import time; from services.lifecycle import exit_after; "
+        "exit_after(0.5, 'test'); exit_after(600, 'test'); time.sleep(600)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=Path(__file__).parents[2], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 1
+    assert "did not stop cleanly" in proc.stderr

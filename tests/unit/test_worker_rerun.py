@@ -10,6 +10,7 @@ import pytest
 from schemas.ids import new_request_id
 from schemas.records import ChatMessage, Delta, Failed, Finished, InferenceRequest, Started, TokenEvent
 from schemas.sampling import SamplingParams
+from services.kafka import Headers
 from workers.admission import Admission, Limits, Refusal
 from workers.control import CancelledIds
 from workers.core import ModelCore
@@ -29,7 +30,7 @@ class Recorder:
         self.events: list[TokenEvent] = []
         self.fail_seq: dict[str, int] = {}
 
-    def publish(self, event: TokenEvent) -> asyncio.Future[None]:
+    def publish(self, event: TokenEvent, headers: Headers | None = None) -> asyncio.Future[None]:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if self.fail_seq.get(event.request_id) == event.seq:
             done.set_exception(ConnectionError("broker gone"))
