@@ -12,7 +12,7 @@ from typing import Any
 
 from schemas.errors import EngineRefused
 from schemas.records import TokenLogprob
-from schemas.structured import tool_names, tools_of
+from schemas.structured import tools_of
 from workers.engine.detokenizer import IncrementalDetokenizer
 from workers.engine.stops import StopMatcher
 from workers.engine.types import Turn
@@ -35,11 +35,14 @@ class TextCodec:
         if messages:
             chat = [template_turn(m) for m in messages]
             functions = tools_of(tools) or None
-            text = self.tokenizer.apply_chat_template(chat, tools=functions, add_generation_prompt=True, tokenize=False)
-            if functions and not all(name in text for name in tool_names(tools)):
+            text = self._render(chat, functions)
+            if functions and text == self._render(chat, None):
                 raise EngineRefused("this model's chat template does not show tools to the model; send no tools")
             return [int(t) for t in self.tokenizer(text, add_special_tokens=False)["input_ids"]]
         return [int(t) for t in self.tokenizer(prompt)["input_ids"]]
+
+    def _render(self, chat: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> str:
+        return str(self.tokenizer.apply_chat_template(chat, tools=tools, add_generation_prompt=True, tokenize=False))
 
     def decode(self, ids: Sequence[int]) -> str:
         if self._rust is not None:
