@@ -268,3 +268,10 @@ def test_the_chat_template_shows_tools_or_the_request_is_refused(qwen: Engine, t
     plain.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     with pytest.raises(EngineRefused, match="does not show tools"):
         TextCodec(plain).encode_prompt("", turns[:1], tools)
+
+
+def test_a_malformed_record_is_refused_before_it_starts(qwen: Engine) -> None:
+    for fields in ({"response_format": "{not json"}, {"tools": "[]", "tool_choice": '"required"'}):
+        with pytest.raises(EngineRefused) as caught:
+            qwen.prepare(SamplingParams(8, **fields))  # type: ignore[arg-type]
+        assert caught.value.code == "response_format_invalid"

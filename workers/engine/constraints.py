@@ -38,7 +38,9 @@ class Matcher:
     def fill(self, bitmask: torch.Tensor, row: int) -> None:
         """Write the tokens allowed next into row ``row`` of ``bitmask`` (one bit per token)."""
         self._matcher.fill_next_token_bitmask(bitmask, row)
-        bitmask[row] &= self._allowed
+        words = self._allowed.numel()
+        bitmask[row, :words] &= self._allowed
+        bitmask[row, words:] = 0  # logits wider than the vocabulary (a padded output layer): never those
 
     def accept(self, token: int) -> bool:
         """Advance over ``token``; False (the state unchanged) when the grammar does not allow it."""

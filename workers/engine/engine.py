@@ -197,7 +197,12 @@ class Engine:
         refusal = unsupported(params, SUPPORTED, "built-in")
         if refusal is not None:
             raise refusal
-        constraint = constraint_of(params.response_format, params.tools, params.tool_choice)
+        try:
+            constraint = constraint_of(params.response_format, params.tools, params.tool_choice)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:  # a record written past the gateway's checks
+            raise EngineRefused(
+                f"response_format, tools or tool_choice is malformed: {exc}", code="response_format_invalid"
+            ) from None
         if constraint is not None:
             self.grammars.compile(constraint)
 
