@@ -46,6 +46,9 @@ def engine_args(settings: Settings, model_path: str, device: str) -> dict[str, A
         # built-in engine gives them; vLLM's default is the raw model's.
         "logprobs_mode": "processed_logprobs",
         "max_logprobs": MAX_TOP_LOGPROBS,
+        # Structured outputs as the built-in engine makes them: xgrammar, compact JSON (no free whitespace that a
+        # model could pad its answer with up to max_tokens; vLLM reads this per engine, not per request).
+        "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
     }
     if settings.kv_cache_mb:
         args["kv_cache_memory_bytes"] = settings.kv_cache_mb << 20
@@ -254,6 +257,7 @@ def load(settings: Settings, name: str, source: str) -> VllmEngine:
     """The vLLM engine of one served model (its registry entry)."""
     try:
         from transformers import AutoTokenizer
+        from vllm.config import StructuredOutputsConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -268,6 +272,7 @@ def load(settings: Settings, name: str, source: str) -> VllmEngine:
     device = str(current_platform.device_type or "cpu")
     args = engine_args(settings, path, device)
     log.info("model %s: starting vLLM on %s (%s)", name, device, args)
+    args["structured_outputs_config"] = StructuredOutputsConfig(**args["structured_outputs_config"])
     llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
     tokenizer = AutoTokenizer.from_pretrained(path)
     eos = {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
