@@ -40,6 +40,7 @@ from gateway.api.validation import (
     parse_stream_flags,
     parse_structured,
 )
+from gateway.fanout.sse import KEEPALIVE
 from gateway.fanout.subscription import Subscription
 from schemas.errors import ClientClosed, TokenRelayError, ended_with
 from schemas.records import ChatMessage, InferenceRequest
@@ -336,10 +337,9 @@ async def answer(
     assert sub is not None  # no cursor: a subscription always starts
     try:
         await produce_request(gw, req)
-        events = follow(request, sub)
         if stream:
-            return await _stream(request, gw, req.request_id, fold, surface, events)
-        return await _whole(gw, req.request_id, fold, surface, events)
+            return await _stream(request, gw, req.request_id, fold, surface, sub)
+        return await _whole(gw, req.request_id, fold, surface, follow(request, sub))
     finally:
         gw.relay.unsubscribe(sub)
 
@@ -382,14 +382,28 @@ async def follow(
             return
 
 
+def follow_streamed(
+    request: web.Request, sub: Subscription, response: web.StreamResponse, idle_s: float
+) -> AsyncIterator[ViewEvent | None]:
+    """``follow`` for a stream: a `: keepalive` comment every ``idle_s`` while idle, once its headers are out."""
+
+    async def keepalive() -> None:
+        if response.prepared:
+            await response.write(KEEPALIVE)
+
+    return follow(request, sub, keepalive, idle_s)
+
+
 async def _stream(
     request: web.Request,
     gw: Gateway,
     request_id: str,
     fold: AnswerFold,
     surface: Surface,
-    events: AsyncIterator[ViewEvent | None],
+    sub: Subscription,
 ) -> web.StreamResponse:
+    """The surface's frames as the events come; a `: keepalive` comment every ``TOKENRELAY_KEEPALIVE_S`` while idle
+    once the headers are out (they wait for the first event, see below)."""
     response = web.StreamResponse(
         headers={
             "Content-Type": "text/event-stream; charset=utf-8",
@@ -398,6 +412,7 @@ async def _stream(
             **cors_headers(request),
         }
     )
+    events = follow_streamed(request, sub, response, gw.settings.keepalive_s)
     gw.metrics.active_streams.inc()
     delivery = first_byte(request, gw, request_id, resumed=False, api="openai")
     ended = False

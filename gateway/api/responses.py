@@ -32,11 +32,10 @@ from gateway.api.context import (
     resolve_model,
 )
 from gateway.api.delivery import first_byte
-from gateway.api.openai import TOO_SLOW, AnswerFold, cancel_quietly, follow
+from gateway.api.openai import TOO_SLOW, AnswerFold, cancel_quietly, follow, follow_streamed
 from gateway.api.responses_body import CreateSpec, parse_create
 from gateway.api.responses_events import RESPONSE_PREFIX, ResponseEvents, ResponseOptions, item_id, response_id
 from gateway.api.validation import PRIORITY_HEADER, parse_priority
-from gateway.fanout.sse import KEEPALIVE
 from gateway.fanout.subscription import Subscription
 from schemas.errors import ClientClosed, Conflict, FieldError, NotFound, Unsupported, ValidationError, ended_with
 from schemas.ids import parse_request_id, request_id_time_ms
@@ -185,12 +184,7 @@ async def _stream(
             **cors_headers(request),
         }
     )
-
-    async def keepalive() -> None:
-        if response.prepared:
-            await response.write(KEEPALIVE)
-
-    events = follow(request, sub, keepalive, gw.settings.keepalive_s)
+    events = follow_streamed(request, sub, response, gw.settings.keepalive_s)
     gw.metrics.active_streams.inc()
     delivery = first_byte(request, gw, surface.request_id, resumed=resumed, api="responses")
     try:
@@ -324,7 +318,7 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
             if scratch.ended and scratch.seq - 1 <= after:
                 return web.Response(status=204, headers=cors_headers(request))
         if stream:
-            return await _stream(request, gw, surface, sub, foreground=False, resumed=after >= 0)
+            return await _stream(request, gw, surface, sub, resumed=after >= 0)
         for out in sub.backlog:
             surface.feed(out.event)
         return web.json_response(surface.object())

@@ -121,6 +121,9 @@ def build_timeline(
     runs: dict[str, RunInfo] = {}
     for where, ev in events:
         change = fold.feed(ev)
+        if isinstance(ev.payload, Deleted):  # it changes no run (RunLog.feed answers None): shown where it is
+            t.steps.append(Step("deleted", ev.ts_ms, where, "", {"tenant": ev.payload.tenant}))
+            continue
         if change is None:
             continue
         run = runs.get(ev.run_id)
@@ -164,7 +167,7 @@ def build_timeline(
                 if run is not None:
                     run.ended = t.status
             case Deleted():
-                t.steps.append(Step("deleted", ev.ts_ms, where, "", {}))
+                pass  # above
             case _:
                 assert_never(p)
     if not fold.known:

@@ -270,6 +270,42 @@ async def test_cancel_ends_the_run_cancelled_before_its_length(engine: Engine, s
     assert ids == engine.offline[LONG[0]][: len(ids)]
 
 
+async def test_logprobs_penalties_and_choices_reach_the_engine(engine: Engine, served: Served) -> None:
+    """Greedy logprobs rank each token first; a -100 logit bias removes the offline first token; n=2 sampled choices
+    both end and count in the usage (vLLM refuses n > 1 when greedy)."""
+    settings = await served.wait()
+    prompt = SHORT[0]
+    first = engine.offline[prompt][0]
+    asked = {
+        "logprobs": InferenceRequest(
+            new_request_id(), prompt, 8, model=SERVED, temperature=0.0, logprobs=True, top_logprobs=2
+        ),
+        "bias": InferenceRequest(
+            new_request_id(), prompt, 4, model=SERVED, temperature=0.0, logit_bias={str(first): -100}
+        ),
+        "n": InferenceRequest(new_request_id(), prompt, 6, model=SERVED, temperature=0.8, seed=3, n=2, min_p=0.05),
+    }
+    await produce(settings, list(asked.values()))
+    events = await collect(settings, [r.request_id for r in asked.values()], timeout_s=120)
+    ids, _, terminal = run_of(events[asked["logprobs"].request_id])
+    assert isinstance(terminal, Finished) and ids == engine.offline[prompt][: len(ids)]
+    logprobs = [
+        lp for e in events[asked["logprobs"].request_id] if isinstance(e.payload, Delta) for lp in e.payload.logprobs
+    ]
+    assert [lp.token_id for lp in logprobs] == ids
+    assert all(len(lp.top) == 2 and lp.top[0].token_id == lp.token_id and lp.token_bytes for lp in logprobs)
+    biased, _, _ = run_of(events[asked["bias"].request_id])
+    assert biased and first not in biased
+    chosen = events[asked["n"].request_id]
+    counts = {
+        i: sum(len(e.payload.token_ids) for e in chosen if isinstance(e.payload, Delta) and e.payload.index == i)
+        for i in (0, 1)
+    }
+    end = chosen[-1].payload
+    assert isinstance(end, Finished) and len(end.choice_finish_reasons) == 2
+    assert end.usage.completion_tokens == counts[0] + counts[1]
+
+
 @pytest.mark.parametrize(
     ("fields", "code"),
     [

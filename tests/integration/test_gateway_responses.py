@@ -211,7 +211,7 @@ async def test_create_retrieve_cancel_keys_and_refusals(kafka_bootstrap: str, to
         refused: list[dict[str, Any]] = [
             {"tools": [{"type": "function", "name": "f", "parameters": {}}]},
             {"reasoning": {"effort": "high"}},
-            {"previous_response_id": whole.id},
+            {"include": ["reasoning.encrypted_content"]},
             {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "http://x/y.png"}]}]},
         ]
         for extra in refused:

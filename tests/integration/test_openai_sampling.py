@@ -208,6 +208,8 @@ async def test_responses_state_round_trip(stack: tuple[GatewayProcess, str]) -> 
         part: Any = first.output[0].content[0]  # type: ignore[union-attr,index]
         assert part.type == "output_text" and part.logprobs and all(len(lp.top_logprobs) == 2 for lp in part.logprobs)
         again = await api.responses.retrieve(first.id)
+        kept: Any = again.output[0].content[0]  # type: ignore[union-attr,index]
+        assert [(lp.token, lp.logprob) for lp in kept.logprobs] == [(lp.token, lp.logprob) for lp in part.logprobs]
         assert again.instructions == "Answer briefly." and again.temperature == 0 and again.max_output_tokens == 8
         assert again.text is not None and again.text.format is not None and again.text.format.type == "text"
         items = await api.responses.input_items.list(first.id)

@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 from gateway.api.openai import AnswerFold, Completed, Completions, Failed, Rewritten, TextDelta
-from schemas.records import Delta, Finished, Started, TokenEvent, Usage
+from schemas.records import Delta, Finished, Started, TokenEvent, TokenLogprob, TopLogprob, Usage
 from schemas.records import Failed as FailedRecord
 from schemas.view import EventName, replay
 
@@ -109,3 +109,67 @@ def test_stream_failure_is_in_band_then_done() -> None:
         {"error": {"code": "too_slow", "message": "x", "type": "server_error"}},
         "[DONE]",
     ]
+
+
+def _lp(token: int, text: str, logprob: float) -> TokenLogprob:
+    return TokenLogprob(
+        token, logprob, (TopLogprob(token, logprob, text.encode()), TopLogprob(9, -5.0, b"\xe6")), text.encode()
+    )
+
+
+CHOICES = log(
+    ("r1", 0, Started("w", "m", 3, 1)),
+    ("r1", 1, Delta("He", (1,), 0, (_lp(1, "He", -0.5),))),
+    ("r1", 2, Delta("Yo", (2,), 1, (_lp(2, "Yo", -0.25),))),
+    ("r1", 3, Delta("y", (3,), 0, (_lp(3, "y", -1.0),))),
+    ("r1", 4, Finished("stop", Usage(3, 3), choice_finish_reasons=("length", "stop"))),
+)
+
+
+def test_choices_and_logprobs_whole_in_the_chat_and_completions_shapes() -> None:
+    for chat in (True, False):
+        fold = AnswerFold("m")
+        surface = Completions(fold, RID, chat, n=2, logprobs=True)
+        end = None
+        for ev in replay(RID, CHOICES):
+            step = fold.feed(ev.event, ev.data)
+            end = step if isinstance(step, Completed) else end
+        assert end is not None
+        body = surface.whole(end)
+        assert [c["finish_reason"] for c in body["choices"]] == ["length", "stop"]
+        first = body["choices"][0]
+        if chat:
+            assert [c["message"]["content"] for c in body["choices"]] == ["Hey", "Yo"]
+            content = first["logprobs"]["content"]
+            assert [(e["token"], e["logprob"], e["bytes"]) for e in content] == [
+                ("He", -0.5, [72, 101]),
+                ("y", -1.0, [121]),
+            ]
+            assert content[0]["top_logprobs"][1] == {"token": "bytes:\\xe6", "logprob": -5.0, "bytes": [230]}
+        else:
+            assert [c["text"] for c in body["choices"]] == ["Hey", "Yo"]
+            assert first["logprobs"] == {
+                "tokens": ["He", "y"],
+                "token_logprobs": [-0.5, -1.0],
+                "top_logprobs": [{"He": -0.5, "bytes:\\xe6": -5.0}, {"y": -1.0, "bytes:\\xe6": -5.0}],
+                "text_offset": [0, 2],
+            }
+
+
+def test_choices_stream_with_their_index_and_each_ends_once() -> None:
+    fold = AnswerFold("m")
+    surface = Completions(fold, RID, True, n=2, logprobs=True)
+    chunks = frames(surface.opening())
+    for ev in replay(RID, CHOICES):
+        step = fold.feed(ev.event, ev.data)
+        if isinstance(step, TextDelta):
+            chunks += frames(surface.delta(step))
+        elif isinstance(step, Completed):
+            chunks += frames(surface.completed(step))
+    choices = [c["choices"][0] for c in chunks if isinstance(c, dict) and c.get("choices")]
+    assert [c["delta"].get("role") for c in choices[:2]] == ["assistant", "assistant"]
+    texts = {i: "".join(c["delta"].get("content") or "" for c in choices if c["index"] == i) for i in (0, 1)}
+    assert texts == {0: "Hey", 1: "Yo"}
+    assert [(c["index"], c["finish_reason"]) for c in choices if c["finish_reason"]] == [(0, "length"), (1, "stop")]
+    streamed = [e["token"] for c in choices if c["logprobs"] for e in c["logprobs"]["content"]]
+    assert streamed == ["He", "Yo", "y"]

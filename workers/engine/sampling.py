@@ -102,18 +102,27 @@ def _penalize(logits: torch.Tensor, rows: list[RowSampler]) -> torch.Tensor:
         return logits
     vocab, device = logits.shape[-1], logits.device
     state = [rows[i]._penalty_state(vocab, device) for i in penalized]
-    counts = torch.stack([c for c, _ in state])
-    seen = torch.stack([s for _, s in state])
+    every = len(penalized) == len(rows)
     index = torch.tensor(penalized, device=device)
-    scores = logits.index_select(0, index)
+    scores = logits if every else logits.index_select(0, index)
+    params = [rows[i].params for i in penalized]
 
-    def column(name: str) -> torch.Tensor:
-        return torch.tensor([getattr(rows[i].params, name) for i in penalized], device=device).unsqueeze(-1)
+    def column(values: list[float]) -> torch.Tensor:
+        return torch.tensor(values, device=device).unsqueeze(-1)
 
-    repetition = column("repetition_penalty")
-    scores = torch.where(seen, torch.where(scores > 0, scores / repetition, scores * repetition), scores)
-    scores = scores - column("frequency_penalty") * counts - column("presence_penalty") * (counts > 0).float()
-    return logits.index_copy(0, index, scores)
+    if any(p.repetition_penalty != 1.0 for p in params):
+        repetition = column([p.repetition_penalty for p in params])
+        seen = torch.stack([s for _, s in state])
+        factor = torch.where(scores > 0, 1.0 / repetition, repetition)
+        scores = scores * torch.where(seen, factor, 1.0)
+    if any(p.frequency_penalty or p.presence_penalty for p in params):
+        counts = torch.stack([c for c, _ in state])
+        frequency, presence = (
+            column([p.frequency_penalty for p in params]),
+            column([p.presence_penalty for p in params]),
+        )
+        scores = scores - frequency * counts - presence * (counts > 0).float()
+    return scores if every else logits.index_copy(0, index, scores)
 
 
 def _logprobs(logits: torch.Tensor, rows: list[RowSampler], tokens: list[int]) -> list[TokenLogprob | None]:

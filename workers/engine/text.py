@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import re
 from collections.abc import Sequence
@@ -11,7 +10,7 @@ from functools import cache
 from typing import Any
 
 from schemas.errors import EngineRefused
-from schemas.records import TokenLogprob
+from schemas.records import TokenLogprob, TopLogprob
 from schemas.structured import tools_of
 from workers.engine.detokenizer import IncrementalDetokenizer
 from workers.engine.stops import StopMatcher
@@ -67,8 +66,8 @@ class TextCodec:
 
     def with_bytes(self, logprob: TokenLogprob) -> TokenLogprob:
         """A sampled token's logprob with the bytes of it and of its alternatives (what OpenAI's answers show)."""
-        top = tuple(dataclasses.replace(t, token_bytes=self.token_bytes(t.token_id)) for t in logprob.top)
-        return dataclasses.replace(logprob, token_bytes=self.token_bytes(logprob.token_id), top=top)
+        top = tuple(TopLogprob(t.token_id, t.logprob, self.token_bytes(t.token_id)) for t in logprob.top)
+        return TokenLogprob(logprob.token_id, logprob.logprob, top, self.token_bytes(logprob.token_id))
 
 
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import subprocess
@@ -25,10 +26,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CPU_KV_CACHE_MB = 1024  # vLLM's CPU KV cache when TOKENRELAY_KV_CACHE_MB is 0
-# What vLLM does beyond the basic sampling parameters (workers.engine.types.OPTIONS); n > 1 is not mapped yet.
+# What vLLM does beyond the basic sampling parameters (workers.engine.types.OPTIONS).
 SUPPORTED = frozenset(
     {"presence_penalty", "frequency_penalty", "repetition_penalty", "min_p", "logit_bias", "logprobs", "top_logprobs"}
     | {"response_format", "tools", "tool_choice"}
+    | {"n"}
 )
 
 
@@ -62,6 +64,7 @@ def engine_args(settings: Settings, model_path: str, device: str) -> dict[str, A
 def sampling_params(params: SamplingParams, max_tokens: int) -> Any:
     """vLLM's SamplingParams for ours; stop strings stay with the worker (they must see an earlier run's text)."""
     from vllm import SamplingParams as VllmSamplingParams
+    from vllm.exceptions import VLLMValidationError
     from vllm.sampling_params import RequestOutputKind
 
     refusal = unsupported(params, SUPPORTED, "vLLM")
@@ -71,7 +74,7 @@ def sampling_params(params: SamplingParams, max_tokens: int) -> Any:
     try:
         return VllmSamplingParams(
             structured_outputs=structured_outputs(constraint) if constraint is not None else None,
-            n=1,
+            n=params.n,
             max_tokens=max_tokens,
             temperature=params.temperature,
             top_p=params.top_p,
@@ -86,7 +89,7 @@ def sampling_params(params: SamplingParams, max_tokens: int) -> Any:
             output_kind=RequestOutputKind.DELTA,
             detokenize=False,
         )
-    except ValueError as exc:  # vLLM's validation errors are ValueErrors: say which parameter it cannot take
+    except (ValueError, VLLMValidationError) as exc:  # say which parameter it cannot take (e.g. n > 1 when greedy)
         raise EngineRefused(f"the vLLM engine cannot take these sampling parameters: {exc}") from exc
 
 
@@ -146,28 +149,51 @@ class VllmEngine:
         if done and constraint_of(p.response_format, p.tools, p.tool_choice) is not None:
             # vLLM would start the grammar over at the continued tokens (they are prompt to it): refuse, not garble.
             raise EngineRefused("the vLLM engine cannot continue a structured output after a worker death")
-        # A continued run: the earlier runs' tokens extend the prompt (exact for greedy requests).
+        n = request.params.n
+        # A continued run: the earlier runs' tokens extend the prompt (exact for greedy requests). With n > 1 choices
+        # vLLM prefills the prompt once and forks it for each choice; each choice has its own text.
         params = sampling_params(request.params, request.params.max_tokens - done)
-        text = TextStream(self.codec, request.params.stop, request.resume_ids, request.resume_text)
+        texts = [TextStream(self.codec, request.params.stop, request.resume_ids, request.resume_text) for _ in range(n)]
+        ended: dict[int, str] = {}
         prompt = {"prompt_token_ids": [*request.prompt_ids, *request.resume_ids]}
         self._live.add(rid)
         outputs = self.llm.generate(prompt, params, rid)
         try:
             async for out in outputs:
-                completion = out.outputs[0]
-                ids = list(completion.token_ids)
-                reason = completion.finish_reason
-                if reason == "stop" and completion.stop_reason is None and ids and ids[-1] in self.eos_ids:
-                    ids.pop()  # the end-of-sequence token is not part of the answer (as in the built-in engine)
-                logprobs = tuple(
-                    self.codec.with_bytes(lp) for lp in _logprobs(ids, completion.logprobs, request.params.top_logprobs)
-                )
-                step = _step_output(rid, ids, text, reason, logprobs)
-                if step.finish_reason is None and rid in self._aborted:
-                    yield StepOutput(rid, step.token_ids, step.text + text.final(), "aborted", logprobs=step.logprobs)
-                    return
-                yield step
-                if step.finish_reason is not None:
+                steps: list[StepOutput] = []
+                for completion in out.outputs:
+                    index = int(getattr(completion, "index", 0))
+                    if index in ended:
+                        continue  # cut by a stop string here while vLLM went on
+                    ids = list(completion.token_ids)
+                    reason = completion.finish_reason
+                    if reason == "stop" and completion.stop_reason is None and ids and ids[-1] in self.eos_ids:
+                        ids.pop()  # the end-of-sequence token is not part of the answer (as in the built-in engine)
+                    top = request.params.top_logprobs
+                    logprobs = tuple(self.codec.with_bytes(lp) for lp in _logprobs(ids, completion.logprobs, top))
+                    step = _step_output(rid, ids, texts[index], reason, logprobs)
+                    if step.finish_reason is not None:
+                        ended[index] = step.finish_reason
+                    steps.append(dataclasses.replace(step, finish_reason=None, index=index))
+                aborted = rid in self._aborted and len(ended) < n
+                if aborted or len(ended) == n:
+                    if aborted:  # every choice still running ends here, with what it holds back
+                        for index in range(n):
+                            if index not in ended:
+                                ended[index] = "aborted"
+                                steps.append(StepOutput(rid, (), texts[index].final(), index=index))
+                    last = steps[-1] if steps else StepOutput(rid, (), "")
+                    reasons = tuple(ended[i] for i in range(n))
+                    steps[-1:] = [
+                        dataclasses.replace(
+                            last,
+                            finish_reason="aborted" if aborted else reasons[0],
+                            choice_finish_reasons=reasons if n > 1 else (),
+                        )
+                    ]
+                for step in steps:
+                    yield step
+                if aborted or len(ended) == n:
                     return
         except VLLMClientError as exc:
             raise EngineRefused(f"the vLLM engine refused the request: {exc}") from exc
