@@ -41,6 +41,7 @@ class Active:
     solo: bool = False
     continued_ids: tuple[int, ...] = ()  # tokens earlier runs left in the log: what this run started from
     continued_text: str = ""
+    text: str = ""  # the whole answer so far (set to continued_text when the run starts)
     in_engine: bool = False
     started: float = field(default_factory=time.monotonic)
     last_token: float | None = None
