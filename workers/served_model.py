@@ -151,11 +151,15 @@ class ServedModel:
                 log.warning("fetching requests failed (will retry): %s", exc)
                 await self._sleep(RETRY_S)
                 continue
+            # The assignment these records were fetched under. Taking a record awaits, and a rebalance may revoke and
+            # assign a partition meanwhile: its position is then reset to the committed offset, and the rest of this
+            # batch must not be taken under the new assignment (its tracker would commit past the records between).
+            fetched_under = {tp: self.trackers.get(tp) for tp in batches}
             for tp, records in batches.items():
                 for record in records:
                     tracker = self.trackers.get(tp)
-                    if tracker is None:
-                        break  # revoked meanwhile; the new owner reads it again
+                    if tracker is None or tracker is not fetched_under[tp]:
+                        break  # revoked meanwhile; whoever holds it now reads it again
                     tracker.take(record.offset)
                     await self._take(tp, record)
             if batches:
