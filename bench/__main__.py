@@ -60,6 +60,10 @@ GOALS: dict[str, tuple[str, float]] = {
     # a Batch API batch against the same requests over HTTP (bench_batch)
     "batch_vs_sequential_http_ratio_median": (">=", 1.0),
     "batch_vs_concurrent_http_ratio_median": ("info", 0.0),
+    # constrained (JSON schema) over free decoding per token, built-in engine, 32 concurrent (bench_structured)
+    "structured_cost_ratio_median": ("<=", 1.10),
+    # the grammar library's own cost per token (bench_grammar: only the libraries installed are measured)
+    "grammar_us_per_token_xgrammar_median": ("info", 0.0),
     # the OpenAI sampling options in the built-in engine (bench_sampling): options / plain tokens/s at 32 concurrent
     "sampling_options_ratio_32_median": ("info", 0.0),
     "sampling_options_ratio_32_min": ("info", 0.0),
@@ -82,6 +86,8 @@ MODULES = [
     "bench.bench_fair",
     "bench.bench_quotas",
     "bench.bench_batch",
+    "bench.bench_structured",
+    "bench.bench_grammar",
     "bench.bench_sampling",
     "bench.bench_tracing",
 ]

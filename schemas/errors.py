@@ -6,7 +6,8 @@ TokenRelayError                 root; every error raised on purpose by tokenrela
 │   └── SchemaUnavailable       the schema registry could not be asked for a writer schema (retriable)
 ├── ValidationError             a decoded record or HTTP body breaks a rule         422 invalid
 │   ├── FieldError              one named field breaks a rule                       422 invalid_field (+ field)
-│   │   └── Unsupported         a parameter asks for what tokenrelay does not do    400 unsupported_parameter
+│   │   ├── Unsupported         a parameter asks for what tokenrelay does not do    400 unsupported_parameter
+│   │   └── InvalidParameter    a parameter OpenAI's API refuses with a 400         400 (a code per parameter)
 │   ├── BodyError               an HTTP body that is not a JSON object              400 invalid_json
 │   └── RequestRefused          the model cannot take this request (its limits)     400 (a code per reason)
 ├── BodyTooLarge                an HTTP body over the size limit                    413 body_too_large
@@ -118,6 +119,18 @@ class Unsupported(FieldError):
 
     code = "unsupported_parameter"
     http_status = 400
+
+
+class InvalidParameter(FieldError):
+    """A malformed value that OpenAI's API answers with 400 (response_format, tools, tool_choice), not 422."""
+
+    code = "invalid_parameter"
+    http_status = 400
+
+    def __init__(self, field_name: str, message: str, *, code: str | None = None):
+        super().__init__(field_name, message)
+        if code is not None:
+            self.code = code
 
 
 class RequestRefused(ValidationError):

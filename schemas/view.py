@@ -109,6 +109,8 @@ class View:
                     "completion_tokens": payload.usage.completion_tokens,
                 }
                 done: dict[str, Any] = {"finish_reason": payload.finish_reason, "usage": usage}
+                if payload.tool_calls is not None:
+                    done["tool_calls"] = json.loads(payload.tool_calls)
                 if payload.choice_finish_reasons:
                     done["choice_finish_reasons"] = list(payload.choice_finish_reasons)
                 self.terminal = self._out(offset, ev, EventName.DONE, done)

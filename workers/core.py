@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import uuid
@@ -11,10 +12,12 @@ from dataclasses import dataclass
 
 from schemas.errors import EngineRefused
 from schemas.records import Accepted, Failed, Finished, InferenceRequest, TokenEvent, Usage
+from schemas.structured import calls_tools, tool_names
+from schemas.toolcalls import openai_calls, split_calls
 from services import tracing
 from services.kafka import record_headers
 from workers import metrics
-from workers.admission import Admission, Limits, Refusal, admit, precheck
+from workers.admission import Admission, Limits, Refusal, admit, precheck, sampling_of
 from workers.control import CancelledIds
 from workers.engine.port import EnginePort
 from workers.engine.types import EngineRequest, StepOutput
@@ -98,8 +101,11 @@ class ModelCore:
         if refusal is not None:
             return refusal, []
         try:
-            messages = [(m.role, m.content) for m in request.messages] if request.messages else None
-            prompt_ids = self.engine.encode_prompt(request.prompt, messages)
+            tools = request.tools if calls_tools(request.tools, request.tool_choice) else None
+            prompt_ids = self.engine.encode_prompt(request.prompt, request.messages, tools)
+            self.engine.prepare(sampling_of(request))
+        except EngineRefused as exc:
+            return Refusal(Failed(exc.code, exc.message)), []
         except Exception:
             log.exception("request %s: preparing the prompt failed", request.request_id)
             return Refusal(Failed("internal", INTERNAL.format("preparing"))), []
@@ -139,6 +145,7 @@ class ModelCore:
             solo=admission.solo,
             continued_ids=prior.token_ids,
             continued_text=prior.text,
+            text=prior.text,
         )
         if tracing.enabled():
             active.spans = self._spans(ticket, stream.run_id, len(prompt_ids), prior)
@@ -272,6 +279,8 @@ class ModelCore:
             if self.solo is active:
                 self._clear_solo()
         active.stream.tokens(out.token_ids, out.text, out.index, out.logprobs)
+        if out.index == 0:
+            active.text += out.text
         if out.finish_reason is not None:
             active.choice_finish_reasons = out.choice_finish_reasons
             if out.request_id in self._expired:
@@ -290,6 +299,7 @@ class ModelCore:
             usage=Usage(active.prompt_tokens, active.completion),
             ttft_ms=active.first_token_ms,
             total_ms=int((time.monotonic() - active.started) * 1000),
+            tool_calls=_tool_calls(active),
             choice_finish_reasons=_choice_reasons(active, reason),
         )
         log.info("request %s: finished (%s, %d tokens)", active.request_id, reason, active.completion)
@@ -400,6 +410,15 @@ class ModelCore:
         for task in self._streams:
             task.cancel()
         self.engine.close()
+
+
+def _tool_calls(active: Active) -> str | None:
+    """The calls the whole answer (earlier runs' text included) makes, as the Finished record carries them."""
+    request = active.ticket.request
+    if not calls_tools(request.tools, request.tool_choice):
+        return None
+    _, calls = split_calls(active.text, tool_names(request.tools))
+    return json.dumps(openai_calls(request.request_id, calls), ensure_ascii=False) if calls else None
 
 
 def _choice_reasons(active: Active, reason: str) -> tuple[str, ...]:

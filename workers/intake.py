@@ -35,6 +35,14 @@ class OffsetTracker:
         return self.next_offset
 
 
+def owned(current: OffsetTracker | None, lease: object, offset: int) -> bool:
+    """Whether a request taken under ``lease`` (the tracker of its partition then) at ``offset`` is still this
+    worker's: the partition is held under that same assignment and the offset is open. A partition revoked and
+    assigned here again has a new tracker, and may hold the same offset again: a ticket of the earlier assignment is
+    then not owned (the new assignment's ticket runs the request), nor may it close the new one's offset."""
+    return current is not None and current is lease and offset in current.open
+
+
 async def dead_letter(
     publisher: Publisher, settings: Settings, record: ConsumerRecord[bytes, bytes], error: TokenRelayError
 ) -> None:

@@ -28,6 +28,7 @@ class Ticket:
     trace: TraceHeaders = NO_TRACE  # the request record's W3C trace context (read only while tracing is on)
     appended_ms: int = 0  # the request record's timestamp
     queued_ns: int = 0  # when this worker last queued it (set only while tracing is on)
+    lease: object = None  # the intake's hold on its record when it was taken (opaque here; see workers/intake.py)
 
 
 @dataclass(slots=True)
@@ -41,6 +42,7 @@ class Active:
     solo: bool = False
     continued_ids: tuple[int, ...] = ()  # tokens earlier runs left in the log: what this run started from
     continued_text: str = ""
+    text: str = ""  # the whole answer so far (set to continued_text when the run starts)
     in_engine: bool = False
     started: float = field(default_factory=time.monotonic)
     last_token: float | None = None

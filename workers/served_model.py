@@ -24,7 +24,7 @@ from workers.core import ModelCore
 from workers.deferral import Deferred, Position
 from workers.dispatch import Dispatcher
 from workers.history import Prior, read_prior
-from workers.intake import OffsetTracker, dead_letter
+from workers.intake import OffsetTracker, dead_letter, owned
 from workers.ledger import Ticket
 from workers.publisher import Publisher, RunBroken
 from workers.scheduling import INTERACTIVE, Scheduler
@@ -151,11 +151,15 @@ class ServedModel:
                 log.warning("fetching requests failed (will retry): %s", exc)
                 await self._sleep(RETRY_S)
                 continue
+            # The assignment these records were fetched under. Taking a record awaits, and a rebalance may revoke and
+            # assign a partition meanwhile: its position is then reset to the committed offset, and the rest of this
+            # batch must not be taken under the new assignment (its tracker would commit past the records between).
+            fetched_under = {tp: self.trackers.get(tp) for tp in batches}
             for tp, records in batches.items():
                 for record in records:
                     tracker = self.trackers.get(tp)
-                    if tracker is None:
-                        break  # revoked meanwhile; the new owner reads it again
+                    if tracker is None or tracker is not fetched_under[tp]:
+                        break  # revoked meanwhile; whoever holds it now reads it again
                     tracker.take(record.offset)
                     await self._take(tp, record)
             if batches:
@@ -180,17 +184,35 @@ class ServedModel:
         priority = self._priority_of.get(record.topic, INTERACTIVE)
         check_log = record.offset < self._assigned_end.get(tp, 0)
         if rid in self.core.cancelled:  # cancelled before it was read: it ends now, not in its turn
-            self.dispatcher.end_cancelled(_ticket(request, tp, record, created_ms, priority, check_log))
+            self.dispatcher.end_cancelled(self._ticket(request, tp, record, created_ms, priority, check_log))
             return
         holding = self.scheduler.holding(priority, request.tenant)
         # Requests with a deadline stay in memory: the worker must be able to end them at their deadline.
         if not reread and request.deadline_ms is None and self.deferred.should_defer(priority, request.tenant, holding):
             self.deferred.add(priority, request.tenant, (tp, record.offset), created_ms)
             return
-        ticket = _ticket(request, tp, record, created_ms, priority, check_log)
+        ticket = self._ticket(request, tp, record, created_ms, priority, check_log)
         if not self.dispatcher.queue(ticket, arrival=not reread):
+            waiting = self.scheduler.get(rid)
+            first = waiting.item if waiting is not None else None
+            if first is not None and first.lease is ticket.lease and first.source[1].offset == record.offset:
+                return  # this very record, read again: the waiting ticket holds its offset
             log.info("request %s: read again while it waits; the later record is dropped", rid)
             self._done(tp, record.offset)
+
+    def _ticket(
+        self,
+        request: InferenceRequest,
+        tp: TopicPartition,
+        record: ConsumerRecord[bytes, bytes],
+        created_ms: int,
+        priority: str,
+        check_log: bool,
+    ) -> Ticket:
+        ticket = Ticket(request, (tp, record), created_ms, priority, check_log, lease=self.trackers.get(tp))
+        if tracing.enabled():  # the request's trace context, and when its record was appended (its queue wait's start)
+            ticket.trace, ticket.appended_ms = tracing.record_trace(record.headers), record.timestamp
+        return ticket
 
     async def _refill_loop(self) -> None:
         """Read deferred requests again once their tenant holds few enough in the look-ahead."""
@@ -320,8 +342,7 @@ class ServedModel:
 
     def owns(self, ticket: Ticket) -> bool:
         tp, record = ticket.source
-        tracker = self.trackers.get(tp)
-        return tracker is not None and record.offset in tracker.open
+        return owned(self.trackers.get(tp), ticket.lease, record.offset)
 
     async def dead_letter(self, record: ConsumerRecord[bytes, bytes], error: TokenRelayError) -> None:
         """Copy the record to the DLQ, waiting out a broken publisher."""
@@ -336,7 +357,8 @@ class ServedModel:
 
     def _closed(self, ticket: Ticket) -> None:
         tp, record = ticket.source
-        self._done(tp, record.offset)
+        if owned(self.trackers.get(tp), ticket.lease, record.offset):
+            self._done(tp, record.offset)
 
     def _done(self, tp: TopicPartition, offset: int) -> None:
         tracker = self.trackers.get(tp)
@@ -438,20 +460,6 @@ class _Listener(ConsumerRebalanceListener):
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
-
-
-def _ticket(
-    request: InferenceRequest,
-    tp: TopicPartition,
-    record: ConsumerRecord[bytes, bytes],
-    created_ms: int,
-    priority: str,
-    check_log: bool,
-) -> Ticket:
-    ticket = Ticket(request, (tp, record), created_ms, priority, check_log)
-    if tracing.enabled():  # the request's trace context, and when its record was appended (its queue wait's start)
-        ticket.trace, ticket.appended_ms = tracing.record_trace(record.headers), record.timestamp
-    return ticket
 
 
 def _checked(request: InferenceRequest) -> InferenceRequest:

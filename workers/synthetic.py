@@ -8,8 +8,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from schemas.sampling import SamplingParams
 from workers.engine.port import StepLoopPort
-from workers.engine.types import EngineRequest, StepOutput, unsupported
+from workers.engine.text import template_turn
+from workers.engine.types import EngineRequest, StepOutput, Turn, unsupported
 
 if TYPE_CHECKING:
     from services.settings import Settings
@@ -42,9 +44,15 @@ class SyntheticEngine:
         self._streams: dict[str, _Stream] = {}
         self._waiting: list[EngineRequest] = []
 
-    def encode_prompt(self, prompt: str, messages: Sequence[tuple[str, str]] | None = None) -> list[int]:
-        text = " ".join(content for _, content in messages) if messages else prompt
+    def encode_prompt(self, prompt: str, messages: Sequence[Turn] | None = None, tools: str | None = None) -> list[int]:
+        text = " ".join(template_turn(m)["content"] for m in messages) if messages else prompt
         return [len(word) for word in text.split()] or [0]
+
+    def prepare(self, params: SamplingParams) -> None:
+        """It writes words: a request that asks for more (a constraint, logprobs, ...) is refused before it starts."""
+        refusal = unsupported(params, frozenset(), "synthetic")
+        if refusal is not None:
+            raise refusal
 
     def decode(self, ids: Sequence[int]) -> str:
         return "".join(f" {_WORDS[i % len(_WORDS)]}" for i in ids)

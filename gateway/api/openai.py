@@ -38,11 +38,14 @@ from gateway.api.validation import (
     parse_prompt,
     parse_sampling,
     parse_stream_flags,
+    parse_structured,
 )
 from gateway.fanout.sse import KEEPALIVE
 from gateway.fanout.subscription import Subscription
 from schemas.errors import ClientClosed, TokenRelayError, ended_with
 from schemas.records import ChatMessage, InferenceRequest
+from schemas.structured import calls_tools, tool_names
+from schemas.toolcalls import ToolCall, ToolCallParser, call_id, openai_calls, split_calls
 from schemas.view import EventName, ViewEvent
 from services.requests import new_inference_request
 
@@ -75,6 +78,7 @@ class Completed:
     finish_reason: str  # OpenAI's: "stop" or "length"
     usage: dict[str, int]  # prompt_tokens, completion_tokens, total_tokens
     choice_finish_reasons: tuple[str, ...] = ()  # each choice's (n > 1)
+    tool_calls: list[dict[str, Any]] | None = None  # the calls the worker found in choice 0's answer
 
     def reason_of(self, index: int) -> str:
         reasons = self.choice_finish_reasons
@@ -145,7 +149,7 @@ class AnswerFold:
                 usage = dict(data["usage"])
                 usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
                 reasons = tuple(_openai_reason(r) for r in data.get("choice_finish_reasons", ()))
-                return Completed(_openai_reason(data["finish_reason"]), usage, reasons)
+                return Completed(_openai_reason(data["finish_reason"]), usage, reasons, data.get("tool_calls"))
             case EventName.ERROR:
                 return Failed(data.get("code", "failed"), data.get("message", ""))
             case EventName.RESET:
@@ -190,7 +194,9 @@ DONE_FRAME = b"data: [DONE]\n\n"
 class Completions:
     """``/v1/completions`` (text_completion) and ``/v1/chat/completions`` (chat.completion[.chunk]).
 
-    ``n`` choices, each streamed with its ``index``; ``logprobs``: the request asked for them (else null).
+    ``n`` choices, each streamed with its ``index``; ``logprobs``: the request asked for them (else null). With
+    ``tools`` (a chat request that may call them: their names), each choice's ``<tool_call>`` blocks are its
+    ``tool_calls`` (its content chunks then carry no logprobs).
     """
 
     fold: AnswerFold
@@ -201,6 +207,8 @@ class Completions:
     logprobs: bool = False
     created: int = field(default_factory=lambda: int(time.time()))
     offsets: dict[int, int] = field(default_factory=dict)  # completions: where each choice's next token starts
+    tools: list[str] | None = None
+    parsers: dict[int, ToolCallParser] = field(default_factory=dict)  # each choice's, with tools
 
     @property
     def id(self) -> str:
@@ -238,10 +246,44 @@ class Completions:
         return b"".join(self._chunk("", None, index=i, role=True) for i in range(self.n)) if self.chat else b""
 
     def delta(self, step: TextDelta) -> bytes:
-        return self._chunk(step.text, None, index=step.index, entries=step.logprobs)
+        if self.tools is None or not self.chat:
+            return self._chunk(step.text, None, index=step.index, entries=step.logprobs)
+        return self._text_and_calls(step.index, *self._parser(step.index).feed(step.text))
+
+    def _parser(self, index: int) -> ToolCallParser:
+        return self.parsers.setdefault(index, ToolCallParser(self.tools or ()))
+
+    def _text_and_calls(self, index: int, shown: str, calls: list[ToolCall]) -> bytes:
+        frames = self._chunk(shown, None, index=index) if shown else b""
+        for call in calls:
+            start = {"index": call.index, "id": self._call_id(index, call), "type": "function"}
+            frames += self._delta(index, {"tool_calls": [{**start, "function": {"name": call.name, "arguments": ""}}]})
+            arguments = {"index": call.index, "function": {"arguments": call.arguments}}
+            frames += self._delta(index, {"tool_calls": [arguments]})
+        return frames
+
+    def _call_id(self, index: int, call: ToolCall) -> str:
+        return call_id(self.request_id if index == 0 else f"{self.request_id}-{index}", call.index)
+
+    def _delta(self, index: int, delta: dict[str, Any]) -> bytes:
+        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": None}
+        body = self._object("chat.completion.chunk", [choice])
+        if self.include_usage:
+            body["usage"] = None
+        return data_frame(body)
+
+    def _reason(self, end: Completed, index: int, called: bool) -> str:
+        reason = end.reason_of(index)
+        return "tool_calls" if called and reason == "stop" else reason
 
     def completed(self, end: Completed) -> bytes:
-        frames = b"".join(self._chunk(None if self.chat else "", end.reason_of(i), index=i) for i in range(self.n))
+        frames = b""
+        for i in range(self.n):
+            parser = self.parsers.get(i)
+            if parser is not None:
+                frames += self._text_and_calls(i, *parser.finish())
+            called = parser is not None and bool(parser.calls)
+            frames += self._chunk(None if self.chat else "", self._reason(end, i, called), index=i)
         if self.include_usage:
             kind = "chat.completion.chunk" if self.chat else "text_completion"
             frames += data_frame({**self._object(kind, []), "usage": end.usage})
@@ -257,7 +299,23 @@ class Completions:
             if self.logprobs:
                 self.offsets.pop(i, None)
                 choice["logprobs"] = self._logprobs(i, self.fold.logprobs_of(i))
-            if self.chat:
+            names = self.tools
+            if names is None and i == 0 and end.tool_calls:  # a Batch API line: the record names the functions
+                names = [c["function"]["name"] for c in end.tool_calls]
+            if self.chat and names is not None:
+                content, calls = split_calls(self.fold.text_of(i), names)
+                message: dict[str, Any] = {
+                    "role": "assistant",
+                    "content": content if content.strip() or not calls else None,
+                }
+                if calls:
+                    message["tool_calls"] = [
+                        {**entry, "id": self._call_id(i, call)}
+                        for entry, call in zip(openai_calls(self.request_id, calls), calls, strict=True)
+                    ]
+                choice["message"] = message
+                choice["finish_reason"] = self._reason(end, i, bool(calls))
+            elif self.chat:
                 choice["message"] = {"role": "assistant", "content": self.fold.text_of(i)}
             else:
                 choice["text"] = self.fold.text_of(i)
@@ -472,8 +530,13 @@ async def _completions(request: web.Request, *, chat: bool) -> web.StreamRespons
     req = completion_request(gw, body, tenant, chat=chat, priority=priority)
     check_backlog(gw, req.model)
     fold = AnswerFold(req.model)
-    surface = Completions(fold, req.request_id, chat, include_usage, req.n, req.logprobs)
+    surface = Completions(fold, req.request_id, chat, include_usage, req.n, req.logprobs, tools=tools_called(req))
     return await answer(request, req, fold, surface, stream=stream)
+
+
+def tools_called(req: InferenceRequest) -> list[str] | None:
+    """The names of the functions a request's model may call (its output is then parsed for calls), else None."""
+    return tool_names(req.tools) if calls_tools(req.tools, req.tool_choice) else None
 
 
 def completion_request(
@@ -491,6 +554,8 @@ def completion_request(
     sampling = parse_sampling(
         body, gw.settings.max_tokens_limit, default_max_tokens=256 if chat else 16, names=CHAT_SAMPLING_NAMES
     )
+    if chat:
+        sampling = parse_structured(body).apply(sampling)
     model = resolve_model(gw, parse_model(body))
     check_limits(model, sampling, messages)
     return new_inference_request(prompt, sampling, tenant, messages, model=model.name, priority=priority)

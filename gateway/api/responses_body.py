@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.api.validation import CHAT_ROLES, MAX_PROMPT_CHARS, parse_sampling
-from schemas.errors import FieldError, Unsupported
+from gateway.api.validation import MAX_PROMPT_CHARS, parse_sampling
+from schemas.errors import FieldError, InvalidParameter, Unsupported
 from schemas.records import ChatMessage
 from schemas.sampling import SamplingParams
+from schemas.structured import Structured, parse_text_format, parse_tool_choice, parse_tools
+
+INPUT_ROLES = ("system", "user", "assistant")
 
 MAX_METADATA = 16
 MAX_INPUT_ITEMS = 256
@@ -19,6 +24,7 @@ SUPPORTED = frozenset(
     {"model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "stream", "background", "store"}
     | {"metadata", "service_tier"}  # service_tier: parsed with the request's class (validation.parse_priority)
     | {"top_logprobs", "include", "previous_response_id"}
+    | {"text", "tools", "tool_choice"}
 )
 # The sampling parameters this API takes, by their names in its body.
 SAMPLING_NAMES = {
@@ -37,12 +43,9 @@ IGNORED = frozenset(
 )
 # What is refused with a clear error when asked for (a null, empty or default value asks for nothing).
 REFUSED = {
-    "tools": "tools (function calling, built-in tools) are not supported",
-    "tool_choice": "tools are not supported",
     "reasoning": "reasoning options are not supported",
     "conversation": "conversations are not supported: send the conversation as input, or previous_response_id",
     "prompt": "prompt templates are not supported",
-    "text": "only plain text output is supported",
     "truncation": "only truncation 'disabled' is supported",
     "background_options": "background_options are not supported",
 }
@@ -73,13 +76,8 @@ class CreateSpec:
 def _asks_nothing(name: str, value: Any) -> bool:
     if value is None or value == [] or value == {} or value is False:
         return True
-    if name == "tool_choice":
-        return value in ("none", "auto")
     if name == "truncation":
         return value == "disabled"
-    if name == "text" and isinstance(value, dict):
-        fmt = value.get("format")
-        return set(value) <= {"format", "verbosity"} and (fmt is None or fmt == {"type": "text"})
     return False
 
 
@@ -109,6 +107,8 @@ def parse_create(body: dict[str, Any], max_tokens_limit: int) -> CreateSpec:
         raise Unsupported("include", f"only {', '.join(INCLUDES)} is supported")
     asked = {**body, "logprobs": "message.output_text.logprobs" in include or bool(body.get("top_logprobs"))}
     sampling = parse_sampling(asked, max_tokens_limit, default_max_tokens=max_tokens_limit, names=SAMPLING_NAMES)
+    structured = parse_structured(body)
+    sampling = structured.apply(sampling)
     previous = body.get("previous_response_id")
     if previous is not None and not isinstance(previous, str):
         raise FieldError("previous_response_id", "must be a string")
@@ -118,7 +118,7 @@ def parse_create(body: dict[str, Any], max_tokens_limit: int) -> CreateSpec:
     if background and not store:
         raise Unsupported("store", "a background response must be stored (store=true)")
     instructions = messages[0].content if body.get("instructions") is not None else None
-    items = tuple(_item(m) for m in (messages[1:] if instructions is not None else messages))
+    items = tuple(item for m in (messages[1:] if instructions is not None else messages) for item in _items(m))
     echo = {
         "instructions": instructions,
         "temperature": sampling.temperature,
@@ -127,6 +127,9 @@ def parse_create(body: dict[str, Any], max_tokens_limit: int) -> CreateSpec:
         "top_logprobs": sampling.top_logprobs,
         "previous_response_id": previous,
         "text": body.get("text") or {"format": {"type": "text"}},
+        "tools": body.get("tools") or [],
+        "tool_choice": body.get("tool_choice") or ("auto" if structured.tools else "none"),
+        "parallel_tool_calls": bool(structured.tools),
     }
     return CreateSpec(
         messages,
@@ -142,16 +145,54 @@ def parse_create(body: dict[str, Any], max_tokens_limit: int) -> CreateSpec:
     )
 
 
-def _item(message: ChatMessage) -> dict[str, Any]:
-    kind = "output_text" if message.role == "assistant" else "input_text"
-    content: list[dict[str, Any]] = [{"type": kind, "text": message.content}]
-    if kind == "output_text":
-        content[0]["annotations"] = []
-    return {"type": "message", "role": message.role, "content": content, "status": "completed"}
+def parse_structured(body: dict[str, Any]) -> Structured:
+    """``text.format``, ``tools`` and ``tool_choice`` (the Responses API's flat shapes) as the record's fields."""
+    text = body.get("text")
+    if text is not None and not isinstance(text, dict):
+        raise InvalidParameter("text", "must be an object")
+    tools = parse_tools(body.get("tools"), flat=True)
+    choice = parse_tool_choice(body.get("tool_choice"), tools, flat=True)
+    return Structured(parse_text_format((text or {}).get("format")), tools, choice)
+
+
+def _items(message: ChatMessage) -> list[dict[str, Any]]:
+    """A chat turn as Responses input items: a message, an assistant's calls as function_call items, a tool's
+    answer as a function_call_output."""
+    if message.role == "tool":
+        return [{"type": "function_call_output", "call_id": message.tool_call_id, "output": message.content}]
+    out: list[dict[str, Any]] = []
+    if message.content or not message.tool_calls:
+        kind = "output_text" if message.role == "assistant" else "input_text"
+        content: list[dict[str, Any]] = [{"type": kind, "text": message.content}]
+        if kind == "output_text":
+            content[0]["annotations"] = []
+        out.append({"type": "message", "role": message.role, "content": content, "status": "completed"})
+    for call in json.loads(message.tool_calls or "[]"):
+        function = call["function"]
+        out.append(
+            {
+                "type": "function_call",
+                "call_id": call["id"],
+                "name": function["name"],
+                "arguments": function["arguments"],
+                "status": "completed",
+            }
+        )
+    return out
 
 
 def message_of(item: dict[str, Any]) -> ChatMessage:
-    """The chat turn of a stored message item (its text parts joined; developer turns are system turns)."""
+    """The chat turn of a stored item (a message's text parts joined; developer turns are system turns)."""
+    kind = item.get("type", "message")
+    if kind == "function_call":
+        call = {
+            "id": item["call_id"],
+            "type": "function",
+            "function": {"name": item["name"], "arguments": item["arguments"]},
+        }
+        return ChatMessage("assistant", "", json.dumps([call]))
+    if kind == "function_call_output":
+        return ChatMessage("tool", str(item.get("output", "")), None, item.get("call_id"))
     role = "system" if item.get("role") == "developer" else str(item.get("role"))
     return ChatMessage(role, "".join(part.get("text", "") for part in item.get("content", [])))
 
@@ -183,7 +224,8 @@ def _text_of(content: Any, where: str, part_type: str) -> str:
 
 
 def parse_input(raw: Any, instructions: Any) -> tuple[ChatMessage, ...]:
-    """``input`` (a string, or a list of messages with text content) and ``instructions`` as chat turns."""
+    """``input`` (a string, or a list of messages with text content, function calls and their outputs) and
+    ``instructions`` as chat turns: consecutive function calls are one assistant turn, an output a tool turn."""
     out: list[ChatMessage] = []
     if instructions is not None:
         if not isinstance(instructions, str):
@@ -194,14 +236,25 @@ def parse_input(raw: Any, instructions: Any) -> tuple[ChatMessage, ...]:
     elif isinstance(raw, list) and raw:
         if len(raw) > MAX_INPUT_ITEMS:
             raise FieldError("input", f"at most {MAX_INPUT_ITEMS} items")
+        names: dict[str, str] = {}  # call id -> function name, for the tool turns that answer them
         for i, item in enumerate(raw):
             if not isinstance(item, dict):
                 raise FieldError(f"input[{i}]", "must be an object")
             kind = item.get("type", "message")
+            if kind == "function_call":
+                out.append(_function_call(item, i, out, names))
+                continue
+            if kind == "function_call_output":
+                call = item.get("call_id")
+                output = item.get("output")
+                if not isinstance(call, str) or not isinstance(output, str):
+                    raise InvalidParameter(f"input[{i}]", "a function_call_output needs call_id and output (strings)")
+                out.append(ChatMessage("tool", output, None, call, names.get(call)))
+                continue
             if kind != "message":
                 raise Unsupported(f"input[{i}]", f"input items of type {str(kind)[:40]!r} are not supported")
             role = "system" if item.get("role") == "developer" else item.get("role")
-            if role not in CHAT_ROLES:
+            if role not in INPUT_ROLES:
                 raise FieldError(f"input[{i}].role", "must be one of user, system, developer, assistant")
             part_type = "output_text" if role == "assistant" else "input_text"
             out.append(ChatMessage(role, _text_of(item.get("content"), f"input[{i}].content", part_type)))
@@ -211,3 +264,16 @@ def parse_input(raw: Any, instructions: Any) -> tuple[ChatMessage, ...]:
         if len(m.content) > MAX_PROMPT_CHARS or any(0xD800 <= ord(c) <= 0xDFFF for c in m.content):
             raise FieldError("input", f"a message is over {MAX_PROMPT_CHARS} characters or holds a lone surrogate")
     return tuple(out)
+
+
+def _function_call(item: dict[str, Any], i: int, out: list[ChatMessage], names: dict[str, str]) -> ChatMessage:
+    """A function_call input item as an assistant turn's call; it joins the assistant turn of the call before it."""
+    call, name, arguments = item.get("call_id"), item.get("name"), item.get("arguments", "{}")
+    if not (isinstance(call, str) and isinstance(name, str) and isinstance(arguments, str)):
+        raise InvalidParameter(f"input[{i}]", "a function_call needs call_id, name and arguments (strings)")
+    names[call] = name
+    entry = {"id": call, "type": "function", "function": {"name": name, "arguments": arguments}}
+    if out and out[-1].role == "assistant" and out[-1].tool_calls is not None:
+        previous = out.pop()
+        return dataclasses.replace(previous, tool_calls=json.dumps([*json.loads(previous.tool_calls or "[]"), entry]))
+    return ChatMessage("assistant", "", json.dumps([entry]))

@@ -13,10 +13,12 @@ from gateway.api.openai import AnswerFold, Completed, Failed, Rewritten, TextDel
 from gateway.fanout.sse import frame
 from schemas.ids import request_id_time_ms
 from schemas.records import Accepted
+from schemas.toolcalls import ToolCall, ToolCallParser, call_id
 from schemas.view import EventName, View, ViewEvent
 
 RESPONSE_PREFIX = "resp_"
 ITEM_PREFIX = "msg_"
+CALL_ITEM_PREFIX = "fc_"
 
 # --- ids: a response id is the request id, spelled the OpenAI way (no gateway state maps one to the other) ---------
 
@@ -27,6 +29,10 @@ def response_id(request_id: str) -> str:
 
 def item_id(request_id: str) -> str:
     return ITEM_PREFIX + uuid.UUID(request_id).hex
+
+
+def call_item_id(request_id: str, index: int) -> str:
+    return f"{CALL_ITEM_PREFIX}{uuid.UUID(request_id).hex}_{index}"
 
 
 # --- what a response echoes, from the create body or from the log's Accepted record ----------------------------
@@ -41,6 +47,13 @@ class ResponseOptions:
     store: bool = True
     metadata: Mapping[str, str] = field(default_factory=dict)
     echo: Mapping[str, Any] = field(default_factory=dict)  # the create options the object shows (Accepted.response)
+
+    @property
+    def tools(self) -> tuple[str, ...] | None:
+        """The functions the model may call (its output is then parsed for calls), from the echoed create options:
+        every gateway that reads the Accepted record parses the same way."""
+        names = tuple(t.get("name", "") for t in self.echo.get("tools", []) if isinstance(t, dict))
+        return names if names and self.echo.get("tool_choice") != "none" else None
 
     @classmethod
     def of_accepted(cls, accepted: Accepted | None, model: str) -> ResponseOptions:
@@ -79,20 +92,64 @@ class ResponseEvents:
     error: dict[str, str] | None = None
     incomplete: dict[str, str] | None = None
     item_status: str = "in_progress"
+    progressed: bool = False
+    # With tools: the output items in order (None: the message, begun at its first visible text), and the parser.
+    items: list[ToolCall | None] = field(default_factory=list)
+    parser: ToolCallParser | None = None
+    shown: str = ""
 
     def __post_init__(self) -> None:
         self.status = self.status or ("queued" if self.options.background else "in_progress")
+        tools = self.options.tools
+        if tools is not None:
+            self.parser = ToolCallParser(tools)
 
     # Surface
     def opening(self) -> bytes:
         return self._emit("response.created", {"response": self.object()})
 
     def delta(self, step: TextDelta) -> bytes:
+        if self.parser is not None:
+            return self._shown_and_calls(*self.parser.feed(step.text))
         out = b"" if self.begun else self._begin()
         logprobs = chat_content(step.logprobs)
         return out + self._emit(
             "response.output_text.delta", {**self._where(), "delta": step.text, "logprobs": logprobs}
         )
+
+    def _shown_and_calls(self, shown: str, calls: list[ToolCall]) -> bytes:
+        """With tools: the message's text (no logprobs), and a function_call item with its events per call."""
+        out = b""
+        if shown and (self.begun or shown.strip()):
+            out += b"" if self.begun else self._begin()
+            self.shown += shown
+            out += self._emit("response.output_text.delta", {**self._where(), "delta": shown, "logprobs": []})
+        for call in calls:
+            out += self._progress()
+            index = len(self.items)
+            self.items.append(call)
+            where = {"item_id": call_item_id(self.request_id, call.index), "output_index": index}
+            out += self._emit("response.output_item.added", {"output_index": index, "item": self._call(call, "")})
+            out += self._emit("response.function_call_arguments.delta", {**where, "delta": call.arguments})
+            out += self._emit("response.function_call_arguments.done", {**where, "arguments": call.arguments})
+            item = self._call(call, call.arguments)
+            out += self._emit("response.output_item.done", {"output_index": index, "item": item})
+        return out
+
+    def _call(self, call: ToolCall, arguments: str) -> dict[str, Any]:
+        return {
+            "id": call_item_id(self.request_id, call.index),
+            "type": "function_call",
+            "status": "completed" if arguments else "in_progress",
+            "arguments": arguments,
+            "call_id": call_id(self.request_id, call.index),
+            "name": call.name,
+        }
+
+    @property
+    def text(self) -> str:
+        """The message's text: what the model wrote, less its tool calls."""
+        return self.fold.text if self.parser is None else self.shown
 
     def completed(self, end: Completed) -> bytes:
         return self._finish(end, cancelled=False)
@@ -115,7 +172,7 @@ class ResponseEvents:
             return b""
         out = b""
         if ev.event == EventName.STARTED and not self.begun:
-            out += self._begin()
+            out += self._begin() if self.parser is None else self._progress()
         step = self.fold.feed(ev.event, ev.data)
         match step:
             case None:
@@ -155,7 +212,7 @@ class ResponseEvents:
             "max_output_tokens": echo.get("max_output_tokens"),
             "metadata": dict(self.options.metadata),
             "model": self.fold.model,
-            "output": [self._item(self.item_status, self.fold.text)] if self.begun else [],
+            "output": self._output(),
             "parallel_tool_calls": echo.get("parallel_tool_calls", False),
             "previous_response_id": echo.get("previous_response_id"),
             "reasoning": None,
@@ -171,14 +228,33 @@ class ResponseEvents:
             "user": None,
         }
 
-    def _begin(self) -> bytes:
-        self.begun = True
+    def _output(self) -> list[dict[str, Any]]:
+        if self.parser is None:
+            return [self._item(self.item_status, self.fold.text)] if self.begun else []
+        return [
+            self._item(self.item_status, self.text) if c is None else self._call(c, c.arguments) for c in self.items
+        ]
+
+    def _progress(self) -> bytes:
+        if self.progressed:
+            return b""
+        self.progressed = True
         self.status = "in_progress"
-        out = self._emit("response.in_progress", {"response": self.object()})
-        out += self._emit("response.output_item.added", {"output_index": 0, "item": self._item("in_progress", None)})
+        return self._emit("response.in_progress", {"response": self.object()})
+
+    def _begin(self) -> bytes:
+        out = self._progress()
+        self.begun = True
+        self.items.append(None)
+        added = {"output_index": self._index(), "item": self._item("in_progress", None)}
+        out += self._emit("response.output_item.added", added)
         return out + self._emit("response.content_part.added", {**self._where(), "part": self._part("")})
 
+    def _index(self) -> int:
+        return self.items.index(None) if self.parser is not None else 0
+
     def _finish(self, end: Completed, *, cancelled: bool) -> bytes:
+        out = b"" if self.parser is None else self._shown_and_calls(*self.parser.finish())
         self.ended = True
         self.usage = {
             "input_tokens": end.usage["prompt_tokens"],
@@ -194,21 +270,20 @@ class ResponseEvents:
             self.incomplete = {"reason": "max_output_tokens"}
         else:
             self.status, self.item_status, kind = "completed", "completed", "response.completed"
-        out = b""
         if self.begun:
-            text = self.fold.text
-            logprobs = chat_content(self.fold.logprobs_of(0))
+            text = self.text
+            logprobs = chat_content(self.fold.logprobs_of(0)) if self.parser is None else []
             out += self._emit("response.output_text.done", {**self._where(), "text": text, "logprobs": logprobs})
             out += self._emit("response.content_part.done", {**self._where(), "part": self._part(text)})
             item = self._item(self.item_status, text)
-            out += self._emit("response.output_item.done", {"output_index": 0, "item": item})
+            out += self._emit("response.output_item.done", {"output_index": self._index(), "item": item})
         return out + self._emit(kind, {"response": self.object()})
 
     def _where(self) -> dict[str, Any]:
-        return {"item_id": item_id(self.request_id), "output_index": 0, "content_index": 0}
+        return {"item_id": item_id(self.request_id), "output_index": self._index(), "content_index": 0}
 
     def _part(self, text: str) -> dict[str, Any]:
-        logprobs = chat_content(self.fold.logprobs_of(0)) if text else []
+        logprobs = chat_content(self.fold.logprobs_of(0)) if text and self.parser is None else []
         return {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs}
 
     def _item(self, status: str, text: str | None) -> dict[str, Any]:

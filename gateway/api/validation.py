@@ -7,12 +7,13 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from schemas.errors import BodyError, FieldError, RequestRefused, Unsupported
+from schemas.errors import BodyError, FieldError, InvalidParameter, RequestRefused, Unsupported
 from schemas.records import PRIORITIES, ChatMessage
 from schemas.sampling import INT64, SamplingParams
+from schemas.structured import Structured, parse_response_format, parse_tool_choice, parse_tools
 
 MAX_PROMPT_CHARS = 200_000
-CHAT_ROLES = ("system", "user", "assistant")
+CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 
 def parse_json_object(body: bytes) -> dict[str, Any]:
@@ -159,9 +160,14 @@ def parse_messages(body: dict[str, Any]) -> tuple[ChatMessage, ...]:
         if not isinstance(m, dict):
             raise FieldError(f"messages[{i}]", "must be an object")
         role = m.get("role")
+        if role == "developer":
+            role = "system"
         if role not in CHAT_ROLES:
-            raise FieldError(f"messages[{i}].role", f"must be one of {', '.join(CHAT_ROLES)}")
+            raise FieldError(f"messages[{i}].role", f"must be one of {', '.join(CHAT_ROLES)}, developer")
         content = m.get("content")
+        calls = _tool_calls(m.get("tool_calls"), f"messages[{i}].tool_calls") if role == "assistant" else None
+        if content is None and calls is not None:
+            content = ""  # an assistant turn that only calls tools
         if isinstance(content, list):  # OpenAI content parts: only text parts are supported
             parts = []
             for part in content:
@@ -169,8 +175,48 @@ def parse_messages(body: dict[str, Any]) -> tuple[ChatMessage, ...]:
                     raise FieldError(f"messages[{i}].content", "only text parts are supported")
                 parts.append(_text(part.get("text"), f"messages[{i}].content"))
             content = "".join(parts)
-        out.append(ChatMessage(role, _text(content, f"messages[{i}].content")))
+        call_id = None
+        if role == "tool":
+            call_id = m.get("tool_call_id")
+            if not isinstance(call_id, str) or not call_id:
+                raise InvalidParameter(f"messages[{i}].tool_call_id", "is required in a tool message")
+        name = m.get("name")
+        if name is not None and not isinstance(name, str):
+            raise FieldError(f"messages[{i}].name", "must be a string")
+        out.append(ChatMessage(role, _text(content, f"messages[{i}].content"), calls, call_id, name))
     return tuple(out)
+
+
+def _tool_calls(value: Any, field: str) -> str | None:
+    """An assistant turn's ``tool_calls`` as the record carries them (OpenAI's JSON array), None when it has none."""
+    if value is None or value == []:
+        return None
+    if not isinstance(value, list):
+        raise InvalidParameter(field, "must be a list")
+    calls = []
+    for j, call in enumerate(value):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise InvalidParameter(f"{field}[{j}]", 'must be {"id", "type": "function", "function": {"name", ...}}')
+        arguments = function.get("arguments", "{}")
+        if not isinstance(arguments, str):
+            raise InvalidParameter(f"{field}[{j}].function.arguments", "must be a string (JSON)")
+        calls.append(
+            {
+                "id": str(call.get("id", "")),
+                "type": "function",
+                "function": {"name": function["name"], "arguments": arguments},
+            }
+        )
+    return json.dumps(calls, ensure_ascii=False)
+
+
+def parse_structured(body: Mapping[str, Any]) -> Structured:
+    """Chat's ``response_format``, ``tools`` and ``tool_choice``, as the record's fields of those names."""
+    tools = parse_tools(body.get("tools"))
+    return Structured(
+        parse_response_format(body.get("response_format")), tools, parse_tool_choice(body.get("tool_choice"), tools)
+    )
 
 
 def parse_stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:

@@ -146,11 +146,12 @@ def running_gateway(settings: Settings) -> Iterator[GatewayProcess]:
 
 
 @contextlib.contextmanager
-def running_worker(settings: Settings, **env: str) -> Iterator[subprocess.Popen[bytes]]:
-    """A worker subprocess, yielded once it has announced its model (so that gateways route to it)."""
+def running_worker(settings: Settings, module: str = "workers.main", **env: str) -> Iterator[subprocess.Popen[bytes]]:
+    """A worker subprocess (``python -m module``), yielded once it has announced its model (so that gateways route
+    to it)."""
     from tests.integration.worker_helpers import wait_announced, worker_process
 
-    with worker_process(settings, **{"TOKENRELAY_WORKER_METRICS_PORT": "0", **env}) as proc:
+    with worker_process(settings, module, **{"TOKENRELAY_WORKER_METRICS_PORT": "0", **env}) as proc:
         served = Settings.from_env(quiet_env(settings, **env)).served_model
         _in_thread(wait_announced(settings, served, proc=proc))
         yield proc

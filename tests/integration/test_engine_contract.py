@@ -1,5 +1,6 @@
 """The engine contract, for every engine (built-in, vLLM), through worker processes on a real broker: greedy output
-equals the engine's own offline output, stop strings, cancel, refusals, and a SIGKILLed worker continued exactly."""
+equals the engine's own offline output, stop strings, cancel, refusals, structured output, and a SIGKILLed worker
+continued exactly."""
 
 from __future__ import annotations
 
@@ -327,6 +328,40 @@ async def test_refusals_end_the_request_with_one_failed(
     events = (await collect(settings, [request.request_id], timeout_s=60))[request.request_id]
     assert len(events) == 1 and isinstance(events[0].payload, Failed), events
     assert events[0].payload.code == code
+
+
+RECORD = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 6}, "n": {"type": "integer", "minimum": 0, "maximum": 99}},
+    "required": ["name", "n"],
+    "additionalProperties": False,
+}
+
+
+async def test_a_response_format_is_followed_and_tools_the_template_cannot_show_are_refused(
+    engine: Engine, served: Served
+) -> None:
+    import jsonschema
+
+    settings = await served.wait()
+    fmt = json.dumps({"type": "json_schema", "json_schema": {"name": "record", "schema": RECORD, "strict": True}})
+    tools = json.dumps([{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}])
+    chat = tuple(ChatMessage(role, text) for role, text in CHAT)
+    shaped = [
+        InferenceRequest(new_request_id(), p, SHORT_TOKENS, model=SERVED, temperature=t, response_format=fmt)
+        for p, t in zip(SHORT[:2], (0.0, 1.0), strict=True)
+    ]
+    # The random Llama's chat template (the built-in one) does not render tools: refused, not ignored.
+    tooled = InferenceRequest(new_request_id(), "", 8, model=SERVED, messages=chat, tools=tools)
+    await produce(settings, [*shaped, tooled])
+    events = await collect(settings, [*(r.request_id for r in shaped), tooled.request_id], timeout_s=120)
+    for request in shaped:
+        _, text, terminal = run_of(events[request.request_id])
+        assert isinstance(terminal, Finished) and terminal.finish_reason == "stop", (text, terminal)
+        jsonschema.validate(json.loads(text), RECORD)
+    refused = events[tooled.request_id]
+    assert len(refused) == 1 and isinstance(refused[0].payload, Failed)
+    assert refused[0].payload.code == "unsupported_parameter"
 
 
 async def test_a_worker_sigkilled_mid_stream_is_continued_exactly_by_another(

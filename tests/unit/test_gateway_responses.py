@@ -19,7 +19,7 @@ from gateway.api.responses_events import ResponseEvents, ResponseOptions, respon
 from gateway.fanout.sse import parse
 from gateway.fanout.subscription import Subscription, make_out
 from schemas.codec import default_codec
-from schemas.errors import FieldError, KafkaUnavailable, NotFound, Unsupported
+from schemas.errors import FieldError, KafkaUnavailable, NotFound
 from schemas.ids import new_request_id
 from schemas.records import Accepted, Delta, Finished, InferenceRequest, Started, TokenEvent, Usage
 from schemas.records import Failed as FailedRecord
@@ -184,21 +184,36 @@ def test_create_bodies_in_and_refused() -> None:
     )
     assert [m.role for m in listed.messages] == ["system", "user", "assistant"]
     assert listed.metadata == {"k": "v"} and listed.sampling.max_tokens == 64
+    # Tools, their outputs and structured text formats are taken (tests/unit/test_structured.py checks them).
+    tooled = parse_create(
+        {
+            "input": [
+                {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"},
+                {"type": "function_call_output", "call_id": "c", "output": "o"},
+            ],
+            "tools": [{"type": "function", "name": "f"}],
+            "text": {"format": {"type": "json_object"}},
+        },
+        64,
+    )
+    assert [(m.role, m.tool_call_id, m.name) for m in tooled.messages] == [
+        ("assistant", None, None),
+        ("tool", "c", "f"),
+    ]
+    assert tooled.sampling.tools and tooled.sampling.response_format
     refused: list[dict[str, Any]] = [
-        {"input": "x", "tools": [{"type": "function", "name": "f"}]},
+        {"input": "x", "tools": [{"type": "web_search"}]},
         {"input": "x", "reasoning": {"effort": "high"}},
         {"input": "x", "include": ["reasoning.encrypted_content"]},
         {"input": "x", "conversation": "conv_1"},
         {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "http://x"}]}]},
-        {"input": [{"type": "function_call_output", "call_id": "c", "output": "o"}]},
-        {"input": "x", "text": {"format": {"type": "json_object"}}},
         {"input": "x", "frobnicate": 1},
         {"input": "x", "background": True, "store": False},
     ]
     for body in refused:
-        with pytest.raises(Unsupported) as caught:
+        with pytest.raises(FieldError) as caught:  # Unsupported, or InvalidParameter for a tool type
             parse_create(body, 64)
-        assert caught.value.http_status == 400 and caught.value.code == "unsupported_parameter"
+        assert caught.value.http_status == 400
     for body in ({"input": "x", "top_logprobs": 21}, {"input": "x", "previous_response_id": 7}):
         with pytest.raises(FieldError):
             parse_create(body, 64)
@@ -232,6 +247,9 @@ def test_the_create_body_asks_for_logprobs_and_names_what_the_object_echoes() ->
         "top_logprobs": 3,
         "previous_response_id": "resp_x",
         "text": {"format": {"type": "text"}},
+        "tools": [],
+        "tool_choice": "none",
+        "parallel_tool_calls": False,
     }
     assert [(i["role"], i["content"][0]["type"]) for i in spec.items] == [
         ("user", "input_text"),

@@ -143,8 +143,9 @@ def test_abort_ends_every_choice_once(engine: Engine) -> None:
 
 def test_the_engine_refuses_what_it_cannot_do(engine: Engine) -> None:
     prompt = engine.encode_prompt("Hello")
-    with pytest.raises(EngineRefused, match="response_format"):
-        engine.add(EngineRequest("rf", prompt, SamplingParams(4, response_format='{"type":"json_object"}')))
+    schema = '{"type":"json_schema","json_schema":{"name":"x","schema":{"type":"nonsense"},"strict":false}}'
+    with pytest.raises(EngineRefused, match="cannot be compiled"):  # a schema its grammar cannot take
+        engine.prepare(SamplingParams(4, response_format=schema))
     with pytest.raises(EngineRefused, match="vocabulary"):
         engine.add(EngineRequest("lb", prompt, SamplingParams(4, logit_bias={"10000000": 1.0})))
     assert not engine.has_work()

@@ -12,7 +12,7 @@ from schemas.sampling import SamplingParams
 from services.settings import Settings
 from workers.engine.types import EngineRequest
 from workers.history import Prior, summarize
-from workers.intake import OffsetTracker
+from workers.intake import OffsetTracker, owned
 from workers.main import served_models
 from workers.publisher import DeltaCoalescer
 from workers.synthetic import SyntheticEngine
@@ -30,6 +30,21 @@ def test_offset_tracker_commits_only_contiguous_finished_offsets() -> None:
     assert tracker.committable() == 12
     tracker.done(12)
     assert tracker.committable() == 13
+
+
+def test_a_ticket_of_an_earlier_assignment_is_not_owned_when_its_partition_comes_back() -> None:
+    """Revoked, then assigned here again and the same offset read again: only the new assignment's ticket owns it
+    (the old one, waiting out a broker outage or a preemption's handover, must neither run nor close it)."""
+    first = OffsetTracker()
+    first.take(7)
+    assert owned(first, first, 7)
+    assert not owned(None, first, 7)  # revoked
+    again = OffsetTracker()
+    again.take(7)
+    assert not owned(again, first, 7)
+    assert owned(again, again, 7)
+    again.done(7)
+    assert not owned(again, again, 7)
 
 
 def test_coalescer_sends_first_token_at_once_and_piles_up_while_behind() -> None:

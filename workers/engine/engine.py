@@ -10,9 +10,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from schemas.errors import EngineError, EngineRefused
+from schemas.sampling import SamplingParams
+from schemas.structured import constraint_of
 from workers import metrics
 from workers.engine.architectures import check_architecture, context_length
 from workers.engine.attention import register as register_attention
+from workers.engine.constraints import Grammars, Matcher, mask
 from workers.engine.cpu_linear import can_pack, pack_linears
 from workers.engine.port import StepLoopPort
 from workers.engine.resources import default_kv_cache_bytes, set_torch_threads
@@ -20,7 +23,7 @@ from workers.engine.runner import ModelRunner, pick_device
 from workers.engine.sampling import RowSampler, Sampled, sample_rows
 from workers.engine.scheduler import Scheduler
 from workers.engine.text import TextCodec, TextStream
-from workers.engine.types import EngineRequest, StepOutput, unsupported
+from workers.engine.types import EngineRequest, StepOutput, Turn, unsupported
 
 if TYPE_CHECKING:
     from services.settings import Settings
@@ -32,6 +35,7 @@ log = logging.getLogger(__name__)
 SUPPORTED = frozenset(
     {"presence_penalty", "frequency_penalty", "repetition_penalty", "min_p", "logit_bias", "n"}
     | {"logprobs", "top_logprobs"}
+    | {"response_format", "tools", "tool_choice"}
 )
 
 
@@ -44,6 +48,7 @@ class _Choice:
     sampler: RowSampler
     text: TextStream
     completion: int
+    matcher: Matcher | None = None  # the choice's place in the request's grammar, when its output is constrained
     next_token: int | None = None
     finish_reason: str | None = None
 
@@ -100,6 +105,7 @@ class Engine:
         self.max_positions = context_length(model.config)
         self.codec = TextCodec(tokenizer)
         self.has_chat_template = self.codec.has_chat_template
+        self._grammars: Grammars | None = None
         budget_bytes = kv_cache_bytes or default_kv_cache_bytes(device)
         self.runner = ModelRunner(model, device, 1 << 62, max_batch_size)
         per_token = self.runner.bytes_per_token
@@ -171,11 +177,34 @@ class Engine:
     def context_length(self) -> int:
         return self.max_positions
 
-    def encode_prompt(self, prompt: str, messages: Sequence[tuple[str, str]] | None = None) -> list[int]:
-        return self.codec.encode_prompt(prompt, messages)
+    def encode_prompt(self, prompt: str, messages: Sequence[Turn] | None = None, tools: str | None = None) -> list[int]:
+        return self.codec.encode_prompt(prompt, messages, tools)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.codec.decode(ids)
+
+    @property
+    def grammars(self) -> Grammars:
+        """The compiler of this model's constraints (its tokenizer's vocabulary is read on first use)."""
+        if self._grammars is None:
+            vocab = int(self.model.config.get_text_config().vocab_size)
+            self._grammars = Grammars(self.tokenizer, vocab, self.eos_ids)
+        return self._grammars
+
+    def prepare(self, params: SamplingParams) -> None:
+        """Refuse what this engine does not do, and compile the request's constraint now (cached), so that a schema
+        the grammar cannot take is refused before the request starts: EngineRefused."""
+        refusal = unsupported(params, SUPPORTED, "built-in")
+        if refusal is not None:
+            raise refusal
+        try:
+            constraint = constraint_of(params.response_format, params.tools, params.tool_choice)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:  # a record written past the gateway's checks
+            raise EngineRefused(
+                f"response_format, tools or tool_choice is malformed: {exc}", code="response_format_invalid"
+            ) from None
+        if constraint is not None:
+            self.grammars.compile(constraint)
 
     def add(self, request: EngineRequest) -> None:
         prompt = request.prompt_ids + request.resume_ids
@@ -191,6 +220,7 @@ class Engine:
             raise EngineRefused(f"logit_bias names a token id outside the vocabulary of {vocab} tokens")
         completion = len(request.resume_ids)
         reserve = min(self.max_positions, len(prompt) + max(1, params.max_tokens - completion))
+        constraint = constraint_of(params.response_format, params.tools, params.tool_choice)
         choices = [
             _Choice(
                 index,
@@ -198,6 +228,8 @@ class Engine:
                 RowSampler(params, request.prompt_ids, request.resume_ids, index),
                 TextStream(self.codec, params.stop, request.resume_ids, request.resume_text),
                 completion,
+                # A continued run replays the tokens the log holds through the grammar: its state is where they left it.
+                self.grammars.matcher(constraint, request.resume_ids) if constraint is not None else None,
             )
             for index in range(params.n)
         ]
@@ -262,7 +294,9 @@ class Engine:
             rows.extend((seq, c) for seq in ended for c in seq.choices)
         if not rows:
             return outputs
-        picks = sample_rows(torch.cat(logits, dim=0), [c.sampler for _, c in rows])
+        scores = torch.cat(logits, dim=0)
+        mask(scores, [c.matcher for _, c in rows])  # only constrained rows pay
+        picks = sample_rows(scores, [c.sampler for _, c in rows])
         for (seq, choice), picked in zip(rows, picks, strict=True):
             out = self._advance(seq, choice, picked)
             if choice.finish_reason is not None:
@@ -278,6 +312,11 @@ class Engine:
         token = picked.token
         logprobs = (self.codec.with_bytes(picked.logprob),) if picked.logprob is not None else ()
         rid, index = seq.request_id, choice.index
+        if choice.matcher is not None and not choice.matcher.accept(token):
+            # Only a grammar that already ended allows nothing (the mask left every logit at -inf): end it there.
+            log.error("run %s: token %d is outside its grammar; stopping the choice", rid, token)
+            choice.finish_reason = "stop"
+            return StepOutput(rid, (), choice.text.final(), index=index)
         if token in self.eos_ids:
             choice.finish_reason = "stop"
             return StepOutput(rid, (), choice.text.final(), index=index)

@@ -10,7 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 from schemas.errors import EngineError
-from workers.engine.types import EngineLike, EngineRequest, StepOutput
+from schemas.sampling import SamplingParams
+from workers.engine.types import EngineLike, EngineRequest, StepOutput, Turn
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,14 @@ class EnginePort(Protocol):
     has_chat_template: bool
     device: str
 
-    def encode_prompt(self, prompt: str, messages: Sequence[tuple[str, str]] | None = None) -> list[int]: ...
+    def encode_prompt(
+        self, prompt: str, messages: Sequence[Turn] | None = None, tools: str | None = None
+    ) -> list[int]: ...
+    def prepare(self, params: SamplingParams) -> None:
+        """Raise ``EngineRefused`` for what the engine cannot do (a schema its grammar cannot take), before the
+        request starts; compiles what it can ahead of the run."""
+        ...
+
     def generate(self, request: EngineRequest) -> AsyncIterator[StepOutput]: ...
     def abort(self, request_id: str) -> None: ...
     @property
@@ -87,8 +95,11 @@ class StepLoopPort:
         usage = getattr(self.engine, "kv_cache_usage", None)
         return None if usage is None else float(usage)
 
-    def encode_prompt(self, prompt: str, messages: Sequence[tuple[str, str]] | None = None) -> list[int]:
-        return self.engine.encode_prompt(prompt, messages)
+    def encode_prompt(self, prompt: str, messages: Sequence[Turn] | None = None, tools: str | None = None) -> list[int]:
+        return self.engine.encode_prompt(prompt, messages, tools)
+
+    def prepare(self, params: SamplingParams) -> None:
+        self.engine.prepare(params)
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[StepOutput]:
         rid = request.request_id

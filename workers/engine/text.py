@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import re
 from collections.abc import Sequence
 from functools import cache
 from typing import Any
 
+from schemas.errors import EngineRefused
 from schemas.records import TokenLogprob, TopLogprob
+from schemas.structured import tools_of
 from workers.engine.detokenizer import IncrementalDetokenizer
 from workers.engine.stops import StopMatcher
+from workers.engine.types import Turn
 
 
 class TextCodec:
@@ -23,14 +28,20 @@ class TextCodec:
         self._byte_level = decoder is not None and "ByteLevel" in repr(decoder)
         self._bytes: dict[int, bytes] = {}
 
-    def encode_prompt(self, prompt: str, messages: Sequence[tuple[str, str]] | None = None) -> list[int]:
+    def encode_prompt(self, prompt: str, messages: Sequence[Turn] | None = None, tools: str | None = None) -> list[int]:
+        """The prompt's token ids; chat turns go through the chat template, with ``tools`` (the record's JSON) when
+        the model may call them: a template that does not show the model the tools refuses the request."""
         if messages:
-            chat = [{"role": role, "content": content} for role, content in messages]
-            ids = self.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
-            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-                ids = ids["input_ids"]
-            return [int(t) for t in ids]
+            chat = [template_turn(m) for m in messages]
+            functions = tools_of(tools) or None
+            text = self._render(chat, functions)
+            if functions and text == self._render(chat, None):
+                raise EngineRefused("this model's chat template does not show tools to the model; send no tools")
+            return [int(t) for t in self.tokenizer(text, add_special_tokens=False)["input_ids"]]
         return [int(t) for t in self.tokenizer(prompt)["input_ids"]]
+
+    def _render(self, chat: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> str:
+        return str(self.tokenizer.apply_chat_template(chat, tools=tools, add_generation_prompt=True, tokenize=False))
 
     def decode(self, ids: Sequence[int]) -> str:
         if self._rust is not None:
@@ -73,6 +84,26 @@ def _byte_decoder() -> dict[str, int]:
             chars.append(256 + extra)
             extra += 1
     return {chr(c): b for b, c in zip(printable, chars, strict=True)}
+
+
+def template_turn(turn: Turn) -> dict[str, Any]:
+    """A chat turn as transformers' chat templates take it: an assistant's tool calls with their arguments as objects
+    (templates write them with ``tojson``), a tool's answer with the call it answers."""
+    if isinstance(turn, tuple):
+        return {"role": turn[0], "content": turn[1]}
+    out: dict[str, Any] = {"role": turn.role, "content": turn.content}
+    if turn.tool_calls:
+        calls = json.loads(turn.tool_calls)
+        for call in calls:
+            function = call.get("function", {})
+            with contextlib.suppress(ValueError):  # not JSON: the template gets the text as the client sent it
+                function["arguments"] = json.loads(function.get("arguments") or "{}")
+        out["tool_calls"] = calls
+    if turn.tool_call_id is not None:
+        out["tool_call_id"] = turn.tool_call_id
+    if turn.name is not None:
+        out["name"] = turn.name
+    return out
 
 
 class TextStream:

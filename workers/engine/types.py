@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 from schemas.errors import EngineRefused
-from schemas.records import TokenLogprob
+from schemas.records import ChatMessage, TokenLogprob
 from schemas.sampling import SamplingParams
+
+Turn = ChatMessage | tuple[str, str]  # a chat turn: the record's, or (role, content)
 
 
 @dataclass(slots=True)
@@ -69,7 +72,10 @@ class EngineLike(Protocol):
     max_positions: int
     has_chat_template: bool
 
-    def encode_prompt(self, prompt: str, messages: Any = None) -> list[int]: ...
+    def encode_prompt(
+        self, prompt: str, messages: Sequence[Turn] | None = None, tools: str | None = None
+    ) -> list[int]: ...
+    def prepare(self, params: SamplingParams) -> None: ...
     def add(self, request: EngineRequest) -> None: ...
     def abort(self, request_id: str) -> bool: ...
     def has_work(self) -> bool: ...

@@ -16,8 +16,9 @@ import psutil
 from schemas.errors import ConfigError, EngineError, EngineRefused
 from schemas.records import TokenLogprob, TopLogprob
 from schemas.sampling import MAX_TOP_LOGPROBS, SamplingParams
+from schemas.structured import Constraint, constraint_of
 from workers.engine.text import TextCodec, TextStream
-from workers.engine.types import EngineRequest, StepOutput, unsupported
+from workers.engine.types import EngineRequest, StepOutput, Turn, unsupported
 
 if TYPE_CHECKING:
     from services.settings import Settings
@@ -28,6 +29,7 @@ CPU_KV_CACHE_MB = 1024  # vLLM's CPU KV cache when TOKENRELAY_KV_CACHE_MB is 0
 # What vLLM does beyond the basic sampling parameters (workers.engine.types.OPTIONS).
 SUPPORTED = frozenset(
     {"presence_penalty", "frequency_penalty", "repetition_penalty", "min_p", "logit_bias", "logprobs", "top_logprobs"}
+    | {"response_format", "tools", "tool_choice"}
     | {"n"}
 )
 
@@ -46,6 +48,9 @@ def engine_args(settings: Settings, model_path: str, device: str) -> dict[str, A
         # built-in engine gives them; vLLM's default is the raw model's.
         "logprobs_mode": "processed_logprobs",
         "max_logprobs": MAX_TOP_LOGPROBS,
+        # Structured outputs as the built-in engine makes them: xgrammar, compact JSON (no free whitespace that a
+        # model could pad its answer with up to max_tokens; vLLM reads this per engine, not per request).
+        "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
     }
     if settings.kv_cache_mb:
         args["kv_cache_memory_bytes"] = settings.kv_cache_mb << 20
@@ -65,8 +70,10 @@ def sampling_params(params: SamplingParams, max_tokens: int) -> Any:
     refusal = unsupported(params, SUPPORTED, "vLLM")
     if refusal is not None:
         raise refusal
+    constraint = constraint_of(params.response_format, params.tools, params.tool_choice)
     try:
         return VllmSamplingParams(
+            structured_outputs=structured_outputs(constraint) if constraint is not None else None,
             n=params.n,
             max_tokens=max_tokens,
             temperature=params.temperature,
@@ -84,6 +91,16 @@ def sampling_params(params: SamplingParams, max_tokens: int) -> Any:
         )
     except (ValueError, VLLMValidationError) as exc:  # say which parameter it cannot take (e.g. n > 1 when greedy)
         raise EngineRefused(f"the vLLM engine cannot take these sampling parameters: {exc}") from exc
+
+
+def structured_outputs(constraint: Constraint) -> Any:
+    """vLLM's structured outputs for a constraint: the same JSON schema (compact, as the built-in engine writes it)
+    or xgrammar structural tag."""
+    from vllm.sampling_params import StructuredOutputsParams
+
+    if constraint.kind == "json_schema":
+        return StructuredOutputsParams(json=constraint.spec, disable_any_whitespace=True)
+    return StructuredOutputsParams(structural_tag=constraint.spec)
 
 
 class VllmEngine:
@@ -112,8 +129,15 @@ class VllmEngine:
     def num_waiting(self) -> int:
         return 0  # vLLM queues inside; every request handed to it counts as running here
 
-    def encode_prompt(self, prompt: str, messages: Sequence[tuple[str, str]] | None = None) -> list[int]:
-        return self.codec.encode_prompt(prompt, messages)
+    def encode_prompt(self, prompt: str, messages: Sequence[Turn] | None = None, tools: str | None = None) -> list[int]:
+        return self.codec.encode_prompt(prompt, messages, tools)
+
+    def prepare(self, params: SamplingParams) -> None:
+        """Refuse what this engine does not do before the request starts; vLLM checks a constraint itself when it
+        gets the request (an error then fails the run)."""
+        refusal = unsupported(params, SUPPORTED, "vLLM")
+        if refusal is not None:
+            raise refusal
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[StepOutput]:
         from vllm.exceptions import VLLMClientError
@@ -121,6 +145,10 @@ class VllmEngine:
 
         rid = request.request_id
         done = len(request.resume_ids)
+        p = request.params
+        if done and constraint_of(p.response_format, p.tools, p.tool_choice) is not None:
+            # vLLM would start the grammar over at the continued tokens (they are prompt to it): refuse, not garble.
+            raise EngineRefused("the vLLM engine cannot continue a structured output after a worker death")
         n = request.params.n
         # A continued run: the earlier runs' tokens extend the prompt (exact for greedy requests). With n > 1 choices
         # vLLM prefills the prompt once and forks it for each choice; each choice has its own text.
@@ -255,6 +283,7 @@ def load(settings: Settings, name: str, source: str) -> VllmEngine:
     """The vLLM engine of one served model (its registry entry)."""
     try:
         from transformers import AutoTokenizer
+        from vllm.config import StructuredOutputsConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -269,6 +298,7 @@ def load(settings: Settings, name: str, source: str) -> VllmEngine:
     device = str(current_platform.device_type or "cpu")
     args = engine_args(settings, path, device)
     log.info("model %s: starting vLLM on %s (%s)", name, device, args)
+    args["structured_outputs_config"] = StructuredOutputsConfig(**args["structured_outputs_config"])
     llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
     tokenizer = AutoTokenizer.from_pretrained(path)
     eos = {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
