@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 PYTEST_ARGS ?=
 
-.PHONY: install test lint imports types docs unit integration run broker registry bench bench-peers vllm-venv soak clean check-tools browser quix-venv
+.PHONY: install test lint imports types docs unit integration run broker registry bench bench-peers vllm-venv soak chaos clean check-tools browser quix-venv
 
 install: $(STAMP) $(VENV)/.jars $(VENV)/.registry
 
@@ -113,6 +113,11 @@ bench-peers: vllm-venv
 
 soak: install
 	$(BIN)/python -m bench.soak
+
+# Random faults across every tier under a seeded mixed load, checked against the log (docs/reliability.md).
+CHAOS_MINUTES ?= 10
+chaos: install
+	$(BIN)/python -m bench.chaos --minutes $(CHAOS_MINUTES) $(if $(CHAOS_SEED),--seed $(CHAOS_SEED))
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .import_linter_cache

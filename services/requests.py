@@ -67,8 +67,8 @@ async def submit_request(
     and a worker's Started makes it known), so the caller must not report a failure, which a client would retry.
 
     An ``accepted`` given by the caller carries what its answers depend on (the Responses API's background, store and
-    metadata): it must be in the log before any worker's event, so it goes first and a failure to write it fails the
-    submit before the request exists; if the request then cannot be produced, a Failed ends it for every reader.
+    metadata): it must be in the log before any worker's event, so it goes first; if either record cannot be written the
+    submit fails and a Failed ends the request for every reader (an Accepted given up on may still land later).
 
     ``trace``: the W3C trace context every record of the request carries in its headers (see services.tracing).
     """
@@ -109,10 +109,10 @@ async def _submit_accepted_first(
 ) -> None:
     key = request.request_id.encode()
     event = TokenEvent(request.request_id, "", 0, int(time.time() * 1000), accepted)
-    await producer.send_and_wait(
-        settings.events_topic, codec.encode(event), key=key, headers=record_headers("TokenEvent", trace)
-    )
     try:
+        await producer.send_and_wait(
+            settings.events_topic, codec.encode(event), key=key, headers=record_headers("TokenEvent", trace)
+        )
         await producer.send_and_wait(
             topic,
             codec.encode(request),
@@ -120,6 +120,9 @@ async def _submit_accepted_first(
             headers=record_headers("InferenceRequest", trace),
         )
     except BaseException:
+        # A send given up on (the caller's timeout, a broker outage) may still be delivered later: the producer keeps
+        # the record. An Accepted that lands after a failed submit would leave a request that never ends, so a Failed
+        # follows it in the same partition whichever of the two sends failed.
         ended = TokenEvent(
             request.request_id, "", 0, int(time.time() * 1000), Failed("not_submitted", "the request was not submitted")
         )

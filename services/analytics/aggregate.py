@@ -213,8 +213,11 @@ def apply_event(
             )
             entry.setdefault("finished_at", None)
             entry.setdefault("failed_at", None)
-            if counted_at is not None and counted_at != offset:
-                # Another terminal event already counted this request.
+            other = entry["failed_at"] if mark == "finished_at" else entry["finished_at"]
+            if (counted_at is not None and counted_at != offset) or other is not None:
+                # Another terminal event already counted this request: a request ends once (as the run log's fold
+                # says), even when a later run finishes one that a Failed had already ended (a submit that timed
+                # out and was then delivered all the same).
                 return Outcome(state_changed=_advance(state, offset))
             entry[mark] = offset
             entry["ts"] = event.ts_ms

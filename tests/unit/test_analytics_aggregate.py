@@ -119,6 +119,17 @@ def test_failed_is_counted_once_and_unknown_requests_still_count() -> None:
     assert state["by_model"]["unknown"]["completion_tokens"] == 7
 
 
+def test_a_request_ended_by_a_failed_is_not_counted_again_when_a_run_finishes_it() -> None:
+    # Found by the chaos run: a submit that timed out is ended with a Failed, the request record is delivered after
+    # all and a worker runs it. The log's fold ends it once, failed; analytics counted it failed and finished.
+    failed = TokenEvent(RID, "", 0, 999_000, Failed("not_submitted", "the request was not submitted"))
+    state, table = _run([failed, *_events()])
+    assert state["by_model"]["unknown"]["failed"] == 1
+    assert "m1" not in state["by_model"] or state["by_model"]["m1"]["requests"] == 0
+    replayed, _ = _run([failed, *_events()], state, table)
+    assert replayed["by_model"]["unknown"] == {"requests": 0, "failed": 1, "prompt_tokens": 0, "completion_tokens": 0}
+
+
 def test_windows_are_bounded_and_merge_across_partitions() -> None:
     states = []
     for p in range(2):
