@@ -174,10 +174,14 @@ def build_timeline(
         t.status = "unknown" if queued is None else "queued"
     elif fold.terminal is None:
         t.status = "running" if fold.current is not None else "queued"
+    accepted = next((s for s in t.steps if s.what == "accepted"), None)
+    if accepted is not None:
+        # The gateway writes its Accepted beside the request record: a quick worker's Started may land before it.
+        t.steps.remove(accepted)
+        t.steps.insert(0, accepted)
     if queued is not None:
         step = Step("queued", queued.timestamp_ms, queued, "", {})
-        t.steps.insert(1 if t.steps and t.steps[0].what == "accepted" else 0, step)
-    accepted = next((s for s in t.steps if s.what == "accepted"), None)
+        t.steps.insert(1 if accepted is not None else 0, step)
     if accepted is not None:
         t.origin_ms = accepted.ts_ms
     elif queued is not None:

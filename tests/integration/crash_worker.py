@@ -16,7 +16,7 @@ from typing import Any
 from services.logs import configure_logging
 from services.settings import Settings
 from workers.engine.engine import Engine
-from workers.engine.types import EngineRequest, StepOutput
+from workers.engine.types import EngineRequest, StepOutput, Turn
 from workers.main import run_worker
 
 POISON = os.environ.get("TOKENRELAY_TEST_POISON", "\u2620 poison \u2620")
@@ -25,8 +25,10 @@ _poison_ids: set[tuple[int, ...]] = set()
 _armed: list[bool] = []
 
 
-def _encode_prompt(self: Engine, prompt: str, messages: Sequence[tuple[str, str]] | None = None) -> list[int]:
-    ids = _encode(self, prompt, messages)
+def _encode_prompt(
+    self: Engine, prompt: str, messages: Sequence[Turn] | None = None, tools: str | None = None
+) -> list[int]:
+    ids = _encode(self, prompt, messages, tools)
     if POISON in prompt:
         _poison_ids.add(tuple(ids))
     return ids

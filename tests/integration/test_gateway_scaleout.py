@@ -223,6 +223,7 @@ async def test_a_gateway_follows_another_with_keys_on(kafka_bootstrap: str, topi
         async with aiohttp.ClientSession() as session:
             await wait_partitions_shared(session, bases, partitions=2)
             with running_worker(settings[0], TOKENRELAY_ENGINE="synthetic", TOKENRELAY_SYNTHETIC_TOKENS_PER_S="100"):
+                await gateways[0].wait_serving()  # it has read the worker's announcement: the model routes
                 ids = []
                 for _ in range(8):
                     async with session.post(

@@ -121,7 +121,7 @@ async def test_bad_input_never_crashes(kafka_bootstrap: str, topic_prefix: str) 
                     b'{"messages": [{"role": "user", "content": "x"}], "stream_options": {}}',
                     400,
                 ),
-                ("/v1/completions", b'{"prompt": "x", "n": 3}', 422),
+                ("/v1/completions", b'{"prompt": "x", "n": 17}', 422),  # n is 1 to 16
             ]
             for path, body, expected in cases:
                 async with session.post(gw.url + path, data=body) as response:

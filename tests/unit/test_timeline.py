@@ -151,3 +151,16 @@ def test_an_unknown_request_and_one_still_queued() -> None:
     assert queued.status == "queued" and [s.what for s in queued.steps] == ["accepted", "queued"]
     other = build_timeline(RID, Log().add(0, "x", 0, Delta("not ours", (1,)), rid="other").events)
     assert other.status == "unknown"
+
+
+def test_an_accepted_that_landed_after_the_start_still_opens_the_timeline() -> None:
+    """The gateway writes its Accepted beside the request record: a quick worker's Started may be logged first."""
+    log = (
+        Log()
+        .add(3, "a", 0, _started("w1"))
+        .add(4, "", 0, Accepted("default", "k_1", priority="interactive"))
+        .add(9, "a", 1, Finished("length", Usage(7, 0), ttft_ms=0, total_ms=6))
+    )
+    t = build_timeline(RID, log.events, QUEUED)
+    assert [s.what for s in t.steps] == ["accepted", "queued", "started", "end"]
+    assert t.origin_ms == T0 + 4
