@@ -26,8 +26,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aiokafka import TopicPartition
-
 from bench.chaos_checks import (
     Fault,
     Trace,
@@ -43,7 +41,7 @@ from bench.chaos_system import ROLES, System, analytics_usage
 from bench.support import load, raise_fd_limit
 from schemas.errors import DecodeError
 from schemas.records import TokenEvent
-from services.kafka import make_consumer, start_client
+from services.kafka import make_consumer, read_to_end, start_client
 from services.schema_registry import reading_codec
 from services.settings import Settings
 from tests.integration.cluster_support import ClusterProcess
@@ -242,25 +240,14 @@ async def read_log(settings: Settings) -> dict[str, list[tuple[int, int, TokenEv
     await start_client(consumer)
     out: dict[str, list[tuple[int, int, TokenEvent]]] = {}
     try:
-        tps = [TopicPartition(settings.events_topic, p) for p in range(settings.events_partitions)]
-        consumer.assign(tps)
-        ends = await consumer.end_offsets(tps)
-        await consumer.seek_to_beginning(*tps)
-        remaining = {tp for tp in tps if ends[tp] > 0}
-        while remaining:
-            batches = await consumer.getmany(*remaining, timeout_ms=1000, max_records=20_000)
-            for tp, records in batches.items():
-                for r in records:
-                    if r.offset >= ends[tp] or r.value is None:
-                        continue
-                    try:
-                        ev = await asyncio.to_thread(codec.decode_event, r.value)
-                    except DecodeError:
-                        continue
-                    out.setdefault(ev.request_id, []).append((tp.partition, r.offset, ev))
-            for tp in list(remaining):
-                if await consumer.position(tp) >= ends[tp]:
-                    remaining.discard(tp)
+        async for tp, r in read_to_end(consumer, settings.events_topic, settings.events_partitions, poll_ms=1000):
+            if r.value is None:
+                continue
+            try:
+                ev = await asyncio.to_thread(codec.decode_event, r.value)
+            except DecodeError:
+                continue
+            out.setdefault(ev.request_id, []).append((tp.partition, r.offset, ev))
     finally:
         await consumer.stop()
     return out

@@ -15,6 +15,7 @@ from typing import Any
 
 import aiohttp
 
+from bench.chaos_checks import slope_per_hour
 from bench.support import (
     ROOT,
     bench_settings,
@@ -82,18 +83,6 @@ def _spawn_load(base: str, slots: int, seconds: float) -> subprocess.Popen[str]:
 
 
 # --- sampling and reporting ----------------------------------------------------------------------------------------
-
-
-def _slope_per_hour(times: list[float], values: list[float]) -> float:
-    """Least-squares slope of values over times (seconds), per hour."""
-    n = len(times)
-    if n < 2:
-        return 0.0
-    mt, mv = sum(times) / n, sum(values) / n
-    var = sum((t - mt) ** 2 for t in times)
-    if var == 0:
-        return 0.0
-    return sum((t - mt) * (v - mv) for t, v in zip(times, values, strict=True)) / var * 3600
 
 
 def _sample(t0: float, gateway_pid: int, worker_pid: int) -> dict[str, float]:
@@ -180,7 +169,7 @@ def soak(minutes: float, interval_s: float, streams: int, rate: float, processes
             "first": values[0],
             "last": values[-1],
             "growth": values[-1] - values[0],
-            "slope_per_hour": _slope_per_hour(times, values),
+            "slope_per_hour": slope_per_hour(times, values),
         }
     print("growth (first -> last, least-squares slope per hour):")
     for key, g in growth.items():

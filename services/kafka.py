@@ -220,3 +220,24 @@ async def read_key(
         if not records and stop_offset is not None:
             # Transaction markers or compaction gaps: trust the consumer's position.
             position = max(position, await consumer.position(tp))
+
+
+async def read_to_end(
+    consumer: AIOKafkaConsumer, topic: str, partitions: int, *, poll_ms: int = 500
+) -> AsyncGenerator[tuple[TopicPartition, ConsumerRecord[bytes, bytes]], None]:
+    """Every record of ``topic``'s partitions, from the beginning up to each one's end as of now, in each
+    partition's order (the consumer gets those partitions assigned)."""
+    tps = [TopicPartition(topic, p) for p in range(partitions)]
+    consumer.assign(tps)
+    ends = await consumer.end_offsets(tps)
+    await consumer.seek_to_beginning(*tps)
+    remaining = {tp for tp in tps if ends[tp] > 0}
+    while remaining:
+        batches = await consumer.getmany(*remaining, timeout_ms=poll_ms, max_records=20_000)
+        for tp, records in batches.items():
+            for record in records:
+                if record.offset < ends[tp]:
+                    yield tp, record
+        for tp in list(remaining):
+            if await consumer.position(tp) >= ends[tp]:
+                remaining.discard(tp)

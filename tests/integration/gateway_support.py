@@ -24,7 +24,7 @@ from gateway.fanout.sse import parse
 from schemas.codec import default_codec
 from schemas.errors import DecodeError
 from schemas.records import Delta, Finished, Started, TokenEvent, Usage
-from services.kafka import make_consumer, make_producer, record_headers, start_client
+from services.kafka import make_consumer, make_producer, read_to_end, record_headers, start_client
 from services.local.broker.cluster import free_port_block
 from services.local.process import quiet_env, spawn
 from services.local.readiness import gateway_serving
@@ -384,8 +384,6 @@ async def follow_sse(
 
 async def read_log_streams(settings: Settings, request_ids: Iterable[str]) -> dict[str, list[dict[str, str]]]:
     """The SSE events each request's log implies, built straight from the events topic (not through a gateway)."""
-    from aiokafka import TopicPartition
-
     from gateway.fanout.subscription import make_out
     from schemas.view import View
 
@@ -395,30 +393,17 @@ async def read_log_streams(settings: Settings, request_ids: Iterable[str]) -> di
     views: dict[str, View] = {rid: View(rid) for rid in wanted}
     streams: dict[str, list[dict[str, str]]] = {rid: [] for rid in wanted}
     try:
-        tps = [TopicPartition(settings.events_topic, p) for p in range(settings.events_partitions)]
-        consumer.assign(tps)
-        ends = await consumer.end_offsets(tps)
-        await consumer.seek_to_beginning(*tps)
-        remaining = {tp for tp in tps if ends[tp] > 0}
-        while remaining:
-            batches = await consumer.getmany(*remaining, timeout_ms=500, max_records=20_000)
-            for tp, records in batches.items():
-                for r in records:
-                    if r.offset >= ends[tp]:
-                        continue
-                    rid = r.key.decode("utf-8", "replace") if r.key else ""
-                    if rid in wanted and r.value is not None:
-                        try:
-                            ev = default_codec().decode_event(r.value)
-                        except DecodeError:
-                            continue
-                        view_event = views[rid].feed(r.offset, ev)
-                        if view_event is not None:
-                            framed = make_out(tp.partition, rid, view_event).framed.decode()
-                            streams[rid] += [e for e in parse(framed) if "event" in e]
-            for tp in list(remaining):
-                if await consumer.position(tp) >= ends[tp]:
-                    remaining.discard(tp)
+        async for tp, r in read_to_end(consumer, settings.events_topic, settings.events_partitions):
+            rid = r.key.decode("utf-8", "replace") if r.key else ""
+            if rid in wanted and r.value is not None:
+                try:
+                    ev = default_codec().decode_event(r.value)
+                except DecodeError:
+                    continue
+                view_event = views[rid].feed(r.offset, ev)
+                if view_event is not None:
+                    framed = make_out(tp.partition, rid, view_event).framed.decode()
+                    streams[rid] += [e for e in parse(framed) if "event" in e]
     finally:
         await consumer.stop()
     return streams
