@@ -38,6 +38,7 @@ REFILL_PASS_S = 1.0  # a look for due deferred requests at least this often
 STATS_EVERY_S = 0.5
 MAX_DEFERRED = 100_000  # positions of requests read but not held, per class
 REREAD_BATCH = 1000
+UNKNOWN_END = 1 << 62  # a partition's end at assignment, until looked up: every record counts as possibly run before
 
 
 class ServedModel:
@@ -155,6 +156,7 @@ class ServedModel:
             # assign a partition meanwhile: its position is then reset to the committed offset, and the rest of this
             # batch must not be taken under the new assignment (its tracker would commit past the records between).
             fetched_under = {tp: self.trackers.get(tp) for tp in batches}
+            self._read_again_untracked(batches)
             for tp, records in batches.items():
                 for record in records:
                     tracker = self.trackers.get(tp)
@@ -164,6 +166,16 @@ class ServedModel:
                     await self._take(tp, record)
             if batches:
                 self.core.changed.set()
+
+    def _read_again_untracked(self, batches: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]) -> None:
+        """Records of a partition assigned before its assignment callback made its tracker (the fetcher serves a new
+        assignment at once): seek back so they are fetched again, and taken, once it has. Before any await, so the
+        position sought is the one these records were returned at."""
+        assignment = self.consumer.assignment()
+        for tp, records in batches.items():
+            if records and tp not in self.trackers and tp in assignment:
+                log.info("%s[%d]@%d fetched before its assignment was made", tp.topic, tp.partition, records[0].offset)
+                self.consumer.seek(tp, records[0].offset)
 
     async def _take(self, tp: TopicPartition, record: ConsumerRecord[bytes, bytes], *, reread: bool = False) -> None:
         try:
@@ -401,15 +413,17 @@ class ServedModel:
             self._committed.pop(tp, None)
 
     async def assign(self, assigned: set[TopicPartition]) -> None:
+        # The trackers first, before any await: the fetcher already serves the new assignment while this runs, and a
+        # record it returns for a partition without a tracker would be passed over. Until the ends are known, every
+        # record is checked against the log before it runs.
+        for tp in assigned:
+            self.trackers[tp] = OffsetTracker()
+            self._assigned_end[tp] = UNKNOWN_END
         if assigned:
             try:
                 self._assigned_end.update(await self.consumer.end_offsets(list(assigned)))
             except KafkaError as exc:
-                # Unknown ends: every record of these partitions is checked against the log before it runs.
                 log.warning("end offsets of %s unknown (%s)", sorted(tp.partition for tp in assigned), exc)
-                self._assigned_end.update(dict.fromkeys(assigned, 1 << 62))
-        for tp in assigned:
-            self.trackers[tp] = OffsetTracker()
         self.assigned.set()
         log.info("model %s: assigned %s", self.name, sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import io
 import json
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import fastavro
 import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from schemas.codec import AVRO_DIR, MAGIC, default_codec, fingerprint
 from schemas.ids import new_request_id
@@ -20,6 +22,8 @@ from services.topics import ensure_topics
 from tests.integration.worker_helpers import cancel, collect, dlq_records, produce, produce_raw, running_worker
 from workers.engine.engine import Engine
 from workers.engine.types import EngineRequest, StepOutput
+from workers.main import KafkaClients
+from workers.served_model import ServedModel
 
 pytestmark = pytest.mark.integration
 
@@ -196,3 +200,45 @@ async def test_misuse_ends_each_request_and_cancels_sent_before_the_worker_start
 
 def _with_id(request: InferenceRequest, request_id: str) -> InferenceRequest:
     return dataclasses.replace(request, request_id=request_id)
+
+
+class SlowEndOffsets(AIOKafkaConsumer):
+    """A requests consumer whose end-offsets lookup takes seconds: the worker's assignment callback, which looks the
+    ends up, is still running while the fetcher already has the new partitions' records."""
+
+    async def end_offsets(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
+        await asyncio.sleep(3)
+        return await super().end_offsets(partitions)
+
+
+@dataclasses.dataclass(frozen=True)
+class SlowAssignmentClients(KafkaClients):
+    def requests_consumer(self, model: str) -> AIOKafkaConsumer:
+        consumer = super().requests_consumer(model)
+        consumer.__class__ = SlowEndOffsets
+        return consumer
+
+
+@pytest.mark.parametrize("slow", ["end offsets", "whole callback"])
+async def test_records_fetched_while_the_assignment_callback_runs_are_taken(
+    settings: Settings, engine: Engine, slow: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fetcher starts on a new assignment before the callback that makes its offset trackers has finished (or
+    begun): a record it returns meanwhile must be taken, not dropped with the consumer's position already past it
+    (the request would never end, and the next commit would skip it)."""
+    requests = [InferenceRequest(new_request_id(), f"Waiting {i}", 4, temperature=0.0) for i in range(6)]
+    await ensure_topics(settings)
+    await produce(settings, requests)
+    clients = SlowAssignmentClients(settings) if slow == "end offsets" else None
+    if slow == "whole callback":
+        assign = ServedModel.assign
+
+        async def late_assign(self: ServedModel, assigned: set[TopicPartition]) -> None:
+            await asyncio.sleep(3)
+            await assign(self, assigned)
+
+        monkeypatch.setattr(ServedModel, "assign", late_assign)
+    async with running_worker(settings, engine, clients):
+        events = await collect(settings, [r.request_id for r in requests], timeout_s=60)
+    for r in requests:
+        assert isinstance(check_run(events[r.request_id])[2], Finished)

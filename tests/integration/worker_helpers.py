@@ -26,7 +26,7 @@ from services.topics import ensure_topics
 from tests.integration.secure_support import as_role
 from tests.waiting import wait_until
 from workers.engine.types import EngineLike
-from workers.main import Worker
+from workers.main import KafkaClients, Worker
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -49,9 +49,11 @@ def worker_process(settings: Settings, module: str = "workers.main", **env: str)
 
 
 @contextlib.asynccontextmanager
-async def running_worker(settings: Settings, engine: EngineLike) -> AsyncIterator[Worker]:
+async def running_worker(
+    settings: Settings, engine: EngineLike, clients: KafkaClients | None = None
+) -> AsyncIterator[Worker]:
     await ensure_topics(settings)
-    worker = Worker(settings, engine)
+    worker = Worker(settings, engine, clients)
     task = asyncio.create_task(worker.run())
     ready = asyncio.create_task(worker.ready.wait())
     await asyncio.wait({task, ready}, timeout=60, return_when=asyncio.FIRST_COMPLETED)
@@ -260,7 +262,11 @@ def client_view(request_id: str, records: list[tuple[int, TokenEvent]]) -> Clien
 
 
 def describe(ev: TokenEvent) -> str:
-    """One line per event, for a failure message."""
+    """One line per event, for a failure message (its time as the worker stamped it, in ms of the minute)."""
+    return f"{ev.ts_ms % 60_000:>5} {_what(ev)}"
+
+
+def _what(ev: TokenEvent) -> str:
     p = ev.payload
     if isinstance(p, Started):
         base = (p.continues_run_id or "-")[:6]
