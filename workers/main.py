@@ -36,6 +36,7 @@ from workers.engine.port import EnginePort, as_port
 from workers.engine.types import EngineLike
 from workers.publisher import Publisher
 from workers.served_model import ServedModel
+from workers.stall import StallFence
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +166,8 @@ class Worker:
         self.clients = clients or KafkaClients(settings)
         self.worker_id = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}"
         self.codec = codec or default_codec()
-        self.publisher = Publisher(self.clients.producer, settings.events_topic, self.codec)
+        fence = StallFence.for_session(settings.worker_session_timeout_ms, time.monotonic())
+        self.publisher = Publisher(self.clients.producer, settings.events_topic, self.codec, fence)
         self.cancelled = CancelledIds()
         self.control = ControlReader(self.clients.consumer(), settings.control_topic, self._on_cancel, self.codec)
         self.models: dict[str, ServedModel] = {}

@@ -17,10 +17,12 @@ from schemas.codec import Codec, default_codec
 from schemas.errors import TokenRelayError
 from schemas.records import Delta, Payload, TokenEvent, TokenLogprob
 from services.kafka import Headers, record_headers, start_client
+from workers.stall import StallFence
 
 log = logging.getLogger(__name__)
 
 _HEADERS = record_headers("TokenEvent")
+TICK_S = 0.1  # how often the stall fence is ticked
 
 
 @dataclass(slots=True)
@@ -94,13 +96,21 @@ class Publisher:
     the broker rejects for good), and ``healthy`` is set again once the new one has started.
     """
 
-    def __init__(self, make_producer: Callable[[], AIOKafkaProducer], topic: str, codec: Codec | None = None):
+    def __init__(
+        self,
+        make_producer: Callable[[], AIOKafkaProducer],
+        topic: str,
+        codec: Codec | None = None,
+        fence: StallFence | None = None,
+    ):
         self._make_producer = make_producer
+        self._fence = fence
         self._producer: AIOKafkaProducer | None = None
         self._topic = topic
         self._codec = codec or default_codec()
         self._queue: asyncio.Queue[_Item] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
+        self._ticker: asyncio.Task[None] | None = None
         self._pending: set[asyncio.Future[None]] = set()
         self._broken_runs: OrderedDict[str, None] = OrderedDict()
         self._replace = False
@@ -110,6 +120,9 @@ class Publisher:
         self._producer = await self._started_producer()
         self.healthy.set()
         self._task = asyncio.create_task(self._run(), name="publisher")
+        if self._fence is not None:
+            self._fence.begin(time.monotonic())
+            self._ticker = asyncio.create_task(self._tick(self._fence), name="publisher-stall-fence")
 
     def publish(self, event: TokenEvent, headers: Headers | None = None) -> asyncio.Future[None]:
         """Queue an event (``headers``: its request's, with the trace context; else the plain ones); the future resolves
@@ -141,9 +154,10 @@ class Publisher:
     async def stop(self, grace_s: float = 10.0) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.drain(), grace_s)
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        for task in (self._task, self._ticker):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         if self._producer is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._producer.stop(), grace_s)
@@ -155,6 +169,10 @@ class Publisher:
                 continue
             if item.run_id is not None and item.run_id in self._broken_runs:
                 item.done.set_exception(RunBroken(f"run {item.run_id} lost an earlier event"))
+                continue
+            if item.run_id is not None and self._fence is not None and self._fence.fenced(time.monotonic()):
+                self._break_run(item, RunBroken("the worker was frozen: its runs wait until its group has settled"))
+                self.healthy.clear()
                 continue
             if self._replace:
                 await self._replace_producer()
@@ -178,14 +196,33 @@ class Publisher:
 
     def _failed(self, item: _Item, exc: BaseException) -> None:
         log.warning("cannot publish to %s (key %s): %s", item.topic, item.key.decode("utf-8", "replace"), exc)
+        self._break_run(item, RunBroken(str(exc) or type(exc).__name__))
+        self._replace = True
+        self.healthy.clear()
+
+    def _break_run(self, item: _Item, exc: RunBroken) -> None:
         if item.run_id is not None:
             self._broken_runs[item.run_id] = None
             while len(self._broken_runs) > 100_000:
                 self._broken_runs.popitem(last=False)
-        self._replace = True
-        self.healthy.clear()
         if not item.done.done():
-            item.done.set_exception(RunBroken(str(exc) or type(exc).__name__))
+            item.done.set_exception(exc)
+
+    async def _tick(self, fence: StallFence) -> None:
+        """Tick the stall fence; healthy again once a freeze has settled (and no producer awaits replacement)."""
+        while True:
+            await asyncio.sleep(TICK_S)
+            now = time.monotonic()
+            gap = fence.tick(now)
+            if gap is not None:
+                log.warning(
+                    "the worker was frozen for %.1f s: runs publish nothing for %.1f s, until its group has settled",
+                    gap,
+                    fence.settle_s,
+                )
+                self.healthy.clear()
+            elif not self.healthy.is_set() and not self._replace and not fence.fenced(now):
+                self.healthy.set()
 
     async def _replace_producer(self) -> None:
         old, self._producer = self._producer, None
@@ -194,7 +231,8 @@ class Publisher:
                 await asyncio.wait_for(old.stop(), 5.0)
         self._producer = await self._started_producer()
         self._replace = False
-        self.healthy.set()
+        if self._fence is None or not self._fence.fenced(time.monotonic()):
+            self.healthy.set()
         log.info("publisher: producer replaced after a failed send")
 
     async def _started_producer(self) -> AIOKafkaProducer:
