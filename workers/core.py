@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from schemas.errors import EngineRefused
-from schemas.records import Accepted, Failed, Finished, InferenceRequest, TokenEvent, Usage
+from schemas.records import PRIORITIES, Accepted, Failed, Finished, InferenceRequest, TokenEvent, Usage
 from schemas.structured import calls_tools, tool_names
 from schemas.toolcalls import openai_calls, split_calls
 from services import tracing
@@ -29,6 +29,7 @@ from workers.spans import RunSpans, queue_start_ns
 log = logging.getLogger(__name__)
 
 INTERNAL = "the worker failed while {} this request"
+INTERACTIVE = PRIORITIES[0]
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,7 +163,14 @@ class ModelCore:
         if admission.solo:
             log.warning("request %s: %d earlier runs ended without a token; running it alone", rid, prior.stalled_runs)
             self.solo = active
-        engine_request = EngineRequest(stream.run_id, prompt_ids, admission.params, list(prior.token_ids), prior.text)
+        engine_request = EngineRequest(
+            stream.run_id,
+            prompt_ids,
+            admission.params,
+            list(prior.token_ids),
+            prior.text,
+            urgent=ticket.priority == INTERACTIVE,
+        )
         ack.add_done_callback(lambda done: self._to_engine(active, engine_request, done))
 
     def _to_engine(self, active: Active, request: EngineRequest, started: asyncio.Future[None]) -> None:

@@ -16,6 +16,7 @@ class _Seq:
     prompt_len: int = 4
     reserve: int = 8
     rows: int = 1
+    urgent: bool = False
 
 
 def _ids(seqs: list[Any]) -> list[str]:
@@ -122,3 +123,36 @@ def test_kv_reserved_is_the_cache_rectangle_of_the_running_rows() -> None:
     assert sched.kv_reserved() == 8
     sched.finish(short)
     assert sched.kv_reserved() == 0
+
+
+def test_an_urgent_prompt_goes_first_and_runs_without_the_batch_decode_rows_at_most_every_other_step() -> None:
+    sched: Scheduler[Any] = Scheduler(8)
+    batch = [_Seq(f"b{i}") for i in range(3)]
+    for seq in batch:
+        sched.add(seq)
+    sched.schedule()
+    assert _ids(sched.schedule().decode) == ["b0", "b1", "b2"]
+    late = _Seq("b-late")
+    sched.add(late)
+    sched.add(_Seq("u1", urgent=True))
+    sched.add(_Seq("u2", urgent=True))
+    assert _ids(list(sched.waiting)) == ["u1", "u2", "b-late"]  # urgent ones ahead, in their own order
+    first = sched.schedule()
+    assert _chunks(first) == [("u1", 0, 4), ("u2", 0, 4), ("b-late", 0, 4)] and first.decode == []
+    second = sched.schedule()  # the urgent rows decode beside the batch's now
+    assert set(_ids(second.decode)) == {"b0", "b1", "b2", "u1", "u2", "b-late"}
+    sched.add(_Seq("u3", urgent=True))
+    third = sched.schedule()
+    assert _chunks(third) == [("u3", 0, 4)] and third.decode == []
+    sched.add(_Seq("u4", urgent=True))
+    fourth = sched.schedule()  # held the step before: the batch advances now, beside u4's prompt
+    assert _chunks(fourth) == [("u4", 0, 4)] and "b0" in _ids(fourth.decode)
+
+
+def test_urgent_prompts_among_urgent_rows_only_do_not_hold_them() -> None:
+    sched: Scheduler[Any] = Scheduler(8)
+    sched.add(_Seq("u1", urgent=True))
+    sched.schedule()
+    sched.add(_Seq("u2", urgent=True))
+    plan = sched.schedule()
+    assert _ids(plan.decode) == ["u1"] and _chunks(plan) == [("u2", 0, 4)]

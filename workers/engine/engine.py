@@ -74,6 +74,10 @@ class _Seq:
     def rows(self) -> int:
         return len(self.choices)
 
+    @property
+    def urgent(self) -> bool:
+        return self.request.urgent
+
     def live(self) -> list[_Choice]:
         return [c for c in self.choices if c.finish_reason is None]
 

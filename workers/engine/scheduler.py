@@ -6,6 +6,10 @@ steps, so it never stalls the running batch for more than one chunk. A request i
 the batch may grow to fits the budget: rows x the longest reservation (prompt + max_tokens) -- the cache is one
 rectangle -- otherwise it waits at the head of the queue. A request with n choices counts n rows (its prompt is
 prefilled once, then its cache row copied to each choice).
+
+An urgent request (interactive, beside batch work) waits ahead of the others, and a step that prefills it skips the
+decode rows when any of them is not urgent: its first token then costs a short prefill step, not a full batch step
+(at most every other step, so the batch always advances).
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ class Schedulable(Protocol):
     def reserve(self) -> int: ...
     @property
     def rows(self) -> int: ...
+    @property
+    def urgent(self) -> bool: ...
 
 
 S = TypeVar("S", bound=Schedulable)
@@ -69,9 +75,14 @@ class Scheduler(Generic[S]):
         self.running: list[S] = []
         self.computed: dict[str, int] = {}
         self._aborts: set[str] = set()
+        self._held = False  # the last step skipped its decode rows for an urgent prompt
 
     def add(self, seq: S) -> None:
-        self.waiting.append(seq)
+        if seq.urgent:  # ahead of every waiting request that is not urgent, behind the urgent ones
+            at = next((i for i, s in enumerate(self.waiting) if not s.urgent), len(self.waiting))
+            self.waiting.insert(at, seq)
+        else:
+            self.waiting.append(seq)
 
     def abort(self, request_id: str) -> bool:
         """Take the request out at the next step; True when it was waiting or running."""
@@ -102,7 +113,7 @@ class Scheduler(Generic[S]):
         for seq in self.running:
             done = self.computed[seq.request_id]
             if done < seq.prompt_len and not self._take(out, seq, done):
-                return out
+                return self._urgent_first(out)
         while self.waiting and self._room(self.waiting[0]) and self.fits(self.waiting[0], self.running):
             seq = self.waiting[0]
             if not self._take(out, seq, 0):
@@ -110,6 +121,14 @@ class Scheduler(Generic[S]):
             self.waiting.popleft()
             self.running.append(seq)
             out.admitted.append(seq)
+        return self._urgent_first(out)
+
+    def _urgent_first(self, out: Schedule[S]) -> Schedule[S]:
+        """Hold the decode rows for one step when it prefills an urgent prompt beside rows that are not urgent."""
+        hold = not self._held and any(c.seq.urgent for c in out.prefill) and any(not s.urgent for s in out.decode)
+        self._held = hold
+        if hold:
+            out.decode = []
         return out
 
     def _room(self, seq: S) -> bool:

@@ -22,6 +22,9 @@ class EngineRequest:
     params: SamplingParams
     resume_ids: list[int] = field(default_factory=list)
     resume_text: str = ""
+    # An interactive request beside batch work: its prompt goes first, in a step without the batch's decode rows,
+    # so its first token does not wait for a full batch step (engines without classes ignore it).
+    urgent: bool = False
 
 
 @dataclass(slots=True, frozen=True)
