@@ -212,7 +212,7 @@ class Dispatcher:
             prior, ticket.handed_over = ticket.handed_over, None
         else:
             prior = await self.intake.prior(ticket) if ticket.check_log else Prior()
-        if prior is None:
+        if prior is None or not self.intake.owns(ticket):
             return  # stopping, or no longer ours
         if prior.terminal:
             log.info("request %s: already ended in the log; skipping", ticket.request.request_id)
@@ -224,6 +224,8 @@ class Dispatcher:
                 _, record = ticket.source
                 error = TokenRelayError(decision.failed.message, code=decision.failed.code)
                 await self.intake.dead_letter(record, error)
+                if not self.intake.owns(ticket):
+                    return  # revoked meanwhile: its refusal is the new owner's to write
             self.core.refuse(ticket, decision.failed)
             return
         cost = self.settings.fair_prompt_token_cost * len(prompt_ids) - self._prompt_hint(ticket.request)
@@ -235,6 +237,8 @@ class Dispatcher:
                     await self.core.wait_changed()  # a suspect request runs alone: it must not take others down
             finally:
                 self._solo_waiting -= 1
+            if not self.intake.owns(ticket):
+                return  # revoked while it waited (a revocation empties the ledger): the new owner runs it
         self.core.run(ticket, decision, prompt_ids, prior)
 
 

@@ -7,18 +7,22 @@ import time
 
 import pytest
 
+from schemas.errors import TokenRelayError
 from schemas.ids import new_request_id
 from schemas.records import ChatMessage, Delta, Failed, Finished, InferenceRequest, Started, TokenEvent
 from schemas.sampling import SamplingParams
 from services.kafka import Headers
+from services.settings import Settings
 from workers.admission import Admission, Limits, Refusal
 from workers.control import CancelledIds
 from workers.core import ModelCore
+from workers.dispatch import Dispatcher
 from workers.engine.engine import Engine
 from workers.engine.port import StepLoopPort
 from workers.engine.types import EngineRequest
 from workers.history import Prior, summarize
 from workers.ledger import Ticket
+from workers.scheduling import Scheduler
 
 MAX_TOKENS = 12
 
@@ -268,3 +272,46 @@ async def test_each_engine_step_counts_once_and_wakes_the_dispatcher_when_asked(
     while engine.has_work():
         await _step(port)
     assert len([e for e in sink.events if e.is_terminal]) == 3
+
+
+class Holding:
+    """The dispatcher's intake: owns every ticket until ``revoke``; the log holds ``priors`` (else nothing)."""
+
+    def __init__(self, priors: dict[str, Prior]) -> None:
+        self.priors = priors
+        self.revoked = False
+
+    def owns(self, ticket: Ticket) -> bool:
+        return not self.revoked
+
+    async def prior(self, ticket: Ticket) -> Prior | None:
+        return self.priors.get(ticket.request.request_id, Prior())
+
+    async def dead_letter(self, record: object, error: TokenRelayError) -> None:
+        raise AssertionError("nothing here goes to the DLQ")
+
+    def admitted(self) -> None:
+        pass
+
+
+async def test_a_suspect_request_waiting_to_run_alone_does_not_start_once_its_partition_is_revoked(
+    engine: Engine,
+) -> None:
+    """A request that stalled a worker before waits for the ledger to empty; a revocation empties it (its runs are
+    abandoned), and the waiting request, no longer this worker's, must not start a run nobody would stop."""
+    sink = Recorder()
+    core, _ = _core(engine, sink)
+    running = InferenceRequest(new_request_id(), "The quick brown fox", MAX_TOKENS, temperature=0.0)
+    suspect = InferenceRequest(new_request_id(), "hello", 4)
+    intake = Holding({suspect.request_id: Prior(run_id="r1", stalled_runs=1)})
+    dispatcher = Dispatcher(Settings.from_env({}), core, Scheduler(), intake)
+    await _take(core, running)
+    dispatcher.admit_soon(Ticket(suspect, suspect.request_id, 0, check_log=True))
+    await _settle()
+    assert dispatcher._solo_waiting == 1 and not [e for e in sink.events if e.request_id == suspect.request_id]
+    intake.revoked = True
+    core.abandon(lambda ticket: True)  # what the revocation does to the running request
+    await _settle()
+    assert dispatcher._solo_waiting == 0 and len(core.ledger) == 0
+    assert not [e for e in sink.events if e.request_id == suspect.request_id]
+    dispatcher.stop()
