@@ -197,6 +197,21 @@ async def wait_subscribers(
     )
 
 
+async def wait_partitions_shared(
+    session: aiohttp.ClientSession, bases: list[str], partitions: int, timeout_s: float = 90.0
+) -> None:
+    """Until the group has given every one of the events topic's ``partitions`` to exactly one of these gateways,
+    and each reads some."""
+    owned: list[float] = []
+
+    async def shared() -> bool:
+        nonlocal owned
+        owned = [await metric(session, base, "tokenrelay_gateway_owned_partitions") for base in bases]
+        return sum(owned) == partitions and all(owned)
+
+    await wait_until(shared, lambda: f"partitions owned per gateway: {owned}", timeout_s=timeout_s, interval_s=0.2)
+
+
 async def wait_log_grows(settings: Settings, by: int, timeout_s: float = 60.0) -> None:
     """Until ``by`` more records are in the events topic than when called (a worker is producing)."""
     from aiokafka import TopicPartition

@@ -6,8 +6,6 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -18,22 +16,12 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.local.broker.runner import free_port
-from services.local.process import spawn
 from services.settings import Settings
 from services.topics import ensure_topics
+from tests.integration.analytics_support import Analytics, get_json
 from tests.integration.scripted_events import barrier, produce, script
 
 pytestmark = pytest.mark.integration
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _get(url: str) -> dict[str, Any] | None:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return json.loads(response.read())
-    except OSError:
-        return None
 
 
 def _metrics(port: int) -> dict[str, float]:
@@ -41,40 +29,6 @@ def _metrics(port: int) -> dict[str, float]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
         text = response.read().decode()
     return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples if not s.labels}
-
-
-class Analytics:
-    def __init__(self, env: dict[str, str], port: int, log: Path) -> None:
-        self.env, self.port, self.log = env, port, log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with self.log.open("ab") as out:
-            self.proc = spawn(
-                [sys.executable, "-m", "services.cli", "analytics"], env=self.env, cwd=ROOT, stdout=out, stderr=out
-            )
-
-    def usage(self) -> dict[str, Any] | None:
-        return _get(f"http://127.0.0.1:{self.port}/usage")
-
-    def wait_tenants(self, tenants: set[str], timeout_s: float = 90.0) -> dict[str, Any]:
-        """Usage once every one of these tenants is counted (see scripted_events.barrier)."""
-        deadline = time.monotonic() + timeout_s
-        last = None
-        while time.monotonic() < deadline:
-            assert self.proc is not None and self.proc.poll() is None, self.log.read_text()[-3000:]
-            last = self.usage()
-            if last is not None and tenants <= set(last["by_tenant"]):
-                return last
-            time.sleep(0.3)
-        raise AssertionError(f"tenants {sorted(tenants)} never counted: {last}\n{self.log.read_text()[-3000:]}")
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-        code = self.proc.wait(60)
-        self.proc = None
-        return code
 
 
 @pytest.fixture
@@ -116,7 +70,7 @@ def test_usage_counts_exactly_and_survives_restarts(analytics: tuple[Settings, A
     by_model = {m: row["completion_tokens"] for m, row in usage["by_model"].items()}
     assert by_model == {**expected.by_model, **fenced.by_model}
     assert sum(row["completion_tokens"] for row in usage["by_tenant"].values()) == totals["completion_tokens"]
-    latency = _get(f"http://127.0.0.1:{service.port}/latency")
+    latency = get_json(f"http://127.0.0.1:{service.port}/latency")
     assert latency is not None and latency["recent"]["ttft"]["count"] == expected.finished + fenced.finished
     with urllib.request.urlopen(f"http://127.0.0.1:{service.port}/", timeout=5) as page:
         assert b"<svg" in page.read()
@@ -156,7 +110,7 @@ def _wait_equal(service: Analytics, path: str, expected: dict[str, Any], timeout
     last = None
     while time.monotonic() < deadline:
         assert service.proc is not None and service.proc.poll() is None, service.log.read_text()[-3000:]
-        last = _get(f"http://127.0.0.1:{service.port}{path}")
+        last = get_json(f"http://127.0.0.1:{service.port}{path}")
         if last == expected:
             return
         time.sleep(0.3)
@@ -176,7 +130,7 @@ def test_two_instances_split_the_partitions_and_each_answers_for_all(
     first.start()
     usage = first.wait_tenants(tenants)
     assert usage["totals"]["completion_tokens"] == expected.completion_tokens + fenced.completion_tokens
-    single = {"/usage": usage, "/latency": _get(f"http://127.0.0.1:{first.port}/latency")}
+    single = {"/usage": usage, "/latency": get_json(f"http://127.0.0.1:{first.port}/latency")}
 
     port = free_port()
     env = {**first.env, "TOKENRELAY_ANALYTICS_PORT": str(port), "TOKENRELAY_CACHE_DIR": str(tmp_path / "cache2")}
@@ -186,7 +140,7 @@ def test_two_instances_split_the_partitions_and_each_answers_for_all(
         # Both own some partitions, none twice, all of them together.
         deadline = time.monotonic() + 120
         while True:
-            reports = [_get(f"http://127.0.0.1:{s.port}/local/partitions") for s in (first, second)]
+            reports = [get_json(f"http://127.0.0.1:{s.port}/local/partitions") for s in (first, second)]
             owned = [set(r["owned"]) if r else set() for r in reports]
             if all(owned) and not owned[0] & owned[1] and owned[0] | owned[1] == set(range(partitions)):
                 break

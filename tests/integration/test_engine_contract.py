@@ -26,8 +26,7 @@ from schemas.sampling import SamplingParams
 from services.kafka import make_consumer, start_client
 from services.local.process import quiet_env, spawn, terminate
 from services.settings import Settings
-from tests.integration.test_worker_failover import client_view
-from tests.integration.worker_helpers import cancel, collect, collect_records, produce, wait_announced
+from tests.integration.worker_helpers import cancel, client_view, collect, collect_records, produce, wait_announced
 from tests.tinymodel import build_random_llama
 from workers.engine.text import TextCodec, TextStream
 

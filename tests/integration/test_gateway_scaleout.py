@@ -25,6 +25,7 @@ from tests.integration.gateway_support import (
     running_worker,
     stream_text,
     tally,
+    wait_partitions_shared,
 )
 from tests.waiting import wait_until
 
@@ -32,20 +33,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(300
 
 SEED = 20261125
 PARTITIONS = 6
-
-
-async def wait_partitions_shared(
-    session: aiohttp.ClientSession, bases: list[str], partitions: int = PARTITIONS, timeout_s: float = 90.0
-) -> None:
-    """Until the group has given every partition to exactly one of these gateways, and each reads some."""
-    owned: list[float] = []
-
-    async def shared() -> bool:
-        nonlocal owned
-        owned = [await metric(session, base, "tokenrelay_gateway_owned_partitions") for base in bases]
-        return sum(owned) == partitions and all(owned)
-
-    await wait_until(shared, lambda: f"partitions owned per gateway: {owned}", timeout_s=timeout_s, interval_s=0.2)
 
 
 async def follow_across(
@@ -129,7 +116,7 @@ async def test_a_third_gateway_joins_mid_run_then_is_sigkilled(kafka_bootstrap: 
         bases = [gw.url for gw in gateways]
         connector = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(connector=connector) as session:
-            await wait_partitions_shared(session, bases[:2])
+            await wait_partitions_shared(session, bases[:2], partitions=PARTITIONS)
             with running_worker(
                 settings[0],
                 TOKENRELAY_ENGINE="synthetic",
@@ -146,7 +133,7 @@ async def test_a_third_gateway_joins_mid_run_then_is_sigkilled(kafka_bootstrap: 
                 chats = [asyncio.create_task(openai_stream(bases[g], "hello there", 160)) for g in (0, 1, 0, 1)]
                 # A third gateway joins while the streams run (partitions move to it), is watched through too...
                 await gateways[2].start_async()
-                await wait_partitions_shared(session, bases)
+                await wait_partitions_shared(session, bases, partitions=PARTITIONS)
                 late = await submit(session, bases[:2], n_late, rng)
                 tokens_via_newcomer = dict.fromkeys(late, 0)
 

@@ -26,10 +26,10 @@ from services.local.registry.runner import LocalRegistry, java_binary
 from services.schema_registry import prepare_codec
 from services.settings import Settings
 from services.topics import ensure_topics
+from tests.integration.analytics_support import Analytics
 from tests.integration.gateway_support import gateway_settings
 from tests.integration.scripted_events import barrier, produce
 from tests.integration.secure_support import SecureBootstrap, as_role
-from tests.integration.test_analytics_service import Analytics
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 

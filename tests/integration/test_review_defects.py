@@ -39,12 +39,12 @@ from tests.integration.gateway_support import (
     ROOT,
     EventWriter,
     gateway_settings,
+    metric,
     read_sse,
     running_gateway,
     running_worker,
     scripted_stream,
 )
-from tests.integration.test_gateway_scaleout import metric
 from tests.integration.worker_helpers import wait_announced
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]

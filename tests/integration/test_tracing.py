@@ -22,8 +22,13 @@ from services import tracing
 from services.kafka import make_consumer, read_key, start_client
 from services.settings import Settings
 from services.topics import ensure_topics
-from tests.integration.gateway_support import GatewayProcess, follow_sse, gateway_settings, read_sse
-from tests.integration.test_gateway_scaleout import wait_partitions_shared
+from tests.integration.gateway_support import (
+    GatewayProcess,
+    follow_sse,
+    gateway_settings,
+    read_sse,
+    wait_partitions_shared,
+)
 from tests.integration.worker_helpers import wait_announced, wait_group_members, worker_process
 from tests.waiting import wait_until
 

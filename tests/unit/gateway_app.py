@@ -27,7 +27,7 @@ from schemas.models import ModelDirectory
 from schemas.records import ModelInfo
 from services.local.broker.runner import free_port
 from services.settings import Settings
-from tests.unit.test_gateway_hub import MemorySource
+from tests.unit.hub_support import MemorySource
 
 KEY_A, KEY_B = "key-a", "key-b"
 AIOKAFKA_MAX_REQUEST_SIZE = 1048576  # aiokafka's default max_request_size, checked before a record is sent

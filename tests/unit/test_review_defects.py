@@ -24,7 +24,7 @@ from schemas.partitioning import partition_for_key
 from schemas.records import Accepted, Delta, Failed, Finished, InferenceRequest, ModelInfo, Started, TokenEvent, Usage
 from schemas.view import replay
 from tests.unit.gateway_app import KEY_A, KEY_B, App, live_model, running_app
-from tests.unit.test_gateway_hub import MemorySource
+from tests.unit.hub_support import MemorySource
 from workers.core import owner_record
 
 DEADLINE_S = 20.0  # no test here waits for a condition longer than this (a hang fails instead)
