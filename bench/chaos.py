@@ -93,6 +93,7 @@ class Report:
     stalls: dict[str, float] = field(default_factory=dict)
     requests: dict[str, int] = field(default_factory=dict)
     refused: dict[str, int] = field(default_factory=dict)
+    client_errors: list[str] = field(default_factory=list)
     clients_cut_off: int = 0
     resumes: int = 0
     traces: list[Trace] = field(default_factory=list)
@@ -312,6 +313,7 @@ async def _run(system: System, settings: Settings, plan: Plan, references: dict[
     report.stalls = stalls_by_fault(traces, report.faults)
     report.requests = dict(Counter(t.kind for t in traces))
     report.refused = dict(load_gen.refused)
+    report.client_errors = list(load_gen.client_errors)
     report.resumes = sum(t.resumes for t in traces)
     longest = max(traces, key=lambda t: longest_gap(t.arrivals)[0], default=None)
     if longest is not None:
@@ -339,6 +341,8 @@ def print_report(report: Report) -> None:
     )
     if report.refused:
         print(f"  refused or failed submits: {dict(sorted(report.refused.items()))}")
+    for error in report.client_errors:
+        print("  a client's own failure:\n    " + error.rstrip().replace("\n", "\n    "))
     if report.unexpected_exits:
         print(f"  died on their own: {report.unexpected_exits}")
     print(f"  analytics {(report.analytics or {}).get('totals')} vs log {report.log_totals}")
@@ -374,6 +378,7 @@ def write_report(report: Report, path: Path) -> None:
         "requests_by_kind": report.requests,
         "verdict": asdict(report.verdict),
         "refused": report.refused,
+        "client_errors": report.client_errors,
         "resumes": report.resumes,
         "unexpected_exits": report.unexpected_exits,
         "health": report.health,

@@ -7,6 +7,7 @@ import contextlib
 import json
 import random
 import time
+import traceback
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ PROMPTS = (
 )
 MAX_TOKENS = (16, 32, 48)
 # Weights of the kinds of load (the mix is seeded, so a run replays with its seed).
+MAX_CLIENT_ERRORS = 5  # tracebacks kept for the report
 KINDS = {"native": 28, "cancel": 8, "native-batch": 10, "chat": 20, "responses": 17, "kafka": 17}
 GREEDY_SHARE = 0.6
 CLIENT_DEADLINE_S = 900.0
@@ -76,6 +78,7 @@ class Load:
     rate_per_s: float
     traces: list[Trace] = field(default_factory=list)
     refused: Counter[str] = field(default_factory=Counter)
+    client_errors: list[str] = field(default_factory=list)  # where a client's own unexpected failures came from
     submitted: Counter[str] = field(default_factory=Counter)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     _session: aiohttp.ClientSession | None = None
@@ -147,6 +150,8 @@ class Load:
             raise
         except Exception as exc:  # a client's own failure is counted, never lost
             self.refused[f"{kind}: {type(exc).__name__}"] += 1
+            if len(self.client_errors) < MAX_CLIENT_ERRORS:
+                self.client_errors.append(f"{kind}: " + "".join(traceback.format_exception(exc, limit=-6)))
 
     def _gateway(self, rng: random.Random) -> str:
         return rng.choice(list(self.gateways))
