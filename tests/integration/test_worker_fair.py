@@ -9,6 +9,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,7 +19,6 @@ from schemas.records import Failed, Finished, InferenceRequest
 from schemas.sampling import SamplingParams
 from services.settings import Settings
 from tests.integration.worker_helpers import client_view, collect_records, describe, produce, running_worker
-from tests.tinymodel import build_tiny_model
 from workers.engine.engine import Engine
 from workers.engine.types import EngineRequest, StepOutput
 from workers.fairshare import Waiting
@@ -78,8 +78,9 @@ async def until(condition: Callable[[], bool], what: str, timeout_s: float = 60.
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory: pytest.TempPathFactory) -> Engine:
-    return Engine.load(str(build_tiny_model(tmp_path_factory.mktemp("tiny"))), device="cpu", max_batch_size=SLOTS)
+def engine(tiny_model_dir: Path) -> Engine:
+    """The root conftest's engine with SLOTS rows: few enough slots that a backlog fills them."""
+    return Engine.load(str(tiny_model_dir), device="cpu", max_batch_size=SLOTS)
 
 
 def base_settings(kafka_bootstrap: str, topic_prefix: str, **overrides: Any) -> Settings:
