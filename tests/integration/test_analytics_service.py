@@ -41,7 +41,7 @@ def analytics(kafka_bootstrap: str, topic_prefix: str, tmp_path: Path) -> Iterat
         "TOKENRELAY_ANALYTICS_PORT": str(port),
         "TOKENRELAY_CACHE_DIR": str(tmp_path / "cache"),
         "TOKENRELAY_EVENTS_PARTITIONS": "4",
-        "TOKENRELAY_LOG_LEVEL": "WARNING",
+        "TOKENRELAY_LOG_LEVEL": "INFO",
         "TOKENRELAY_LOG_FORMAT": "json",
     }
     settings = Settings.from_env(env)
