@@ -383,11 +383,14 @@ class ServedModel:
             await self.commit()
             self._sample()
 
-    async def commit(self, only: set[TopicPartition] | None = None) -> None:
+    async def commit(self) -> None:
+        await self._commit(dict(self.trackers))
+
+    async def _commit(self, trackers: dict[TopicPartition, OffsetTracker]) -> None:
         offsets: dict[TopicPartition, OffsetAndMetadata] = {}
-        for tp, tracker in self.trackers.items():
+        for tp, tracker in trackers.items():
             position = tracker.committable()
-            if position is not None and position != self._committed.get(tp) and (only is None or tp in only):
+            if position is not None and position != self._committed.get(tp):
                 offsets[tp] = OffsetAndMetadata(position, "")
         if not offsets:
             return
@@ -402,14 +405,17 @@ class ServedModel:
 
     async def revoke(self, revoked: set[TopicPartition]) -> None:
         """Stop the runs of revoked partitions without a terminal event; the new owner continues them from the log."""
+        # The trackers go first, before any await: from here on no ticket of these partitions is this worker's, so an
+        # admission that resumes during the awaits below cannot start a run that nothing would abandon (two workers
+        # then ran one request to two ends).
+        gone = {tp: self.trackers.pop(tp) for tp in revoked if tp in self.trackers}
         self.scheduler.remove(lambda waiting: waiting.item.source[0] not in revoked)
         self.deferred.forget(lambda where: where[0] not in revoked)
         self._room.set()
         self.core.abandon(lambda ticket: ticket.source[0] in revoked)
         await self.publisher.drain()
-        await self.commit(only=revoked)
+        await self._commit(gone)
         for tp in revoked:
-            self.trackers.pop(tp, None)
             self._committed.pop(tp, None)
 
     async def assign(self, assigned: set[TopicPartition]) -> None:
