@@ -170,7 +170,7 @@ class Publisher:
             if item.run_id is not None and item.run_id in self._broken_runs:
                 item.done.set_exception(RunBroken(f"run {item.run_id} lost an earlier event"))
                 continue
-            if item.run_id is not None and self._fence is not None and self._fence.fenced(time.monotonic()):
+            if item.run_id is not None and not self._settled():
                 self._break_run(item, RunBroken("the worker was frozen: its runs wait until its group has settled"))
                 self.healthy.clear()
                 continue
@@ -208,6 +208,10 @@ class Publisher:
         if not item.done.done():
             item.done.set_exception(exc)
 
+    def _settled(self) -> bool:
+        """No freeze is under way or settling (always, without a fence)."""
+        return self._fence is None or not self._fence.fenced(time.monotonic())
+
     async def _tick(self, fence: StallFence) -> None:
         """Tick the stall fence; healthy again once a freeze has settled (and no producer awaits replacement)."""
         while True:
@@ -221,7 +225,7 @@ class Publisher:
                     fence.settle_s,
                 )
                 self.healthy.clear()
-            elif not self.healthy.is_set() and not self._replace and not fence.fenced(now):
+            elif not self.healthy.is_set() and not self._replace and self._settled():
                 self.healthy.set()
 
     async def _replace_producer(self) -> None:
@@ -231,7 +235,7 @@ class Publisher:
                 await asyncio.wait_for(old.stop(), 5.0)
         self._producer = await self._started_producer()
         self._replace = False
-        if self._fence is None or not self._fence.fenced(time.monotonic()):
+        if self._settled():
             self.healthy.set()
         log.info("publisher: producer replaced after a failed send")
 
